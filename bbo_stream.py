@@ -1,0 +1,2733 @@
+#!/usr/bin/env python3
+"""BBO Stream: Binance best bid/offer (bookTicker) in real time, with history.
+
+One asyncio module.  Runtime dependencies: ``websockets`` and ``numpy``.
+
+Data flow::
+
+    Binance bookTicker (websockets client, one connection per shard of symbols)
+        │  parse_feed_message() → Bbo            (§4, pure)
+        ▼
+    BboHistory: dedupe by `u`, numpy rings + 1 s bars   (§5, pure)
+        │                     └─ CachePersistence: JSON-lines journal → segments (§12)
+        ▼
+    fan-out hub → Engine.IO/Socket.IO sessions (WebSocket, long-polling)
+        ▲
+    HTTP/1.1 server on asyncio streams (TLS and plain HTTP on one port):
+    REST history API, /healthz, /readyz, /metrics, static dashboard
+
+Run::
+
+    python bbo_stream.py --symbol btcusdt                 # futures, https+http on :5000
+    SYMBOL=btcusdt,ethusdt MARKET=spot python bbo_stream.py
+    python bbo_stream.py --help                           # every setting, env var and flag
+
+Sections (tests in test_bbo_stream.py follow the same order)::
+
+    §1  imports, version, limits          §10 sessions (Engine.IO / Socket.IO state)
+    §2  errors                            ── I/O below this line ──
+    §3  configuration                     §11 Binance feed
+    §4  BBO model and feed parsing        §12 cache persistence (disk)
+    §5  history cache (numpy rings)       §13 fan-out hub and transports
+    §6  HTTP/1.1 codec                    §14 HTTP connection handler
+    §7  REST routes                       §15 app lifecycle
+    §8  Engine.IO v4 codec                §16 CLI
+    §9  Socket.IO v5 codec
+
+Glossary: BBO = best bid and offer (top of book); ``u`` = Binance order-book update id;
+E = exchange event time (ms); T = matching-engine transaction time (ms); EIO = Engine.IO
+(transport protocol v4); SIO = Socket.IO (protocol v5); sid = session id.
+
+References: RFC 9112 (HTTP/1.1), RFC 6455 (WebSocket), Engine.IO protocol v4, Socket.IO
+protocol v5, Binance "WebSocket Market Streams" (spot, USD-M and COIN-M futures).
+"""
+
+from __future__ import annotations
+
+# ###########################################################################
+# §1 Imports, version, limits
+# ###########################################################################
+# Owns: every tunable number, with its unit and the reason for its value.
+
+import argparse
+import asyncio
+import base64
+import collections
+import contextlib
+import dataclasses
+import email.utils
+import enum
+import hashlib
+import io
+import json
+import logging
+import logging.handlers
+import math
+import mimetypes
+import os
+import random
+import re
+import resource
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+import numpy as np
+import websockets
+from websockets.asyncio.client import connect as ws_connect
+from websockets.frames import CloseCode, Opcode
+from websockets.protocol import State as WsState
+from websockets.server import ServerProtocol
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("bbo_stream")
+
+# --- Binance feed -----------------------------------------------------------
+FEED_BACKOFF_CAP_S = 60.0            # issue 2: exponential backoff is capped at one minute...
+FEED_EXTENDED_BACKOFF_CAP_S = 300.0  # ...and at five minutes after EXTENDED_BACKOFF_THRESHOLD failures
+FEED_FAILED_RETRY_S = 300.0          # a `failed` feed still retries, every 5 min: the server never gives up
+FEED_MIN_RECONNECT_S = 1.0           # floor between attempts of one shard: full jitter can draw ~0 s
+FEED_HEALTHY_AFTER_S = 60.0          # a connection that delivered data this long resets the failure count
+FEED_OPEN_TIMEOUT_S = 10.0           # TCP+TLS+WS handshake; Binance answers in well under a second
+FEED_ROTATE_OVERLAP_S = 10.0         # make-before-break: wait this long for the new connection's first data
+FEED_ROTATE_RETRY_S = 60.0           # a failed rotation attempt is retried after this, the old one stays up
+FEED_MAX_MESSAGE_BYTES = 64 * 1024   # a bookTicker frame is ~180 B; acks and errors are small too
+FEED_WATCHDOG_TICK_S = 1.0           # how often silence is checked: 1 s granularity on FEED_STALE_SECONDS
+U_RESET_MIN_ADVANCE_MS = 1_000       # `u` going back while E moved on by this much is an exchange reset
+MAX_SYMBOLS = 5_000                  # above Binance's 1024 streams/connection × a few shards; bounds maps
+
+# --- History cache ----------------------------------------------------------
+RING_INITIAL_ROWS = 1_024            # rings grow lazily: 500 symbols must not reserve 32 GB up front
+PENDING_FLUSH_ROWS = 512             # appends are batched into numpy; a read or this many rows flushes
+MAX_HISTORY_LIMIT = 10_000           # issue 2: /api/history/updates returns at most 10,000 rows
+DEFAULT_HISTORY_LIMIT = 100
+MAX_SERIES_BUCKETS = 2_000           # a wide screen is < 2,000 CSS px: more buckets than pixels is waste
+DEFAULT_SERIES_BUCKETS = 500
+MAX_OUTAGES_PER_SYMBOL = 10_000      # one outage a minute for a week; older ones are dropped first
+MAX_DECIMALS = 18                    # int64 mantissa holds 18 decimal digits exactly
+INT32_NULL = -(2**31)                # sentinel for a missing latency / transaction time in int32 columns
+
+# --- Persistence ------------------------------------------------------------
+SEGMENT_ROWS = 8_192                 # one compaction json.dumps of 8 k rows holds the GIL ~15 ms (< 50 ms goal)
+CACHE_SCHEMA_VERSION = 1             # bumped when the on-disk column layout changes
+PERSIST_ERROR_LOG_INTERVAL_S = 60.0  # a full disk is logged once a minute, not once per flush
+
+# --- HTTP server --------------------------------------------------------------
+MAX_HEAD_BYTES = 16 * 1024           # h11's default; node allows 16 KiB of headers too  → 431
+MAX_TARGET_BYTES = 8 * 1024          # aiohttp's and nginx's request-line size             → 414
+MAX_HEADERS = 100                    # websockets and aiohttp allow 128; browsers send ~20  → 431
+HEAD_TIMEOUT_S = 10.0                # slowloris guard: a request head must arrive within this
+BODY_TIMEOUT_S = 10.0                # a declared body must arrive within this
+KEEPALIVE_IDLE_S = 30.0              # idle keep-alive connections are closed after this
+TLS_HANDSHAKE_TIMEOUT_S = 10.0       # a stalled ClientHello must not hold a connection slot
+TLS_PEEK_TIMEOUT_S = HEAD_TIMEOUT_S  # waiting for the first byte is the start of the head timeout
+WRITE_TIMEOUT_S = 10.0               # a response that cannot be written in this time closes the socket
+STATIC_MAX_BYTES = 8 * 1024 * 1024   # static files are read into memory; the dashboard is ~100 KB
+SERVER_NAME = f"bbo-stream/{__version__}"
+
+# --- Shutdown -----------------------------------------------------------------
+SHUTDOWN_GRACE_S = 5.0               # SIGTERM → exit 0 within a few seconds (Docker waits 10 s)
+
+# ###########################################################################
+# §2 Errors
+# ###########################################################################
+# Owns: the exception tree.  Every error carries what its catcher needs to answer.
+#
+#   BboStreamError
+#   ├── ConfigError          invalid setting: one line on stderr, exit 2
+#   ├── FeedMessageError     malformed exchange message (kind, detail): counted, logged once per kind
+#   ├── HttpError            status + message: rendered as {"error": message}
+#   ├── EioProtocolError     invalid Engine.IO packet: closes that session
+#   └── SioProtocolError     invalid Socket.IO packet: closes that connection
+
+
+class BboStreamError(Exception):
+    """Root of this module's errors."""
+
+
+class ConfigError(BboStreamError):
+    """A setting has an invalid value."""
+
+
+class FeedMessageError(BboStreamError):
+    """An exchange message could not be used.  ``kind`` groups errors for log-once."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+class HttpError(BboStreamError):
+    """An HTTP request must be answered with ``status`` and a JSON ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+
+
+class EioProtocolError(BboStreamError):
+    """An invalid Engine.IO packet or request; the session is closed."""
+
+
+class SioProtocolError(BboStreamError):
+    """An invalid Socket.IO packet; the connection is closed."""
+
+# ###########################################################################
+# §3 Configuration
+# ###########################################################################
+# Owns: the settings table (environment variable ↔ CLI flag ↔ Config field), their
+# validation, and the SSL contexts.  Pure except make_server_ssl_context (reads files).
+
+MARKET_DEFAULT_URLS = {
+    # USD-M: bookTicker lives on the routed /public endpoint; the legacy unrouted
+    # wss://fstream.binance.com/ws was retired on 2026-04-23 (binance-facts §0).
+    "futures": "wss://fstream.binance.com/public/ws",
+    "spot": "wss://stream.binance.com:9443/ws",
+    "coinm": "wss://dstream.binance.com/ws",
+}
+
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+_FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+# Binance symbols are letters, digits and `_` (COIN-M "BTCUSD_PERP"); spot allows UTF-8
+# letters since 2025-12 (binance-facts §5), so \w is Unicode-aware on purpose.
+_SYMBOL_RE = re.compile(r"^\w{1,40}$")
+
+
+def _parse_bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError("expected an integer") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"expected an integer from {lo} to {hi}")
+        return value
+    return parse
+
+
+def _float_in(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError("expected a number") from None
+        if not (lo <= value <= hi) or math.isnan(value):
+            raise ValueError(f"expected a number from {lo:g} to {hi:g}")
+        return value
+    return parse
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError("expected one of " + ", ".join(choices))
+        return value
+    return parse
+
+
+def _parse_symbols(text: str) -> tuple[str, ...]:
+    """``"btcusdt, ETHUSDT"`` → ``("BTCUSDT", "ETHUSDT")``: upper case, unique, in order."""
+    symbols: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not _SYMBOL_RE.match(part):
+            raise ValueError(f"{part!r} is not a symbol (letters, digits, _)")
+        upper = part.upper()
+        if upper not in symbols:
+            symbols.append(upper)
+    if not symbols:
+        raise ValueError("expected at least one symbol")
+    if len(symbols) > MAX_SYMBOLS:
+        raise ValueError(f"at most {MAX_SYMBOLS} symbols")
+    return tuple(symbols)
+
+
+def _parse_ws_url(text: str) -> str:
+    value = text.strip()
+    if not value:
+        return ""  # empty: the MARKET's default
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("ws", "wss") or not parts.netloc:
+        raise ValueError("expected a ws:// or wss:// URL")
+    if not parts.path.rstrip("/").endswith("/ws"):
+        raise ValueError("expected a URL ending in /ws (a stream path is appended to it)")
+    return value.rstrip("/")
+
+
+def _parse_origins(text: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    if not origins:
+        raise ValueError("expected * or a comma-separated list of origins")
+    return origins
+
+
+def _parse_proxies(text: str) -> tuple[str, ...]:
+    import ipaddress
+    nets = []
+    for part in (p.strip() for p in text.split(",")):
+        if part:
+            try:
+                nets.append(str(ipaddress.ip_network(part, strict=False)))
+            except ValueError:
+                raise ValueError(f"{part!r} is not an IP address or network") from None
+    return tuple(nets)
+
+
+def _parse_text(text: str) -> str:
+    return text.strip()
+
+
+class Setting(NamedTuple):
+    """One row of the settings table: env var NAME, CLI flag --name, Config field name."""
+    name: str
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def field(self) -> str:
+        return self.name.lower()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.lower().replace("_", "-")
+
+
+# The one settings table: README, --help and Config all come from it.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("SYMBOL", "btcusdt", _parse_symbols, "Trading pair(s) to stream, comma-separated; --symbol may repeat"),
+    Setting("MARKET", "futures", _one_of("futures", "spot", "coinm"), "futures (USD-M), spot or coinm (COIN-M)"),
+    Setting("WEBSOCKET_BASE_URL", "", _parse_ws_url, "Stream base URL ending in /ws; empty = the MARKET's default "
+            "(futures wss://fstream.binance.com/public/ws, spot wss://stream.binance.com:9443/ws, "
+            "coinm wss://dstream.binance.com/ws)"),
+    Setting("AUTO_RECONNECT", "true", _parse_bool, "Reconnect to Binance after a failure"),
+    Setting("MAX_RETRIES", "10", _int_in(0, 1_000_000), "Consecutive failures before the feed is marked failed "
+            "(then it retries every 300 s); 0 = no limit"),
+    Setting("INITIAL_BACKOFF", "1", _float_in(0.1, 300), "First reconnect backoff in seconds (doubles, full jitter, cap 60 s)"),
+    Setting("EXTENDED_BACKOFF_THRESHOLD", "3", _int_in(1, 1_000_000), "Consecutive failures after which the backoff cap becomes 300 s"),
+    Setting("FEED_STALE_SECONDS", "60", _float_in(1, 86_400), "A connection silent this long is reconnected; a symbol silent "
+            "this long after subscribing is reported"),
+    Setting("FEED_ROTATE_HOURS", "23.5", _float_in(0.0003, 23.9), "Reconnect proactively (make-before-break) before Binance's 24 h cut"),
+    Setting("FEED_STREAMS_PER_CONNECTION", "200", _int_in(1, 1024), "Symbols per Binance connection; more symbols use more connections"),
+    Setting("DEBUG", "false", _parse_bool, "Debug logging"),
+    Setting("LOG_TO_FILE", "false", _parse_bool, "Also log to rotating files in LOG_DIR"),
+    Setting("LOG_DIR", "logs", _parse_text, "Directory for log files"),
+    Setting("LOG_FORMAT", "text", _one_of("text", "json"), "text, or json for one JSON object per line"),
+    Setting("WEB_ENABLED", "true", _parse_bool, "Serve HTTP (dashboard, REST, Socket.IO); false = record only"),
+    Setting("WEB_HOST", "0.0.0.0", _parse_text, "Address to listen on"),
+    Setting("WEB_PORT", "5000", _int_in(0, 65535), "Port to listen on; 0 = any free port (logged)"),
+    Setting("USE_SSL", "true", _parse_bool, "Serve HTTPS (plain HTTP still works on the same port)"),
+    Setting("SSL_CERT_PATH", "certs/cert.pem", _parse_text, "TLS certificate (PEM); generated self-signed if missing"),
+    Setting("SSL_KEY_PATH", "certs/key.pem", _parse_text, "TLS private key (PEM); generated if missing"),
+    Setting("CACHE_ENABLED", "true", _parse_bool, "Keep a history of updates in memory"),
+    Setting("CACHE_MAX_ITEMS", "1000000", _int_in(1, 100_000_000), "Raw updates kept per symbol (ring buffer)"),
+    Setting("CACHE_PERSIST", "true", _parse_bool, "Persist the history to CACHE_DIR and restore it at start"),
+    Setting("CACHE_DIR", "cache_data", _parse_text, "Directory for persisted history"),
+    Setting("CACHE_CLEANUP_HOURS", "6", _float_in(0.0003, 10_000), "Hours between cache cleanups (compaction, limits)"),
+    Setting("CACHE_FLUSH_SECONDS", "1", _float_in(0.05, 3600), "Seconds between journal flushes (what a crash can lose)"),
+    Setting("CACHE_BARS_DAYS", "7", _float_in(0, 3650), "Days of 1-second bars kept per symbol (for long charts)"),
+    Setting("PING_INTERVAL", "25000", _int_in(1, 3_600_000), "Engine.IO ping interval in ms"),
+    Setting("PING_TIMEOUT", "20000", _int_in(1, 3_600_000), "Engine.IO ping timeout in ms"),
+    Setting("MAX_PAYLOAD", "1000000", _int_in(1024, 100_000_000), "Engine.IO max payload in bytes (HTTP body and WebSocket message)"),
+    Setting("MAX_CLIENTS", "10000", _int_in(1, 1_000_000), "Concurrent Socket.IO clients; more get HTTP 503"),
+    Setting("CORS_ORIGINS", "*", _parse_origins, "Allowed browser origins for the REST API and Socket.IO, comma-separated, or *"),
+    Setting("TRUSTED_PROXIES", "", _parse_proxies, "Proxies (IPs or CIDRs) whose X-Forwarded-For is trusted in logs"),
+)
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Validated settings.  Field names are the env var names in lower case."""
+    symbol: tuple[str, ...] = ("BTCUSDT",)
+    market: str = "futures"
+    websocket_base_url: str = ""
+    auto_reconnect: bool = True
+    max_retries: int = 10
+    initial_backoff: float = 1.0
+    extended_backoff_threshold: int = 3
+    feed_stale_seconds: float = 60.0
+    feed_rotate_hours: float = 23.5
+    feed_streams_per_connection: int = 200
+    debug: bool = False
+    log_to_file: bool = False
+    log_dir: str = "logs"
+    log_format: str = "text"
+    web_enabled: bool = True
+    web_host: str = "0.0.0.0"
+    web_port: int = 5000
+    use_ssl: bool = True
+    ssl_cert_path: str = "certs/cert.pem"
+    ssl_key_path: str = "certs/key.pem"
+    cache_enabled: bool = True
+    cache_max_items: int = 1_000_000
+    cache_persist: bool = True
+    cache_dir: str = "cache_data"
+    cache_cleanup_hours: float = 6.0
+    cache_flush_seconds: float = 1.0
+    cache_bars_days: float = 7.0
+    ping_interval: int = 25_000
+    ping_timeout: int = 20_000
+    max_payload: int = 1_000_000
+    max_clients: int = 10_000
+    cors_origins: tuple[str, ...] = ("*",)
+    trusted_proxies: tuple[str, ...] = ()
+
+    @property
+    def symbols(self) -> tuple[str, ...]:
+        return self.symbol
+
+    @property
+    def feed_base_url(self) -> str:
+        return self.websocket_base_url or MARKET_DEFAULT_URLS[self.market]
+
+    @property
+    def bars_capacity(self) -> int:
+        return int(self.cache_bars_days * 86_400)
+
+    # Names the Engine.IO layer reads (ms, as in the settings table).
+    @property
+    def ping_interval_ms(self) -> int:
+        return self.ping_interval
+
+    @property
+    def ping_timeout_ms(self) -> int:
+        return self.ping_timeout
+
+    @classmethod
+    def from_sources(cls, argv: Sequence[str] | None = None,
+                     environ: dict[str, str] | None = None) -> "Config":
+        """Defaults, overridden by the environment, overridden by CLI flags.
+
+        Raises:
+            ConfigError: with one line naming the setting, the value and what was expected.
+        """
+        environ = os.environ if environ is None else environ
+        args = build_arg_parser().parse_args(list(argv or []))
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = getattr(args, setting.field)
+            source = setting.flag
+            if isinstance(raw, list):  # --symbol may repeat
+                raw = ",".join(raw)
+            if raw is None:
+                raw, source = environ.get(setting.name), setting.name
+            if raw is None:
+                raw, source = setting.default, "default"
+            try:
+                values[setting.field] = setting.parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"invalid {setting.name} ({source}) = {raw!r}: {exc}") from None
+        return cls(**values)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The CLI: one flag per setting (``WEB_PORT`` → ``--web-port``); a flag wins over the env."""
+    table = "\n".join(f"  {s.name:<28} {s.flag:<30} default {s.default or '(see help)'!s}" for s in SETTINGS)
+    parser = argparse.ArgumentParser(
+        prog="bbo_stream.py",
+        description="Stream Binance best bid/offer (bookTicker) to browsers, Socket.IO clients and a REST API.",
+        epilog="Every setting is an environment variable with a flag named after it:\n" + table,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    for setting in SETTINGS:
+        extra = {"action": "append"} if setting.name == "SYMBOL" else {}
+        parser.add_argument(setting.flag, dest=setting.field, metavar=setting.name, default=None,
+                            help=f"{setting.help} (env {setting.name}, default {setting.default!r})", **extra)
+    return parser
+
+
+def make_server_ssl_context(cert_path: str, key_path: str) -> ssl.SSLContext:
+    """TLS 1.2+ server context from PEM files.  Raises OSError/ssl.SSLError if unusable."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_path, key_path)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+# ###########################################################################
+# §4 BBO model and feed parsing
+# ###########################################################################
+# Owns: the Bbo record, Binance message parsing, stream URLs and shards, the reconnect
+# policy and the per-connection health state.  Pure: text and `now` in, values out.
+
+
+class Bbo(NamedTuple):
+    """One bookTicker update.  A tuple (not a dataclass): ~10× cheaper to build per message."""
+    symbol: str                 # "BTCUSDT"
+    bid_price: str              # exact strings as the exchange sent them
+    bid_qty: str
+    ask_price: str
+    ask_qty: str
+    event_ms: int               # "timestamp": exchange E, or recv_ms where the market sends none (spot)
+    recv_ms: int                # "serverTimestamp": when BBO Stream received it
+    latency_ms: int | None      # "backendLatency" = recv_ms - E; None where there is no E
+    transaction_ms: int | None  # "transactionTime" = T; None where there is no T
+    update_id: int              # "updateId" = u
+
+
+# Public field names, in payload order: REST rows, Socket.IO bbo_update, CSV and disk use these.
+BBO_KEYS = ("symbol", "bidPrice", "bidQty", "askPrice", "askQty", "timestamp",
+            "serverTimestamp", "backendLatency", "updateId", "transactionTime")
+
+
+def _json_int(value: int | None) -> str:
+    return "null" if value is None else str(value)
+
+
+def bbo_json(bbo: Bbo) -> str:
+    """Compact JSON object of an update with the public keys (encoded once, sent to all)."""
+    return (f'{{"symbol":"{bbo.symbol}","bidPrice":"{bbo.bid_price}","bidQty":"{bbo.bid_qty}",'
+            f'"askPrice":"{bbo.ask_price}","askQty":"{bbo.ask_qty}","timestamp":{bbo.event_ms},'
+            f'"serverTimestamp":{bbo.recv_ms},"backendLatency":{_json_int(bbo.latency_ms)},'
+            f'"updateId":{bbo.update_id},"transactionTime":{_json_int(bbo.transaction_ms)}}}')
+
+
+class FeedAck(NamedTuple):
+    """A reply to SUBSCRIBE/UNSUBSCRIBE/LIST_SUBSCRIPTIONS: ``{"result": ..., "id": n}``."""
+    request_id: Any
+    result: Any
+
+
+class ServerShutdown(NamedTuple):
+    """Spot's ``serverShutdown`` event: this connection is about to be closed; rotate now."""
+    event_ms: int
+
+
+# A price or quantity exactly as Binance writes it: no sign, no exponent, no leading zeros
+# (so that the string can be rebuilt digit for digit from an int64 mantissa and a scale),
+# at most 18 digits (what an int64 holds exactly).
+_DECIMAL_RE = re.compile(r"(?!\d{19})(?:0|[1-9]\d*)(?:\.\d+)?", re.ASCII)
+
+
+def _decimal_field(payload: dict, key: str) -> str:
+    value = payload.get(key)
+    if type(value) is not str or len(value) > MAX_DECIMALS + 1 or not _DECIMAL_RE.fullmatch(value):
+        raise FeedMessageError(f"bad field {key}", f"{key}={value!r} is not a decimal string")
+    return value
+
+
+def _int_field(payload: dict, key: str, required: bool) -> int | None:
+    value = payload.get(key)
+    if type(value) is int and value >= 0:
+        return value
+    if value is None and not required:
+        return None
+    raise FeedMessageError(f"bad field {key}", f"{key}={value!r} is not a non-negative integer")
+
+
+def parse_book_ticker(payload: dict, recv_ms: int) -> Bbo:
+    """A bookTicker payload (spot, USD-M or COIN-M flavour) → Bbo.
+
+    Spot sends no ``E``/``T``: ``timestamp`` is then the receive time and latency is None.
+    COIN-M's extra ``ps`` (pair) is ignored.  A crossed book is *not* an error here (it is
+    kept and counted by the history).
+
+    Raises:
+        FeedMessageError: a field is missing or malformed.
+    """
+    symbol = payload.get("s")
+    if type(symbol) is not str or not _SYMBOL_RE.match(symbol):
+        raise FeedMessageError("bad field s", f"s={symbol!r} is not a symbol")
+    update_id = _int_field(payload, "u", True)
+    event_ms = _int_field(payload, "E", False)
+    transaction_ms = _int_field(payload, "T", False)
+    return Bbo(symbol.upper(), _decimal_field(payload, "b"), _decimal_field(payload, "B"),
+               _decimal_field(payload, "a"), _decimal_field(payload, "A"),
+               recv_ms if event_ms is None else event_ms, recv_ms,
+               None if event_ms is None else recv_ms - event_ms, transaction_ms, update_id)
+
+
+def parse_feed_message(text: str | bytes, recv_ms: int) -> Bbo | FeedAck | ServerShutdown:
+    """One WebSocket message from Binance → a Bbo, an ack, or a shutdown notice.
+
+    Accepts raw payloads (``/ws/<stream>``) and the combined-stream wrapper
+    ``{"stream": "btcusdt@bookTicker", "data": {...}}``.
+
+    Raises:
+        FeedMessageError: not JSON, an error reply (``{"code", "msg"}``), an unknown event, or
+        a malformed bookTicker.
+    """
+    try:
+        msg = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FeedMessageError("invalid JSON", str(exc)[:100]) from None
+    if type(msg) is not dict:
+        raise FeedMessageError("not an object", repr(text[:100]))
+    data = msg.get("data")
+    if type(data) is dict and "stream" in msg:  # combined-stream wrapper
+        msg = data
+    if "u" in msg:
+        return parse_book_ticker(msg, recv_ms)
+    if "result" in msg and "id" in msg:
+        return FeedAck(msg["id"], msg["result"])
+    event = msg.get("e")
+    if event == "serverShutdown":
+        return ServerShutdown(_int_field(msg, "E", False) or recv_ms)
+    if "code" in msg and "msg" in msg:
+        raise FeedMessageError("exchange error", f"code {msg['code']}: {str(msg['msg'])[:200]}")
+    raise FeedMessageError("unknown message", repr(text[:100]))
+
+
+def feed_url(base_url: str, symbols: Sequence[str]) -> str:
+    """Stream URL for these symbols: raw for one, combined for several (same root).
+
+    ``wss://fstream.binance.com/public/ws`` + [BTCUSDT] → ``.../public/ws/btcusdt@bookTicker``;
+    + [BTCUSDT, ETHUSDT] → ``.../public/stream?streams=btcusdt@bookTicker/ethusdt@bookTicker``.
+    Stream names must be lower case (python-binance#848).
+    """
+    streams = [f"{s.lower()}@bookTicker" for s in symbols]
+    if len(streams) == 1:
+        return f"{base_url}/{urllib.parse.quote(streams[0], safe='@')}"
+    root = base_url[: -len("/ws")]
+    return f"{root}/stream?streams=" + "/".join(urllib.parse.quote(s, safe="@") for s in streams)
+
+
+def shard_symbols(symbols: Sequence[str], per_connection: int) -> list[tuple[str, ...]]:
+    """Split the symbols into connections of at most ``per_connection`` streams (Binance's
+    advice: heavy fan-in on one connection degrades, binance-facts §4)."""
+    return [tuple(symbols[i:i + per_connection]) for i in range(0, len(symbols), per_connection)]
+
+
+def backoff_delay_s(failures: int, cfg: Config, rand01: float) -> float:
+    """Delay before the next attempt after ``failures`` consecutive failures (≥ 1).
+
+    Exponential from INITIAL_BACKOFF with full jitter (AWS "exponential backoff and jitter"),
+    capped at 60 s, or at 300 s from EXTENDED_BACKOFF_THRESHOLD failures on; after MAX_RETRIES
+    failures (0 = never) the feed is `failed` and retries every 300 s.  Never below
+    FEED_MIN_RECONNECT_S, so a jitter draw near 0 cannot start a reconnect storm.
+    """
+    if cfg.max_retries and failures >= cfg.max_retries:
+        return FEED_FAILED_RETRY_S
+    cap = FEED_EXTENDED_BACKOFF_CAP_S if failures >= cfg.extended_backoff_threshold else FEED_BACKOFF_CAP_S
+    ceiling = min(cap, cfg.initial_backoff * 2 ** min(failures - 1, 30))
+    return max(FEED_MIN_RECONNECT_S, ceiling * rand01)
+
+
+class FeedState(str, enum.Enum):
+    CONNECTING = "connecting"
+    LIVE = "live"
+    STALE = "stale"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class ShardHealth:
+    """Health of one feed connection (a shard of symbols) as a small state machine.
+
+    The shell reports what happened (``connecting``, ``opened``, ``data``, ``silent``,
+    ``closed``) with the time; this object keeps the state, the counters and the failure
+    count, and says how long to wait before the next attempt.
+    """
+
+    def __init__(self, symbols: tuple[str, ...], now_ms: int) -> None:
+        self.symbols = symbols
+        self.state = FeedState.CONNECTING           # current FeedState
+        self.reason: str | None = None              # why the state is not live
+        self.since_ms = now_ms                      # when the state began
+        self.failures = 0                           # consecutive failed connections
+        self.connected_since_ms: int | None = None  # when the current connection opened
+        self.first_data_ms: int | None = None       # first data on the current connection
+        self.last_data_ms: int | None = None        # last data message on any connection
+        self.next_attempt_ms: int | None = None     # when the next attempt starts (backoff/failed)
+        self.messages = 0                           # data messages received
+        self.reconnects = 0                         # connections opened after the first
+        self.parse_errors = 0                       # messages that could not be parsed
+        self._opened_once = False
+
+    def _set(self, state: FeedState, now_ms: int, reason: str | None) -> None:
+        if state is not self.state or reason != self.reason:
+            self.state, self.reason, self.since_ms = state, reason, now_ms
+
+    def connecting(self, now_ms: int) -> None:
+        self.next_attempt_ms = None
+        if self.state is not FeedState.LIVE:  # a rotation connects while staying live
+            self._set(FeedState.CONNECTING, now_ms, self.reason)
+
+    def opened(self, now_ms: int) -> None:
+        if self._opened_once:
+            self.reconnects += 1
+        self._opened_once = True
+        self.connected_since_ms = now_ms
+        self.first_data_ms = None
+
+    def data(self, now_ms: int) -> None:
+        """A data message arrived (hot path: a few attribute writes)."""
+        self.messages += 1
+        self.last_data_ms = now_ms
+        if self.state is not FeedState.LIVE:
+            self._set(FeedState.LIVE, now_ms, None)
+        if self.first_data_ms is None:
+            self.first_data_ms = now_ms
+        elif self.failures and now_ms - self.first_data_ms >= FEED_HEALTHY_AFTER_S * 1000:
+            self.failures = 0
+
+    def silent(self, now_ms: int, stale_s: float) -> bool:
+        """True when the connection has sent no data for ``stale_s`` (the silent stall)."""
+        ref = self.last_data_ms if self.first_data_ms is not None else self.connected_since_ms
+        return ref is not None and now_ms - ref >= stale_s * 1000
+
+    def closed(self, now_ms: int, reason: str, failure: bool, cfg: Config, rand01: float) -> float | None:
+        """The connection ended (or never opened).  Returns the delay before reconnecting,
+        or None when the feed must not reconnect (AUTO_RECONNECT=false)."""
+        self.connected_since_ms = None
+        self.first_data_ms = None
+        if failure:
+            self.failures += 1
+        if not cfg.auto_reconnect:
+            self._set(FeedState.STOPPED, now_ms, f"{reason}; AUTO_RECONNECT is off")
+            return None
+        if not failure:  # watchdog and rotation reconnects are not failures
+            self._set(FeedState.STALE if "no data" in reason else FeedState.CONNECTING, now_ms, reason)
+            delay = FEED_MIN_RECONNECT_S
+        else:
+            delay = backoff_delay_s(self.failures, cfg, rand01)
+            failed = bool(cfg.max_retries) and self.failures >= cfg.max_retries
+            self._set(FeedState.FAILED if failed else FeedState.BACKOFF, now_ms, reason)
+        self.next_attempt_ms = now_ms + int(delay * 1000)
+        return delay
+
+    def status(self, now_ms: int) -> dict:
+        return {
+            "state": self.state.value, "reason": self.reason, "since": self.since_ms,
+            "connectedSince": self.connected_since_ms, "nextAttempt": self.next_attempt_ms,
+            "lastMessageAge": None if self.last_data_ms is None else now_ms - self.last_data_ms,
+            "messages": self.messages, "reconnects": self.reconnects, "parseErrors": self.parse_errors,
+            "failures": self.failures, "symbols": list(self.symbols),
+        }
+
+
+# Order in which shard states summarise the whole feed: the best one wins.
+_STATE_RANK = {FeedState.LIVE: 0, FeedState.CONNECTING: 1, FeedState.STALE: 2,
+               FeedState.BACKOFF: 3, FeedState.FAILED: 4, FeedState.STOPPED: 5}
+
+# ###########################################################################
+# §5 History cache (numpy rings, 1-second bars, queries, on-disk codec)
+# ###########################################################################
+# Owns: per-symbol history: dedupe by `u`, a raw ring (60 B/update), a ring of 1 s bars,
+# outages, range queries and latency statistics, and the JSON column codec used on disk.
+# Pure: no clock, no files.  Appends are batched (PENDING_FLUSH_ROWS) into numpy.
+
+# Raw ring columns: 8+4+4+8+4×8+4×1 = 60 bytes per update (goal ≤ 64).  Prices are exact:
+# an int64 mantissa plus a uint8 count of decimals rebuilds Binance's string digit for digit.
+RAW_COLUMNS: dict[str, Any] = {
+    "recv_ms": np.int64,        # serverTimestamp; sorted (the ring is searched by it)
+    "latency_ms": np.int32,     # recv_ms - E (backendLatency); INT32_NULL = none (spot)
+    "e_minus_t_ms": np.int32,   # E - T; INT32_NULL = no T
+    "update_id": np.int64,      # u
+    "bid_m": np.int64, "bid_qty_m": np.int64, "ask_m": np.int64, "ask_qty_m": np.int64,
+    "bid_d": np.uint8, "bid_qty_d": np.uint8, "ask_d": np.uint8, "ask_qty_d": np.uint8,
+}
+_PRICE_FIELDS = (("bid", "bid_price"), ("bid_qty", "bid_qty"), ("ask", "ask_price"), ("ask_qty", "ask_qty"))
+
+# One row per second that had updates: what a 12 h or 1 d chart needs once the raw ring
+# (1,000,000 updates ≈ 1-3 h of BTCUSDT) no longer reaches back.
+BAR_COLUMNS: dict[str, Any] = {
+    "time_s": np.int64,
+    "bid_first": np.float64, "bid_min": np.float64, "bid_max": np.float64, "bid_last": np.float64,
+    "ask_first": np.float64, "ask_min": np.float64, "ask_max": np.float64, "ask_last": np.float64,
+    "count": np.int32,          # updates in the second
+    "lat_count": np.int32,      # of which had a latency
+    "lat_min": np.float32, "lat_max": np.float32, "lat_sum": np.float64,
+}
+
+_POW10 = 10.0 ** np.arange(MAX_DECIMALS + 1)
+
+
+class ColumnRing:
+    """A fixed-capacity ring of rows stored as one numpy array per column.
+
+    Rows have absolute indices 0, 1, 2, … (``total`` rows ever appended); the ring keeps
+    the last ``capacity`` of them.  Storage grows lazily by doubling, so an idle symbol
+    costs ~RING_INITIAL_ROWS rows, and append is O(1) amortised.  Row ``a`` lives at
+    physical index ``a % capacity`` (growth only happens before the first wrap).
+    """
+
+    def __init__(self, columns: dict[str, Any], capacity: int) -> None:
+        self.capacity = capacity                      # rows kept at most
+        self.total = 0                                # rows ever appended
+        self._alloc = min(capacity, RING_INITIAL_ROWS)
+        self.cols = {name: np.zeros(self._alloc, dtype) for name, dtype in columns.items()}
+
+    def __len__(self) -> int:
+        return min(self.total, self.capacity)
+
+    @property
+    def first(self) -> int:
+        """Absolute index of the oldest row kept."""
+        return self.total - len(self)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(col.nbytes for col in self.cols.values())
+
+    def extend(self, batch: dict[str, np.ndarray]) -> None:
+        n = len(next(iter(batch.values())))
+        if n == 0:
+            return
+        if n > self.capacity:  # only the newest `capacity` rows can be kept
+            skip = n - self.capacity
+            batch = {k: v[skip:] for k, v in batch.items()}
+            self.total += skip
+            n = self.capacity
+        need = self.total + n
+        if need > self._alloc and self._alloc < self.capacity:
+            alloc = min(self.capacity, max(self._alloc * 2, need))
+            for name, col in self.cols.items():
+                grown = np.zeros(alloc, col.dtype)
+                grown[: self.total] = col[: self.total]
+                self.cols[name] = grown
+            self._alloc = alloc
+        start = self.total % self.capacity
+        head = min(n, self.capacity - start)
+        for name, col in self.cols.items():
+            values = batch[name]
+            col[start:start + head] = values[:head]
+            if head < n:
+                col[: n - head] = values[head:]
+        self.total += n
+
+    def _segments(self, a: int, b: int) -> list[tuple[int, int]]:
+        """Physical [start, stop) slices holding absolute rows [a, b)."""
+        if a >= b:
+            return []
+        pa, n = a % self.capacity, b - a
+        if pa + n <= self.capacity:
+            return [(pa, pa + n)]
+        return [(pa, self.capacity), (0, pa + n - self.capacity)]
+
+    def take(self, a: int, b: int, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Copies of absolute rows [a, b) (clamped to what is kept), oldest first."""
+        a, b = max(a, self.first), min(b, self.total)
+        segs = self._segments(a, b)
+        out = {}
+        for name in (names or self.cols):
+            col = self.cols[name]
+            parts = [col[s:e] for s, e in segs]
+            out[name] = np.concatenate(parts) if len(parts) > 1 else (parts[0].copy() if parts else col[:0].copy())
+        return out
+
+    def search(self, name: str, value: int | float, side: str = "left") -> int:
+        """Absolute index where ``value`` would be inserted in the sorted column ``name``."""
+        first, length = self.first, len(self)
+        if length == 0:
+            return self.total
+        segs = self._segments(first, self.total)
+        col = self.cols[name]
+        s0, e0 = segs[0]
+        if len(segs) == 2:
+            last0 = col[e0 - 1]
+            if value > last0 or (side == "right" and value == last0):
+                s1, e1 = segs[1]
+                return first + (e0 - s0) + int(np.searchsorted(col[s1:e1], value, side))
+        return first + int(np.searchsorted(col[s0:e0], value, side))
+
+    def last_value(self, name: str) -> Any:
+        return self.cols[name][(self.total - 1) % self.capacity] if self.total else None
+
+    def set_last(self, row: dict[str, Any]) -> None:
+        """Overwrite fields of the newest row (the open bar of the current second)."""
+        i = (self.total - 1) % self.capacity
+        for name, value in row.items():
+            self.cols[name][i] = value
+
+
+def _mantissa(text: str) -> tuple[int, int]:
+    """``"28750.10"`` → ``(2875010, 2)``; the string was validated by _DECIMAL_RE."""
+    dot = text.find(".")
+    if dot < 0:
+        return int(text), 0
+    return int(text[:dot] + text[dot + 1:]), len(text) - dot - 1
+
+
+def format_decimal(mantissa: int, decimals: int) -> str:
+    """Inverse of _mantissa: ``(2875010, 2)`` → ``"28750.10"``, ``(18, 3)`` → ``"0.018"``."""
+    digits = str(mantissa)
+    if not decimals:
+        return digits
+    if len(digits) <= decimals:
+        digits = "0" * (decimals - len(digits) + 1) + digits
+    return f"{digits[:-decimals]}.{digits[-decimals:]}"
+
+
+def bbos_to_columns(bbos: Sequence[Bbo]) -> dict[str, np.ndarray]:
+    """Batch of Bbo → raw ring columns."""
+    n = len(bbos)
+    out: dict[str, np.ndarray] = {
+        "recv_ms": np.fromiter((b.recv_ms for b in bbos), np.int64, n),
+        "latency_ms": np.fromiter((INT32_NULL if b.latency_ms is None else b.latency_ms for b in bbos), np.int32, n),
+        "e_minus_t_ms": np.fromiter((INT32_NULL if b.transaction_ms is None else b.event_ms - b.transaction_ms
+                                     for b in bbos), np.int32, n),
+        "update_id": np.fromiter((b.update_id for b in bbos), np.int64, n),
+    }
+    for col, attr in _PRICE_FIELDS:
+        pairs = [_mantissa(getattr(b, attr)) for b in bbos]
+        out[col + "_m"] = np.fromiter((p[0] for p in pairs), np.int64, n)
+        out[col + "_d"] = np.fromiter((p[1] for p in pairs), np.uint8, n)
+    return out
+
+
+def _price_floats(cols: dict[str, np.ndarray], col: str) -> np.ndarray:
+    return cols[col + "_m"] / _POW10[cols[col + "_d"]]
+
+
+def columns_to_bars(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Raw rows (sorted by recv_ms) → one bar per second that has rows."""
+    secs = cols["recv_ms"] // 1000
+    starts = np.flatnonzero(np.r_[True, secs[1:] != secs[:-1]])
+    ends = np.r_[starts[1:], len(secs)]
+    bid, ask = _price_floats(cols, "bid"), _price_floats(cols, "ask")
+    lat = cols["latency_ms"]
+    has_lat = lat != INT32_NULL
+    latf = lat.astype(np.float64)
+    out = {"time_s": secs[starts], "count": (ends - starts).astype(np.int32),
+           "lat_count": np.add.reduceat(has_lat.astype(np.int32), starts),
+           "lat_min": np.minimum.reduceat(np.where(has_lat, latf, np.inf), starts).astype(np.float32),
+           "lat_max": np.maximum.reduceat(np.where(has_lat, latf, -np.inf), starts).astype(np.float32),
+           "lat_sum": np.add.reduceat(np.where(has_lat, latf, 0.0), starts)}
+    for name, values in (("bid", bid), ("ask", ask)):
+        out[name + "_first"] = values[starts]
+        out[name + "_last"] = values[ends - 1]
+        out[name + "_min"] = np.minimum.reduceat(values, starts)
+        out[name + "_max"] = np.maximum.reduceat(values, starts)
+    return out
+
+
+def _merge_bar(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Two bars of the same second → one (the open bar spans flush batches)."""
+    merged = dict(new)
+    for side in ("bid", "ask"):
+        merged[side + "_first"] = old[side + "_first"]
+        merged[side + "_min"] = min(old[side + "_min"], new[side + "_min"])
+        merged[side + "_max"] = max(old[side + "_max"], new[side + "_max"])
+    for key in ("count", "lat_count", "lat_sum"):
+        merged[key] = old[key] + new[key]
+    merged["lat_min"] = min(old["lat_min"], new["lat_min"])
+    merged["lat_max"] = max(old["lat_max"], new["lat_max"])
+    return merged
+
+
+def rows_to_json_objects(cols: dict[str, np.ndarray], symbol: str) -> list[str]:
+    """Raw ring columns → compact JSON objects (bbo_json's keys), oldest first."""
+    recv = cols["recv_ms"].tolist()
+    lat = cols["latency_ms"].tolist()
+    emt = cols["e_minus_t_ms"].tolist()
+    uid = cols["update_id"].tolist()
+    prices = [[format_decimal(m, d) for m, d in zip(cols[c + "_m"].tolist(), cols[c + "_d"].tolist())]
+              for c, _ in _PRICE_FIELDS]
+    out = []
+    for i, r in enumerate(recv):
+        event = r if lat[i] == INT32_NULL else r - lat[i]
+        out.append(bbo_json(Bbo(symbol, prices[0][i], prices[1][i], prices[2][i], prices[3][i], event, r,
+                                None if lat[i] == INT32_NULL else lat[i],
+                                None if emt[i] == INT32_NULL else event - emt[i], uid[i])))
+    return out
+
+
+def rows_to_csv(cols: dict[str, np.ndarray], symbol: str) -> str:
+    """Raw ring columns → CSV with a header of BBO_KEYS (empty cell = null)."""
+    lines = [",".join(BBO_KEYS)]
+    for obj in rows_to_json_objects(cols, symbol):
+        row = json.loads(obj)
+        lines.append(",".join("" if row[k] is None else str(row[k]) for k in BBO_KEYS))
+    return "\r\n".join(lines) + "\r\n"
+
+
+class LatencyStats(NamedTuple):
+    count: int
+    min: float | None
+    mean: float | None
+    p50: float | None
+    p90: float | None
+    p99: float | None
+    max: float | None
+
+
+def latency_stats(values: np.ndarray, weights: np.ndarray | None = None) -> LatencyStats:
+    """count, min, mean, p50/p90/p99 (nearest rank), max of latencies in ms.
+
+    With ``weights`` (bars: per-second means weighted by their update counts) the
+    percentiles are approximations; the caller says so.
+    """
+    if weights is None:
+        weights = np.ones(len(values), np.int64)
+    keep = weights > 0
+    values, weights = values[keep].astype(np.float64), weights[keep]
+    total = int(weights.sum())
+    if total == 0:
+        return LatencyStats(0, None, None, None, None, None, None)
+    order = np.argsort(values, kind="stable")
+    v, cum = values[order], np.cumsum(weights[order])
+
+    def pct(p: float) -> float:
+        rank = max(1, math.ceil(p / 100 * total))
+        return round(float(v[np.searchsorted(cum, rank)]), 3)
+
+    mean = float((values * weights).sum() / total)
+    return LatencyStats(total, round(float(v[0]), 3), round(mean, 3), pct(50), pct(90), pct(99),
+                        round(float(v[-1]), 3))
+
+
+class SymbolHistory:
+    """Everything kept for one symbol: dedupe state, raw ring, bars, outages, counters."""
+
+    def __init__(self, symbol: str, raw_capacity: int, bars_capacity: int) -> None:
+        self.symbol = symbol
+        self.raw = ColumnRing(RAW_COLUMNS, raw_capacity)            # every accepted update
+        self.bars = ColumnRing(BAR_COLUMNS, max(1, bars_capacity))  # 1 s bars
+        self.keep_bars = bars_capacity > 0
+        self.pending: list[Bbo] = []            # accepted, not yet in the numpy ring
+        self.latest: Bbo | None = None          # newest accepted update
+        self.last_u = -1                        # dedupe: highest `u` accepted (since the last reset)
+        self.last_event_ms = -1                 # E of that update (tells a reset from a replay)
+        self.accepted = 0                       # updates kept
+        self.duplicates = 0                     # dropped: `u` not above the last (overlap, replay)
+        self.u_resets = 0                       # `u` fell far back with a newer E: new baseline
+        self.crossed = 0                        # kept although bid ≥ ask
+        self.subscribed_ms: int | None = None   # when a connection asked for this symbol
+        self.outages: collections.deque[list] = collections.deque(maxlen=MAX_OUTAGES_PER_SYMBOL)
+        self.open_outage: list | None = None    # [start_ms, None, reason] until data resumes
+
+    # -- ingest (hot path) -----------------------------------------------------
+    def accept(self, bbo: Bbo) -> bool:
+        """Keep ``bbo`` unless it is a duplicate or out of order; True when kept.
+
+        `u` rising per symbol is observed, not documented (binance-facts §6): a `u` at or
+        below the last one is a replay (overlapping connections, a reconnect) and dropped —
+        unless its exchange time is clearly newer, which only an exchange-side reset of `u`
+        explains; then it becomes the new baseline instead of blocking everything after it.
+        """
+        if bbo.update_id <= self.last_u:
+            if bbo.latency_ms is not None and bbo.event_ms > self.last_event_ms + U_RESET_MIN_ADVANCE_MS:
+                self.u_resets += 1
+            elif bbo.latency_ms is None and bbo.update_id < self.last_u // 2:
+                self.u_resets += 1  # spot has no E: only a large fall can be told from a replay
+            else:
+                self.duplicates += 1
+                return False
+        self.last_u = bbo.update_id
+        self.last_event_ms = bbo.event_ms
+        self.latest = bbo
+        self.accepted += 1
+        if self.open_outage is not None:
+            self.open_outage[1] = bbo.recv_ms
+            self.open_outage = None
+        self.pending.append(bbo)
+        if len(self.pending) >= PENDING_FLUSH_ROWS:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Move pending updates into the numpy rings (and the bars)."""
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, []
+        self.append_columns(bbos_to_columns(batch))
+
+    def append_columns(self, cols: dict[str, np.ndarray], count_crossed: bool = True) -> None:
+        recv = cols["recv_ms"]
+        floor = self.raw.last_value("recv_ms")
+        # The ring is binary-searched by recv_ms, so it must never go back, even if the
+        # wall clock was stepped back between two runs (recv_ms is monotonic within a run).
+        if floor is not None and recv[0] < floor or np.any(recv[1:] < recv[:-1]):
+            cols["recv_ms"] = recv = np.maximum.accumulate(np.maximum(recv, floor if floor is not None else recv[0]))
+        if count_crossed:
+            self.crossed += int(np.count_nonzero(_price_floats(cols, "bid") >= _price_floats(cols, "ask")))
+        self.raw.extend(cols)
+        if self.keep_bars:
+            self._append_bars(columns_to_bars(cols))
+
+    def _append_bars(self, bars: dict[str, np.ndarray]) -> None:
+        if self.bars.total and bars["time_s"][0] <= self.bars.last_value("time_s"):
+            last = {k: v[(self.bars.total - 1) % self.bars.capacity] for k, v in self.bars.cols.items()}
+            first_new = {k: v[0] for k, v in bars.items()}
+            self.bars.set_last(_merge_bar(last, first_new))
+            bars = {k: v[1:] for k, v in bars.items()}
+        self.bars.extend(bars)
+
+    def restore_last(self, cols: dict[str, np.ndarray]) -> None:
+        """After loading from disk: dedupe state and `latest` from the newest row."""
+        if not len(cols["recv_ms"]):
+            return
+        obj = json.loads(rows_to_json_objects({k: v[-1:] for k, v in cols.items()}, self.symbol)[0])
+        self.latest = Bbo(self.symbol, obj["bidPrice"], obj["bidQty"], obj["askPrice"], obj["askQty"],
+                          obj["timestamp"], obj["serverTimestamp"], obj["backendLatency"],
+                          obj["transactionTime"], obj["updateId"])
+        self.last_u, self.last_event_ms = self.latest.update_id, self.latest.event_ms
+
+    # -- outages ----------------------------------------------------------------
+    def begin_outage(self, start_ms: int, reason: str) -> None:
+        if self.open_outage is None:
+            self.open_outage = [start_ms, None, reason]
+            self.outages.append(self.open_outage)
+
+    def outages_in(self, start_ms: int, end_ms: int) -> list[dict]:
+        return [{"start": s, "end": e, "reason": r} for s, e, r in self.outages
+                if s <= end_ms and (e is None or e >= start_ms)]
+
+    # -- queries -------------------------------------------------------------------
+    def raw_bounds(self, start_ms: int, end_ms: int) -> tuple[int, int]:
+        """Absolute raw rows [a, b) with start_ms ≤ recv_ms ≤ end_ms."""
+        self.flush()
+        return self.raw.search("recv_ms", start_ms, "left"), self.raw.search("recv_ms", end_ms, "right")
+
+    def raw_covers(self, start_ms: int) -> bool:
+        """True when the raw ring holds everything received since ``start_ms``."""
+        self.flush()
+        if not self.raw.total:
+            return not (self.keep_bars and self.bars.total)
+        raw_start = int(self.raw.cols["recv_ms"][self.raw.first % self.raw.capacity])
+        if start_ms >= raw_start:
+            return True
+        older_bars = (self.keep_bars and self.bars.total
+                      and int(self.bars.cols["time_s"][self.bars.first % self.bars.capacity]) < raw_start // 1000)
+        return self.raw.first == 0 and not older_bars
+
+    def bar_bounds(self, start_ms: int, end_ms: int) -> tuple[int, int]:
+        self.flush()
+        return (self.bars.search("time_s", start_ms // 1000, "left"),
+                self.bars.search("time_s", end_ms // 1000, "right"))
+
+    def latency(self, start_ms: int, end_ms: int) -> tuple[str, LatencyStats]:
+        if self.raw_covers(start_ms) or not self.keep_bars:
+            a, b = self.raw_bounds(start_ms, end_ms)
+            lat = self.raw.take(a, b, ["latency_ms"])["latency_ms"]
+            return "raw", latency_stats(lat[lat != INT32_NULL])
+        a, b = self.bar_bounds(start_ms, end_ms)
+        bars = self.bars.take(a, b, ["lat_count", "lat_sum", "lat_min", "lat_max"])
+        n = bars["lat_count"]
+        means = np.divide(bars["lat_sum"], n, out=np.zeros(len(n)), where=n > 0)
+        stats = latency_stats(means, n)
+        if stats.count:  # min and max are exact from the bars; percentiles are approximate
+            stats = stats._replace(min=round(float(bars["lat_min"][n > 0].min()), 3),
+                                   max=round(float(bars["lat_max"][n > 0].max()), 3))
+        return "bars", stats
+
+    def series(self, start_ms: int, end_ms: int, buckets: int) -> dict:
+        """Decimated bid/ask series: per bucket first/min/max/last, only non-empty buckets."""
+        span = end_ms - start_ms + 1
+        bucket_ms = max(1, -(-span // buckets))
+        if self.raw_covers(start_ms) or not self.keep_bars:
+            tier = "raw"
+            a, b = self.raw_bounds(start_ms, end_ms)
+            cols = self.raw.take(a, b)
+            t = cols["recv_ms"]
+            src = {"bid": (_price_floats(cols, "bid"),) * 4, "ask": (_price_floats(cols, "ask"),) * 4}
+            counts = np.ones(len(t), np.int64)
+        else:
+            tier = "bars"
+            bucket_ms = max(1000, -(-bucket_ms // 1000) * 1000)
+            a, b = self.bar_bounds(start_ms, end_ms)
+            cols = self.bars.take(a, b)
+            t = cols["time_s"] * 1000
+            src = {side: tuple(cols[f"{side}_{k}"] for k in ("first", "min", "max", "last")) for side in ("bid", "ask")}
+            counts = cols["count"].astype(np.int64)
+        out: dict[str, Any] = {"symbol": self.symbol, "tier": tier, "start_time": start_ms, "end_time": end_ms,
+                               "bucket_ms": bucket_ms}
+        idx = (t - start_ms) // bucket_ms
+        starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]]) if len(idx) else np.zeros(0, np.int64)
+        ends = np.r_[starts[1:], len(idx)].astype(np.int64) if len(idx) else starts
+        out["time"] = (start_ms + idx[starts] * bucket_ms).tolist()
+        for side in ("bid", "ask"):
+            first, low, high, last = src[side]
+            cap = side.capitalize()
+            empty = not len(starts)
+            out[f"{side}First"] = [] if empty else first[starts].tolist()
+            out[f"{side}Min"] = [] if empty else np.minimum.reduceat(low, starts).tolist()
+            out[f"{side}Max"] = [] if empty else np.maximum.reduceat(high, starts).tolist()
+            out[f"{side}Last"] = [] if empty else last[ends - 1].tolist()
+            del cap
+        out["count"] = [] if not len(starts) else np.add.reduceat(counts, starts).tolist()
+        out["outages"] = self.outages_in(start_ms, end_ms)
+        return out
+
+    def stats(self) -> dict:
+        self.flush()
+        oldest = int(self.raw.cols["recv_ms"][self.raw.first % self.raw.capacity]) if self.raw.total else None
+        return {"symbol": self.symbol, "cached": len(self.raw), "capacity": self.raw.capacity,
+                "accepted": self.accepted, "duplicates": self.duplicates, "uResets": self.u_resets,
+                "crossed": self.crossed, "bars": len(self.bars) if self.keep_bars else 0,
+                "oldest": oldest, "newest": None if self.latest is None else self.latest.recv_ms,
+                "memoryBytes": self.raw.nbytes + (self.bars.nbytes if self.keep_bars else 0),
+                "outages": len(self.outages)}
+
+
+class BboHistory:
+    """All symbols' histories; the one place the feed writes and the API reads."""
+
+    def __init__(self, raw_capacity: int, bars_capacity: int) -> None:
+        self.raw_capacity = raw_capacity
+        self.bars_capacity = bars_capacity
+        self.symbols: dict[str, SymbolHistory] = {}
+
+    def get(self, symbol: str) -> SymbolHistory:
+        hist = self.symbols.get(symbol)
+        if hist is None:
+            if len(self.symbols) >= MAX_SYMBOLS:
+                raise FeedMessageError("too many symbols", f"{symbol}: over {MAX_SYMBOLS} symbols")
+            hist = self.symbols[symbol] = SymbolHistory(symbol, self.raw_capacity, self.bars_capacity)
+        return hist
+
+    def find(self, symbol: str) -> SymbolHistory | None:
+        return self.symbols.get(symbol.upper())
+
+    def accept(self, bbo: Bbo) -> bool:
+        hist = self.symbols.get(bbo.symbol) or self.get(bbo.symbol)
+        return hist.accept(bbo)
+
+    def latest(self) -> dict[str, Bbo]:
+        return {s: h.latest for s, h in self.symbols.items() if h.latest is not None}
+
+    def flush(self) -> None:
+        for hist in self.symbols.values():
+            hist.flush()
+
+
+# --- On-disk codec -------------------------------------------------------------------
+# A journal line and a segment are the same thing: one JSON object holding columns
+#   {"v":1,"kind":"raw","symbol":"BTCUSDT","n":2,"cols":{"serverTimestamp":[...],...}}
+# Raw columns use the public keys; prices are {"m":[mantissas],"d":decimals} where `d` is a
+# number when all rows share it (always, on Binance) or a list.  Exact and fast to load.
+
+_RAW_DISK_KEYS = {"recv_ms": "serverTimestamp", "latency_ms": "backendLatency", "e_minus_t_ms": "eventMinusTransaction",
+                  "update_id": "updateId", "bid": "bidPrice", "bid_qty": "bidQty", "ask": "askPrice",
+                  "ask_qty": "askQty"}
+
+
+def encode_columns(kind: str, symbol: str, cols: dict[str, np.ndarray]) -> str:
+    """Columns → one JSON line (no newline)."""
+    n = len(next(iter(cols.values())))
+    out: dict[str, Any] = {}
+    if kind == "raw":
+        for key in ("recv_ms", "latency_ms", "e_minus_t_ms", "update_id"):
+            values = cols[key].tolist()
+            if key in ("latency_ms", "e_minus_t_ms"):
+                values = [None if v == INT32_NULL else v for v in values]
+            out[_RAW_DISK_KEYS[key]] = values
+        for col, _ in _PRICE_FIELDS:
+            d = cols[col + "_d"]
+            same = bool(n) and bool((d == d[0]).all())
+            out[_RAW_DISK_KEYS[col]] = {"m": cols[col + "_m"].tolist(), "d": int(d[0]) if same else d.tolist()}
+    else:
+        for key, values in cols.items():
+            arr = values.tolist()
+            if values.dtype.kind == "f":  # ±inf (no latency in that second) is not JSON
+                arr = [None if not math.isfinite(v) else v for v in arr]
+            out[key] = arr
+    return json.dumps({"v": CACHE_SCHEMA_VERSION, "kind": kind, "symbol": symbol, "n": n, "cols": out},
+                      separators=(",", ":"))
+
+
+def decode_columns(text: str, kind: str) -> tuple[str, dict[str, np.ndarray]]:
+    """One JSON line → (symbol, columns).  Raises ValueError on anything inconsistent."""
+    doc = json.loads(text)
+    if type(doc) is not dict or doc.get("v") != CACHE_SCHEMA_VERSION or doc.get("kind") != kind:
+        raise ValueError("not a cache record of this kind/version")
+    n, raw, symbol = doc["n"], doc["cols"], doc["symbol"]
+    if type(n) is not int or type(symbol) is not str or not _SYMBOL_RE.match(symbol):
+        raise ValueError("bad header")
+    cols: dict[str, np.ndarray] = {}
+    if kind == "raw":
+        for key in ("recv_ms", "latency_ms", "e_minus_t_ms", "update_id"):
+            values = raw[_RAW_DISK_KEYS[key]]
+            if key in ("latency_ms", "e_minus_t_ms"):
+                values = [INT32_NULL if v is None else v for v in values]
+            cols[key] = np.array(values, RAW_COLUMNS[key])
+        for col, _ in _PRICE_FIELDS:
+            entry = raw[_RAW_DISK_KEYS[col]]
+            cols[col + "_m"] = np.array(entry["m"], np.int64)
+            d = entry["d"]
+            cols[col + "_d"] = np.full(n, d, np.uint8) if type(d) is int else np.array(d, np.uint8)
+    else:
+        for key, dtype in BAR_COLUMNS.items():
+            values = raw[key]
+            if np.dtype(dtype).kind == "f":
+                fill = np.inf if key == "lat_min" else -np.inf if key == "lat_max" else np.nan
+                values = [fill if v is None else v for v in values]
+            cols[key] = np.array(values, dtype)
+    if any(len(v) != n or v.ndim != 1 for v in cols.values()):
+        raise ValueError("column lengths differ from n")
+    return symbol, cols
+
+# ###########################################################################
+# §6 HTTP/1.1 codec
+# ###########################################################################
+# Owns: parsing a request head from bytes (with limits), body framing, keep-alive,
+# rendering responses, CORS headers.  Pure: raises HttpError(status) on bad input.
+
+HTTP_REASONS = {200: "OK", 101: "Switching Protocols", 204: "No Content", 304: "Not Modified",
+                400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+                408: "Request Timeout", 411: "Length Required", 413: "Content Too Large",
+                414: "URI Too Long", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+                501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+ALLOWED_METHODS = ("GET", "HEAD", "POST", "OPTIONS")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Field values: visible ASCII, space and tab, and obs-text (RFC 9110 §5.5); no CR/LF/NUL.
+_FIELD_VALUE_RE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HttpRequest:
+    method: str                             # "GET"
+    target: str                             # raw request-target "/api/bbo?x=1"
+    path: str                               # percent-decoded path "/api/bbo"
+    query: dict[str, list[str]]             # parse_qs(keep_blank_values=True)
+    version: str                            # "HTTP/1.1"
+    headers: tuple[tuple[str, str], ...]    # (lower-case name, value), in order
+    raw_head: bytes                         # exact head bytes (replayed into websockets' ServerProtocol)
+    peer: str = ""                          # "127.0.0.1:54321"
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return default
+
+    def header_tokens(self, name: str) -> set[str]:
+        """Comma-separated tokens of all ``name`` headers, lower case (Connection, Upgrade)."""
+        return {t.strip().lower() for k, v in self.headers if k == name for t in v.split(",") if t.strip()}
+
+
+@dataclasses.dataclass(slots=True)
+class HttpResponse:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+def parse_request_head(raw_head: bytes, peer: str = "") -> HttpRequest:
+    """Bytes up to and including CRLFCRLF → HttpRequest.
+
+    Raises:
+        HttpError: 400 malformed line/header, obs-fold, missing or repeated Host on 1.1;
+        414 target longer than MAX_TARGET_BYTES; 431 more than MAX_HEADERS headers;
+        505 a version other than HTTP/1.0 and 1.1; 405 an unsupported method.
+    """
+    try:
+        text = raw_head.decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+        raise HttpError(400, "undecodable request head") from None
+    lines = text[:-4].split("\r\n") if text.endswith("\r\n\r\n") else text.rstrip("\r\n").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not _TOKEN_RE.match(parts[0]) or not parts[1]:
+        raise HttpError(400, "malformed request line")
+    method, target, version = parts
+    if len(target) > MAX_TARGET_BYTES:
+        raise HttpError(414, f"request target longer than {MAX_TARGET_BYTES} bytes")
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        if re.match(r"^HTTP/\d\.\d$", version):
+            raise HttpError(505, f"{version} is not supported; use HTTP/1.1")
+        raise HttpError(400, "malformed request line")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise HttpError(431, f"more than {MAX_HEADERS} header fields")
+    headers = []
+    for line in lines[1:]:
+        if not line:
+            raise HttpError(400, "empty header line")
+        if line[0] in " \t":
+            raise HttpError(400, "obsolete line folding is not allowed")
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN_RE.match(name):  # also rejects whitespace before the colon
+            raise HttpError(400, f"malformed header field {name[:40]!r}")
+        value = value.strip(" \t")
+        if not _FIELD_VALUE_RE.match(value):
+            raise HttpError(400, f"invalid characters in header {name[:40]!r}")
+        headers.append((name.lower(), value))
+    hosts = [v for k, v in headers if k == "host"]
+    if version == "HTTP/1.1" and len(hosts) != 1:
+        raise HttpError(400, "HTTP/1.1 requests need exactly one Host header")
+    if method not in ALLOWED_METHODS:
+        raise HttpError(405, f"method {method} not allowed", [("Allow", ", ".join(ALLOWED_METHODS))])
+    if not target.startswith("/"):
+        if target == "*" and method == "OPTIONS":
+            target = "/"
+        else:  # absolute-form is for proxies
+            raise HttpError(400, "request target must be an absolute path")
+    raw_path, _, raw_query = target.partition("?")
+    path = urllib.parse.unquote(raw_path, errors="strict") if "%" in raw_path else raw_path
+    query = urllib.parse.parse_qs(raw_query, keep_blank_values=True, max_num_fields=100) if raw_query else {}
+    return HttpRequest(method, target, path, query, version, tuple(headers), raw_head, peer)
+
+
+def body_length(req: HttpRequest, max_bytes: int) -> int:
+    """Length of the request body.  Only Content-Length framing is supported.
+
+    Raises:
+        HttpError: 501 Transfer-Encoding (no chunked request bodies); 400 duplicate,
+        conflicting or malformed Content-Length (request smuggling); 413 over ``max_bytes``.
+    """
+    if req.header("transfer-encoding") is not None:
+        raise HttpError(501, "Transfer-Encoding request bodies are not supported; send Content-Length")
+    values = {v.strip() for k, v in req.headers if k == "content-length"}
+    if not values:
+        return 0
+    if len(values) > 1 or len([1 for k, _ in req.headers if k == "content-length"]) > 1:
+        raise HttpError(400, "more than one Content-Length")
+    value = values.pop()
+    if not value.isdigit() or not value.isascii() or len(value) > 19:
+        raise HttpError(400, "malformed Content-Length")
+    length = int(value)
+    if length > max_bytes:
+        raise HttpError(413, f"request body of {length} bytes is over the limit of {max_bytes} bytes")
+    return length
+
+
+def wants_keep_alive(req: HttpRequest) -> bool:
+    """h11's rule: close if either side says `close`, and always for HTTP/1.0 (no 1.0 keep-alive)."""
+    return req.version == "HTTP/1.1" and "close" not in req.header_tokens("connection")
+
+
+def is_websocket_upgrade(req: HttpRequest) -> bool:
+    return "websocket" in req.header_tokens("upgrade") and "upgrade" in req.header_tokens("connection")
+
+
+def http_date(epoch_s: float) -> str:
+    return email.utils.formatdate(epoch_s, usegmt=True)
+
+
+def render_response(resp: HttpResponse, keep_alive: bool, head_only: bool = False, date: str = "") -> bytes:
+    """Status line, headers and body.  Always Content-Length framing, never chunked."""
+    reason = HTTP_REASONS.get(resp.status, "Unknown")
+    lines = [f"HTTP/1.1 {resp.status} {reason}", f"Server: {SERVER_NAME}"]
+    if date:
+        lines.append(f"Date: {date}")
+    if resp.status not in (204, 304):
+        lines.append(f"Content-Type: {resp.content_type}")
+        lines.append(f"Content-Length: {len(resp.body)}")
+    lines.extend(f"{k}: {v}" for k, v in resp.headers)
+    lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only or resp.status in (204, 304) else head + resp.body
+
+
+def json_response(obj: Any, status: int = 200, headers: Sequence[tuple[str, str]] = ()) -> HttpResponse:
+    body = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    return HttpResponse(status, body, "application/json", list(headers))
+
+
+def error_response(exc: HttpError) -> HttpResponse:
+    return json_response({"error": exc.message}, exc.status, exc.headers)
+
+
+def cors_headers(req: HttpRequest, origins: tuple[str, ...]) -> list[tuple[str, str]]:
+    """CORS for the REST API and Engine.IO.  The request's Origin is echoed (with
+    credentials, which Socket.IO's `withCredentials` needs) when allowed; `*` allows all."""
+    origin = req.header("origin")
+    if origin is None:
+        return [("Access-Control-Allow-Origin", "*")] if origins == ("*",) else []
+    if origins != ("*",) and origin.rstrip("/") not in origins:
+        return [("Vary", "Origin")]
+    return [("Access-Control-Allow-Origin", origin), ("Access-Control-Allow-Credentials", "true"),
+            ("Vary", "Origin")]
+
+
+def preflight_response(req: HttpRequest, origins: tuple[str, ...]) -> HttpResponse:
+    headers = cors_headers(req, origins)
+    if any(k == "Access-Control-Allow-Origin" for k, _ in headers):
+        headers += [("Access-Control-Allow-Methods", "GET, HEAD, POST, OPTIONS"),
+                    ("Access-Control-Max-Age", "86400")]
+        asked = req.header("access-control-request-headers")
+        if asked:
+            headers.append(("Access-Control-Allow-Headers", asked))
+    return HttpResponse(204, headers=headers)
+
+# ###########################################################################
+# §7 REST routes
+# ###########################################################################
+# Owns: the JSON API.  Handlers are functions of (request, ApiContext) → HttpResponse;
+# they read in-memory state and the `now_ms` they are given, never the clock or the disk.
+
+MAX_TIME_MS = 2**53  # JSON-safe upper bound for an open-ended range
+
+
+@dataclasses.dataclass(slots=True)
+class ApiContext:
+    history: BboHistory
+    feed_status: Callable[[int], dict]      # now_ms → the feed status object
+    now_ms: int
+    metrics: Callable[[int], str] | None = None
+
+
+def _param(req: HttpRequest, name: str) -> str | None:
+    values = req.query.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise HttpError(400, f"{name} given more than once")
+    return values[0]
+
+
+def _int_param(req: HttpRequest, name: str, default: int, lo: int, hi: int) -> int:
+    raw = _param(req, name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise HttpError(400, f"{name} must be an integer, got {raw[:40]!r}") from None
+    if value < lo:
+        raise HttpError(400, f"{name} must be at least {lo}")
+    if value > hi:
+        raise HttpError(400, f"{name} must be at most {hi}")
+    return value
+
+
+def _symbol_param(req: HttpRequest, ctx: ApiContext) -> SymbolHistory:
+    raw = _param(req, "symbol")
+    if not raw:
+        raise HttpError(400, "symbol is required, e.g. ?symbol=BTCUSDT")
+    hist = ctx.history.find(raw)
+    if hist is None:
+        known = ", ".join(sorted(ctx.history.symbols)) or "none yet"
+        raise HttpError(404, f"unknown symbol {raw[:40]!r}; known symbols: {known}")
+    return hist
+
+
+def _range_params(req: HttpRequest) -> tuple[int, int]:
+    start = _int_param(req, "start_time", 0, 0, MAX_TIME_MS)
+    end = _int_param(req, "end_time", MAX_TIME_MS, 0, MAX_TIME_MS)
+    if start > end:
+        raise HttpError(400, "start_time must not be after end_time")
+    return start, end
+
+
+def handle_symbols(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
+    return json_response({"symbols": sorted(ctx.history.symbols)})
+
+
+def handle_updates(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
+    hist = _symbol_param(req, ctx)
+    start, end = _range_params(req)
+    limit = _int_param(req, "limit", DEFAULT_HISTORY_LIMIT, 1, MAX_HISTORY_LIMIT)
+    fmt = _param(req, "format") or "json"
+    if fmt not in ("json", "csv"):
+        raise HttpError(400, "format must be json or csv")
+    a, b = hist.raw_bounds(start, end)
+    cols = hist.raw.take(max(a, b - limit), b)
+    if fmt == "csv":
+        name = f"{hist.symbol}-{start}-{min(end, ctx.now_ms)}.csv"
+        return HttpResponse(200, rows_to_csv(cols, hist.symbol).encode(), "text/csv; charset=utf-8",
+                            [("Content-Disposition", f'attachment; filename="{name}"')])
+    rows = rows_to_json_objects(cols, hist.symbol)
+    complete = hist.raw_covers(start)
+    extra = ""
+    if not rows and not complete and hist.keep_bars:  # older than the raw ring: answer from the bars
+        ba, bb = hist.bar_bounds(start, end)
+        bars = hist.bars.take(max(ba, bb - limit), bb)
+        series = [{"time": int(t) * 1000, **{k: _finite(bars[k][i]) for k in BAR_COLUMNS if k != "time_s"}}
+                  for i, t in enumerate(bars["time_s"].tolist())]
+        body = json.dumps({"symbol": hist.symbol, "count": 0, "tier": "bars", "updates": [],
+                           "bars": series, "barsCount": len(series)}, separators=(",", ":"))
+        return HttpResponse(200, body.encode())
+    if not complete:
+        extra = f',"complete":false,"rawFrom":{int(hist.raw.cols["recv_ms"][hist.raw.first % hist.raw.capacity])}'
+    body = (f'{{"symbol":"{hist.symbol}","count":{len(rows)},"tier":"raw"{extra},'
+            f'"updates":[{",".join(rows)}]}}')
+    return HttpResponse(200, body.encode())
+
+
+def _finite(value: Any) -> Any:
+    value = value.item() if hasattr(value, "item") else value
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+def handle_latency(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
+    hist = _symbol_param(req, ctx)
+    start, end = _range_params(req)
+    tier, stats = hist.latency(start, end)
+    return json_response({"symbol": hist.symbol, "tier": tier, "approximate": tier == "bars",
+                          "start_time": start, "end_time": end, **stats._asdict()})
+
+
+def handle_series(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
+    hist = _symbol_param(req, ctx)
+    start, end = _range_params(req)
+    if end == MAX_TIME_MS:
+        end = ctx.now_ms
+    if start == 0:
+        raise HttpError(400, "start_time is required for a series")
+    buckets = _int_param(req, "buckets", DEFAULT_SERIES_BUCKETS, 1, MAX_SERIES_BUCKETS)
+    return json_response(hist.series(start, end, buckets))
+
+
+def handle_outages(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
+    hist = _symbol_param(req, ctx)
+    start, end = _range_params(req)
+    return json_response({"symbol": hist.symbol, "outages": hist.outages_in(start, end)})
+
+
+def handle_stats(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
+    symbols = {s: h.stats() for s, h in sorted(ctx.history.symbols.items())}
+    return json_response({"cache": {"symbols": symbols,
+                                     "totalCached": sum(v["cached"] for v in symbols.values()),
+                                     "memoryBytes": sum(v["memoryBytes"] for v in symbols.values())},
+                          "feed": ctx.feed_status(ctx.now_ms)})
+
+
+def handle_bbo(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
+    latest = ctx.history.latest()
+    body = "{" + ",".join(f'"{s}":{bbo_json(b)}' for s, b in sorted(latest.items())) + "}"
+    return HttpResponse(200, f'{{"symbols":{body}}}'.encode())
+
+
+def handle_healthz(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
+    return json_response({"status": "ok", "version": __version__, "feed": ctx.feed_status(ctx.now_ms)})
+
+
+def handle_readyz(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
+    status = ctx.feed_status(ctx.now_ms)
+    ready = status["state"] == FeedState.LIVE.value
+    return json_response({"status": "ready" if ready else "not ready", "feed": status}, 200 if ready else 503)
+
+
+def handle_metrics(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
+    if ctx.metrics is None:
+        raise HttpError(404, "metrics are not enabled")
+    return HttpResponse(200, ctx.metrics(ctx.now_ms).encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+
+API_ROUTES: dict[str, Callable[[HttpRequest, ApiContext], HttpResponse]] = {
+    "/api/history/symbols": handle_symbols,
+    "/api/history/updates": handle_updates,
+    "/api/history/latency": handle_latency,
+    "/api/history/series": handle_series,
+    "/api/history/outages": handle_outages,
+    "/api/history/stats": handle_stats,
+    "/api/bbo": handle_bbo,
+    "/healthz": handle_healthz,
+    "/readyz": handle_readyz,
+    "/metrics": handle_metrics,
+}
+
+
+def handle_api(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
+    """Dispatch an API request; every HttpError becomes a JSON error response."""
+    handler = API_ROUTES.get(req.path.rstrip("/") or "/")
+    try:
+        if handler is None:
+            raise HttpError(404, f"no such endpoint: {req.path[:100]}")
+        if req.method not in ("GET", "HEAD"):
+            raise HttpError(405, f"method {req.method} not allowed here", [("Allow", "GET, HEAD, OPTIONS")])
+        return handler(req, ctx)
+    except HttpError as exc:
+        return error_response(exc)
+
+# ###########################################################################
+# §8-§10 Engine.IO v4 codec, Socket.IO v5 codec, sessions
+# ###########################################################################
+# SIO_PURE_SECTIONS_GO_HERE
+
+
+# ===========================================================================
+# ======================  I/O below this line  ===============================
+# ===========================================================================
+# Everything below awaits, reads the clock, or touches sockets and files.
+
+_WALL_ANCHOR_NS = time.time_ns() - time.monotonic_ns()
+
+
+def now_ms() -> int:
+    """Epoch ms from the monotonic clock anchored at start: never goes back, so the history
+    stays sorted even if NTP steps the wall clock (slews still apply to both clocks)."""
+    return (time.monotonic_ns() + _WALL_ANCHOR_NS) // 1_000_000
+
+
+class LogOnce:
+    """Log the first error of each kind; count all of them (a bad peer must not flood logs)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, kind: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
+        self.counts[kind] += 1
+        if self.counts[kind] == 1:
+            self.logger.log(level, message + " (further %s errors are counted, not logged)", *args, kind)
+
+
+# ###########################################################################
+# §11 Binance feed
+# ###########################################################################
+# Owns: the exchange connections (one per shard of symbols), their watchdog, 24 h
+# rotation (make-before-break), reconnect backoff, outage recording and the feed status.
+
+
+class _Conn:
+    """One open exchange connection and its consumer task."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.first_data = asyncio.Event()       # set by the first data message
+        self.shutdown_notice = False            # spot serverShutdown seen: rotate now
+        self.task: asyncio.Task | None = None   # the consumer
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, websockets.exceptions.InvalidStatus):
+        return f"handshake refused: HTTP {exc.response.status_code}"
+    if isinstance(exc, websockets.exceptions.ConnectionClosed):
+        rcvd = exc.rcvd
+        return f"closed by exchange: {rcvd.code} {rcvd.reason}".rstrip() if rcvd else "connection lost (no close frame)"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timed out"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"[:200]
+
+
+class BinanceFeed:
+    """Runs the exchange connections; calls ``on_update(bbo)`` for every new update."""
+
+    def __init__(self, cfg: Config, history: BboHistory, on_update: Callable[[Bbo], None],
+                 on_status: Callable[[], None] = lambda: None) -> None:
+        self.cfg = cfg
+        self.history = history
+        self.on_update = on_update                      # hub publish; must not block
+        self.on_status = on_status                      # the feed state changed
+        now = now_ms()
+        self.shards = [ShardHealth(s, now) for s in shard_symbols(cfg.symbols, cfg.feed_streams_per_connection)]
+        self.stale_ms = int(cfg.feed_stale_seconds * 1000)
+        self.rotate_s = cfg.feed_rotate_hours * 3600
+        self.log_once = LogOnce(log)
+        self._silent_warned: set[str] = set()
+        self._tasks: list[asyncio.Task] = []
+        self._last_signature: Any = None
+        for symbol in cfg.symbols:
+            history.get(symbol)
+
+    # -- status -------------------------------------------------------------------
+    def status(self, now: int) -> dict:
+        """The feed status object of /healthz and Socket.IO `feed_status` (contract)."""
+        best = min(self.shards, key=lambda s: _STATE_RANK[s.state])
+        last = max((s.last_data_ms for s in self.shards if s.last_data_ms is not None), default=None)
+        age = None if last is None else now - last
+        state, reason = best.state.value, best.reason
+        if state == FeedState.LIVE.value and age is not None and age >= self.stale_ms:
+            state, reason = FeedState.STALE.value, f"no data for {age // 1000} s"
+        symbols = {}
+        for symbol in self.cfg.symbols:
+            hist = self.history.symbols[symbol]
+            last_sym = hist.latest.recv_ms if hist.latest else None
+            symbols[symbol] = {
+                "state": "waiting" if last_sym is None else ("live" if now - last_sym < self.stale_ms else "quiet"),
+                "lastMessage": last_sym, "messages": hist.accepted, "duplicates": hist.duplicates,
+                "crossed": hist.crossed, "uResets": hist.u_resets}
+        hists = [self.history.symbols[s] for s in self.cfg.symbols]
+        return {
+            "state": state, "reason": reason, "market": self.cfg.market,
+            "since": best.since_ms, "connectedSince": best.connected_since_ms,
+            "nextAttempt": best.next_attempt_ms if best.state in (FeedState.BACKOFF, FeedState.FAILED) else None,
+            "lastMessageAge": age,
+            "messages": sum(s.messages for s in self.shards),
+            "reconnects": sum(s.reconnects for s in self.shards),
+            "duplicates": sum(h.duplicates for h in hists),
+            "parseErrors": sum(s.parse_errors for s in self.shards),
+            "crossed": sum(h.crossed for h in hists), "uResets": sum(h.u_resets for h in hists),
+            "connections": [s.status(now) for s in self.shards] if len(self.shards) > 1 else None,
+            "symbols": symbols,
+        }
+
+    def _status_signature(self, now: int) -> tuple:
+        status = self.status(now)
+        return (status["state"], status["reason"], status["nextAttempt"],
+                tuple(s.state for s in self.shards))
+
+    def _notify(self) -> None:
+        signature = self._status_signature(now_ms())
+        if signature != self._last_signature:
+            self._last_signature = signature
+            self.on_status()
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def run(self) -> None:
+        """Run every shard and the per-symbol watchdog until cancelled."""
+        self._tasks = [asyncio.create_task(self._run_shard(shard), name=f"feed-{i}")
+                       for i, shard in enumerate(self.shards)]
+        self._tasks.append(asyncio.create_task(self._watch_symbols(), name="feed-watch"))
+        try:
+            await asyncio.gather(*self._tasks)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            now = now_ms()
+            for shard in self.shards:
+                shard._set(FeedState.STOPPED, now, "shutting down")
+
+    async def _watch_symbols(self) -> None:
+        """Warn about symbols that never sent data (Binance accepts misspellings silently)
+        and push status changes that happen without an event (e.g. going quiet)."""
+        while True:
+            await asyncio.sleep(FEED_WATCHDOG_TICK_S)
+            now = now_ms()
+            for symbol in self.cfg.symbols:
+                hist = self.history.symbols[symbol]
+                if (hist.latest is None and hist.subscribed_ms is not None and symbol not in self._silent_warned
+                        and now - hist.subscribed_ms >= self.stale_ms):
+                    self._silent_warned.add(symbol)
+                    log.warning("%s: no data %.0f s after subscribing — is the symbol spelled right and "
+                                "listed on %s? (Binance accepts unknown symbols silently)",
+                                symbol, self.cfg.feed_stale_seconds, self.cfg.market)
+            self._notify()
+
+    async def _run_shard(self, shard: ShardHealth) -> None:
+        url = feed_url(self.cfg.feed_base_url, shard.symbols)
+        rng = random.Random()
+        while True:
+            shard.connecting(now_ms())
+            self._notify()
+            try:
+                conn = await self._open(shard, url)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # every connect failure is retried; never exits the server
+                reason, failure = _describe(exc), True
+            else:
+                reason, failure = await self._supervise(shard, conn, url)
+            now = now_ms()
+            for symbol in shard.symbols:
+                start = shard.last_data_ms if shard.last_data_ms is not None else now
+                self.history.symbols[symbol].begin_outage(start, reason)
+            delay = shard.closed(now, reason, failure, self.cfg, rng.random())
+            self._notify()
+            if delay is None:
+                log.error("feed %s: %s; not reconnecting (AUTO_RECONNECT=false)", ",".join(shard.symbols[:3]), reason)
+                return
+            level = logging.WARNING if failure else logging.INFO
+            log.log(level, "feed %s: %s; reconnecting in %.1f s (state %s, %d consecutive failures)",
+                    _shard_name(shard), reason, delay, shard.state.value, shard.failures)
+            await asyncio.sleep(delay)
+
+    async def _open(self, shard: ShardHealth, url: str) -> _Conn:
+        ws = await ws_connect(url, open_timeout=FEED_OPEN_TIMEOUT_S, max_size=FEED_MAX_MESSAGE_BYTES,
+                              ping_interval=20, ping_timeout=20, close_timeout=2, max_queue=256)
+        now = now_ms()
+        shard.opened(now)
+        for symbol in shard.symbols:
+            self.history.symbols[symbol].subscribed_ms = now
+        log.info("feed %s: connected to %s", _shard_name(shard), url if len(url) < 200 else url[:200] + "…")
+        conn = _Conn(ws)
+        conn.task = asyncio.create_task(self._consume(shard, conn))
+        return conn
+
+    async def _consume(self, shard: ShardHealth, conn: _Conn) -> str:
+        """Read one connection until it closes; returns why it closed."""
+        history, on_update = self.history, self.on_update
+        try:
+            async for message in conn.ws:
+                recv = now_ms()
+                try:
+                    item = parse_feed_message(message, recv)
+                except FeedMessageError as exc:
+                    shard.parse_errors += 1
+                    self.log_once(exc.kind, "feed: malformed message (%s): %s", exc.kind, exc.detail)
+                    continue
+                if type(item) is Bbo:
+                    was_live = shard.state is FeedState.LIVE
+                    shard.data(recv)
+                    if not conn.first_data.is_set():
+                        conn.first_data.set()
+                    try:
+                        if history.accept(item):
+                            on_update(item)
+                    except FeedMessageError as exc:  # e.g. more than MAX_SYMBOLS symbols
+                        shard.parse_errors += 1
+                        self.log_once(exc.kind, "feed: %s", exc.detail)
+                    if not was_live:
+                        self._notify()
+                elif type(item) is ServerShutdown:
+                    log.info("feed %s: exchange announced a server shutdown; rotating", _shard_name(shard))
+                    conn.shutdown_notice = True
+                else:
+                    log.debug("feed: ack %s", item)
+        except websockets.exceptions.ConnectionClosed as exc:
+            return _describe(exc)
+        code = conn.ws.close_code
+        return f"closed by exchange: {code} {conn.ws.close_reason or ''}".rstrip()
+
+    async def _supervise(self, shard: ShardHealth, conn: _Conn, url: str) -> tuple[str, bool]:
+        """Watch an open connection: silence → reconnect; age → rotate make-before-break.
+        Returns (reason, failure) when the connection is gone."""
+        loop = asyncio.get_running_loop()
+        rotate_at = loop.time() + self.rotate_s
+        try:
+            while True:
+                done, _ = await asyncio.wait({conn.task}, timeout=FEED_WATCHDOG_TICK_S)
+                if done:
+                    return conn.task.result(), True
+                if shard.silent(now_ms(), self.cfg.feed_stale_seconds):
+                    reason = f"no data for {self.cfg.feed_stale_seconds:g} s (silent stall)"
+                    return reason, False
+                if loop.time() >= rotate_at or conn.shutdown_notice:
+                    successor = await self._rotate(shard, conn, url)
+                    if successor is None:
+                        rotate_at = loop.time() + FEED_ROTATE_RETRY_S
+                        conn.shutdown_notice = False
+                    else:
+                        conn, rotate_at = successor, loop.time() + self.rotate_s
+        finally:
+            await _close_conn(conn)
+
+    async def _rotate(self, shard: ShardHealth, old: _Conn, url: str) -> _Conn | None:
+        """Open a new connection, wait for its first data, then close the old one.  Both feed
+        the same dedupe (by `u`), so the history gets neither a hole nor a duplicate."""
+        try:
+            new = await self._open(shard, url)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("feed %s: rotation failed (%s); keeping the current connection", _shard_name(shard), _describe(exc))
+            return None
+        waiter = asyncio.create_task(new.first_data.wait())
+        await asyncio.wait({waiter, new.task}, timeout=FEED_ROTATE_OVERLAP_S, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if new.task.done():
+            log.warning("feed %s: rotation connection closed early; keeping the current one", _shard_name(shard))
+            return None
+        log.info("feed %s: rotated connection (make-before-break)", _shard_name(shard))
+        await _close_conn(old)
+        return new
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+
+def _shard_name(shard: ShardHealth) -> str:
+    names = ",".join(shard.symbols[:3])
+    return names + (f"+{len(shard.symbols) - 3}" if len(shard.symbols) > 3 else "")
+
+
+async def _close_conn(conn: _Conn) -> None:
+    if conn.task is not None and not conn.task.done():
+        conn.task.cancel()
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await asyncio.wait_for(conn.ws.close(), 2)
+    if conn.task is not None:
+        await asyncio.gather(conn.task, return_exceptions=True)
+
+# ###########################################################################
+# §12 Cache persistence (disk)
+# ###########################################################################
+# Owns: CACHE_DIR.  Every CACHE_FLUSH_SECONDS the new rows of each symbol are appended as
+# one JSON line to a journal (`raw-00000007.jsonl`) and fsynced; a journal that reaches
+# SEGMENT_ROWS is compacted into one columnar segment (`raw-00000007-<last_ms>.json`,
+# temp file + fsync + rename).  JSON encoding holds the GIL even in a thread, so no single
+# encode is larger than a segment (~15 ms); the writes and fsyncs run in a thread.
+# Crash safety: a torn last journal line is ignored on load; a segment and the journal it
+# replaced (crash between rename and unlink) are never both loaded.
+
+_CACHE_FILE_RE = re.compile(r"^(raw|bars)-(\d{8})(?:-(\d+))?\.(jsonl|json)$")
+
+
+class _LogState:
+    """Where one (symbol, kind) stands on disk."""
+
+    def __init__(self, seq: int, start: int) -> None:
+        self.seq = seq                  # sequence number of the open journal
+        self.journal_start = start      # absolute ring row of the journal's first row
+        self.persisted = start          # absolute ring rows [0, persisted) are on disk
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old or the new file, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class CachePersistence:
+    """Loads the history at start and keeps CACHE_DIR up to date while running."""
+
+    def __init__(self, cfg: Config, history: BboHistory) -> None:
+        self.root = Path(cfg.cache_dir)
+        self.history = history
+        self.flush_s = cfg.cache_flush_seconds
+        self.cleanup_s = cfg.cache_cleanup_hours * 3600
+        self.state: dict[tuple[str, str], _LogState] = {}
+        self.errors = 0                          # failed writes (disk full, permissions)
+        self.last_flush_ms: int | None = None    # when the last flush completed
+        self.lag_ms = 0                          # age of the oldest unpersisted row at the last flush
+        self._last_error_log = -math.inf
+        self._dirty_outages: set[str] = set()
+        self._outage_counts: dict[str, int] = {}
+
+    # -- load ---------------------------------------------------------------------
+    def load(self) -> dict[str, int]:
+        """Read CACHE_DIR into the history (blocking; runs before serving).  Returns rows per symbol."""
+        loaded: dict[str, int] = {}
+        if not self.root.exists():
+            return loaded
+        for sym_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            symbol = sym_dir.name.upper()
+            if not _SYMBOL_RE.match(symbol):
+                continue
+            hist = self.history.get(symbol)
+            raw_cols = self._load_kind(sym_dir, "raw")
+            bar_cols = self._load_kind(sym_dir, "bars")
+            if raw_cols:
+                cols = {k: np.concatenate([c[k] for c in raw_cols]) for k in RAW_COLUMNS}
+                hist.raw.extend(cols)
+                hist.restore_last(cols)
+                loaded[symbol] = len(cols["recv_ms"])
+            if bar_cols and hist.keep_bars:
+                hist.bars.extend({k: np.concatenate([c[k] for c in bar_cols]) for k in BAR_COLUMNS})
+            if hist.keep_bars and hist.raw.total:
+                # Bars of the last seconds before the stop were still open: rebuild them from raw.
+                after = (int(hist.bars.last_value("time_s")) + 1) * 1000 if hist.bars.total else 0
+                a = hist.raw.search("recv_ms", after, "left")
+                if a < hist.raw.total:
+                    hist._append_bars(columns_to_bars(hist.raw.take(a, hist.raw.total)))
+            self._load_outages(sym_dir, hist)
+            for kind, ring in (("raw", hist.raw), ("bars", hist.bars)):
+                seqs = [int(m.group(2)) for p in sym_dir.iterdir() if (m := _CACHE_FILE_RE.match(p.name)) and m.group(1) == kind]
+                persisted = ring.total - (1 if kind == "bars" and ring.total else 0)
+                state = _LogState(max(seqs, default=0) + 1, persisted)
+                self.state[(symbol, kind)] = state
+        return loaded
+
+    def _load_kind(self, sym_dir: Path, kind: str) -> list[dict[str, np.ndarray]]:
+        files: dict[int, dict[str, Path]] = {}
+        for path in sym_dir.iterdir():
+            m = _CACHE_FILE_RE.match(path.name)
+            if m and m.group(1) == kind:
+                files.setdefault(int(m.group(2)), {})[m.group(4)] = path
+        out = []
+        for seq in sorted(files):
+            entry = files[seq]
+            if "json" in entry:
+                if "jsonl" in entry:  # crash between compaction's rename and unlink
+                    with contextlib.suppress(OSError):
+                        entry["jsonl"].unlink()
+                path = entry["json"]
+            else:
+                path = entry["jsonl"]
+            out.extend(self._load_file(path, kind))
+        return out
+
+    def _load_file(self, path: Path, kind: str) -> list[dict[str, np.ndarray]]:
+        try:
+            lines = path.read_bytes().split(b"\n")
+        except OSError as exc:
+            log.error("cache: cannot read %s (%s); skipping it", path, exc.strerror)
+            return []
+        out = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                _, cols = decode_columns(line.decode(), kind)
+            except (ValueError, KeyError, TypeError, OverflowError) as exc:
+                is_tail = all(not rest.strip() for rest in lines[i + 1:])
+                if is_tail and path.suffix == ".jsonl":
+                    log.info("cache: ignoring a torn last line in %s (the process stopped mid-write)", path)
+                    break
+                aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+                log.error("cache: %s is corrupt (line %d: %s); moved aside to %s, starting without it",
+                          path, i + 1, str(exc)[:100], aside.name)
+                with contextlib.suppress(OSError):
+                    path.rename(aside)
+                return []
+            out.append(cols)
+        return out
+
+    def _load_outages(self, sym_dir: Path, hist: SymbolHistory) -> None:
+        path = sym_dir / "outages.json"
+        if not path.exists():
+            return
+        try:
+            doc = json.loads(path.read_text())
+            items = [[int(o["start"]), None if o["end"] is None else int(o["end"]), str(o["reason"])]
+                     for o in doc["outages"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            aside = path.with_name(f"outages.json.corrupt-{int(time.time())}")
+            log.error("cache: %s is unreadable (%s); moved aside to %s", path, str(exc)[:100], aside.name)
+            with contextlib.suppress(OSError):
+                path.rename(aside)
+            return
+        hist.outages.extend(items)
+        self._outage_counts[hist.symbol] = len(hist.outages)
+
+    def mark_restart_outages(self, now: int) -> None:
+        """The time the server was not running is an outage of every restored symbol."""
+        for hist in self.history.symbols.values():
+            if hist.latest is not None:
+                hist.begin_outage(hist.latest.recv_ms, "bbo_stream was not running")
+
+    # -- write ----------------------------------------------------------------------
+    def _collect(self, now: int) -> list[tuple]:
+        """In the event loop: copy what must be written (cheap numpy slices)."""
+        jobs: list[tuple] = []
+        oldest_unpersisted: int | None = None
+        for symbol, hist in self.history.symbols.items():
+            hist.flush()
+            sym_dir = self.root / symbol
+            for kind, ring, upto in (("raw", hist.raw, hist.raw.total),
+                                     ("bars", hist.bars, hist.bars.total - 1 if hist.bars.total else 0)):
+                if kind == "bars" and not hist.keep_bars:
+                    continue
+                state = self.state.setdefault((symbol, kind), _LogState(1, ring.first))
+                start = max(state.persisted, ring.first)
+                if upto <= start:
+                    continue
+                if kind == "raw":
+                    t0 = int(ring.cols["recv_ms"][start % ring.capacity])
+                    oldest_unpersisted = t0 if oldest_unpersisted is None else min(oldest_unpersisted, t0)
+                cols = ring.take(start, upto)
+                journal = sym_dir / f"{kind}-{state.seq:08d}.jsonl"
+                segment = None
+                if upto - state.journal_start >= SEGMENT_ROWS:
+                    seg_cols = ring.take(state.journal_start, upto)
+                    last = int(seg_cols["recv_ms"][-1]) if kind == "raw" else int(seg_cols["time_s"][-1]) * 1000
+                    segment = (sym_dir / f"{kind}-{state.seq:08d}-{last}.json", seg_cols)
+                jobs.append((state, kind, symbol, journal, cols, upto, segment))
+            if len(hist.outages) != self._outage_counts.get(symbol) or hist.open_outage is not None or symbol in self._dirty_outages:
+                self._dirty_outages.discard(symbol)
+                self._outage_counts[symbol] = len(hist.outages)
+                jobs.append((None, "outages", symbol, sym_dir / "outages.json",
+                             [{"start": s, "end": e, "reason": r} for s, e, r in hist.outages], 0, None))
+        self.lag_ms = 0 if oldest_unpersisted is None else max(0, now - oldest_unpersisted)
+        return jobs
+
+    def _write(self, jobs: list[tuple]) -> list[tuple]:
+        """In a thread: encode and write.  Returns the jobs that succeeded."""
+        done = []
+        for job in jobs:
+            state, kind, symbol, path, cols, upto, segment = job
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if kind == "outages":
+                    atomic_write(path, json.dumps({"outages": cols}, separators=(",", ":")).encode())
+                elif segment is not None:
+                    seg_path, seg_cols = segment
+                    atomic_write(seg_path, encode_columns(kind, symbol, seg_cols).encode() + b"\n")
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                else:
+                    self._append_line(path, encode_columns(kind, symbol, cols).encode() + b"\n")
+            except OSError as exc:
+                self.errors += 1
+                now = time.monotonic()
+                if now - self._last_error_log >= PERSIST_ERROR_LOG_INTERVAL_S:
+                    self._last_error_log = now
+                    log.error("cache: cannot write %s (%s); still serving from memory, will retry",
+                              path, exc.strerror or exc)
+                if kind == "outages":
+                    self._dirty_outages.add(symbol)
+                continue
+            done.append(job)
+        return done
+
+    @staticmethod
+    def _append_line(path: Path, line: bytes) -> None:
+        new = not path.exists()
+        with open(path, "ab") as fh:
+            size = fh.tell()
+            try:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            except OSError:
+                # A half-written line would make every later line unreadable: cut it off.
+                with contextlib.suppress(OSError):
+                    fh.truncate(size)
+                raise
+        if new:
+            _fsync_dir(path.parent)
+
+    def _commit(self, done: list[tuple]) -> None:
+        for state, kind, symbol, path, cols, upto, segment in done:
+            if state is None:
+                continue
+            state.persisted = upto
+            if segment is not None:
+                state.seq += 1
+                state.journal_start = upto
+
+    async def flush(self) -> None:
+        jobs = self._collect(now_ms())
+        if jobs:
+            self._commit(await asyncio.to_thread(self._write, jobs))
+        self.last_flush_ms = now_ms()
+
+    def flush_sync(self) -> None:
+        """Final flush at shutdown (the loop has nothing else left to do)."""
+        self._commit(self._write(self._collect(now_ms())))
+
+    def cleanup(self) -> int:
+        """Delete segments whose rows the rings no longer hold.  Returns files removed."""
+        removed = 0
+        for symbol, hist in self.history.symbols.items():
+            sym_dir = self.root / symbol
+            if not sym_dir.is_dir():
+                continue
+            floors = {"raw": int(hist.raw.cols["recv_ms"][hist.raw.first % hist.raw.capacity]) if hist.raw.total else 0,
+                      "bars": int(hist.bars.cols["time_s"][hist.bars.first % hist.bars.capacity]) * 1000 if hist.bars.total else 0}
+            for path in sym_dir.iterdir():
+                m = _CACHE_FILE_RE.match(path.name)
+                if m and m.group(3) and int(m.group(3)) < floors[m.group(1)]:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                        removed += 1
+        return removed
+
+    async def run(self) -> None:
+        """Flush every CACHE_FLUSH_SECONDS and clean up every CACHE_CLEANUP_HOURS."""
+        loop = asyncio.get_running_loop()
+        next_cleanup = loop.time() + self.cleanup_s
+        while True:
+            await asyncio.sleep(self.flush_s)
+            await self.flush()
+            if loop.time() >= next_cleanup:
+                next_cleanup = loop.time() + self.cleanup_s
+                removed = await asyncio.to_thread(self.cleanup)
+                log.info("cache: cleanup removed %d obsolete segment(s)", removed)
+
+# ###########################################################################
+# §13 Fan-out hub and transports
+# ###########################################################################
+# SIO_IO_SECTIONS_GO_HERE
+
+
+# ###########################################################################
+# §14 HTTP connection handler
+# ###########################################################################
+# Owns: the listening socket, TLS-or-plain detection per connection, the keep-alive
+# request loop with its timeouts, static files, and dispatch to REST and Engine.IO.
+
+MAX_API_BODY_BYTES = 64 * 1024   # no REST endpoint takes a body; read (and drop) at most this much
+STATIC_ALIASES = {"/": "index.html", "/index.html": "index.html", "/app.js": "app.js", "/style.css": "style.css"}
+FAVICON_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
+               b'fill="#0b1220"/><path d="M3 11l3-4 3 2 4-5" stroke="#22c55e" stroke-width="2" fill="none"/></svg>')
+
+
+class StaticFiles:
+    """Files under one directory, cached in memory by (mtime, size), with strong ETags."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self._cache: dict[Path, tuple[tuple[int, int], bytes, str]] = {}
+
+    def lookup(self, name: str) -> tuple[bytes, str, str] | None:
+        """``name`` relative to the root → (body, content type, etag), or None (404).
+        Anything resolving outside the root, a directory, or a dotfile is None."""
+        if not name or "\x00" in name or any(part.startswith(".") for part in name.split("/")):
+            return None
+        path = (self.root / name).resolve()
+        if self.root not in path.parents:
+            return None
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        if not path.is_file() or st.st_size > STATIC_MAX_BYTES:
+            return None
+        key = (st.st_mtime_ns, st.st_size)
+        cached = self._cache.get(path)
+        if cached is None or cached[0] != key:
+            body = path.read_bytes()
+            cached = (key, body, '"' + hashlib.sha256(body).hexdigest()[:20] + '"')
+            self._cache[path] = cached
+        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
+            ctype += "; charset=utf-8"
+        return cached[1], ctype, cached[2]
+
+
+def static_response(req: HttpRequest, found: tuple[bytes, str, str] | None) -> HttpResponse:
+    if found is None:
+        return error_response(HttpError(404, f"not found: {req.path[:100]}"))
+    body, ctype, etag = found
+    headers = [("ETag", etag), ("Cache-Control", "no-cache")]  # revalidate: new releases show at once
+    if etag in {t.strip() for t in (req.header("if-none-match") or "").split(",")}:
+        return HttpResponse(304, headers=headers)
+    return HttpResponse(200, body, ctype, headers)
+
+
+def route_label(path: str) -> str:
+    """Low-cardinality route name for metrics."""
+    if path.startswith("/socket.io"):
+        return "/socket.io/"
+    key = path.rstrip("/") or "/"
+    if key in API_ROUTES:
+        return key
+    if key in STATIC_ALIASES or key.startswith("/static/") or key == "/favicon.ico":
+        return "static"
+    return "other"
+
+
+async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    fut = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+class HttpServer:
+    """HTTP/1.1 on one port, TLS and plain side by side (peek at the first byte)."""
+
+    def __init__(self, app: "App", ssl_ctx: ssl.SSLContext | None) -> None:
+        self.app = app
+        self.cfg = app.cfg
+        self.ssl_ctx = ssl_ctx
+        self.static = StaticFiles(Path(__file__).resolve().parent / "static")
+        self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.connections: set[asyncio.Task] = set()
+        self.sock: socket.socket | None = None
+        self.port = 0
+        self._accept_task: asyncio.Task | None = None
+        self._trusted = [__import__("ipaddress").ip_network(n) for n in self.cfg.trusted_proxies]
+
+    async def start(self) -> int:
+        infos = socket.getaddrinfo(self.cfg.web_host or None, self.cfg.web_port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+        sock.setblocking(False)
+        self.sock, self.port = sock, sock.getsockname()[1]
+        self._accept_task = asyncio.create_task(self._accept_loop(), name="http-accept")
+        return self.port
+
+    async def close(self) -> None:
+        """Stop accepting; connections are ended by the App's shutdown."""
+        if self._accept_task:
+            self._accept_task.cancel()
+            await asyncio.gather(self._accept_task, return_exceptions=True)
+        if self.sock:
+            self.sock.close()
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(self.sock)
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                log.warning("http: accept failed (%s)", exc.strerror or exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.create_task(self._handle_socket(conn, addr))
+            self.connections.add(task)
+            task.add_done_callback(self.connections.discard)
+
+    async def _handle_socket(self, conn: socket.socket, addr: Any) -> None:
+        loop = asyncio.get_running_loop()
+        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        writer = None
+        try:
+            conn.setblocking(False)
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            use_tls = False
+            if self.ssl_ctx is not None:
+                # Peek (not read) the first byte: 0x16 starts a TLS handshake.  Reading it
+                # through a stream and then calling start_tls hangs (the rest of the
+                # ClientHello stays in the stream's buffer).
+                await asyncio.wait_for(_wait_readable(loop, conn), TLS_PEEK_TIMEOUT_S)
+                first = conn.recv(1, socket.MSG_PEEK)
+                if not first:
+                    return
+                use_tls = first == b"\x16"
+            reader = asyncio.StreamReader(limit=MAX_HEAD_BYTES, loop=loop)
+            protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=self.ssl_ctx if use_tls else None,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S if use_tls else None)
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            await self.serve_connection(reader, writer, peer)
+        except (asyncio.TimeoutError, TimeoutError, ConnectionError, ssl.SSLError, OSError) as exc:
+            log.debug("http %s: connection ended: %s", peer, _describe(exc))
+        finally:
+            if writer is not None:
+                if not writer.is_closing():
+                    writer.close()
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(writer.wait_closed(), 1)
+            else:
+                conn.close()
+
+    async def _read_head(self, reader: asyncio.StreamReader, first_request: bool,
+                         writer: asyncio.StreamWriter) -> bytes | None:
+        """Wait (idle timeout) for a request to start, then (head timeout) for its head.
+        Returns None when the connection should just close."""
+        try:
+            first = await asyncio.wait_for(reader.readexactly(1),
+                                           HEAD_TIMEOUT_S if first_request else KEEPALIVE_IDLE_S)
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, TimeoutError):
+            return None
+        try:
+            return first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
+        except asyncio.LimitOverrunError:
+            await self._send(writer, error_response(HttpError(431, f"request head over {MAX_HEAD_BYTES} bytes")), False)
+        except (asyncio.TimeoutError, TimeoutError):
+            await self._send(writer, error_response(HttpError(408, f"request head not received within {HEAD_TIMEOUT_S:g} s")), False)
+        except asyncio.IncompleteReadError:
+            pass
+        return None
+
+    async def _send(self, writer: asyncio.StreamWriter, resp: HttpResponse, keep_alive: bool,
+                    head_only: bool = False) -> None:
+        writer.write(render_response(resp, keep_alive, head_only, http_date(time.time())))
+        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+
+    def client_ip(self, req: HttpRequest) -> str:
+        """The peer, or X-Forwarded-For's last hop when the peer is a trusted proxy."""
+        host = req.peer.rsplit(":", 1)[0]
+        fwd = req.header("x-forwarded-for")
+        if fwd and self._trusted:
+            import ipaddress
+            with contextlib.suppress(ValueError):
+                if any(ipaddress.ip_address(host.strip("[]")) in net for net in self._trusted):
+                    return fwd.split(",")[-1].strip()
+        return host
+
+    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
+        """The keep-alive request loop of one connection."""
+        first_request = True
+        while True:
+            raw_head = await self._read_head(reader, first_request, writer)
+            if raw_head is None:
+                return
+            first_request = False
+            started = time.perf_counter()
+            try:
+                req = parse_request_head(raw_head, peer)
+                is_eio = req.path.startswith("/socket.io")
+                limit = self.cfg.max_payload if is_eio else MAX_API_BODY_BYTES
+                try:
+                    length = body_length(req, limit)
+                except HttpError as exc:
+                    if exc.status != 413 or not is_eio or self.app.eio is None:
+                        raise
+                    # Engine.IO answers an oversized POST itself (and closes that session).
+                    resp = await self.app.eio.handle_request(req, None, reader, writer)
+                    await self._finish(writer, req, resp or error_response(exc), False, started)
+                    return
+                body = await asyncio.wait_for(reader.readexactly(length), BODY_TIMEOUT_S) if length else b""
+            except HttpError as exc:
+                self.requests[("bad-request", exc.status)] += 1
+                await self._send(writer, error_response(exc), False)
+                return
+            except (asyncio.IncompleteReadError, asyncio.TimeoutError, TimeoutError):
+                return
+            keep_alive = wants_keep_alive(req)
+            resp = await self.dispatch(req, body, reader, writer)
+            if resp is None:  # a WebSocket took the connection over
+                self.requests[(route_label(req.path), 101)] += 1
+                return
+            await self._finish(writer, req, resp, keep_alive, started)
+            if not keep_alive:
+                return
+
+    async def _finish(self, writer: asyncio.StreamWriter, req: HttpRequest, resp: HttpResponse,
+                      keep_alive: bool, started: float) -> None:
+        label = route_label(req.path)
+        if label in ("/socket.io/",) or label.startswith("/api") or label in ("/healthz", "/readyz"):
+            resp.headers.extend(cors_headers(req, self.cfg.cors_origins))
+        self.requests[(label, resp.status)] += 1
+        await self._send(writer, resp, keep_alive, req.method == "HEAD")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("http %s %s %s → %d (%.1f ms)", self.client_ip(req), req.method, req.target[:200],
+                      resp.status, (time.perf_counter() - started) * 1000)
+
+    async def dispatch(self, req: HttpRequest, body: bytes, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> HttpResponse | None:
+        if req.method == "OPTIONS":
+            return preflight_response(req, self.cfg.cors_origins)
+        if req.path.startswith("/socket.io"):
+            if self.app.eio is None:
+                return error_response(HttpError(404, "Socket.IO is not enabled"))
+            return await self.app.eio.handle_request(req, body, reader, writer)
+        if req.method == "POST":
+            return error_response(HttpError(405, f"method POST not allowed on {req.path[:100]}",
+                                            [("Allow", "GET, HEAD, OPTIONS")]))
+        key = req.path.rstrip("/") or "/"
+        if key in API_ROUTES or key.startswith("/api/"):
+            return handle_api(req, self.app.api_context())
+        if key == "/favicon.ico":
+            return HttpResponse(200, FAVICON_SVG, "image/svg+xml", [("Cache-Control", "max-age=86400")])
+        if key in STATIC_ALIASES:
+            return static_response(req, self.static.lookup(STATIC_ALIASES[key]))
+        if key.startswith("/static/"):
+            return static_response(req, self.static.lookup(req.path[len("/static/"):]))
+        return error_response(HttpError(404, f"not found: {req.path[:100]}"))
+
+# ###########################################################################
+# §15 App lifecycle
+# ###########################################################################
+# Owns: every task.  Start order: cache load → TLS → HTTP → feed → persistence.  SIGINT/
+# SIGTERM set the stop event; shutdown closes the listener, ends the sessions, stops the
+# feed and writes the final flush, then main() returns 0.
+
+
+def ensure_certificate(cert_path: str, key_path: str) -> bool:
+    """Create a self-signed certificate with the `openssl` command if the files are missing.
+    Returns True when both files exist afterwards."""
+    cert, key = Path(cert_path), Path(key_path)
+    if cert.exists() and key.exists():
+        return True
+    try:
+        cert.parent.mkdir(parents=True, exist_ok=True)
+        key.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "825",
+                        "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                        "-keyout", str(key), "-out", str(cert)],
+                       check=True, capture_output=True, timeout=60)
+        with contextlib.suppress(OSError):
+            key.chmod(0o600)
+        log.info("tls: generated a self-signed certificate %s (key %s) with openssl", cert, key)
+        return True
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("tls: %s is missing and openssl could not create it (%s)", cert, str(exc)[:120])
+        return False
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Soft open-files limit → hard limit (each client is a socket)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+class App:
+    """The running server: history, feed, persistence, HTTP and Socket.IO."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        raw_capacity = cfg.cache_max_items if cfg.cache_enabled else 1
+        bars_capacity = cfg.bars_capacity if cfg.cache_enabled else 0
+        self.history = BboHistory(raw_capacity, bars_capacity)
+        self.persistence = CachePersistence(cfg, self.history) if cfg.cache_enabled and cfg.cache_persist else None
+        self.hub: Any = None                     # fan-out hub (§13)
+        self.eio: Any = None                     # Engine.IO server (§13)
+        self.feed = BinanceFeed(cfg, self.history, self._on_update, self._on_feed_status)
+        self.http: HttpServer | None = None
+        self.stop_event = asyncio.Event()
+        self.started_ms = now_ms()
+        self.port = 0
+
+    def _on_update(self, bbo: Bbo) -> None:
+        if self.hub is not None:
+            self.hub.publish(bbo)
+
+    def _on_feed_status(self) -> None:
+        if self.hub is not None:
+            self.hub.publish_feed_status(self.feed.status(now_ms()))
+
+    def api_context(self) -> ApiContext:
+        return ApiContext(self.history, self.feed.status, now_ms(), self.metrics_text)
+
+    def metrics_text(self, now: int) -> str:
+        return render_metrics(self, now)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop_event.set)
+        soft, hard = raise_nofile_limit()
+        log.info("bbo_stream %s: %s %s, %d symbol(s) on %d connection(s); open-files limit %d (hard %d)",
+                 __version__, self.cfg.market, self.cfg.feed_base_url, len(self.cfg.symbols),
+                 len(self.feed.shards), soft, hard)
+        if self.persistence is not None:
+            started = time.perf_counter()
+            loaded = self.persistence.load()
+            self.persistence.mark_restart_outages(now_ms())
+            log.info("cache: restored %d update(s) of %d symbol(s) from %s in %.2f s", sum(loaded.values()),
+                     len(loaded), self.cfg.cache_dir, time.perf_counter() - started)
+        tasks = [asyncio.create_task(self.feed.run(), name="feed")]
+        if self.persistence is not None:
+            tasks.append(asyncio.create_task(self.persistence.run(), name="persistence"))
+        try:
+            if self.cfg.web_enabled:
+                await self._start_http()
+            await self.stop_event.wait()
+            log.info("shutting down")
+        finally:
+            await self.shutdown(tasks)
+        return 0
+
+    async def _start_http(self) -> None:
+        ssl_ctx = None
+        if self.cfg.use_ssl:
+            if ensure_certificate(self.cfg.ssl_cert_path, self.cfg.ssl_key_path):
+                try:
+                    ssl_ctx = make_server_ssl_context(self.cfg.ssl_cert_path, self.cfg.ssl_key_path)
+                except (OSError, ssl.SSLError) as exc:
+                    log.warning("tls: cannot use %s / %s (%s)", self.cfg.ssl_cert_path, self.cfg.ssl_key_path, exc)
+            if ssl_ctx is None:
+                log.warning("tls: USE_SSL is on but no certificate is usable: serving plain HTTP only")
+        self.http = HttpServer(self, ssl_ctx)
+        self.port = await self.http.start()
+        scheme = "https and http" if ssl_ctx else "http"
+        log.info("listening on %s:%d (%s); dashboard at %s://localhost:%d/", self.cfg.web_host, self.port,
+                 scheme, "https" if ssl_ctx else "http", self.port)
+
+    async def shutdown(self, tasks: list[asyncio.Task]) -> None:
+        if self.http is not None:
+            await self.http.close()
+        if self.eio is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.eio.close_all(), SHUTDOWN_GRACE_S / 2)
+        if self.http is not None and self.http.connections:
+            _, pending = await asyncio.wait(set(self.http.connections), timeout=SHUTDOWN_GRACE_S / 2)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.persistence is not None:
+            self.persistence.flush_sync()
+            log.info("cache: final flush written to %s", self.cfg.cache_dir)
+
+
+def render_metrics(app: App, now: int) -> str:
+    """Prometheus text exposition (format 0.0.4) of the server's counters and gauges."""
+    out: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
+        out.append(f"# HELP bbo_{name} {help_text}")
+        out.append(f"# TYPE bbo_{name} {kind}")
+        out.extend(f"bbo_{name}{labels} {value}" for labels, value in samples)
+
+    status = app.feed.status(now)
+    states = [s.value for s in FeedState]
+    metric("feed_state", "gauge", "1 for the feed's current state",
+           ((f'{{state="{s}"}}', int(status["state"] == s)) for s in states))
+    metric("feed_reconnects_total", "counter", "Exchange connections opened after the first", [("", status["reconnects"])])
+    metric("feed_messages_total", "counter", "bookTicker messages received", [("", status["messages"])])
+    metric("feed_parse_errors_total", "counter", "Exchange messages that could not be parsed", [("", status["parseErrors"])])
+    hists = sorted(app.history.symbols.items())
+    metric("feed_duplicates_total", "counter", "Updates dropped as duplicate or out of order (by u)",
+           ((f'{{symbol="{s}"}}', h.duplicates) for s, h in hists))
+    metric("feed_crossed_total", "counter", "Updates kept although bid >= ask",
+           ((f'{{symbol="{s}"}}', h.crossed) for s, h in hists))
+    metric("feed_last_message_age_seconds", "gauge", "Seconds since the symbol's last update",
+           ((f'{{symbol="{s}"}}', round((now - h.latest.recv_ms) / 1000, 3)) for s, h in hists if h.latest))
+    metric("cache_updates", "gauge", "Raw updates held per symbol", ((f'{{symbol="{s}"}}', len(h.raw)) for s, h in hists))
+    metric("cache_memory_bytes", "gauge", "Memory of the history rings per symbol",
+           ((f'{{symbol="{s}"}}', h.raw.nbytes + h.bars.nbytes) for s, h in hists))
+    if app.persistence is not None:
+        metric("persist_lag_seconds", "gauge", "Age of the oldest update not yet on disk at the last flush",
+               [("", app.persistence.lag_ms / 1000)])
+        metric("persist_errors_total", "counter", "Failed cache writes", [("", app.persistence.errors)])
+    if app.http is not None:
+        metric("http_requests_total", "counter", "HTTP requests by route and status",
+               ((f'{{route="{r}",status="{c}"}}', n) for (r, c), n in sorted(app.http.requests.items())))
+    if app.hub is not None and hasattr(app.hub, "metrics_samples"):
+        for name, kind, help_text, samples in app.hub.metrics_samples():
+            metric(name, kind, help_text, samples)
+    return "\n".join(out) + "\n"
+
+
+# ###########################################################################
+# §16 CLI
+# ###########################################################################
+# Owns: logging setup and the entry point.
+
+
+class JsonLogFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one object per line: timestamp, level, logger, event, and extras."""
+
+    _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"timestamp": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+               "level": record.levelname.lower(), "logger": record.name, "event": record.getMessage()}
+        doc.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def setup_logging(cfg: Config) -> None:
+    formatter: logging.Formatter
+    if cfg.log_format == "json":
+        formatter = JsonLogFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if cfg.log_to_file:
+        Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.handlers.RotatingFileHandler(
+            Path(cfg.log_dir) / "bbo_stream.log", maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8"))
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
+    logging.getLogger("websockets").setLevel(logging.INFO if cfg.debug else logging.WARNING)
+
+
+async def run_app(cfg: Config) -> int:
+    return await App(cfg).run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: returns the process exit code (0 after a clean shutdown, 2 on bad config)."""
+    if sys.version_info < (3, 11):  # pragma: no cover
+        print("bbo_stream: Python 3.11 or newer is required", file=sys.stderr)
+        return 2
+    try:
+        cfg = Config.from_sources(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"bbo_stream: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg)
+    try:
+        return asyncio.run(run_app(cfg))
+    except KeyboardInterrupt:  # pragma: no cover - a second Ctrl-C during shutdown
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

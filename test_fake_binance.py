@@ -1,0 +1,161 @@
+"""Tests for the fake Binance server (fake_binance.py), using a plain websockets client."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Awaitable, Callable
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus
+
+from fake_binance import FakeBinance
+
+TEST_TIMEOUT_S = 10.0   # a hung test fails instead of blocking the suite
+RECV_TIMEOUT_S = 2.0
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), TEST_TIMEOUT_S))
+
+
+async def recv_json(ws: Any) -> Any:
+    return json.loads(await asyncio.wait_for(ws.recv(), RECV_TIMEOUT_S))
+
+
+def test_raw_stream_futures_payload_exact() -> None:
+    async def t() -> None:
+        async with FakeBinance(market="futures") as fake:
+            assert fake.base_url == f"ws://127.0.0.1:{fake.port}/ws"
+            async with connect(f"{fake.base_url}/btcusdt@bookTicker") as ws:
+                await fake.wait_for_subscribed("BTCUSDT")
+                sent = fake.send_bbo("btcusdt", "28750.10", "1.500", "28750.20", "0.250", E=1700000000002, T=1700000000001)
+                raw = await asyncio.wait_for(ws.recv(), RECV_TIMEOUT_S)
+                assert raw == ('{"e":"bookTicker","u":1,"s":"BTCUSDT","b":"28750.10","B":"1.500","a":"28750.20",'
+                               '"A":"0.250","T":1700000000001,"E":1700000000002}')
+                assert json.loads(raw) == sent
+                assert fake.send_bbo("btcusdt", "1.0", "1", "2.0", "1")["u"] == 2   # u auto-increments per symbol
+            assert fake.total_connections == 1
+    run(t)
+
+
+def test_combined_stream_wrapper_with_prefix_and_coinm_flavour() -> None:
+    async def t() -> None:
+        async with FakeBinance(market="coinm") as fake:
+            url = f"{fake.url_root}/public/stream?streams=btcusd_perp@bookTicker/ethusd_perp@bookTicker"
+            async with connect(url) as ws:
+                await fake.wait_for_subscribed("ETHUSD_PERP")
+                fake.send_bbo("ETHUSD_PERP", "2000.1", "10", "2000.2", "7")
+                msg = await recv_json(ws)
+                assert msg["stream"] == "ethusd_perp@bookTicker"
+                assert list(msg["data"]) == ["e", "u", "s", "ps", "b", "B", "a", "A", "T", "E"]
+                assert (msg["data"]["s"], msg["data"]["ps"]) == ("ETHUSD_PERP", "ETHUSD")
+                fake.send_server_shutdown()
+                assert (await recv_json(ws))["stream"] == "!serverShutdown"
+    run(t)
+
+
+def test_spot_flavour_has_no_event_or_transaction_time() -> None:
+    async def t() -> None:
+        async with FakeBinance(market="spot") as fake:
+            async with connect(f"{fake.base_url}/bnbusdt@bookTicker") as ws:
+                await fake.wait_for_subscribed("bnbusdt")
+                fake.send_bbo("BNBUSDT", "25.35190000", "31.21000000", "25.36520000", "40.66000000", u=400900217)
+                assert await asyncio.wait_for(ws.recv(), RECV_TIMEOUT_S) == (
+                    '{"u":400900217,"s":"BNBUSDT","b":"25.35190000","B":"31.21000000",'
+                    '"a":"25.36520000","A":"40.66000000"}')
+    run(t)
+
+
+def test_live_subscribe_ack_list_errors_then_data() -> None:
+    async def t() -> None:
+        async with FakeBinance() as fake:
+            async with connect(fake.base_url) as ws:
+                await ws.send("{not json")
+                assert (await recv_json(ws))["code"] == 3
+                await ws.send(json.dumps({"method": "FOO", "params": [], "id": 9}))
+                assert (await recv_json(ws))["code"] == 2
+                await ws.send(json.dumps({"method": "SUBSCRIBE", "params": ["btcusdt@bookTicker", "ETHUSDT@bookTicker"],
+                                          "id": 1}))
+                assert await recv_json(ws) == {"result": None, "id": 1}
+                await ws.send(json.dumps({"method": "LIST_SUBSCRIPTIONS", "id": 3}))
+                assert await recv_json(ws) == {"result": ["btcusdt@bookTicker", "ETHUSDT@bookTicker"], "id": 3}
+                (conn,) = await fake.wait_for_subscribed("btcusdt")
+                assert conn.path == "/ws" and len(conn.received) == 4
+                fake.send_bbo("ethusdt", "1.00", "1", "1.01", "1")    # upper-case subscription: silently nothing
+                fake.send_bbo("btcusdt", "2.00", "1", "2.01", "1")
+                assert (await recv_json(ws))["s"] == "BTCUSDT"
+                await ws.send(json.dumps({"method": "UNSUBSCRIBE", "params": ["btcusdt@bookTicker"], "id": 4}))
+                assert await recv_json(ws) == {"result": None, "id": 4}
+                assert fake.subscribers("btcusdt") == []
+    run(t)
+
+
+def test_stall_sends_nothing_until_resume() -> None:
+    async def t() -> None:
+        async with FakeBinance() as fake:
+            async with connect(f"{fake.base_url}/btcusdt@bookTicker") as ws:
+                await fake.wait_for_subscribed("btcusdt")
+                fake.stall()
+                fake.send_bbo("btcusdt", "1.00", "1", "1.01", "1", u=10)
+                pong_waiter = await ws.ping()                           # connection stays alive while stalled
+                await asyncio.wait_for(pong_waiter, RECV_TIMEOUT_S)
+                fake.resume()
+                fake.send_bbo("btcusdt", "1.00", "1", "1.01", "1", u=11)
+                assert (await recv_json(ws))["u"] == 11                # frames are ordered: u=10 was never sent
+    run(t)
+
+
+def test_drop_all_closes_without_close_frame_and_close_all_is_clean() -> None:
+    async def t() -> None:
+        async with FakeBinance() as fake:
+            async with connect(f"{fake.base_url}/btcusdt@bookTicker") as ws:
+                await fake.wait_for_connections(1)
+                await fake.drop_all()
+                with pytest.raises(ConnectionClosedError) as info:
+                    await asyncio.wait_for(ws.recv(), RECV_TIMEOUT_S)
+                assert info.value.rcvd is None                          # no close frame arrived
+            await fake.wait_for_connections(0)
+            async with connect(fake.base_url) as ws:
+                await fake.wait_for_connections(1)
+                await fake.close_all(1001, "bye")
+                with pytest.raises(ConnectionClosedOK) as ok:
+                    await asyncio.wait_for(ws.recv(), RECV_TIMEOUT_S)
+                assert ok.value.rcvd is not None and ok.value.rcvd.code == 1001
+            assert fake.total_connections == 2
+    run(t)
+
+
+def test_refuse_rejects_handshake_with_503() -> None:
+    async def t() -> None:
+        async with FakeBinance() as fake:
+            fake.set_refuse(True)
+            with pytest.raises(InvalidStatus) as info:
+                async with connect(f"{fake.base_url}/btcusdt@bookTicker"):
+                    pass
+            assert info.value.response.status_code == 503
+            assert fake.total_connections == 0 and fake.refused_connections == 1
+            fake.set_refuse(False)
+            async with connect(f"{fake.base_url}/btcusdt@bookTicker"):
+                await fake.wait_for_connections(1)
+    run(t)
+
+
+def test_generator_random_walk_increasing_u() -> None:
+    async def t() -> None:
+        async with FakeBinance(seed=7, record_send_times=True) as fake:
+            async with connect(f"{fake.url_root}/stream?streams=btcusdt@bookTicker/ethusdt@bookTicker") as ws:
+                await fake.wait_for_subscribed("ethusdt")
+                fake.start_generator(["btcusdt", "ethusdt"], 1000, decimals=(2, 3))
+                msgs = [await recv_json(ws) for _ in range(200)]
+                fake.stop_generator()
+        last_u: dict[str, int] = {}
+        for m in msgs:
+            d = m["data"]
+            assert d["u"] > last_u.get(d["s"], 0)
+            last_u[d["s"]] = d["u"]
+            assert float(d["b"]) < float(d["a"])
+            assert len(d["b"].split(".")[1]) == 2 and len(d["B"].split(".")[1]) == 3
+            assert (d["s"], d["u"]) in fake.sent_at
+        assert set(last_u) == {"BTCUSDT", "ETHUSDT"}
+    run(t)
