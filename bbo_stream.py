@@ -105,7 +105,7 @@ U_RESET_MIN_ADVANCE_MS = 1_000       # `u` going back while E moved on by this m
 MAX_SYMBOLS = 5_000                  # above Binance's 1024 streams/connection × a few shards; bounds maps
 
 # --- History cache ----------------------------------------------------------
-RING_INITIAL_ROWS = 1_024            # rings grow lazily: 500 symbols must not reserve 32 GB up front
+RING_INITIAL_ROWS = 64               # rings grow lazily: 500 symbols must not reserve 32 GB up front
 PENDING_FLUSH_ROWS = 512             # appends are batched into numpy; a read or this many rows flushes
 MAX_HISTORY_LIMIT = 10_000           # issue 2: /api/history/updates returns at most 10,000 rows
 DEFAULT_HISTORY_LIMIT = 100
@@ -114,6 +114,7 @@ DEFAULT_SERIES_BUCKETS = 500
 MAX_OUTAGES_PER_SYMBOL = 10_000      # one outage a minute for a week; older ones are dropped first
 MAX_DECIMALS = 18                    # int64 mantissa holds 18 decimal digits exactly
 INT32_NULL = -(2**31)                # sentinel for a missing latency / transaction time in int32 columns
+MAX_SKEW_MS = 2**31 - 1              # |recv - E| and |E - T| fit the int32 columns (24.8 days)
 
 # --- Persistence ------------------------------------------------------------
 SEGMENT_ROWS = 8_192                 # one compaction json.dumps of 8 k rows holds the GIL ~15 ms (< 50 ms goal)
@@ -523,20 +524,42 @@ class ServerShutdown(NamedTuple):
 _DECIMAL_RE = re.compile(r"(?!\d{19})(?:0|[1-9]\d*)(?:\.\d+)?", re.ASCII)
 
 
-def _decimal_field(payload: dict, key: str) -> str:
-    value = payload.get(key)
-    if type(value) is not str or len(value) > MAX_DECIMALS + 1 or not _DECIMAL_RE.fullmatch(value):
-        raise FeedMessageError(f"bad field {key}", f"{key}={value!r} is not a decimal string")
-    return value
+# Validated decimal strings → (mantissa, decimals).  Prices repeat from one update to the
+# next, so most lookups hit; bounded by clearing (a cleared entry is just re-validated).
+_DECIMAL_CACHE: dict[str, tuple[int, int]] = {}
+DECIMAL_CACHE_MAX = 100_000          # ~10 MB at most; a day of BTCUSDT has far fewer distinct prices
+_SYMBOL_CACHE: dict[str, str] = {}   # validated exchange symbol → upper case (bounded by MAX_SYMBOLS)
 
 
-def _int_field(payload: dict, key: str, required: bool) -> int | None:
-    value = payload.get(key)
-    if type(value) is int and value >= 0:
-        return value
-    if value is None and not required:
-        return None
-    raise FeedMessageError(f"bad field {key}", f"{key}={value!r} is not a non-negative integer")
+def _mantissa(text: str) -> tuple[int, int]:
+    """``"28750.10"`` → ``(2875010, 2)`` for a string _DECIMAL_RE accepted."""
+    dot = text.find(".")
+    if dot < 0:
+        return int(text), 0
+    return int(text[:dot] + text[dot + 1:]), len(text) - dot - 1
+
+
+def decimal_parts(value: Any, key: str = "value") -> tuple[int, int]:
+    """Validate a price/quantity string and return (mantissa, decimals).
+
+    Raises:
+        FeedMessageError: not a plain decimal string of at most 18 digits.
+    """
+    parts = _DECIMAL_CACHE.get(value) if type(value) is str else None
+    if parts is None:
+        if type(value) is not str or len(value) > MAX_DECIMALS + 1 or not _DECIMAL_RE.fullmatch(value):
+            raise FeedMessageError(f"bad field {key}", f"{key}={value!r} is not a decimal string")
+        if len(_DECIMAL_CACHE) >= DECIMAL_CACHE_MAX:
+            _DECIMAL_CACHE.clear()
+        parts = _DECIMAL_CACHE[value] = _mantissa(value)
+    return parts
+
+
+_new_bbo = tuple.__new__  # Bbo(...) without NamedTuple's Python-level __new__
+
+
+def _bad_int(payload: dict, key: str) -> FeedMessageError:
+    return FeedMessageError(f"bad field {key}", f"{key}={payload.get(key)!r} is not a non-negative integer")
 
 
 def parse_book_ticker(payload: dict, recv_ms: int) -> Bbo:
@@ -544,21 +567,43 @@ def parse_book_ticker(payload: dict, recv_ms: int) -> Bbo:
 
     Spot sends no ``E``/``T``: ``timestamp`` is then the receive time and latency is None.
     COIN-M's extra ``ps`` (pair) is ignored.  A crossed book is *not* an error here (it is
-    kept and counted by the history).
+    kept and counted by the history).  This is the ingest hot path: checks are inlined.
 
     Raises:
         FeedMessageError: a field is missing or malformed.
     """
-    symbol = payload.get("s")
-    if type(symbol) is not str or not _SYMBOL_RE.match(symbol):
-        raise FeedMessageError("bad field s", f"s={symbol!r} is not a symbol")
-    update_id = _int_field(payload, "u", True)
-    event_ms = _int_field(payload, "E", False)
-    transaction_ms = _int_field(payload, "T", False)
-    return Bbo(symbol.upper(), _decimal_field(payload, "b"), _decimal_field(payload, "B"),
-               _decimal_field(payload, "a"), _decimal_field(payload, "A"),
-               recv_ms if event_ms is None else event_ms, recv_ms,
-               None if event_ms is None else recv_ms - event_ms, transaction_ms, update_id)
+    get = payload.get
+    raw_symbol = get("s")
+    symbol = _SYMBOL_CACHE.get(raw_symbol) if type(raw_symbol) is str else None
+    if symbol is None:
+        if type(raw_symbol) is not str or not _SYMBOL_RE.match(raw_symbol):
+            raise FeedMessageError("bad field s", f"s={raw_symbol!r} is not a symbol")
+        symbol = raw_symbol.upper()
+        if len(_SYMBOL_CACHE) < MAX_SYMBOLS:
+            _SYMBOL_CACHE[raw_symbol] = symbol
+    update_id, event_ms, transaction_ms = get("u"), get("E"), get("T")
+    if type(update_id) is not int or update_id < 0:
+        raise _bad_int(payload, "u")
+    bid, bid_qty, ask, ask_qty = get("b"), get("B"), get("a"), get("A")
+    cache = _DECIMAL_CACHE
+    if not (bid in cache and bid_qty in cache and ask in cache and ask_qty in cache):
+        decimal_parts(bid, "b"), decimal_parts(bid_qty, "B"), decimal_parts(ask, "a"), decimal_parts(ask_qty, "A")
+    if event_ms is None:
+        if transaction_ms is not None:
+            raise FeedMessageError("bad field E", "T without E")
+        return _new_bbo(Bbo, (symbol, bid, bid_qty, ask, ask_qty, recv_ms, recv_ms, None, None, update_id))
+    if type(event_ms) is not int or event_ms < 0:
+        raise _bad_int(payload, "E")
+    if transaction_ms is not None and (type(transaction_ms) is not int or transaction_ms < 0):
+        raise _bad_int(payload, "T")
+    latency = recv_ms - event_ms
+    if latency > MAX_SKEW_MS or latency < -MAX_SKEW_MS or (
+            transaction_ms is not None and abs(event_ms - transaction_ms) > MAX_SKEW_MS):
+        raise FeedMessageError("bad field E", f"E={event_ms} T={transaction_ms} are over 24 days from the local clock")
+    return _new_bbo(Bbo, (symbol, bid, bid_qty, ask, ask_qty, event_ms, recv_ms, latency, transaction_ms, update_id))
+
+
+_json_scan = json.JSONDecoder().scan_once  # the C scanner json.loads uses
 
 
 def parse_feed_message(text: str | bytes, recv_ms: int) -> Bbo | FeedAck | ServerShutdown:
@@ -572,7 +617,13 @@ def parse_feed_message(text: str | bytes, recv_ms: int) -> Bbo | FeedAck | Serve
         a malformed bookTicker.
     """
     try:
-        msg = json.loads(text)
+        if type(text) is bytes:
+            text = text.decode()
+        msg, end = _json_scan(text, 0)  # json.loads minus its whitespace regexes (hot path)
+        if end != len(text) and text[end:].strip():
+            raise ValueError(f"extra data at {end}")
+    except StopIteration as exc:
+        raise FeedMessageError("invalid JSON", f"expecting a value at {exc.value}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise FeedMessageError("invalid JSON", str(exc)[:100]) from None
     if type(msg) is not dict:
@@ -586,7 +637,8 @@ def parse_feed_message(text: str | bytes, recv_ms: int) -> Bbo | FeedAck | Serve
         return FeedAck(msg["id"], msg["result"])
     event = msg.get("e")
     if event == "serverShutdown":
-        return ServerShutdown(_int_field(msg, "E", False) or recv_ms)
+        event_ms = msg.get("E")
+        return ServerShutdown(event_ms if type(event_ms) is int else recv_ms)
     if "code" in msg and "msg" in msg:
         raise FeedMessageError("exchange error", f"code {msg['code']}: {str(msg['msg'])[:200]}")
     raise FeedMessageError("unknown message", repr(text[:100]))
@@ -856,14 +908,6 @@ class ColumnRing:
             self.cols[name][i] = value
 
 
-def _mantissa(text: str) -> tuple[int, int]:
-    """``"28750.10"`` → ``(2875010, 2)``; the string was validated by _DECIMAL_RE."""
-    dot = text.find(".")
-    if dot < 0:
-        return int(text), 0
-    return int(text[:dot] + text[dot + 1:]), len(text) - dot - 1
-
-
 def format_decimal(mantissa: int, decimals: int) -> str:
     """Inverse of _mantissa: ``(2875010, 2)`` → ``"28750.10"``, ``(18, 3)`` → ``"0.018"``."""
     digits = str(mantissa)
@@ -875,19 +919,21 @@ def format_decimal(mantissa: int, decimals: int) -> str:
 
 
 def bbos_to_columns(bbos: Sequence[Bbo]) -> dict[str, np.ndarray]:
-    """Batch of Bbo → raw ring columns."""
-    n = len(bbos)
-    out: dict[str, np.ndarray] = {
-        "recv_ms": np.fromiter((b.recv_ms for b in bbos), np.int64, n),
-        "latency_ms": np.fromiter((INT32_NULL if b.latency_ms is None else b.latency_ms for b in bbos), np.int32, n),
-        "e_minus_t_ms": np.fromiter((INT32_NULL if b.transaction_ms is None else b.event_ms - b.transaction_ms
-                                     for b in bbos), np.int32, n),
-        "update_id": np.fromiter((b.update_id for b in bbos), np.int64, n),
-    }
-    for col, attr in _PRICE_FIELDS:
-        pairs = [_mantissa(getattr(b, attr)) for b in bbos]
-        out[col + "_m"] = np.fromiter((p[0] for p in pairs), np.int64, n)
-        out[col + "_d"] = np.fromiter((p[1] for p in pairs), np.uint8, n)
+    """Batch of Bbo → raw ring columns (one transpose, then one numpy array per column)."""
+    (_, bids, bid_qtys, asks, ask_qtys, events, recvs, lats, txns, uids) = zip(*bbos)
+    out: dict[str, np.ndarray] = {"recv_ms": np.array(recvs, np.int64), "update_id": np.array(uids, np.int64)}
+    if None in lats:
+        lats = [INT32_NULL if v is None else v for v in lats]
+    out["latency_ms"] = np.array(lats, np.int32)
+    if None in txns:
+        out["e_minus_t_ms"] = np.array([INT32_NULL if t is None else e - t for e, t in zip(events, txns)], np.int32)
+    else:
+        out["e_minus_t_ms"] = (np.array(events, np.int64) - np.array(txns, np.int64)).astype(np.int32)
+    get = _DECIMAL_CACHE.get
+    for col, values in (("bid", bids), ("bid_qty", bid_qtys), ("ask", asks), ("ask_qty", ask_qtys)):
+        parts = np.array([get(v) or decimal_parts(v) for v in values], np.int64).reshape(-1, 2)
+        out[col + "_m"] = parts[:, 0].copy()
+        out[col + "_d"] = parts[:, 1].astype(np.uint8)
     return out
 
 
@@ -1183,6 +1229,7 @@ class BboHistory:
         self.raw_capacity = raw_capacity
         self.bars_capacity = bars_capacity
         self.symbols: dict[str, SymbolHistory] = {}
+        self._accept: dict[str, Callable[[Bbo], bool]] = {}   # symbol → its SymbolHistory.accept
 
     def get(self, symbol: str) -> SymbolHistory:
         hist = self.symbols.get(symbol)
@@ -1190,14 +1237,20 @@ class BboHistory:
             if len(self.symbols) >= MAX_SYMBOLS:
                 raise FeedMessageError("too many symbols", f"{symbol}: over {MAX_SYMBOLS} symbols")
             hist = self.symbols[symbol] = SymbolHistory(symbol, self.raw_capacity, self.bars_capacity)
+            self._accept[symbol] = hist.accept
         return hist
 
     def find(self, symbol: str) -> SymbolHistory | None:
         return self.symbols.get(symbol.upper())
 
     def accept(self, bbo: Bbo) -> bool:
-        hist = self.symbols.get(bbo.symbol) or self.get(bbo.symbol)
-        return hist.accept(bbo)
+        """Dedupe and keep ``bbo`` in its symbol's history; True when it was new."""
+        try:
+            return self._accept[bbo[0]](bbo)  # hot path: one dict lookup, one call
+        except KeyError:
+            if bbo.symbol in self._accept:
+                raise
+            return self.get(bbo.symbol).accept(bbo)
 
     def latest(self) -> dict[str, Bbo]:
         return {s: h.latest for s, h in self.symbols.items() if h.latest is not None}
@@ -1987,8 +2040,8 @@ class CachePersistence:
         self.last_flush_ms: int | None = None    # when the last flush completed
         self.lag_ms = 0                          # age of the oldest unpersisted row at the last flush
         self._last_error_log = -math.inf
-        self._dirty_outages: set[str] = set()
-        self._outage_counts: dict[str, int] = {}
+        self._dirty_outages: set[str] = set()      # outage files whose last write failed
+        self._outage_sigs: dict[str, tuple] = {}   # symbol → (count, last end) last written
 
     # -- load ---------------------------------------------------------------------
     def load(self) -> dict[str, int]:
@@ -2084,7 +2137,7 @@ class CachePersistence:
                 path.rename(aside)
             return
         hist.outages.extend(items)
-        self._outage_counts[hist.symbol] = len(hist.outages)
+        self._outage_sigs[hist.symbol] = (len(hist.outages), hist.outages[-1][1] if hist.outages else None)
 
     def mark_restart_outages(self, now: int) -> None:
         """The time the server was not running is an outage of every restored symbol."""
@@ -2094,7 +2147,9 @@ class CachePersistence:
 
     # -- write ----------------------------------------------------------------------
     def _collect(self, now: int) -> list[tuple]:
-        """In the event loop: copy what must be written (cheap numpy slices)."""
+        """In the event loop: copy what must be written (cheap numpy slices) and plan the
+        journal appends and compactions.  No job holds more than SEGMENT_ROWS rows, so no
+        single JSON encode holds the GIL for long, however far behind the disk is."""
         jobs: list[tuple] = []
         oldest_unpersisted: int | None = None
         for symbol, hist in self.history.symbols.items():
@@ -2111,40 +2166,50 @@ class CachePersistence:
                 if kind == "raw":
                     t0 = int(ring.cols["recv_ms"][start % ring.capacity])
                     oldest_unpersisted = t0 if oldest_unpersisted is None else min(oldest_unpersisted, t0)
-                cols = ring.take(start, upto)
-                journal = sym_dir / f"{kind}-{state.seq:08d}.jsonl"
-                segment = None
-                if upto - state.journal_start >= SEGMENT_ROWS:
-                    seg_cols = ring.take(state.journal_start, upto)
-                    last = int(seg_cols["recv_ms"][-1]) if kind == "raw" else int(seg_cols["time_s"][-1]) * 1000
-                    segment = (sym_dir / f"{kind}-{state.seq:08d}-{last}.json", seg_cols)
-                jobs.append((state, kind, symbol, journal, cols, upto, segment))
-            if len(hist.outages) != self._outage_counts.get(symbol) or hist.open_outage is not None or symbol in self._dirty_outages:
+                seq, journal_start = state.seq, state.journal_start
+                while start < upto:
+                    end = min(upto, start + max(0, SEGMENT_ROWS - (start - journal_start)))
+                    journal = sym_dir / f"{kind}-{seq:08d}.jsonl"
+                    if end - journal_start >= SEGMENT_ROWS:  # the journal is full: compact it
+                        seg_cols = ring.take(max(journal_start, ring.first), end)
+                        last = int(seg_cols["recv_ms"][-1]) if kind == "raw" else int(seg_cols["time_s"][-1]) * 1000
+                        segment = sym_dir / f"{kind}-{seq:08d}-{last}.json"
+                        jobs.append((state, kind, symbol, journal, seg_cols, (seq + 1, end, end), segment))
+                        seq, journal_start = seq + 1, end
+                    else:
+                        jobs.append((state, kind, symbol, journal, ring.take(start, end), (seq, journal_start, end), None))
+                    start = end
+            signature = (len(hist.outages), hist.outages[-1][1] if hist.outages else None)
+            if signature != self._outage_sigs.get(symbol) or symbol in self._dirty_outages:
                 self._dirty_outages.discard(symbol)
-                self._outage_counts[symbol] = len(hist.outages)
+                self._outage_sigs[symbol] = signature
                 jobs.append((None, "outages", symbol, sym_dir / "outages.json",
-                             [{"start": s, "end": e, "reason": r} for s, e, r in hist.outages], 0, None))
+                             [{"start": s, "end": e, "reason": r} for s, e, r in hist.outages], None, None))
         self.lag_ms = 0 if oldest_unpersisted is None else max(0, now - oldest_unpersisted)
         return jobs
 
     def _write(self, jobs: list[tuple]) -> list[tuple]:
-        """In a thread: encode and write.  Returns the jobs that succeeded."""
-        done = []
+        """In a thread: encode and write.  Returns the jobs that succeeded; after a failed
+        job, the later jobs of the same journal are skipped (they would leave a hole)."""
+        done, failed = [], set()
         for job in jobs:
-            state, kind, symbol, path, cols, upto, segment = job
+            state, kind, symbol, path, cols, after, segment = job
+            if id(state) in failed:
+                continue
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if kind == "outages":
                     atomic_write(path, json.dumps({"outages": cols}, separators=(",", ":")).encode())
                 elif segment is not None:
-                    seg_path, seg_cols = segment
-                    atomic_write(seg_path, encode_columns(kind, symbol, seg_cols).encode() + b"\n")
+                    atomic_write(segment, encode_columns(kind, symbol, cols).encode() + b"\n")
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
                 else:
                     self._append_line(path, encode_columns(kind, symbol, cols).encode() + b"\n")
             except OSError as exc:
                 self.errors += 1
+                if state is not None:
+                    failed.add(id(state))
                 now = time.monotonic()
                 if now - self._last_error_log >= PERSIST_ERROR_LOG_INTERVAL_S:
                     self._last_error_log = now
@@ -2174,13 +2239,9 @@ class CachePersistence:
             _fsync_dir(path.parent)
 
     def _commit(self, done: list[tuple]) -> None:
-        for state, kind, symbol, path, cols, upto, segment in done:
-            if state is None:
-                continue
-            state.persisted = upto
-            if segment is not None:
-                state.seq += 1
-                state.journal_start = upto
+        for state, kind, symbol, path, cols, after, segment in done:
+            if state is not None:
+                state.seq, state.journal_start, state.persisted = after
 
     async def flush(self) -> None:
         jobs = self._collect(now_ms())
