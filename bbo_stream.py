@@ -1019,8 +1019,12 @@ def latency_stats(values: np.ndarray, weights: np.ndarray | None = None) -> Late
     With ``weights`` (bars: per-second means weighted by their update counts) the
     percentiles are approximations; the caller says so.
     """
-    if weights is None:
-        weights = np.ones(len(values), np.int64)
+    if weights is None:  # raw rows: exact nearest-rank percentiles by partition, O(n)
+        if not len(values):
+            return LatencyStats(0, None, None, None, None, None, None)
+        p50, p90, p99 = np.percentile(values, [50, 90, 99], method="inverted_cdf").tolist()
+        return LatencyStats(len(values), round(float(values.min()), 3), round(float(values.mean(dtype=np.float64)), 3),
+                            round(float(p50), 3), round(float(p90), 3), round(float(p99), 3), round(float(values.max()), 3))
     keep = weights > 0
     values, weights = values[keep].astype(np.float64), weights[keep]
     total = int(weights.sum())

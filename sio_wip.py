@@ -494,7 +494,7 @@ class EioOutbox:
     """
 
     __slots__ = ("control", "control_bytes", "updates", "update_bytes", "symbols", "interval_s",
-                 "held", "due_at", "skipped")
+                 "held", "due_at", "skipped", "sent")
 
     def __init__(self) -> None:
         self.control: deque[str | bytes] = deque()  # encoded packets, str = text, bytes = binary message
@@ -506,6 +506,7 @@ class EioOutbox:
         self.held: dict[str, EioUpdate] = {}        # rate-limited: newest update not due yet, per key
         self.due_at: dict[str, float] = {}          # rate-limited: when the next update of a key may go
         self.skipped = 0                            # updates superseded before they were sent
+        self.sent = 0                               # updates handed to the transport
 
     @property
     def passthrough(self) -> bool:
@@ -594,6 +595,7 @@ class EioOutbox:
         if conflate and len(self.updates) > 1:
             self._compact()
         updates, self.updates, self.update_bytes = self.updates, [], 0
+        self.sent += len(updates)
         return updates
 
     def clear(self) -> None:
@@ -723,11 +725,14 @@ class EioSession:
             return self._abort("outbox overflow", "1")
         return [_FLUSH] if self.can_transmit() else []
 
-    def push_update(self, update: EioUpdate, now: float) -> list[Action]:
-        """Offer a conflatable update (the Hub's slow path)."""
-        if self.closed or not self.outbox.push_update(update, now):
+    def push_updates(self, updates: list[EioUpdate], now: float) -> list[Action]:
+        """Offer a batch of conflatable updates (the Hub's slow path); at most one FLUSH."""
+        if self.closed:
             return []
-        return [_FLUSH] if self.can_transmit() else []
+        ready = False
+        for update in updates:
+            ready = self.outbox.push_update(update, now) or ready
+        return [_FLUSH] if ready and self.can_transmit() else []
 
     # -- polling ---------------------------------------------------------------
 
@@ -828,8 +833,9 @@ class EioSession:
         if pkt.kind is EioType.UPGRADE:
             actions: list[Action] = []
             if self.poll_parked:
-                self._poll_final = encode_eio(EioType.NOOP)
-                actions.append(_FLUSH)  # answered before the switch, so it cannot take the outbox
+                # `5` without a probe while a GET is parked: release it (with whatever is queued),
+                # before the switch so the FLUSH still targets the GET.
+                actions.append(_FLUSH)
             self.state, self.upgrade_deadline = EioState.WEBSOCKET, None
             actions.append((Act.UPGRADED, None))
             return actions
@@ -858,6 +864,15 @@ class EioSession:
             self.state, self.close_deadline = EioState.CLOSING, now + EIO_POLL_CLOSE_TIMEOUT_S
             return [(Act.CLOSE, reason)]
         return self._end_with(reason, "1")
+
+    def abort(self, reason: str, now: float) -> list[Action]:
+        """Close at once, dropping the queue: protocol errors, slow clients, a lost transport."""
+        if self.state is EioState.CLOSED:
+            return []
+        if self.state is EioState.CLOSING:
+            self._end()
+            return []
+        return self._abort(reason, "1")
 
     def _abort(self, reason: str, poll_final: str | None) -> list[Action]:
         """Close at once, dropping the queue (ping timeout, protocol error, slow client)."""
