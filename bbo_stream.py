@@ -106,13 +106,15 @@ MAX_SYMBOLS = 5_000                  # above Binance's 1024 streams/connection �
 
 # --- History cache ----------------------------------------------------------
 RING_INITIAL_ROWS = 64               # rings grow lazily: 500 symbols must not reserve 32 GB up front
-PENDING_FLUSH_ROWS = 512             # appends are batched into numpy; a read or this many rows flushes
+PENDING_FLUSH_ROWS = 2_048           # appends are batched into numpy (fixed numpy costs amortised);
+                                     # a read, the 1 s persistence tick or this many rows flushes
 MAX_HISTORY_LIMIT = 10_000           # issue 2: /api/history/updates returns at most 10,000 rows
 DEFAULT_HISTORY_LIMIT = 100
 MAX_SERIES_BUCKETS = 2_000           # a wide screen is < 2,000 CSS px: more buckets than pixels is waste
 DEFAULT_SERIES_BUCKETS = 500
 MAX_OUTAGES_PER_SYMBOL = 10_000      # one outage a minute for a week; older ones are dropped first
-MAX_DECIMALS = 18                    # int64 mantissa holds 18 decimal digits exactly
+MAX_DIGITS = 17                      # digits of a price/qty: mantissa·32+decimals stays below 2**63
+                                     # (Binance sends ≤ 16: "1234567.12345678")
 INT32_NULL = -(2**31)                # sentinel for a missing latency / transaction time in int32 columns
 MAX_SKEW_MS = 2**31 - 1              # |recv - E| and |E - T| fit the int32 columns (24.8 days)
 
@@ -520,13 +522,14 @@ class ServerShutdown(NamedTuple):
 
 # A price or quantity exactly as Binance writes it: no sign, no exponent, no leading zeros
 # (so that the string can be rebuilt digit for digit from an int64 mantissa and a scale),
-# at most 18 digits (what an int64 holds exactly).
-_DECIMAL_RE = re.compile(r"(?!\d{19})(?:0|[1-9]\d*)(?:\.\d+)?", re.ASCII)
+# at most MAX_DIGITS digits.
+_DECIMAL_RE = re.compile(r"(?!\d{18})(?:0|[1-9]\d*)(?:\.\d+)?", re.ASCII)
 
 
-# Validated decimal strings → (mantissa, decimals).  Prices repeat from one update to the
-# next, so most lookups hit; bounded by clearing (a cleared entry is just re-validated).
-_DECIMAL_CACHE: dict[str, tuple[int, int]] = {}
+# Validated decimal strings → mantissa·32 + decimals, one int: the batch conversion to numpy
+# is then one lookup per value.  Prices repeat from one update to the next, so most lookups
+# hit; bounded by clearing (a cleared entry is just validated again).
+_DECIMAL_CACHE: dict[str, int] = {}
 DECIMAL_CACHE_MAX = 100_000          # ~10 MB at most; a day of BTCUSDT has far fewer distinct prices
 _SYMBOL_CACHE: dict[str, str] = {}   # validated exchange symbol → upper case (bounded by MAX_SYMBOLS)
 
@@ -539,20 +542,21 @@ def _mantissa(text: str) -> tuple[int, int]:
     return int(text[:dot] + text[dot + 1:]), len(text) - dot - 1
 
 
-def decimal_parts(value: Any, key: str = "value") -> tuple[int, int]:
-    """Validate a price/quantity string and return (mantissa, decimals).
+def decimal_code(value: Any, key: str = "value") -> int:
+    """Validate a price/quantity string; return its mantissa·32 + number of decimals.
 
     Raises:
-        FeedMessageError: not a plain decimal string of at most 18 digits.
+        FeedMessageError: not a plain decimal string of at most MAX_DIGITS digits.
     """
-    parts = _DECIMAL_CACHE.get(value) if type(value) is str else None
-    if parts is None:
-        if type(value) is not str or len(value) > MAX_DECIMALS + 1 or not _DECIMAL_RE.fullmatch(value):
+    code = _DECIMAL_CACHE.get(value) if type(value) is str else None
+    if code is None:
+        if type(value) is not str or len(value) > MAX_DIGITS + 1 or not _DECIMAL_RE.fullmatch(value):
             raise FeedMessageError(f"bad field {key}", f"{key}={value!r} is not a decimal string")
         if len(_DECIMAL_CACHE) >= DECIMAL_CACHE_MAX:
             _DECIMAL_CACHE.clear()
-        parts = _DECIMAL_CACHE[value] = _mantissa(value)
-    return parts
+        mantissa, decimals = _mantissa(value)
+        code = _DECIMAL_CACHE[value] = mantissa << 5 | decimals
+    return code
 
 
 _new_bbo = tuple.__new__  # Bbo(...) without NamedTuple's Python-level __new__
@@ -587,7 +591,7 @@ def parse_book_ticker(payload: dict, recv_ms: int) -> Bbo:
     bid, bid_qty, ask, ask_qty = get("b"), get("B"), get("a"), get("A")
     cache = _DECIMAL_CACHE
     if not (bid in cache and bid_qty in cache and ask in cache and ask_qty in cache):
-        decimal_parts(bid, "b"), decimal_parts(bid_qty, "B"), decimal_parts(ask, "a"), decimal_parts(ask_qty, "A")
+        decimal_code(bid, "b"), decimal_code(bid_qty, "B"), decimal_code(ask, "a"), decimal_code(ask_qty, "A")
     if event_ms is None:
         if transaction_ms is not None:
             raise FeedMessageError("bad field E", "T without E")
@@ -807,7 +811,7 @@ BAR_COLUMNS: dict[str, Any] = {
     "lat_min": np.float32, "lat_max": np.float32, "lat_sum": np.float64,
 }
 
-_POW10 = 10.0 ** np.arange(MAX_DECIMALS + 1)
+_POW10 = 10.0 ** np.arange(MAX_DIGITS + 1)
 
 
 class ColumnRing:
@@ -929,11 +933,11 @@ def bbos_to_columns(bbos: Sequence[Bbo]) -> dict[str, np.ndarray]:
         out["e_minus_t_ms"] = np.array([INT32_NULL if t is None else e - t for e, t in zip(events, txns)], np.int32)
     else:
         out["e_minus_t_ms"] = (np.array(events, np.int64) - np.array(txns, np.int64)).astype(np.int32)
-    get = _DECIMAL_CACHE.get
+    get, n = _DECIMAL_CACHE.get, len(recvs)
     for col, values in (("bid", bids), ("bid_qty", bid_qtys), ("ask", asks), ("ask_qty", ask_qtys)):
-        parts = np.array([get(v) or decimal_parts(v) for v in values], np.int64).reshape(-1, 2)
-        out[col + "_m"] = parts[:, 0].copy()
-        out[col + "_d"] = parts[:, 1].astype(np.uint8)
+        codes = np.fromiter((get(v) or decimal_code(v) for v in values), np.int64, n)
+        out[col + "_m"] = codes >> 5
+        out[col + "_d"] = (codes & 31).astype(np.uint8)
     return out
 
 
@@ -2648,6 +2652,8 @@ class App:
         tasks = [asyncio.create_task(self.feed.run(), name="feed")]
         if self.persistence is not None:
             tasks.append(asyncio.create_task(self.persistence.run(), name="persistence"))
+        else:
+            tasks.append(asyncio.create_task(self._flush_history(), name="history-flush"))
         try:
             if self.cfg.web_enabled:
                 await self._start_http()
@@ -2656,6 +2662,13 @@ class App:
         finally:
             await self.shutdown(tasks)
         return 0
+
+    async def _flush_history(self) -> None:
+        """Without persistence, still move pending updates into numpy every second, so the
+        Bbo tuples waiting for a batch stay bounded by one second of data."""
+        while True:
+            await asyncio.sleep(self.cfg.cache_flush_seconds)
+            self.history.flush()
 
     async def _start_http(self) -> None:
         ssl_ctx = None

@@ -494,7 +494,7 @@ class EioOutbox:
     """
 
     __slots__ = ("control", "control_bytes", "updates", "update_bytes", "symbols", "interval_s",
-                 "held", "due_at", "skipped", "sent")
+                 "max_rate", "held", "due_at", "skipped", "sent")
 
     def __init__(self) -> None:
         self.control: deque[str | bytes] = deque()  # encoded packets, str = text, bytes = binary message
@@ -502,7 +502,8 @@ class EioOutbox:
         self.updates: list[EioUpdate] = []          # pending updates, oldest first
         self.update_bytes = 0                       # sum of len(text) of `updates`
         self.symbols: frozenset[str] | None = None  # subscription filter; None = every symbol
-        self.interval_s: float | None = None        # 1 / maxRate; None = every update
+        self.max_rate: float | None = None          # updates per second per symbol, as the client gave it
+        self.interval_s: float | None = None        # 1 / max_rate; None = every update
         self.held: dict[str, EioUpdate] = {}        # rate-limited: newest update not due yet, per key
         self.due_at: dict[str, float] = {}          # rate-limited: when the next update of a key may go
         self.skipped = 0                            # updates superseded before they were sent
@@ -570,7 +571,7 @@ class EioOutbox:
 
     def set_subscription(self, symbols: frozenset[str] | None, max_rate: float | None) -> None:
         """Change the filter and rate; pending updates no longer wanted are dropped."""
-        self.symbols = symbols
+        self.symbols, self.max_rate = symbols, max_rate
         self.interval_s = None if max_rate is None else 1.0 / max_rate
         self.updates = [update for update in self.updates if self.wants(update.key)]
         self.update_bytes = sum(len(update.text) for update in self.updates)
@@ -842,10 +843,12 @@ class EioSession:
         self.state, self.upgrade_deadline = EioState.POLLING, None
         return [(Act.CLOSE_PROBE, None)]
 
-    def end_probe(self, now: float) -> None:
-        """The probing WebSocket went away before the upgrade finished."""
-        if self.state in (EioState.PROBING, EioState.UPGRADING):
-            self.state, self.upgrade_deadline = EioState.POLLING, None
+    def end_probe(self, now: float) -> list[Action]:
+        """Give up the probe (it closed, or sent garbage); the session stays on polling."""
+        if self.state not in (EioState.PROBING, EioState.UPGRADING):
+            return []
+        self.state, self.upgrade_deadline = EioState.POLLING, None
+        return [(Act.CLOSE_PROBE, None)]
 
     # -- closing -------------------------------------------------------------------
 
@@ -944,3 +947,1069 @@ class SioClientState:
 ###############################################################################
 # I/O below this line #########################################################
 ###############################################################################
+
+_logged_once: set[str] = set()
+
+
+def _log_once(kind: str, message: str, *args: Any) -> None:
+    """Log a client-caused problem at WARNING the first time per kind, then at DEBUG (engineio's idea)."""
+    if kind in _logged_once:
+        log.debug(message, *args)
+    else:
+        _logged_once.add(kind)
+        log.warning(message + " (further ones of this kind at DEBUG)", *args)
+
+
+###############################################################################
+# § WebSocket transport #######################################################
+###############################################################################
+# I/O: websockets' sans-I/O ServerProtocol driven from our own StreamReader/StreamWriter
+# (style-examples §2.B, option A: replay the head our HTTP layer read). No write awaits, so a
+# frame, ours or the protocol's, always lands in the transport whole: writes never interleave.
+
+
+def encode_ws_frame(payload: bytes, opcode: Opcode = Opcode.TEXT) -> bytes:
+    """One unmasked, final frame as a server sends it (RFC 6455 §5.2), no extensions.
+
+    Used for the broadcast hot path: built once per update, the same bytes go to every client.
+    """
+    length = len(payload)
+    first = 0x80 | opcode  # FIN + opcode; RSV bits clear since no extension is negotiated
+    if length < 126:
+        return bytes((first, length)) + payload
+    if length < 1 << 16:
+        return struct.pack("!BBH", first, 126, length) + payload
+    return struct.pack("!BBQ", first, 127, length) + payload
+
+
+class WsLink:
+    """One accepted WebSocket: the protocol object plus the streams it is driven over."""
+
+    __slots__ = ("proto", "reader", "writer", "transport", "writable", "backed_up", "_abort_timer")
+
+    def __init__(self, proto: ServerProtocol, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.proto = proto                  # websockets' sans-I/O state machine
+        self.reader = reader                # bytes from the peer
+        self.writer = writer                # only for drain() and close(); writes go to `transport`
+        self.transport = writer.transport   # synchronous writes, whole frames only
+        self.writable = True                # protocol OPEN and no close frame sent: data frames allowed
+        self.backed_up = False              # unsent bytes passed WS_HIGH_WATER_BYTES; a drain task owns writing
+        self._abort_timer: asyncio.TimerHandle | None = None  # ends a closing handshake the peer ignores
+
+    def write(self, data: bytes) -> None:
+        """Write whole frames; notes when the peer stops keeping up."""
+        self.transport.write(data)
+        if self.transport.get_write_buffer_size() > WS_HIGH_WATER_BYTES:
+            self.backed_up = True
+
+    def write_pending(self) -> None:
+        """Move what the protocol queued (pongs, close frames, the handshake) onto the transport."""
+        for chunk in self.proto.data_to_send():
+            if chunk:
+                self.write(chunk)
+            elif self.writer.can_write_eof():  # b"" means: half-close our side
+                self.writer.write_eof()
+            else:                              # TLS cannot half-close
+                self.transport.close()
+        self.writable = self.proto.state is WsState.OPEN and self.writable
+
+    def send(self, items: Iterable[str | bytes], frames: Iterable[bytes] = ()) -> None:
+        """Send packets (str as text, bytes as binary) then ready frames, in one write."""
+        if not self.writable:
+            return
+        for item in items:
+            if isinstance(item, str):
+                self.proto.send_text(item.encode())
+            else:
+                self.proto.send_binary(item)
+        chunks = self.proto.data_to_send()
+        chunks.extend(frames)
+        if chunks:
+            self.write(b"".join(chunks))
+
+    def close(self, code: int | None = None, reason: str = "") -> None:
+        """Start the closing handshake; abort if the peer does not finish it in time.
+
+        No code gives an empty close frame, which the client reads as 1005, the way the
+        reference closes a session (checked with websockets' client against engine.io 6.6).
+        """
+        if self.proto.state is WsState.OPEN:
+            if code is None:
+                self.proto.send_close()
+            else:
+                self.proto.send_close(code, reason)
+            self.write_pending()
+        self.writable = False
+        if self._abort_timer is None and not self.transport.is_closing():
+            loop = asyncio.get_running_loop()
+            self._abort_timer = loop.call_later(WS_CLOSE_TIMEOUT_S, self.transport.abort)
+
+    def abort(self) -> None:
+        """Drop the TCP connection now (a stuck client)."""
+        self.writable = False
+        self.transport.abort()
+
+    def finished(self) -> None:
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
+
+
+async def serve_ws_link(link: WsLink, on_message: Callable[[WsLink, str | bytes], None]) -> None:
+    """Read frames until the connection ends, handing each complete message to `on_message`.
+
+    Text messages arrive as str, binary ones as bytes (Socket.IO attachments). Control frames
+    are answered by the protocol object itself. Returns when the TCP connection is done.
+    """
+    proto, parts, kind = link.proto, [], Opcode.TEXT
+    try:
+        while True:
+            try:
+                data = await link.reader.read(WS_READ_CHUNK_BYTES)
+            except (ConnectionError, OSError):
+                data = b""
+            if data:
+                proto.receive_data(data)
+            else:
+                proto.receive_eof()
+            link.write_pending()  # automatic pongs and close echoes
+            for frame in proto.events_received():
+                if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+                    kind, parts = frame.opcode, [frame.data]
+                elif frame.opcode is Opcode.CONT:
+                    parts.append(frame.data)
+                else:
+                    continue
+                if not frame.fin:
+                    continue
+                payload, parts = b"".join(parts), []
+                if kind is Opcode.TEXT:
+                    try:
+                        message: str | bytes = payload.decode()
+                    except UnicodeDecodeError:
+                        proto.fail(CloseCode.INVALID_DATA, "invalid UTF-8")
+                        link.write_pending()
+                        break
+                else:
+                    message = payload
+                if link.writable:
+                    on_message(link, message)
+            if not data or proto.state is WsState.CLOSED:
+                return
+            if proto.close_expected():  # the closing handshake is done: give the peer a moment to FIN
+                with contextlib.suppress(asyncio.TimeoutError, ConnectionError, OSError):
+                    await asyncio.wait_for(link.reader.read(), WS_CLOSE_TIMEOUT_S)
+                return
+    finally:
+        link.writable = False
+        link.finished()
+        link.writer.close()
+
+
+###############################################################################
+# § Engine.IO server ##########################################################
+###############################################################################
+# I/O: session registry, polling GET/POST, WebSocket sessions and upgrades, heartbeat timers.
+# Errors are the reference's (engine.io server.ts): HTTP 400 + {"code","message"}; 403 for code 4.
+
+EIO_ERROR_MESSAGES = {
+    0: "Transport unknown",
+    1: "Session ID unknown",
+    2: "Bad handshake method",
+    3: "Bad request",
+    4: "Forbidden",
+    5: "Unsupported protocol version",
+}
+_POLL_HEADERS = (("Cache-Control", "no-store"),)  # engine.io sets it on every polling answer
+
+
+def _is_upgrade(req: HttpRequest) -> bool:
+    """Node's rule for an "upgrade" request: an Upgrade header and the upgrade token in Connection."""
+    connection = req.header("connection") or ""
+    return req.header("upgrade") is not None and any(
+        token.strip().lower() == "upgrade" for token in connection.split(","))
+
+
+def _bad_header_value(value: str) -> bool:
+    """engine.io's checkInvalidHeaderChar on Origin: control characters, DEL or non-Latin-1."""
+    return any((ord(ch) < 32 and ch != "\t") or ord(ch) == 127 or ord(ch) > 255 for ch in value)
+
+
+class EioConnection:
+    """The I/O side of one Engine.IO session: transport(s), timers, the parked GET.
+
+    The layer above uses `send`, `send_binary`, `close`, `transport`, `sid`, `peer`, `upper`.
+    """
+
+    __slots__ = ("server", "session", "sid", "peer", "upper", "ws", "probe", "_poll_waiter",
+                 "_timer", "_timer_at", "_drain_task", "_close_notified", "_close_code")
+
+    def __init__(self, server: EioServer, session: EioSession, peer: str) -> None:
+        self.server = server                 # owner: registry, handler, settings
+        self.session = session               # the pure state machine
+        self.sid = session.sid               # public session id
+        self.peer = peer                     # "ip:port", for logs
+        self.upper: Any = None               # slot for the layer above (Socket.IO client state)
+        self.ws: WsLink | None = None        # the WebSocket once it is the session's transport
+        self.probe: WsLink | None = None     # a WebSocket probing for an upgrade
+        self._poll_waiter: asyncio.Future[str] | None = None  # resolved with the parked GET's body
+        self._timer: asyncio.TimerHandle | None = None        # fires at the session's next deadline
+        self._timer_at = 0.0                 # when `_timer` fires (loop time)
+        self._drain_task: asyncio.Task[None] | None = None    # owns writing while the WebSocket is backed up
+        self._close_notified = False         # on_close was called
+        self._close_code: int | None = None  # WebSocket close code to use (None -> empty close frame)
+
+    # -- API for the layer above -------------------------------------------------------
+
+    @property
+    def transport(self) -> str:
+        return self.session.transport
+
+    @property
+    def closed(self) -> bool:
+        return self.session.closed
+
+    def send(self, text: str) -> None:
+        """Send one Engine.IO text message (`4` + text)."""
+        self._apply(self.session.send("4" + text))
+
+    def send_binary(self, raw: bytes) -> None:
+        """Send one Engine.IO binary message."""
+        self._apply(self.session.send(bytes(raw)))
+
+    def close(self, reason: str = "server close", code: int | None = None) -> None:
+        """Close the session after what is already queued (polling `1`, WebSocket close frame)."""
+        self._close_code = code
+        self._apply(self.session.close(reason, self.server.now()))
+
+    def abort(self, reason: str) -> None:
+        """Close at once, dropping what is queued."""
+        self._apply(self.session.abort(reason, self.server.now()))
+
+    def flush(self) -> None:
+        """Transmit the outbox if the transport can take it now (after changing the subscription)."""
+        self._apply([_FLUSH] if self.session.can_transmit() else [])
+
+    # -- the Hub's hot path --------------------------------------------------------------
+
+    def deliver(self, batch: list[EioUpdate], joined_frames: bytes, now: float) -> None:
+        """Hand a batch of updates to this client.
+
+        Fast path: a WebSocket client that keeps up, has nothing queued and takes every update
+        gets the batch's pre-built frames, the same bytes as every other client, in one write.
+        Everyone else goes through the conflating outbox.
+        """
+        link, outbox = self.ws, self.session.outbox
+        if (link is not None and link.writable and not link.backed_up and outbox.passthrough
+                and not outbox.control and not outbox.updates):
+            link.write(joined_frames)
+            outbox.sent += len(batch)
+            if link.backed_up:
+                self._start_drain(link)
+            return
+        self._apply(self.session.push_updates(batch, now))
+
+    # -- carrying out the session's actions ------------------------------------------------
+
+    def _apply(self, actions: list[Action]) -> None:
+        for kind, payload in actions:
+            if kind is Act.DELIVER:
+                if not self.session.closed:
+                    self.server.deliver(self, payload)
+            elif kind is Act.FLUSH:
+                self._flush(conflate=False)
+            elif kind is Act.CLOSE:
+                self._on_session_closed(payload)
+            elif kind is Act.PROBE_PONG and self.probe is not None:
+                self.probe.send(["3probe"])
+            elif kind is Act.UPGRADED and self.probe is not None:
+                self.ws, self.probe = self.probe, None
+                self.server.upgrades += 1
+                self._flush(conflate=False)
+            elif kind is Act.CLOSE_PROBE and self.probe is not None:
+                probe, self.probe = self.probe, None
+                probe.close()
+        if self.session.state is EioState.CLOSED:
+            self._cancel_timer()
+            self.server.forget(self)
+        else:
+            self._arm_timer()
+
+    def _flush(self, conflate: bool) -> None:
+        """Transmit the outbox: on the WebSocket, or as the answer to the parked GET."""
+        link = self.ws
+        if link is not None:
+            outbox = self.session.outbox
+            if link.backed_up:
+                self._start_drain(link)  # the drain task flushes once the peer catches up
+                return
+            if not link.writable or not outbox.has_data():
+                return
+            control = outbox.take_control()
+            frames = [update.frame for update in outbox.take_updates(conflate)]
+            link.send(control, frames)
+            if link.backed_up:
+                self._start_drain(link)
+            return
+        waiter = self._poll_waiter
+        if waiter is not None and not waiter.done() and self.session.poll_parked:
+            self._poll_waiter = None
+            waiter.set_result(self.session.take_poll_payload())
+
+    def _on_session_closed(self, reason: str) -> None:
+        if self._close_notified:
+            return
+        self._close_notified = True
+        log.debug("eio %s closed: %s", self.sid, reason)
+        if self.probe is not None:
+            probe, self.probe = self.probe, None
+            probe.close()
+        link = self.ws
+        if link is not None:
+            if link.backed_up:
+                link.abort()  # it cannot take more bytes; nothing graceful is possible
+            else:
+                self._flush(conflate=True)
+                link.close(self._close_code)
+        self.server.notify_close(self, reason)
+
+    # -- timers and backpressure -----------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        due = self.session.next_deadline()
+        if due is None:
+            self._cancel_timer()
+            return
+        if self._timer is not None:
+            if self._timer_at <= due:
+                return  # fires no later than needed; `_on_timer` re-arms
+            self._timer.cancel()
+        self._timer_at = due
+        self._timer = asyncio.get_running_loop().call_at(due, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        # call_at may run a hair early (clock resolution); the deadline itself counts as reached.
+        self._apply(self.session.tick(max(self.server.now(), self._timer_at)))
+
+    def _start_drain(self, link: WsLink) -> None:
+        if self._drain_task is None or self._drain_task.done():
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain(link))
+
+    async def _drain(self, link: WsLink) -> None:
+        """Own a backed-up WebSocket until it drains; disconnect it if it stays stuck.
+
+        While it is backed up nothing else writes to it: updates wait in the outbox, where only
+        the newest per symbol is kept, so the client resumes with current prices, not a backlog.
+        """
+        try:
+            while link.backed_up and link is self.ws:
+                await asyncio.wait_for(link.writer.drain(), WS_WRITE_TIMEOUT_S)
+                link.backed_up = link.transport.get_write_buffer_size() > WS_HIGH_WATER_BYTES
+                if not link.backed_up:
+                    self._flush(conflate=True)
+        except asyncio.TimeoutError:
+            self.server.slow_disconnects += 1
+            _log_once("slow", "eio %s: peer %s did not read for %.0f s, disconnecting",
+                      self.sid, self.peer, WS_WRITE_TIMEOUT_S)
+            self.abort("write timeout")
+            link.abort()
+        except (ConnectionError, OSError):
+            link.abort()  # the read loop sees the end and closes the session
+
+    # -- WebSocket messages --------------------------------------------------------------------
+
+    def on_ws_message(self, link: WsLink, message: str | bytes) -> None:
+        now = self.server.now()
+        try:
+            pkt = decode_eio(message) if isinstance(message, str) else EioPacket(EioType.MESSAGE, message)
+        except EioProtocolError as exc:
+            _log_once("eio-parse", "eio %s: invalid packet from %s: %s", self.sid, self.peer, exc)
+            pkt = None
+        if link is self.probe:
+            self._apply(self.session.receive_probe_packet(pkt, now) if pkt else self.session.end_probe(now))
+        elif link is self.ws:
+            self._apply(self.session.receive_packet(pkt, now) if pkt else self.session.abort("parse error", now))
+
+    def on_ws_closed(self, link: WsLink) -> None:
+        now = self.server.now()
+        if link is self.ws:
+            self._apply(self.session.abort("transport close", now))
+        elif link is self.probe:
+            self._apply(self.session.end_probe(now))
+
+
+class EioServer:
+    """Engine.IO v4 server on our own HTTP layer (see the module docstring for the API).
+
+    Args:
+        ping_interval_ms, ping_timeout_ms: heartbeat, sent in the open packet.
+        max_payload: bytes; the largest POST body and WebSocket message accepted.
+        max_clients: sessions held at once; a handshake beyond gets 503.
+        handler: the layer above (on_open / on_message / on_close); settable later.
+    """
+
+    def __init__(self, *, ping_interval_ms: int = 25000, ping_timeout_ms: int = 20000,
+                 max_payload: int = 1_000_000, max_clients: int = 10_000, handler: Any = None) -> None:
+        self.ping_interval_s = ping_interval_ms / 1000
+        self.ping_timeout_s = ping_timeout_ms / 1000
+        self.max_payload = max_payload
+        self.max_clients = max_clients
+        self.handler = handler                       # on_open / on_message / on_close
+        self.connections: dict[str, EioConnection] = {}  # sid -> live (or closing) connection
+        self.handshakes = 0                          # sessions opened
+        self.upgrades = 0                            # polling sessions moved to WebSocket
+        self.slow_disconnects = 0                    # clients cut off for not reading
+        self.refused_full = 0                        # handshakes refused by max_clients
+
+    @classmethod
+    def from_config(cls, cfg: Any, handler: Any = None) -> EioServer:
+        return cls(ping_interval_ms=cfg.ping_interval_ms, ping_timeout_ms=cfg.ping_timeout_ms,
+                   max_payload=cfg.max_payload, max_clients=cfg.max_clients, handler=handler)
+
+    @staticmethod
+    def now() -> float:
+        return asyncio.get_running_loop().time()
+
+    # -- calls from connections -------------------------------------------------------------
+
+    def deliver(self, conn: EioConnection, data: str | bytes) -> None:
+        if self.handler is not None:
+            self.handler.on_message(conn, data)
+
+    def notify_close(self, conn: EioConnection, reason: str) -> None:
+        if self.handler is not None:
+            self.handler.on_close(conn, reason)
+
+    def forget(self, conn: EioConnection) -> None:
+        if self.connections.get(conn.sid) is conn:
+            del self.connections[conn.sid]
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def handle_request(self, req: HttpRequest, body: bytes, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> HttpResponse | None:
+        """Serve one request under /socket.io/ (contract.md).
+
+        Returns the response for polling, the handshake and errors, or None once a WebSocket
+        took over the connection (the HTTP layer then leaves reader and writer alone).
+        """
+        query = {key: values[-1] for key, values in req.query.items() if values}  # node: last one wins
+        upgrade = _is_upgrade(req)
+        refused = self._verify(req, query, upgrade)
+        if refused is not None:
+            return refused
+        sid = query.get("sid") or None
+        if upgrade:
+            await self._serve_websocket(req, query, reader, writer)
+            return None
+        if sid is None:
+            return self._open_polling(req)
+        conn = self.connections[sid]
+        if req.method == "GET":
+            return await self._poll(conn, reader, writer)
+        if req.method == "POST":
+            return self._post(conn, req, body)
+        return HttpResponse(500, b"", content_type="")  # polling.ts onRequest: other methods, no body
+
+    def _error(self, code: int, upgrade: bool) -> HttpResponse:
+        message = EIO_ERROR_MESSAGES[code]
+        if upgrade:  # server.ts abortUpgrade: plain text, always 400
+            return HttpResponse(400, message.encode(), "text/html")
+        return HttpResponse(403 if code == 4 else 400, _json_dumps({"code": code, "message": message}).encode())
+
+    def _verify(self, req: HttpRequest, query: dict[str, str], upgrade: bool) -> HttpResponse | None:
+        """The checks of engine.io server.ts verify() + handshake(), in the same order."""
+        transport = query.get("transport")
+        if transport not in ("polling", "websocket"):
+            return self._error(0, upgrade)
+        origin = req.header("origin")
+        if origin is not None and _bad_header_value(origin):
+            return self._error(3, upgrade)
+        sid = query.get("sid") or None  # an empty sid counts as none, as in JS
+        if sid is not None:
+            conn = self._live(sid)
+            if conn is None:
+                return self._error(1, upgrade)
+            if not upgrade and conn.transport != transport:
+                return self._error(3, upgrade)  # TRANSPORT_MISMATCH, e.g. polling after the upgrade
+            if query.get("EIO") != EIO_PROTOCOL:
+                return self._error(3, upgrade)  # PROTOCOL_MISMATCH
+            return None
+        if req.method != "GET":
+            return self._error(2, upgrade)
+        if transport == "websocket" and not upgrade:
+            return self._error(3, upgrade)
+        if query.get("EIO") != EIO_PROTOCOL:
+            # EIO=3, missing or anything else: engine.io without allowEIO3 answers code 5.
+            return self._error(5, upgrade)
+        if len(self.connections) >= self.max_clients:
+            self.refused_full += 1
+            # Not in the reference; shaped like its allowRequest refusals (code 4, own message).
+            if upgrade:
+                return HttpResponse(503, b"Too many clients", "text/html")
+            return HttpResponse(503, _json_dumps({"code": 4, "message": "Too many clients"}).encode())
+        return None
+
+    def _live(self, sid: str) -> EioConnection | None:
+        """The connection for `sid` after applying its lapsed deadlines (a timer may be late)."""
+        conn = self.connections.get(sid)
+        if conn is not None:
+            conn._apply(conn.session.tick(self.now()))
+            conn = self.connections.get(sid)
+        if conn is None or conn.session.state is EioState.CLOSED:
+            return None
+        return conn
+
+    def _create(self, req: HttpRequest, now: float, link: WsLink | None) -> EioConnection:
+        sid = secrets.token_urlsafe(EIO_SID_BYTES)
+        session = EioSession(sid, websocket=link is not None, now=now, ping_interval_s=self.ping_interval_s,
+                             ping_timeout_s=self.ping_timeout_s, max_payload_bytes=self.max_payload)
+        conn = EioConnection(self, session, req.peer)
+        conn.ws = link
+        self.connections[sid] = conn
+        self.handshakes += 1
+        if self.handler is not None:
+            self.handler.on_open(conn)
+        conn._arm_timer()
+        return conn
+
+    def _open_polling(self, req: HttpRequest) -> HttpResponse:
+        now = self.now()
+        conn = self._create(req, now, None)
+        conn.session.begin_poll(now)  # the open packet is queued, so this GET is answered at once
+        return HttpResponse(200, conn.session.take_poll_payload().encode(), "text/plain; charset=UTF-8",
+                            list(_POLL_HEADERS))
+
+    async def _poll(self, conn: EioConnection, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> HttpResponse | None:
+        actions = conn.session.begin_poll(self.now())
+        if actions and actions[0][0] is Act.REJECT_POLL:
+            conn._apply(actions[1:])  # the parked GET gets `1`, the session ends
+            return HttpResponse(400, b"", content_type="")
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        conn._poll_waiter = waiter
+        conn._apply(actions)
+        if not waiter.done() and not await self._park(conn, waiter, reader):
+            writer.close()
+            return None
+        return HttpResponse(200, waiter.result().encode(), "text/plain; charset=UTF-8", list(_POLL_HEADERS))
+
+    async def _park(self, conn: EioConnection, waiter: asyncio.Future[str],
+                    reader: asyncio.StreamReader) -> bool:
+        """Wait for data for a parked GET while watching its connection; False if the client left.
+
+        Reading is how an aborted GET is noticed (engine.io closes the session then). Engine.IO
+        clients never pipeline, so bytes arriving here count as the client leaving too.
+        """
+        watch = asyncio.ensure_future(reader.read(1))
+        try:
+            await asyncio.wait((waiter, watch), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            conn._apply(conn.session.abort_poll(self.now()))
+            raise
+        finally:
+            if not watch.done():
+                watch.cancel()
+            elif not watch.cancelled():
+                watch.exception()  # retrieved: a reset here just means the client left
+        if waiter.done():
+            return True
+        conn._poll_waiter = None
+        conn._apply(conn.session.abort_poll(self.now()))
+        return False
+
+    def _post(self, conn: EioConnection, req: HttpRequest, body: bytes) -> HttpResponse:
+        if len(body) > self.max_payload:
+            return HttpResponse(413, b"", content_type="")  # polling.ts: 413, no body, session kept
+        if req.header("content-type") == "application/octet-stream":
+            conn.abort("invalid content")  # polling.ts refuses binary bodies in v4
+            return HttpResponse(400, b"", content_type="")
+        # node decodes the body with setEncoding("utf8"), which replaces bad sequences too.
+        conn._apply(conn.session.receive_post(body.decode("utf-8", "replace"), self.now()))
+        return HttpResponse(200, b"ok", "text/html", list(_POLL_HEADERS))
+
+    # -- WebSocket ---------------------------------------------------------------------------
+
+    async def _serve_websocket(self, req: HttpRequest, query: dict[str, str],
+                               reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Handshake with websockets, then run the link: a new session, or a probe for one."""
+        proto = ServerProtocol(max_size=self.max_payload)  # an oversized message closes with 1009, like ws
+        proto.receive_data(req.raw_head)
+        events = proto.events_received()
+        link = WsLink(proto, reader, writer)
+        if events:
+            proto.send_response(proto.accept(events[0]))
+        link.write_pending()  # the 101, or websockets' own 4xx (a parse failure queues a 400 itself)
+        if proto.handshake_exc is not None or not events:
+            link.finished()
+            writer.close()
+            return
+        writer.transport.set_write_buffer_limits(high=WS_HIGH_WATER_BYTES)  # drain() resumes at a quarter
+        now = self.now()
+        sid = query.get("sid") or None
+        if sid is None:
+            conn = self._create(req, now, link)
+            conn._flush(conflate=False)  # the open packet
+        else:
+            conn = self.connections.get(sid)
+            # engine.io accepts the WebSocket, then closes it when it cannot be an upgrade: a
+            # transport=polling upgrade, a session already probing or upgraded (seen: 101 then an
+            # empty close frame, i.e. 1005, while the first WebSocket stays fine).
+            if conn is None or query.get("transport") != "websocket" or not conn.session.begin_upgrade(now):
+                link.close()
+                await serve_ws_link(link, lambda _link, _msg: None)
+                return
+            conn.probe = link
+            conn._arm_timer()
+        try:
+            await serve_ws_link(link, conn.on_ws_message)
+        finally:
+            conn.on_ws_closed(link)
+
+    async def shutdown(self) -> None:
+        """Close every session: polling clients get `1`, WebSocket clients a 1001 close frame."""
+        for conn in list(self.connections.values()):
+            conn.close("server shutdown", CloseCode.GOING_AWAY)
+            if conn.session.state is EioState.CLOSING:
+                conn.abort("server shutdown")  # no GET will come for it now
+        await asyncio.sleep(0)
+
+
+###############################################################################
+# § Socket.IO server ##########################################################
+###############################################################################
+# I/O: namespaces, on(event) handlers, acks both ways, on top of EioServer (module docstring).
+
+
+class SioConnectRefused(Exception):
+    """Raise in a connect handler to refuse: the client gets CONNECT_ERROR {"message", "data"}."""
+
+    def __init__(self, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.data = data
+
+
+class SioSocket:
+    """A client's membership of one namespace (the reference's server-side Socket)."""
+
+    __slots__ = ("server", "conn", "namespace", "sid", "data", "connected", "_acks", "_next_ack_id",
+                 "_held")
+
+    def __init__(self, server: SioServer, conn: EioConnection, namespace: str) -> None:
+        self.server = server                       # owner
+        self.conn = conn                           # the Engine.IO connection carrying it
+        self.namespace = namespace                 # "/" or "/name"
+        self.sid = secrets.token_urlsafe(EIO_SID_BYTES)  # own id: the reference never reuses the EIO sid
+        self.data: dict[str, Any] = {}             # free for the application
+        self.connected = False                     # CONNECT answered and not left yet
+        self._acks: dict[int, Callable[..., Any]] = {}  # ack id -> callback, oldest first
+        self._next_ack_id = 0                      # per socket, from 0 like the reference
+        self._held: list[SioPacket] | None = []    # packets emitted by the connect handler, sent after CONNECT
+
+    def emit(self, event: str, *args: Any, callback: Callable[..., Any] | None = None) -> None:
+        """Send an event; `callback(*args)` runs when the client acknowledges it."""
+        if event in SIO_RESERVED_EVENTS:
+            raise ValueError(f"{event!r} is a reserved event name")
+        ack_id = None
+        if callback is not None:
+            ack_id = self._next_ack_id
+            self._next_ack_id += 1
+            self._acks[ack_id] = callback
+            if len(self._acks) > SIO_MAX_PENDING_ACKS:
+                self._acks.pop(next(iter(self._acks)))  # bounded: the oldest never gets its answer
+        self._send(SioPacket(SioType.EVENT, self.namespace, [event, *args], ack_id))
+
+    def emit_json(self, event: str, json_arg: str) -> None:
+        """Send an event whose single argument is JSON text already encoded (no re-encoding)."""
+        prefix = "" if self.namespace == "/" else self.namespace + ","
+        text = f"2{prefix}[{_json_dumps(event)},{json_arg}]"
+        if self._held is not None:
+            self._held.append(SioPacket(SioType.EVENT, self.namespace, [event, _json_loads(json_arg)]))
+        elif self.connected:
+            self.conn.send(text)
+
+    def disconnect(self) -> None:
+        """Leave the namespace: the client gets DISCONNECT; the Engine.IO connection stays."""
+        if self.connected:
+            self._send(SioPacket(SioType.DISCONNECT, self.namespace))
+            self.server._leave(self, "server namespace disconnect")
+
+    def _send(self, pkt: SioPacket) -> None:
+        if self._held is not None:
+            self._held.append(pkt)
+        elif self.connected or pkt.kind is SioType.CONNECT:
+            self.server._send(self.conn, pkt)
+
+    def _on_ack(self, pkt: SioPacket) -> None:
+        callback = self._acks.pop(pkt.ack_id, None) if pkt.ack_id is not None else None
+        if callback is None:
+            return  # the reference ignores an ack nobody waits for ("bad ack")
+        try:
+            callback(*(pkt.data or []))
+        except Exception:
+            log.exception("ack callback failed")
+
+
+class _SioNamespace:
+    __slots__ = ("name", "events", "on_connect", "on_disconnect")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.events: dict[str, Callable[..., Any]] = {}
+        self.on_connect: Callable[[SioSocket, Any], None] | None = None
+        self.on_disconnect: Callable[[SioSocket, str], None] | None = None
+
+
+def _ack_args(result: Any) -> list[Any]:
+    """A handler's return value as ack arguments (python-socketio's convention)."""
+    if result is None:
+        return []
+    if isinstance(result, tuple):
+        return list(result)
+    return [result]
+
+
+class SioServer:
+    """Socket.IO v5 server on top of an EioServer (see the module docstring for the API)."""
+
+    def __init__(self, eio: EioServer, connect_timeout_s: float = SIO_CONNECT_TIMEOUT_S) -> None:
+        self.eio = eio
+        eio.handler = self
+        self.connect_timeout_s = connect_timeout_s
+        self.namespaces: dict[str, _SioNamespace] = {"/": _SioNamespace("/")}  # "/" always exists
+        self._connect_timers: dict[EioConnection, asyncio.TimerHandle] = {}
+        self.protocol_errors = 0
+
+    # -- registration -----------------------------------------------------------------
+
+    def _namespace(self, name: str) -> _SioNamespace:
+        return self.namespaces.setdefault(name, _SioNamespace(name))
+
+    def on(self, event: str, namespace: str = "/") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: `handler(sock, *args)` for `event`; its return value is the ack."""
+        def register(handler: Callable[..., Any]) -> Callable[..., Any]:
+            self._namespace(namespace).events[event] = handler
+            return handler
+        return register
+
+    def on_connect(self, namespace: str = "/") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: `handler(sock, auth)`; raise SioConnectRefused to refuse the client."""
+        def register(handler: Callable[..., Any]) -> Callable[..., Any]:
+            self._namespace(namespace).on_connect = handler
+            return handler
+        return register
+
+    def on_disconnect(self, namespace: str = "/") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: `handler(sock, reason)` once the socket left (client, server or transport)."""
+        def register(handler: Callable[..., Any]) -> Callable[..., Any]:
+            self._namespace(namespace).on_disconnect = handler
+            return handler
+        return register
+
+    # -- EioServer handler interface ---------------------------------------------------------
+
+    def on_open(self, conn: EioConnection) -> None:
+        loop = asyncio.get_running_loop()
+        conn.upper = SioClientState(loop.time(), self.connect_timeout_s)
+        self._connect_timers[conn] = loop.call_later(self.connect_timeout_s, self._check_connected, conn)
+
+    def on_message(self, conn: EioConnection, data: str | bytes) -> None:
+        client: SioClientState = conn.upper
+        try:
+            pkt = client.receive(data)
+        except SioProtocolError as exc:
+            # socket.io client.ts: a decode error or a packet in the wrong state closes the connection.
+            self.protocol_errors += 1
+            _log_once("sio-parse", "sio %s: closing %s: %s", conn.sid, conn.peer, exc)
+            conn.close("parse error")
+            return
+        if pkt is None:
+            return
+        if pkt.kind is SioType.CONNECT:
+            self._connect(conn, client, pkt)
+            return
+        sock: SioSocket = client.namespaces[pkt.namespace]
+        if pkt.kind is SioType.EVENT:
+            self._dispatch(sock, pkt)
+        elif pkt.kind is SioType.ACK:
+            sock._on_ack(pkt)
+        elif pkt.kind is SioType.DISCONNECT:
+            self._leave(sock, "client namespace disconnect")
+
+    def on_close(self, conn: EioConnection, reason: str) -> None:
+        timer = self._connect_timers.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+        client: SioClientState | None = conn.upper
+        if client is None:
+            return
+        for sock in list(client.namespaces.values()):
+            self._leave(sock, reason)
+
+    # -- packets ------------------------------------------------------------------------------
+
+    def _check_connected(self, conn: EioConnection) -> None:
+        self._connect_timers.pop(conn, None)
+        client: SioClientState | None = conn.upper
+        if client is not None and client.connect_expired(self.eio.now()):
+            conn.close("connect timeout")
+
+    def _connect(self, conn: EioConnection, client: SioClientState, pkt: SioPacket) -> None:
+        namespace = self.namespaces.get(pkt.namespace)
+        if namespace is None:
+            # Byte for byte the reference: 44/<ns>,{"message":"Invalid namespace"}; the connection stays.
+            self._send(conn, SioPacket(SioType.CONNECT_ERROR, pkt.namespace, {"message": "Invalid namespace"}))
+            return
+        sock = SioSocket(self, conn, pkt.namespace)
+        try:
+            if namespace.on_connect is not None:
+                namespace.on_connect(sock, pkt.data if pkt.data is not None else {})
+        except SioConnectRefused as exc:
+            refusal = {"message": exc.message} if exc.data is None else {"message": exc.message, "data": exc.data}
+            self._send(conn, SioPacket(SioType.CONNECT_ERROR, pkt.namespace, refusal))
+            return
+        except Exception:
+            log.exception("connect handler failed for %s", pkt.namespace)
+            self._send(conn, SioPacket(SioType.CONNECT_ERROR, pkt.namespace, {"message": "connect handler failed"}))
+            return
+        client.joined(pkt.namespace, sock)
+        timer = self._connect_timers.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+        sock.connected = True
+        held, sock._held = sock._held or [], None
+        # The CONNECT answer first, then whatever the connect handler emitted (issue 3).
+        self._send(conn, SioPacket(SioType.CONNECT, pkt.namespace, {"sid": sock.sid}))
+        for packet in held:
+            self._send(conn, packet)
+
+    def _dispatch(self, sock: SioSocket, pkt: SioPacket) -> None:
+        if not pkt.data:
+            return  # "42" alone decodes on the reference and does nothing
+        event, args = pkt.data[0], pkt.data[1:]
+        handler = self.namespaces[sock.namespace].events.get(event) if isinstance(event, str) else None
+        if handler is None:
+            return
+        try:
+            result = handler(sock, *args)
+        except Exception:
+            log.exception("handler for %r failed", event)
+            return
+        if pkt.ack_id is not None and sock.connected:
+            self._send(sock.conn, SioPacket(SioType.ACK, sock.namespace, _ack_args(result), pkt.ack_id))
+
+    def _leave(self, sock: SioSocket, reason: str) -> None:
+        if not sock.connected:
+            return
+        sock.connected = False
+        client: SioClientState = sock.conn.upper
+        client.left(sock.namespace)
+        sock._acks.clear()
+        handler = self.namespaces[sock.namespace].on_disconnect
+        if handler is not None:
+            try:
+                handler(sock, reason)
+            except Exception:
+                log.exception("disconnect handler failed")
+
+    def _send(self, conn: EioConnection, pkt: SioPacket) -> None:
+        try:
+            conn.send(encode_sio(pkt))
+        except TypeError:
+            # bytes somewhere in the data: BINARY_EVENT/BINARY_ACK + one binary message per attachment.
+            data, buffers = sio_deconstruct(pkt.data)
+            kind = SioType.BINARY_EVENT if pkt.kind is SioType.EVENT else SioType.BINARY_ACK
+            conn.send(encode_sio(SioPacket(kind, pkt.namespace, data, pkt.ack_id, len(buffers))))
+            for raw in buffers:
+                conn.send_binary(raw)
+
+
+###############################################################################
+# § Fan-out hub ###############################################################
+###############################################################################
+# I/O: one encoding per update (packet text + WebSocket frame), the same bytes to every client.
+
+
+class Hub:
+    """Fans BBO updates and feed status out to the attached Engine.IO connections.
+
+    `publish(bbo)` encodes the update once, as the `42["bbo_update",{...}]` packet and as its
+    WebSocket text frame, and queues it; once per event-loop pass every attached client gets
+    the pass's updates in one write (WebSocket clients that keep up: the same joined bytes;
+    others: through their conflating outbox, see EioOutbox). Nothing here awaits, so a slow
+    client never delays a publish or another client. Call from the event loop's thread.
+    """
+
+    def __init__(self) -> None:
+        self._conns: dict[EioConnection, None] = {}      # attached, in attach order
+        self._snapshot: tuple[EioConnection, ...] = ()   # `_conns` frozen for iteration
+        self._batch: list[EioUpdate] = []                # published since the last flush
+        self._flush_handle: asyncio.Handle | None = None  # the pending flush callback
+        self.published = 0                               # updates published
+        self._gone_sent = 0                              # deliveries counted for detached clients
+        self._gone_skipped = 0                           # conflated updates of detached clients
+
+    def attach(self, conn: EioConnection) -> None:
+        self._conns[conn] = None
+        self._snapshot = tuple(self._conns)
+
+    def detach(self, conn: EioConnection) -> None:
+        if self._conns.pop(conn, 0) is None:
+            self._snapshot = tuple(self._conns)
+            self._gone_sent += conn.session.outbox.sent
+            self._gone_skipped += conn.session.outbox.skipped
+
+    def subscribe(self, conn: EioConnection, symbols: frozenset[str] | None, max_rate: float | None) -> None:
+        """Set a client's symbol filter (None = all) and per-symbol rate (None = every update)."""
+        conn.session.outbox.set_subscription(symbols, max_rate)
+        conn.flush()
+
+    def publish(self, bbo: Bbo) -> None:
+        """Queue one BBO update for every attached client."""
+        self._queue(bbo.symbol, '42["bbo_update",' + bbo_json(bbo) + "]")
+
+    def publish_feed_status(self, status: dict[str, Any]) -> None:
+        """Queue a feed status change; like an update, only the newest one waits for a slow client."""
+        self._queue(FEED_STATUS_KEY, '42["feed_status",' + _json_dumps(status) + "]")
+
+    def _queue(self, key: str, text: str) -> None:
+        self._batch.append(EioUpdate(key, text, encode_ws_frame(text.encode())))
+        self.published += 1
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        joined = batch[0].frame if len(batch) == 1 else b"".join(update.frame for update in batch)
+        now = asyncio.get_running_loop().time()
+        for conn in self._snapshot:
+            conn.deliver(batch, joined, now)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for /metrics: clients, published, delivered, skipped (conflated)."""
+        outboxes = [conn.session.outbox for conn in self._conns]
+        return {"clients": len(outboxes), "published": self.published,
+                "delivered": self._gone_sent + sum(outbox.sent for outbox in outboxes),
+                "skipped": self._gone_skipped + sum(outbox.skipped for outbox in outboxes)}
+
+
+###############################################################################
+# § BBO application ###########################################################
+###############################################################################
+# I/O: the Socket.IO handlers of BBO Stream on namespace "/" (original-design.md, issue 3).
+
+
+class BboApp:
+    """The BBO Stream Socket.IO application: a set of handlers on "/".
+
+    Args:
+        sio: the Socket.IO server to register on.
+        hub: the fan-out hub the feed publishes to.
+        latest_bbos: returns the current Bbo of every symbol (for request_initial_data).
+        feed_status: returns the feed status object (contract.md), sent on connect.
+        now_ms: wall clock in ms for `pong` (injectable for tests).
+    """
+
+    def __init__(self, sio: SioServer, hub: Hub, latest_bbos: Callable[[], Iterable[Bbo]],
+                 feed_status: Callable[[], dict[str, Any]],
+                 now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+        self.hub = hub
+        self.latest_bbos = latest_bbos
+        self.feed_status = feed_status
+        self.now_ms = now_ms
+        sio.on_connect()(self.on_connect)
+        sio.on_disconnect()(self.on_disconnect)
+        sio.on("ready")(self.on_ready)
+        sio.on("request_initial_data")(self.on_request_initial_data)
+        sio.on("ping")(self.on_ping)
+        sio.on("subscribe")(self.on_subscribe)
+        sio.on("unsubscribe")(self.on_unsubscribe)
+
+    def on_connect(self, sock: SioSocket, auth: Any) -> None:
+        sock.emit("welcome", {"message": "Welcome to BBO Stream"})
+        sock.emit("feed_status", self.feed_status())
+        self.hub.attach(sock.conn)
+
+    def on_disconnect(self, sock: SioSocket, reason: str) -> None:
+        self.hub.detach(sock.conn)
+
+    def on_ready(self, sock: SioSocket, *args: Any) -> None:
+        return None  # accepted and harmless (the seed's clients send it)
+
+    def on_request_initial_data(self, sock: SioSocket, *args: Any) -> None:
+        outbox = sock.conn.session.outbox
+        for bbo in self.latest_bbos():
+            if outbox.wants(bbo.symbol):
+                sock.emit_json("bbo_update", bbo_json(bbo))
+
+    def on_ping(self, sock: SioSocket, *args: Any) -> dict[str, int]:
+        answer = {"time": self.now_ms()}
+        sock.emit("pong", answer)
+        return answer  # also the ack, when the client asked for one
+
+    def on_subscribe(self, sock: SioSocket, request: Any = None, *args: Any) -> dict[str, Any]:
+        """`{"symbols": [...], "maxRate": 10}`: add symbols (from "all": exactly these); set the rate."""
+        if not isinstance(request, dict):
+            return {"error": "subscribe expects an object"}
+        try:
+            symbols = self._parse_symbols(request.get("symbols"))
+            max_rate = self._parse_rate(request.get("maxRate"))
+        except ValueError as exc:
+            return {"error": str(exc)}
+        current = sock.conn.session.outbox.symbols
+        if symbols is not None:
+            current = symbols if current is None else current | symbols
+            if len(current) > BBO_MAX_SUBSCRIBE_SYMBOLS:
+                return {"error": f"at most {BBO_MAX_SUBSCRIBE_SYMBOLS} symbols"}
+        self.hub.subscribe(sock.conn, current, max_rate)
+        return self._subscription(sock)
+
+    def on_unsubscribe(self, sock: SioSocket, request: Any = None, *args: Any) -> dict[str, Any]:
+        """`{"symbols": [...]}`: stop those symbols; the rate stays."""
+        if not isinstance(request, dict):
+            return {"error": "unsubscribe expects an object"}
+        try:
+            symbols = self._parse_symbols(request.get("symbols")) or frozenset()
+        except ValueError as exc:
+            return {"error": str(exc)}
+        outbox = sock.conn.session.outbox
+        current = outbox.symbols if outbox.symbols is not None else self._known_symbols()
+        self.hub.subscribe(sock.conn, current - symbols, outbox.max_rate)
+        return self._subscription(sock)
+
+    def _known_symbols(self) -> frozenset[str]:
+        return frozenset(bbo.symbol for bbo in self.latest_bbos())
+
+    def _subscription(self, sock: SioSocket) -> dict[str, Any]:
+        outbox = sock.conn.session.outbox
+        symbols = outbox.symbols if outbox.symbols is not None else self._known_symbols()
+        return {"symbols": sorted(symbols), "maxRate": outbox.max_rate}
+
+    @staticmethod
+    def _parse_symbols(raw: Any) -> frozenset[str] | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, list) or len(raw) > BBO_MAX_SUBSCRIBE_SYMBOLS:
+            raise ValueError(f"symbols must be a list of at most {BBO_MAX_SUBSCRIBE_SYMBOLS} names")
+        if not all(isinstance(name, str) and 0 < len(name) <= BBO_MAX_SYMBOL_CHARS for name in raw):
+            raise ValueError("each symbol must be a non-empty string")
+        return frozenset(name.upper() for name in raw)
+
+    @staticmethod
+    def _parse_rate(raw: Any) -> float | None:
+        if raw is None:
+            return None  # omitted or null: every update
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0 < raw <= BBO_MAX_RATE_PER_S:
+            raise ValueError(f"maxRate must be a number in (0, {BBO_MAX_RATE_PER_S:g}]")
+        return raw
