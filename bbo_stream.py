@@ -116,6 +116,7 @@ MAX_OUTAGES_PER_SYMBOL = 10_000      # one outage a minute for a week; older one
 MAX_DIGITS = 17                      # digits of a price/qty: mantissa·32+decimals stays below 2**63
                                      # (Binance sends ≤ 16: "1234567.12345678")
 INT32_NULL = -(2**31)                # sentinel for a missing latency / transaction time in int32 columns
+INT64_MAX = 2**63 - 1                # update ids and times live in int64 columns
 MAX_SKEW_MS = 2**31 - 1              # |recv - E| and |E - T| fit the int32 columns (24.8 days)
 
 # --- Persistence ------------------------------------------------------------
@@ -127,6 +128,7 @@ PERSIST_ERROR_LOG_INTERVAL_S = 60.0  # a full disk is logged once a minute, not 
 MAX_HEAD_BYTES = 16 * 1024           # h11's default; node allows 16 KiB of headers too  → 431
 MAX_TARGET_BYTES = 8 * 1024          # aiohttp's and nginx's request-line size             → 414
 MAX_HEADERS = 100                    # websockets and aiohttp allow 128; browsers send ~20  → 431
+MAX_QUERY_FIELDS = 100               # our endpoints take ≤ 6 parameters; bounds parse_qs work → 400
 HEAD_TIMEOUT_S = 10.0                # slowloris guard: a request head must arrive within this
 BODY_TIMEOUT_S = 10.0                # a declared body must arrive within this
 KEEPALIVE_IDLE_S = 30.0              # idle keep-alive connections are closed after this
@@ -563,7 +565,7 @@ _new_bbo = tuple.__new__  # Bbo(...) without NamedTuple's Python-level __new__
 
 
 def _bad_int(payload: dict, key: str) -> FeedMessageError:
-    return FeedMessageError(f"bad field {key}", f"{key}={payload.get(key)!r} is not a non-negative integer")
+    return FeedMessageError(f"bad field {key}", f"{key}={payload.get(key)!r} is not an integer from 0 to 2**63-1")
 
 
 def parse_book_ticker(payload: dict, recv_ms: int) -> Bbo:
@@ -586,7 +588,7 @@ def parse_book_ticker(payload: dict, recv_ms: int) -> Bbo:
         if len(_SYMBOL_CACHE) < MAX_SYMBOLS:
             _SYMBOL_CACHE[raw_symbol] = symbol
     update_id, event_ms, transaction_ms = get("u"), get("E"), get("T")
-    if type(update_id) is not int or update_id < 0:
+    if type(update_id) is not int or not 0 <= update_id <= INT64_MAX:
         raise _bad_int(payload, "u")
     bid, bid_qty, ask, ask_qty = get("b"), get("B"), get("a"), get("A")
     cache = _DECIMAL_CACHE
@@ -596,9 +598,9 @@ def parse_book_ticker(payload: dict, recv_ms: int) -> Bbo:
         if transaction_ms is not None:
             raise FeedMessageError("bad field E", "T without E")
         return _new_bbo(Bbo, (symbol, bid, bid_qty, ask, ask_qty, recv_ms, recv_ms, None, None, update_id))
-    if type(event_ms) is not int or event_ms < 0:
+    if type(event_ms) is not int or not 0 <= event_ms <= INT64_MAX:
         raise _bad_int(payload, "E")
-    if transaction_ms is not None and (type(transaction_ms) is not int or transaction_ms < 0):
+    if transaction_ms is not None and (type(transaction_ms) is not int or not 0 <= transaction_ms <= INT64_MAX):
         raise _bad_int(payload, "T")
     latency = recv_ms - event_ms
     if latency > MAX_SKEW_MS or latency < -MAX_SKEW_MS or (
@@ -845,19 +847,19 @@ class ColumnRing:
         n = len(next(iter(batch.values())))
         if n == 0:
             return
-        if n > self.capacity:  # only the newest `capacity` rows can be kept
-            skip = n - self.capacity
-            batch = {k: v[skip:] for k, v in batch.items()}
-            self.total += skip
-            n = self.capacity
         need = self.total + n
         if need > self._alloc and self._alloc < self.capacity:
             alloc = min(self.capacity, max(self._alloc * 2, need))
             for name, col in self.cols.items():
                 grown = np.zeros(alloc, col.dtype)
-                grown[: self.total] = col[: self.total]
+                grown[: self.total] = col[: self.total]  # not wrapped yet: rows sit at 0..total
                 self.cols[name] = grown
             self._alloc = alloc
+        if n > self.capacity:  # only the newest `capacity` rows can be kept
+            skip = n - self.capacity
+            batch = {k: v[skip:] for k, v in batch.items()}
+            self.total += skip
+            n = self.capacity
         start = self.total % self.capacity
         head = min(n, self.capacity - start)
         for name, col in self.cols.items():
@@ -1430,8 +1432,17 @@ def parse_request_head(raw_head: bytes, peer: str = "") -> HttpRequest:
         else:  # absolute-form is for proxies
             raise HttpError(400, "request target must be an absolute path")
     raw_path, _, raw_query = target.partition("?")
-    path = urllib.parse.unquote(raw_path, errors="strict") if "%" in raw_path else raw_path
-    query = urllib.parse.parse_qs(raw_query, keep_blank_values=True, max_num_fields=100) if raw_query else {}
+    try:
+        path = urllib.parse.unquote(raw_path, errors="strict") if "%" in raw_path else raw_path
+    except UnicodeDecodeError:
+        raise HttpError(400, "invalid percent-encoding in the path") from None
+    try:
+        query = urllib.parse.parse_qs(raw_query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS,
+                                      errors="strict") if raw_query else {}
+    except UnicodeDecodeError:
+        raise HttpError(400, "invalid percent-encoding in the query") from None
+    except ValueError:
+        raise HttpError(400, f"more than {MAX_QUERY_FIELDS} query parameters") from None
     return HttpRequest(method, target, path, query, version, tuple(headers), raw_head, peer)
 
 
@@ -1784,6 +1795,7 @@ class BinanceFeed:
     # -- status -------------------------------------------------------------------
     def status(self, now: int) -> dict:
         """The feed status object of /healthz and Socket.IO `feed_status` (contract)."""
+        self.history.flush()  # crossed books are counted when a batch reaches numpy
         best = min(self.shards, key=lambda s: _STATE_RANK[s.state])
         last = max((s.last_data_ms for s in self.shards if s.last_data_ms is not None), default=None)
         age = None if last is None else now - last
@@ -2272,11 +2284,30 @@ class CachePersistence:
                       "bars": int(hist.bars.cols["time_s"][hist.bars.first % hist.bars.capacity]) * 1000 if hist.bars.total else 0}
             for path in sym_dir.iterdir():
                 m = _CACHE_FILE_RE.match(path.name)
-                if m and m.group(3) and int(m.group(3)) < floors[m.group(1)]:
+                if not m:
+                    continue
+                kind, seq = m.group(1), int(m.group(2))
+                state = self.state.get((symbol, kind))
+                if m.group(3):
+                    last = int(m.group(3))
+                elif state is not None and seq >= state.seq:
+                    continue  # the open journal
+                else:  # a journal left by an earlier run: its newest row is on its last line
+                    last = self._journal_last_ms(path, kind)
+                if last is not None and last < floors[kind]:
                     with contextlib.suppress(OSError):
                         path.unlink()
                         removed += 1
         return removed
+
+    @staticmethod
+    def _journal_last_ms(path: Path, kind: str) -> int | None:
+        try:
+            lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
+            _, cols = decode_columns(lines[-1].decode(), kind)
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return None
+        return int(cols["recv_ms"][-1]) if kind == "raw" else int(cols["time_s"][-1]) * 1000
 
     async def run(self) -> None:
         """Flush every CACHE_FLUSH_SECONDS and clean up every CACHE_CLEANUP_HOURS."""
