@@ -133,7 +133,6 @@ HEAD_TIMEOUT_S = 10.0                # slowloris guard: a request head must arri
 BODY_TIMEOUT_S = 10.0                # a declared body must arrive within this
 KEEPALIVE_IDLE_S = 30.0              # idle keep-alive connections are closed after this
 TLS_HANDSHAKE_TIMEOUT_S = 10.0       # a stalled ClientHello must not hold a connection slot
-TLS_PEEK_TIMEOUT_S = HEAD_TIMEOUT_S  # waiting for the first byte is the start of the head timeout
 WRITE_TIMEOUT_S = 10.0               # a response that cannot be written in this time closes the socket
 STATIC_MAX_BYTES = 8 * 1024 * 1024   # static files are read into memory; the dashboard is ~100 KB
 SERVER_NAME = f"bbo-stream/{__version__}"
@@ -2456,6 +2455,7 @@ class HttpServer:
         loop = asyncio.get_running_loop()
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
         writer = None
+        accepted_at = loop.time()
         try:
             conn.setblocking(False)
             with contextlib.suppress(OSError):
@@ -2465,18 +2465,18 @@ class HttpServer:
                 # Peek (not read) the first byte: 0x16 starts a TLS handshake.  Reading it
                 # through a stream and then calling start_tls hangs (the rest of the
                 # ClientHello stays in the stream's buffer).
-                await asyncio.wait_for(_wait_readable(loop, conn), TLS_PEEK_TIMEOUT_S)
+                await asyncio.wait_for(_wait_readable(loop, conn), HEAD_TIMEOUT_S)
                 first = conn.recv(1, socket.MSG_PEEK)
                 if not first:
                     return
                 use_tls = first == b"\x16"
-            reader = asyncio.StreamReader(limit=MAX_HEAD_BYTES, loop=loop)
+            reader = asyncio.StreamReader(limit=MAX_HEAD_BYTES, loop=loop)  # + exact check in _read_head
             protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
             transport, _ = await loop.connect_accepted_socket(
                 lambda: protocol, conn, ssl=self.ssl_ctx if use_tls else None,
                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S if use_tls else None)
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-            await self.serve_connection(reader, writer, peer)
+            await self.serve_connection(reader, writer, peer, accepted_at)
         except (asyncio.TimeoutError, TimeoutError, ConnectionError, ssl.SSLError, OSError) as exc:
             log.debug("http %s: connection ended: %s", peer, _describe(exc))
         finally:
@@ -2488,23 +2488,32 @@ class HttpServer:
             else:
                 conn.close()
 
-    async def _read_head(self, reader: asyncio.StreamReader, first_request: bool,
+    async def _read_head(self, reader: asyncio.StreamReader, deadline: float | None,
                          writer: asyncio.StreamWriter) -> bytes | None:
-        """Wait (idle timeout) for a request to start, then (head timeout) for its head.
-        Returns None when the connection should just close."""
+        """Read one request head.  A first request must arrive whole by ``deadline`` (counted
+        from accept: slowloris guard); later ones may idle KEEPALIVE_IDLE_S before their first
+        byte, then get HEAD_TIMEOUT_S.  Returns None when the connection should just close."""
+        loop = asyncio.get_running_loop()
         try:
-            first = await asyncio.wait_for(reader.readexactly(1),
-                                           HEAD_TIMEOUT_S if first_request else KEEPALIVE_IDLE_S)
+            if deadline is None:
+                first = await asyncio.wait_for(reader.readexactly(1), KEEPALIVE_IDLE_S)
+                deadline = loop.time() + HEAD_TIMEOUT_S
+            else:
+                first = await asyncio.wait_for(reader.readexactly(1), max(0.0, deadline - loop.time()))
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, TimeoutError):
             return None
         try:
-            return first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
+            raw_head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), max(0.0, deadline - loop.time()))
+            if len(raw_head) <= MAX_HEAD_BYTES:
+                return raw_head
         except asyncio.LimitOverrunError:
-            await self._send(writer, error_response(HttpError(431, f"request head over {MAX_HEAD_BYTES} bytes")), False)
+            pass
         except (asyncio.TimeoutError, TimeoutError):
             await self._send(writer, error_response(HttpError(408, f"request head not received within {HEAD_TIMEOUT_S:g} s")), False)
+            return None
         except asyncio.IncompleteReadError:
-            pass
+            return None
+        await self._send(writer, error_response(HttpError(431, f"request head over {MAX_HEAD_BYTES} bytes")), False)
         return None
 
     async def _send(self, writer: asyncio.StreamWriter, resp: HttpResponse, keep_alive: bool,
@@ -2523,14 +2532,15 @@ class HttpServer:
                     return fwd.split(",")[-1].strip()
         return host
 
-    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
-        """The keep-alive request loop of one connection."""
-        first_request = True
+    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str,
+                               accepted_at: float) -> None:
+        """The keep-alive request loop of one connection (accepted at loop time ``accepted_at``)."""
+        deadline: float | None = accepted_at + HEAD_TIMEOUT_S
         while True:
-            raw_head = await self._read_head(reader, first_request, writer)
+            raw_head = await self._read_head(reader, deadline, writer)
             if raw_head is None:
                 return
-            first_request = False
+            deadline = None
             started = time.perf_counter()
             try:
                 req = parse_request_head(raw_head, peer)
@@ -2564,7 +2574,8 @@ class HttpServer:
     async def _finish(self, writer: asyncio.StreamWriter, req: HttpRequest, resp: HttpResponse,
                       keep_alive: bool, started: float) -> None:
         label = route_label(req.path)
-        if label in ("/socket.io/",) or label.startswith("/api") or label in ("/healthz", "/readyz"):
+        cors = req.path.startswith(("/api/", "/socket.io")) or label in ("/healthz", "/readyz", "/metrics")
+        if cors and req.method != "OPTIONS":  # a preflight response carries its own CORS headers
             resp.headers.extend(cors_headers(req, self.cfg.cors_origins))
         self.requests[(label, resp.status)] += 1
         await self._send(writer, resp, keep_alive, req.method == "HEAD")
