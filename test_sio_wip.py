@@ -19,18 +19,30 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import sio_wip as m
-from sio_wip import (Act, Bbo, EioOutbox, EioPacket, EioSession, EioState, EioType, EioUpdate,
+import bbo_stream as m
+from bbo_stream import (Act, Bbo, EioOutbox, EioPacket, EioSession, EioState, EioType, EioUpdate,
                      HttpRequest, HttpResponse, SioClientState, SioDecoder, SioPacket,
                      SioProtocolError, SioType, EioProtocolError, bbo_json)
 
 # ---- Helpers ---------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """Monotonic seconds under the test's control, for the pure session machines."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
 
 
 def make_bbo(symbol: str = "BTCUSDT", update_id: int = 1, **overrides: Any) -> Bbo:
@@ -182,16 +194,20 @@ def test_session_handshake_polling_and_websocket() -> None:
 
 
 def test_session_ping_timeline_on_polling() -> None:
-    s = new_session(interval=25.0, timeout=20.0)
-    s.begin_poll(0.0), s.take_poll_payload()
-    assert s.begin_poll(1.0) == []                 # parks: nothing to say yet
+    clock = FakeClock()
+    s = new_session(now=clock.now, interval=25.0, timeout=20.0)
+    s.begin_poll(clock.now), s.take_poll_payload()
+    assert s.begin_poll(clock.advance(1.0)) == []        # parks: nothing to say yet
     assert s.next_deadline() == 25.0
-    assert s.tick(24.999) == []
-    assert kinds(s.tick(25.0)) == [Act.FLUSH]      # the ping answers the parked GET
+    assert s.tick(clock.advance(23.999)) == []
+    assert kinds(s.tick(clock.advance(0.001))) == [Act.FLUSH]  # the ping answers the parked GET
     assert s.take_poll_payload() == "2"
     assert s.pong_deadline == 45.0 and s.next_ping_at is None
-    assert s.receive_post("3", 30.0) == []
-    assert s.pong_deadline is None and s.next_ping_at == 55.0  # interval restarts at the pong
+    assert s.receive_post("3", clock.advance(5.0)) == []
+    assert s.pong_deadline is None and s.next_ping_at == 55.0  # the interval restarts at the pong
+    assert s.tick(clock.advance(24.0)) == []
+    assert kinds(s.tick(clock.advance(1.0))) == []       # ping queued; no GET parked to carry it
+    assert s.outbox.control == deque(["2"])
 
 
 def test_session_ping_timeout_closes_and_answers_parked_get() -> None:
@@ -433,3 +449,1019 @@ def test_bbo_json_golden() -> None:
         '{"symbol":"BTCUSDT","bidPrice":"28750.10","bidQty":"1.5","askPrice":"28750.20","askQty":"0.25",'
         '"timestamp":1700000000001,"serverTimestamp":1700000000051,"backendLatency":50,"updateId":1,'
         '"transactionTime":1700000000000}')
+
+
+# ---- Throwaway HTTP harness (tests only; the real HTTP layer is the lead's) -------------------
+
+_REASONS = {101: "Switching Protocols", 200: "OK", 204: "No Content", 400: "Bad Request", 403: "Forbidden",
+            404: "Not Found", 413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def parse_head(raw_head: bytes, peer: str) -> HttpRequest:
+    lines = raw_head.decode("latin-1").split("\r\n")
+    method, target, version = lines[0].split(" ")
+    headers = tuple((name.strip().lower(), value.strip())
+                    for name, _, value in (line.partition(":") for line in lines[1:] if line))
+    parts = urllib.parse.urlsplit(target)
+    return HttpRequest(method, target, urllib.parse.unquote(parts.path),
+                       urllib.parse.parse_qs(parts.query, keep_blank_values=True), version, headers, raw_head, peer)
+
+
+def render(resp: HttpResponse, req: HttpRequest) -> bytes:
+    head = [f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'X')}", f"Content-Length: {len(resp.body)}"]
+    if resp.content_type:
+        head.append(f"Content-Type: {resp.content_type}")
+    head += [f"{name}: {value}" for name, value in resp.headers]
+    origin = req.header("origin")
+    head.append(f"Access-Control-Allow-Origin: {origin or '*'}")
+    if origin:
+        head.append("Access-Control-Allow-Credentials: true")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + resp.body
+
+
+class Harness:
+    """Parses a request head + Content-Length body, calls handle_request, keeps connections alive."""
+
+    def __init__(self, eio: m.EioServer) -> None:
+        self.eio = eio
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=64 * 1024)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = writer.get_extra_info("peername")[:2]
+        self.writers.add(writer)
+        try:
+            while True:
+                try:
+                    raw_head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                    return
+                req = parse_head(raw_head, f"{host}:{port}")
+                length = int(req.header("content-length") or 0)
+                body = await reader.readexactly(length) if length else b""
+                if req.method == "OPTIONS":
+                    resp = HttpResponse(204, b"", "", [
+                        ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                        ("Access-Control-Allow-Headers", req.header("access-control-request-headers") or "content-type")])
+                elif req.path == "/socket.io/":
+                    resp = await self.eio.handle_request(req, body, reader, writer)
+                    if resp is None:
+                        return
+                else:
+                    resp = HttpResponse(404, b'{"error":"not found"}')
+                writer.write(render(resp, req))
+                await writer.drain()
+                if (req.header("connection") or "").lower() == "close":
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+
+
+class Endpoint:
+    """The whole endpoint (EioServer + SioServer + Hub + BboApp) on an event loop in a thread."""
+
+    def __init__(self, connect_timeout_s: float = m.SIO_CONNECT_TIMEOUT_S, **eio_args: Any) -> None:
+        self.eio_args = eio_args
+        self.connect_timeout_s = connect_timeout_s
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.latest: dict[str, Bbo] = {}
+        self.status: dict[str, Any] = {"state": "live", "reason": None, "market": "futures"}
+        self.events: list[tuple[str, Any]] = []
+
+    def start(self) -> Endpoint:
+        self.thread.start()
+        self.call(self._build)
+        return self
+
+    async def _build(self) -> None:
+        self.eio = m.EioServer(**self.eio_args)
+        self.sio = m.SioServer(self.eio, self.connect_timeout_s)
+        self.hub = m.Hub()
+        self.app = m.BboApp(self.sio, self.hub, lambda: list(self.latest.values()), lambda: dict(self.status))
+
+        @self.sio.on("echo")
+        def echo(sock: m.SioSocket, *args: Any) -> Any:
+            sock.emit("echo", *args)
+            return args
+
+        @self.sio.on("ask")
+        def ask(sock: m.SioSocket, *args: Any) -> None:
+            sock.emit("question", 42, callback=lambda *answer: self.events.append(("answer", answer)))
+
+        self.harness = Harness(self.eio)
+        await self.harness.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.harness.port}"
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 5.0) -> Any:
+        async def run() -> Any:
+            result = fn(*args)
+            return await result if asyncio.iscoroutine(result) else result
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
+
+    def publish(self, bbo: Bbo) -> None:
+        def go() -> None:
+            self.latest[bbo.symbol] = bbo
+            self.hub.publish(bbo)
+        self.call(go)
+
+    def stop(self) -> None:
+        async def close() -> None:
+            await self.eio.close_all()
+            self.harness.server.close()
+            for writer in list(self.harness.writers):
+                writer.transport.abort()  # every connection task then ends on its own
+            for _ in range(50):
+                if len(asyncio.all_tasks()) <= 1:
+                    break
+                await asyncio.sleep(0.01)
+        self.call(close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def srv() -> Any:
+    endpoint = Endpoint(ping_interval_ms=25000, ping_timeout_ms=20000).start()
+    yield endpoint
+    endpoint.stop()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Poll a condition set by another thread (client callbacks); fails fast with a clear message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.005)
+    raise AssertionError("condition not met in time")
+
+
+class Raw:
+    """A raw HTTP/1.1 client connection: exact bytes on the wire, keep-alive."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=3)
+        self.buf = b""
+
+    def send(self, method: str, target: str, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()) -> None:
+        head = f"{method} {target} HTTP/1.1\r\nHost: localhost\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers)
+        if body or method == "POST":
+            head += f"Content-Length: {len(body)}\r\n"
+        self.sock.sendall(head.encode() + b"\r\n" + body)
+
+    def response(self, timeout: float = 3.0) -> tuple[int, dict[str, str], bytes]:
+        self.sock.settimeout(timeout)
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(self.buf) < length:
+            self.buf += self.sock.recv(65536)
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return int(lines[0].split()[1]), headers, body
+
+    def request(self, method: str, target: str, body: bytes = b"", **kw: Any) -> tuple[int, dict[str, str], bytes]:
+        self.send(method, target, body, **kw)
+        return self.response()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def eio_path(sid: str | None = None, transport: str = "polling", eio: str = "4") -> str:
+    return f"/socket.io/?EIO={eio}&transport={transport}" + (f"&sid={sid}" if sid else "")
+
+
+def polling_handshake(port: int) -> tuple[str, Raw]:
+    raw = Raw(port)
+    status, headers, body = raw.request("GET", eio_path())
+    assert status == 200 and headers["content-type"] == "text/plain; charset=UTF-8"
+    return json.loads(body[1:])["sid"], raw
+
+
+# ---- Wire behaviour, each checked against node socket.io 4.8.4 / engine.io 6.6.11 ------------
+# (the reference's answers were captured on this machine with raw sockets; see sio_wip.py comments)
+
+@pytest.mark.parametrize(("method", "target", "status", "body"), [
+    ("GET", "/socket.io/", 400, b'{"code":0,"message":"Transport unknown"}'),
+    ("GET", "/socket.io/?EIO=4&transport=foo", 400, b'{"code":0,"message":"Transport unknown"}'),
+    ("GET", "/socket.io/?EIO=3&transport=polling", 400, b'{"code":5,"message":"Unsupported protocol version"}'),
+    ("GET", "/socket.io/?transport=polling", 400, b'{"code":5,"message":"Unsupported protocol version"}'),
+    ("GET", "/socket.io/?EIO=5&transport=polling", 400, b'{"code":5,"message":"Unsupported protocol version"}'),
+    ("GET", "/socket.io/?EIO=4&transport=polling&sid=abc", 400, b'{"code":1,"message":"Session ID unknown"}'),
+    ("POST", "/socket.io/?EIO=4&transport=polling", 400, b'{"code":2,"message":"Bad handshake method"}'),
+    ("PUT", "/socket.io/?EIO=4&transport=polling", 400, b'{"code":2,"message":"Bad handshake method"}'),
+    ("GET", "/socket.io/?EIO=4&transport=websocket", 400, b'{"code":3,"message":"Bad request"}'),
+])
+def test_wire_errors_like_reference(srv: Endpoint, method: str, target: str, status: int, body: bytes) -> None:
+    raw = Raw(srv.harness.port)
+    got_status, headers, got_body = raw.request(method, target)
+    assert (got_status, got_body) == (status, body)
+    assert headers["content-type"] == "application/json"
+
+
+def test_wire_handshake_post_and_session_errors(srv: Endpoint) -> None:
+    sid, raw = polling_handshake(srv.harness.port)
+    assert len(sid) == 20
+    status, headers, body = raw.request("POST", eio_path(sid), b"40")
+    assert (status, headers["content-type"], body) == (200, "text/html", b"ok")
+    status, _, body = raw.request("GET", eio_path(sid))
+    text = body.decode()
+    connect, welcome, feed = text.split("\x1e")
+    assert connect.startswith('40{"sid":"') and len(json.loads(connect[2:])["sid"]) == 20
+    assert welcome == '42["welcome",{"message":"Welcome to BBO Stream"}]'
+    assert feed.startswith('42["feed_status",')
+    raw.request("POST", eio_path(sid), b'4212["ping"]')
+    _, _, body = raw.request("GET", eio_path(sid))
+    pong, ack = body.decode().split("\x1e")
+    assert pong.startswith('42["pong",{"time":') and ack.startswith('4312[{"time":')
+    assert raw.request("PUT", eio_path(sid))[:3:2] == (500, b"")                # polling.ts: 500, no body
+    assert raw.request("GET", eio_path(sid, "websocket"))[2] == b'{"code":3,"message":"Bad request"}'
+    assert raw.request("GET", eio_path(sid, eio="3"))[2] == b'{"code":3,"message":"Bad request"}'
+
+
+def test_wire_open_packet_exact(srv: Endpoint) -> None:
+    raw = Raw(srv.harness.port)
+    _, headers, body = raw.request("GET", eio_path())
+    sid = json.loads(body[1:])["sid"]
+    assert body == ('0{"sid":"' + sid + '","upgrades":["websocket"],"pingInterval":25000,"pingTimeout":20000,'
+                    '"maxPayload":1000000}').encode()
+    assert headers["cache-control"] == "no-store"
+
+
+def test_wire_duplicate_get(srv: Endpoint) -> None:
+    sid, first = polling_handshake(srv.harness.port)
+    first.send("GET", eio_path(sid))
+    time.sleep(0.1)
+    second = Raw(srv.harness.port)
+    assert second.request("GET", eio_path(sid)) == (400, {"content-length": "0",
+                                                          "access-control-allow-origin": "*"}, b"")
+    assert first.response()[2] == b"1"
+    assert second.request("GET", eio_path(sid))[2] == b'{"code":1,"message":"Session ID unknown"}'
+
+
+def test_wire_invalid_packet_in_post_closes_session(srv: Endpoint) -> None:
+    sid, raw = polling_handshake(srv.harness.port)
+    assert raw.request("POST", eio_path(sid), b"9xyz")[2] == b"ok"           # the reference says ok too
+    assert raw.request("GET", eio_path(sid))[2] == b'{"code":1,"message":"Session ID unknown"}'
+
+
+def test_wire_invalid_socketio_packet_closes_with_noop_close(srv: Endpoint) -> None:
+    sid, raw = polling_handshake(srv.harness.port)
+    raw.request("POST", eio_path(sid), b"4abc")
+    assert raw.request("GET", eio_path(sid))[2] == b"6\x1e1"
+    assert raw.request("GET", eio_path(sid))[2] == b'{"code":1,"message":"Session ID unknown"}'
+
+
+def test_wire_client_close_releases_parked_get(srv: Endpoint) -> None:
+    sid, parked = polling_handshake(srv.harness.port)
+    parked.send("GET", eio_path(sid))
+    time.sleep(0.05)
+    Raw(srv.harness.port).request("POST", eio_path(sid), b"1")
+    assert parked.response()[2] == b"6"
+
+
+def test_wire_aborted_get_closes_session(srv: Endpoint) -> None:
+    sid, raw = polling_handshake(srv.harness.port)
+    raw.send("GET", eio_path(sid))
+    time.sleep(0.05)
+    raw.close()
+    wait_for(lambda: srv.call(lambda: sid not in srv.eio.connections), 1.0)
+
+
+def test_wire_oversized_post_refused_session_kept(srv: Endpoint) -> None:
+    sid, raw = polling_handshake(srv.harness.port)
+    status, _, body = raw.request("POST", eio_path(sid), b"4" + b"x" * 1_000_000)
+    assert (status, body) == (413, b"")
+    assert raw.request("POST", eio_path(sid), b"40")[2] == b"ok"               # still alive
+
+
+def test_wire_unknown_namespace(srv: Endpoint) -> None:
+    sid, raw = polling_handshake(srv.harness.port)
+    raw.request("POST", eio_path(sid), b'40/admin,{"token":"x"}')
+    assert raw.request("GET", eio_path(sid))[2] == b'44/admin,{"message":"Invalid namespace"}'
+    raw.request("POST", eio_path(sid), b"40")                                    # the connection stays usable
+    assert raw.request("GET", eio_path(sid))[2].startswith(b'40{"sid":')
+
+
+def test_wire_binary_over_polling(srv: Endpoint) -> None:
+    sid, raw = polling_handshake(srv.harness.port)
+    raw.request("POST", eio_path(sid), b"40")
+    raw.request("GET", eio_path(sid))
+    body = '451-["echo",{"_placeholder":true,"num":0}]\x1eb' + base64.b64encode(b"\x00\x01\xff").decode()
+    raw.request("POST", eio_path(sid), body.encode())
+    _, _, answer = raw.request("GET", eio_path(sid))
+    assert answer == b'451-["echo",{"_placeholder":true,"num":0}]\x1ebAAH/'
+
+
+def ws_connect(port: int, query: str) -> Any:
+    from websockets.sync.client import connect
+    return connect(f"ws://127.0.0.1:{port}/socket.io/?{query}", open_timeout=3, max_size=None)
+
+
+def ws_recv_all(ws: Any, timeout: float = 0.3) -> list[Any]:
+    from websockets.exceptions import ConnectionClosed
+    out: list[Any] = []
+    try:
+        while True:
+            out.append(ws.recv(timeout=timeout))
+    except TimeoutError:
+        pass
+    except ConnectionClosed as exc:
+        out.append(("closed", exc.rcvd.code if exc.rcvd else None))
+    return out
+
+
+def test_wire_websocket_direct_and_errors(srv: Endpoint) -> None:
+    ws = ws_connect(srv.harness.port, "EIO=4&transport=websocket")
+    opened = json.loads(ws.recv(timeout=2)[1:])
+    assert list(opened) == ["sid", "upgrades", "pingInterval", "pingTimeout", "maxPayload"]
+    assert opened["upgrades"] == []
+    ws.send("40")
+    assert ws.recv(timeout=2).startswith('40{"sid":')
+    ws.send("2probe")                                   # v4: the client never pings on a plain session
+    assert ws_recv_all(ws)[-1] == ("closed", 1005)
+    raw = Raw(srv.harness.port)
+    upgrade = (("Upgrade", "websocket"), ("Connection", "Upgrade"),
+               ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13"))
+    assert raw.request("GET", eio_path("zzz", "websocket"), headers=upgrade)[::2] == (400, b"Session ID unknown")
+    assert Raw(srv.harness.port).request("GET", "/socket.io/?EIO=4&transport=foo", headers=upgrade)[::2] == (
+        400, b"Transport unknown")
+    assert Raw(srv.harness.port).request("GET", eio_path(None, "websocket", "3"), headers=upgrade)[::2] == (
+        400, b"Unsupported protocol version")
+
+
+def test_wire_websocket_oversized_message_1009(srv: Endpoint) -> None:
+    ws = ws_connect(srv.harness.port, "EIO=4&transport=websocket")
+    ws.recv(timeout=2)
+    ws.send("4" + "x" * 1_000_001)
+    assert ws_recv_all(ws)[-1] == ("closed", 1009)
+
+
+def test_wire_upgrade_sequence_and_second_websocket(srv: Endpoint) -> None:
+    sid, raw = polling_handshake(srv.harness.port)
+    raw.request("POST", eio_path(sid), b"40")
+    raw.request("GET", eio_path(sid))                    # CONNECT answer, welcome, feed status
+    parked = Raw(srv.harness.port)
+    parked.send("GET", eio_path(sid))
+    time.sleep(0.05)
+    ws = ws_connect(srv.harness.port, f"EIO=4&transport=websocket&sid={sid}")
+    assert ws_recv_all(ws, 0.1) == []                    # nothing before the probe
+    ws.send("2probe")
+    assert ws.recv(timeout=2) == "3probe"
+    assert parked.response()[2] == b"6"                  # the parked GET is released with a noop
+    second = ws_connect(srv.harness.port, f"EIO=4&transport=websocket&sid={sid}")
+    assert ws_recv_all(second) == [("closed", 1005)]     # accepted, then closed (as the reference)
+    ws.send("5")
+    ws.send('42["ping"]')
+    assert ws.recv(timeout=2).startswith('42["pong",')
+    assert raw.request("GET", eio_path(sid))[2] == b'{"code":3,"message":"Bad request"}'
+    assert raw.request("POST", eio_path(sid), b"40")[2] == b'{"code":3,"message":"Bad request"}'
+    third = ws_connect(srv.harness.port, f"EIO=4&transport=websocket&sid={sid}")
+    assert ws_recv_all(third) == [("closed", 1005)]
+    ws.send('42["ping"]')
+    assert ws.recv(timeout=2).startswith('42["pong",')   # the first WebSocket is unaffected
+
+
+@pytest.mark.parametrize("bad", ["42{}", '42["x"', "49", '41{}', '42["disconnect"]', "4", "40", "9",
+                                 '44{"m":1}', '42/admin,["echo"]', "b AQI="])
+def test_wire_malformed_packets_close_only_that_connection(srv: Endpoint, bad: str) -> None:
+    good = ws_connect(srv.harness.port, "EIO=4&transport=websocket")
+    good.recv(timeout=2), good.send("40"), ws_recv_all(good, 0.1)
+    ws = ws_connect(srv.harness.port, "EIO=4&transport=websocket")
+    ws.recv(timeout=2)
+    ws.send("40")
+    ws_recv_all(ws, 0.1)
+    ws.send(bad)
+    assert ws_recv_all(ws)[-1] == ("closed", 1005)
+    good.send('42["ping"]')
+    assert good.recv(timeout=2).startswith('42["pong",')
+
+
+def test_wire_binary_websocket_attachment(srv: Endpoint) -> None:
+    ws = ws_connect(srv.harness.port, "EIO=4&transport=websocket")
+    ws.recv(timeout=2), ws.send("40"), ws_recv_all(ws, 0.1)
+    ws.send('451-["echo",{"_placeholder":true,"num":0}]')
+    ws.send(b"\x01\x02")
+    assert ws_recv_all(ws) == ['451-["echo",{"_placeholder":true,"num":0}]', b"\x01\x02"]
+    ws.send(b"\x00")                                     # binary nobody announced
+    assert ws_recv_all(ws)[-1] == ("closed", 1005)
+
+
+def test_wire_server_ack_round_trip(srv: Endpoint) -> None:
+    ws = ws_connect(srv.harness.port, "EIO=4&transport=websocket")
+    ws.recv(timeout=2), ws.send("40"), ws_recv_all(ws, 0.1)
+    ws.send('42["ask"]')
+    assert ws.recv(timeout=2) == '420["question",42]'
+    ws.send('430["yes"]')
+    wait_for(lambda: srv.events == [("answer", ("yes",))], 2)
+
+
+def test_wire_leaving_namespace_keeps_engineio(srv: Endpoint) -> None:
+    ws = ws_connect(srv.harness.port, "EIO=4&transport=websocket")
+    ws.recv(timeout=2), ws.send("40"), ws_recv_all(ws, 0.1)
+    ws.send("41")
+    assert ws_recv_all(ws, 0.2) == []
+    ws.send("40")                                        # can join again on the same connection
+    assert ws.recv(timeout=2).startswith('40{"sid":')
+
+
+# ---- Interop: python-socketio (sync and asyncio clients) ------------------------------------
+
+TRANSPORTS = {"websocket": ["websocket"], "polling": ["polling"], "upgrade": ["polling", "websocket"]}
+
+
+def server_clients(srv: Endpoint) -> int:
+    return srv.call(lambda: len(srv.eio.connections))
+
+
+@pytest.mark.parametrize("mode", list(TRANSPORTS))
+def test_python_sync_client(srv: Endpoint, mode: str) -> None:
+    import socketio
+    got: dict[str, list[Any]] = {"welcome": [], "pong": [], "bbo_update": [], "feed_status": []}
+    client = socketio.Client(reconnection=False)
+    for event, seen in got.items():
+        client.on(event, seen.append)
+    client.connect(srv.url, transports=TRANSPORTS[mode], wait_timeout=5)
+    wait_for(lambda: got["welcome"] and got["feed_status"])
+    assert got["welcome"] == [{"message": "Welcome to BBO Stream"}]
+    assert got["feed_status"][0]["state"] == "live"
+    assert client.transport() == ("polling" if mode == "polling" else "websocket")
+    ack = client.call("ping", timeout=5)
+    assert set(ack) == {"time"} and abs(ack["time"] - time.time() * 1000) < 5000
+    wait_for(lambda: got["pong"])
+    bbo = make_bbo(update_id=7)
+    srv.publish(bbo)
+    wait_for(lambda: got["bbo_update"])
+    assert got["bbo_update"] == [json.loads(bbo_json(bbo))]
+    started = time.monotonic()
+    client.disconnect()
+    wait_for(lambda: server_clients(srv) == 0, 1.0)
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize("mode", list(TRANSPORTS))
+def test_python_async_client(srv: Endpoint, mode: str) -> None:
+    import socketio
+
+    async def scenario() -> None:
+        client = socketio.AsyncClient(reconnection=False)
+        welcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        updates: asyncio.Queue[Any] = asyncio.Queue()
+        client.on("welcome", lambda data: welcome.done() or welcome.set_result(data))
+        client.on("bbo_update", updates.put_nowait)
+        await client.connect(srv.url, transports=TRANSPORTS[mode], wait_timeout=5)
+        assert await asyncio.wait_for(welcome, 5) == {"message": "Welcome to BBO Stream"}
+        assert "time" in await client.call("ping", timeout=5)
+        ack = await client.call("subscribe", {"symbols": ["ethusdt"], "maxRate": 5}, timeout=5)
+        assert ack == {"symbols": ["ETHUSDT"], "maxRate": 5}
+        bbos = [make_bbo("BTCUSDT", 1), make_bbo("ETHUSDT", 2)]
+        await asyncio.to_thread(lambda: [srv.publish(b) for b in bbos])
+        assert await asyncio.wait_for(updates.get(), 5) == json.loads(bbo_json(bbos[1]))  # BTC filtered out
+        await client.call("subscribe", {"symbols": ["BTCUSDT"]}, timeout=5)
+        await client.emit("request_initial_data")
+        initial = [await asyncio.wait_for(updates.get(), 5) for _ in range(2)]
+        assert sorted(u["symbol"] for u in initial) == ["BTCUSDT", "ETHUSDT"]
+        started = time.monotonic()
+        await client.disconnect()
+        await asyncio.to_thread(wait_for, lambda: server_clients(srv) == 0, 1.0)
+        assert time.monotonic() - started < 1.0
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
+def test_python_seed_example_runs_verbatim(srv: Endpoint) -> None:
+    """The Python example of original-design.md, only the URL changed, against the endpoint."""
+    design = Path(__file__).resolve().parent.parent / "shared" / "docs" / "original-design.md"
+    if not design.exists():
+        pytest.skip("original-design.md not found")
+    text = design.read_text()
+    start = text.index("```python", text.index("### Connection Example (Python)")) + len("```python")
+    code = text[start:text.index("```", start)].replace("http://your-server-address:5000", srv.url)
+    srv.latest["BTCUSDT"] = make_bbo(update_id=3)
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
+        script.write(code)
+    proc = subprocess.Popen([os.environ.get("PYTHON", "python"), "-u", script.name], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any("BTCUSDT: Bid" in line for line in lines):
+            lines.append(proc.stdout.readline())
+        output = "".join(lines)  # handlers run on client threads: their prints may interleave
+        assert "Connected to BBO Stream server" in output
+        assert "Server welcome message: Welcome to BBO Stream" in output
+        assert "BTCUSDT: Bid 28750.10 (1.5) | Ask 28750.20 (0.25)" in output  # from request_initial_data
+    finally:
+        proc.terminate()
+        proc.wait(5)
+        os.unlink(script.name)
+
+
+# ---- Interop: the JavaScript socket.io-client 4.x under node --------------------------------
+
+def _find_js_client() -> str | None:
+    candidates = [os.environ.get("SOCKET_IO_CLIENT_DIR", ""),
+                  str(Path(__file__).resolve().parent / "node_modules" / "socket.io-client"),
+                  "/tmp/ref/node_modules/socket.io-client"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "package.json").exists():
+            return candidate
+    return None
+
+
+JS_CLIENT = _find_js_client()
+needs_node = pytest.mark.skipif(not (shutil.which("node") and JS_CLIENT),
+                                reason="node and socket.io-client 4.x (set SOCKET_IO_CLIENT_DIR) needed")
+
+JS_SCRIPT = r"""
+const { io } = require(process.env.SIO_CLIENT);
+const [url, mode] = process.argv.slice(2);
+const transports = {websocket: ["websocket"], polling: ["polling"], upgrade: ["polling", "websocket"]}[mode];
+const socket = io(url, { path: "/socket.io/", transports, reconnection: false, timeout: 5000 });
+const out = (o) => process.stdout.write(JSON.stringify(o) + "\n");
+const transport = () => socket.io.engine.transport.name;
+socket.on("connect", () => { out({ev: "connect", transport: transport()}); socket.emit("ready"); });
+socket.io.on("open", () => socket.io.engine.on("upgrade", (t) => out({ev: "upgrade", transport: t.name})));
+socket.on("welcome", (d) => { out({ev: "welcome", d}); socket.emit("ping", (ack) => out({ev: "ack", d: ack})); });
+socket.on("pong", (d) => out({ev: "pong", d}));
+socket.on("feed_status", (d) => out({ev: "feed_status", d}));
+socket.on("bbo_update", (d) => out({ev: "bbo_update", d, transport: transport()}));
+socket.on("disconnect", (r) => { out({ev: "disconnect", r}); setTimeout(() => process.exit(0), 50); });
+socket.on("connect_error", (e) => { out({ev: "connect_error", m: e.message}); process.exit(1); });
+require("readline").createInterface({input: process.stdin}).on("line", (l) => { if (l === "disconnect") socket.disconnect(); });
+"""
+
+
+class NodeClient:
+    def __init__(self, url: str, mode: str, script: str = JS_SCRIPT) -> None:
+        self.file = tempfile.NamedTemporaryFile("w", suffix=".js", delete=False)
+        self.file.write(script)
+        self.file.close()
+        self.proc = subprocess.Popen(["node", self.file.name, url, mode], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "SIO_CLIENT": JS_CLIENT or ""})
+        self.seen: list[dict[str, Any]] = []
+
+    def until(self, event: str, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        for item in self.seen:
+            if item.get("ev") == event:
+                return item
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            item = json.loads(line) if line.startswith("{") else {"ev": "log", "line": line}
+            self.seen.append(item)
+            if item.get("ev") == event:
+                return item
+        raise AssertionError(f"no {event!r} from node; saw {self.seen}")
+
+    def command(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        os.unlink(self.file.name)
+
+
+@needs_node
+@pytest.mark.parametrize("mode", list(TRANSPORTS))
+def test_js_client(srv: Endpoint, mode: str) -> None:
+    node = NodeClient(srv.url, mode)
+    try:
+        node.until("connect")
+        assert node.until("welcome")["d"] == {"message": "Welcome to BBO Stream"}
+        assert node.until("feed_status")["d"]["state"] == "live"
+        assert "time" in node.until("ack")["d"] and "time" in node.until("pong")["d"]
+        if mode == "upgrade":
+            assert node.until("upgrade")["transport"] == "websocket"
+        bbo = make_bbo(update_id=11)
+        srv.publish(bbo)
+        got = node.until("bbo_update")
+        assert got["d"] == json.loads(bbo_json(bbo))
+        assert got["transport"] == ("polling" if mode == "polling" else "websocket")
+        started = time.monotonic()
+        node.command("disconnect")
+        assert node.until("disconnect")["r"] == "io client disconnect"
+        wait_for(lambda: server_clients(srv) == 0, 1.0)
+        assert time.monotonic() - started < 1.0
+    finally:
+        node.close()
+
+
+@needs_node
+def test_js_seed_example_runs_verbatim(srv: Endpoint) -> None:
+    """The JavaScript example of original-design.md (a browser snippet: `io` comes from a require)."""
+    design = Path(__file__).resolve().parent.parent / "shared" / "docs" / "original-design.md"
+    if not design.exists():
+        pytest.skip("original-design.md not found")
+    text = design.read_text()
+    start = text.index("```javascript", text.index("### Connection Example (JavaScript)")) + len("```javascript")
+    code = text[start:text.index("```", start)].replace("http://your-server-address:5000", srv.url)
+    srv.latest["BTCUSDT"] = make_bbo(update_id=5)
+    script = "const { io } = require(process.env.SIO_CLIENT);\n" + code + "\nsetTimeout(() => process.exit(0), 4000);\n"
+    node = NodeClient(srv.url, "upgrade", script)
+    try:
+        lines = []
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and not any("BTCUSDT: Bid" in line for line in lines):
+            lines.append(node.proc.stdout.readline())
+        output = "".join(lines)
+        assert "Connected to BBO Stream server" in output
+        assert "Server welcome message: Welcome to BBO Stream" in output
+        assert "BTCUSDT: Bid 28750.10 (1.5) | Ask 28750.20 (0.25)" in output
+    finally:
+        node.close()
+
+
+# ---- Faults: slow, vanished, flooding and silent clients -------------------------------------
+
+class RawWs:
+    """A hand-driven WebSocket client socket: it reads only when told to."""
+
+    def __init__(self, port: int, query: str = "EIO=4&transport=websocket", rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(5)
+        self.sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /socket.io/?{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self.sock.recv(4096)
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101")
+
+    def send_text(self, text: str) -> None:
+        payload, mask = text.encode(), os.urandom(4)
+        n = len(payload)
+        head = bytes((0x81, 0x80 | n)) if n < 126 else bytes((0x81, 0xFE)) + n.to_bytes(2, "big")
+        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def recv_frame(self) -> tuple[int, bytes]:
+        def need(count: int) -> None:
+            while len(self.buf) < count:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("eof")
+                self.buf += chunk
+        need(2)
+        length, offset = self.buf[1] & 0x7F, 2
+        if length == 126:
+            need(4)
+            length, offset = int.from_bytes(self.buf[2:4], "big"), 4
+        elif length == 127:
+            need(10)
+            length, offset = int.from_bytes(self.buf[2:10], "big"), 10
+        need(offset + length)
+        opcode, payload = self.buf[0] & 0x0F, self.buf[offset:offset + length]
+        self.buf = self.buf[offset + length:]
+        return opcode, payload
+
+    def recv_text(self) -> str:
+        opcode, payload = self.recv_frame()
+        assert opcode == 1, (opcode, payload)
+        return payload.decode()
+
+    def reset(self) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        self.sock.close()
+
+
+def recv_until(client: RawWs, prefix: str) -> str:
+    while True:
+        text = client.recv_text()
+        if text.startswith(prefix):
+            return text
+
+
+def joined_ws(port: int, **kw: Any) -> RawWs:
+    client = RawWs(port, **kw)
+    assert client.recv_text().startswith("0{")
+    client.send_text("40")
+    assert client.recv_text().startswith("40{")
+    return client
+
+
+def test_fault_stuck_client_is_cut_off_without_slowing_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(m, "WS_WRITE_TIMEOUT_S", 0.5)
+    srv = Endpoint().start()
+    try:
+        stuck = joined_ws(srv.harness.port, rcvbuf=4096)
+        stuck_sid = srv.call(lambda: next(iter(srv.eio.connections)))
+
+        def shrink() -> None:  # keep the kernel from absorbing the backlog on loopback
+            sock = srv.eio.connections[stuck_sid].ws.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        srv.call(shrink)
+        healthy = joined_ws(srv.harness.port)
+        received: list[int] = []
+
+        def read_healthy() -> None:
+            try:
+                while True:
+                    text = healthy.recv_text()
+                    if text.startswith('42["bbo_update"'):
+                        received.append(json.loads(text[2:])[1]["updateId"])
+            except (OSError, AssertionError):
+                return  # the test is over
+        reader = threading.Thread(target=read_healthy, daemon=True)
+        reader.start()
+        total, samples = 3000, []
+
+        async def feed() -> float:
+            started = time.perf_counter()
+            for n in range(1, total + 1):
+                srv.hub.publish(make_bbo(f"SYM{n % 5}", n))
+                if n % 50 == 0:
+                    conn = srv.eio.connections.get(stuck_sid)
+                    if conn is not None:
+                        samples.append((conn.session.outbox.update_bytes,
+                                        conn.ws.transport.get_write_buffer_size()))
+                    await asyncio.sleep(0.002)
+            return time.perf_counter() - started
+        elapsed = srv.call(feed, timeout=30)
+        wait_for(lambda: len(received) == total, 5)
+        assert received == list(range(1, total + 1))        # the healthy client got every update, in order
+        assert elapsed < 5
+        wait_for(lambda: srv.call(lambda: stuck_sid not in srv.eio.connections), 3)
+        assert srv.call(lambda: srv.eio.slow_disconnects) == 1
+        assert samples and max(size for size, _ in samples) <= m.OUTBOX_MAX_UPDATE_BYTES
+        assert max(buffered for _, buffered in samples) <= m.WS_HIGH_WATER_BYTES + 50 * 400
+        stats = srv.call(srv.hub.stats)
+        assert stats["skipped"] > 0 and stats["published"] == total
+        healthy.reset()
+        stuck.reset()
+    finally:
+        srv.stop()
+
+
+def test_fault_thousand_abrupt_disconnects(srv: Endpoint) -> None:
+    observer = joined_ws(srv.harness.port)
+    clients = [joined_ws(srv.harness.port) for _ in range(500)]
+    parked = []
+    for _ in range(500):
+        sid, raw = polling_handshake(srv.harness.port)
+        raw.send("GET", eio_path(sid))
+        parked.append(raw)
+    wait_for(lambda: server_clients(srv) == 1001, 5)
+    for client in clients:
+        client.reset()
+    for raw in parked:
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        raw.close()
+    wait_for(lambda: server_clients(srv) == 1, 5)
+    observer.send_text('42["ping"]')
+    recv_until(observer, '42["pong"')
+    assert srv.call(lambda: srv.hub.stats()["clients"]) == 1
+
+
+def test_fault_ping_flood(srv: Endpoint) -> None:
+    flooder = joined_ws(srv.harness.port)
+    flooder.recv_text(), flooder.recv_text()             # welcome, feed_status
+    other = joined_ws(srv.harness.port)
+    other.recv_text(), other.recv_text()
+    count = 5000
+    for n in range(count):
+        flooder.send_text(f'42{n}["ping"]')
+    started = time.monotonic()
+    other.send_text('421["ping"]')
+    assert other.recv_text().startswith('42["pong"') and other.recv_text().startswith("431[")
+    assert time.monotonic() - started < 2
+    answers = [flooder.recv_text() for _ in range(2 * count)]
+    assert answers[-1].startswith(f"43{count - 1}[")
+    assert server_clients(srv) == 2
+
+
+def test_fault_flooder_that_never_reads_is_disconnected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(m, "WS_WRITE_TIMEOUT_S", 0.3)
+    srv = Endpoint().start()
+    try:
+        flooder = joined_ws(srv.harness.port, rcvbuf=4096)
+        frame = bytes((0x81, 0x80 | 11)) + b"\x00" * 4 + b'42["ping"] '  # zero mask: payload as is
+        try:
+            for _ in range(200):
+                flooder.sock.sendall(frame * 500)
+        except OSError:
+            pass                                          # the server hung up on us: that is the point
+        wait_for(lambda: server_clients(srv) == 0, 5)
+    finally:
+        srv.stop()
+
+
+def test_heartbeat_closes_silent_clients() -> None:
+    srv = Endpoint(ping_interval_ms=200, ping_timeout_ms=200).start()
+    try:
+        sid, _raw = polling_handshake(srv.harness.port)  # never polls again
+        silent = RawWs(srv.harness.port)
+        assert silent.recv_text().startswith("0{")
+        lively = RawWs(srv.harness.port)
+        assert lively.recv_text().startswith("0{")
+        started = time.monotonic()
+        assert silent.recv_text() == "2"
+        assert 0.15 < time.monotonic() - started < 0.4
+        for _ in range(4):                               # answers every ping: stays
+            assert lively.recv_text() == "2"
+            lively.send_text("3")
+        assert silent.recv_frame() == (8, b"")           # empty close frame (1005) after the timeout
+        assert time.monotonic() - started < 0.8 + 0.3
+        assert srv.call(lambda: sid not in srv.eio.connections and len(srv.eio.connections)) == 1
+    finally:
+        srv.stop()
+
+
+def test_connect_timeout_closes_clients_that_never_join() -> None:
+    srv = Endpoint(connect_timeout_s=0.2).start()
+    try:
+        idle = RawWs(srv.harness.port)
+        assert idle.recv_text().startswith("0{")
+        joined = joined_ws(srv.harness.port)
+        assert idle.recv_frame() == (8, b"")
+        time.sleep(0.1)
+        joined.send_text('42["ping"]')
+        recv_until(joined, '42["pong"')
+    finally:
+        srv.stop()
+
+
+def test_max_clients_gives_503() -> None:
+    srv = Endpoint(max_clients=2).start()
+    try:
+        polling_handshake(srv.harness.port)
+        polling_handshake(srv.harness.port)
+        status, _, body = Raw(srv.harness.port).request("GET", eio_path())
+        assert (status, body) == (503, b'{"code":4,"message":"Too many clients"}')
+        assert srv.call(lambda: srv.eio.refused_full) == 1
+    finally:
+        srv.stop()
+
+
+def test_max_rate_gives_newest_at_rate(srv: Endpoint) -> None:
+    client = joined_ws(srv.harness.port)
+    client.recv_text(), client.recv_text()
+    client.send_text('421["subscribe",{"symbols":["BTCUSDT"],"maxRate":10}]')
+    assert client.recv_text() == '431[{"symbols":["BTCUSDT"],"maxRate":10}]'
+
+    async def feed() -> None:
+        for n in range(1, 101):                          # 100 updates over ~0.5 s
+            srv.hub.publish(make_bbo("BTCUSDT", n))
+            srv.hub.publish(make_bbo("ETHUSDT", n))
+            await asyncio.sleep(0.005)
+    srv.call(feed)
+    got = []
+    client.sock.settimeout(0.4)
+    with pytest.raises(socket.timeout):
+        while True:
+            got.append(json.loads(client.recv_text()[2:])[1])
+    ids = [u["updateId"] for u in got]
+    assert {u["symbol"] for u in got} == {"BTCUSDT"}
+    assert 4 <= len(ids) <= 9 and ids[-1] == 100         # ~10/s, and the newest value arrives
+    assert ids == sorted(ids)
+
+
+def test_shutdown_closes_everyone(srv: Endpoint) -> None:
+    ws = joined_ws(srv.harness.port)
+    sid, raw = polling_handshake(srv.harness.port)
+    raw.send("GET", eio_path(sid))
+    time.sleep(0.05)
+    srv.call(srv.eio.close_all)
+    assert raw.response()[2] == b"1"
+    while (frame := ws.recv_frame())[0] != 8:
+        pass
+    assert frame == (8, (1001).to_bytes(2, "big"))       # going away
+
+
+# ---- The layered API: an endpoint with its own handlers --------------------------------------
+
+def test_custom_namespace_echo_server_with_binary_and_refusal(srv: Endpoint) -> None:
+    import socketio
+
+    def setup() -> None:
+        @srv.sio.on("echo", namespace="/echo")
+        def echo(sock: m.SioSocket, *args: Any) -> Any:
+            return args                                   # the tuple becomes the ack's arguments
+
+        @srv.sio.on_connect("/echo")
+        def joined(sock: m.SioSocket, auth: Any) -> None:
+            sock.emit("hello", auth)                      # goes out after the CONNECT answer
+
+        @srv.sio.on_connect("/private")
+        def refuse(sock: m.SioSocket, auth: Any) -> None:
+            if auth.get("token") != "secret":
+                raise m.SioConnectRefused("not authorized", {"why": "token"})
+    srv.call(setup)
+    client = socketio.Client(reconnection=False)
+    hello: list[Any] = []
+    client.on("hello", hello.append, namespace="/echo")
+    client.connect(srv.url, namespaces=["/echo"], auth={"user": "ann"}, transports=["websocket"], wait_timeout=5)
+    wait_for(lambda: hello)
+    assert hello == [{"user": "ann"}]
+    assert client.call("echo", ("text", b"\x00\x01bin", {"n": 1}), namespace="/echo", timeout=5) == (
+        "text", b"\x00\x01bin", {"n": 1})
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        client.connect(srv.url, namespaces=["/private"], transports=["websocket"], wait_timeout=5)
+    client.disconnect()
+
+
+def test_refused_connect_is_connect_error(srv: Endpoint) -> None:
+    def setup() -> None:
+        @srv.sio.on_connect("/private")
+        def refuse(sock: m.SioSocket, auth: Any) -> None:
+            raise m.SioConnectRefused("not authorized", {"why": "token"})
+    srv.call(setup)
+    ws = RawWs(srv.harness.port)
+    ws.recv_text()
+    ws.send_text("40/private,")
+    assert ws.recv_text() == '44/private,{"message":"not authorized","data":{"why":"token"}}'
+    ws.send_text("40")
+    assert ws.recv_text().startswith('40{"sid":')          # the connection stays usable
+
+
+def test_subscribe_and_unsubscribe_acks(srv: Endpoint) -> None:
+    for symbol in ("BTCUSDT", "ETHUSDT", "BNBUSDT"):
+        srv.latest[symbol] = make_bbo(symbol)
+    ws = joined_ws(srv.harness.port)
+    cases = [
+        ('["unsubscribe",{"symbols":["BNBUSDT"]}]', {"symbols": ["BTCUSDT", "ETHUSDT"], "maxRate": None}),
+        ('["subscribe",{"symbols":["bnbusdt"],"maxRate":2.5}]',
+         {"symbols": ["BNBUSDT", "BTCUSDT", "ETHUSDT"], "maxRate": 2.5}),
+        ('["subscribe",{}]', {"symbols": ["BNBUSDT", "BTCUSDT", "ETHUSDT"], "maxRate": None}),
+        ('["subscribe",{"maxRate":0}]', {"error": "maxRate must be a number in (0, 1000]"}),
+        ('["subscribe",{"symbols":"BTCUSDT"}]', {"error": "symbols must be a list of at most 1000 names"}),
+        ('["subscribe",[1]]', {"error": "subscribe expects an object"}),
+        ('["unsubscribe",{"symbols":["BTCUSDT","ETHUSDT","BNBUSDT"]}]', {"symbols": [], "maxRate": None}),
+    ]
+    for n, (event, expected) in enumerate(cases):
+        ws.send_text(f"42{n}{event}")
+        answer = recv_until(ws, f"43{n}[")
+        assert json.loads(answer[2 + len(str(n)):]) == [expected], event
+    srv.publish(make_bbo("BTCUSDT", 9))                  # subscribed to nothing now
+    ws.send_text('42["ping"]')
+    assert recv_until(ws, "42[").startswith('42["pong"')
+
+
+def test_polling_client_gets_batches(srv: Endpoint) -> None:
+    sid, raw = polling_handshake(srv.harness.port)
+    raw.request("POST", eio_path(sid), b"40")
+    raw.request("GET", eio_path(sid))
+    bbos = [make_bbo("BTCUSDT", n) for n in range(1, 6)]
+
+    def burst() -> None:
+        for bbo in bbos:
+            srv.hub.publish(bbo)
+    srv.call(burst)
+    time.sleep(0.05)
+    _, _, body = raw.request("GET", eio_path(sid))
+    assert body.decode().split("\x1e") == ['42["bbo_update",' + bbo_json(b) + "]" for b in bbos]
+
+
+def test_raise_nofile_limit_reaches_the_hard_limit() -> None:
+    import resource
+    soft, hard = m.raise_nofile_limit()
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)
+    assert hard == resource.RLIM_INFINITY or soft == hard
+
+
+def test_metrics_samples(srv: Endpoint) -> None:
+    ws = joined_ws(srv.harness.port)
+    srv.publish(make_bbo())
+    recv_until(ws, '42["bbo_update"')
+    hub = {name: samples for name, _, _, samples in srv.call(srv.hub.metrics_samples)}
+    eio = {name: samples for name, _, _, samples in srv.call(srv.eio.metrics_samples)}
+    assert hub["sio_clients"] == [("", 1)] and hub["sio_deliveries_total"] == [("", 1)]
+    assert eio["eio_sessions"] == [('{transport="polling"}', 0), ('{transport="websocket"}', 1)]
+
+
+def test_oversized_post_body_not_read(srv: Endpoint) -> None:
+    """The HTTP layer passes body=None when Content-Length exceeds max_payload."""
+    sid, _ = polling_handshake(srv.harness.port)
+    conn = srv.call(lambda: srv.eio.connections[sid])
+    req = parse_head(f"POST {eio_path(sid)} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), "t:1")
+    resp = srv.call(lambda: srv.eio.handle_request(req, None, None, None))
+    assert (resp.status, resp.body) == (413, b"") and not conn.closed

@@ -1,0 +1,2204 @@
+/* ===========================================================================
+ * BBO Stream dashboard — static/app.js
+ *
+ * One file of plain modern JavaScript: no framework, no chart library, no build
+ * step, nothing loaded from a CDN. Served by bbo_stream.py next to index.html and
+ * style.css. Organised in bannered parts like the server module:
+ *
+ *   §1  Utilities and formatting (exact decimal arithmetic on the exchange's strings)
+ *   §2  Engine.IO v4 / Socket.IO v5 client (WebSocket, long-polling fallback,
+ *       reconnection with exponential backoff + jitter, heartbeat, acks)
+ *   §3  State (symbols, BBO, feed status, connection statistics, live point buffers)
+ *   §4  Chart (canvas, per-pixel-column min/max decimation, axes, outages,
+ *       zoom / pan / crosshair, server backfill)
+ *   §5  UI updates (batched with requestAnimationFrame, never once per message)
+ *   §6  Historical data view (REST: latency stats, paged updates, CSV)
+ *   §7  Boot, timers, localStorage, test hooks
+ *
+ * Page URL parameters
+ *   ?transport=polling     force HTTP long-polling (no WebSocket attempt)
+ *   ?transport=websocket   WebSocket only (no fallback)
+ *   ?symbol=ETHUSDT        initial symbol
+ *   ?tf=1h                 initial timeframe (1m 5m 15m 1h 12h 1d)
+ *   ?store=0               do not restore / save recent points in localStorage
+ *
+ * Stable element ids (for browser tests)
+ *   Status     #conn-status[data-state=connecting|connected|reconnecting|offline] (#conn-text)
+ *              #transport ("WebSocket" | "Polling" | "—")
+ *              #feed-state[data-state=unknown|connecting|live|stale|backoff|failed|stopped]
+ *              (#feed-state-text: the state word, plus a countdown while backing off)
+ *              #feed-banner (shown whenever prices are not live), #sr-status (polite live region)
+ *   BBO        #symbol-select, #symbol-tabs (buttons [data-symbol]), #bbo-card[data-live=true|false]
+ *              #bid-price #bid-qty #ask-price #ask-qty  (exact strings from the last bbo_update)
+ *              #spread #spread-bps #mid-price #spread-indicator #bbo-age #bbo-time #bbo-update-id #bbo-latency
+ *   Chart      #chart (main canvas), #chart-overlay (crosshair), #chart-tooltip, #chart-empty, #chart-info
+ *              #tf-1m #tf-5m #tf-15m #tf-1h #tf-12h #tf-1d (aria-pressed), #zoom-reset
+ *   Stats      #rtt #backend-latency #backend-latency-avg (data-level=good|warn|bad|none)
+ *              #msg-count #msg-rate #conn-duration #stats-transport #conn-reconnects
+ *              #fd-state #fd-market #fd-since #fd-age #fd-next #fd-messages #fd-reconnects
+ *              #fd-duplicates #fd-crossed #fd-parse #fd-reason
+ *   History    #hist-symbol #hist-range #hist-start #hist-end #hist-limit #hist-load #hist-csv
+ *              #hist-stats (stat tiles [data-stat=count|min|mean|p50|p90|p99|max]) #hist-error
+ *              #hist-table (tbody rows newest first, tr[data-update-id]) #hist-older #hist-newer #hist-page
+ *
+ * Test hook: window.bboDebug
+ *   state                        the live state object (§3)
+ *   transport()                  "websocket" | "polling" | null (current Engine.IO transport)
+ *   connection()                 {state, transport, sid, reconnects, attempts, reconnectAt}
+ *   chart.pointCount()           live points held for the current symbol
+ *   chart.lastDrawMs()           duration of the last chart redraw (ms)
+ *   chart.timeframe()            "1m" … "1d"
+ *   chart.viewRange()            [startMs, endMs] of the visible range (server clock)
+ *   chart.redraw()               redraw now (synchronously); returns the redraw time in ms
+ *   chart.setTimeframe(tf)       same as clicking #tf-<tf>
+ *   chart.zoom(factor)           zoom about the centre (factor < 1 zooms in)
+ *   chart.backfill()             the current backfill series (or null)
+ *   loadSyntheticPoints(n)       replace the current symbol's live buffer with n synthetic points
+ *                                spread over the visible range, redraw, return the redraw time (ms)
+ *   socket                       the Socket.IO client (emit(event, ...args, ackFn))
+ * ======================================================================== */
+'use strict';
+
+(() => {
+
+// ###########################################################################
+// §1 Utilities and formatting
+// ###########################################################################
+
+const $ = (id) => document.getElementById(id);
+const clamp = (x, lo, hi) => (x < lo ? lo : x > hi ? hi : x);
+const params = new URLSearchParams(location.search);
+const reducedMotion = window.matchMedia && matchMedia('(prefers-reduced-motion: reduce)').matches;
+
+function setText(el, text) {
+  if (el && el.textContent !== text) el.textContent = text;
+}
+function setAttr(el, name, value) {
+  if (el && el.getAttribute(name) !== value) el.setAttribute(name, value);
+}
+const pad2 = (n) => String(n).padStart(2, '0');
+const pad3 = (n) => String(n).padStart(3, '0');
+const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
+
+function fmtClock(ms, withMs = false) {
+  const d = new Date(ms);
+  return `${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}` +
+    (withMs ? '.' + pad3(d.getMilliseconds()) : '');
+}
+function fmtDay(ms) {
+  const d = new Date(ms);
+  return `${d.getDate()} ${MONTHS[d.getMonth()]}`;
+}
+function fmtDateTime(ms, withMs = false) {
+  const d = new Date(ms);
+  return `${d.getFullYear()}-${pad2(d.getMonth() + 1)}-${pad2(d.getDate())} ${fmtClock(ms, withMs)}`;
+}
+/** Value for <input type="datetime-local" step="1"> in local time. */
+function toLocalInput(ms) {
+  return fmtDateTime(ms).replace(' ', 'T');
+}
+function fmtDuration(ms) {
+  const s = Math.max(0, Math.floor(ms / 1000));
+  if (s < 60) return `${s}s`;
+  const m = Math.floor(s / 60), h = Math.floor(m / 60), d = Math.floor(h / 24);
+  if (d > 0) return `${d}d ${pad2(h % 24)}h ${pad2(m % 60)}m`;
+  if (h > 0) return `${h}h ${pad2(m % 60)}m ${pad2(s % 60)}s`;
+  return `${m}m ${pad2(s % 60)}s`;
+}
+function fmtAge(ms) {
+  if (ms < 1000) return `${Math.max(0, ms) | 0} ms`;
+  if (ms < 60000) return `${(ms / 1000).toFixed(ms < 10000 ? 1 : 0)} s`;
+  return fmtDuration(ms);
+}
+function fmtCountdown(ms) {
+  const s = Math.max(0, Math.ceil(ms / 1000));
+  return s < 60 ? `${s} s` : `${Math.floor(s / 60)} m ${pad2(s % 60)} s`;
+}
+function fmtCountdownShort(ms) {
+  const s = Math.max(0, Math.ceil(ms / 1000));
+  return s < 60 ? `${s}s` : `${Math.floor(s / 60)}m${pad2(s % 60)}s`;
+}
+function fmtMs(ms) {
+  if (ms == null || !Number.isFinite(ms)) return '—';
+  return ms < 10 ? `${ms.toFixed(1)} ms` : `${Math.round(ms)} ms`;
+}
+const intFmt = new Intl.NumberFormat('en-US');
+const fmtInt = (n) => intFmt.format(n);
+
+/** Latency colour level: good / warn / bad (thresholds in ms). */
+function level(ms, good, warn) {
+  if (ms == null || !Number.isFinite(ms)) return 'none';
+  return ms <= good ? 'good' : ms <= warn ? 'warn' : 'bad';
+}
+const RTT_LEVELS = [80, 250];
+const LATENCY_LEVELS = [100, 300];
+
+/* Exact decimal arithmetic on the exchange's own digits ("104523.40"), so the
+ * spread and mid never show binary floating-point noise. */
+function decParse(s) {
+  if (typeof s !== 'string' || !/^-?\d+(\.\d+)?$/.test(s)) return null;
+  const i = s.indexOf('.');
+  return { m: BigInt(i < 0 ? s : s.slice(0, i) + s.slice(i + 1)), d: i < 0 ? 0 : s.length - i - 1 };
+}
+function decFormat(m, d) {
+  const neg = m < 0n;
+  let s = (neg ? -m : m).toString();
+  if (d > 0) {
+    s = s.padStart(d + 1, '0');
+    s = s.slice(0, -d) + '.' + s.slice(-d);
+  }
+  return (neg ? '-' : '') + s;
+}
+/** {spread, mid, bps, crossed, decimals} from bid/ask price strings, or null. */
+function spreadMid(bidStr, askStr) {
+  const b = decParse(bidStr), a = decParse(askStr);
+  if (!b || !a) return null;
+  const d = Math.max(a.d, b.d);
+  const bm = b.m * 10n ** BigInt(d - b.d), am = a.m * 10n ** BigInt(d - a.d);
+  const sum = am + bm;
+  const mid = sum % 2n === 0n ? decFormat(sum / 2n, d) : decFormat(sum * 5n, d + 1);
+  const bidF = Number(bidStr), askF = Number(askStr), midF = (bidF + askF) / 2;
+  return { spread: decFormat(am - bm, d), mid, bps: midF > 0 ? ((askF - bidF) / midF) * 1e4 : NaN,
+           crossed: am < bm, decimals: d };
+}
+function decimalsOf(s) {
+  if (typeof s !== 'string') return 2;
+  const i = s.indexOf('.');
+  return i < 0 ? 0 : s.length - i - 1;
+}
+function fmtBps(bps) {
+  if (!Number.isFinite(bps)) return '— bps';
+  return `${bps < 0.1 ? bps.toFixed(3) : bps < 10 ? bps.toFixed(2) : bps.toFixed(1)} bps`;
+}
+
+async function fetchJson(url, opts = {}) {
+  const r = await fetch(url, { cache: 'no-store', ...opts });
+  let body = null;
+  try { body = await r.json(); } catch { /* not JSON */ }
+  if (!r.ok) {
+    const err = new Error((body && body.error) || `HTTP ${r.status}`);
+    err.status = r.status;
+    throw err;
+  }
+  return body;
+}
+
+// ###########################################################################
+// §2 Engine.IO v4 / Socket.IO v5 client
+// ###########################################################################
+// Engine.IO packets: 0 open, 1 close, 2 ping, 3 pong, 4 message, 5 upgrade, 6 noop;
+// a polling payload joins packets with \x1e. Socket.IO packets ride in "4":
+// <type>[<namespace>,][<ack id>][<JSON>], types 0 CONNECT, 1 DISCONNECT, 2 EVENT,
+// 3 ACK, 4 CONNECT_ERROR (5/6 binary: unused by this server).
+// Transport: WebSocket first (/socket.io/?EIO=4&transport=websocket); when it cannot
+// open, long-polling (transport=polling). The server drives the heartbeat: it sends
+// "2" every pingInterval and we answer "3"; after pingInterval + pingTimeout without
+// any packet the connection is considered dead and we reconnect.
+
+class SocketIoClient {
+  constructor({ path = '/socket.io/', mode = 'auto', onEvent, onState, onConnect, onDisconnect }) {
+    this.path = path;
+    this.mode = mode;                 // auto | polling | websocket
+    this.onEvent = onEvent || (() => {});
+    this.onState = onState || (() => {});
+    this.onConnect = onConnect || (() => {});
+    this.onDisconnect = onDisconnect || (() => {});
+    this.state = 'idle';              // connecting | connected | reconnecting | offline
+    this.transport = null;            // websocket | polling (while an Engine.IO session is open)
+    this.sid = null;                  // Engine.IO session id
+    this.socketId = null;             // Socket.IO socket id
+    this.pingInterval = 25000;
+    this.pingTimeout = 20000;
+    this.lastRx = 0;
+    this.attempts = 0;                // failed attempts since the last successful connect
+    this.reconnects = 0;              // successful reconnects after the first connect
+    this.reconnectAt = null;          // ms of the next attempt while reconnecting
+    this.connectedAt = null;
+    this.everConnected = false;
+    this.wsFallbacks = 0;
+    this.lastReason = null;
+    this.minDelay = 500;
+    this.maxDelay = 20000;
+    this.jitter = 0.5;
+    this._gen = 0;                    // invalidates callbacks of abandoned transports
+    this._engine = null;
+    this._acks = new Map();
+    this._ackId = 0;
+    this._retryTimer = 0;
+    this._connectTimer = 0;
+    this._watchdog = setInterval(() => this._checkHeartbeat(), 1000);
+  }
+
+  url(transport) {
+    const proto = transport === 'websocket' ? (location.protocol === 'https:' ? 'wss:' : 'ws:') : location.protocol;
+    return `${proto}//${location.host}${this.path}?EIO=4&transport=${transport}`;
+  }
+
+  connect() {
+    this._stopped = false;
+    this._open();
+  }
+
+  /** Reconnect at once (e.g. the browser came back online). */
+  retryNow() {
+    if (this.state === 'reconnecting' || this.state === 'offline') {
+      clearTimeout(this._retryTimer);
+      this._open();
+    }
+  }
+
+  close() {
+    this._stopped = true;
+    clearTimeout(this._retryTimer);
+    const e = this._engine;
+    this._engine = null;
+    this._gen++;
+    if (e) e.close(true);
+  }
+
+  /** emit(event, ...args[, ack]) — an ack function gets (err, ...args). */
+  emit(event, ...args) {
+    const cb = typeof args[args.length - 1] === 'function' ? args.pop() : null;
+    if (this.state !== 'connected') {
+      if (cb) cb(new Error('not connected'));
+      return false;
+    }
+    let id = '';
+    if (cb) {
+      const n = ++this._ackId;
+      id = String(n);
+      const timer = setTimeout(() => {
+        if (this._acks.delete(n)) cb(new Error('ack timeout'));
+      }, 10000);
+      this._acks.set(n, { cb, timer });
+    }
+    this._send('42' + id + JSON.stringify([event, ...args]));
+    return true;
+  }
+
+  _setState(s) {
+    if (this.state === s) return;
+    this.state = s;
+    this.onState(s);
+  }
+
+  _send(packet) {
+    if (this._engine) this._engine.send([packet]);
+  }
+
+  _open() {
+    clearTimeout(this._retryTimer);
+    this.reconnectAt = null;
+    this._setState(this.everConnected ? 'reconnecting' : 'connecting');
+    if (this.mode === 'polling' || typeof WebSocket !== 'function') this._openPolling();
+    else this._openWebSocket(this.mode !== 'websocket');
+  }
+
+  _openWebSocket(allowFallback) {
+    const gen = ++this._gen;
+    let opened = false;
+    let ws;
+    const fail = (why) => {
+      if (gen !== this._gen) return;
+      clearTimeout(openTimer);
+      detach();
+      if (!opened && allowFallback) {   // the WebSocket cannot open: fall back to long-polling now
+        this.wsFallbacks++;
+        this._openPolling();
+      } else {
+        this._lost(why);
+      }
+    };
+    const detach = () => {
+      if (!ws) return;
+      ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+      try { ws.close(); } catch { /* already closed */ }
+    };
+    const openTimer = setTimeout(() => fail('websocket open timeout'), 6000);
+    try {
+      ws = new WebSocket(this.url('websocket'));
+    } catch {
+      fail('websocket refused');
+      return;
+    }
+    this._engine = {
+      name: 'websocket',
+      send: (packets) => { if (ws.readyState === 1) for (const p of packets) ws.send(p); },
+      close: (polite) => {
+        clearTimeout(openTimer);
+        if (polite && ws.readyState === 1) { try { ws.send('1'); } catch { /* ignore */ } }
+        detach();
+      },
+    };
+    ws.onmessage = (ev) => {
+      if (gen !== this._gen || typeof ev.data !== 'string') return;
+      if (!opened && ev.data[0] === '0') {
+        opened = true;
+        clearTimeout(openTimer);
+        this.transport = 'websocket';
+      }
+      this._onPacket(ev.data);
+    };
+    ws.onerror = () => fail('websocket error');
+    ws.onclose = () => fail('websocket closed');
+  }
+
+  _openPolling() {
+    const gen = ++this._gen;
+    const ctl = new AbortController();
+    const base = this.url('polling');
+    let sid = null;
+    let closed = false;
+    let queue = [];
+    let posting = false;
+    const fail = (why) => {
+      if (closed || gen !== this._gen) return;
+      closed = true;
+      ctl.abort();
+      this._lost(why);
+    };
+    const flush = async () => {
+      if (posting || closed || !sid || !queue.length) return;
+      posting = true;
+      const body = queue.join('\x1e');
+      queue = [];
+      try {
+        const r = await fetch(`${base}&sid=${encodeURIComponent(sid)}`, {
+          method: 'POST', body, cache: 'no-store', signal: ctl.signal,
+          headers: { 'Content-Type': 'text/plain;charset=UTF-8' },
+        });
+        await r.text();
+        if (!r.ok) throw new Error(`POST ${r.status}`);
+      } catch {
+        posting = false;
+        fail('polling POST failed');
+        return;
+      }
+      posting = false;
+      flush();
+    };
+    this._engine = {
+      name: 'polling',
+      send: (packets) => { queue.push(...packets); flush(); },
+      close: (polite) => {
+        if (polite && sid && !closed) {
+          // Tell the server we are leaving; keepalive lets it outlive the page.
+          fetch(`${base}&sid=${encodeURIComponent(sid)}`, { method: 'POST', body: '1', keepalive: true,
+            headers: { 'Content-Type': 'text/plain;charset=UTF-8' } }).catch(() => {});
+        }
+        closed = true;
+        ctl.abort();
+      },
+    };
+    const poll = async () => {
+      while (!closed && gen === this._gen) {
+        let text;
+        try {
+          const r = await fetch(sid ? `${base}&sid=${encodeURIComponent(sid)}` : base,
+                                { cache: 'no-store', signal: ctl.signal });
+          text = await r.text();
+          if (!r.ok) throw new Error(`GET ${r.status}`);
+        } catch {
+          fail(sid ? 'polling GET failed' : 'polling handshake failed');
+          return;
+        }
+        if (closed || gen !== this._gen) return;
+        for (const p of text.split('\x1e')) {
+          if (!p) continue;
+          if (!sid && p[0] === '0') {
+            try { sid = JSON.parse(p.slice(1)).sid; } catch { /* handled below */ }
+            this.transport = 'polling';
+          }
+          this._onPacket(p);
+          if (closed || gen !== this._gen) return;
+        }
+        if (!sid) { fail('bad handshake'); return; }
+        flush();
+      }
+    };
+    poll();
+  }
+
+  _checkHeartbeat() {
+    if (this._engine && this.sid && this.lastRx &&
+        Date.now() - this.lastRx > this.pingInterval + this.pingTimeout) {
+      this._lost('heartbeat timeout');
+    }
+  }
+
+  _onPacket(p) {
+    this.lastRx = Date.now();
+    switch (p[0]) {
+      case '0': {
+        let o = {};
+        try { o = JSON.parse(p.slice(1)); } catch { /* keep defaults */ }
+        this.sid = o.sid || null;
+        if (o.pingInterval > 0) this.pingInterval = o.pingInterval;
+        if (o.pingTimeout > 0) this.pingTimeout = o.pingTimeout;
+        this._send('40');                       // Socket.IO CONNECT to "/"
+        clearTimeout(this._connectTimer);
+        this._connectTimer = setTimeout(() => this._lost('connect timeout'), 10000);
+        break;
+      }
+      case '2': this._send('3' + p.slice(1)); break;   // heartbeat: answer ping with pong
+      case '1': this._lost('server closed the session'); break;
+      case '4': this._onSio(p.slice(1)); break;
+      default: break;                                 // 3 pong, 6 noop
+    }
+  }
+
+  _onSio(s) {
+    const type = s[0];
+    if (type === '5' || type === '6') return;      // binary packets: not used by this server
+    let i = 1;
+    let nsp = '/';
+    if (s[i] === '/') {
+      const j = s.indexOf(',', i);
+      nsp = s.slice(i, j < 0 ? s.length : j);
+      i = j < 0 ? s.length : j + 1;
+    }
+    if (nsp !== '/') return;
+    let id = null;
+    let j = i;
+    while (j < s.length && s.charCodeAt(j) >= 48 && s.charCodeAt(j) <= 57) j++;
+    if (j > i) { id = Number(s.slice(i, j)); i = j; }
+    let data;
+    if (i < s.length) {
+      try { data = JSON.parse(s.slice(i)); } catch { return; }
+    }
+    switch (type) {
+      case '0':
+        clearTimeout(this._connectTimer);
+        this.socketId = data && data.sid;
+        if (this.everConnected) this.reconnects++;
+        this.everConnected = true;
+        this.attempts = 0;
+        this.connectedAt = Date.now();
+        this._setState('connected');
+        this.onConnect();
+        break;
+      case '1': this._lost('server disconnected the socket'); break;
+      case '2':
+        if (Array.isArray(data) && typeof data[0] === 'string') {
+          const ack = id == null ? null : (...args) => this._send('43' + id + JSON.stringify(args));
+          this.onEvent(data[0], data.slice(1), ack);
+        }
+        break;
+      case '3': {
+        const a = this._acks.get(id);
+        if (a) {
+          this._acks.delete(id);
+          clearTimeout(a.timer);
+          a.cb(null, ...(Array.isArray(data) ? data : [data]));
+        }
+        break;
+      }
+      case '4':
+        this._lost(`connect error: ${(data && data.message) || 'refused'}`);
+        break;
+      default: break;
+    }
+  }
+
+  _lost(reason) {
+    if (this._stopped) return;
+    const e = this._engine;
+    this._engine = null;
+    this._gen++;
+    if (e) e.close(false);
+    clearTimeout(this._connectTimer);
+    for (const a of this._acks.values()) { clearTimeout(a.timer); a.cb(new Error('disconnected')); }
+    this._acks.clear();
+    const wasConnected = this.state === 'connected';
+    this.transport = null;
+    this.sid = null;
+    this.lastRx = 0;
+    this.connectedAt = null;
+    this.lastReason = reason;
+    if (wasConnected) this.onDisconnect(reason);
+    // Exponential backoff with jitter: minDelay * 2^attempts, capped, ±jitter.
+    const base = Math.min(this.maxDelay, this.minDelay * 2 ** Math.min(this.attempts, 16));
+    const delay = Math.round(base * (1 - this.jitter + Math.random() * 2 * this.jitter));
+    this.attempts++;
+    this.reconnectAt = Date.now() + delay;
+    this._setState(navigator.onLine === false ? 'offline' : 'reconnecting');
+    clearTimeout(this._retryTimer);
+    this._retryTimer = setTimeout(() => this._open(), delay);
+  }
+}
+
+// ###########################################################################
+// §3 State
+// ###########################################################################
+
+const MAX_POINTS = 1_000_000;
+
+/** Live points of one symbol: time (server ms), bid, ask in growing typed arrays.
+ *  Sorted by time; when full, the oldest 10 % are dropped. */
+class PointBuffer {
+  constructor() {
+    this.cap = 4096;
+    this.n = 0;
+    this.t = new Float64Array(this.cap);
+    this.bid = new Float64Array(this.cap);
+    this.ask = new Float64Array(this.cap);
+    this.gaps = [];            // client-side gaps [{start, end, kind, reason}] (disconnects, reloads)
+  }
+  _grow(min) {
+    if (this.cap >= MAX_POINTS) {  // full: drop the oldest tenth
+      const drop = Math.ceil(this.n / 10);
+      this.t.copyWithin(0, drop, this.n);
+      this.bid.copyWithin(0, drop, this.n);
+      this.ask.copyWithin(0, drop, this.n);
+      this.n -= drop;
+      return;
+    }
+    const cap = Math.min(MAX_POINTS, Math.max(min, this.cap * 2));
+    for (const k of ['t', 'bid', 'ask']) {
+      const a = new Float64Array(cap);
+      a.set(this[k].subarray(0, this.n));
+      this[k] = a;
+    }
+    this.cap = cap;
+  }
+  /** Append a point; returns false when it is older than the newest one (ignored). */
+  push(t, bid, ask) {
+    if (this.n && t < this.t[this.n - 1]) return false;
+    if (this.n === this.cap) this._grow(this.n + 1);
+    this.t[this.n] = t;
+    this.bid[this.n] = bid;
+    this.ask[this.n] = ask;
+    this.n++;
+    return true;
+  }
+  clear() { this.n = 0; this.gaps = []; }
+  first() { return this.n ? this.t[0] : NaN; }
+  last() { return this.n ? this.t[this.n - 1] : NaN; }
+  /** First index with t >= x. */
+  lowerBound(x) {
+    let lo = 0, hi = this.n;
+    const t = this.t;
+    while (lo < hi) { const m = (lo + hi) >>> 1; if (t[m] < x) lo = m + 1; else hi = m; }
+    return lo;
+  }
+}
+
+const state = {
+  symbols: [],                         // known symbols (sorted)
+  current: null,                       // selected symbol
+  bbo: Object.create(null),            // symbol -> last bbo_update payload (exact strings)
+  feed: null,                          // last feed_status object
+  feedAt: 0,                           // client ms when it arrived
+  feedOutages: [],                     // [{start, end|null, reason}] seen live from feed_status (server ms)
+  welcome: null,
+  conn: {
+    state: 'connecting', transport: null, connectedAt: null, disconnectedAt: null,
+    rtt: null, rttAvg: null, clockOffset: 0, clockSynced: false,
+  },
+  stats: {
+    messages: 0,                       // Socket.IO events received
+    bboMessages: 0,
+    rate: 0,                           // events per second (smoothed)
+    lastLatency: null,                 // backendLatency of the last bbo_update (ms)
+    latSum: new Float64Array(10),      // backendLatency sums / counts per second, last 10 s (ring)
+    latCount: new Uint32Array(10),
+    latSecond: 0,
+  },
+  points: Object.create(null),         // symbol -> PointBuffer
+  session: Object.create(null),        // symbol -> {start: first live point time since the (re)connect}
+};
+
+/** The server's clock, estimated from ping acks (chart times are server times). */
+const serverNow = () => Date.now() + state.conn.clockOffset;
+
+function pointsFor(sym) {
+  return state.points[sym] || (state.points[sym] = new PointBuffer());
+}
+
+function addSymbol(sym) {
+  if (!sym || state.symbols.includes(sym)) return false;
+  state.symbols.push(sym);
+  state.symbols.sort();
+  return true;
+}
+
+function feedState() {
+  return state.feed ? state.feed.state : 'unknown';
+}
+
+/** True when the price of `sym` is live: server connected, feed live, symbol live, data present. */
+function isLive(sym) {
+  if (state.conn.state !== 'connected' || !state.feed || state.feed.state !== 'live') return false;
+  const s = state.feed.symbols && state.feed.symbols[sym];
+  if (s && s.state && s.state !== 'live') return false;
+  return !!state.bbo[sym];
+}
+
+// ###########################################################################
+// §4 Chart
+// ###########################################################################
+
+const TIMEFRAMES = { '1m': 60e3, '5m': 300e3, '15m': 900e3, '1h': 3600e3, '12h': 43200e3, '1d': 86400e3 };
+const MIN_SPAN = 2000;
+const MAX_SPAN = 7 * 86400e3;
+const COLORS = {
+  bid: '#17c784', ask: '#f6465d', grid: 'rgba(138,148,163,0.10)', axis: '#8a94a3', axisLine: '#252d38',
+  outage: 'rgba(240,185,11,0.10)', outageHatch: 'rgba(240,185,11,0.22)', outageEdge: 'rgba(240,185,11,0.55)',
+  clientGap: 'rgba(138,148,163,0.08)', clientHatch: 'rgba(138,148,163,0.16)',
+  cross: 'rgba(181,189,200,0.55)', tagText: '#0b0e11', labelBg: '#2a323e',
+};
+const X_STEPS = [1e3, 2e3, 5e3, 10e3, 15e3, 30e3, 60e3, 120e3, 300e3, 600e3, 900e3, 1800e3,
+                 3600e3, 7200e3, 10800e3, 21600e3, 43200e3, 86400e3, 172800e3];
+
+const chart = {
+  canvas: null, ctx: null, overlay: null, octx: null,
+  cssW: 0, cssH: 0, dpr: 1,
+  axisW: 64,                            // right axis width (CSS px), adapts to label widths
+  tf: '1m',
+  view: { span: 60e3, end: 0, follow: true },
+  backfill: Object.create(null),        // symbol -> series from /api/history/series
+  bfPending: null,                      // {ctl, key}
+  bfError: null,
+  dirty: true,
+  lastDrawMs: 0,
+  lastDrawAt: 0,
+  drawCount: 0,
+  // per-column decimation buffers (device pixels)
+  ncols: 0,
+  cols: null,
+  // geometry of the last draw (for the crosshair)
+  geo: null,
+  hover: null,                          // {x, y} CSS px inside the canvas, or null
+  drag: null,
+  pointers: new Map(),
+};
+
+function viewRange() {
+  const v = chart.view;
+  const end = v.follow ? serverNow() : v.end;
+  return [end - v.span, end];
+}
+
+function allocCols(n) {
+  if (chart.cols && chart.ncols === n) return chart.cols;
+  chart.ncols = n;
+  chart.cols = {
+    has: new Uint8Array(n),
+    bMin: new Float64Array(n), bMax: new Float64Array(n), bFirst: new Float64Array(n), bLast: new Float64Array(n),
+    aMin: new Float64Array(n), aMax: new Float64Array(n), aFirst: new Float64Array(n), aLast: new Float64Array(n),
+    tFirst: new Float64Array(n), tLast: new Float64Array(n),
+  };
+  return chart.cols;
+}
+
+/** Per-pixel-column min/max/first/last of bid and ask over points [a, b) of typed arrays. */
+function decimateInto(C, T, B, A, a, b, t0, k, ncols) {
+  let i = a;
+  const { has, bMin, bMax, bFirst, bLast, aMin, aMax, aFirst, aLast, tFirst, tLast } = C;
+  while (i < b) {
+    const c = Math.floor((T[i] - t0) * k);
+    if (c < 0) { i++; continue; }
+    if (c >= ncols) break;
+    const tEnd = t0 + (c + 1) / k;
+    let bl = B[i], al = A[i];
+    const bf = bl, af = al, tf = T[i];
+    let bmin = bl, bmax = bl, amin = al, amax = al;
+    let tl = tf;
+    i++;
+    while (i < b) {
+      const t = T[i];
+      if (t >= tEnd) break;
+      bl = B[i]; al = A[i]; tl = t;
+      if (bl < bmin) bmin = bl; else if (bl > bmax) bmax = bl;
+      if (al < amin) amin = al; else if (al > amax) amax = al;
+      i++;
+    }
+    if (has[c]) {
+      if (bmin < bMin[c]) bMin[c] = bmin;
+      if (bmax > bMax[c]) bMax[c] = bmax;
+      if (amin < aMin[c]) aMin[c] = amin;
+      if (amax > aMax[c]) aMax[c] = amax;
+    } else {
+      has[c] = 1;
+      bMin[c] = bmin; bMax[c] = bmax; aMin[c] = amin; aMax[c] = amax;
+      bFirst[c] = bf; aFirst[c] = af; tFirst[c] = tf;
+    }
+    bLast[c] = bl; aLast[c] = al; tLast[c] = tl;
+  }
+}
+
+/** Same for server buckets (already decimated: first/min/max/last per bucket). */
+function decimateBuckets(C, bf, j0, j1, t0, k, ncols) {
+  const { has, bMin, bMax, bFirst, bLast, aMin, aMax, aFirst, aLast, tFirst, tLast } = C;
+  const T = bf.time;
+  for (let j = j0; j < j1; j++) {
+    const c = Math.floor((T[j] - t0) * k);
+    if (c < 0) continue;
+    if (c >= ncols) break;
+    if (has[c]) {
+      if (bf.bidMin[j] < bMin[c]) bMin[c] = bf.bidMin[j];
+      if (bf.bidMax[j] > bMax[c]) bMax[c] = bf.bidMax[j];
+      if (bf.askMin[j] < aMin[c]) aMin[c] = bf.askMin[j];
+      if (bf.askMax[j] > aMax[c]) aMax[c] = bf.askMax[j];
+    } else {
+      has[c] = 1;
+      bMin[c] = bf.bidMin[j]; bMax[c] = bf.bidMax[j]; aMin[c] = bf.askMin[j]; aMax[c] = bf.askMax[j];
+      bFirst[c] = bf.bidFirst[j]; aFirst[c] = bf.askFirst[j]; tFirst[c] = T[j];
+    }
+    bLast[c] = bf.bidLast[j]; aLast[c] = bf.askLast[j]; tLast[c] = T[j];
+  }
+}
+
+function lowerBoundArr(T, n, x) {
+  let lo = 0, hi = n;
+  while (lo < hi) { const m = (lo + hi) >>> 1; if (T[m] < x) lo = m + 1; else hi = m; }
+  return lo;
+}
+
+/** Gaps (outages, client disconnects) overlapping [t0, t1], merged, sorted. */
+function gapsInView(sym, t0, t1, bfFrom, bfTo) {
+  const raw = [];
+  const now = serverNow();
+  const bf = chart.backfill[sym];
+  if (bf) for (const o of bf.outages) raw.push({ start: o.start, end: o.end == null ? now : o.end, kind: 'outage', reason: o.reason });
+  for (const o of state.feedOutages) raw.push({ start: o.start, end: o.end == null ? now : o.end, kind: 'outage', reason: o.reason });
+  const pb = state.points[sym];
+  if (pb) {
+    for (const g of pb.gaps) {
+      let start = g.start;
+      const end = g.end == null ? now : g.end;
+      // the part the server's history covers is not a gap: only the remainder is
+      if (start >= bfFrom && start < bfTo) start = bfTo;
+      if (end > start) raw.push({ start, end, kind: 'client', reason: g.reason });
+    }
+  }
+  if (state.conn.state !== 'connected' && state.conn.disconnectedAt != null) {
+    raw.push({ start: state.conn.disconnectedAt, end: now, kind: 'client', reason: 'server connection lost' });
+  }
+  const inView = raw.filter((g) => g.end >= t0 && g.start <= t1 && g.end > g.start).sort((a, b) => a.start - b.start);
+  const out = [];
+  for (const g of inView) {
+    const last = out[out.length - 1];
+    if (last && g.start <= last.end) {
+      if (g.end > last.end) last.end = g.end;
+      if (g.kind === 'outage') { last.kind = 'outage'; last.reason = last.reason || g.reason; }
+    } else out.push({ ...g });
+  }
+  return out;
+}
+
+function niceStep(raw) {
+  const p = 10 ** Math.floor(Math.log10(raw));
+  const f = raw / p;
+  return (f <= 1 ? 1 : f <= 2 ? 2 : f <= 2.5 ? 2.5 : f <= 5 ? 5 : 10) * p;
+}
+function stepDecimals(step) {
+  let d = Math.max(0, -Math.floor(Math.log10(step) + 1e-9));
+  if (Math.abs(step * 10 ** d - Math.round(step * 10 ** d)) > 1e-6) d++;
+  return Math.min(d, 10);
+}
+
+function timeLabel(t, step, span) {
+  const d = new Date(t);
+  if (step >= 86400e3 || (step >= 3600e3 && d.getHours() === 0 && d.getMinutes() === 0)) return fmtDay(t);
+  if (step < 60e3) return fmtClock(t);
+  return `${pad2(d.getHours())}:${pad2(d.getMinutes())}`;
+}
+
+function chartLayout() {
+  const wrap = chart.canvas.parentElement;
+  const r = wrap.getBoundingClientRect();
+  const dpr = Math.max(1, Math.min(3, window.devicePixelRatio || 1));
+  const w = Math.max(1, Math.round(r.width)), h = Math.max(1, Math.round(r.height));
+  if (w === chart.cssW && h === chart.cssH && dpr === chart.dpr) return;
+  chart.cssW = w; chart.cssH = h; chart.dpr = dpr;
+  for (const c of [chart.canvas, chart.overlay]) {
+    c.width = Math.round(w * dpr);
+    c.height = Math.round(h * dpr);
+  }
+  chart.dirty = true;
+  scheduleBackfill(0);
+}
+
+/** Redraw the chart now. Returns the time it took (ms). */
+function drawChart() {
+  const started = performance.now();
+  chart.dirty = false;
+  const { ctx, dpr } = chart;
+  const W = chart.canvas.width, H = chart.canvas.height;
+  ctx.setTransform(1, 0, 0, 1, 0, 0);
+  ctx.clearRect(0, 0, W, H);
+  const sym = state.current;
+  const [v0, v1] = viewRange();
+  const axisR = Math.round(chart.axisW * dpr), axisB = Math.round(22 * dpr), padT = Math.round(12 * dpr);
+  const pw = W - axisR, ph = H - axisB - padT;
+  chart.geo = null;
+  if (!sym || pw < 20 || ph < 20) { finishDraw(started, 0, false); return chart.lastDrawMs; }
+  const ncols = pw;
+  const k = ncols / (v1 - v0);
+  const C = allocCols(ncols);
+  C.has.fill(0);
+
+  // --- sources: server backfill (bf) for [bfFrom, bfTo), the live buffer elsewhere
+  const pb = state.points[sym];
+  const bf = chart.backfill[sym];
+  const sess = state.session[sym];
+  const liveFrom = sess && sess.start != null ? sess.start : Infinity;
+  let bfFrom = Infinity, bfTo = Infinity, j0 = 0, j1 = 0;
+  if (bf) {
+    bfFrom = bf.start;
+    bfTo = Math.max(bfFrom, Math.min(bf.end + 1, liveFrom));
+    j0 = lowerBoundArr(bf.time, bf.n, Math.max(v0 - bf.bucket_ms, bfFrom));
+    j1 = lowerBoundArr(bf.time, bf.n, Math.min(v1 + 1, bfTo));
+  }
+  let livePts = 0;
+  if (pb && pb.n) {
+    // live points before the backfill window
+    const a = pb.lowerBound(v0), b1 = pb.lowerBound(Math.min(v1 + 1, bfFrom));
+    if (b1 > a) { decimateInto(C, pb.t, pb.bid, pb.ask, a, b1, v0, k, ncols); livePts += b1 - a; }
+  }
+  if (bf && j1 > j0) decimateBuckets(C, bf, j0, j1, v0, k, ncols);
+  if (pb && pb.n) {
+    const a = pb.lowerBound(Math.max(v0, bfTo)), b2 = pb.lowerBound(v1 + 1);
+    if (b2 > a) { decimateInto(C, pb.t, pb.bid, pb.ask, a, b2, v0, k, ncols); livePts += b2 - a; }
+  }
+
+  // --- the value holding at the left edge (step function: a price holds until it changes)
+  let lead = null;
+  {
+    const inBf = bf && v0 >= bfFrom && v0 < bfTo;
+    if (inBf) {
+      const j = lowerBoundArr(bf.time, bf.n, v0) - 1;
+      if (j >= 0) lead = { t: bf.time[j], bid: bf.bidLast[j], ask: bf.askLast[j] };
+    } else if (pb && pb.n) {
+      const i = pb.lowerBound(v0) - 1;
+      if (i >= 0) lead = { t: pb.t[i], bid: pb.bid[i], ask: pb.ask[i] };
+    }
+  }
+  // is there data after the right edge? (then the last value holds to the edge)
+  const moreAfter = (pb && pb.n && pb.t[pb.n - 1] > v1) || (bf && bf.n && bf.time[bf.n - 1] > v1 && v1 < bfTo);
+  const liveEdge = state.conn.state === 'connected' ? serverNow()
+    : (state.conn.disconnectedAt != null ? state.conn.disconnectedAt : serverNow());
+
+  const gaps = gapsInView(sym, v0, v1, bfFrom, bfTo);
+  const crosses = (ta, tb) => {   // does a gap lie between times ta and tb?
+    for (const g of gaps) if (g.start < tb && g.end > ta) return true;
+    return false;
+  };
+  if (lead && crosses(lead.t, v0)) lead = null;
+
+  // --- y range from the visible data
+  let lo = Infinity, hi = -Infinity, firstCol = -1, lastCol = -1;
+  for (let c = 0; c < ncols; c++) {
+    if (!C.has[c]) continue;
+    if (firstCol < 0) firstCol = c;
+    lastCol = c;
+    const l = C.bMin[c] < C.aMin[c] ? C.bMin[c] : C.aMin[c];
+    const h = C.bMax[c] > C.aMax[c] ? C.bMax[c] : C.aMax[c];
+    if (l < lo) lo = l;
+    if (h > hi) hi = h;
+  }
+  if (lead) { lo = Math.min(lo, lead.bid, lead.ask); hi = Math.max(hi, lead.bid, lead.ask); }
+  const hasData = Number.isFinite(lo) && Number.isFinite(hi);
+  if (!hasData) { lo = 0; hi = 1; }
+  if (hi - lo < Math.abs(hi) * 1e-7 || hi === lo) {
+    const pad = Math.max(Math.abs(hi) * 5e-5, 1e-8);
+    lo -= pad; hi += pad;
+  }
+  const padY = (hi - lo) * 0.08;
+  lo -= padY; hi += padY;
+  const ys = ph / (hi - lo);
+  const yOf = (p) => padT + (hi - p) * ys;
+  const xOf = (t) => (t - v0) * k;
+
+  // --- grid + axes
+  const fontPx = Math.round(11 * dpr);
+  ctx.font = `${fontPx}px ui-monospace, "SF Mono", "JetBrains Mono", "Cascadia Mono", "Roboto Mono", "DejaVu Sans Mono", Menlo, Consolas, monospace`;
+  ctx.textBaseline = 'middle';
+  const yStep = niceStep((hi - lo) / Math.max(2, ph / (44 * dpr)));
+  const yDec = stepDecimals(yStep);
+  const yTicks = [];
+  for (let p = Math.ceil(lo / yStep) * yStep; p <= hi; p += yStep) yTicks.push(p);
+  let maxLabelW = 0;
+  const yLabels = yTicks.map((p) => { const s = p.toFixed(yDec); maxLabelW = Math.max(maxLabelW, ctx.measureText(s).width); return s; });
+  const spanMs = v1 - v0;
+  const minGapPx = ctx.measureText('00:00:00').width + 36 * dpr;
+  let xStep = X_STEPS[X_STEPS.length - 1];
+  for (const s of X_STEPS) if (s * k >= minGapPx) { xStep = s; break; }
+  const off = -new Date(v0).getTimezoneOffset() * 60e3;   // local = UTC + off: ticks on local-time multiples
+  const xTicks = [];
+  for (let t = Math.ceil((v0 + off) / xStep) * xStep - off; t <= v1; t += xStep) xTicks.push(t);
+
+  ctx.lineWidth = 1;
+  ctx.strokeStyle = COLORS.grid;
+  ctx.beginPath();
+  for (const p of yTicks) { const y = Math.round(yOf(p)) + 0.5; ctx.moveTo(0, y); ctx.lineTo(pw, y); }
+  for (const t of xTicks) { const x = Math.round(xOf(t)) + 0.5; ctx.moveTo(x, padT); ctx.lineTo(x, padT + ph); }
+  ctx.stroke();
+
+  // --- gaps: shaded, hatched bands
+  for (const g of gaps) {
+    const xa = Math.max(0, Math.floor(xOf(g.start))), xb = Math.min(pw, Math.ceil(xOf(g.end)));
+    const w = Math.max(1, xb - xa);
+    const outage = g.kind === 'outage';
+    ctx.fillStyle = outage ? COLORS.outage : COLORS.clientGap;
+    ctx.fillRect(xa, padT, w, ph);
+    ctx.save();
+    ctx.beginPath();
+    ctx.rect(xa, padT, w, ph);
+    ctx.clip();
+    ctx.strokeStyle = outage ? COLORS.outageHatch : COLORS.clientHatch;
+    ctx.lineWidth = dpr;
+    ctx.beginPath();
+    const stepH = 7 * dpr;
+    for (let x = xa - ph; x < xa + w; x += stepH) { ctx.moveTo(x, padT + ph); ctx.lineTo(x + ph, padT); }
+    ctx.stroke();
+    ctx.restore();
+    if (outage) {
+      ctx.fillStyle = COLORS.outageEdge;
+      if (xOf(g.start) >= 0) ctx.fillRect(xa, padT, Math.max(1, dpr), ph);
+      if (xOf(g.end) <= pw) ctx.fillRect(Math.max(xa, xb - dpr), padT, Math.max(1, dpr), ph);
+    }
+  }
+
+  // --- series: step lines with per-column min/max bars, never across a gap
+  const lw = dpr < 1.5 ? 1.5 : Math.round(1.25 * dpr);
+  const tailT = moreAfter ? v1 : Math.min(v1, liveEdge);
+  const drawSeries = (minA, maxA, firstA, lastA, leadV, color) => {
+    ctx.strokeStyle = color;
+    ctx.lineWidth = lw;
+    ctx.lineJoin = 'miter';
+    ctx.lineCap = 'butt';
+    ctx.beginPath();
+    let prevC = -1, prevV = 0, prevT = 0, pen = false;
+    if (leadV != null) { ctx.moveTo(0, yOf(leadV)); prevV = leadV; prevT = lead.t; pen = true; }
+    for (let c = 0; c < ncols; c++) {
+      if (!C.has[c]) continue;
+      const x = c + 0.5;
+      const connect = pen && !crosses(prevT, C.tFirst[c]);
+      let top = maxA[c], bot = minA[c];
+      if (connect) {
+        ctx.lineTo(x, yOf(prevV));
+        if (prevV > top) top = prevV;
+        if (prevV < bot) bot = prevV;
+      }
+      const yTop = yOf(top), yBot = yOf(bot);
+      if (connect) ctx.lineTo(x, yOf(prevV) === yTop ? yBot : yTop);
+      else ctx.moveTo(x, yTop);
+      ctx.lineTo(x, yBot === yTop ? yBot + 0.01 : yBot);
+      ctx.moveTo(x, yOf(lastA[c]));
+      prevC = c; prevV = lastA[c]; prevT = C.tLast[c]; pen = true;
+    }
+    if (pen) {
+      // hold the last value to the right edge / the live edge, stopping at a gap
+      let endT = tailT;
+      for (const g of gaps) if (g.end > prevT && g.start < endT) { endT = Math.max(prevT, g.start); break; }
+      const xEnd = Math.min(pw, xOf(endT));
+      const xStart = prevC >= 0 ? prevC + 0.5 : 0;
+      if (xEnd > xStart) ctx.lineTo(xEnd, yOf(prevV));
+    }
+    ctx.stroke();
+    return pen ? prevV : null;
+  };
+  const lastAsk = drawSeries(C.aMin, C.aMax, C.aFirst, C.aLast, lead ? lead.ask : null, COLORS.ask);
+  const lastBid = drawSeries(C.bMin, C.bMax, C.bFirst, C.bLast, lead ? lead.bid : null, COLORS.bid);
+
+  // --- axes
+  ctx.fillStyle = COLORS.axisLine;
+  ctx.fillRect(pw, padT, Math.max(1, Math.round(dpr)), ph);
+  ctx.fillRect(0, padT + ph, pw, Math.max(1, Math.round(dpr)));
+  // price tags for the last visible bid / ask on the right axis (placed first: labels avoid them)
+  const tags = [];
+  if (lastAsk != null) tags.push({ v: lastAsk, color: COLORS.ask });
+  if (lastBid != null) tags.push({ v: lastBid, color: COLORS.bid });
+  const dec = state.bbo[sym] ? Math.max(decimalsOf(state.bbo[sym].bidPrice), decimalsOf(state.bbo[sym].askPrice)) : yDec;
+  const tagH = 16 * dpr;
+  let prevY = -Infinity;
+  for (const tg of tags) {   // ask above bid
+    let y = clamp(yOf(tg.v), padT + tagH / 2, padT + ph - tagH / 2);
+    if (y - prevY < tagH + 1) y = prevY + tagH + 1;
+    prevY = tg.y = y;
+  }
+  ctx.fillStyle = COLORS.axis;
+  ctx.textAlign = 'left';
+  const lx = pw + 6 * dpr;
+  yTicks.forEach((p, i) => {
+    const y = yOf(p);
+    if (y < padT + 6 * dpr || y > padT + ph - 4 * dpr) return;
+    if (tags.some((tg) => Math.abs(tg.y - y) < tagH * 0.5 + 7 * dpr)) return;
+    ctx.fillText(yLabels[i], lx, y);
+  });
+  ctx.textAlign = 'center';
+  ctx.textBaseline = 'top';
+  const ly = padT + ph + 5 * dpr;
+  for (const t of xTicks) {
+    const x = xOf(t);
+    if (x < 24 * dpr || x > pw - 24 * dpr) continue;
+    ctx.fillText(timeLabel(t, xStep, spanMs), x, ly);
+  }
+
+  ctx.textBaseline = 'middle';
+  ctx.textAlign = 'left';
+  for (const tg of tags) {
+    const y = tg.y;
+    const s = tg.v.toFixed(dec);
+    maxLabelW = Math.max(maxLabelW, ctx.measureText(s).width);
+    ctx.fillStyle = tg.color;
+    ctx.fillRect(pw + 1, Math.round(y - tagH / 2), axisR - 1, tagH);
+    ctx.fillStyle = COLORS.tagText;
+    ctx.fillText(s, lx, y + 0.5 * dpr);
+  }
+
+  // adapt the axis width to the labels for the next frame
+  const wantAxis = Math.ceil(maxLabelW / dpr + 12);
+  if (Math.abs(wantAxis - chart.axisW) > 3) { chart.axisW = clamp(wantAxis, 44, 120); chart.dirty = true; }
+
+  chart.geo = { v0, v1, k, ncols, pw, ph, padT, lo, hi, ys, dpr, gaps, lead, dec, xStep, livePts, bf, sym, tailT };
+  finishDraw(started, livePts, hasData);
+  return chart.lastDrawMs;
+}
+
+function finishDraw(started, livePts, hasData) {
+  chart.lastDrawMs = performance.now() - started;
+  chart.lastDrawAt = performance.now();
+  chart.drawCount++;
+  const empty = $('chart-empty');
+  const loading = chart.bfPending != null;
+  if (!hasData) {
+    empty.hidden = false;
+    setText(empty, chart.bfError ? `History unavailable: ${chart.bfError}` :
+      loading ? 'Loading history…' : state.current ? 'No data in this time range' : 'Waiting for data…');
+  } else empty.hidden = true;
+  const g = chart.geo;
+  if (g) {
+    const bf = g.bf;
+    const src = bf ? ` · history ${bf.tier === 'bars' ? '1 s bars' : 'raw'}, ${fmtInt(bf.n)} buckets of ${fmtAge(bf.bucket_ms)}` : '';
+    setText($('chart-info'), `${g.sym} · ${chart.tf}${chart.view.follow ? ' · live' : ' · paused'} · ` +
+      `${fmtInt(livePts)} live pts${src}`);
+  }
+  if (chart.hover) drawOverlay();
+}
+
+/** Crosshair + tooltip on the overlay canvas (the main chart is not redrawn for it). */
+function drawOverlay() {
+  const { octx, dpr } = chart;
+  const W = chart.overlay.width, H = chart.overlay.height;
+  octx.setTransform(1, 0, 0, 1, 0, 0);
+  octx.clearRect(0, 0, W, H);
+  const tip = $('chart-tooltip');
+  const g = chart.geo;
+  if (!chart.hover || !g) { tip.hidden = true; return; }
+  const x = chart.hover.x * dpr, y = chart.hover.y * dpr;
+  if (x < 0 || x >= g.pw || y < g.padT || y > g.padT + g.ph) { tip.hidden = true; return; }
+  const C = chart.cols;
+  const col = Math.floor(x);
+  const t = g.v0 + (col + 0.5) / g.k;
+  // the value at the cursor: this column's last value, else the previous one that holds
+  let vb = null, va = null, gapHit = null;
+  for (const gp of g.gaps) if (t >= gp.start && t <= gp.end) { gapHit = gp; break; }
+  if (!gapHit) {
+    for (let c = col; c >= 0; c--) {
+      if (C.has[c]) {
+        let blocked = false;
+        for (const gp of g.gaps) if (gp.start < t && gp.end > C.tLast[c]) { blocked = true; break; }
+        if (!blocked && (c === col || t <= g.tailT || C.tLast[c] >= g.tailT)) { vb = C.bLast[c]; va = C.aLast[c]; }
+        break;
+      }
+      if (c === 0 && g.lead) { vb = g.lead.bid; va = g.lead.ask; }
+    }
+    if (t > g.tailT + 1 / g.k) { vb = null; va = null; }
+  }
+  // crosshair lines
+  octx.strokeStyle = COLORS.cross;
+  octx.lineWidth = Math.max(1, Math.round(dpr));
+  octx.setLineDash([4 * dpr, 4 * dpr]);
+  octx.beginPath();
+  const cx = col + 0.5, cy = Math.round(y) + 0.5;
+  octx.moveTo(cx, g.padT); octx.lineTo(cx, g.padT + g.ph);
+  octx.moveTo(0, cy); octx.lineTo(g.pw, cy);
+  octx.stroke();
+  octx.setLineDash([]);
+  const yOf = (p) => g.padT + (g.hi - p) * g.ys;
+  for (const [v, color] of [[vb, COLORS.bid], [va, COLORS.ask]]) {
+    if (v == null) continue;
+    octx.fillStyle = color;
+    octx.beginPath();
+    octx.arc(cx, yOf(v), 3.5 * dpr, 0, Math.PI * 2);
+    octx.fill();
+  }
+  // axis labels at the crosshair
+  octx.font = `${Math.round(11 * dpr)}px ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace`;
+  octx.textBaseline = 'middle';
+  const price = g.hi - (y - g.padT) / g.ys;
+  const ps = price.toFixed(g.dec);
+  const lh = 16 * dpr;
+  octx.fillStyle = COLORS.labelBg;
+  octx.fillRect(g.pw + 1, cy - lh / 2, W - g.pw - 1, lh);
+  octx.fillStyle = '#e7eaee';
+  octx.textAlign = 'left';
+  octx.fillText(ps, g.pw + 6 * dpr, cy);
+  const span = g.v1 - g.v0;
+  const ts = span > 86400e3 ? `${fmtDay(t)} ${fmtClock(t)}` : fmtClock(t, span <= 5 * 60e3);
+  const tw = octx.measureText(ts).width + 12 * dpr;
+  const tx = clamp(cx - tw / 2, 0, g.pw - tw);
+  octx.fillStyle = COLORS.labelBg;
+  octx.fillRect(tx, g.padT + g.ph + 1, tw, lh + 2 * dpr);
+  octx.fillStyle = '#e7eaee';
+  octx.textAlign = 'center';
+  octx.fillText(ts, tx + tw / 2, g.padT + g.ph + 1 + (lh + 2 * dpr) / 2);
+
+  // tooltip
+  const timeStr = span > 86400e3 ? fmtDateTime(t) : span > 3600e3 ? `${fmtDay(t)} ${fmtClock(t)}` : fmtClock(t, span <= 5 * 60e3);
+  let html = `<div class="tt-time">${timeStr}</div>`;
+  if (gapHit) {
+    html += `<div class="tt-gap">${gapHit.kind === 'outage' ? 'Feed outage' : 'No data'}${gapHit.reason ? ': ' + escapeHtml(gapHit.reason) : ''}</div>`;
+  } else if (vb != null && va != null) {
+    const sp = va - vb;
+    const mid = (va + vb) / 2;
+    html += `<div class="tt-bid"><span class="tt-k">Bid</span>${vb.toFixed(g.dec)}</div>` +
+            `<div class="tt-ask"><span class="tt-k">Ask</span>${va.toFixed(g.dec)}</div>` +
+            `<div><span class="tt-k">Spread</span>${sp.toFixed(g.dec)} <span class="muted">(${fmtBps(mid > 0 ? sp / mid * 1e4 : NaN)})</span></div>`;
+  } else {
+    html += '<div class="muted">no data</div>';
+  }
+  if (tip.innerHTML !== html) tip.innerHTML = html;
+  tip.hidden = false;
+  const cssX = chart.hover.x, cssY = chart.hover.y;
+  const tw2 = tip.offsetWidth, th2 = tip.offsetHeight;
+  const plotW = g.pw / dpr;
+  let left = cssX + 14;
+  if (left + tw2 > plotW - 4) left = cssX - tw2 - 14;
+  left = clamp(left, 4, Math.max(4, plotW - tw2 - 4));
+  const top = clamp(cssY - th2 - 12, 4, chart.cssH - th2 - 26);
+  tip.style.transform = `translate(${Math.round(left)}px, ${Math.round(top)}px)`;
+}
+
+function escapeHtml(s) {
+  return String(s).replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c]));
+}
+
+// --- view changes -------------------------------------------------------------
+
+function setTimeframe(tf) {
+  if (!TIMEFRAMES[tf]) return;
+  chart.tf = tf;
+  chart.view = { span: TIMEFRAMES[tf], end: serverNow(), follow: true };
+  for (const b of document.querySelectorAll('.tf')) setAttr(b, 'aria-pressed', String(b.dataset.tf === tf));
+  try { localStorage.setItem('bbo.tf', tf); } catch { /* private mode */ }
+  chart.dirty = true;
+  scheduleBackfill(0);
+  requestFrame();
+}
+
+function resetZoom() {
+  setTimeframe(chart.tf);
+}
+
+/** Zoom by `factor` (< 1 zooms in) keeping time `anchor` under the same pixel. */
+function zoomAt(factor, anchor) {
+  const [v0, v1] = viewRange();
+  if (anchor == null) anchor = (v0 + v1) / 2;
+  const span = clamp((v1 - v0) * factor, MIN_SPAN, MAX_SPAN);
+  const f = span / (v1 - v0);
+  let end = anchor + (v1 - anchor) * f;
+  const now = serverNow();
+  const follow = chart.view.follow && anchor >= now - (v1 - v0) * 0.02 || end >= now;
+  if (end > now) end = now;
+  chart.view = { span, end, follow: follow && end >= now - 1 };
+  if (chart.view.follow) chart.view.end = now;
+  chart.dirty = chart.interactive = true;
+  scheduleBackfill(250);
+  requestFrame();
+}
+
+function panBy(ms) {
+  const [, v1] = viewRange();
+  const now = serverNow();
+  let end = v1 + ms;
+  const follow = end >= now;
+  if (follow) end = now;
+  chart.view = { span: chart.view.span, end, follow };
+  chart.dirty = chart.interactive = true;
+  scheduleBackfill(250);
+  requestFrame();
+}
+
+function initChartInput() {
+  const cv = chart.canvas;
+  const rel = (e) => { const r = cv.getBoundingClientRect(); return { x: e.clientX - r.left, y: e.clientY - r.top }; };
+  const timeAtX = (x) => { const g = chart.geo; const [v0, v1] = viewRange(); const pw = g ? g.pw / g.dpr : chart.cssW - chart.axisW; return v0 + (x / pw) * (v1 - v0); };
+  const pxMs = () => { const [v0, v1] = viewRange(); const g = chart.geo; const pw = g ? g.pw / g.dpr : chart.cssW - chart.axisW; return (v1 - v0) / Math.max(1, pw); };
+
+  cv.addEventListener('wheel', (e) => {
+    e.preventDefault();
+    const unit = e.deltaMode === 1 ? 16 : e.deltaMode === 2 ? 400 : 1;
+    const dy = (Math.abs(e.deltaY) >= Math.abs(e.deltaX) ? e.deltaY : 0) * unit;
+    const dx = (Math.abs(e.deltaX) > Math.abs(e.deltaY) ? e.deltaX : 0) * unit;
+    if (dx) { panBy(dx * pxMs()); return; }
+    if (!dy) return;
+    const p = rel(e);
+    zoomAt(Math.exp(clamp(dy, -300, 300) * 0.0015), timeAtX(p.x));
+  }, { passive: false });
+
+  cv.addEventListener('pointerdown', (e) => {
+    if (e.button !== 0 && e.pointerType === 'mouse') return;
+    cv.setPointerCapture(e.pointerId);
+    const p = rel(e);
+    chart.pointers.set(e.pointerId, p);
+    if (chart.pointers.size === 1) {
+      chart.drag = { x: p.x, moved: false, pointerType: e.pointerType };
+      if (e.pointerType !== 'mouse') { chart.hover = p; drawOverlay(); }
+    } else if (chart.pointers.size === 2) {
+      const [a, b] = [...chart.pointers.values()];
+      chart.drag = { pinch: Math.abs(a.x - b.x) || 1, mid: (a.x + b.x) / 2, moved: true };
+      chart.hover = null; drawOverlay();
+    }
+  });
+  cv.addEventListener('pointermove', (e) => {
+    const p = rel(e);
+    if (chart.pointers.has(e.pointerId)) chart.pointers.set(e.pointerId, p);
+    const d = chart.drag;
+    if (d && d.pinch != null && chart.pointers.size >= 2) {
+      const [a, b] = [...chart.pointers.values()];
+      const dist = Math.abs(a.x - b.x) || 1;
+      const mid = (a.x + b.x) / 2;
+      const ms = pxMs();
+      if (mid !== d.mid) panBy(-(mid - d.mid) * ms);
+      zoomAt(d.pinch / dist, timeAtX(mid));
+      d.pinch = dist; d.mid = mid;
+      return;
+    }
+    if (d && d.x != null && chart.pointers.size === 1) {
+      const dx = p.x - d.x;
+      if (!d.moved && Math.abs(dx) < 3) { if (e.pointerType === 'mouse') { chart.hover = p; drawOverlay(); } return; }
+      d.moved = true;
+      cv.classList.add('dragging');
+      panBy(-dx * pxMs());
+      d.x = p.x;
+      chart.hover = e.pointerType === 'mouse' ? p : null;
+      return;
+    }
+    if (e.pointerType === 'mouse') { chart.hover = p; drawOverlay(); }
+  });
+  const end = (e) => {
+    chart.pointers.delete(e.pointerId);
+    cv.classList.remove('dragging');
+    if (chart.pointers.size === 0) {
+      const d = chart.drag;
+      chart.drag = null;
+      if (e.pointerType !== 'mouse' && d && d.moved) { chart.hover = null; drawOverlay(); }
+    } else if (chart.pointers.size === 1) {
+      const [p] = [...chart.pointers.values()];
+      chart.drag = { x: p.x, moved: true };
+    }
+  };
+  cv.addEventListener('pointerup', end);
+  cv.addEventListener('pointercancel', end);
+  cv.addEventListener('pointerleave', (e) => {
+    if (e.pointerType === 'mouse' && !chart.drag) { chart.hover = null; drawOverlay(); }
+  });
+  cv.addEventListener('dblclick', () => resetZoom());
+  cv.addEventListener('keydown', (e) => {
+    const [v0, v1] = viewRange();
+    const span = v1 - v0;
+    let handled = true;
+    switch (e.key) {
+      case 'ArrowLeft': panBy(-span * 0.1); break;
+      case 'ArrowRight': panBy(span * 0.1); break;
+      case '+': case '=': case 'ArrowUp': zoomAt(0.8); break;
+      case '-': case '_': case 'ArrowDown': zoomAt(1.25); break;
+      case '0': case 'Home': case 'Escape': resetZoom(); break;
+      case 'End': panBy(serverNow()); break;
+      default: handled = false;
+    }
+    if (handled) e.preventDefault();
+  });
+  cv.addEventListener('blur', () => { if (!chart.hover) drawOverlay(); });
+}
+
+// --- backfill from /api/history/series -----------------------------------------
+
+let bfTimer = 0;
+function scheduleBackfill(delay) {
+  clearTimeout(bfTimer);
+  bfTimer = setTimeout(ensureBackfill, delay);
+}
+
+/** Fetch a decimated series for the view when the live buffer does not cover it. */
+function ensureBackfill(force = false) {
+  const sym = state.current;
+  if (!sym || !chart.cssW) return;
+  const [v0, v1raw] = viewRange();
+  const now = serverNow();
+  const v1 = Math.min(v1raw, now);
+  const sess = state.session[sym];
+  const liveFrom = sess && sess.start != null ? sess.start : Infinity;
+  if (v0 >= liveFrom && !force) return;                 // the live session covers the whole view
+  const plotW = Math.max(50, chart.cssW - chart.axisW);
+  const msPerPx = (v1raw - v0) / plotW;
+  const bf = chart.backfill[sym];
+  const needTo = Math.min(v1, liveFrom);
+  if (!force && bf) {
+    const coversStart = bf.start <= v0 + msPerPx;
+    const coversEnd = bf.end >= needTo - Math.max(needTo === liveFrom ? 0 : 3000, msPerPx * 3);
+    const fineEnough = bf.bucket_ms <= Math.max(msPerPx * 2.5, bf.tier === 'bars' ? 1000 : 0) ||
+                       bf.start >= v0 - (v1raw - v0) * 0.05 && bf.bucket_ms <= msPerPx * 4;
+    if (coversStart && coversEnd && fineEnough) return;
+  }
+  const start = Math.floor(v0), end = Math.ceil(v1);
+  if (end <= start) return;
+  const buckets = clamp(Math.round(plotW), 50, 2000);
+  const key = `${sym}|${start}|${end}|${buckets}`;
+  if (chart.bfPending) {
+    if (chart.bfPending.key === key) return;
+    chart.bfPending.ctl.abort();
+  }
+  const ctl = new AbortController();
+  chart.bfPending = { ctl, key, sym };
+  const url = `/api/history/series?symbol=${encodeURIComponent(sym)}&start_time=${start}&end_time=${end}&buckets=${buckets}`;
+  fetchJson(url, { signal: ctl.signal }).then((r) => {
+    if (chart.bfPending && chart.bfPending.ctl === ctl) chart.bfPending = null;
+    const n = r.time.length;
+    const f64 = (a) => Float64Array.from(a, (v) => (v == null ? NaN : v));
+    chart.backfill[sym] = {
+      sym, n, start: r.start_time, end: r.end_time, bucket_ms: r.bucket_ms, tier: r.tier,
+      time: f64(r.time), bidFirst: f64(r.bidFirst), bidMin: f64(r.bidMin), bidMax: f64(r.bidMax), bidLast: f64(r.bidLast),
+      askFirst: f64(r.askFirst), askMin: f64(r.askMin), askMax: f64(r.askMax), askLast: f64(r.askLast),
+      outages: Array.isArray(r.outages) ? r.outages : [], fetchedAt: Date.now(),
+    };
+    chart.bfError = null;
+    chart.dirty = true;
+    requestFrame();
+  }).catch((err) => {
+    if (err.name === 'AbortError') return;
+    if (chart.bfPending && chart.bfPending.ctl === ctl) chart.bfPending = null;
+    chart.bfError = err.message;
+    chart.dirty = true;
+    requestFrame();
+  });
+}
+
+// ###########################################################################
+// §5 UI updates
+// ###########################################################################
+
+const dirty = { bbo: true, tabs: true, status: true, symbols: true };
+let frameRequested = false;
+
+function requestFrame() {
+  if (frameRequested) return;
+  frameRequested = true;
+  requestAnimationFrame(frame);
+}
+
+/** One animation frame: apply everything that changed since the last one. */
+const DOM_MIN_INTERVAL = 100;     // ms between BBO text updates (10 per second: as fast as anyone reads)
+const CHART_MIN_INTERVAL = 50;    // ms between chart redraws caused by new data or time (20 fps)
+let lastDomRender = 0;
+
+function frame() {
+  frameRequested = false;
+  const t = performance.now();
+  if (dirty.symbols) { dirty.symbols = false; renderSymbols(); }
+  if (dirty.status) { dirty.status = false; renderStatus(); }
+  if ((dirty.bbo || dirty.tabs) && t - lastDomRender >= DOM_MIN_INTERVAL) {
+    lastDomRender = t;
+    if (dirty.bbo) { dirty.bbo = false; renderBbo(); }
+    if (dirty.tabs) { dirty.tabs = false; renderTabs(); }
+  }
+  // The chart: redraw when dirty, or when following and time moved by >= 1 pixel.
+  // Heavy frames (a million points) throttle themselves to keep the main thread free.
+  const sinceDraw = performance.now() - chart.lastDrawAt;
+  const minGap = Math.min(250, Math.max(chart.interactive ? 0 : CHART_MIN_INTERVAL, chart.lastDrawMs * 4));
+  const pxMs = chart.view.span / Math.max(1, (chart.cssW - chart.axisW) * chart.dpr);
+  const slid = chart.view.follow && sinceDraw >= pxMs;
+  if ((chart.dirty || slid) && sinceDraw >= minGap) drawChart();
+  // keep the loop alive while following (the view slides with time) or while something waits
+  chart.interactive = false;
+  if (chart.view.follow || chart.dirty || dirty.bbo || dirty.tabs) requestFrame();
+}
+
+const el = {};
+function cacheElements() {
+  for (const id of ['bid-price', 'ask-price', 'bid-qty', 'ask-qty', 'spread', 'spread-bps', 'spread-fill',
+    'spread-indicator', 'mid-price', 'imbalance-bid', 'imbalance-bid-pct', 'imbalance-ask-pct', 'bbo-symbol',
+    'bbo-market', 'bbo-age', 'bbo-time', 'bbo-update-id', 'bbo-latency', 'bbo-card', 'symbol-select',
+    'symbol-tabs', 'feed-state', 'feed-state-text', 'conn-status', 'conn-text', 'transport', 'feed-banner',
+    'feed-banner-text', 'feed-banner-count', 'sr-status', 'rtt', 'backend-latency', 'backend-latency-avg',
+    'msg-count', 'msg-rate', 'conn-duration', 'stats-transport', 'conn-reconnects', 'fd-state', 'fd-market',
+    'fd-since', 'fd-age', 'fd-next', 'fd-messages', 'fd-reconnects', 'fd-duplicates', 'fd-crossed', 'fd-parse',
+    'fd-reason', 'foot-clock', 'spread-main']) {
+    el[id] = $(id);
+  }
+  el['spread-main'] = document.querySelector('.spread-main');
+}
+
+function renderSymbols() {
+  const sel = el['symbol-select'];
+  const want = state.symbols.join(',');
+  if (sel.dataset.list !== want) {
+    sel.dataset.list = want;
+    sel.replaceChildren(...state.symbols.map((s) => new Option(s, s)));
+    const tabs = el['symbol-tabs'];
+    tabs.replaceChildren(...state.symbols.map((s) => {
+      const b = document.createElement('button');
+      b.type = 'button';
+      b.className = 'sym-tab';
+      b.dataset.symbol = s;
+      b.setAttribute('role', 'tab');
+      b.setAttribute('aria-controls', 'bbo-card');
+      b.innerHTML = `<span class="sym-name"></span><span class="sym-px">—</span>`;
+      b.firstChild.textContent = s;
+      return b;
+    }));
+    tabs.hidden = state.symbols.length < 2;
+    const hs = $('hist-symbol');
+    const prev = hs.value;
+    hs.replaceChildren(...state.symbols.map((s) => new Option(s, s)));
+    hs.value = state.symbols.includes(prev) ? prev : state.current || state.symbols[0] || '';
+    dirty.tabs = true;
+  }
+  if (state.current && sel.value !== state.current) sel.value = state.current;
+  for (const b of el['symbol-tabs'].children) {
+    const on = b.dataset.symbol === state.current;
+    setAttr(b, 'aria-selected', String(on));
+    b.tabIndex = on ? 0 : -1;
+  }
+}
+
+function renderTabs() {
+  for (const b of el['symbol-tabs'].children) {
+    const p = state.bbo[b.dataset.symbol];
+    if (!p) continue;
+    const sm = spreadMid(p.bidPrice, p.askPrice);
+    setText(b.lastChild, sm ? sm.mid : p.bidPrice);
+    setAttr(b, 'data-live', String(isLive(b.dataset.symbol)));
+  }
+}
+
+const shown = { sym: null, bid: NaN, ask: NaN, anims: {} };
+function flash(node, up) {
+  if (reducedMotion || !node.animate) return;
+  const key = node.id;
+  if (shown.anims[key]) shown.anims[key].cancel();
+  node.style.setProperty('--flash', up ? 'rgba(23,199,132,0.30)' : 'rgba(246,70,93,0.30)');
+  shown.anims[key] = node.animate([{ opacity: 1 }, { opacity: 0 }],
+    { duration: 600, easing: 'ease-out', pseudoElement: '::before' });
+}
+
+function renderBbo() {
+  const sym = state.current;
+  const p = sym && state.bbo[sym];
+  setText(el['bbo-symbol'], sym ? `${sym} best bid and offer` : 'Best bid and offer');
+  if (!p) {
+    for (const id of ['bid-price', 'ask-price', 'bid-qty', 'ask-qty', 'spread', 'mid-price', 'bbo-time', 'bbo-update-id', 'bbo-latency']) setText(el[id], '—');
+    setText(el['spread-bps'], '— bps');
+    el['spread-fill'].style.width = '0%';
+    shown.sym = sym; shown.bid = NaN; shown.ask = NaN;
+    return;
+  }
+  const bid = Number(p.bidPrice), ask = Number(p.askPrice);
+  if (shown.sym === sym && isLive(sym)) {
+    if (bid !== shown.bid && Number.isFinite(shown.bid)) flash(el['bid-price'], bid > shown.bid);
+    if (ask !== shown.ask && Number.isFinite(shown.ask)) flash(el['ask-price'], ask > shown.ask);
+  }
+  shown.sym = sym; shown.bid = bid; shown.ask = ask;
+  setText(el['bid-price'], p.bidPrice);
+  setText(el['ask-price'], p.askPrice);
+  setText(el['bid-qty'], p.bidQty);
+  setText(el['ask-qty'], p.askQty);
+  const sm = spreadMid(p.bidPrice, p.askPrice);
+  if (sm) {
+    setText(el.spread, sm.spread);
+    setText(el['spread-bps'], fmtBps(sm.bps));
+    setText(el['mid-price'], sm.mid);
+    setAttr(el['spread-main'], 'data-crossed', String(sm.crossed));
+    // log scale 0.01 … 100 bps
+    const pos = Number.isFinite(sm.bps) && sm.bps > 0 ? clamp((Math.log10(sm.bps) + 2) / 4, 0.015, 1) : 0;
+    el['spread-fill'].style.width = `${(pos * 100).toFixed(1)}%`;
+    setAttr(el['spread-fill'], 'data-level', sm.bps <= 5 ? 'good' : sm.bps <= 25 ? 'warn' : 'bad');
+    setAttr(el['spread-indicator'], 'aria-label', `Spread ${sm.spread} (${fmtBps(sm.bps)})`);
+  }
+  const bq = Number(p.bidQty), aq = Number(p.askQty);
+  if (bq + aq > 0) {
+    const f = bq / (bq + aq);
+    el['imbalance-bid'].style.width = `${(f * 100).toFixed(1)}%`;
+    setText(el['imbalance-bid-pct'], `${Math.round(f * 100)}%`);
+    setText(el['imbalance-ask-pct'], `${100 - Math.round(f * 100)}%`);
+  }
+  setText(el['bbo-time'], fmtClock(p.timestamp, true));
+  setText(el['bbo-update-id'], String(p.updateId ?? '—'));
+  setText(el['bbo-latency'], p.backendLatency == null ? 'n/a' : fmtMs(p.backendLatency));
+  setAttr(el['bbo-latency'], 'data-level', level(p.backendLatency, ...LATENCY_LEVELS));
+}
+
+const FEED_WORDS = { live: 'live', stale: 'stale', backoff: 'backing off', failed: 'failed',
+                     connecting: 'connecting', stopped: 'stopped', unknown: 'unknown' };
+let lastAnnounce = '';
+
+/** Status pills, banner, liveness of the prices, statistics. Runs on changes and every second. */
+function renderStatus() {
+  const c = state.conn;
+  const sock = socket;
+  const now = Date.now();
+  // --- server connection
+  let connText;
+  if (c.state === 'connected') connText = 'Connected';
+  else if (c.state === 'connecting') connText = 'Connecting…';
+  else if (c.state === 'offline') connText = 'Offline';
+  else connText = sock.reconnectAt && sock.reconnectAt > now ? `Reconnecting in ${Math.ceil((sock.reconnectAt - now) / 1000)} s` : 'Reconnecting…';
+  setAttr(el['conn-status'], 'data-state', c.state);
+  setText(el['conn-text'], connText);
+  const tname = sock.transport === 'websocket' ? 'WebSocket' : sock.transport === 'polling' ? 'Polling' : '—';
+  setText(el.transport, tname);
+  setText(el['stats-transport'], tname + (sock.wsFallbacks && sock.transport === 'polling' ? ' (fallback)' : ''));
+
+  // --- exchange feed
+  const f = state.feed;
+  const connected = c.state === 'connected';
+  let fstate = f ? f.state : 'unknown';
+  let fword = FEED_WORDS[fstate] || fstate;
+  const sNow = serverNow();
+  if (f && (fstate === 'backoff' || fstate === 'failed') && f.nextAttempt) {
+    const left = f.nextAttempt - sNow;
+    if (left > 0) fword += ` ${fmtCountdownShort(left)}`;
+  }
+  if (!connected) fword = 'unknown';   // without the server we cannot know: never show a stale "live"
+  setAttr(el['feed-state'], 'data-state', connected ? fstate : 'unknown');
+  setText(el['feed-state-text'], fword);
+  el['feed-state'].title = !f ? 'Exchange feed state not known yet'
+    : `Exchange feed: ${connected ? fstate : `unknown (last known: ${fstate})`}${f.reason ? ' — ' + f.reason : ''}`;
+
+  // --- liveness of the displayed prices
+  const sym = state.current;
+  const live = isLive(sym);
+  setAttr(el['bbo-card'], 'data-live', String(live));
+  const p = sym && state.bbo[sym];
+  if (p) {
+    const age = sNow - (p.serverTimestamp ?? p.timestamp);
+    setText(el['bbo-age'], live ? `updated ${fmtAge(age)} ago` : `frozen · last update ${fmtAge(age)} ago`);
+    setAttr(el['bbo-age'], 'data-level', !live ? 'bad' : age > 60000 ? 'bad' : age > 10000 ? 'warn' : 'ok');
+  } else setText(el['bbo-age'], connected ? 'no data yet' : 'not connected');
+  setText(el['bbo-market'], f && f.market ? f.market : '—');
+
+  // --- banner (the frozen-price warning) and the polite announcement
+  let msg = '', count = '', lvl = 'warn';
+  if (!connected) {
+    lvl = c.state === 'offline' ? 'error' : 'warn';
+    msg = c.state === 'connecting' ? 'Connecting to the BBO Stream server… Prices are not live yet.'
+      : c.state === 'offline' ? 'You are offline. Prices shown are frozen.'
+      : `${sock.everConnected ? 'Connection to the server lost' : 'Cannot reach the live stream'}` +
+        `${sock.lastReason ? ` (${sock.lastReason})` : ''}. Prices shown are frozen.`;
+    if (sock.reconnectAt && sock.reconnectAt > now) count = `Retrying in ${fmtCountdown(sock.reconnectAt - now)}`;
+  } else if (f && fstate !== 'live') {
+    const reason = f.reason ? ` (${f.reason})` : '';
+    if (fstate === 'stale') msg = `Exchange feed is stale${reason}. Prices shown are frozen.`;
+    else if (fstate === 'backoff') msg = `Exchange feed disconnected${reason}. Prices shown are frozen.`;
+    else if (fstate === 'failed') { msg = `Exchange feed failed${reason}. Prices shown are frozen.`; lvl = 'error'; }
+    else if (fstate === 'stopped') { msg = `Exchange feed stopped${reason}.`; lvl = 'error'; }
+    else if (fstate === 'connecting') msg = 'Connecting to the exchange feed… Prices are not live yet.';
+    else msg = `Exchange feed ${fstate}${reason}.`;
+    if (f.nextAttempt && f.nextAttempt > sNow) count = `Next attempt in ${fmtCountdown(f.nextAttempt - sNow)}`;
+    else if (f.since) count = `for ${fmtDuration(sNow - f.since)}`;
+  } else if (connected && f && sym && state.feed.symbols && state.feed.symbols[sym] && state.feed.symbols[sym].state !== 'live') {
+    msg = `${sym} is ${state.feed.symbols[sym].state}. Its prices are frozen.`;
+  }
+  const banner = el['feed-banner'];
+  banner.hidden = !msg;
+  setAttr(banner, 'data-level', lvl);
+  setText(el['feed-banner-text'], msg);
+  setText(el['feed-banner-count'], count);
+  const announce = !connected ? (c.state === 'connecting' ? '' : 'Server connection lost') :
+    fstate === 'live' ? (lastAnnounce ? 'Feed live' : '') : `Feed ${FEED_WORDS[fstate] || fstate}`;
+  if (announce !== lastAnnounce) { lastAnnounce = announce; setText(el['sr-status'], announce); }
+
+  // --- connection statistics
+  setText(el.rtt, !connected ? '—' : fmtMs(c.rtt) + (c.rttAvg != null && c.rtt != null ? ` · avg ${fmtMs(c.rttAvg)}` : ''));
+  setAttr(el.rtt, 'data-level', connected ? level(c.rttAvg ?? c.rtt, ...RTT_LEVELS) : 'none');
+  const st = state.stats;
+  setText(el['backend-latency'], st.lastLatency == null ? '—' : fmtMs(st.lastLatency));
+  setAttr(el['backend-latency'], 'data-level', level(st.lastLatency, ...LATENCY_LEVELS));
+  let lsum = 0, lcount = 0;
+  for (let i = 0; i < 10; i++) { lsum += st.latSum[i]; lcount += st.latCount[i]; }
+  const avg = lcount ? lsum / lcount : null;
+  setText(el['backend-latency-avg'], fmtMs(avg));
+  setAttr(el['backend-latency-avg'], 'data-level', level(avg, ...LATENCY_LEVELS));
+  setText(el['msg-count'], fmtInt(st.messages));
+  setText(el['msg-rate'], `${st.rate < 10 ? st.rate.toFixed(1) : Math.round(st.rate)} /s`);
+  setText(el['conn-duration'], sock.connectedAt ? fmtDuration(now - sock.connectedAt) : '—');
+  setText(el['conn-reconnects'], String(sock.reconnects));
+
+  // --- feed details
+  setAttr(el['fd-state'], 'data-state', connected ? fstate : 'unknown');
+  setText(el['fd-state'], !f ? '—' : connected ? (FEED_WORDS[fstate] || fstate) : `${FEED_WORDS[fstate] || fstate} (last known)`);
+  setText(el['fd-market'], f && f.market ? f.market : '—');
+  setText(el['fd-since'], f && f.since ? fmtDuration(sNow - f.since) : '—');
+  const lma = f && f.lastMessageAge != null ? f.lastMessageAge + (now - state.feedAt) : null;
+  const lastMsgAge = p && live ? Math.min(lma ?? Infinity, sNow - (p.serverTimestamp ?? p.timestamp)) : lma;
+  setText(el['fd-age'], lastMsgAge == null || !Number.isFinite(lastMsgAge) ? '—' : `${fmtAge(lastMsgAge)} ago`);
+  setText(el['fd-next'], f && f.nextAttempt ? (f.nextAttempt > sNow ? `in ${fmtCountdown(f.nextAttempt - sNow)}` : 'now') : '—');
+  setText(el['fd-messages'], f && f.messages != null ? fmtInt(f.messages) : '—');
+  setText(el['fd-reconnects'], f && f.reconnects != null ? fmtInt(f.reconnects) : '—');
+  setText(el['fd-duplicates'], f && f.duplicates != null ? fmtInt(f.duplicates) : '—');
+  setText(el['fd-crossed'], f && f.crossed != null ? fmtInt(f.crossed) : '—');
+  setText(el['fd-parse'], f && f.parseErrors != null ? fmtInt(f.parseErrors) : '—');
+  el['fd-reason'].hidden = !(f && f.reason);
+  if (f && f.reason) setText(el['fd-reason'], f.reason);
+  setText(el['foot-clock'], fmtDateTime(now));
+}
+
+function selectSymbol(sym, focusTab = false) {
+  if (!sym || sym === state.current) return;
+  state.current = sym;
+  try { localStorage.setItem('bbo.symbol', sym); } catch { /* ignore */ }
+  dirty.symbols = dirty.bbo = dirty.status = dirty.tabs = true;
+  chart.dirty = true;
+  chart.hover = null;
+  if (chart.bfPending) { chart.bfPending.ctl.abort(); chart.bfPending = null; }
+  scheduleBackfill(0);
+  if (focusTab) {
+    const b = el['symbol-tabs'].querySelector(`[data-symbol="${CSS.escape(sym)}"]`);
+    if (b) b.focus();
+  }
+  requestFrame();
+}
+
+function initUiInput() {
+  el['symbol-select'].addEventListener('change', (e) => selectSymbol(e.target.value));
+  el['symbol-tabs'].addEventListener('click', (e) => {
+    const b = e.target.closest('.sym-tab');
+    if (b) selectSymbol(b.dataset.symbol);
+  });
+  el['symbol-tabs'].addEventListener('keydown', (e) => {
+    const i = state.symbols.indexOf(state.current);
+    let j = -1;
+    if (e.key === 'ArrowRight') j = (i + 1) % state.symbols.length;
+    else if (e.key === 'ArrowLeft') j = (i - 1 + state.symbols.length) % state.symbols.length;
+    else if (e.key === 'Home') j = 0;
+    else if (e.key === 'End') j = state.symbols.length - 1;
+    if (j >= 0) { e.preventDefault(); selectSymbol(state.symbols[j], true); }
+  });
+  for (const b of document.querySelectorAll('.tf')) b.addEventListener('click', () => setTimeframe(b.dataset.tf));
+  $('zoom-reset').addEventListener('click', resetZoom);
+  window.addEventListener('resize', () => { chartLayout(); requestFrame(); });
+  if (window.ResizeObserver) new ResizeObserver(() => { chartLayout(); requestFrame(); }).observe(chart.canvas.parentElement);
+}
+
+// ###########################################################################
+// §6 Historical data view
+// ###########################################################################
+
+const hist = {
+  symbol: null, start: 0, end: 0, limit: 50,
+  pages: [],            // stack of {end, exclude:Set<updateId>} — the page shown is the last one
+  rows: [],             // rows of the page shown (chronological, as the API returns them)
+  kind: 'updates',      // updates | bars
+  hasOlder: false,
+  seq: 0,
+};
+
+function histRangeFromForm() {
+  const range = $('hist-range').value;
+  if (range !== 'custom') {
+    const end = serverNow();
+    const start = end - Number(range);
+    $('hist-start').value = toLocalInput(start);
+    $('hist-end').value = toLocalInput(end);
+    return [Math.floor(start), Math.ceil(end)];
+  }
+  const s = $('hist-start').value, e = $('hist-end').value;
+  const start = s ? new Date(s).getTime() : NaN;
+  const end = e ? new Date(e).getTime() + 999 : NaN;   // inputs have 1 s resolution: include the whole second
+  return [start, end];
+}
+
+function showHistError(msg) {
+  const box = $('hist-error');
+  box.hidden = !msg;
+  setText(box, msg || '');
+}
+
+async function histLoad() {
+  const sym = $('hist-symbol').value;
+  const [start, end] = histRangeFromForm();
+  if (!sym) { showHistError('Choose a symbol.'); return; }
+  if (!Number.isFinite(start) || !Number.isFinite(end)) { showHistError('Enter a valid start and end time.'); return; }
+  if (start > end) { showHistError('The start time must be before the end time.'); return; }
+  showHistError('');
+  Object.assign(hist, { symbol: sym, start, end, limit: Number($('hist-limit').value) || 50, pages: [] });
+  const csv = $('hist-csv');
+  csv.href = `/api/history/updates?symbol=${encodeURIComponent(sym)}&start_time=${start}&end_time=${end}&limit=10000&format=csv`;
+  csv.setAttribute('download', `${sym}-${start}-${end}.csv`);
+  csv.setAttribute('aria-disabled', 'false');
+  csv.title = 'Download the newest 10,000 updates of the range as CSV';
+  const seq = ++hist.seq;
+  $('hist-load').disabled = true;
+  const statsBox = $('hist-stats');
+  statsBox.setAttribute('aria-busy', 'true');
+  const statsP = fetchJson(`/api/history/latency?symbol=${encodeURIComponent(sym)}&start_time=${start}&end_time=${end}`)
+    .then((s) => { if (seq === hist.seq) renderHistStats(s); })
+    .catch((err) => { if (seq === hist.seq) { showHistError(`Latency statistics: ${err.message}`); statsBox.replaceChildren(); } });
+  const pageP = histFetchPage({ end, exclude: new Set() }, seq);
+  await Promise.allSettled([statsP, pageP]);
+  if (seq === hist.seq) { $('hist-load').disabled = false; statsBox.removeAttribute('aria-busy'); }
+}
+
+async function histFetchPage(page, seq) {
+  const extra = page.exclude.size;
+  const url = `/api/history/updates?symbol=${encodeURIComponent(hist.symbol)}&start_time=${hist.start}` +
+              `&end_time=${page.end}&limit=${Math.min(10000, hist.limit + extra)}`;
+  $('hist-older').disabled = true;
+  $('hist-newer').disabled = true;
+  try {
+    const r = await fetchJson(url);
+    if (seq !== hist.seq) return;
+    let rows, kind;
+    if ((!r.updates || !r.updates.length) && Array.isArray(r.bars) && r.bars.length) {
+      kind = 'bars';
+      rows = r.bars.filter((b) => !page.exclude.has(`t${b.time}`));
+    } else {
+      kind = 'updates';
+      rows = (r.updates || []).filter((u) => !page.exclude.has(String(u.updateId)));
+    }
+    if (rows.length > hist.limit) rows = rows.slice(rows.length - hist.limit);
+    hist.pages.push(page);
+    hist.rows = rows;
+    hist.kind = kind;
+    hist.hasOlder = rows.length >= hist.limit;
+    hist.note = r.complete === false && r.rawFrom ? `Raw updates are kept from ${fmtDateTime(r.rawFrom)}; older ranges show 1 s bars.` : '';
+    renderHistTable();
+  } catch (err) {
+    if (seq !== hist.seq) return;
+    showHistError(`Updates: ${err.message}`);
+    hist.rows = [];
+    renderHistTable();
+  }
+}
+
+const rowTime = (r) => (r.serverTimestamp ?? r.time);
+const rowKey = (r) => (r.updateId != null ? String(r.updateId) : `t${r.time}`);
+
+function histOlder() {
+  if (!hist.rows.length) return;
+  const oldest = rowTime(hist.rows[0]);
+  // The API pages by time only (newest `limit` rows up to end_time): ask again up to the
+  // oldest time shown, and drop the rows of that same millisecond that are already shown.
+  const exclude = new Set(hist.rows.filter((r) => rowTime(r) === oldest).map(rowKey));
+  histFetchPage({ end: oldest, exclude }, hist.seq);
+}
+
+function histNewer() {
+  if (hist.pages.length < 2) return;
+  hist.pages.pop();
+  const page = hist.pages.pop();
+  histFetchPage(page, hist.seq);
+}
+
+function renderHistStats(s) {
+  const box = $('hist-stats');
+  const items = [['count', 'Updates', s.count == null ? '—' : fmtInt(s.count), null]];
+  for (const [k, label] of [['min', 'Min'], ['mean', 'Mean'], ['p50', 'p50'], ['p90', 'p90'], ['p99', 'p99'], ['max', 'Max']]) {
+    items.push([k, label, fmtMs(s[k]), level(s[k], ...LATENCY_LEVELS)]);
+  }
+  items.push(['tier', 'Source', s.tier === 'bars' ? '1 s bars' : s.tier === 'raw' ? 'raw' : (s.tier || '—'), null]);
+  const cap = document.createElement('p');
+  cap.className = 'stats-caption';
+  cap.textContent = `Backend latency (exchange → server) · ${hist.symbol} · ${fmtDateTime(s.start_time ?? hist.start)} – ${fmtDateTime(Math.min(s.end_time ?? hist.end, hist.end))}`;
+  box.replaceChildren(cap, ...items.map(([k, label, v, lvl]) => {
+    const d = document.createElement('div');
+    d.className = 'stat';
+    d.dataset.stat = k;
+    const kk = document.createElement('span');
+    kk.className = 'k';
+    kk.textContent = label;
+    const vv = document.createElement('span');
+    vv.className = 'v';
+    vv.textContent = v;
+    if (lvl) vv.dataset.level = lvl;
+    d.append(kk, vv);
+    return d;
+  }));
+  if (s.approximate) box.title = 'Percentiles from 1-second bars are approximate';
+}
+
+function renderHistTable() {
+  const tbody = $('hist-table').tBodies[0];
+  const rows = hist.rows.slice().reverse();   // newest first
+  const frag = document.createDocumentFragment();
+  const td = (text, cls) => { const c = document.createElement('td'); if (cls) c.className = cls; c.textContent = text; return c; };
+  if (!rows.length) {
+    const tr = document.createElement('tr');
+    const c = td('No updates in this range.', 'empty');
+    c.colSpan = 8;
+    tr.append(c);
+    frag.append(tr);
+  }
+  const withMs = hist.end - hist.start <= 2 * 86400e3;
+  for (const r of rows) {
+    const tr = document.createElement('tr');
+    if (hist.kind === 'bars') {
+      tr.dataset.time = r.time;
+      const bid = r.bid_last, ask = r.ask_last;
+      const lat = r.lat_count ? r.lat_sum / r.lat_count : null;
+      const sp = bid != null && ask != null ? ask - bid : null;
+      const tc = document.createElement('td');
+      const dpart = document.createElement('span');
+      dpart.className = 'date';
+      dpart.textContent = fmtDateTime(r.time).slice(0, 11);
+      tc.append(dpart, fmtClock(r.time));
+      tr.append(tc, td(bid == null ? '—' : String(bid), 'r bid'), td('—', 'r opt'),
+        td(ask == null ? '—' : String(ask), 'r ask'), td('—', 'r opt'), td(sp == null ? '—' : String(+sp.toPrecision(10)), 'r opt3'),
+        td(fmtMs(lat), 'r'), td(`1 s bar · ${r.count}`, 'r opt2'));
+    } else {
+      tr.dataset.updateId = r.updateId;
+      const sm = spreadMid(r.bidPrice, r.askPrice);
+      const t = r.timestamp ?? r.serverTimestamp;
+      const tc = document.createElement('td');
+      const dpart = document.createElement('span');
+      dpart.className = 'date';
+      dpart.textContent = fmtDateTime(t).slice(0, 11);
+      tc.append(dpart, fmtClock(t, withMs));
+      tc.title = `exchange ${fmtDateTime(t, true)} · server ${fmtDateTime(r.serverTimestamp, true)}`;
+      const lat = td(r.backendLatency == null ? 'n/a' : fmtMs(r.backendLatency), 'r lat');
+      lat.dataset.level = level(r.backendLatency, ...LATENCY_LEVELS);
+      tr.append(tc, td(r.bidPrice, 'r bid'), td(r.bidQty, 'r opt'), td(r.askPrice, 'r ask'), td(r.askQty, 'r opt'),
+        td(sm ? sm.spread : '—', 'r opt3'), lat, td(String(r.updateId ?? '—'), 'r opt2'));
+    }
+    frag.append(tr);
+  }
+  tbody.replaceChildren(frag);
+  const pageNo = hist.pages.length;
+  let label = `Page ${pageNo}`;
+  if (rows.length) {
+    const a = rowTime(rows[rows.length - 1]), b = rowTime(rows[0]);
+    label += ` · ${rows.length} ${hist.kind === 'bars' ? 'bars' : 'rows'} · ${fmtClock(a)} – ${fmtClock(b)}`;
+  }
+  if (hist.note) label += ' · bars tier';
+  setText($('hist-page'), label);
+  $('hist-newer').disabled = pageNo < 2;
+  $('hist-older').disabled = !hist.hasOlder;
+}
+
+function initHistory() {
+  const form = $('hist-form');
+  form.addEventListener('submit', (e) => { e.preventDefault(); histLoad(); });
+  $('hist-range').addEventListener('change', () => {
+    if ($('hist-range').value !== 'custom') histRangeFromForm();
+  });
+  for (const id of ['hist-start', 'hist-end']) {
+    $(id).addEventListener('input', () => { $('hist-range').value = 'custom'; });
+  }
+  $('hist-older').addEventListener('click', histOlder);
+  $('hist-newer').addEventListener('click', histNewer);
+  $('hist-csv').addEventListener('click', (e) => { if ($('hist-csv').getAttribute('aria-disabled') === 'true') e.preventDefault(); });
+  histRangeFromForm();
+}
+
+// ###########################################################################
+// §7 Boot, events, timers, localStorage, test hooks
+// ###########################################################################
+
+const STORE_KEY = 'bbo.points.v1';
+const STORE_MAX_POINTS = 2000;      // per symbol
+const STORE_MAX_AGE = 3600e3;
+const useStore = params.get('store') !== '0';
+
+function onBboUpdate(p) {
+  if (!p || typeof p !== 'object' || typeof p.symbol !== 'string') return;
+  const sym = p.symbol;
+  state.stats.bboMessages++;
+  if (addSymbol(sym)) {
+    dirty.symbols = true;
+    if (!state.current) selectSymbol(sym);
+  }
+  const prev = state.bbo[sym];
+  const t = p.serverTimestamp ?? p.timestamp;
+  if (prev && (prev.serverTimestamp ?? prev.timestamp) > t) return;   // older than what we show
+  state.bbo[sym] = p;
+  if (p.backendLatency != null) {
+    const st = state.stats;
+    st.lastLatency = p.backendLatency;
+    const i = st.latSecond % 10;
+    st.latSum[i] += p.backendLatency;
+    st.latCount[i]++;
+  }
+  const pb = pointsFor(sym);
+  const sess = state.session[sym] || (state.session[sym] = { start: null });
+  const bid = Number(p.bidPrice), ask = Number(p.askPrice);
+  if (pb.push(t, bid, ask)) {
+    if (sess.start == null) {
+      sess.start = t;
+      if (sess.gapFrom != null && t > sess.gapFrom) pb.gaps.push({ start: sess.gapFrom, end: t, kind: 'client', reason: sess.gapReason || 'no data' });
+      sess.gapFrom = null;
+      if (sym === state.current) scheduleBackfill(100);
+    }
+    if (sym === state.current && (chart.view.follow || t <= chart.view.end)) chart.dirty = true;
+  }
+  if (sym === state.current) dirty.bbo = true;
+  dirty.tabs = true;
+  requestFrame();
+}
+
+function onFeedStatus(f) {
+  if (!f || typeof f !== 'object' || !f.state) return;
+  const prev = state.feed ? state.feed.state : null;
+  state.feed = f;
+  state.feedAt = Date.now();
+  // remember feed outages seen live so the chart shades them before the server's history has them
+  const open = state.feedOutages.find((o) => o.end == null);
+  if (f.state !== 'live' && f.state !== 'connecting' && !open) {
+    state.feedOutages.push({ start: f.since || serverNow(), end: null, reason: f.reason || f.state });
+  } else if (f.state === 'live' && open) {
+    open.end = f.since || serverNow();
+  }
+  if (prev !== f.state) chart.dirty = true;
+  dirty.status = dirty.bbo = dirty.tabs = true;
+  requestFrame();
+}
+
+function onConnect() {
+  state.conn.connectedAt = Date.now();
+  state.conn.disconnectedAt = null;
+  for (const sym of Object.keys(state.session)) state.session[sym].start = null;
+  socket.emit('ready');
+  socket.emit('request_initial_data');
+  measureRtt();
+  chart.dirty = true;
+  dirty.status = true;
+  requestFrame();
+}
+
+function onDisconnect(reason) {
+  const now = serverNow();
+  state.conn.disconnectedAt = now;
+  for (const sym of Object.keys(state.session)) {
+    const s = state.session[sym];
+    const pb = state.points[sym];
+    s.start = null;
+    s.gapFrom = pb && pb.n ? Math.max(pb.last(), now - 1) : now;
+    s.gapReason = `server connection lost (${reason})`;
+  }
+  // the feed state is unknown while we are disconnected
+  chart.dirty = true;
+  dirty.status = dirty.bbo = dirty.tabs = true;
+  requestFrame();
+}
+
+const socket = new SocketIoClient({
+  mode: ['polling', 'websocket'].includes(params.get('transport')) ? params.get('transport') : 'auto',
+  onState: (s) => { state.conn.state = s; state.conn.transport = socket.transport; dirty.status = dirty.tabs = true; requestFrame(); },
+  onConnect: () => { state.conn.transport = socket.transport; onConnect(); },
+  onDisconnect,
+  onEvent: (name, args) => {
+    state.stats.messages++;
+    const a = args[0];
+    switch (name) {
+      case 'bbo_update': onBboUpdate(a); break;
+      case 'feed_status': onFeedStatus(a); break;
+      case 'welcome': state.welcome = a && a.message; break;
+      case 'pong': break;                    // the RTT comes from the ping ack
+      default: break;
+    }
+  },
+});
+
+let rttInFlight = false;
+function measureRtt() {
+  if (rttInFlight || socket.state !== 'connected') return;
+  rttInFlight = true;
+  const t0 = Date.now(), p0 = performance.now();
+  socket.emit('ping', (err, res) => {
+    rttInFlight = false;
+    if (err) return;
+    const rtt = performance.now() - p0;
+    const c = state.conn;
+    c.rtt = rtt;
+    c.rttAvg = c.rttAvg == null ? rtt : c.rttAvg * 0.8 + rtt * 0.2;
+    if (res && Number.isFinite(res.time)) {
+      const offset = res.time - (t0 + rtt / 2);
+      // keep the estimate from the fastest round trips (least queueing)
+      if (!c.clockSynced || rtt <= (c.bestRtt ?? Infinity) * 1.5) {
+        c.clockOffset = c.clockSynced ? c.clockOffset * 0.7 + offset * 0.3 : offset;
+        c.bestRtt = Math.min(c.bestRtt ?? Infinity, rtt);
+        c.clockSynced = true;
+      }
+    }
+    dirty.status = true;
+    requestFrame();
+  });
+}
+
+let rateLast = { t: performance.now(), n: 0 };
+function secondTick() {
+  const nowP = performance.now();
+  const dt = (nowP - rateLast.t) / 1000;
+  if (dt > 0) {
+    const inst = (state.stats.messages - rateLast.n) / dt;
+    state.stats.rate = state.stats.rate ? state.stats.rate * 0.6 + inst * 0.4 : inst;
+    rateLast = { t: nowP, n: state.stats.messages };
+  }
+  const st = state.stats;               // advance the 10 s latency ring by one second
+  st.latSecond++;
+  st.latSum[st.latSecond % 10] = 0;
+  st.latCount[st.latSecond % 10] = 0;
+  dirty.status = dirty.tabs = true;
+  // keep backfill fresh: long views slide, and after an outage the server's history fills holes
+  if (!chart.bfPending) ensureBackfill();
+  const sym = state.current;
+  const p = sym && state.bbo[sym];
+  document.title = p ? `${p.bidPrice} / ${p.askPrice} ${sym}${isLive(sym) ? '' : ' (not live)'} · BBO Stream` : 'BBO Stream';
+  requestFrame();
+}
+
+function savePoints() {
+  if (!useStore) return;
+  try {
+    const out = { v: 1, savedAt: Date.now(), symbols: {} };
+    const cut = serverNow() - STORE_MAX_AGE;
+    for (const sym of state.symbols.slice(0, 12)) {
+      const pb = state.points[sym];
+      if (!pb || !pb.n) continue;
+      const a = Math.max(pb.lowerBound(cut), pb.n - STORE_MAX_POINTS);
+      if (a >= pb.n) continue;
+      const t0 = pb.t[a];
+      const dt = [], b = [], k = [];
+      let prev = t0;
+      for (let i = a; i < pb.n; i++) { dt.push(pb.t[i] - prev); prev = pb.t[i]; b.push(pb.bid[i]); k.push(pb.ask[i]); }
+      out.symbols[sym] = { t0, dt, bid: b, ask: k };
+    }
+    localStorage.setItem(STORE_KEY, JSON.stringify(out));
+  } catch { /* quota or private mode: the store is optional */ }
+}
+
+function restorePoints() {
+  if (!useStore) return;
+  try {
+    const raw = localStorage.getItem(STORE_KEY);
+    if (!raw) return;
+    const s = JSON.parse(raw);
+    if (!s || s.v !== 1 || Date.now() - s.savedAt > STORE_MAX_AGE) return;
+    for (const [sym, d] of Object.entries(s.symbols || {})) {
+      if (!Array.isArray(d.dt) || d.dt.length !== d.bid.length || d.dt.length !== d.ask.length) continue;
+      const pb = pointsFor(sym);
+      let t = d.t0;
+      for (let i = 0; i < d.dt.length; i++) { t += d.dt[i]; pb.push(t, d.bid[i], d.ask[i]); }
+      const sess = state.session[sym] || (state.session[sym] = { start: null });
+      sess.gapFrom = pb.last();        // until the first live point: the page was closed
+      sess.gapReason = 'page was closed';
+      addSymbol(sym);
+    }
+  } catch { /* a corrupt store is ignored */ }
+}
+
+function loadSyntheticPoints(n) {
+  n = Math.max(0, Math.min(MAX_POINTS, Math.floor(n)));
+  const sym = state.current || 'SYNTHETIC';
+  if (!state.current) { addSymbol(sym); state.current = sym; dirty.symbols = true; }
+  const pb = pointsFor(sym);
+  pb.clear();
+  if (pb.cap < n) {
+    pb.cap = n;
+    pb.t = new Float64Array(n); pb.bid = new Float64Array(n); pb.ask = new Float64Array(n);
+  }
+  const [v0, v1] = viewRange();
+  const p = state.bbo[sym];
+  let mid = p ? (Number(p.bidPrice) + Number(p.askPrice)) / 2 : 100000;
+  const tick = mid * 1e-6;
+  const dt = (v1 - v0) / Math.max(1, n);
+  for (let i = 0; i < n; i++) {
+    mid += (Math.random() - 0.5) * tick * 4;
+    const half = tick * (1 + ((Math.random() * 3) | 0)) / 2;
+    pb.t[i] = v0 + i * dt;
+    pb.bid[i] = mid - half;
+    pb.ask[i] = mid + half;
+  }
+  pb.n = n;
+  const sess = state.session[sym] || (state.session[sym] = {});
+  sess.start = n ? v0 : null;        // the live buffer covers the view: no backfill
+  drawChart();                       // warm-up
+  const times = [];
+  for (let i = 0; i < 5; i++) times.push(drawChart());
+  times.sort((a, b) => a - b);
+  return times[2];
+}
+
+async function boot() {
+  cacheElements();
+  chart.canvas = $('chart');
+  chart.overlay = $('chart-overlay');
+  chart.ctx = chart.canvas.getContext('2d', { alpha: true });
+  chart.octx = chart.overlay.getContext('2d');
+  const tf = params.get('tf') || (() => { try { return localStorage.getItem('bbo.tf'); } catch { return null; } })();
+  chart.tf = TIMEFRAMES[tf] ? tf : '1m';
+  chart.view = { span: TIMEFRAMES[chart.tf], end: 0, follow: true };
+  for (const b of document.querySelectorAll('.tf')) setAttr(b, 'aria-pressed', String(b.dataset.tf === chart.tf));
+  initChartInput();
+  initUiInput();
+  initHistory();
+  restorePoints();
+  chartLayout();
+
+  let preferred = params.get('symbol');
+  if (!preferred) { try { preferred = localStorage.getItem('bbo.symbol'); } catch { /* ignore */ } }
+  if (preferred) preferred = preferred.toUpperCase();
+
+  socket.connect();
+
+  const [syms, bbo, health] = await Promise.allSettled([
+    fetchJson('/api/history/symbols'), fetchJson('/api/bbo'), fetchJson('/healthz')]);
+  if (syms.status === 'fulfilled' && Array.isArray(syms.value.symbols)) for (const s of syms.value.symbols) addSymbol(s);
+  if (bbo.status === 'fulfilled' && bbo.value && bbo.value.symbols) {
+    for (const [s, p] of Object.entries(bbo.value.symbols)) {
+      addSymbol(s);
+      if (!state.bbo[s]) state.bbo[s] = p;
+    }
+  }
+  if (health.status === 'fulfilled' && health.value && health.value.feed && !state.feed) onFeedStatus(health.value.feed);
+  if (!state.current) {
+    state.current = state.symbols.includes(preferred) ? preferred : state.symbols[0] || null;
+  } else if (preferred && state.symbols.includes(preferred) && state.current !== preferred && state.stats.bboMessages < 50) {
+    state.current = preferred;
+  }
+  dirty.symbols = dirty.bbo = dirty.status = dirty.tabs = true;
+  chart.dirty = true;
+  scheduleBackfill(0);
+  requestFrame();
+  if (state.current) {
+    $('hist-symbol').value = state.current;
+    renderSymbols();
+    $('hist-symbol').value = state.current;
+    histLoad();
+  }
+}
+
+setInterval(secondTick, 1000);
+setInterval(measureRtt, 5000);
+setInterval(savePoints, 15000);
+window.addEventListener('pagehide', () => { savePoints(); });
+window.addEventListener('online', () => socket.retryNow());
+window.addEventListener('offline', () => { dirty.status = true; requestFrame(); });
+
+window.bboDebug = {
+  state,
+  socket,
+  transport: () => socket.transport,
+  connection: () => ({ state: socket.state, transport: socket.transport, sid: socket.sid, reconnects: socket.reconnects,
+                       attempts: socket.attempts, reconnectAt: socket.reconnectAt, wsFallbacks: socket.wsFallbacks }),
+  chart: {
+    pointCount: () => (state.current && state.points[state.current] ? state.points[state.current].n : 0),
+    lastDrawMs: () => chart.lastDrawMs,
+    timeframe: () => chart.tf,
+    viewRange: () => viewRange(),
+    redraw: () => drawChart(),
+    setTimeframe,
+    zoom: (f) => zoomAt(f),
+    backfill: () => chart.backfill[state.current] || null,
+    drawCount: () => chart.drawCount,
+  },
+  loadSyntheticPoints,
+};
+
+if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', boot);
+else boot();
+
+})();

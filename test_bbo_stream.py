@@ -1,0 +1,2466 @@
+"""Tests for bbo_stream.py, in the module's section order (§1 … §16), then end-to-end tests.
+
+Run::
+
+    cd /work/main && python -m pytest -q -x test_bbo_stream.py -p no:cacheprovider
+
+§1-§7 and most of §12 are unit tests: no sockets, no clock.  From §11 on, tests open sockets
+on 127.0.0.1 with ephemeral ports: the real server (``App`` with WEB_PORT=0, in the test's
+event loop) against ``FakeBinance`` (fake_binance.py, same loop).  The SIGTERM and kill -9
+tests run ``python bbo_stream.py`` as a subprocess.  No pytest-asyncio: every async test body
+goes through ``run(coro, timeout)``, so a hang fails fast instead of blocking the suite.
+
+Waiting: the in-process server is observed through ``Events`` (every accepted update, every
+feed status change and every log record wakes the waiters), the fake through its own change
+event; ``poll_until`` is only used where nothing can be awaited (files on disk, a subprocess).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import gc
+import json
+import logging
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, NamedTuple
+
+import numpy as np
+import pytest
+
+import bbo_stream as bs
+from fake_binance import FakeBinance
+
+# ---- Helpers ---------------------------------------------------------------------------
+
+HERE = Path(__file__).resolve().parent
+MODULE = HERE / "bbo_stream.py"
+STATIC = HERE / "static"
+TEST_TIMEOUT_S = 10.0
+T0 = 1_700_000_000_000            # a fixed epoch ms for unit tests: no clock is read
+SETTING_NAMES = {s.name for s in bs.SETTINGS}
+
+
+def run(coro: Awaitable[Any], timeout: float = TEST_TIMEOUT_S) -> Any:
+    """asyncio.run with a deadline: a hung test fails instead of blocking the suite."""
+    async def bounded() -> Any:
+        async with asyncio.timeout(timeout):
+            return await coro
+    return asyncio.run(bounded())
+
+
+def make_bbo(u: int = 1, recv_ms: int = T0, latency_ms: int | None = 5, **fields: Any) -> bs.Bbo:
+    """A futures-like update (E = recv - latency, T = E - 1); latency_ms=None makes it spot-like."""
+    event = recv_ms if latency_ms is None else recv_ms - latency_ms
+    values = dict(symbol="BTCUSDT", bid_price="28750.10", bid_qty="1.500", ask_price="28750.20",
+                  ask_qty="0.250", event_ms=event, recv_ms=recv_ms, latency_ms=latency_ms,
+                  transaction_ms=None if latency_ms is None else event - 1, update_id=u)
+    values.update(fields)
+    return bs.Bbo(**values)
+
+
+def head(request_line: str, *headers: str) -> bytes:
+    """A request head as bytes: the request line, the header lines, CRLFCRLF."""
+    return ("\r\n".join((request_line, *headers)) + "\r\n\r\n").encode("latin-1")
+
+
+def padded_head(total: int, target: str = "/healthz") -> bytes:
+    """A valid GET head of exactly ``total`` bytes (an X-Pad header fills the gap)."""
+    base = head(f"GET {target} HTTP/1.1", "Host: t", "Connection: close", "X-Pad: ")
+    data = base[:-4] + b"a" * (total - len(base)) + b"\r\n\r\n"
+    assert len(data) == total
+    return data
+
+
+def parse(raw: bytes) -> bs.HttpRequest:
+    return bs.parse_request_head(raw, "127.0.0.1:1")
+
+
+def http_error(raw: bytes) -> bs.HttpError:
+    with pytest.raises(bs.HttpError) as info:
+        parse(raw)
+    return info.value
+
+
+def make_ctx(history: bs.BboHistory, state: str = "live", now: int = T0 + 60_000) -> bs.ApiContext:
+    status = {"state": state, "reason": None if state == "live" else "test", "messages": 0}
+    return bs.ApiContext(history, lambda now_ms: dict(status), now)
+
+
+def api(ctx: bs.ApiContext, target: str, method: str = "GET") -> bs.HttpResponse:
+    return bs.handle_api(parse(head(f"{method} {target} HTTP/1.1", "Host: t")), ctx)
+
+
+def api_json(ctx: bs.ApiContext, target: str) -> tuple[int, Any]:
+    resp = api(ctx, target)
+    assert resp.content_type.startswith("application/json")
+    return resp.status, json.loads(resp.body)
+
+
+def fill(history: bs.BboHistory, n: int, start_ms: int = T0, step_ms: int = 1, first_u: int = 1,
+         **fields: Any) -> list[bs.Bbo]:
+    """Accept ``n`` increasing updates (u and recv_ms step) and return them."""
+    out = [make_bbo(first_u + i, start_ms + i * step_ms, **fields) for i in range(n)]
+    for bbo in out:
+        assert history.accept(bbo)
+    return out
+
+
+def rest_rows(history: bs.BboHistory, symbol: str = "BTCUSDT") -> list[dict]:
+    """Every row the REST API returns for ``symbol`` (up to the 10,000 maximum)."""
+    status, body = api_json(make_ctx(history), f"/api/history/updates?symbol={symbol}&limit=10000")
+    assert status == 200, body
+    return body["updates"]
+
+
+def row_of(bbo: bs.Bbo) -> dict:
+    """The REST row an update must come back as."""
+    return json.loads(bs.bbo_json(bbo))
+
+
+def poll_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Only for conditions nothing can be awaited for (files, subprocesses).  True if met."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+async def apoll_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
+    return True
+
+
+async def fake_until(fake: FakeBinance, predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Wait on the fake exchange's own change event (connections, subscriptions)."""
+    await fake._wait_until(predicate, timeout, what)
+
+
+# -- HTTP client on raw asyncio streams: the bytes on the wire are what is asserted ------
+
+class Resp(NamedTuple):
+    status: int
+    headers: list[tuple[str, str]]      # (lower-case name, value), in order
+    body: bytes
+    raw_head: bytes
+
+    def header(self, name: str) -> str | None:
+        values = self.all(name)
+        return values[0] if values else None
+
+    def all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k == name]
+
+    def json(self) -> Any:
+        assert (self.header("content-type") or "").startswith("application/json"), self.headers
+        return json.loads(self.body)
+
+
+async def read_response(reader: asyncio.StreamReader, head_only: bool = False) -> Resp:
+    raw = await reader.readuntil(b"\r\n\r\n")
+    lines = raw.decode("latin-1")[:-4].split("\r\n")
+    assert re.fullmatch(r"HTTP/1\.1 \d{3} .+", lines[0]), lines[0]
+    status = int(lines[0].split(" ")[1])
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        assert colon and name == name.strip(), line
+        headers.append((name.lower(), value.strip()))
+    length = [int(v) for k, v in headers if k == "content-length"]
+    assert len(length) <= 1
+    body = b"" if head_only or not length else await reader.readexactly(length[0])
+    return Resp(status, headers, body, raw)
+
+
+def client_ssl_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+@contextlib.asynccontextmanager
+async def connection(port: int, ssl_ctx: ssl.SSLContext | None = None):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl_ctx,
+                                                   server_hostname="localhost" if ssl_ctx else None)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def exchange(port: int, data: bytes, *, responses: int = 1, head_only: bool = False,
+                   ssl_ctx: ssl.SSLContext | None = None) -> tuple[list[Resp], bytes]:
+    """Send raw bytes, read ``responses`` responses, then everything up to the server's EOF."""
+    async with connection(port, ssl_ctx) as (reader, writer):
+        writer.write(data)
+        await writer.drain()
+        out = [await read_response(reader, head_only) for _ in range(responses)]
+        return out, await reader.read()
+
+
+async def request(port: int, target: str, *headers: str, method: str = "GET", body: bytes = b"",
+                  ssl_ctx: ssl.SSLContext | None = None) -> Resp:
+    """One request with Connection: close; asserts the server closes right after the response."""
+    data = head(f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close", *headers) + body
+    [resp], rest = await exchange(port, data, head_only=method == "HEAD", ssl_ctx=ssl_ctx)
+    assert rest == b"", f"bytes after the response: {rest[:100]!r}"
+    return resp
+
+
+# -- the real server in the test's event loop ---------------------------------------------
+
+class Events(logging.Handler):
+    """Everything observable the in-process App does wakes the waiters: an accepted update
+    (feed on_update), a feed status change (on_status), a log record of ``bbo_stream``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.get_ident()
+        self.updates: list[bs.Bbo] = []
+        self.statuses: list[dict] = []
+        self.records: list[logging.LogRecord] = []
+        self._waiters: list[asyncio.Event] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        if threading.get_ident() == self.thread:
+            self.poke()
+        else:  # persistence writes (and logs) in a worker thread
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.poke)
+
+    def poke(self) -> None:
+        for waiter in self._waiters:
+            waiter.set()
+
+    def logged(self, pattern: str, level: int = logging.DEBUG) -> list[str]:
+        return [m for r in self.records if r.levelno >= level and re.search(pattern, m := r.getMessage())]
+
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 5.0, what: str = "a condition") -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            waiter = asyncio.Event()
+            self._waiters.append(waiter)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.wait(), remaining)
+            finally:
+                self._waiters.remove(waiter)
+
+
+class Server(NamedTuple):
+    app: bs.App
+    events: Events
+    task: asyncio.Task
+
+    @property
+    def port(self) -> int:
+        return self.app.port
+
+    async def get(self, target: str, *headers: str, method: str = "GET") -> Resp:
+        return await request(self.port, target, *headers, method=method)
+
+    async def get_json(self, target: str, status: int = 200) -> Any:
+        resp = await self.get(target)
+        assert resp.status == status, (resp.status, resp.body[:300])
+        return resp.json()
+
+    def status(self) -> dict:
+        return self.app.feed.status(bs.now_ms())
+
+    async def wait_updates(self, n: int, timeout: float = 5.0) -> None:
+        await self.events.wait_for(lambda: len(self.events.updates) >= n, timeout, f"{n} accepted updates")
+
+    async def wait_state(self, state: str, timeout: float = 5.0) -> dict:
+        await self.events.wait_for(lambda: self.status()["state"] == state, timeout, f"feed state {state}")
+        return self.status()
+
+
+@contextlib.asynccontextmanager
+async def serving(cfg: bs.Config):
+    """Run ``App(cfg)`` in this loop; yield once it listens; stop it via stop_event.
+
+    On a clean exit it also asserts that the server left no unhandled exception behind
+    ("Task exception was never retrieved" and the like reach the loop's exception handler)."""
+    events = Events()
+    logger = logging.getLogger("bbo_stream")
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(events)
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    try:
+        app = bs.App(cfg)
+        inner_update, inner_status = app.feed.on_update, app.feed.on_status
+
+        def on_update(bbo: bs.Bbo) -> None:
+            inner_update(bbo)
+            events.updates.append(bbo)
+            events.poke()
+
+        def on_status() -> None:
+            inner_status()
+            events.statuses.append(app.feed.status(bs.now_ms()))
+            events.poke()
+
+        app.feed.on_update, app.feed.on_status = on_update, on_status
+        task = asyncio.create_task(app.run(), name="app")
+        task.add_done_callback(lambda _: events.poke())
+        await events.wait_for(lambda: app.port or task.done(), what="the server to listen")
+        if task.done():
+            raise AssertionError(f"App.run ended during start-up: {task.result()!r}")
+        try:
+            yield Server(app, events, task)
+        finally:
+            app.stop_event.set()
+            rc = await asyncio.wait_for(task, 10)
+            gc.collect()                     # finalise dropped tasks now, inside this loop
+        assert rc == 0
+        assert not unhandled, "unhandled exceptions in the server: " + "; ".join(
+            f"{c.get('message')}: {c.get('exception')!r}" for c in unhandled)
+    finally:
+        loop.set_exception_handler(None)
+        logger.removeHandler(events)
+        logger.setLevel(old_level)
+
+
+def make_cfg(tmp_path: Path, base_url: str = "ws://127.0.0.1:9/ws", **overrides: Any) -> bs.Config:
+    """A test config: plain HTTP on an ephemeral port of 127.0.0.1, cache in tmp_path, not persisted."""
+    values: dict[str, Any] = dict(websocket_base_url=base_url, web_host="127.0.0.1", web_port=0, use_ssl=False,
+                                  cache_persist=False, cache_dir=str(tmp_path / "cache"),
+                                  ssl_cert_path=str(tmp_path / "certs" / "cert.pem"),
+                                  ssl_key_path=str(tmp_path / "certs" / "key.pem"),
+                                  initial_backoff=0.05, feed_stale_seconds=30.0)
+    values.update(overrides)
+    if isinstance(values.get("symbol"), str):
+        values["symbol"] = tuple(values["symbol"].split(","))
+    return bs.Config(**values)
+
+
+@pytest.fixture
+def fast_feed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feed timers in tens of ms instead of seconds (reconnect floor, watchdog tick)."""
+    monkeypatch.setattr(bs, "FEED_MIN_RECONNECT_S", 0.05)
+    monkeypatch.setattr(bs, "FEED_WATCHDOG_TICK_S", 0.05)
+
+
+# -- the real server as a subprocess ------------------------------------------------------
+
+class ServerProcess:
+    """``python bbo_stream.py`` with a clean environment; its stderr is read line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._changed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, env: dict[str, str], cwd: Path, *args: str) -> "ServerProcess":
+        clean = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(MODULE), *args, env={**clean, **env}, cwd=str(cwd),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        return cls(proc)
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for line in self.proc.stderr:
+            self.lines.append(line.decode(errors="replace").rstrip("\n"))
+            self._changed.set()
+        self.lines.append("<EOF>")
+        self._changed.set()
+
+    async def wait_line(self, pattern: str, timeout: float = 10.0) -> re.Match:
+        async def scan() -> re.Match:
+            seen = 0
+            while True:
+                for line in self.lines[seen:]:
+                    if (m := re.search(pattern, line)) is not None:
+                        return m
+                    if line == "<EOF>":
+                        raise AssertionError(f"server exited before logging {pattern!r}:\n" + "\n".join(self.lines))
+                seen = len(self.lines)
+                self._changed.clear()
+                await self._changed.wait()
+        try:
+            return await asyncio.wait_for(scan(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"no log line {pattern!r} within {timeout} s:\n" + "\n".join(self.lines)) from None
+
+    async def port(self) -> int:
+        return int((await self.wait_line(r"listening on \S+:(\d+) ")).group(1))
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 8.0) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        rc = await asyncio.wait_for(self.proc.wait(), timeout)
+        await asyncio.wait_for(self._reader, 2)
+        return rc
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+def server_env(tmp_path: Path, base_url: str, **settings: str) -> dict[str, str]:
+    env = {"WEB_PORT": "0", "WEB_HOST": "127.0.0.1", "USE_SSL": "false", "CACHE_DIR": str(tmp_path / "cache"),
+           "WEBSOCKET_BASE_URL": base_url, "SYMBOL": "btcusdt", "INITIAL_BACKOFF": "0.1"}
+    env.update(settings)
+    return env
+
+
+def disk_update_ids_of(path: Path) -> list[int]:
+    """updateIds in one cache file (journal or segment: JSON lines of columns); unreadable lines skipped."""
+    ids: list[int] = []
+    for line in path.read_bytes().splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            ids.extend(json.loads(line)["cols"]["updateId"])
+    return ids
+
+
+def disk_update_ids(sym_dir: Path) -> list[int]:
+    """updateIds in all of a symbol's raw cache files, in file order."""
+    if not sym_dir.is_dir():
+        return []
+    return [u for path in sorted(sym_dir.glob("raw-*.json*")) if not path.name.endswith(".tmp")
+            for u in disk_update_ids_of(path)]
+
+
+# ---- §1 Imports, version, limits ----------------------------------------------------------
+
+def test_limits_are_ordered_so_that_each_status_is_reachable():
+    # A target longer than MAX_TARGET_BYTES must fit in a head of MAX_HEAD_BYTES, or 414 could
+    # never be answered (431 would come first); the REST maximum must be above the default.
+    assert bs.MAX_TARGET_BYTES + len("GET  HTTP/1.1\r\nHost: t\r\n\r\n") < bs.MAX_HEAD_BYTES
+    assert bs.DEFAULT_HISTORY_LIMIT <= bs.MAX_HISTORY_LIMIT == 10_000
+    assert 0 < bs.HEAD_TIMEOUT_S and 0 < bs.KEEPALIVE_IDLE_S
+    assert re.fullmatch(r"\d+\.\d+\.\d+", bs.__version__)
+
+
+# ---- §2 Errors ---------------------------------------------------------------------------
+
+def test_http_error_renders_status_json_error_and_extra_headers():
+    resp = bs.error_response(bs.HttpError(405, "method PUT not allowed", [("Allow", "GET")]))
+    assert resp.status == 405
+    assert json.loads(resp.body) == {"error": "method PUT not allowed"}
+    assert resp.content_type == "application/json"
+    assert ("Allow", "GET") in resp.headers
+
+
+def test_error_tree_has_one_root_and_feed_errors_carry_their_kind():
+    for cls in (bs.ConfigError, bs.FeedMessageError, bs.HttpError, bs.EioProtocolError, bs.SioProtocolError):
+        assert issubclass(cls, bs.BboStreamError)
+    exc = bs.FeedMessageError("bad field b", "b='x' is not a decimal string")
+    assert (exc.kind, exc.detail) == ("bad field b", "b='x' is not a decimal string")
+
+
+# ---- §3 Configuration --------------------------------------------------------------------
+
+def test_config_defaults_are_the_settings_table_defaults():
+    cfg = bs.Config.from_sources([], {})
+    assert cfg == bs.Config()
+    for setting in bs.SETTINGS:  # the table (README, --help) and the dataclass agree
+        assert getattr(cfg, setting.field) == setting.parse(setting.default), setting.name
+    assert cfg.symbols == ("BTCUSDT",)
+    assert (cfg.market, cfg.feed_base_url) == ("futures", "wss://fstream.binance.com/public/ws")
+    assert (cfg.web_port, cfg.use_ssl, cfg.auto_reconnect, cfg.max_retries) == (5000, True, True, 10)
+    assert (cfg.ssl_cert_path, cfg.ssl_key_path) == ("certs/cert.pem", "certs/key.pem")
+    assert (cfg.cache_max_items, cfg.cache_flush_seconds, cfg.cache_bars_days) == (1_000_000, 1.0, 7.0)
+    assert (cfg.feed_stale_seconds, cfg.feed_rotate_hours, cfg.cors_origins) == (60.0, 23.5, ("*",))
+
+
+@pytest.mark.parametrize("market, url", [("futures", "wss://fstream.binance.com/public/ws"),
+                                         ("spot", "wss://stream.binance.com:9443/ws"),
+                                         ("coinm", "wss://dstream.binance.com/ws")])
+def test_market_selects_its_default_base_url_unless_one_is_given(market, url):
+    assert bs.Config.from_sources(["--market", market], {}).feed_base_url == url
+    custom = bs.Config.from_sources([], {"MARKET": market, "WEBSOCKET_BASE_URL": "ws://127.0.0.1:9443/ws/"})
+    assert custom.feed_base_url == "ws://127.0.0.1:9443/ws"
+
+
+def test_flag_wins_over_environment_which_wins_over_default():
+    env = {"WEB_PORT": "6000", "MARKET": "spot", "USE_SSL": "off", "SYMBOL": "ethusdt"}
+    cfg = bs.Config.from_sources(["--web-port", "7000", "--symbol", "solusdt"], env)
+    assert (cfg.web_port, cfg.market, cfg.use_ssl, cfg.symbols) == (7000, "spot", False, ("SOLUSDT",))
+    assert bs.Config.from_sources([], env).web_port == 6000
+    assert bs.Config.from_sources([], {}).web_port == 5000
+
+
+def test_symbol_flag_repeats_and_lists_are_upper_cased_and_deduplicated():
+    cfg = bs.Config.from_sources(["--symbol", "btcusdt", "--symbol", "ethusdt, SOLUSDT", "--symbol", "BTCUSDT"], {})
+    assert cfg.symbols == ("BTCUSDT", "ETHUSDT", "SOLUSDT")
+    assert bs.Config.from_sources([], {"SYMBOL": "btcusdt,ethusdt,,btcusdt"}).symbols == ("BTCUSDT", "ETHUSDT")
+    assert bs.Config.from_sources(["--symbol", "btcusd_perp"], {}).symbols == ("BTCUSD_PERP",)
+
+
+@pytest.mark.parametrize("argv, env, name", [
+    (["--web-port", "abc"], {}, "WEB_PORT"),
+    (["--web-port", "65536"], {}, "WEB_PORT"),
+    ([], {"WEB_PORT": "-1"}, "WEB_PORT"),
+    ([], {"USE_SSL": "maybe"}, "USE_SSL"),
+    (["--market", "options"], {}, "MARKET"),
+    (["--symbol", "btc-usdt"], {}, "SYMBOL"),
+    ([], {"SYMBOL": " , "}, "SYMBOL"),
+    (["--initial-backoff", "nan"], {}, "INITIAL_BACKOFF"),
+    (["--feed-rotate-hours", "24"], {}, "FEED_ROTATE_HOURS"),
+    (["--websocket-base-url", "https://fstream.binance.com/ws"], {}, "WEBSOCKET_BASE_URL"),
+    (["--websocket-base-url", "wss://fstream.binance.com/stream"], {}, "WEBSOCKET_BASE_URL"),
+    (["--feed-streams-per-connection", "1025"], {}, "FEED_STREAMS_PER_CONNECTION"),
+    (["--trusted-proxies", "not-an-ip"], {}, "TRUSTED_PROXIES"),
+])
+def test_invalid_setting_raises_one_line_naming_setting_and_source(argv, env, name):
+    with pytest.raises(bs.ConfigError) as info:
+        bs.Config.from_sources(argv, env)
+    message = str(info.value)
+    assert name in message and "\n" not in message
+    assert ("--" in message) == bool(argv)  # says whether the flag or the env var was wrong
+
+
+def test_boolean_words_and_origin_lists():
+    for word, value in (("1", True), ("Yes", True), ("on", True), ("0", False), ("FALSE", False), ("off", False)):
+        assert bs.Config.from_sources([], {"AUTO_RECONNECT": word}).auto_reconnect is value
+    cfg = bs.Config.from_sources(["--cors-origins", "https://a.example/, https://b.example"], {})
+    assert cfg.cors_origins == ("https://a.example", "https://b.example")
+
+
+def test_help_lists_every_setting_with_its_flag_and_env_name(capsys):
+    with pytest.raises(SystemExit) as info:
+        bs.Config.from_sources(["--help"], {})
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for setting in bs.SETTINGS:
+        assert setting.flag in out and setting.name in out, setting.name
+    assert "--version" in out
+
+
+def test_server_ssl_context_requires_tls_1_2(tmp_path):
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    assert bs.ensure_certificate(str(cert), str(key))
+    ctx = bs.make_server_ssl_context(str(cert), str(key))
+    assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+# ---- §4 BBO model and feed parsing ------------------------------------------------------
+
+FUTURES_RAW = ('{"e":"bookTicker","u":400900217,"s":"BNBUSDT","b":"25.35190000","B":"31.21000000",'
+               '"a":"25.36520000","A":"40.66000000","T":1568014460891,"E":1568014460893}')
+SPOT_RAW = ('{"u":400900217,"s":"BNBUSDT","b":"25.35190000","B":"31.21000000",'
+            '"a":"25.36520000","A":"40.66000000"}')
+COINM_RAW = ('{"e":"bookTicker","u":17242169,"s":"BTCUSD_200626","ps":"BTCUSD","b":"9548.1","B":"52",'
+             '"a":"9548.5","A":"11","T":1591268628155,"E":1591268628166}')
+
+
+def test_parse_futures_payload_keeps_strings_and_computes_latency():
+    recv = 1568014460893 + 7
+    bbo = bs.parse_feed_message(FUTURES_RAW, recv)
+    assert bbo == bs.Bbo("BNBUSDT", "25.35190000", "31.21000000", "25.36520000", "40.66000000",
+                         1568014460893, recv, 7, 1568014460891, 400900217)
+
+
+def test_parse_spot_payload_uses_receive_time_and_null_latency():
+    bbo = bs.parse_feed_message(SPOT_RAW, T0)
+    assert (bbo.event_ms, bbo.recv_ms, bbo.latency_ms, bbo.transaction_ms) == (T0, T0, None, None)
+    assert json.loads(bs.bbo_json(bbo)) == {
+        "symbol": "BNBUSDT", "bidPrice": "25.35190000", "bidQty": "31.21000000", "askPrice": "25.36520000",
+        "askQty": "40.66000000", "timestamp": T0, "serverTimestamp": T0, "backendLatency": None,
+        "updateId": 400900217, "transactionTime": None}
+
+
+def test_parse_coinm_payload_ignores_ps():
+    bbo = bs.parse_feed_message(COINM_RAW, 1591268628166 + 4)
+    assert (bbo.symbol, bbo.bid_price, bbo.bid_qty, bbo.ask_price, bbo.ask_qty) == ("BTCUSD_200626", "9548.1", "52", "9548.5", "11")
+    assert (bbo.latency_ms, bbo.transaction_ms, bbo.update_id) == (4, 1591268628155, 17242169)
+
+
+def test_parse_combined_wrapper_gives_the_same_update_as_the_raw_payload():
+    wrapped = '{"stream":"bnbusdt@bookTicker","data":' + FUTURES_RAW + "}"
+    recv = 1568014460900
+    assert bs.parse_feed_message(wrapped, recv) == bs.parse_feed_message(FUTURES_RAW, recv)
+    assert bs.parse_feed_message(wrapped.encode(), recv) == bs.parse_feed_message(FUTURES_RAW, recv)  # bytes too
+
+
+def test_parse_acks_and_server_shutdown():
+    assert bs.parse_feed_message('{"result":null,"id":1}', T0) == bs.FeedAck(1, None)
+    assert bs.parse_feed_message('{"result":["btcusdt@bookTicker"],"id":"x"}', T0) == bs.FeedAck("x", ["btcusdt@bookTicker"])
+    shutdown = bs.parse_feed_message('{"e":"serverShutdown","E":1700000000123}', T0)
+    assert isinstance(shutdown, bs.ServerShutdown) and shutdown.event_ms == 1700000000123
+    wrapped = bs.parse_feed_message('{"stream":"!serverShutdown","data":{"e":"serverShutdown","E":5}}', T0)
+    assert isinstance(wrapped, bs.ServerShutdown)
+
+
+def test_bbo_json_has_the_public_keys_in_order():
+    text = bs.bbo_json(make_bbo(7, T0, 5))
+    assert text == ('{"symbol":"BTCUSDT","bidPrice":"28750.10","bidQty":"1.500","askPrice":"28750.20",'
+                    f'"askQty":"0.250","timestamp":{T0 - 5},"serverTimestamp":{T0},"backendLatency":5,'
+                    f'"updateId":7,"transactionTime":{T0 - 6}}}')
+    assert tuple(json.loads(text)) == bs.BBO_KEYS
+
+
+def _ticker(**changes: Any) -> str:
+    payload: dict[str, Any] = {"e": "bookTicker", "u": 5, "s": "BTCUSDT", "b": "28750.10", "B": "1.500",
+                               "a": "28750.20", "A": "0.250", "T": T0 - 6, "E": T0 - 5}
+    for key, value in changes.items():
+        if value is _DROP:
+            payload.pop(key)
+        else:
+            payload[key] = value
+    return json.dumps(payload)
+
+
+_DROP = object()
+
+MALFORMED = {
+    "invalid JSON": "{not json",
+    "empty": "",
+    "trailing garbage": _ticker() + " x",
+    "not an object": "[1,2,3]",
+    "missing s": _ticker(s=_DROP),
+    "missing b": _ticker(b=_DROP),
+    "missing A": _ticker(A=_DROP),
+    "symbol with dash": _ticker(s="BTC-USDT"),
+    "symbol not a string": _ticker(s=123),
+    "non-numeric price": _ticker(b="abc"),
+    "exponent 1e5": _ticker(b="1e5"),
+    "leading zeros": _ticker(b="01.5"),
+    "double zero": _ticker(a="00"),
+    "negative": _ticker(b="-1.0"),
+    "plus sign": _ticker(b="+1.0"),
+    "leading space": _ticker(B=" 1.0"),
+    "trailing dot": _ticker(b="1."),
+    "leading dot": _ticker(b=".5"),
+    "comma": _ticker(b="1,5"),
+    "NaN": _ticker(b="NaN"),
+    "number instead of string": _ticker(b=28750.1),
+    "20 digits": _ticker(b="12345678901234567890"),
+    "19 digits": _ticker(a="1234567890123456789"),
+    "u as string": _ticker(u="5"),
+    "u negative": _ticker(u=-1),
+    "u float": _ticker(u=5.0),
+    "u boolean": _ticker(u=True),
+    "E as string": _ticker(E="1700000000000"),
+    "E negative": _ticker(E=-1),
+    "E far in the future": _ticker(E=2**62, T=2**62),
+    "E far in the past": _ticker(E=1, T=1),
+    "T without E": _ticker(E=_DROP),
+    "exchange error": '{"code":2,"msg":"Invalid request: unknown variant"}',
+    "unknown event": '{"e":"trade","E":1,"s":"BTCUSDT"}',
+    "wrapper with non-object data": '{"stream":"btcusdt@bookTicker","data":[1]}',
+    "invalid UTF-8 bytes": b"\xff\xfe{",
+}
+
+
+@pytest.mark.parametrize("text", MALFORMED.values(), ids=MALFORMED.keys())
+def test_parse_rejects_malformed_messages_with_a_kind(text):
+    with pytest.raises(bs.FeedMessageError) as info:
+        bs.parse_feed_message(text, T0)
+    assert info.value.kind and isinstance(info.value.kind, str)
+
+
+@pytest.mark.parametrize("u", [2**63, 2**64, 10**30], ids=["2**63", "2**64", "10**30"])
+def test_parse_rejects_update_ids_that_do_not_fit_int64(u):
+    # The ring stores u as int64: a larger u must be a malformed message, not an OverflowError
+    # later in the flush (which loses the whole pending batch and breaks the REST read).
+    with pytest.raises(bs.FeedMessageError):
+        bs.parse_feed_message(_ticker(u=u), T0)
+
+
+@pytest.mark.parametrize("value", ["0.00000000", "0.018", "28750.10", "0", "7", "100", "10.0",
+                                   "1234567.12345678", "99999999.99999999", "9999999999999999"])
+def test_parse_accepts_plain_decimal_strings_unchanged(value):
+    bbo = bs.parse_feed_message(_ticker(b=value, B=value, a=value, A=value), T0)
+    assert (bbo.bid_price, bbo.bid_qty, bbo.ask_price, bbo.ask_qty) == (value,) * 4
+
+
+def test_crossed_book_is_not_a_parse_error():
+    bbo = bs.parse_feed_message(_ticker(b="101.00", a="100.00"), T0)
+    assert (bbo.bid_price, bbo.ask_price) == ("101.00", "100.00")
+
+
+def test_feed_url_raw_for_one_symbol_combined_for_several():
+    base = "wss://fstream.binance.com/public/ws"
+    assert bs.feed_url(base, ["BTCUSDT"]) == "wss://fstream.binance.com/public/ws/btcusdt@bookTicker"
+    assert bs.feed_url(base, ["BTCUSDT", "ETHUSDT"]) == \
+        "wss://fstream.binance.com/public/stream?streams=btcusdt@bookTicker/ethusdt@bookTicker"
+    assert bs.feed_url("ws://127.0.0.1:9443/ws", ["BTCUSD_PERP"]) == "ws://127.0.0.1:9443/ws/btcusd_perp@bookTicker"
+
+
+def test_shard_symbols_splits_five_by_two_into_three():
+    assert bs.shard_symbols(["A", "B", "C", "D", "E"], 2) == [("A", "B"), ("C", "D"), ("E",)]
+    assert bs.shard_symbols(["A", "B"], 200) == [("A", "B")]
+
+
+def test_backoff_doubles_with_full_jitter_and_a_floor():
+    cfg = bs.Config(initial_backoff=1.0, extended_backoff_threshold=100, max_retries=0)
+    assert [bs.backoff_delay_s(f, cfg, 1.0) for f in range(1, 8)] == [1, 2, 4, 8, 16, 32, 60]
+    assert bs.backoff_delay_s(50, cfg, 1.0) == bs.FEED_BACKOFF_CAP_S == 60
+    assert bs.backoff_delay_s(5, cfg, 0.5) == 8.0             # full jitter: uniform in [0, ceiling]
+    assert bs.backoff_delay_s(5, cfg, 0.0) == bs.FEED_MIN_RECONNECT_S  # never ~0 s: no reconnect storm
+    assert bs.backoff_delay_s(1, bs.Config(initial_backoff=0.1, max_retries=0), 1.0) == bs.FEED_MIN_RECONNECT_S
+
+
+def test_backoff_cap_is_300_s_from_the_extended_threshold_and_failed_retries_every_300_s():
+    cfg = bs.Config(initial_backoff=1.0, extended_backoff_threshold=3, max_retries=0)
+    assert bs.backoff_delay_s(2, cfg, 1.0) == 2.0
+    assert bs.backoff_delay_s(9, cfg, 1.0) == 256.0           # over 60: the extended cap applies
+    assert bs.backoff_delay_s(10, cfg, 1.0) == bs.FEED_EXTENDED_BACKOFF_CAP_S == 300
+    capped = bs.Config(initial_backoff=1.0, extended_backoff_threshold=3, max_retries=5)
+    assert bs.backoff_delay_s(4, capped, 1.0) == 8.0
+    assert bs.backoff_delay_s(5, capped, 0.0) == bs.FEED_FAILED_RETRY_S == 300
+    assert bs.backoff_delay_s(6, capped, 0.3) == 300
+
+
+def test_shard_health_connecting_live_backoff_failed():
+    cfg = bs.Config(initial_backoff=1.0, extended_backoff_threshold=100, max_retries=3)
+    h = bs.ShardHealth(("BTCUSDT",), 1_000)
+    assert h.state is bs.FeedState.CONNECTING
+    h.connecting(1_000)
+    h.opened(1_100)
+    assert h.state is bs.FeedState.CONNECTING and h.status(1_100)["connectedSince"] == 1_100
+    h.data(1_200)
+    assert (h.state, h.since_ms, h.messages) == (bs.FeedState.LIVE, 1_200, 1)
+    assert h.status(1_450)["lastMessageAge"] == 250
+    assert h.closed(1_300, "connection lost", True, cfg, 1.0) == 1.0
+    st = h.status(1_300)
+    assert (st["state"], st["reason"], st["nextAttempt"], st["failures"]) == ("backoff", "connection lost", 2_300, 1)
+    h.connecting(2_300)
+    assert h.state is bs.FeedState.CONNECTING and h.next_attempt_ms is None
+    assert h.closed(2_400, "handshake refused: HTTP 503", True, cfg, 1.0) == 2.0
+    assert h.state is bs.FeedState.BACKOFF
+    assert h.closed(5_000, "handshake refused: HTTP 503", True, cfg, 1.0) == 300
+    assert (h.state, h.failures, h.next_attempt_ms) == (bs.FeedState.FAILED, 3, 305_000)
+    h.opened(305_000)
+    assert h.reconnects == 1  # connections opened after the first
+
+
+def test_shard_health_watchdog_reconnect_is_not_a_failure_and_failures_reset_after_a_minute():
+    cfg = bs.Config(initial_backoff=1.0, max_retries=10)
+    h = bs.ShardHealth(("BTCUSDT",), 0)
+    h.opened(0)
+    assert not h.silent(59_999, 60) and h.silent(60_000, 60)      # no data since the open
+    h.data(1_000)
+    assert not h.silent(60_999, 60) and h.silent(61_000, 60)      # no data since the last message
+    assert h.closed(61_000, "no data for 60 s (silent stall)", False, cfg, 1.0) == bs.FEED_MIN_RECONNECT_S
+    assert (h.state, h.failures) == (bs.FeedState.STALE, 0)
+    h.closed(62_000, "connection lost", True, cfg, 1.0)
+    h.closed(63_000, "connection lost", True, cfg, 1.0)
+    assert h.failures == 2
+    h.opened(64_000)
+    h.data(64_000)
+    h.data(64_000 + 59_999)
+    assert h.failures == 2                                        # not yet a minute of data
+    h.data(64_000 + 60_000)
+    assert h.failures == 0
+
+
+def test_shard_health_without_auto_reconnect_stops():
+    h = bs.ShardHealth(("BTCUSDT",), 0)
+    h.opened(0)
+    assert h.closed(10, "connection lost", True, bs.Config(auto_reconnect=False), 0.5) is None
+    assert h.state is bs.FeedState.STOPPED and "AUTO_RECONNECT" in h.reason
+
+
+# ---- §5 History cache ---------------------------------------------------------------------
+
+def test_dedupe_drops_duplicates_and_out_of_order_and_counts_them():
+    history = bs.BboHistory(100, 100)
+    assert history.accept(make_bbo(10, T0))
+    assert not history.accept(make_bbo(10, T0 + 1))          # the same update again (overlap)
+    assert not history.accept(make_bbo(9, T0 + 2, latency_ms=100))  # older u with an older E
+    assert not history.accept(make_bbo(8, T0 + 900, latency_ms=5))  # older u, E only 0.9 s newer: a replay
+    assert history.accept(make_bbo(11, T0 + 3))
+    ctx = make_ctx(history)
+    _, body = api_json(ctx, "/api/history/updates?symbol=BTCUSDT")
+    assert [r["updateId"] for r in body["updates"]] == [10, 11]
+    stats = api_json(ctx, "/api/history/stats")[1]["cache"]["symbols"]["BTCUSDT"]
+    assert (stats["duplicates"], stats["accepted"], stats["uResets"]) == (3, 2, 0)
+
+
+def test_u_reset_with_newer_event_time_becomes_the_new_baseline():
+    history = bs.BboHistory(100, 100)
+    history.accept(make_bbo(1_000_000, T0))
+    assert history.accept(make_bbo(5, T0 + 5_000))            # u fell back, E is 5 s newer: reset
+    assert history.accept(make_bbo(6, T0 + 5_001))            # and what follows is not discarded
+    assert not history.accept(make_bbo(6, T0 + 5_002))
+    stats = history.symbols["BTCUSDT"].stats()
+    assert (stats["uResets"], stats["duplicates"], stats["accepted"]) == (1, 1, 3)
+
+
+def test_spot_u_reset_is_taken_when_u_falls_far_back():
+    history = bs.BboHistory(100, 100)
+    history.accept(make_bbo(1_000_000, T0, latency_ms=None))
+    assert not history.accept(make_bbo(999_999, T0 + 1, latency_ms=None))  # a replay
+    assert history.accept(make_bbo(10, T0 + 2, latency_ms=None))           # far back: a reset
+    stats = history.symbols["BTCUSDT"].stats()
+    assert (stats["uResets"], stats["duplicates"]) == (1, 1)
+
+
+def test_crossed_book_is_kept_and_counted():
+    history = bs.BboHistory(100, 100)
+    history.accept(make_bbo(1, T0, bid_price="101.00", ask_price="100.00"))
+    history.accept(make_bbo(2, T0 + 1, bid_price="100.00", ask_price="100.00"))   # locked counts too
+    history.accept(make_bbo(3, T0 + 2, bid_price="99.99", ask_price="100.00"))
+    _, body = api_json(make_ctx(history), "/api/history/updates?symbol=BTCUSDT")
+    assert [(r["bidPrice"], r["askPrice"]) for r in body["updates"]] == [("101.00", "100.00"), ("100.00", "100.00"), ("99.99", "100.00")]
+    assert history.symbols["BTCUSDT"].stats()["crossed"] == 2
+
+
+@pytest.mark.parametrize("one_by_one", [True, False], ids=["row-by-row", "one-batch"])
+@pytest.mark.parametrize("n", [7, 8, 9, 17])
+def test_ring_wraparound_at_capacity_minus_one_capacity_plus_one(n, one_by_one):
+    cap = 8
+    ring = bs.ColumnRing({"v": np.int64}, cap)
+    values = np.arange(n, dtype=np.int64) * 10
+    if one_by_one:
+        for v in values:
+            ring.extend({"v": np.array([v])})
+    else:
+        ring.extend({"v": values})
+    kept = values[-min(n, cap):]
+    assert (len(ring), ring.total, ring.first) == (len(kept), n, n - len(kept))
+    assert ring.take(ring.first, ring.total)["v"].tolist() == kept.tolist()
+    assert ring.take(0, n)["v"].tolist() == kept.tolist()                     # clamped to what is kept
+    for i, v in enumerate(kept.tolist()):                                     # binary search across the wrap
+        assert ring.search("v", v, "left") == ring.first + i
+        assert ring.search("v", v, "right") == ring.first + i + 1
+        assert ring.search("v", v + 5, "left") == ring.first + i + 1
+    assert ring.last_value("v") == values[-1]
+
+
+def test_ring_grows_lazily_and_keeps_rows_across_growth_and_wrap(monkeypatch):
+    monkeypatch.setattr(bs, "RING_INITIAL_ROWS", 4)
+    ring = bs.ColumnRing({"v": np.int64}, 10)
+    assert ring.nbytes == 4 * 8
+    for v in range(7):
+        ring.extend({"v": np.array([v])})
+    assert ring.nbytes < 10 * 8 and ring.take(0, 7)["v"].tolist() == list(range(7))
+    ring.extend({"v": np.arange(7, 9)})
+    ring.extend({"v": np.arange(9, 25)[:5]})
+    for v in range(14, 25):
+        ring.extend({"v": np.array([v])})
+    assert ring.nbytes == 10 * 8 and ring.take(0, 25)["v"].tolist() == list(range(15, 25))
+
+
+@pytest.mark.parametrize("already", [0, 3])
+def test_ring_keeps_the_newest_rows_of_a_batch_larger_than_capacity(monkeypatch, already):
+    # What a restart does when the disk holds more rows than CACHE_MAX_ITEMS: one big batch
+    # into a ring that has not grown to its capacity yet.
+    monkeypatch.setattr(bs, "RING_INITIAL_ROWS", 4)
+    ring = bs.ColumnRing({"v": np.int64}, 10)
+    ring.extend({"v": np.arange(already)})
+    ring.extend({"v": np.arange(already, already + 30)})
+    assert ring.take(0, ring.total)["v"].tolist() == list(range(already + 20, already + 30))
+    assert ring.search("v", already + 25) == already + 25
+
+
+def test_a_new_symbol_reserves_little_memory():
+    cfg = bs.Config()
+    history = bs.BboHistory(cfg.cache_max_items, cfg.bars_capacity)
+    for i in range(500):
+        history.get(f"SYM{i}USDT")
+    total = sum(h.stats()["memoryBytes"] for h in history.symbols.values())
+    assert total <= 500 * 256 * 1024                 # ≤ 256 KiB per idle symbol, not 60 MB
+
+
+def test_at_most_64_bytes_per_stored_update():
+    n = 50_000
+    history = bs.BboHistory(n, bs.Config().bars_capacity)
+    for i in range(n):
+        history.accept(make_bbo(i + 1, T0 + i))      # 1 ms apart: 50 one-second bars
+    stats = api_json(make_ctx(history), "/api/history/stats")[1]["cache"]["symbols"]["BTCUSDT"]
+    assert stats["cached"] == n
+    assert stats["memoryBytes"] / n <= 64
+
+
+@pytest.mark.parametrize("price", ["0.00000000", "0.018", "28750.10", "0", "100", "10.0", "0.1",
+                                   "1234567.12345678", "99999999.99999999", "9999999999999999"])
+def test_prices_come_back_as_the_exact_strings(price):
+    history = bs.BboHistory(100, 100)
+    bbo = make_bbo(1, T0, bid_price=price, bid_qty=price, ask_price=price, ask_qty="0.018")
+    history.accept(bbo)
+    _, body = api_json(make_ctx(history), "/api/history/updates?symbol=BTCUSDT")
+    assert body["updates"] == [row_of(bbo)]
+    assert (body["updates"][0]["bidPrice"], body["updates"][0]["askQty"]) == (price, "0.018")
+
+
+def test_wrapped_ring_returns_the_newest_capacity_updates_in_order():
+    history = bs.BboHistory(5, 100)
+    sent = fill(history, 12)
+    _, body = api_json(make_ctx(history), "/api/history/updates?symbol=BTCUSDT&limit=100")
+    assert body["updates"] == [row_of(b) for b in sent[-5:]]
+
+
+def test_range_is_inclusive_and_limit_returns_the_newest_in_chronological_order():
+    history = bs.BboHistory(1000, 100)
+    sent = fill(history, 10, start_ms=T0, step_ms=10)          # recv T0, T0+10, …, T0+90
+    ctx = make_ctx(history)
+    _, body = api_json(ctx, f"/api/history/updates?symbol=BTCUSDT&start_time={T0 + 20}&end_time={T0 + 50}")
+    assert [r["serverTimestamp"] for r in body["updates"]] == [T0 + 20, T0 + 30, T0 + 40, T0 + 50]
+    assert body["count"] == 4
+    _, body = api_json(ctx, f"/api/history/updates?symbol=BTCUSDT&start_time={T0 + 20}&end_time={T0 + 50}&limit=2")
+    assert [r["serverTimestamp"] for r in body["updates"]] == [T0 + 40, T0 + 50]
+    _, body = api_json(ctx, "/api/history/updates?symbol=btcusdt&limit=3")
+    assert body["updates"] == [row_of(b) for b in sent[-3:]] and body["symbol"] == "BTCUSDT"
+    _, body = api_json(ctx, f"/api/history/updates?symbol=BTCUSDT&start_time={T0 + 21}&end_time={T0 + 29}")
+    assert body["count"] == 0 and body["updates"] == []
+
+
+def test_a_receive_time_that_goes_back_keeps_the_exchange_times_exact():
+    # The ring is sorted by receive time, so an update received "earlier" than the newest row
+    # (the wall clock was stepped back between two runs) is clamped — but E and T are what the
+    # exchange sent and must come back unchanged.
+    history = bs.BboHistory(100, 100)
+    history.accept(make_bbo(1, T0 + 1000))
+    history.flush()                                          # e.g. the rows restored from disk
+    stepped_back = make_bbo(2, T0, latency_ms=5)             # E = T0 - 5, T = T0 - 6
+    history.accept(stepped_back)
+    rows = rest_rows(history)
+    assert [r["updateId"] for r in rows] == [1, 2]
+    assert (rows[1]["timestamp"], rows[1]["transactionTime"]) == (T0 - 5, T0 - 6)
+    assert rows[0]["serverTimestamp"] <= rows[1]["serverTimestamp"]
+
+
+def test_latency_stats_match_numpy_on_the_same_data():
+    rng = np.random.default_rng(7)
+    latencies = rng.integers(-20, 500, 1000).tolist()
+    history = bs.BboHistory(10_000, 1000)
+    for i, lat in enumerate(latencies):
+        history.accept(make_bbo(i + 1, T0 + i, latency_ms=lat))
+    history.accept(make_bbo(5000, T0 + 5000, latency_ms=None))   # spot-like: left out of the stats
+    _, got = api_json(make_ctx(history), "/api/history/latency?symbol=BTCUSDT")
+    values = np.array(latencies, dtype=np.float64)
+    assert got["tier"] == "raw" and got["count"] == 1000
+    assert got["min"] == values.min() and got["max"] == values.max()
+    assert got["mean"] == pytest.approx(values.mean(), abs=0.001)
+    for p in (50, 90, 99):
+        assert got[f"p{p}"] == np.percentile(values, p, method="inverted_cdf"), p  # nearest rank
+    # and over a sub-range (inclusive bounds)
+    _, sub = api_json(make_ctx(history), f"/api/history/latency?symbol=BTCUSDT&start_time={T0 + 100}&end_time={T0 + 199}")
+    part = values[100:200]
+    assert (sub["count"], sub["min"], sub["max"]) == (100, part.min(), part.max())
+    assert sub["p90"] == np.percentile(part, 90, method="inverted_cdf")
+
+
+def test_latency_of_an_empty_range_is_nulls():
+    history = bs.BboHistory(100, 100)
+    fill(history, 3, latency_ms=None)
+    _, got = api_json(make_ctx(history), "/api/history/latency?symbol=BTCUSDT")
+    assert got["count"] == 0 and got["min"] is None and got["p99"] is None and got["max"] is None
+
+
+def _seconds_of_updates(history: bs.BboHistory, seconds: int, per_second: int, base_s: int) -> list[bs.Bbo]:
+    out = []
+    u = 1
+    for s in range(seconds):
+        for k in range(per_second):
+            bid = f"{100 + s}.{(k * 7) % 10}0"             # a different bid pattern in each second
+            ask = f"{101 + s}.{(k * 3) % 10}0"
+            bbo = make_bbo(u, (base_s + s) * 1000 + k * 50, latency_ms=10 + k + s, bid_price=bid, ask_price=ask)
+            assert history.accept(bbo)
+            out.append(bbo)
+            u += 1
+    return out
+
+
+def test_one_second_bars_first_min_max_last_and_tier_bars_when_older_than_the_raw_ring():
+    base_s = T0 // 1000
+    history = bs.BboHistory(10, 1000)                        # raw ring: only the newest 10 updates
+    sent = _seconds_of_updates(history, seconds=5, per_second=10, base_s=base_s)
+    history.flush()                                          # pending rows → ring + bars (reads flush too)
+    ctx = make_ctx(history)
+    start, end = base_s * 1000, (base_s + 3) * 1000 - 1      # seconds 0-2, long gone from the raw ring
+    _, body = api_json(ctx, f"/api/history/updates?symbol=BTCUSDT&start_time={start}&end_time={end}")
+    assert body["tier"] == "bars" and body["updates"] == []
+    bars = body["bars"]
+    assert [b["time"] for b in bars] == [(base_s + s) * 1000 for s in range(3)]
+    for s, bar in enumerate(bars):
+        rows = sent[s * 10:(s + 1) * 10]
+        bids = [float(b.bid_price) for b in rows]
+        asks = [float(b.ask_price) for b in rows]
+        lats = [b.latency_ms for b in rows]
+        assert (bar["bid_first"], bar["bid_min"], bar["bid_max"], bar["bid_last"]) == (bids[0], min(bids), max(bids), bids[-1])
+        assert (bar["ask_first"], bar["ask_min"], bar["ask_max"], bar["ask_last"]) == (asks[0], min(asks), max(asks), asks[-1])
+        assert (bar["count"], bar["lat_min"], bar["lat_max"]) == (10, min(lats), max(lats))
+    _, lat = api_json(ctx, f"/api/history/latency?symbol=BTCUSDT&start_time={start}&end_time={end}")
+    lats = [b.latency_ms for b in sent[:30]]
+    assert (lat["tier"], lat["approximate"], lat["count"]) == ("bars", True, 30)
+    assert (lat["min"], lat["max"]) == (min(lats), max(lats))
+    assert lat["mean"] == pytest.approx(sum(lats) / 30, abs=0.001)
+    _, series = api_json(ctx, f"/api/history/series?symbol=BTCUSDT&start_time={start}&end_time={end}&buckets=3")
+    assert series["tier"] == "bars" and series["count"] == [10, 10, 10]
+    assert series["bidFirst"] == [bar["bid_first"] for bar in bars]
+    # the newest second is still in the raw ring: answered raw, exact rows
+    _, raw = api_json(ctx, f"/api/history/updates?symbol=BTCUSDT&start_time={(base_s + 4) * 1000}")
+    assert raw["tier"] == "raw" and raw["updates"] == [row_of(b) for b in sent[40:]]
+    # a range reaching back before the raw ring: raw rows, flagged as incomplete
+    _, part = api_json(ctx, f"/api/history/updates?symbol=BTCUSDT&start_time={(base_s + 2) * 1000}")
+    assert part["tier"] == "raw" and part["updates"] == [row_of(b) for b in sent[40:]]
+    assert part.get("complete") is False and part["rawFrom"] == sent[40].recv_ms
+
+
+def test_a_bar_spanning_two_flushes_equals_the_bar_of_one_batch():
+    base_s = T0 // 1000
+    one, two = bs.BboHistory(1000, 100), bs.BboHistory(1000, 100)
+    rows = [make_bbo(i + 1, base_s * 1000 + i * 10, latency_ms=5 + (i * 37) % 11,
+                     bid_price=f"{100 + (i * 13) % 7}.00", ask_price=f"{110 + (i * 5) % 3}.00") for i in range(20)]
+    for i, bbo in enumerate(rows):
+        one.accept(bbo)
+        two.accept(bbo)
+        if i in (3, 11):
+            two.flush()                                      # a read in the middle of the second
+    start = f"start_time={base_s * 1000}&end_time={base_s * 1000 + 999}&buckets=1"
+    a = api_json(make_ctx(one), f"/api/history/series?symbol=BTCUSDT&{start}")[1]
+    b = api_json(make_ctx(two), f"/api/history/series?symbol=BTCUSDT&{start}")[1]
+    assert a == b and a["count"] == [20]
+    bar_one, bar_two = one.symbols["BTCUSDT"].bars.take(0, 1), two.symbols["BTCUSDT"].bars.take(0, 1)
+    assert bar_one.keys() == bar_two.keys()
+    for key, col in bar_one.items():
+        assert col.tolist() == bar_two[key].tolist(), key
+
+
+def test_series_raw_tier_buckets():
+    history = bs.BboHistory(1000, 100)
+    for i, (bid, ask) in enumerate([("10.0", "11.0"), ("9.0", "11.5"), ("12.0", "13.0"), ("20.0", "21.0")]):
+        history.accept(make_bbo(i + 1, T0 + i * 100, bid_price=bid, ask_price=ask))
+    _, s = api_json(make_ctx(history), f"/api/history/series?symbol=BTCUSDT&start_time={T0}&end_time={T0 + 399}&buckets=2")
+    assert (s["tier"], s["bucket_ms"], s["time"], s["count"]) == ("raw", 200, [T0, T0 + 200], [2, 2])
+    assert (s["bidFirst"], s["bidMin"], s["bidMax"], s["bidLast"]) == ([10.0, 12.0], [9.0, 12.0], [10.0, 20.0], [9.0, 20.0])
+    assert (s["askMin"], s["askMax"]) == ([11.0, 13.0], [11.5, 21.0])
+
+
+def test_outages_in_a_range():
+    hist = bs.BboHistory(100, 100).get("BTCUSDT")
+    hist.begin_outage(T0, "connection lost")
+    hist.accept(make_bbo(1, T0 + 500))                        # the first update ends it
+    hist.begin_outage(T0 + 10_000, "no data for 60 s (silent stall)")
+    assert hist.outages_in(0, 2**53) == [{"start": T0, "end": T0 + 500, "reason": "connection lost"},
+                                         {"start": T0 + 10_000, "end": None, "reason": "no data for 60 s (silent stall)"}]
+    assert hist.outages_in(T0 + 600, T0 + 9_999) == []
+    assert [o["start"] for o in hist.outages_in(T0 + 500, T0 + 500)] == [T0]
+    assert [o["start"] for o in hist.outages_in(T0 + 20_000, T0 + 30_000)] == [T0 + 10_000]  # still open
+
+
+def test_disk_codec_round_trips_raw_columns_exactly():
+    rows = [make_bbo(1, T0, bid_price="0.00000000", ask_price="0.018"),
+            make_bbo(2, T0 + 1, latency_ms=None, bid_price="28750.10", ask_price="28750.2"),
+            make_bbo(3, T0 + 2, latency_ms=-3, bid_price="1", ask_price="99999999.99999999")]
+    cols = bs.bbos_to_columns(rows)
+    line = bs.encode_columns("raw", "BTCUSDT", cols)
+    assert "\n" not in line
+    symbol, back = bs.decode_columns(line, "raw")
+    assert symbol == "BTCUSDT"
+    assert [json.loads(t) for t in bs.rows_to_json_objects(back, "BTCUSDT")] == [row_of(b) for b in rows]
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d.update(v=99), lambda d: d.update(kind="bars"), lambda d: d.update(n=5),
+    lambda d: d["cols"].pop("updateId"), lambda d: d.update(symbol="BTC USDT"),
+], ids=["version", "kind", "length", "missing column", "bad symbol"])
+def test_disk_codec_rejects_inconsistent_records(mutate):
+    doc = json.loads(bs.encode_columns("raw", "BTCUSDT", bs.bbos_to_columns([make_bbo(1), make_bbo(2, T0 + 1)])))
+    mutate(doc)
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        bs.decode_columns(json.dumps(doc), "raw")
+
+
+# ---- §6 HTTP/1.1 codec ----------------------------------------------------------------------
+
+def test_parse_request_head_basic():
+    raw = head("GET /api/history/updates?symbol=btcusdt&limit=5&x= HTTP/1.1", "Host: example", "X-A:  b  ")
+    req = parse(raw)
+    assert (req.method, req.target, req.path, req.version) == ("GET", "/api/history/updates?symbol=btcusdt&limit=5&x=",
+                                                              "/api/history/updates", "HTTP/1.1")
+    assert req.query == {"symbol": ["btcusdt"], "limit": ["5"], "x": [""]}
+    assert req.headers == (("host", "example"), ("x-a", "b"))
+    assert req.header("x-a") == "b" and req.header("nope") is None
+    assert req.raw_head == raw and req.peer == "127.0.0.1:1"
+    assert parse(head("GET /static/%2e%2e/a%20b HTTP/1.1", "Host: t")).path == "/static/../a b"
+
+
+def test_target_of_max_target_bytes_is_accepted_and_one_more_is_414():
+    ok = "/" + "a" * (bs.MAX_TARGET_BYTES - 1)
+    assert parse(head(f"GET {ok} HTTP/1.1", "Host: t")).target == ok
+    assert http_error(head(f"GET {ok}a HTTP/1.1", "Host: t")).status == 414
+
+
+def test_max_headers_is_accepted_and_one_more_is_431():
+    lines = ["Host: t"] + [f"X-H{i}: v" for i in range(bs.MAX_HEADERS - 1)]
+    assert len(parse(head("GET / HTTP/1.1", *lines)).headers) == bs.MAX_HEADERS
+    assert http_error(head("GET / HTTP/1.1", *lines, "X-One-More: v")).status == 431
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET / HTTP/1.1 extra\r\nHost: t\r\n\r\n",
+    b"GET  / HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /\r\nHost: t\r\n\r\n",
+    b"/ HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"G(T / HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET / HTTP/x\r\nHost: t\r\n\r\n",
+    b"GET http://example/ HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: t\r\nX-A: a\r\n folded\r\n\r\n",         # obs-fold
+    b"GET / HTTP/1.1\r\nHost: t\r\nX-A: a\r\n\tfolded\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost : t\r\n\r\n",                             # space before the colon
+    b"GET / HTTP/1.1\r\nHost: t\r\nX-A\t: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: t\r\nNoColon\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: t\r\nX-A: a\x00b\r\n\r\n",             # control character
+    b"GET / HTTP/1.1\r\nHost: t\r\nX-A: a\rb\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",                                          # HTTP/1.1 without Host
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",                    # two Hosts
+], ids=lambda raw: repr(raw[:40]))
+def test_malformed_request_line_or_header_is_400(raw):
+    assert http_error(raw).status == 400
+
+
+def test_invalid_percent_encoding_is_400():
+    # "%ff" is not UTF-8: the codec must answer 400, not raise UnicodeDecodeError (which the
+    # connection handler does not catch: the client gets no response at all).
+    assert http_error(head("GET /static/%ff HTTP/1.1", "Host: t")).status == 400
+
+
+def test_too_many_query_fields_is_400():
+    target = "/api/bbo?" + "&".join(f"a{i}=1" for i in range(101))
+    assert http_error(head(f"GET {target} HTTP/1.1", "Host: t")).status == 400
+
+
+def test_http_2_is_505_and_unsupported_method_is_405_with_allow():
+    assert http_error(head("GET / HTTP/2.0", "Host: t")).status == 505
+    exc = http_error(head("PUT / HTTP/1.1", "Host: t"))
+    assert exc.status == 405 and ("Allow", "GET, HEAD, POST, OPTIONS") in exc.headers
+    assert http_error(head("DELETE /api/bbo HTTP/1.1", "Host: t")).status == 405
+    assert parse(head("GET / HTTP/1.0")).version == "HTTP/1.0"      # 1.0 needs no Host
+    assert parse(head("OPTIONS * HTTP/1.1", "Host: t")).path == "/"
+
+
+def test_body_length_rules():
+    def length(*headers: str, limit: int = 100) -> int:
+        return bs.body_length(parse(head("POST /x HTTP/1.1", "Host: t", *headers)), limit)
+
+    def status(*headers: str, limit: int = 100) -> int:
+        with pytest.raises(bs.HttpError) as info:
+            length(*headers, limit=limit)
+        return info.value.status
+
+    assert length() == 0
+    assert length("Content-Length: 100") == 100                    # at the limit
+    assert status("Content-Length: 101") == 413                    # limit + 1
+    assert status("Transfer-Encoding: chunked") == 501
+    assert status("Transfer-Encoding: chunked", "Content-Length: 5") == 501   # smuggling: TE wins, refused
+    assert status("Content-Length: 5", "Content-Length: 5") == 400            # duplicate
+    assert status("Content-Length: 5", "Content-Length: 6") == 400            # conflicting
+    for bad in ("-1", "1e3", "+5", "5, 5", "0x10", "five", "²"):
+        assert status(f"Content-Length: {bad}") == 400, bad
+
+
+@pytest.mark.parametrize("version, connection, keep", [
+    ("HTTP/1.1", None, True), ("HTTP/1.1", "close", False), ("HTTP/1.1", "keep-alive", True),
+    ("HTTP/1.1", "Keep-Alive, Close", False), ("HTTP/1.0", None, False), ("HTTP/1.0", "keep-alive", False)])
+def test_keep_alive_matrix(version, connection, keep):
+    headers = ["Host: t"] + ([f"Connection: {connection}"] if connection else [])
+    assert bs.wants_keep_alive(parse(head(f"GET / {version}", *headers))) is keep
+
+
+def test_render_response_bytes_and_head_only():
+    resp = bs.HttpResponse(200, b'{"a":1}', "application/json", [("ETag", '"x"')])
+    date = "Tue, 14 Nov 2023 22:13:20 GMT"
+    full = bs.render_response(resp, True, date=date)
+    assert full == (b"HTTP/1.1 200 OK\r\nServer: " + bs.SERVER_NAME.encode() + b"\r\nDate: " + date.encode() +
+                    b"\r\nContent-Type: application/json\r\nContent-Length: 7\r\nETag: \"x\"\r\n"
+                    b"Connection: keep-alive\r\n\r\n{\"a\":1}")
+    assert bs.render_response(resp, True, head_only=True, date=date) == full[:-7]
+    not_modified = bs.render_response(bs.HttpResponse(304, b"ignored"), False)
+    assert b"Content-Length" not in not_modified and not_modified.endswith(b"Connection: close\r\n\r\n")
+
+
+def test_cors_headers_and_preflight():
+    def req(*headers: str, method: str = "GET") -> bs.HttpRequest:
+        return parse(head(f"{method} /api/bbo HTTP/1.1", "Host: t", *headers))
+
+    assert bs.cors_headers(req(), ("*",)) == [("Access-Control-Allow-Origin", "*")]
+    echoed = dict(bs.cors_headers(req("Origin: https://a.example"), ("*",)))
+    assert echoed["Access-Control-Allow-Origin"] == "https://a.example"
+    allowed = dict(bs.cors_headers(req("Origin: https://a.example"), ("https://a.example",)))
+    assert allowed["Access-Control-Allow-Origin"] == "https://a.example"
+    assert "Access-Control-Allow-Origin" not in dict(bs.cors_headers(req("Origin: https://evil.example"), ("https://a.example",)))
+    pre = bs.preflight_response(req("Origin: https://a.example", "Access-Control-Request-Method: GET",
+                                    "Access-Control-Request-Headers: x-foo", method="OPTIONS"), ("*",))
+    headers = dict(pre.headers)
+    assert pre.status == 204 and "GET" in headers["Access-Control-Allow-Methods"]
+    assert headers["Access-Control-Allow-Headers"] == "x-foo"
+    denied = bs.preflight_response(req("Origin: https://evil.example", method="OPTIONS"), ("https://a.example",))
+    assert "Access-Control-Allow-Methods" not in dict(denied.headers)
+
+
+# ---- §7 REST routes -------------------------------------------------------------------------
+
+@pytest.fixture
+def ctx() -> bs.ApiContext:
+    history = bs.BboHistory(1000, 100)
+    fill(history, 5, start_ms=T0, step_ms=1000)
+    history.accept(make_bbo(1, T0, symbol="ETHUSDT", bid_price="2000.01", ask_price="2000.02", latency_ms=None))
+    return make_ctx(history)
+
+
+def test_symbols_endpoint(ctx):
+    assert api_json(ctx, "/api/history/symbols") == (200, {"symbols": ["BTCUSDT", "ETHUSDT"]})
+
+
+def test_updates_endpoint_json(ctx):
+    status, body = api_json(ctx, "/api/history/updates?symbol=ethusdt")
+    assert status == 200
+    assert body == {"symbol": "ETHUSDT", "count": 1, "tier": "raw", "updates": [row_of(
+        make_bbo(1, T0, symbol="ETHUSDT", bid_price="2000.01", ask_price="2000.02", latency_ms=None))]}
+
+
+def test_updates_endpoint_csv(ctx):
+    resp = api(ctx, "/api/history/updates?symbol=BTCUSDT&format=csv&limit=2")
+    assert resp.status == 200 and resp.content_type.startswith("text/csv")
+    lines = resp.body.decode().splitlines()
+    assert lines[0] == ",".join(bs.BBO_KEYS)
+    assert lines[1:] == [f"BTCUSDT,28750.10,1.500,28750.20,0.250,{T0 + k * 1000 - 5},{T0 + k * 1000},5,{k + 1},{T0 + k * 1000 - 6}"
+                         for k in (3, 4)]
+    spot = api(ctx, "/api/history/updates?symbol=ETHUSDT&format=csv").body.decode().splitlines()
+    assert spot[1] == f"ETHUSDT,2000.01,1.500,2000.02,0.250,{T0},{T0},,1,"     # null → empty cell
+
+
+@pytest.mark.parametrize("query, fragment", [
+    ("symbol=BTCUSDT&limit=10001", "10000"),
+    ("symbol=BTCUSDT&limit=0", "limit"),
+    ("symbol=BTCUSDT&limit=abc", "limit"),
+    ("symbol=BTCUSDT&limit=1.5", "limit"),
+    ("symbol=BTCUSDT&start_time=yesterday", "start_time"),
+    ("symbol=BTCUSDT&end_time=-1", "end_time"),
+    ("symbol=BTCUSDT&start_time=10&end_time=5", "start_time"),
+    ("symbol=BTCUSDT&limit=1&limit=2", "limit"),
+    ("symbol=BTCUSDT&format=xml", "format"),
+    ("", "symbol"),
+])
+def test_bad_parameters_are_400_json_errors(ctx, query, fragment):
+    status, body = api_json(ctx, f"/api/history/updates?{query}")
+    assert status == 400 and fragment in body["error"] and set(body) == {"error"}
+
+
+def test_limit_of_exactly_10000_is_accepted(ctx):
+    assert api_json(ctx, "/api/history/updates?symbol=BTCUSDT&limit=10000")[1]["count"] == 5
+
+
+def test_default_limit_is_the_newest_100():
+    history = bs.BboHistory(1000, 100)
+    sent = fill(history, 150)
+    _, body = api_json(make_ctx(history), "/api/history/updates?symbol=BTCUSDT")
+    assert body["count"] == bs.DEFAULT_HISTORY_LIMIT == 100 and body["updates"] == [row_of(b) for b in sent[-100:]]
+
+
+@pytest.mark.parametrize("path", ["/api/history/updates", "/api/history/latency", "/api/history/outages",
+                                  "/api/history/series"])
+def test_unknown_symbol_is_404(ctx, path):
+    status, body = api_json(ctx, f"{path}?symbol=NOPEUSDT&start_time=1")
+    assert status == 404 and "NOPEUSDT" in body["error"]
+
+
+def test_wrong_method_is_405_with_allow_and_unknown_endpoint_404(ctx):
+    resp = api(ctx, "/api/history/symbols", method="POST")
+    assert resp.status == 405 and ("Allow", "GET, HEAD, OPTIONS") in resp.headers
+    assert api_json(ctx, "/api/nope")[0] == 404
+
+
+def test_latency_outages_bbo_stats_endpoints(ctx):
+    _, lat = api_json(ctx, "/api/history/latency?symbol=BTCUSDT")
+    assert (lat["symbol"], lat["tier"], lat["count"], lat["min"], lat["p50"], lat["max"]) == ("BTCUSDT", "raw", 5, 5, 5, 5)
+    assert api_json(ctx, "/api/history/outages?symbol=BTCUSDT") == (200, {"symbol": "BTCUSDT", "outages": []})
+    _, bbo = api_json(ctx, "/api/bbo")
+    assert bbo["symbols"]["BTCUSDT"] == row_of(make_bbo(5, T0 + 4000))
+    _, stats = api_json(ctx, "/api/history/stats")
+    assert stats["cache"]["symbols"]["BTCUSDT"]["cached"] == 5 and stats["cache"]["totalCached"] == 6
+    assert stats["feed"]["state"] == "live"
+
+
+def test_healthz_always_200_and_readyz_only_when_live():
+    history = bs.BboHistory(10, 10)
+    assert api_json(make_ctx(history, "connecting"), "/healthz") == (200, {"status": "ok", "version": bs.__version__,
+                                                                            "feed": {"state": "connecting", "reason": "test", "messages": 0}})
+    status, body = api_json(make_ctx(history, "backoff"), "/readyz")
+    assert status == 503 and body["status"] == "not ready" and body["feed"]["state"] == "backoff"
+    status, body = api_json(make_ctx(history, "live"), "/readyz")
+    assert status == 200 and body["status"] == "ready"
+
+
+# ---- §8-§10 Engine.IO / Socket.IO codecs and sessions ----------------------------------------
+# Placeholders in bbo_stream.py; their tests come with them.
+
+
+# ---- §11 Binance feed ------------------------------------------------------------------------
+# The real App in the test's loop against FakeBinance; feed timers shortened by `fast_feed`.
+
+def _fields(row: dict) -> tuple:
+    return (row["updateId"], row["bidPrice"], row["bidQty"], row["askPrice"], row["askQty"])
+
+
+def _sent_fields(payload: dict) -> tuple:
+    return (payload["u"], payload["b"], payload["B"], payload["a"], payload["A"])
+
+
+def test_feed_futures_stream_stores_exactly_what_the_exchange_sent(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            async with serving(make_cfg(tmp_path, f"{fake.url_root}/public/ws")) as srv:
+                [conn] = await fake.wait_for_subscribed("btcusdt")
+                assert conn.path == "/public/ws/btcusdt@bookTicker" and not conn.combined
+                sent = [fake.send_bbo("btcusdt", "28750.10", "1.500", "28750.20", "0.250"),
+                        fake.send_bbo("btcusdt", "28750.00", "0.018", "28750.30", "0.00000000"),
+                        fake.send_bbo("btcusdt", "28750.01", "10", "28751", "3.1")]
+                await srv.wait_updates(3)
+                rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+                assert [_fields(r) for r in rows] == [_sent_fields(p) for p in sent]
+                for row, p in zip(rows, sent, strict=True):
+                    assert (row["timestamp"], row["transactionTime"]) == (p["E"], p["T"])
+                    assert row["backendLatency"] == row["serverTimestamp"] - p["E"]
+                    assert -1000 < row["backendLatency"] < 5000
+                assert [r["serverTimestamp"] for r in rows] == sorted(r["serverTimestamp"] for r in rows)
+                feed = (await srv.get_json("/healthz"))["feed"]
+                assert (feed["state"], feed["messages"], feed["reconnects"], feed["parseErrors"]) == ("live", 3, 0, 0)
+    run(scenario())
+
+
+def test_feed_combined_stream_for_several_symbols(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            async with serving(make_cfg(tmp_path, fake.base_url, symbol="BTCUSDT,ETHUSDT")) as srv:
+                [conn] = await fake.wait_for_subscribed("ethusdt")
+                assert conn.combined and conn.path == "/stream?streams=btcusdt@bookTicker/ethusdt@bookTicker"
+                a = fake.send_bbo("ethusdt", "2000.01", "3.000", "2000.02", "4.000")
+                b = fake.send_bbo("btcusdt", "30000.00", "1.000", "30000.10", "2.000")
+                await srv.wait_updates(2)
+                assert await srv.get_json("/api/history/symbols") == {"symbols": ["BTCUSDT", "ETHUSDT"]}
+                eth = (await srv.get_json("/api/history/updates?symbol=ethusdt"))["updates"]
+                btc = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+                assert [_fields(r) for r in eth] == [_sent_fields(a)]
+                assert [_fields(r) for r in btc] == [_sent_fields(b)]
+    run(scenario())
+
+
+def test_feed_spot_payloads_have_receive_time_and_no_latency(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("spot") as fake:
+            async with serving(make_cfg(tmp_path, fake.base_url, market="spot", symbol="BNBUSDT")) as srv:
+                await fake.wait_for_subscribed("bnbusdt")
+                sent = fake.send_bbo("bnbusdt", "25.35190000", "31.21000000", "25.36520000", "40.66000000", u=400900217)
+                await srv.wait_updates(1)
+                [row] = (await srv.get_json("/api/history/updates?symbol=BNBUSDT"))["updates"]
+                assert _fields(row) == _sent_fields(sent)
+                assert row["timestamp"] == row["serverTimestamp"]
+                assert (row["backendLatency"], row["transactionTime"]) == (None, None)
+                lat = await srv.get_json("/api/history/latency?symbol=BNBUSDT")
+                assert lat["count"] == 0 and lat["mean"] is None
+    run(scenario())
+
+
+def test_feed_coinm_payloads(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("coinm") as fake:
+            async with serving(make_cfg(tmp_path, fake.base_url, market="coinm", symbol="BTCUSD_PERP")) as srv:
+                await fake.wait_for_subscribed("btcusd_perp")
+                sent = fake.send_bbo("BTCUSD_PERP", "9548.1", "52", "9548.5", "11")
+                await srv.wait_updates(1)
+                [row] = (await srv.get_json("/api/history/updates?symbol=btcusd_perp"))["updates"]
+                assert _fields(row) == _sent_fields(sent) and row["symbol"] == "BTCUSD_PERP"
+                assert row["timestamp"] == sent["E"]
+    run(scenario())
+
+
+def test_feed_drops_duplicates_and_out_of_order_and_counts_them(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            async with serving(make_cfg(tmp_path, fake.base_url)) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                e = bs.now_ms()
+                fake.send_bbo("btcusdt", "1.10", "1", "1.20", "1", u=10, E=e)
+                fake.send_bbo("btcusdt", "1.10", "1", "1.20", "1", u=10, E=e)          # duplicate
+                fake.send_bbo("btcusdt", "1.00", "1", "1.30", "1", u=9, E=e - 50)      # out of order
+                fake.send_bbo("btcusdt", "1.11", "1", "1.21", "1", u=11, E=e + 1)
+                await srv.wait_updates(2)
+                rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+                assert [r["updateId"] for r in rows] == [10, 11]
+                feed = (await srv.get_json("/healthz"))["feed"]
+                assert (feed["duplicates"], feed["messages"]) == (2, 4)
+                assert feed["symbols"]["BTCUSDT"]["duplicates"] == 2
+    run(scenario())
+
+
+def test_feed_counts_malformed_frames_logs_each_kind_once_and_keeps_going(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            async with serving(make_cfg(tmp_path, fake.base_url)) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                fake.send_raw("{not json")
+                fake.send_raw(_ticker(u="7"))
+                fake.send_raw(_ticker(b="1e5"))
+                fake.send_raw(_ticker(b="abc"))                    # the same kind again: counted, not logged
+                fake.send_raw('{"code":2,"msg":"Invalid request"}')
+                good = fake.send_bbo("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
+                await srv.wait_updates(1)
+                rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+                assert [_fields(r) for r in rows] == [_sent_fields(good)]
+                feed = (await srv.get_json("/healthz"))["feed"]
+                assert (feed["parseErrors"], feed["reconnects"], feed["state"]) == (5, 0, "live")
+                assert fake.total_connections == 1
+                assert len(srv.events.logged("malformed", logging.WARNING)) == 4   # invalid JSON, u, b, exchange error
+    run(scenario())
+
+
+def test_feed_survives_numbers_too_large_for_the_columns(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            async with serving(make_cfg(tmp_path, fake.base_url)) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                e = bs.now_ms()
+                fake.send_raw(_ticker(u=2**64, E=e, T=e))
+                fake.send_raw(_ticker(u=2**63, E=e, T=e))
+                good = fake.send_bbo("btcusdt", "28750.10", "1.500", "28750.20", "0.250", u=12)
+                await srv.wait_updates(1)
+                resp = await srv.get("/api/history/updates?symbol=BTCUSDT")
+                assert resp.status == 200
+                assert [_fields(r) for r in resp.json()["updates"]] == [_sent_fields(good)]
+                assert (await srv.get_json("/healthz"))["feed"]["parseErrors"] == 2
+    run(scenario())
+
+
+def test_feed_crossed_book_kept_and_counted_in_health(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            async with serving(make_cfg(tmp_path, fake.base_url)) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                fake.send_bbo("btcusdt", "101.00", "1", "100.00", "1")
+                fake.send_bbo("btcusdt", "100.00", "1", "100.00", "1")
+                await srv.wait_updates(2)
+                feed = (await srv.get_json("/healthz"))["feed"]          # before any history read
+                assert feed["crossed"] == 2 and feed["symbols"]["BTCUSDT"]["crossed"] == 2
+                rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+                assert [(r["bidPrice"], r["askPrice"]) for r in rows] == [("101.00", "100.00"), ("100.00", "100.00")]
+    run(scenario())
+
+
+def test_feed_abrupt_close_reconnects_and_records_the_outage(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            async with serving(make_cfg(tmp_path, fake.base_url)) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
+                await srv.wait_updates(1)
+                await fake.drop_all()                                   # TCP abort, no close frame
+                await fake_until(fake, lambda: fake.total_connections == 2 and len(fake.subscribers("btcusdt")) == 1,
+                                 "the reconnection")
+                after = fake.send_bbo("btcusdt", "1.01", "1", "1.11", "1")
+                await srv.wait_updates(2)
+                rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+                assert [r["updateId"] for r in rows] == [1, 2]
+                [outage] = (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"]
+                assert "connection lost" in outage["reason"]              # no close frame: an abrupt drop
+                assert outage["start"] == rows[0]["serverTimestamp"]          # from the last data before the drop
+                assert outage["end"] == rows[1]["serverTimestamp"]            # to the first data after
+                feed = (await srv.get_json("/healthz"))["feed"]
+                assert (feed["state"], feed["reconnects"]) == ("live", 1)
+                assert any(s["state"] == "backoff" and s["nextAttempt"] for s in srv.events.statuses)
+                assert after["u"] == 2
+    run(scenario())
+
+
+def test_feed_silent_stall_triggers_the_watchdog_reconnect(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            async with serving(make_cfg(tmp_path, fake.base_url, feed_stale_seconds=0.5)) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
+                await srv.wait_updates(1)
+                fake.stall()                                            # open, pinging, but no data
+                await srv.wait_state("stale")
+                assert (await srv.get("/readyz")).status == 503
+                await fake_until(fake, lambda: fake.total_connections == 2, "the watchdog reconnect")
+                fake.resume()
+                await fake_until(fake, lambda: len(fake.connections) == 1, "the stalled connection closed")
+                fake.send_bbo("btcusdt", "1.01", "1", "1.11", "1")
+                await srv.wait_updates(2)
+                stale = [s for s in srv.events.statuses if s["state"] == "stale"]
+                assert stale and "no data" in stale[0]["reason"]
+                [outage] = (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"]
+                assert "no data" in outage["reason"] and outage["end"] is not None
+                assert srv.app.feed.shards[0].failures == 0              # a watchdog reconnect is not a failure
+                assert (await srv.get_json("/healthz"))["feed"]["state"] == "live"
+    run(scenario())
+
+
+def test_feed_rotation_is_make_before_break_without_gap_or_duplicate(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("futures", record_send_times=True) as fake:
+            cfg = make_cfg(tmp_path, fake.base_url, feed_rotate_hours=0.4 / 3600)   # rotate every 0.4 s
+            async with serving(cfg) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                fake.start_generator(["btcusdt"], 300)
+                await srv.events.wait_for(lambda: len(srv.events.logged("rotated connection")) >= 2, 5,
+                                          "two rotations")
+                fake.stop_generator()
+                last = fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")       # a sentinel after the generator
+                await srv.events.wait_for(lambda: srv.events.updates and srv.events.updates[-1].update_id == last["u"])
+                sent = sorted(u for s, u in fake.sent_at if s == "BTCUSDT")
+                stored = [r["updateId"] for r in
+                          (await srv.get_json("/api/history/updates?symbol=BTCUSDT&limit=10000"))["updates"]]
+                assert len(sent) > 50
+                assert stored == sent                                   # no hole, no duplicate, in order
+                assert fake.total_connections >= 3 and len(fake.connections) == 1
+                assert (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"] == []
+                feed = (await srv.get_json("/healthz"))["feed"]
+                assert feed["duplicates"] >= 1                          # the connections really overlapped
+                assert srv.app.feed.shards[0].failures == 0
+    run(scenario())
+
+
+def test_feed_failed_rotation_keeps_the_current_connection(tmp_path, fast_feed, monkeypatch):
+    monkeypatch.setattr(bs, "FEED_ROTATE_RETRY_S", 0.2)
+
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            async with serving(make_cfg(tmp_path, fake.base_url, feed_rotate_hours=0.3 / 3600)) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
+                await srv.wait_updates(1)
+                fake.set_refuse(True)                               # the rotation's new connection is refused
+                await srv.events.wait_for(lambda: srv.events.logged("rotation failed", logging.WARNING), 3,
+                                          "a failed rotation")
+                assert len(fake.connections) == 1 and srv.status()["state"] == "live"
+                fake.send_bbo("btcusdt", "1.01", "1", "1.11", "1")        # the old connection still delivers
+                await srv.wait_updates(2)
+                fake.set_refuse(False)
+                await fake_until(fake, lambda: len(fake.subscribers("btcusdt")) == 2, "the retried rotation's connection")
+                fake.send_bbo("btcusdt", "1.02", "1", "1.12", "1")       # its first data completes the rotation
+                await srv.events.wait_for(lambda: srv.events.logged("rotated connection"), 3, "the retried rotation")
+                await fake_until(fake, lambda: len(fake.connections) == 1, "the old connection closed")
+                await srv.wait_updates(3)
+                rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+                assert [r["updateId"] for r in rows] == [1, 2, 3]
+                assert (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"] == []
+                assert srv.app.feed.shards[0].failures == 0
+    run(scenario())
+
+
+def test_feed_server_shutdown_notice_rotates_without_gap(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("spot") as fake:
+            async with serving(make_cfg(tmp_path, fake.base_url, market="spot")) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
+                await srv.wait_updates(1)
+                fake.send_server_shutdown()
+                await fake_until(fake, lambda: fake.total_connections == 2, "the replacement connection")
+                await fake_until(fake, lambda: len(fake.subscribers("btcusdt")) == 2, "both subscribed")
+                fake.send_bbo("btcusdt", "1.01", "1", "1.11", "1")              # reaches both connections
+                await fake_until(fake, lambda: len(fake.connections) == 1, "the old connection closed")
+                fake.send_bbo("btcusdt", "1.02", "1", "1.12", "1")
+                await srv.wait_updates(3)
+                rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+                assert [r["updateId"] for r in rows] == [1, 2, 3]
+                assert (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"] == []
+                assert srv.events.logged("rotated connection")
+    run(scenario())
+
+
+def test_feed_refused_connections_back_off_then_recover(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            fake.set_refuse(True)
+            async with serving(make_cfg(tmp_path, fake.base_url, max_retries=0)) as srv:
+                status = await srv.wait_state("backoff")
+                assert "503" in status["reason"] and status["nextAttempt"] >= status["since"]
+                ready = await srv.get("/readyz")
+                assert ready.status == 503 and ready.json()["feed"]["state"] in ("backoff", "connecting")
+                assert (await srv.get("/healthz")).status == 200
+                fake.set_refuse(False)
+                await fake.wait_for_subscribed("btcusdt")
+                fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
+                await srv.wait_updates(1)
+                assert (await srv.get("/readyz")).status == 200
+                assert fake.refused_connections >= 1
+                outages = (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"]
+                assert outages and "503" in outages[0]["reason"] and outages[-1]["end"] is not None
+    run(scenario())
+
+
+def test_feed_max_retries_marks_the_feed_failed_and_keeps_serving(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            fake.set_refuse(True)
+            async with serving(make_cfg(tmp_path, fake.base_url, max_retries=2)) as srv:
+                status = await srv.wait_state("failed")
+                assert fake.refused_connections == 2
+                assert status["nextAttempt"] - status["since"] >= (bs.FEED_FAILED_RETRY_S - 1) * 1000
+                assert (await srv.get("/healthz")).status == 200
+                ready = await srv.get("/readyz")
+                assert ready.status == 503 and ready.json()["feed"]["state"] == "failed"
+    run(scenario())
+
+
+def test_feed_without_auto_reconnect_stops(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            async with serving(make_cfg(tmp_path, fake.base_url, auto_reconnect=False)) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
+                await srv.wait_updates(1)
+                await fake.drop_all()
+                status = await srv.wait_state("stopped")
+                assert "AUTO_RECONNECT" in status["reason"]
+                assert fake.total_connections == 1
+                assert (await srv.get("/readyz")).status == 503
+                assert (await srv.get("/healthz")).status == 200
+    run(scenario())
+
+
+def test_feed_warns_about_a_symbol_that_never_sends(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            cfg = make_cfg(tmp_path, fake.base_url, symbol="BTCUSDT,BTCUSTD", feed_stale_seconds=0.4)
+            async with serving(cfg) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                fake.start_generator(["btcusdt"], 100)                  # the connection itself is not silent
+                await srv.events.wait_for(lambda: srv.events.logged("BTCUSTD", logging.WARNING), 3,
+                                          "the warning about BTCUSTD")
+                fake.stop_generator()
+                assert not srv.events.logged(r"^BTCUSDT\b", logging.WARNING)
+                symbols = (await srv.get_json("/healthz"))["feed"]["symbols"]
+                assert symbols["BTCUSTD"]["state"] == "waiting" and symbols["BTCUSDT"]["messages"] > 0
+                assert fake.total_connections == 1                      # no reconnect for it
+    run(scenario())
+
+
+def test_feed_shards_five_symbols_two_per_connection_into_three(tmp_path, fast_feed):
+    async def scenario():
+        symbols = ["AAAUSDT", "BBBUSDT", "CCCUSDT", "DDDUSDT", "EEEUSDT"]
+        async with FakeBinance("futures") as fake:
+            cfg = make_cfg(tmp_path, fake.base_url, symbol=",".join(symbols), feed_streams_per_connection=2)
+            async with serving(cfg) as srv:
+                conns = await fake.wait_for_connections(3)
+                assert sorted(c.path for c in conns) == [
+                    "/stream?streams=aaausdt@bookTicker/bbbusdt@bookTicker",
+                    "/stream?streams=cccusdt@bookTicker/dddusdt@bookTicker",
+                    "/ws/eeeusdt@bookTicker"]
+                for s in symbols:
+                    fake.send_bbo(s, "1.00", "1", "1.10", "1")
+                await srv.wait_updates(5)
+                feed = (await srv.get_json("/healthz"))["feed"]
+                assert len(feed["connections"]) == 3 and feed["state"] == "live"
+                for s in symbols:
+                    assert (await srv.get_json(f"/api/history/updates?symbol={s}"))["count"] == 1
+    run(scenario())
+
+
+# ---- §12 Cache persistence (disk) -------------------------------------------------------------
+# CachePersistence driven synchronously (flush_sync / load), as the App does at shutdown and
+# start; the files in tmp_path are what is asserted, and what a restart reads back.
+
+def new_store(tmp_path: Path, cap: int = 1000, cache_dir: Path | None = None) -> tuple[bs.BboHistory, bs.CachePersistence]:
+    cfg = bs.Config(cache_dir=str(cache_dir or tmp_path / "cache"), cache_max_items=cap)
+    history = bs.BboHistory(cfg.cache_max_items, cfg.bars_capacity)
+    return history, bs.CachePersistence(cfg, history)
+
+
+def restart(tmp_path: Path, cap: int = 1000) -> tuple[bs.BboHistory, bs.CachePersistence, dict]:
+    history, store = new_store(tmp_path, cap)
+    loaded = store.load()
+    return history, store, loaded
+
+
+def cache_files(tmp_path: Path, symbol: str = "BTCUSDT") -> list[str]:
+    return sorted(p.name for p in (tmp_path / "cache" / symbol).iterdir())
+
+
+EXACT_ROWS = [dict(bid_price="0.00000000", ask_price="0.018"), dict(bid_price="28750.10", ask_price="28750.2", latency_ms=None),
+              dict(bid_price="1", ask_price="99999999.99999999", latency_ms=-3)]
+
+
+def test_journal_round_trip_restores_every_row_exactly(tmp_path):
+    history, store = new_store(tmp_path)
+    sent = [make_bbo(i + 1, T0 + i, **{"latency_ms": 5, **fields}) for i, fields in enumerate(EXACT_ROWS)]
+    sent.append(make_bbo(4, T0 + 3, symbol="ETHUSDT", bid_price="2000.01"))
+    for bbo in sent:
+        history.accept(bbo)
+    store.flush_sync()
+    assert "raw-00000001.jsonl" in cache_files(tmp_path)
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+    history2, _, loaded = restart(tmp_path)
+    assert loaded == {"BTCUSDT": 3, "ETHUSDT": 1}
+    assert rest_rows(history2) == [row_of(b) for b in sent[:3]]
+    assert rest_rows(history2, "ETHUSDT") == [row_of(sent[3])]
+    assert api_json(make_ctx(history2), "/api/bbo")[1]["symbols"]["BTCUSDT"] == row_of(sent[2])
+
+
+def test_async_flush_appends_only_new_rows(tmp_path):
+    history, store = new_store(tmp_path)
+    first = fill(history, 3)
+    run(store.flush())
+    second = fill(history, 2, start_ms=T0 + 10, first_u=4)
+    run(store.flush())
+    run(store.flush())                                              # nothing new: nothing written
+    assert disk_update_ids(tmp_path / "cache" / "BTCUSDT") == [1, 2, 3, 4, 5]
+    assert rest_rows(restart(tmp_path)[0]) == [row_of(b) for b in first + second]
+
+
+def test_compaction_into_segments_and_restart_restores_each_row_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(bs, "SEGMENT_ROWS", 4)
+    history, store = new_store(tmp_path)
+    sent = []
+    for batch in range(6):                                        # 3 rows per flush, 18 rows
+        sent += fill(history, 3, start_ms=T0 + batch * 100, first_u=1 + batch * 3)
+        store.flush_sync()
+    names = cache_files(tmp_path)
+    assert any(re.fullmatch(r"raw-\d{8}-\d+\.json", n) for n in names), names       # compacted segments
+    assert "raw-00000001.jsonl" not in names                                          # the compacted journal is gone
+    history2, store2, _ = restart(tmp_path)
+    assert rest_rows(history2) == [row_of(b) for b in sent]
+    more = fill(history2, 5, start_ms=T0 + 10_000, first_u=100)
+    store2.flush_sync()
+    assert rest_rows(restart(tmp_path)[0]) == [row_of(b) for b in sent + more]
+
+
+def test_torn_last_journal_line_is_ignored_and_the_next_run_continues(tmp_path):
+    history, store = new_store(tmp_path)
+    first = fill(history, 3)
+    store.flush_sync()
+    fill(history, 2, start_ms=T0 + 10, first_u=4)
+    store.flush_sync()
+    journal = tmp_path / "cache" / "BTCUSDT" / "raw-00000001.jsonl"
+    data = journal.read_bytes()
+    second_line_start = data.index(b"\n") + 1
+    journal.write_bytes(data[:second_line_start + (len(data) - second_line_start) // 2])   # kill -9 mid-write
+    history2, store2, _ = restart(tmp_path)
+    assert rest_rows(history2) == [row_of(b) for b in first]
+    later = fill(history2, 2, start_ms=T0 + 20, first_u=6)
+    store2.flush_sync()
+    assert rest_rows(restart(tmp_path)[0]) == [row_of(b) for b in first + later]
+
+
+CORRUPTIONS = {
+    "garbage segment": ("raw-00000000-1.json", b"\x00\x01 not json at all"),
+    "segment of a future schema": ("raw-00000000-1.json", json.dumps({"v": 99, "kind": "raw", "symbol": "BTCUSDT",
+                                                                       "n": 0, "cols": {}}).encode()),
+    "truncated segment": ("raw-00000000-1.json", bs.encode_columns("raw", "BTCUSDT", bs.bbos_to_columns(
+        [make_bbo(90), make_bbo(91, T0 + 1)])).encode()[:60]),
+    "garbage in the middle of a journal": ("raw-00000000.jsonl", b"{\"v\":1}\nnot json\n{\"v\":1}\n"),
+}
+
+
+@pytest.mark.parametrize("name, content", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
+def test_corrupt_cache_file_is_moved_aside_and_the_rest_loads(tmp_path, caplog, name, content):
+    history, store = new_store(tmp_path)
+    sent = fill(history, 3, first_u=100)
+    store.flush_sync()
+    bad = tmp_path / "cache" / "BTCUSDT" / name
+    bad.write_bytes(content)
+    with caplog.at_level(logging.ERROR, logger="bbo_stream"):
+        history2, _, _ = restart(tmp_path)
+    assert rest_rows(history2) == [row_of(b) for b in sent]
+    assert not bad.exists()
+    aside = [p for p in bad.parent.iterdir() if p.name.startswith(name + ".corrupt")]
+    assert len(aside) == 1 and aside[0].read_bytes() == content
+    assert any(name in r.getMessage() and "moved aside" in r.getMessage() for r in caplog.records)
+
+
+def test_corrupt_outages_file_is_moved_aside_and_the_rows_still_load(tmp_path, caplog):
+    history, store = new_store(tmp_path)
+    sent = fill(history, 2)
+    store.flush_sync()
+    outages = tmp_path / "cache" / "BTCUSDT" / "outages.json"
+    outages.write_text('{"outages": [{"start": "yesterday"}]}')
+    with caplog.at_level(logging.ERROR, logger="bbo_stream"):
+        history2, _, _ = restart(tmp_path)
+    assert rest_rows(history2) == [row_of(b) for b in sent]
+    assert not outages.exists() and list(outages.parent.glob("outages.json.corrupt*"))
+    assert any("outages.json" in r.getMessage() for r in caplog.records)
+
+
+def test_segment_and_journal_of_the_same_seq_are_not_both_loaded(tmp_path):
+    history, store = new_store(tmp_path)
+    sent = fill(history, 3)
+    store.flush_sync()
+    sym_dir = tmp_path / "cache" / "BTCUSDT"
+    journal = sym_dir / "raw-00000001.jsonl"
+    # A crash between compaction's rename and its unlink: the segment and its journal both exist.
+    (sym_dir / f"raw-00000001-{T0 + 2}.json").write_bytes(journal.read_bytes())
+    history2, _, loaded = restart(tmp_path)
+    assert loaded == {"BTCUSDT": 3}
+    assert rest_rows(history2) == [row_of(b) for b in sent]
+    assert not journal.exists()
+
+
+def test_restart_keeps_dedupe_state_and_adds_no_duplicates(tmp_path):
+    history, store = new_store(tmp_path)
+    sent = fill(history, 4)
+    store.flush_sync()
+    history2, store2, _ = restart(tmp_path)
+    assert not history2.accept(sent[-1])                       # the exchange replays the last update
+    assert not history2.accept(make_bbo(2, T0 + 50))            # and an older one
+    new = fill(history2, 2, start_ms=T0 + 100, first_u=5)
+    store2.flush_sync()
+    store2.flush_sync()
+    history3, _, _ = restart(tmp_path)
+    assert rest_rows(history3) == [row_of(b) for b in sent + new]
+    assert disk_update_ids(tmp_path / "cache" / "BTCUSDT") == [1, 2, 3, 4, 5, 6]
+
+
+def test_restart_with_more_rows_on_disk_than_cache_max_items_keeps_the_newest(tmp_path):
+    cap = max(2 * bs.RING_INITIAL_ROWS, 2_000)                 # a ring that still has to grow
+    history, store = new_store(tmp_path, cap=3 * cap)
+    sent = fill(history, 3 * cap)
+    store.flush_sync()
+    history2, _, _ = restart(tmp_path, cap=cap)                # CACHE_MAX_ITEMS lowered, or disk not cleaned yet
+    assert rest_rows(history2) == [row_of(b) for b in sent[-cap:]]
+
+
+def test_unwritable_cache_dir_is_logged_and_history_is_served_from_memory(tmp_path, caplog):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the cache directory should be")
+    history, store = new_store(tmp_path, cache_dir=blocker / "cache")
+    assert store.load() == {}
+    sent = fill(history, 3)
+    with caplog.at_level(logging.ERROR, logger="bbo_stream"):
+        store.flush_sync()
+        fill(history, 1, start_ms=T0 + 10, first_u=4)
+        store.flush_sync()
+    errors = [r.getMessage() for r in caplog.records if "cannot write" in r.getMessage()]
+    assert len(errors) == 1 and "memory" in errors[0]               # logged once, not once per flush
+    assert store.errors >= 2
+    assert rest_rows(history)[:3] == [row_of(b) for b in sent]
+    blocker.unlink()                                            # the disk is usable again: nothing was lost
+    store.flush_sync()
+    restored = bs.BboHistory(1000, 100)
+    bs.CachePersistence(bs.Config(cache_dir=str(blocker / "cache")), restored).load()
+    assert rest_rows(restored) == rest_rows(history) and len(rest_rows(history)) == 4
+
+
+def test_bars_and_outages_survive_a_restart(tmp_path):
+    base_s = T0 // 1000
+    history, store = new_store(tmp_path, cap=5)
+    hist = history.get("BTCUSDT")
+    hist.begin_outage(base_s * 1000 - 5_000, "connection lost")
+    sent = _seconds_of_updates(history, seconds=4, per_second=10, base_s=base_s)
+    store.flush_sync()
+    window = f"&start_time={base_s * 1000}&end_time={(base_s + 2) * 1000 - 1}"
+    before = api_json(make_ctx(history), f"/api/history/updates?symbol=BTCUSDT{window}")[1]
+    assert before["tier"] == "bars" and len(before["bars"]) == 2
+    history2, _, _ = restart(tmp_path, cap=5)
+    after = api_json(make_ctx(history2), f"/api/history/updates?symbol=BTCUSDT{window}")[1]
+    assert after == before
+    assert api_json(make_ctx(history2), "/api/history/outages?symbol=BTCUSDT")[1]["outages"] == [
+        {"start": base_s * 1000 - 5_000, "end": sent[0].recv_ms, "reason": "connection lost"}]
+    assert rest_rows(history2) == [row_of(b) for b in sent[-5:]]
+
+
+def test_cleanup_deletes_every_file_whose_rows_left_the_ring(tmp_path, monkeypatch):
+    monkeypatch.setattr(bs, "SEGMENT_ROWS", 4)
+    history, store = new_store(tmp_path, cap=6)
+    fill(history, 2)                                          # a first run: a short journal
+    store.flush_sync()
+    history2, store2, _ = restart(tmp_path, cap=6)            # the next run starts a new journal
+    for batch in range(10):
+        fill(history2, 2, start_ms=T0 + 100 + batch * 10, first_u=3 + batch * 2)
+        store2.flush_sync()
+    store2.cleanup()
+    floor_u = rest_rows(history2)[0]["updateId"]              # the oldest update the ring still holds
+    sym_dir = tmp_path / "cache" / "BTCUSDT"
+    for path in sym_dir.glob("raw-*"):
+        ids = disk_update_ids_of(path)
+        assert ids and max(ids) >= floor_u, f"{path.name} holds only rows older than the ring: {ids}"
+
+
+def test_leftover_temp_files_of_an_interrupted_write_are_ignored(tmp_path):
+    history, store = new_store(tmp_path)
+    sent = fill(history, 2)
+    store.flush_sync()
+    sym_dir = tmp_path / "cache" / "BTCUSDT"
+    (sym_dir / f"raw-00000001-{T0}.json.tmp").write_bytes(b'{"v":1,"kind":"raw","sym')   # crash before rename
+    assert rest_rows(restart(tmp_path)[0]) == [row_of(b) for b in sent]
+
+
+def test_atomic_write_replaces_the_whole_file(tmp_path):
+    path = tmp_path / "x.json"
+    bs.atomic_write(path, b"old")
+    bs.atomic_write(path, b"new content")
+    assert path.read_bytes() == b"new content"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+# ---- §13 Fan-out hub and transports ------------------------------------------------------------
+# Placeholder in bbo_stream.py; its tests come with it.
+
+
+# ---- §14 HTTP connection handler ----------------------------------------------------------------
+# Raw bytes over real TCP to the App on an ephemeral port (its feed points at a closed port).
+
+def with_server(tmp_path: Path, body: Callable[[Server], Awaitable[None]], timeout: float = TEST_TIMEOUT_S,
+                **overrides: Any) -> None:
+    async def scenario() -> None:
+        async with serving(make_cfg(tmp_path, **overrides)) as srv:
+            await body(srv)
+    run(scenario(), timeout)
+
+
+async def expect_error(port: int, data: bytes, status: int) -> Resp:
+    """Send ``data``; expect one ``status`` JSON error response, Connection: close, then EOF."""
+    [resp], rest = await exchange(port, data)
+    assert resp.status == status, (resp.status, resp.body)
+    assert resp.header("connection") == "close" and rest == b""
+    assert set(resp.json()) == {"error"}
+    return resp
+
+
+@pytest.mark.parametrize("extra, status", [(0, 200), (1, 431)])
+def test_head_of_max_head_bytes_is_served_and_longer_is_431(tmp_path, extra, status):
+    async def body(srv: Server) -> None:
+        data = padded_head(bs.MAX_HEAD_BYTES + extra)
+        if status == 200:
+            [resp], rest = await exchange(srv.port, data)
+            assert resp.status == 200 and rest == b""
+        else:
+            await expect_error(srv.port, data, 431)
+    with_server(tmp_path, body)
+
+
+def test_target_of_max_target_bytes_is_served_and_one_more_is_414(tmp_path):
+    async def body(srv: Server) -> None:
+        target = "/static/" + "a" * (bs.MAX_TARGET_BYTES - len("/static/"))
+        assert len(target) == bs.MAX_TARGET_BYTES
+        assert (await srv.get(target)).status == 404
+        await expect_error(srv.port, head(f"GET {target}a HTTP/1.1", "Host: t"), 414)
+    with_server(tmp_path, body)
+
+
+def test_max_headers_is_served_and_one_more_is_431(tmp_path):
+    async def body(srv: Server) -> None:
+        lines = ["Host: t", "Connection: close"] + [f"X-H{i}: v" for i in range(bs.MAX_HEADERS - 2)]
+        [resp], _ = await exchange(srv.port, head("GET /healthz HTTP/1.1", *lines))
+        assert resp.status == 200
+        await expect_error(srv.port, head("GET /healthz HTTP/1.1", *lines, "X-One-More: v"), 431)
+    with_server(tmp_path, body)
+
+
+def test_request_body_at_the_limit_is_read_and_one_more_byte_is_413(tmp_path):
+    async def body(srv: Server) -> None:
+        limit = bs.MAX_API_BODY_BYTES
+        [resp], rest = await exchange(srv.port, head("GET /api/history/symbols HTTP/1.1", "Host: t", "Connection: close",
+                                                     f"Content-Length: {limit}") + b"x" * limit)
+        assert resp.status == 200 and resp.json() == {"symbols": ["BTCUSDT"]} and rest == b""
+        await expect_error(srv.port, head("POST /api/history/symbols HTTP/1.1", "Host: t",
+                                          f"Content-Length: {limit + 1}"), 413)
+    with_server(tmp_path, body)
+
+
+def test_chunked_request_body_is_501(tmp_path):
+    async def body(srv: Server) -> None:
+        await expect_error(srv.port, head("POST /api/bbo HTTP/1.1", "Host: t", "Transfer-Encoding: chunked")
+                           + b"5\r\nhello\r\n0\r\n\r\n", 501)
+    with_server(tmp_path, body)
+
+
+BAD_ON_THE_WIRE = {
+    "bad request line": b"GET /healthz HTTP/1.1 x\r\nHost: t\r\n\r\n",
+    "garbage": b"\x16\x03\x01\x00\x05hello\r\n\r\n",
+    "obs-fold": b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: a\r\n b\r\n\r\n",
+    "space before colon": b"GET /healthz HTTP/1.1\r\nHost : t\r\n\r\n",
+    "duplicate Content-Length": b"POST /api/bbo HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+    "missing Host": b"GET /healthz HTTP/1.1\r\n\r\n",
+    "invalid percent-encoding": b"GET /static/%ff HTTP/1.1\r\nHost: t\r\n\r\n",
+    "101 query fields": ("GET /api/bbo?" + "&".join(f"a{i}=1" for i in range(101)) + " HTTP/1.1\r\nHost: t\r\n\r\n").encode(),
+}
+
+
+@pytest.mark.parametrize("data", BAD_ON_THE_WIRE.values(), ids=BAD_ON_THE_WIRE.keys())
+def test_malformed_requests_get_400_and_the_connection_closes(tmp_path, data):
+    async def body(srv: Server) -> None:
+        await expect_error(srv.port, data, 400)
+    with_server(tmp_path, body)
+
+
+def test_unsupported_method_405_and_http_2_505(tmp_path):
+    async def body(srv: Server) -> None:
+        resp = await expect_error(srv.port, head("PUT /api/bbo HTTP/1.1", "Host: t"), 405)
+        assert "GET" in resp.header("allow")
+        await expect_error(srv.port, head("GET /healthz HTTP/2.0", "Host: t"), 505)
+        post = await srv.get("/api/history/symbols", "Content-Length: 0", method="POST")
+        assert post.status == 405 and "GET" in post.header("allow") and "error" in post.json()
+        assert (await srv.get("/nope")).status == 404
+        assert (await srv.get("/nope")).json()["error"]
+    with_server(tmp_path, body)
+
+
+@pytest.mark.parametrize("target", ["/static/style.css", "/api/history/symbols", "/favicon.ico", "/"])
+def test_head_sends_the_same_headers_and_no_body(tmp_path, target):
+    async def body(srv: Server) -> None:
+        got = await srv.get(target)
+        headed = await srv.get(target, method="HEAD")      # request() asserts nothing follows the head
+        assert got.status == headed.status == 200 and headed.body == b""
+        strip = lambda r: [(k, v) for k, v in r.headers if k != "date"]
+        assert strip(headed) == strip(got)
+        assert email.utils.parsedate_to_datetime(headed.header("date")).tzinfo is not None
+        assert int(headed.header("content-length")) == len(got.body) > 0
+    with_server(tmp_path, body)
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(tmp_path):
+    async def body(srv: Server) -> None:
+        async with connection(srv.port) as (reader, writer):
+            writer.write(head("GET /api/history/symbols HTTP/1.1", "Host: t"))
+            first = await read_response(reader)
+            assert first.status == 200 and first.header("connection") == "keep-alive"
+            writer.write(head("GET /healthz HTTP/1.1", "Host: t"))
+            assert (await read_response(reader)).status == 200
+            # two pipelined requests in one write, answered in order; the second asks to close
+            writer.write(head("GET /api/history/symbols HTTP/1.1", "Host: t") +
+                         head("HEAD /favicon.ico HTTP/1.1", "Host: t", "Connection: close"))
+            third = await read_response(reader)
+            fourth = await read_response(reader, head_only=True)
+            assert third.json() == {"symbols": ["BTCUSDT"]}
+            assert fourth.status == 200 and fourth.header("connection") == "close"
+            assert await reader.read() == b""
+        async with connection(srv.port) as (reader, writer):
+            # a GET with a body: the body is consumed, never parsed as the next request (no smuggling)
+            smuggled = b"GET /nope HTTP/1.1\r\nHost: t\r\n\r\n"
+            writer.write(head("GET /api/history/symbols HTTP/1.1", "Host: t", f"Content-Length: {len(smuggled)}")
+                         + smuggled + head("GET /healthz HTTP/1.1", "Host: t", "Connection: close"))
+            assert (await read_response(reader)).status == 200
+            assert (await read_response(reader)).json()["status"] == "ok"
+            assert await reader.read() == b""
+    with_server(tmp_path, body)
+
+
+def test_http_1_0_gets_one_response_then_close(tmp_path):
+    async def body(srv: Server) -> None:
+        [resp], rest = await exchange(srv.port, head("GET /api/history/symbols HTTP/1.0", "Connection: keep-alive"))
+        assert resp.status == 200 and resp.header("connection") == "close" and rest == b""
+    with_server(tmp_path, body)
+
+
+def test_idle_keep_alive_connection_is_closed_after_the_idle_timeout(tmp_path, monkeypatch):
+    monkeypatch.setattr(bs, "KEEPALIVE_IDLE_S", 0.3)
+
+    async def body(srv: Server) -> None:
+        loop = asyncio.get_running_loop()
+        async with connection(srv.port) as (reader, writer):
+            writer.write(head("GET /healthz HTTP/1.1", "Host: t"))
+            assert (await read_response(reader)).header("connection") == "keep-alive"
+            started = loop.time()
+            assert await reader.read() == b""                    # the server closes, silently
+            assert 0.25 <= loop.time() - started < 2
+    with_server(tmp_path, body)
+
+
+def test_incomplete_head_gets_408_after_the_head_timeout(tmp_path, monkeypatch):
+    monkeypatch.setattr(bs, "HEAD_TIMEOUT_S", 0.3)
+
+    async def body(srv: Server) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        [resp], rest = await exchange(srv.port, b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
+        assert resp.status == 408 and rest == b"" and resp.header("connection") == "close"
+        assert 0.25 <= loop.time() - started < 2
+        started = loop.time()
+        async with connection(srv.port) as (reader, _):           # a connection that sends nothing
+            assert await reader.read() == b""
+        assert 0.25 <= loop.time() - started < 2
+    with_server(tmp_path, body)
+
+
+def test_head_timeout_counts_from_the_connection_not_from_the_first_byte(tmp_path, monkeypatch):
+    # Slowloris: a client that waits almost HEAD_TIMEOUT_S before its first byte must not get
+    # another full HEAD_TIMEOUT_S for the rest of the head.
+    monkeypatch.setattr(bs, "HEAD_TIMEOUT_S", 0.6)
+
+    async def body(srv: Server) -> None:
+        loop = asyncio.get_running_loop()
+        async with connection(srv.port) as (reader, writer):
+            started = loop.time()
+            await asyncio.sleep(0.45)                              # the slow client, not a wait for an event
+            writer.write(b"GET /healthz HTTP/1.1\r\n")
+            resp = await read_response(reader)
+            assert resp.status == 408
+            assert loop.time() - started < 0.6 + 0.25, f"408 after {loop.time() - started:.2f} s"
+    with_server(tmp_path, body)
+
+
+def test_static_files_have_etag_cache_control_and_answer_304(tmp_path):
+    async def body(srv: Server) -> None:
+        index = await srv.get("/")
+        assert index.status == 200 and index.body == (STATIC / "index.html").read_bytes()
+        assert index.header("content-type") == "text/html; charset=utf-8"
+        etag = index.header("etag")
+        assert etag and re.fullmatch(r'(W/)?"[^"]+"', etag) and index.header("cache-control")
+        assert (await srv.get("/index.html")).header("etag") == etag
+        cached = await srv.get("/", f"If-None-Match: {etag}")
+        assert cached.status == 304 and cached.body == b"" and cached.header("etag") == etag
+        assert cached.header("content-length") is None
+        assert (await srv.get("/", 'If-None-Match: "other"')).status == 200
+        css = await srv.get("/static/style.css")
+        assert css.body == (STATIC / "style.css").read_bytes() and css.header("content-type").startswith("text/css")
+        assert (await srv.get("/style.css")).body == css.body and css.header("etag") != etag
+    with_server(tmp_path, body)
+
+
+TRAVERSALS = ["/static/../bbo_stream.py", "/static/%2e%2e/bbo_stream.py", "/static/%2E%2E/bbo_stream.py",
+              "/static/..%2fbbo_stream.py", "/static/%2e%2e%2fbbo_stream.py", "/static/%2e%2e/%2e%2e/etc/passwd",
+              "/static//etc/passwd", "/static/%2fetc%2fpasswd", "/static/..%5cbbo_stream.py", "/../bbo_stream.py",
+              "/static/./../bbo_stream.py", "/static/.hidden", "/static/index.html%00.css", "/bbo_stream.py"]
+
+
+@pytest.mark.parametrize("target", TRAVERSALS)
+def test_no_path_traversal_out_of_static(tmp_path, target):
+    async def body(srv: Server) -> None:
+        [resp], _ = await exchange(srv.port, head(f"GET {target} HTTP/1.1", "Host: t", "Connection: close"))
+        assert resp.status in (400, 404), resp.status
+        assert b"import" not in resp.body and b"root:" not in resp.body
+    with_server(tmp_path, body)
+
+
+@pytest.mark.parametrize("target", ["/static/", "/static", "/static/."])
+def test_no_directory_listing(tmp_path, target):
+    async def body(srv: Server) -> None:
+        resp = await srv.get(target)
+        assert resp.status == 404 and b"style.css" not in resp.body
+    with_server(tmp_path, body)
+
+
+def test_favicon(tmp_path):
+    async def body(srv: Server) -> None:
+        resp = await srv.get("/favicon.ico")
+        assert resp.status == 200 and resp.header("content-type").startswith("image/")
+        assert resp.body.startswith(b"<svg") and resp.header("cache-control")
+    with_server(tmp_path, body)
+
+
+def test_cors_headers_on_api_responses(tmp_path):
+    async def body(srv: Server) -> None:
+        plain = await srv.get("/api/history/symbols")
+        assert plain.all("access-control-allow-origin") == ["*"]
+        echoed = await srv.get("/api/history/symbols", "Origin: https://a.example")
+        assert echoed.all("access-control-allow-origin") == ["https://a.example"]
+        for target in ("/api/history/updates?symbol=NOPE", "/api/history/updates?symbol=BTCUSDT&limit=x", "/api/nope"):
+            error = await srv.get(target, "Origin: https://a.example")
+            assert error.status in (400, 404)
+            assert error.all("access-control-allow-origin") == ["https://a.example"], target
+    with_server(tmp_path, body)
+
+
+def test_cors_preflight_has_exactly_one_allow_origin(tmp_path):
+    async def body(srv: Server) -> None:
+        resp = await srv.get("/api/history/updates", "Origin: https://a.example", "Access-Control-Request-Method: GET",
+                             "Access-Control-Request-Headers: x-requested-with", method="OPTIONS")
+        assert resp.status == 204 and resp.body == b""
+        assert resp.all("access-control-allow-origin") == ["https://a.example"]   # browsers reject two values
+        assert "GET" in resp.header("access-control-allow-methods")
+        assert resp.header("access-control-allow-headers") == "x-requested-with"
+    with_server(tmp_path, body)
+
+
+def test_cors_origins_restricts_which_origins_are_allowed(tmp_path):
+    async def body(srv: Server) -> None:
+        good = await srv.get("/api/history/symbols", "Origin: https://ok.example")
+        assert good.all("access-control-allow-origin") == ["https://ok.example"]
+        evil = await srv.get("/api/history/symbols", "Origin: https://evil.example")
+        assert evil.status == 200 and evil.all("access-control-allow-origin") == []
+        pre = await srv.get("/api/bbo", "Origin: https://evil.example", "Access-Control-Request-Method: GET",
+                            method="OPTIONS")
+        assert pre.all("access-control-allow-origin") == [] and pre.header("access-control-allow-methods") is None
+    with_server(tmp_path, body, cors_origins=("https://ok.example",))
+
+
+def test_tls_and_plain_http_on_the_same_port_with_a_generated_certificate(tmp_path):
+    async def body(srv: Server) -> None:
+        assert (tmp_path / "certs" / "cert.pem").exists() and (tmp_path / "certs" / "key.pem").exists()
+        assert srv.events.logged("self-signed", logging.INFO)
+        assert srv.events.logged(rf"listening on 127\.0\.0\.1:{srv.port} \(https and http\)")
+        tls = client_ssl_context()
+        async with connection(srv.port, tls) as (reader, writer):
+            assert writer.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
+            writer.write(head("GET /api/history/symbols HTTP/1.1", "Host: t"))   # keep-alive over TLS
+            assert (await read_response(reader)).json() == {"symbols": ["BTCUSDT"]}
+            writer.write(head("GET /healthz HTTP/1.1", "Host: t", "Connection: close"))
+            assert (await read_response(reader)).status == 200
+        assert (await request(srv.port, "/api/history/symbols")).json() == {"symbols": ["BTCUSDT"]}   # plain
+        assert (await request(srv.port, "/healthz", ssl_ctx=tls)).status == 200
+        tls12 = client_ssl_context()
+        tls12.maximum_version = ssl.TLSVersion.TLSv1_2              # TLS 1.2 clients are served too
+        async with connection(srv.port, tls12) as (reader, writer):
+            assert writer.get_extra_info("ssl_object").version() == "TLSv1.2"
+    with_server(tmp_path, body, timeout=30, use_ssl=True)
+
+
+def test_tls_falls_back_to_plain_http_when_openssl_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+
+    async def body(srv: Server) -> None:
+        assert srv.events.logged("plain HTTP only", logging.WARNING)
+        assert (await srv.get("/healthz")).status == 200
+        assert not (tmp_path / "certs" / "cert.pem").exists()
+    with_server(tmp_path, body, use_ssl=True)
+
+
+# ---- §15 App lifecycle ---------------------------------------------------------------------------
+
+def test_web_port_0_binds_a_free_port_and_logs_it(tmp_path):
+    async def body(srv: Server) -> None:
+        assert srv.port > 0
+        assert srv.events.logged(rf"listening on 127\.0\.0\.1:{srv.port} \(http\)")
+        assert (await srv.get("/healthz")).status == 200
+    with_server(tmp_path, body)
+
+
+def _persisted(tmp_path: Path, n: int = 3) -> list[bs.Bbo]:
+    history, store = new_store(tmp_path)
+    sent = fill(history, n, start_ms=bs.now_ms() - 60_000, first_u=100)
+    store.flush_sync()
+    return sent
+
+
+def test_corrupt_cache_file_is_moved_aside_and_the_server_still_starts(tmp_path):
+    sent = _persisted(tmp_path)
+    bad = tmp_path / "cache" / "BTCUSDT" / "raw-00000000-1.json"
+    bad.write_bytes(b"\x00garbage")
+
+    async def body(srv: Server) -> None:
+        rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+        assert rows == [row_of(b) for b in sent]
+        assert srv.events.logged("corrupt.*moved aside", logging.ERROR)
+        assert not bad.exists() and list(bad.parent.glob("raw-00000000-1.json.corrupt*"))
+        [outage] = (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"]
+        assert outage["start"] == sent[-1].recv_ms and "not running" in outage["reason"]
+    with_server(tmp_path, body, cache_persist=True)
+
+
+def test_unwritable_cache_dir_is_logged_and_the_server_serves_from_memory(tmp_path, fast_feed):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+
+    async def scenario() -> None:
+        async with FakeBinance("futures") as fake:
+            cfg = make_cfg(tmp_path, fake.base_url, cache_persist=True, cache_dir=str(blocker / "cache"),
+                           cache_flush_seconds=0.05)
+            async with serving(cfg) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                sent = [fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1"), fake.send_bbo("btcusdt", "1.01", "1", "1.11", "1")]
+                await srv.wait_updates(2)
+                await srv.events.wait_for(lambda: srv.events.logged("cannot write", logging.ERROR), 3, "the write error")
+                rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+                assert [_fields(r) for r in rows] == [_sent_fields(p) for p in sent]
+                metrics = (await srv.get("/metrics")).body.decode()
+                errors = re.search(r"^bbo_persist_errors_total (\d+)", metrics, re.M)
+                assert errors and int(errors.group(1)) >= 1
+                assert (await srv.get("/healthz")).status == 200
+    run(scenario())
+
+
+def test_shutdown_writes_the_final_flush(tmp_path, fast_feed):
+    async def scenario() -> None:
+        async with FakeBinance("futures") as fake:
+            cfg = make_cfg(tmp_path, fake.base_url, cache_persist=True, cache_flush_seconds=3600)
+            async with serving(cfg) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                for i in range(5):
+                    fake.send_bbo("btcusdt", f"1.0{i}", "1", "1.10", "1")
+                await srv.wait_updates(5)
+                assert disk_update_ids(tmp_path / "cache" / "BTCUSDT") == []     # the periodic flush has not run
+            assert srv.events.logged("final flush")
+        assert disk_update_ids(tmp_path / "cache" / "BTCUSDT") == [1, 2, 3, 4, 5]
+    run(scenario())
+
+
+# ---- §16 CLI ----------------------------------------------------------------------------------
+
+def test_main_returns_2_with_one_line_for_an_invalid_value(capsys):
+    assert bs.main(["--web-port", "abc"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and "WEB_PORT" in captured.err and "abc" in captured.err
+
+
+@pytest.mark.parametrize("args, env", [(["--web-port", "abc"], {}), ([], {"WEB_PORT": "abc"}),
+                                       (["--market", "options"], {})], ids=["flag", "env", "market"])
+def test_invalid_value_exits_2_with_one_line_on_stderr_and_no_traceback(tmp_path, args, env):
+    clean = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
+    proc = subprocess.run([sys.executable, str(MODULE), *args], env={**clean, **env}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and ("WEB_PORT" in proc.stderr or "MARKET" in proc.stderr)
+
+
+def test_version_and_help_from_the_command_line(tmp_path):
+    version = subprocess.run([sys.executable, str(MODULE), "--version"], capture_output=True, text=True, timeout=30,
+                             cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.strip() == f"bbo_stream.py {bs.__version__}"
+    helped = subprocess.run([sys.executable, str(MODULE), "--help"], capture_output=True, text=True, timeout=30,
+                            cwd=tmp_path)
+    assert helped.returncode == 0
+    for setting in bs.SETTINGS:
+        assert setting.flag in helped.stdout and setting.name in helped.stdout, setting.name
+    assert not list(tmp_path.iterdir())                       # --help/--version create nothing (no certs, no cache)
+
+
+def test_json_log_format_is_one_object_per_line():
+    formatter = bs.JsonLogFormatter()
+    record = logging.LogRecord("bbo_stream", logging.WARNING, __file__, 1, "feed %s: %s", ("BTCUSDT", "lost"), None)
+    doc = json.loads(formatter.format(record))
+    assert (doc["level"], doc["logger"], doc["event"]) == ("warning", "bbo_stream", "feed BTCUSDT: lost")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", doc["timestamp"])
+
+
+# ---- End to end: the real server ---------------------------------------------------------------
+
+def test_rest_api_end_to_end(tmp_path, fast_feed):
+    async def scenario() -> None:
+        async with FakeBinance("futures") as fake:
+            async with serving(make_cfg(tmp_path, fake.base_url, symbol="BTCUSDT,ETHUSDT")) as srv:
+                ready = await srv.get("/readyz")
+                assert ready.status == 503 and ready.json()["status"] == "not ready"
+                await fake.wait_for_subscribed("btcusdt")
+                btc = [fake.send_bbo("btcusdt", f"28750.{i}0", "1.500", f"28750.{i + 1}0", "0.00000000") for i in range(5)]
+                eth = fake.send_bbo("ethusdt", "2000.01", "0.018", "2000.02", "3")
+                await srv.wait_updates(6)
+                ready = await srv.get("/readyz")
+                assert ready.status == 200 and ready.json()["status"] == "ready"
+                assert await srv.get_json("/api/history/symbols") == {"symbols": ["BTCUSDT", "ETHUSDT"]}
+                body = await srv.get_json("/api/history/updates?symbol=btcusdt&limit=2")
+                assert (body["symbol"], body["count"], body["tier"]) == ("BTCUSDT", 2, "raw")
+                assert [_fields(r) for r in body["updates"]] == [_sent_fields(p) for p in btc[-2:]]
+                assert all(tuple(r) == bs.BBO_KEYS for r in body["updates"])
+                t0, t1 = body["updates"][0]["serverTimestamp"], body["updates"][1]["serverTimestamp"]
+                ranged = await srv.get_json(f"/api/history/updates?symbol=BTCUSDT&start_time={t0}&end_time={t1}")
+                assert [r["updateId"] for r in ranged["updates"]] == [r["updateId"] for r in (await srv.get_json(
+                    "/api/history/updates?symbol=BTCUSDT"))["updates"] if t0 <= r["serverTimestamp"] <= t1]
+                csv = await srv.get("/api/history/updates?symbol=BTCUSDT&format=csv")
+                assert csv.status == 200 and csv.header("content-type").startswith("text/csv")
+                lines = csv.body.decode().splitlines()
+                assert lines[0] == ",".join(bs.BBO_KEYS) and len(lines) == 6
+                assert lines[1].startswith(f"BTCUSDT,{btc[0]['b']},1.500,{btc[0]['a']},0.00000000,{btc[0]['E']},")
+                for target, status, fragment in (("/api/history/updates?symbol=BTCUSDT&limit=10001", 400, "10000"),
+                                                 ("/api/history/updates?symbol=BTCUSDT&limit=ten", 400, "limit"),
+                                                 ("/api/history/latency?symbol=BTCUSDT&start_time=x", 400, "start_time"),
+                                                 ("/api/history/updates?symbol=DOGEUSDT", 404, "DOGEUSDT")):
+                    resp = await srv.get(target)
+                    assert resp.status == status and fragment in resp.json()["error"], target
+                lat = await srv.get_json("/api/history/latency?symbol=BTCUSDT")
+                assert lat["count"] == 5 and lat["tier"] == "raw" and lat["min"] <= lat["p50"] <= lat["max"]
+                series = await srv.get_json(f"/api/history/series?symbol=BTCUSDT&start_time={t0 - 60_000}")
+                assert series["tier"] == "raw" and sum(series["count"]) == 5 and series["outages"] == []
+                assert await srv.get_json("/api/history/outages?symbol=ETHUSDT") == {"symbol": "ETHUSDT", "outages": []}
+                stats = await srv.get_json("/api/history/stats")
+                assert stats["cache"]["symbols"]["BTCUSDT"]["cached"] == 5 and stats["cache"]["totalCached"] == 6
+                latest = (await srv.get_json("/api/bbo"))["symbols"]
+                assert _fields(latest["BTCUSDT"]) == _sent_fields(btc[-1]) and _fields(latest["ETHUSDT"]) == _sent_fields(eth)
+                health = await srv.get_json("/healthz")
+                assert health["status"] == "ok" and health["feed"]["state"] == "live" and health["feed"]["messages"] == 6
+                metrics = await srv.get("/metrics")
+                assert metrics.status == 200 and metrics.header("content-type").startswith("text/plain")
+                assert re.search(r"^bbo_feed_messages_total 6$", metrics.body.decode(), re.M)
+                wrong = await srv.get("/api/history/updates?symbol=BTCUSDT", "Content-Length: 0", method="POST")
+                assert wrong.status == 405 and wrong.json()["error"]
+        assert not (tmp_path / "cache").exists()                   # CACHE_PERSIST=false writes nothing
+    run(scenario())
+
+
+async def _send_numbered(fake: FakeBinance, first: int, n: int) -> list[dict]:
+    sent = []
+    for i in range(first, first + n):
+        sent.append(fake.send_bbo("btcusdt", f"{30000 + i // 100}.{i % 100:02d}", f"{i % 7}.{i % 1000:03d}",
+                                  f"{30001 + i // 100}.{i % 100:02d}", "0.00000000" if i % 5 == 0 else "0.018"))
+        if i % 50 == 0:
+            await fake.flush()
+    await fake.flush()
+    return sent
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_flushes_the_cache_and_exits_0_within_a_few_seconds(tmp_path, sig):
+    async def scenario() -> None:
+        async with FakeBinance("futures") as fake:
+            srv = await ServerProcess.start(server_env(tmp_path, fake.base_url, CACHE_FLUSH_SECONDS="3600"), tmp_path)
+            try:
+                port = await srv.port()
+                await fake.wait_for_subscribed("btcusdt", timeout=10)
+                sent = await _send_numbered(fake, 1, 20)
+                got: list = []
+                deadline = time.monotonic() + 5
+                while len(got) < len(sent):                           # a subprocess: nothing to await, poll
+                    assert time.monotonic() < deadline, got
+                    await asyncio.sleep(0.05)
+                    got = (await request(port, "/api/history/updates?symbol=BTCUSDT")).json()["updates"]
+                assert [_fields(r) for r in got] == [_sent_fields(p) for p in sent]
+                assert disk_update_ids(tmp_path / "cache" / "BTCUSDT") == []
+                started = time.monotonic()
+                rc = await srv.stop(sig)
+                assert rc == 0 and time.monotonic() - started < 5
+            finally:
+                await srv.kill()
+            assert any("final flush" in line for line in srv.lines), srv.lines
+            assert not any("Traceback" in line for line in srv.lines), "\n".join(srv.lines)
+            assert disk_update_ids(tmp_path / "cache" / "BTCUSDT") == [p["u"] for p in sent]
+    run(scenario(), 30)
+
+
+def test_kill_9_then_restart_restores_every_update_older_than_a_second(tmp_path):
+    async def scenario() -> None:
+        async with FakeBinance("futures") as fake:
+            env = server_env(tmp_path, fake.base_url, CACHE_FLUSH_SECONDS="0.2")
+            sym_dir = tmp_path / "cache" / "BTCUSDT"
+            srv = await ServerProcess.start(env, tmp_path)
+            try:
+                await srv.port()
+                await fake.wait_for_subscribed("btcusdt", timeout=10)
+                early = await _send_numbered(fake, 1, 400)
+                early_ids = [p["u"] for p in early]
+                # until they are on disk, or 1.5 s: whichever comes first (no event crosses the process boundary)
+                await apoll_until(lambda: set(early_ids) <= set(disk_update_ids(sym_dir)), 1.5, 0.05)
+                late = await _send_numbered(fake, 401, 50)       # just before the kill: may be lost
+                srv.proc.send_signal(signal.SIGKILL)
+                assert await asyncio.wait_for(srv.proc.wait(), 5) == -signal.SIGKILL
+            finally:
+                await srv.kill()
+            await fake.wait_for_connections(0)
+            again = await ServerProcess.start(env, tmp_path)
+            try:
+                port = await again.port()
+                rows = (await request(port, "/api/history/updates?symbol=BTCUSDT&limit=10000")).json()["updates"]
+                ids = [r["updateId"] for r in rows]
+                assert ids == sorted(set(ids)), "out of order or duplicated"
+                assert ids[:len(early)] == early_ids, "an update received more than a second before the kill is missing"
+                assert set(ids[len(early):]) <= {p["u"] for p in late}
+                assert ids == [p["u"] for p in (early + late)][:len(ids)], "a hole among the late updates"
+                assert [_fields(r) for r in rows] == [_sent_fields(p) for p in (early + late)[:len(rows)]]
+                latest = (await request(port, "/api/bbo")).json()["symbols"]["BTCUSDT"]
+                assert latest == rows[-1]
+                outages = (await request(port, "/api/history/outages?symbol=BTCUSDT")).json()["outages"]
+                assert outages and outages[-1]["start"] == rows[-1]["serverTimestamp"]
+                assert "not running" in outages[-1]["reason"]
+                assert await again.stop() == 0
+            finally:
+                await again.kill()
+    run(scenario(), 40)
