@@ -62,6 +62,7 @@ import email.utils
 import enum
 import hashlib
 import io
+import ipaddress
 import json
 import logging
 import logging.handlers
@@ -318,7 +319,6 @@ def _parse_origins(text: str) -> tuple[str, ...]:
 
 
 def _parse_proxies(text: str) -> tuple[str, ...]:
-    import ipaddress
     nets = []
     for part in (p.strip() for p in text.split(",")):
         if part:
@@ -842,6 +842,8 @@ BAR_COLUMNS: dict[str, Any] = {
 }
 
 _POW10 = 10.0 ** np.arange(MAX_DIGITS + 1)
+# Upper bounds (ms) of the exchange→server latency histogram on /metrics (Prometheus `le`).
+LATENCY_BUCKETS_MS = np.array([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000], np.float64)
 
 
 class ColumnRing:
@@ -1092,6 +1094,8 @@ class SymbolHistory:
         self.duplicates = 0                     # dropped: `u` not above the last (overlap, replay)
         self.u_resets = 0                       # `u` fell far back with a newer E: new baseline
         self.crossed = 0                        # kept although bid ≥ ask
+        self.latency_hist = np.zeros(len(LATENCY_BUCKETS_MS) + 1, np.int64)  # per bucket, last = +Inf
+        self.latency_sum_ms = 0                 # of every latency counted in latency_hist
         self.subscribed_ms: int | None = None   # when a connection asked for this symbol
         self.outages: collections.deque[list] = collections.deque(maxlen=MAX_OUTAGES_PER_SYMBOL)
         self.open_outage: list | None = None    # [start_ms, None, reason] until data resumes
@@ -1144,8 +1148,13 @@ class SymbolHistory:
             shifted = np.clip(lat.astype(np.int64) + (clamped - recv), INT32_NULL + 1, 2**31 - 1).astype(np.int32)
             cols["latency_ms"] = np.where(lat == INT32_NULL, lat, shifted)
             cols["recv_ms"] = recv = clamped
-        if count_crossed:
+        if count_crossed:  # live data (not rows restored from disk): crossed books, latency histogram
             self.crossed += int(np.count_nonzero(_price_floats(cols, "bid") >= _price_floats(cols, "ask")))
+            lat = cols["latency_ms"][cols["latency_ms"] != INT32_NULL]
+            if len(lat):
+                self.latency_hist += np.bincount(np.searchsorted(LATENCY_BUCKETS_MS, lat, "left"),
+                                                 minlength=len(self.latency_hist))
+                self.latency_sum_ms += int(lat.sum(dtype=np.int64))
         self.raw.extend(cols)
         if self.keep_bars:
             self._append_bars(columns_to_bars(cols))
@@ -4356,7 +4365,7 @@ class HttpServer:
         self.sock: socket.socket | None = None
         self.port = 0
         self._accept_task: asyncio.Task | None = None
-        self._trusted = [__import__("ipaddress").ip_network(n) for n in self.cfg.trusted_proxies]
+        self._trusted = [ipaddress.ip_network(n) for n in self.cfg.trusted_proxies]
 
     async def start(self) -> int:
         infos = socket.getaddrinfo(self.cfg.web_host or None, self.cfg.web_port, type=socket.SOCK_STREAM,
@@ -4463,14 +4472,14 @@ class HttpServer:
         await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
 
     def client_ip(self, req: HttpRequest) -> str:
-        """The peer, or X-Forwarded-For's last hop when the peer is a trusted proxy."""
+        """The peer for logs: X-Forwarded-For's last hop when the peer is a trusted proxy
+        (TRUSTED_PROXIES); anyone else could forge the header, so it is ignored then."""
         host = req.peer.rsplit(":", 1)[0]
         fwd = req.header("x-forwarded-for")
         if fwd and self._trusted:
-            import ipaddress
             with contextlib.suppress(ValueError):
                 if any(ipaddress.ip_address(host.strip("[]")) in net for net in self._trusted):
-                    return fwd.split(",")[-1].strip()
+                    return fwd.split(",")[-1].strip()[:64] or host
         return host
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str,
@@ -4485,6 +4494,8 @@ class HttpServer:
             started = time.perf_counter()
             try:
                 req = parse_request_head(raw_head, peer)
+                if self._trusted and req.header("x-forwarded-for"):
+                    req = dataclasses.replace(req, peer=self.client_ip(req))
                 is_eio = req.path.startswith("/socket.io")
                 limit = self.cfg.max_payload if is_eio else MAX_API_BODY_BYTES
                 try:
@@ -4709,6 +4720,15 @@ def render_metrics(app: App, now: int) -> str:
            ((f'{{symbol="{s}"}}', h.crossed) for s, h in hists))
     metric("feed_last_message_age_seconds", "gauge", "Seconds since the symbol's last update",
            ((f'{{symbol="{s}"}}', round((now - h.latest.recv_ms) / 1000, 3)) for s, h in hists if h.latest))
+    out.append("# HELP bbo_feed_latency_ms Exchange→server latency (serverTimestamp - E) of received updates, ms")
+    out.append("# TYPE bbo_feed_latency_ms histogram")
+    for s, h in hists:
+        cumulative = np.cumsum(h.latency_hist).tolist()
+        for bound, count in zip(LATENCY_BUCKETS_MS.tolist() + ["+Inf"], cumulative):
+            le = bound if bound == "+Inf" else f"{bound:g}"
+            out.append(f'bbo_feed_latency_ms_bucket{{symbol="{s}",le="{le}"}} {count}')
+        out.append(f'bbo_feed_latency_ms_sum{{symbol="{s}"}} {h.latency_sum_ms}')
+        out.append(f'bbo_feed_latency_ms_count{{symbol="{s}"}} {cumulative[-1]}')
     metric("cache_updates", "gauge", "Raw updates held per symbol", ((f'{{symbol="{s}"}}', len(h.raw)) for s, h in hists))
     metric("cache_memory_bytes", "gauge", "Memory of the history rings per symbol",
            ((f'{{symbol="{s}"}}', h.raw.nbytes + h.bars.nbytes) for s, h in hists))
