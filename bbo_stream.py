@@ -61,7 +61,6 @@ import dataclasses
 import email.utils
 import enum
 import hashlib
-import io
 import ipaddress
 import json
 import logging
@@ -83,7 +82,7 @@ import time
 import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum, IntEnum
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -778,8 +777,10 @@ class ShardHealth:
         return ref is not None and now_ms - ref >= stale_s * 1000
 
     def closed(self, now_ms: int, reason: str, failure: bool, cfg: Config, rand01: float) -> float | None:
-        """The connection ended (or never opened).  Returns the delay before reconnecting,
-        or None when the feed must not reconnect (AUTO_RECONNECT=false)."""
+        """The connection ended (or never opened).  ``failure`` is False for the watchdog's
+        reconnect of a silent connection (state `stale`), which is not a failure (rotations
+        never close a shard: they hand over to a new connection).  Returns the delay before
+        reconnecting, or None when the feed must not reconnect (AUTO_RECONNECT=false)."""
         self.connected_since_ms = None
         self.first_data_ms = None
         if failure:
@@ -787,8 +788,8 @@ class ShardHealth:
         if not cfg.auto_reconnect:
             self._set(FeedState.STOPPED, now_ms, f"{reason}; AUTO_RECONNECT is off")
             return None
-        if not failure:  # watchdog and rotation reconnects are not failures
-            self._set(FeedState.STALE if "no data" in reason else FeedState.CONNECTING, now_ms, reason)
+        if not failure:  # the watchdog's reconnect of a silent connection
+            self._set(FeedState.STALE, now_ms, reason)
             delay = FEED_MIN_RECONNECT_S
         else:
             delay = backoff_delay_s(self.failures, cfg, rand01)
@@ -3093,7 +3094,7 @@ class CachePersistence:
             _fsync_dir(path.parent)
 
     def _commit(self, done: list[tuple]) -> None:
-        for state, kind, symbol, path, cols, after, segment in done:
+        for state, *_, after, _segment in done:
             if state is not None:
                 state.seq, state.journal_start, state.persisted = after
 
