@@ -1467,7 +1467,9 @@ def parse_request_head(raw_head: bytes, peer: str = "") -> HttpRequest:
     hosts = [v for k, v in headers if k == "host"]
     if version == "HTTP/1.1" and len(hosts) != 1:
         raise HttpError(400, "HTTP/1.1 requests need exactly one Host header")
-    if method not in ALLOWED_METHODS:
+    # Engine.IO answers every method under /socket.io/ itself, in its own format (the reference
+    # gives PUT without a sid `400 {"code":2,...}`); everywhere else only these four exist.
+    if method not in ALLOWED_METHODS and not target.startswith("/socket.io"):
         raise HttpError(405, f"method {method} not allowed", [("Allow", ", ".join(ALLOWED_METHODS))])
     if not target.startswith("/"):
         if target == "*" and method == "OPTIONS":
@@ -1655,8 +1657,7 @@ def handle_updates(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
     if not rows and not complete and hist.keep_bars:  # older than the raw ring: answer from the bars
         ba, bb = hist.bar_bounds(start, end)
         bars = hist.bars.take(max(ba, bb - limit), bb)
-        series = [{"time": int(t) * 1000, **{k: _finite(bars[k][i]) for k in BAR_COLUMNS if k != "time_s"}}
-                  for i, t in enumerate(bars["time_s"].tolist())]
+        series = [bar_json(bars, i) for i in range(len(bars["time_s"]))]
         body = json.dumps({"symbol": hist.symbol, "count": 0, "tier": "bars", "updates": [],
                            "bars": series, "barsCount": len(series)}, separators=(",", ":"))
         return HttpResponse(200, body.encode())
@@ -1670,6 +1671,20 @@ def handle_updates(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
 def _finite(value: Any) -> Any:
     value = value.item() if hasattr(value, "item") else value
     return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+def bar_json(bars: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+    """Row ``i`` of bar columns as a REST object (camelCase, like the series endpoint)."""
+    n = int(bars["lat_count"][i])
+    row: dict[str, Any] = {"time": int(bars["time_s"][i]) * 1000}
+    for side in ("bid", "ask"):
+        for part in ("first", "min", "max", "last"):
+            row[side + part.capitalize()] = _finite(bars[f"{side}_{part}"][i])
+    row.update(count=int(bars["count"][i]), latencyCount=n,
+               latencyMin=_finite(bars["lat_min"][i]) if n else None,
+               latencyMean=round(float(bars["lat_sum"][i]) / n, 3) if n else None,
+               latencyMax=_finite(bars["lat_max"][i]) if n else None)
+    return row
 
 
 def handle_latency(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
@@ -2635,8 +2650,9 @@ class BinanceFeed:
         last = max((s.last_data_ms for s in self.shards if s.last_data_ms is not None), default=None)
         age = None if last is None else now - last
         state, reason = best.state.value, best.reason
+        since = best.since_ms
         if state == FeedState.LIVE.value and age is not None and age >= self.stale_ms:
-            state, reason = FeedState.STALE.value, f"no data for {age // 1000} s"
+            state, reason, since = FeedState.STALE.value, f"no data for {age // 1000} s", last + self.stale_ms
         symbols = {}
         for symbol in self.cfg.symbols:
             hist = self.history.symbols[symbol]
@@ -2648,7 +2664,7 @@ class BinanceFeed:
         hists = [self.history.symbols[s] for s in self.cfg.symbols]
         return {
             "state": state, "reason": reason, "market": self.cfg.market,
-            "since": best.since_ms, "connectedSince": best.connected_since_ms,
+            "since": since, "connectedSince": best.connected_since_ms,
             "nextAttempt": best.next_attempt_ms if best.state in (FeedState.BACKOFF, FeedState.FAILED) else None,
             "lastMessageAge": age,
             "messages": sum(s.messages for s in self.shards),
@@ -3173,7 +3189,7 @@ class Hub:
     """
 
     def __init__(self) -> None:
-        self._conns: dict[EioConnection, None] = {}      # attached, in attach order
+        self._conns: dict[EioConnection, tuple[int, int]] = {}  # attached → (sent, skipped) at attach
         self._snapshot: tuple[EioConnection, ...] = ()   # `_conns` frozen for iteration
         self._batch: list[EioUpdate] = []                # published since the last flush
         self._flush_handle: asyncio.Handle | None = None  # the pending flush callback
@@ -3182,14 +3198,16 @@ class Hub:
         self._gone_skipped = 0                           # conflated updates of detached clients
 
     def attach(self, conn: EioConnection) -> None:
-        self._conns[conn] = None
-        self._snapshot = tuple(self._conns)
+        if conn not in self._conns:  # counters from here on: a client may leave "/" and rejoin
+            self._conns[conn] = (conn.session.outbox.sent, conn.session.outbox.skipped)
+            self._snapshot = tuple(self._conns)
 
     def detach(self, conn: EioConnection) -> None:
-        if self._conns.pop(conn, 0) is None:
+        base = self._conns.pop(conn, None)
+        if base is not None:
             self._snapshot = tuple(self._conns)
-            self._gone_sent += conn.session.outbox.sent
-            self._gone_skipped += conn.session.outbox.skipped
+            self._gone_sent += conn.session.outbox.sent - base[0]
+            self._gone_skipped += conn.session.outbox.skipped - base[1]
 
     def subscribe(self, conn: EioConnection, symbols: frozenset[str] | None, max_rate: float | None) -> None:
         """Set a client's symbol filter (None = all) and per-symbol rate (None = every update)."""
@@ -3222,10 +3240,10 @@ class Hub:
 
     def stats(self) -> dict[str, int]:
         """Counters: clients, published, delivered, skipped (conflated away for a slow client)."""
-        outboxes = [conn.session.outbox for conn in self._conns]
-        return {"clients": len(outboxes), "published": self.published,
-                "delivered": self._gone_sent + sum(outbox.sent for outbox in outboxes),
-                "skipped": self._gone_skipped + sum(outbox.skipped for outbox in outboxes)}
+        live = [(conn.session.outbox, base) for conn, base in self._conns.items()]
+        return {"clients": len(live), "published": self.published,
+                "delivered": self._gone_sent + sum(outbox.sent - base[0] for outbox, base in live),
+                "skipped": self._gone_skipped + sum(outbox.skipped - base[1] for outbox, base in live)}
 
     def metrics_samples(self) -> list[tuple[str, str, str, list[tuple[str, float]]]]:
         """(name, kind, help, [(labels, value)]) for the /metrics renderer (issue 5)."""
@@ -3254,13 +3272,15 @@ class BboApp:
         latest_bbos: returns the current Bbo of every symbol (for request_initial_data).
         feed_status: returns the feed status object (contract.md), sent on connect.
         now_ms: wall clock in ms for `pong` (injectable for tests).
+        symbols: the configured symbols (what "all symbols" means before each has sent data).
     """
 
     def __init__(self, sio: SioServer, hub: Hub, latest_bbos: Callable[[], Iterable[Bbo]],
                  feed_status: Callable[[], dict[str, Any]],
-                 now_ms: Callable[[], int] = now_ms) -> None:
+                 now_ms: Callable[[], int] = now_ms, symbols: Callable[[], Iterable[str]] = tuple) -> None:
         self.hub = hub
         self.latest_bbos = latest_bbos
+        self.symbols = symbols          # the configured symbols, including those not heard from yet
         self.feed_status = feed_status
         self.now_ms = now_ms
         sio.on_connect()(self.on_connect)
@@ -3324,7 +3344,7 @@ class BboApp:
         return self._subscription(sock)
 
     def _known_symbols(self) -> frozenset[str]:
-        return frozenset(bbo.symbol for bbo in self.latest_bbos())
+        return frozenset(self.symbols()) | {bbo.symbol for bbo in self.latest_bbos()}
 
     def _subscription(self, sock: SioSocket) -> dict[str, Any]:
         outbox = sock.conn.session.outbox
@@ -3868,6 +3888,10 @@ class EioServer:
         self.upgrades = 0                            # polling sessions moved to WebSocket
         self.slow_disconnects = 0                    # clients cut off for not reading
         self.refused_full = 0                        # handshakes refused by max_clients
+        # Told the outcome of requests that end without an HttpResponse for the HTTP layer to
+        # write: 101 (WebSocket accepted), websockets' own 4xx refusal, 499 (a parked GET
+        # whose client went away, nginx's "client closed request").  The HTTP layer counts them.
+        self.request_outcome: Callable[[HttpRequest, int], None] = lambda req, status: None
 
     def metrics_samples(self) -> list[tuple[str, str, str, list[tuple[str, float]]]]:
         """(name, kind, help, [(labels, value)]) for the /metrics renderer (issue 5)."""
@@ -3930,7 +3954,7 @@ class EioServer:
             return self._open_polling(req)
         conn = self.connections[sid]
         if req.method == "GET":
-            return await self._poll(conn, reader, writer)
+            return await self._poll(req, conn, reader, writer)
         if req.method == "POST":
             return self._post(conn, req, body)
         return HttpResponse(500, b"", content_type="")  # (ref: PUT with a sid -> 500, empty body)
@@ -4004,7 +4028,7 @@ class EioServer:
         return HttpResponse(200, conn.session.take_poll_payload().encode(), "text/plain; charset=UTF-8",
                             list(_POLL_HEADERS))
 
-    async def _poll(self, conn: EioConnection, reader: asyncio.StreamReader,
+    async def _poll(self, req: HttpRequest, conn: EioConnection, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> HttpResponse | None:
         actions = conn.session.begin_poll(self.now())
         if actions and actions[0][0] is Act.REJECT_POLL:
@@ -4015,6 +4039,7 @@ class EioServer:
         conn._apply(actions)
         if not waiter.done() and not await self._park(conn, waiter, reader):
             writer.close()
+            self.request_outcome(req, 499)
             return None
         return HttpResponse(200, waiter.result().encode(), "text/plain; charset=UTF-8", list(_POLL_HEADERS))
 
@@ -4092,9 +4117,13 @@ class EioServer:
         proto.receive_data(req.raw_head)
         events = proto.events_received()
         link = WsLink(proto, reader, writer)
+        status = 400  # a head websockets cannot parse: it queues a 400 itself
         if events and isinstance(events[0], WsRequest):
-            proto.send_response(proto.accept(events[0]))
-        link.write_pending()  # the 101, or websockets' own 4xx (a parse failure queues a 400 itself)
+            response = proto.accept(events[0])
+            proto.send_response(response)
+            status = response.status_code
+        link.write_pending()  # the 101, or websockets' own 4xx
+        self.request_outcome(req, status)
         if proto.state is not WsState.OPEN:
             link.finished()
             writer.close()
@@ -4367,6 +4396,10 @@ class HttpServer:
         self.port = 0
         self._accept_task: asyncio.Task | None = None
         self._trusted = [ipaddress.ip_network(n) for n in self.cfg.trusted_proxies]
+        app.eio.request_outcome = self._count_outcome
+
+    def _count_outcome(self, req: HttpRequest, status: int) -> None:
+        self.requests[(route_label(req.path), status)] += 1
 
     async def start(self) -> int:
         infos = socket.getaddrinfo(self.cfg.web_host or None, self.cfg.web_port, type=socket.SOCK_STREAM,
@@ -4517,8 +4550,7 @@ class HttpServer:
                 return
             keep_alive = wants_keep_alive(req)
             resp = await self.dispatch(req, body, reader, writer)
-            if resp is None:  # a WebSocket took the connection over
-                self.requests[(route_label(req.path), 101)] += 1
+            if resp is None:  # Engine.IO took the connection (and reported its outcome)
                 return
             await self._finish(writer, req, resp, keep_alive, started)
             if not keep_alive:
@@ -4610,7 +4642,7 @@ class App:
         self.eio = EioServer.from_config(cfg)               # Engine.IO endpoint (§16)
         self.sio = SioServer(self.eio)                       # Socket.IO on top of it (§15)
         self.bbo_app = BboApp(self.sio, self.hub, lambda: self.history.latest().values(),
-                              lambda: self.feed.status(now_ms()))
+                              lambda: self.feed.status(now_ms()), symbols=lambda: cfg.symbols)
         self.http: HttpServer | None = None
         self.stop_event = asyncio.Event()
         self.started_ms = now_ms()

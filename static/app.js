@@ -1851,8 +1851,8 @@ function renderHistTable() {
     const tr = document.createElement('tr');
     if (hist.kind === 'bars') {
       tr.dataset.time = r.time;
-      const bid = r.bid_last, ask = r.ask_last;
-      const lat = r.lat_count ? r.lat_sum / r.lat_count : null;
+      const bid = r.bidLast, ask = r.askLast;
+      const lat = r.latencyMean;
       const sp = bid != null && ask != null ? ask - bid : null;
       const tc = document.createElement('td');
       const dpart = document.createElement('span');
