@@ -4391,7 +4391,8 @@ class HttpServer:
         self.ssl_ctx = ssl_ctx
         self.static = StaticFiles(Path(__file__).resolve().parent / "static")
         self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
-        self.connections: set[asyncio.Task] = set()
+        self.connections: set[asyncio.Task] = set()   # one task per accepted socket
+        self.idle: set[asyncio.Task] = set()          # of those, the ones waiting for a next request
         self.sock: socket.socket | None = None
         self.port = 0
         self._accept_task: asyncio.Task | None = None
@@ -4520,8 +4521,14 @@ class HttpServer:
                                accepted_at: float) -> None:
         """The keep-alive request loop of one connection (accepted at loop time ``accepted_at``)."""
         deadline: float | None = accepted_at + HEAD_TIMEOUT_S
+        task = asyncio.current_task()
         while True:
-            raw_head = await self._read_head(reader, deadline, writer)
+            if deadline is None and task is not None:  # idle keep-alive: shutdown may end it at once
+                self.idle.add(task)
+            try:
+                raw_head = await self._read_head(reader, deadline, writer)
+            finally:
+                self.idle.discard(task)
             if raw_head is None:
                 return
             deadline = None
@@ -4718,6 +4725,8 @@ class App:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.eio.close_all(), SHUTDOWN_GRACE_S / 2)
         if self.http is not None and self.http.connections:
+            for task in list(self.http.idle):  # between requests: nothing is lost by ending them now
+                task.cancel()
             _, pending = await asyncio.wait(set(self.http.connections), timeout=SHUTDOWN_GRACE_S / 2)
             for task in pending:
                 task.cancel()
