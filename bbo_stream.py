@@ -2315,8 +2315,12 @@ class EioSession:
         actions: list[Action] = []
         ping_at = self.next_ping_at
         if ping_at is not None and now >= ping_at:
-            # Timed from when the ping was due, not from this (possibly late) look at the clock.
-            self.next_ping_at, self.pong_deadline = None, ping_at + self.ping_timeout_s
+            # The client gets the whole pingTimeout from when the ping can go out (engine.io starts
+            # the timer on send): a late tick after an event-loop stall must not drop every client.
+            # A polling client with no GET parked is timed from when the ping was due, so a client
+            # that stopped polling is still closed within pingInterval + pingTimeout.
+            sent_at = now if self.can_transmit() else ping_at
+            self.next_ping_at, self.pong_deadline = None, sent_at + self.ping_timeout_s
             self._ping_refreshed = False
             if not self.outbox.push_control(encode_eio(EioType.PING)):
                 return self._abort("outbox overflow", "1")

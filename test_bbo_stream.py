@@ -1,40 +1,55 @@
-"""Tests for bbo_stream.py, in the module's section order (§1 … §16), then end-to-end tests.
+"""Tests for bbo_stream.py, in the module's section order (§1 … §20), then end-to-end tests.
 
 Run::
 
     cd /work/main && python -m pytest -q -x test_bbo_stream.py -p no:cacheprovider
 
-§1-§7 and most of §12 are unit tests: no sockets, no clock.  From §11 on, tests open sockets
-on 127.0.0.1 with ephemeral ports: the real server (``App`` with WEB_PORT=0, in the test's
-event loop) against ``FakeBinance`` (fake_binance.py, same loop).  The SIGTERM and kill -9
-tests run ``python bbo_stream.py`` as a subprocess.  No pytest-asyncio: every async test body
-goes through ``run(coro, timeout)``, so a hang fails fast instead of blocking the suite.
+§1-§10 and most of §12 are unit tests: no sockets, no clock (§10's session machines get a fake
+clock).  From §11 on, tests open sockets on 127.0.0.1 with ephemeral ports: the real server
+(``App`` with WEB_PORT=0) against ``FakeBinance`` (fake_binance.py).  ``serving`` runs the App
+in the test's event loop; ``LiveServer`` runs the same thing on a loop in a thread, for blocking
+clients (raw sockets, python-socketio's Client and AsyncClient, node's socket.io-client).  The
+SIGTERM and kill -9 tests run ``python bbo_stream.py`` as a subprocess.  No pytest-asyncio: every
+async test body goes through ``run(coro, timeout)``, so a hang fails fast instead of blocking.
 
 Waiting: the in-process server is observed through ``Events`` (every accepted update, every
-feed status change and every log record wakes the waiters), the fake through its own change
-event; ``poll_until`` is only used where nothing can be awaited (files on disk, a subprocess).
+feed status change, every Engine.IO session opening or closing, every Socket.IO client joining
+or leaving the hub and every log record wake the waiters), the fake through its own change event, other threads (client callbacks, subprocess
+output) through ``Inbox``'s condition variable; ``poll_until``/``apoll_until`` are only used
+where nothing can be awaited (files on disk, a subprocess, a parked GET, connection tasks).
+
+Interop needs python-socketio (requirements-dev.txt) and, for the JavaScript tests, node with
+socket.io-client 4.x in ./node_modules (``npm ci``); those tests skip, saying why, without them.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email.utils
 import gc
+import inspect
 import json
 import logging
 import os
 import re
+import resource
+import shutil
 import signal
+import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
-from typing import Any, Awaitable, Callable, NamedTuple
+from typing import Any, Awaitable, Callable, NamedTuple, Self
 
 import numpy as np
 import pytest
+import socketio
 
 import bbo_stream as bs
 from fake_binance import FakeBinance
@@ -236,6 +251,7 @@ class Events(logging.Handler):
         self.thread = threading.get_ident()
         self.updates: list[bs.Bbo] = []
         self.statuses: list[dict] = []
+        self.closes: list[tuple[str, str]] = []        # (Engine.IO sid, reason) of every session that ended
         self.records: list[logging.LogRecord] = []
         self._waiters: list[asyncio.Event] = []
 
@@ -327,6 +343,29 @@ async def serving(cfg: bs.Config):
             events.poke()
 
         app.feed.on_update, app.feed.on_status = on_update, on_status
+        inner_open, inner_close = app.sio.on_open, app.sio.on_close   # the EioServer's handler hooks
+
+        def on_open(conn: bs.EioConnection) -> None:
+            inner_open(conn)
+            events.poke()
+
+        def on_close(conn: bs.EioConnection, reason: str) -> None:
+            inner_close(conn, reason)
+            events.closes.append((conn.sid, reason))
+            events.poke()
+
+        app.sio.on_open, app.sio.on_close = on_open, on_close  # type: ignore[method-assign]
+        inner_attach, inner_detach = app.hub.attach, app.hub.detach   # Socket.IO clients joining/leaving "/"
+
+        def attach(conn: bs.EioConnection) -> None:
+            inner_attach(conn)
+            events.poke()
+
+        def detach(conn: bs.EioConnection) -> None:
+            inner_detach(conn)
+            events.poke()
+
+        app.hub.attach, app.hub.detach = attach, detach  # type: ignore[method-assign]
         task = asyncio.create_task(app.run(), name="app")
         task.add_done_callback(lambda _: events.poke())
         await events.wait_for(lambda: app.port or task.done(), what="the server to listen")
@@ -449,6 +488,441 @@ def disk_update_ids(sym_dir: Path) -> list[int]:
         return []
     return [u for path in sorted(sym_dir.glob("raw-*.json*")) if not path.name.endswith(".tmp")
             for u in disk_update_ids_of(path)]
+
+
+# -- Engine.IO / Socket.IO: the real App fed by FakeBinance ---------------------------------
+
+class Fed(NamedTuple):
+    """The real App (``serving``) and the fake exchange feeding it, on one event loop."""
+    fake: FakeBinance
+    srv: Server
+
+    async def send(self, symbol: str, bid: str, bid_qty: str, ask: str, ask_qty: str, **kw: Any) -> dict:
+        """One bookTicker from the fake exchange; returns its payload once the App accepted it."""
+        n = len(self.srv.events.updates)
+        payload = self.fake.send_bbo(symbol, bid, bid_qty, ask, ask_qty, **kw)
+        await self.srv.wait_updates(n + 1)
+        return payload
+
+    async def send_many(self, sends: list[tuple[str, str, str, str, str]]) -> list[dict]:
+        """Several bookTickers back to back (no wait in between); their payloads once all were accepted."""
+        n = len(self.srv.events.updates)
+        payloads = [self.fake.send_bbo(*args) for args in sends]
+        await self.srv.wait_updates(n + len(payloads))
+        return payloads
+
+
+@contextlib.asynccontextmanager
+async def fed_app(tmp_path: Path, symbols: tuple[str, ...] = ("BTCUSDT",), **overrides: Any):
+    """FakeBinance plus ``App`` subscribed to ``symbols`` on it, in the running loop."""
+    async with (FakeBinance("futures") as fake,
+                serving(make_cfg(tmp_path, fake.base_url, symbol=",".join(symbols), **overrides)) as srv):
+        for symbol in symbols:
+            await fake.wait_for_subscribed(symbol.lower())
+        yield Fed(fake, srv)
+
+
+def expected_update(payload: dict, update: dict) -> dict:
+    """The `bbo_update` a client must get for a fake bookTicker ``payload``: every exchange
+    field exact (prices and quantities as the same strings, E, T, u), the keys in BBO_KEYS order,
+    and backendLatency = serverTimestamp - E.  serverTimestamp is the server's own: taken from
+    ``update`` after checking it is plausible."""
+    received = update["serverTimestamp"]
+    assert isinstance(received, int) and abs(received - payload["E"]) < 5000, update
+    return {"symbol": payload["s"], "bidPrice": payload["b"], "bidQty": payload["B"], "askPrice": payload["a"],
+            "askQty": payload["A"], "timestamp": payload["E"], "serverTimestamp": received,
+            "backendLatency": received - payload["E"], "updateId": payload["u"], "transactionTime": payload["T"]}
+
+
+def assert_update_is(update: dict, payload: dict) -> None:
+    assert update == expected_update(payload, update)
+    assert tuple(update) == bs.BBO_KEYS
+
+
+class Inbox:
+    """What other threads saw (client callbacks, a subprocess's output lines), awaited with a
+    deadline on a condition variable: nothing sleeps."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Any]] = []
+        self._cond = threading.Condition()
+
+    def put(self, kind: str, data: Any = None) -> None:
+        with self._cond:
+            self.items.append((kind, data))
+            self._cond.notify_all()
+
+    def handler(self, kind: str) -> Callable[..., None]:
+        """A callback recording its argument (several: as a tuple) under ``kind``."""
+        return lambda *args: self.put(kind, args[0] if len(args) == 1 else args)
+
+    def of(self, kind: str) -> list[Any]:
+        with self._cond:
+            return [data for k, data in self.items if k == kind]
+
+    def wait(self, predicate: Callable[[], Any], timeout: float = 5.0, what: str = "a condition") -> None:
+        with self._cond:
+            if not self._cond.wait_for(predicate, timeout):
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}; last seen: {self.items[-8:]}")
+
+    def nth(self, kind: str, n: int = 1, timeout: float = 5.0) -> Any:
+        """The n-th (1-based) item of ``kind``, waiting for it."""
+        self.wait(lambda: len(self.of(kind)) >= n, timeout, f"{kind!r} #{n}")
+        return self.of(kind)[n - 1]
+
+
+class LiveServer:
+    """``fed_app`` on an event loop in a thread, for blocking clients: python-socketio's sync
+    Client, node, raw sockets.  ``call`` runs a function or coroutine function on that loop;
+    ``wait`` awaits a server-side condition there (woken by ``serving``'s Events: updates, feed
+    status, log records, Engine.IO sessions opening and closing, clients joining/leaving the hub).  Raw clients made through
+    ``raw``/``raw_ws``/``joined_ws`` are closed before the App stops, so shutdown never waits on
+    them.  The App's own end-of-run checks (exit code 0, no unhandled exception) fail the test."""
+
+    def __init__(self, tmp_path: Path, symbols: tuple[str, ...] = ("BTCUSDT",), **overrides: Any) -> None:
+        self._args = (tmp_path, symbols, overrides)
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="live-server", daemon=True)
+        self._clients: list[Any] = []
+        self.error: BaseException | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        if not self._started.wait(TEST_TIMEOUT_S) or self.error is not None:
+            raise AssertionError(f"the live server did not start: {self.error!r}")
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        for client in reversed(self._clients):
+            with contextlib.suppress(Exception):
+                client.close()
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(TEST_TIMEOUT_S)
+        if exc_type is None:
+            assert not self._thread.is_alive(), "the live server did not stop"
+            if self.error is not None:
+                raise self.error
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+            self.error = exc
+        finally:
+            self._started.set()
+
+    async def _main(self) -> None:
+        tmp_path, symbols, overrides = self._args
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with fed_app(tmp_path, symbols, **overrides) as fed:
+            self.fed = fed
+            self._started.set()
+            await self._stop.wait()
+
+    # -- the server side, run on its loop ---------------------------------------------------
+    @property
+    def app(self) -> bs.App:
+        return self.fed.srv.app
+
+    @property
+    def port(self) -> int:
+        return self.fed.srv.port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 5.0, **kwargs: Any) -> Any:
+        async def go() -> Any:
+            result = fn(*args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(timeout)
+
+    def wait(self, predicate: Callable[[], Any], what: str, timeout: float = 5.0) -> None:
+        """Await ``predicate`` (evaluated on the server's loop)."""
+        self.call(self.fed.srv.events.wait_for, predicate, timeout, what, timeout=timeout + 1)
+
+    def send(self, symbol: str, bid: str, bid_qty: str, ask: str, ask_qty: str, **kw: Any) -> dict:
+        return self.call(self.fed.send, symbol, bid, bid_qty, ask, ask_qty, **kw)
+
+    def sessions(self) -> int:
+        return self.call(lambda: len(self.app.eio.connections))
+
+    def wait_sessions(self, n: int, timeout: float = 5.0) -> None:
+        self.wait(lambda: len(self.app.eio.connections) == n, f"{n} Engine.IO session(s)", timeout)
+
+    def get(self, target: str, *headers: str, method: str = "GET") -> Resp:
+        return self.call(self.fed.srv.get, target, *headers, method=method)
+
+    def get_json(self, target: str) -> Any:
+        return self.call(self.fed.srv.get_json, target)
+
+    def metric(self, name: str) -> float:
+        """One sample of /metrics, e.g. ``bbo_eio_sessions{transport="websocket"}``."""
+        text = self.get("/metrics").body.decode()
+        found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+        assert found, f"{name} not in /metrics"
+        return float(found.group(1))
+
+    # -- clients, closed before the App stops -----------------------------------------------
+    def keep(self, client: Any) -> Any:
+        self._clients.append(client)
+        return client
+
+    def raw(self) -> Raw:
+        return self.keep(Raw(self.port))
+
+    def raw_ws(self, query: str = "EIO=4&transport=websocket", rcvbuf: int | None = None) -> RawWs:
+        return self.keep(RawWs(self.port, query, rcvbuf))
+
+    def joined_ws(self, rcvbuf: int | None = None) -> RawWs:
+        """A raw WebSocket client that joined "/": open packet, CONNECT answer read; the
+        connect handler's welcome and feed_status are left unread."""
+        client = self.raw_ws(rcvbuf=rcvbuf)
+        assert client.recv_text().startswith('0{"sid":')
+        client.send_text("40")
+        assert client.recv_text().startswith('40{"sid":')
+        return client
+
+    def polling_handshake(self) -> tuple[str, Raw]:
+        raw = self.raw()
+        status, headers, body = raw.request("GET", eio_path())
+        assert status == 200 and headers["content-type"] == "text/plain; charset=UTF-8", (status, body)
+        return json.loads(body[1:])["sid"], raw
+
+    def wait_parked(self, sid: str) -> None:
+        """Until the session's GET is parked.  Nothing announces it, so this polls the session."""
+        def parked() -> bool:
+            conn = self.app.eio.connections.get(sid)
+            return conn is not None and conn.session.poll_parked
+        assert self.call(apoll_until, parked, 3.0, 0.002), f"the GET of {sid} was not parked"
+
+
+def eio_path(sid: str | None = None, transport: str = "polling", eio: str = "4") -> str:
+    return f"/socket.io/?EIO={eio}&transport={transport}" + (f"&sid={sid}" if sid else "")
+
+
+class Raw:
+    """A blocking HTTP/1.1 client connection: exact bytes on the wire, keep-alive."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.buf = b""
+
+    def send(self, method: str, target: str, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()) -> None:
+        head = f"{method} {target} HTTP/1.1\r\nHost: localhost\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers)
+        if body or method == "POST":
+            head += f"Content-Length: {len(body)}\r\n"
+        self.sock.sendall(head.encode() + b"\r\n" + body)
+
+    def response(self, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers by lower-case name, body); fails on a repeated header."""
+        self.sock.settimeout(timeout)
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        headers: dict[str, str] = {}
+        for name, _, value in (line.partition(":") for line in lines[1:]):
+            assert name.lower() not in headers, f"{name} twice"
+            headers[name.lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(self.buf) < length:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed inside a body")
+            self.buf += chunk
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return int(lines[0].split()[1]), headers, body
+
+    def request(self, method: str, target: str, body: bytes = b"", **kw: Any) -> tuple[int, dict[str, str], bytes]:
+        self.send(method, target, body, **kw)
+        return self.response()
+
+    def at_eof(self, timeout: float = 5.0) -> bool:
+        """True when the server closed the connection (nothing more to read)."""
+        self.sock.settimeout(timeout)
+        try:
+            return self.buf == b"" and self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def reset(self) -> None:
+        """Abort: RST instead of FIN (SO_LINGER 0)."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RawWs:
+    """A hand-driven WebSocket client socket on /socket.io/: it reads only when told to."""
+
+    def __init__(self, port: int, query: str = "EIO=4&transport=websocket", rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(5)
+        self.sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /socket.io/?{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("closed during the handshake")
+            self.buf += chunk
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+
+    def send_text(self, text: str) -> None:
+        payload, mask = text.encode(), os.urandom(4)
+        n = len(payload)
+        head = bytes((0x81, 0x80 | n)) if n < 126 else bytes((0x81, 0xFE)) + n.to_bytes(2, "big")
+        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def recv_frame(self, timeout: float = 5.0) -> tuple[int, bytes]:
+        self.sock.settimeout(timeout)
+
+        def need(count: int) -> None:
+            while len(self.buf) < count:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("eof")
+                self.buf += chunk
+        need(2)
+        length, offset = self.buf[1] & 0x7F, 2
+        if length == 126:
+            need(4)
+            length, offset = int.from_bytes(self.buf[2:4], "big"), 4
+        elif length == 127:
+            need(10)
+            length, offset = int.from_bytes(self.buf[2:10], "big"), 10
+        need(offset + length)
+        opcode, payload = self.buf[0] & 0x0F, self.buf[offset:offset + length]
+        self.buf = self.buf[offset + length:]
+        return opcode, payload
+
+    def recv_text(self, timeout: float = 5.0) -> str:
+        opcode, payload = self.recv_frame(timeout)
+        assert opcode == 1, (opcode, payload)
+        return payload.decode()
+
+    def recv_until(self, prefix: str, timeout: float = 5.0) -> str:
+        """Skip messages up to the first that starts with ``prefix``."""
+        while not (text := self.recv_text(timeout)).startswith(prefix):
+            pass
+        return text
+
+    def recv_close(self, timeout: float = 5.0) -> bytes:
+        """Skip messages up to the close frame; its payload (b"" = no status, read as 1005)."""
+        while (frame := self.recv_frame(timeout))[0] != 8:
+            pass
+        return frame[1]
+
+    def reset(self) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def ws_connect(port: int, query: str, scheme: str = "ws") -> Any:
+    """websockets' sync client on /socket.io/ (use as a context manager)."""
+    from websockets.sync.client import connect
+    return connect(f"{scheme}://127.0.0.1:{port}/socket.io/?{query}", open_timeout=3, max_size=None)
+
+
+def ws_recv_all(ws: Any, timeout: float = 0.3) -> list[Any]:
+    """Every message until ``timeout`` passes without one, or ("closed", code) at the end."""
+    from websockets.exceptions import ConnectionClosed
+    out: list[Any] = []
+    try:
+        while True:
+            out.append(ws.recv(timeout=timeout))
+    except TimeoutError:
+        pass
+    except ConnectionClosed as exc:
+        out.append(("closed", exc.rcvd.code if exc.rcvd else None))
+    return out
+
+
+# -- Socket.IO clients: python-socketio and node's socket.io-client ------------------------
+
+TRANSPORTS = {"websocket": ["websocket"], "polling": ["polling"], "upgrade": ["polling", "websocket"]}
+DESIGN = HERE.parent / "shared" / "docs" / "original-design.md"
+JS_CLIENT = HERE / "node_modules" / "socket.io-client"
+NODE = shutil.which("node")
+_JS_REASON = ("node not on PATH" if NODE is None else
+              f"socket.io-client not installed in {JS_CLIENT.parent} (run `npm ci`)"
+              if not (JS_CLIENT / "package.json").exists() else "")
+needs_node = pytest.mark.skipif(bool(_JS_REASON), reason=_JS_REASON or "-")
+
+
+def design_example(language: str) -> str:
+    """The code block of original-design.md's "Connection Example (<language>)"."""
+    if not DESIGN.exists():
+        pytest.skip(f"{DESIGN} not found (shared/ is beside the repository)")
+    text = DESIGN.read_text()
+    start = text.index("```" + language.lower(), text.index(f"### Connection Example ({language})"))
+    start = text.index("\n", start) + 1
+    return text[start:text.index("```", start)]
+
+
+class OutputReader:
+    """A subprocess whose output lines land in an Inbox (kind "line"; a JSON line {"ev", "d"} also
+    as ``d`` under kind ``ev``), so a test waits for a line with a deadline, not on readline."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+        self.inbox = Inbox()
+        self.proc = subprocess.Popen(argv, cwd=str(cwd), env={**os.environ, **(env or {})}, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.inbox.put("line", line)
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    item = json.loads(line)
+                    self.inbox.put(item.get("ev", "?"), item.get("d"))
+        self.inbox.put("eof")
+
+    def lines(self) -> list[str]:
+        return self.inbox.of("line")
+
+    def wait_line(self, pattern: str, timeout: float = 10.0) -> re.Match:
+        def found() -> re.Match | None:
+            return next((m for line in self.lines() if (m := re.search(pattern, line))), None)
+        self.inbox.wait(lambda: found() or self.inbox.of("eof"), timeout, f"a line matching {pattern!r}")
+        match = found()
+        assert match, f"exited before printing {pattern!r}:\n" + "\n".join(self.lines())
+        return match
+
+    def command(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        self._reader.join(5)
 
 
 # ---- §1 Imports, version, limits ----------------------------------------------------------
@@ -619,6 +1093,9 @@ def test_bbo_json_has_the_public_keys_in_order():
                     f'"askQty":"0.250","timestamp":{T0 - 5},"serverTimestamp":{T0},"backendLatency":5,'
                     f'"updateId":7,"transactionTime":{T0 - 6}}}')
     assert tuple(json.loads(text)) == bs.BBO_KEYS
+    spot = bs.bbo_json(make_bbo(8, T0, None, bid_qty="1.5"))  # no E or T on spot: nulls, not 0
+    assert spot.endswith(f'"bidQty":"1.5","askPrice":"28750.20","askQty":"0.250","timestamp":{T0},'
+                         f'"serverTimestamp":{T0},"backendLatency":null,"updateId":8,"transactionTime":null}}')
 
 
 def _ticker(**changes: Any) -> str:
@@ -1002,9 +1479,10 @@ def test_one_second_bars_first_min_max_last_and_tier_bars_when_older_than_the_ra
         bids = [float(b.bid_price) for b in rows]
         asks = [float(b.ask_price) for b in rows]
         lats = [b.latency_ms for b in rows]
-        assert (bar["bid_first"], bar["bid_min"], bar["bid_max"], bar["bid_last"]) == (bids[0], min(bids), max(bids), bids[-1])
-        assert (bar["ask_first"], bar["ask_min"], bar["ask_max"], bar["ask_last"]) == (asks[0], min(asks), max(asks), asks[-1])
-        assert (bar["count"], bar["lat_min"], bar["lat_max"]) == (10, min(lats), max(lats))
+        assert (bar["bidFirst"], bar["bidMin"], bar["bidMax"], bar["bidLast"]) == (bids[0], min(bids), max(bids), bids[-1])
+        assert (bar["askFirst"], bar["askMin"], bar["askMax"], bar["askLast"]) == (asks[0], min(asks), max(asks), asks[-1])
+        assert (bar["count"], bar["latencyCount"], bar["latencyMin"], bar["latencyMax"]) == (10, 10, min(lats), max(lats))
+        assert bar["latencyMean"] == pytest.approx(sum(lats) / 10, abs=0.001)
     _, lat = api_json(ctx, f"/api/history/latency?symbol=BTCUSDT&start_time={start}&end_time={end}")
     lats = [b.latency_ms for b in sent[:30]]
     assert (lat["tier"], lat["approximate"], lat["count"]) == ("bars", True, 30)
@@ -1012,7 +1490,7 @@ def test_one_second_bars_first_min_max_last_and_tier_bars_when_older_than_the_ra
     assert lat["mean"] == pytest.approx(sum(lats) / 30, abs=0.001)
     _, series = api_json(ctx, f"/api/history/series?symbol=BTCUSDT&start_time={start}&end_time={end}&buckets=3")
     assert series["tier"] == "bars" and series["count"] == [10, 10, 10]
-    assert series["bidFirst"] == [bar["bid_first"] for bar in bars]
+    assert series["bidFirst"] == [bar["bidFirst"] for bar in bars]
     # the newest second is still in the raw ring: answered raw, exact rows
     _, raw = api_json(ctx, f"/api/history/updates?symbol=BTCUSDT&start_time={(base_s + 4) * 1000}")
     assert raw["tier"] == "raw" and raw["updates"] == [row_of(b) for b in sent[40:]]
@@ -1308,8 +1786,412 @@ def test_healthz_always_200_and_readyz_only_when_live():
     assert status == 200 and body["status"] == "ready"
 
 
-# ---- §8-§10 Engine.IO / Socket.IO codecs and sessions ----------------------------------------
-# Placeholders in bbo_stream.py; their tests come with them.
+# ---- §8 Engine.IO v4 codec -------------------------------------------------------------------
+# Pure: golden strings as node's engine.io-parser writes them.
+
+def test_eio_encode_golden():
+    assert bs.encode_eio(bs.EioType.MESSAGE, "hello") == "4hello"
+    assert bs.encode_eio(bs.EioType.PING) == "2"
+    assert bs.encode_eio(bs.EioType.PONG, "probe") == "3probe"
+    assert bs.encode_eio_binary(b"\x01\x02\x03\x04") == "bAQIDBA=="
+    assert bs.encode_eio_payload(["4hello", "2", "4world"]) == "4hello\x1e2\x1e4world"
+
+
+def test_eio_decode_golden():
+    assert bs.decode_eio("4hello") == bs.EioPacket(bs.EioType.MESSAGE, "hello")
+    assert bs.decode_eio("2probe") == bs.EioPacket(bs.EioType.PING, "probe")
+    assert bs.decode_eio("6") == bs.EioPacket(bs.EioType.NOOP, "")
+    assert bs.decode_eio("bAQIDBA==") == bs.EioPacket(bs.EioType.MESSAGE, b"\x01\x02\x03\x04")
+    assert list(bs.iter_eio_payload("4hello\x1e2\x1e4world")) == [
+        bs.EioPacket(bs.EioType.MESSAGE, "hello"), bs.EioPacket(bs.EioType.PING, ""), bs.EioPacket(bs.EioType.MESSAGE, "world")]
+
+
+@pytest.mark.parametrize("text", ["", "9", "x", "b!!notbase64"])
+def test_eio_decode_rejects(text):
+    with pytest.raises(bs.EioProtocolError):
+        bs.decode_eio(text)
+
+
+def test_eio_payload_yields_packets_before_the_bad_one():
+    got = []
+    with pytest.raises(bs.EioProtocolError):
+        for pkt in bs.iter_eio_payload("4a\x1e4b\x1e9\x1e4c"):
+            got.append(pkt.data)
+    assert got == ["a", "b"]
+
+
+# ---- §9 Socket.IO v5 codec -------------------------------------------------------------------
+# Pure: golden strings as node's socket.io-parser writes them, and the reference's quirks.
+
+SIO_GOLDEN = [
+    ("0", bs.SioPacket(bs.SioType.CONNECT)),
+    ('0/admin,{"token":"x"}', bs.SioPacket(bs.SioType.CONNECT, "/admin", {"token": "x"})),
+    ('0{"sid":"abc"}', bs.SioPacket(bs.SioType.CONNECT, data={"sid": "abc"})),
+    ("1", bs.SioPacket(bs.SioType.DISCONNECT)),
+    ("1/admin,", bs.SioPacket(bs.SioType.DISCONNECT, "/admin")),
+    ('2["bbo_update",{"a":1}]', bs.SioPacket(bs.SioType.EVENT, data=["bbo_update", {"a": 1}])),
+    ('212["ping"]', bs.SioPacket(bs.SioType.EVENT, data=["ping"], ack_id=12)),
+    ('312[{"time":1}]', bs.SioPacket(bs.SioType.ACK, data=[{"time": 1}], ack_id=12)),
+    ('4/admin,{"message":"Invalid namespace"}', bs.SioPacket(bs.SioType.CONNECT_ERROR, "/admin", {"message": "Invalid namespace"})),
+    ('51-["e",{"_placeholder":true,"num":0}]',
+     bs.SioPacket(bs.SioType.BINARY_EVENT, data=["e", {"_placeholder": True, "num": 0}], attachments=1)),
+    ('61-/admin,3[{"_placeholder":true,"num":0}]',
+     bs.SioPacket(bs.SioType.BINARY_ACK, "/admin", [{"_placeholder": True, "num": 0}], 3, 1)),
+    ('2["caf\u00e9"]', bs.SioPacket(bs.SioType.EVENT, data=["caf\u00e9"])),
+]
+
+
+@pytest.mark.parametrize(("text", "pkt"), SIO_GOLDEN)
+def test_sio_golden_round_trip(text, pkt):
+    assert bs.decode_sio(text) == pkt
+    assert bs.encode_sio(pkt) == text
+
+
+def test_sio_decode_quirks_like_the_reference():
+    assert bs.decode_sio("0/admin") == bs.SioPacket(bs.SioType.CONNECT, "/admin")  # no comma needed at the end
+    assert bs.decode_sio("2") == bs.SioPacket(bs.SioType.EVENT)                      # valid, does nothing
+    assert bs.decode_sio("2[1,2]").data == [1, 2]                              # numeric event names decode
+    assert bs.decode_sio('2["echo",1]  ').data == ["echo", 1]                  # trailing blanks, as JSON.parse
+    assert bs.decode_sio("3").ack_id is None
+
+
+@pytest.mark.parametrize("text", [
+    "", "7", "a", "2{}", '2["x"', "2[]", "2[null]", "2[true]", '2["disconnect"]', '2["newListener"]',
+    "1{}", "0[1]", '0"x"', "3{}", '2["x",NaN]', '2["x"]x', "51[\"e\"]", "50-[\"e\"]", "511-[\"e\"]",
+    "5-[\"e\"]", "5a-[\"e\"]", "2" + "1" * 16 + '["x"]', "0/" + "a" * 300 + ",", "2" + "[" * 5000,
+])
+def test_sio_decode_rejects(text):
+    with pytest.raises(bs.SioProtocolError):
+        bs.decode_sio(text)
+
+
+def test_sio_ack_id_cap_is_inclusive():
+    assert bs.decode_sio("2" + "9" * 15 + '["x"]').ack_id == 10**15 - 1
+
+
+def test_sio_decoder_reassembles_attachments():
+    dec = bs.SioDecoder()
+    assert dec.feed('52-["up",{"a":{"_placeholder":true,"num":0}},{"_placeholder":true,"num":1}]') is None
+    assert dec.feed(b"\x01") is None
+    pkt = dec.feed(b"\x02\x03")
+    assert pkt == bs.SioPacket(bs.SioType.EVENT, data=["up", {"a": b"\x01"}, b"\x02\x03"])
+    assert dec.feed('2["after"]').data == ["after"]
+
+
+@pytest.mark.parametrize("sequence", [
+    [b"\x00"],                                                    # binary nobody announced
+    ['51-["e",{"_placeholder":true,"num":0}]', '2["x"]'],         # text while reassembling
+    ['51-["e",{"_placeholder":true,"num":3}]', b"\x00"],          # placeholder out of range
+])
+def test_sio_decoder_rejects(sequence):
+    dec = bs.SioDecoder()
+    with pytest.raises(bs.SioProtocolError):
+        for item in sequence:
+            dec.feed(item)
+
+
+def test_sio_deconstruct():
+    data, buffers = bs.sio_deconstruct(["e", {"x": b"ab"}, b"c"])
+    assert data == ["e", {"x": {"_placeholder": True, "num": 0}}, {"_placeholder": True, "num": 1}]
+    assert buffers == [b"ab", b"c"]
+
+
+# ---- §10 Sessions (Engine.IO and Socket.IO state machines) ----------------------------------
+# Pure: the session machines driven with a fake clock (seconds); their Actions are asserted.
+
+class FakeClock:
+    """Monotonic seconds under the test's control."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+def eio_update(key: str, n: int = 0) -> bs.EioUpdate:
+    text = f'42["bbo_update",{{"symbol":"{key}","n":{n}}}]'
+    return bs.EioUpdate(key, text, bs.encode_ws_frame(text.encode()))
+
+
+def new_session(websocket: bool = False, now: float = 0.0, interval: float = 25.0,
+                timeout: float = 20.0) -> bs.EioSession:
+    return bs.EioSession("SID", websocket=websocket, now=now, ping_interval_s=interval,
+                         ping_timeout_s=timeout, max_payload_bytes=1_000_000)
+
+
+def kinds(actions: list[tuple[bs.Act, Any]]) -> list[bs.Act]:
+    return [kind for kind, _ in actions]
+
+
+OPEN_POLLING = '0{"sid":"SID","upgrades":["websocket"],"pingInterval":25000,"pingTimeout":20000,"maxPayload":1000000}'
+OPEN_WS = '0{"sid":"SID","upgrades":[],"pingInterval":25000,"pingTimeout":20000,"maxPayload":1000000}'
+
+def test_session_handshake_polling_and_websocket():
+    s = new_session()
+    assert kinds(s.begin_poll(0.0)) == [bs.Act.FLUSH]
+    assert s.take_poll_payload() == OPEN_POLLING
+    ws = new_session(websocket=True)
+    assert ws.outbox.take_control() == [OPEN_WS]
+    assert ws.transport == "websocket" and s.transport == "polling"
+
+
+def test_session_ping_timeline_on_polling():
+    clock = FakeClock()
+    s = new_session(now=clock.now, interval=25.0, timeout=20.0)
+    s.begin_poll(clock.now), s.take_poll_payload()
+    assert s.begin_poll(clock.advance(1.0)) == []        # parks: nothing to say yet
+    assert s.next_deadline() == 25.0
+    assert s.tick(clock.advance(23.999)) == []
+    assert kinds(s.tick(clock.advance(0.001))) == [bs.Act.FLUSH]  # the ping answers the parked GET
+    assert s.take_poll_payload() == "2"
+    assert s.pong_deadline == 45.0 and s.next_ping_at is None
+    assert s.receive_post("3", clock.advance(5.0)) == []
+    assert s.pong_deadline is None and s.next_ping_at == 55.0  # the interval restarts at the pong
+    assert s.tick(clock.advance(24.0)) == []
+    assert kinds(s.tick(clock.advance(1.0))) == []       # ping queued; no GET parked to carry it
+    assert list(s.outbox.control) == ["2"]
+
+
+def test_session_ping_timeout_closes_and_answers_parked_get():
+    s = new_session()
+    s.begin_poll(0.0), s.take_poll_payload()
+    s.tick(25.0)                                   # ping queued, nobody polls
+    assert s.begin_poll(30.0) == [(bs.Act.FLUSH, None)] and s.take_poll_payload() == "2"
+    assert s.begin_poll(31.0) == []
+    assert s.tick(44.9) == []
+    actions = s.tick(45.0)
+    assert kinds(actions) == [bs.Act.FLUSH, bs.Act.CLOSE] and actions[1][1] == "ping timeout"
+    assert s.take_poll_payload() == "1" and s.state is bs.EioState.CLOSED
+
+
+def test_session_deadline_counts_from_handshake_without_any_request():
+    s = new_session()
+    s.begin_poll(0.0), s.take_poll_payload()
+    # No timer ran and the client never came back: the first look, at t=45, finds it expired.
+    assert kinds(s.tick(45.0)) == [bs.Act.CLOSE]
+    assert s.state is bs.EioState.CLOSED and s.close_reason == "ping timeout"
+
+
+def test_session_any_packet_extends_the_pong_deadline_once():
+    s = new_session(websocket=True)
+    s.tick(25.0)
+    assert s.pong_deadline == 45.0
+    assert kinds(s.receive_packet(bs.EioPacket(bs.EioType.MESSAGE, "x"), 40.0)) == [bs.Act.DELIVER]
+    assert s.pong_deadline == 60.0
+    s.receive_packet(bs.EioPacket(bs.EioType.MESSAGE, "x"), 50.0)
+    assert s.pong_deadline == 60.0                  # only once per ping
+    assert kinds(s.tick(60.0)) == [bs.Act.CLOSE]
+
+
+def test_session_a_late_ping_still_gives_the_client_the_whole_ping_timeout():
+    # engine.io arms pingTimeout when it sends the ping.  If the server's loop could not run
+    # when the ping was due (a GC pause, a slow disk, a CPU-starved container), a ping written
+    # at t=50 must still leave the client 20 s, not disconnect it on the spot.
+    s = new_session(websocket=True)
+    s.outbox.take_control()
+    assert kinds(s.tick(50.0)) == [bs.Act.FLUSH]          # due at 25; the first chance to run is 50
+    assert s.outbox.take_control() == ["2"] and not s.closed
+    assert s.receive_packet(bs.EioPacket(bs.EioType.PONG), 60.0) == [] and not s.closed
+    parked = new_session()                                 # polling with a GET parked: the ping answers it now
+    parked.begin_poll(0.0), parked.take_poll_payload()
+    parked.begin_poll(1.0)
+    assert kinds(parked.tick(50.0)) == [bs.Act.FLUSH] and parked.take_poll_payload() == "2"
+    assert parked.receive_post("3", 60.0) == [] and not parked.closed
+
+
+def test_session_websocket_ping_and_pong():
+    s = new_session(websocket=True)
+    s.outbox.take_control()
+    assert kinds(s.tick(25.0)) == [bs.Act.FLUSH]
+    assert s.outbox.take_control() == ["2"]
+    assert s.receive_packet(bs.EioPacket(bs.EioType.PONG), 26.0) == []
+    assert s.next_deadline() == 51.0
+
+
+def test_session_duplicate_get_closes_session():
+    s = new_session()
+    s.begin_poll(0.0), s.take_poll_payload()
+    assert s.begin_poll(1.0) == []
+    actions = s.begin_poll(1.5)
+    assert kinds(actions) == [bs.Act.REJECT_POLL, bs.Act.FLUSH, bs.Act.CLOSE]
+    assert actions[2][1] == "overlap from client"
+    assert s.take_poll_payload() == "1" and s.state is bs.EioState.CLOSED
+
+
+def test_session_post_messages_and_bad_packet():
+    s = new_session()
+    s.begin_poll(0.0), s.take_poll_payload()
+    actions = s.receive_post("4a\x1e4b\x1e9\x1e4c", 1.0)
+    assert actions == [(bs.Act.DELIVER, "a"), (bs.Act.DELIVER, "b"), (bs.Act.CLOSE, "parse error")]
+    assert s.state is bs.EioState.CLOSED
+
+
+def test_session_client_close_answers_parked_get_with_noop():
+    s = new_session()
+    s.begin_poll(0.0), s.take_poll_payload()
+    s.begin_poll(1.0)
+    assert kinds(s.receive_post("1", 2.0)) == [bs.Act.FLUSH, bs.Act.CLOSE]
+    assert s.take_poll_payload() == "6"
+
+
+def test_session_client_ping_is_invalid_heartbeat_direction():
+    s = new_session(websocket=True)
+    assert kinds(s.receive_packet(bs.EioPacket(bs.EioType.PING), 1.0)) == [bs.Act.CLOSE]
+
+
+def test_session_server_close_polling_waits_for_next_get():
+    s = new_session()
+    s.begin_poll(0.0), s.take_poll_payload()
+    s.send("42[\"bye\"]")
+    assert kinds(s.close("forced close", 1.0)) == [bs.Act.CLOSE]
+    assert s.state is bs.EioState.CLOSING
+    assert kinds(s.begin_poll(2.0)) == [bs.Act.FLUSH]
+    assert s.take_poll_payload() == '42["bye"]\x1e1' and s.state is bs.EioState.CLOSED
+    s2 = new_session()
+    s2.begin_poll(0.0), s2.take_poll_payload()
+    s2.close("forced close", 1.0)
+    s2.begin_poll(2.0)
+    assert s2.take_poll_payload() == "6\x1e1"       # what the reference answers
+    s3 = new_session()
+    s3.begin_poll(0.0), s3.take_poll_payload()
+    s3.close("forced close", 1.0)
+    assert s3.tick(1.0 + bs.EIO_POLL_CLOSE_TIMEOUT_S) == [] and s3.state is bs.EioState.CLOSED
+
+
+def test_session_server_close_with_parked_get():
+    s = new_session()
+    s.begin_poll(0.0), s.take_poll_payload()
+    s.begin_poll(1.0)
+    s.send("42[\"bye\"]")
+    assert s.take_poll_payload() == '42["bye"]'
+    s.begin_poll(1.5)
+    assert kinds(s.close("forced close", 2.0)) == [bs.Act.FLUSH, bs.Act.CLOSE]
+    assert s.take_poll_payload() == "1"
+
+
+def test_session_upgrade_sequence():
+    s = new_session()
+    s.begin_poll(0.0), s.take_poll_payload()
+    s.send("42[\"queued\"]")
+    s.begin_poll(0.5)                                 # answered at once with the queued event
+    assert s.take_poll_payload() == '42["queued"]'
+    assert s.begin_poll(1.0) == []                    # parked
+    assert s.begin_upgrade(1.1) and s.state is bs.EioState.PROBING
+    assert not s.begin_upgrade(1.2)                   # a second WebSocket is refused
+    assert s.transport == "polling"
+    actions = s.receive_probe_packet(bs.EioPacket(bs.EioType.PING, "probe"), 1.3)
+    assert kinds(actions) == [bs.Act.PROBE_PONG, bs.Act.FLUSH] and s.state is bs.EioState.UPGRADING
+    assert s.take_poll_payload() == "6"               # the parked GET is released with a noop
+    assert kinds(s.begin_poll(1.4)) == [bs.Act.FLUSH]    # while upgrading a GET never parks
+    assert s.take_poll_payload() == "6"
+    s.send("42[\"after\"]")                           # no GET parked: waits for the WebSocket
+    assert kinds(s.receive_probe_packet(bs.EioPacket(bs.EioType.UPGRADE), 1.5)) == [bs.Act.UPGRADED]
+    assert s.state is bs.EioState.WEBSOCKET and s.transport == "websocket"
+    assert s.outbox.take_control() == ['42["after"]']
+
+
+def test_session_upgrade_timeout_and_bad_probe():
+    s = new_session()
+    s.begin_poll(0.0), s.take_poll_payload()
+    s.begin_upgrade(1.0)
+    assert kinds(s.tick(1.0 + bs.EIO_UPGRADE_TIMEOUT_S)) == [bs.Act.CLOSE_PROBE]
+    assert s.state is bs.EioState.POLLING
+    s.begin_upgrade(12.0)
+    assert kinds(s.receive_probe_packet(bs.EioPacket(bs.EioType.MESSAGE, "x"), 12.1)) == [bs.Act.CLOSE_PROBE]
+    assert s.state is bs.EioState.POLLING
+
+
+def test_session_outbox_overflow_disconnects():
+    s = new_session(websocket=True)
+    big = "4" + "x" * 1000
+    actions: list[tuple[bs.Act, Any]] = []
+    for _ in range(bs.OUTBOX_MAX_CONTROL_BYTES // len(big) + 1):
+        actions = s.send(big)
+    assert kinds(actions) == [bs.Act.CLOSE] and actions[0][1] == "outbox overflow"
+    assert not s.outbox.has_data()
+
+
+# -- the outbox: order, conflation, bounds, subscription, rate
+
+
+def test_outbox_keeps_order_then_compacts_to_newest_per_symbol():
+    ob = bs.EioOutbox()
+    for n in range(3):
+        ob.push_update(eio_update("BTC", n), 0.0)
+        ob.push_update(eio_update("ETH", n), 0.0)
+    assert [(u.key, u.text[-3]) for u in ob.updates] == [
+        ("BTC", "0"), ("ETH", "0"), ("BTC", "1"), ("ETH", "1"), ("BTC", "2"), ("ETH", "2")]
+    taken = ob.take_updates(conflate=True)
+    assert [u.text for u in taken] == [eio_update("BTC", 2).text, eio_update("ETH", 2).text]
+    assert ob.skipped == 4 and ob.sent == 2 and not ob.updates
+
+
+def test_outbox_update_bytes_are_bounded():
+    ob = bs.EioOutbox()
+    for n in range(10_000):
+        ob.push_update(eio_update(f"S{n % 5}", n), 0.0)
+    assert ob.update_bytes <= bs.OUTBOX_MAX_UPDATE_BYTES
+    newest = {u.key: u for u in ob.take_updates(conflate=True)}
+    assert newest["S4"].text == eio_update("S4", 9999).text
+
+
+def test_outbox_max_rate_conflates_to_newest():
+    ob = bs.EioOutbox()
+    ob.set_subscription(None, 10)                    # 10 per second per symbol
+    assert ob.push_update(eio_update("BTC", 1), 0.00)
+    assert not ob.push_update(eio_update("BTC", 2), 0.03)
+    assert not ob.push_update(eio_update("BTC", 3), 0.06)
+    assert ob.push_update(eio_update("ETH", 1), 0.06)    # other symbols have their own clock
+    assert ob.next_due_at() == pytest.approx(0.1)
+    assert not ob.release_due(0.09)
+    assert ob.release_due(0.1)
+    assert [u.text for u in ob.take_updates(conflate=False)] == [
+        eio_update("BTC", 1).text, eio_update("ETH", 1).text, eio_update("BTC", 3).text]
+    assert ob.skipped == 1
+
+
+def test_outbox_subscription_filters_and_feed_status_always_passes():
+    ob = bs.EioOutbox()
+    ob.set_subscription(frozenset({"BTC"}), None)
+    assert ob.push_update(eio_update("BTC"), 0.0)
+    assert not ob.push_update(eio_update("ETH"), 0.0)
+    assert ob.push_update(eio_update(bs.FEED_STATUS_KEY), 0.0)
+    ob.set_subscription(frozenset({"ETH"}), None)   # pending BTC dropped
+    assert [u.key for u in ob.updates] == [bs.FEED_STATUS_KEY]
+
+
+def test_session_max_rate_via_tick():
+    s = new_session(websocket=True)
+    s.outbox.take_control()
+    s.outbox.set_subscription(None, 2)
+    assert kinds(s.push_updates([eio_update("BTC", 1), eio_update("BTC", 2)], 0.0)) == [bs.Act.FLUSH]
+    assert [u.text for u in s.outbox.take_updates(False)] == [eio_update("BTC", 1).text]
+    assert s.next_deadline() == 0.5
+    assert kinds(s.tick(0.5)) == [bs.Act.FLUSH]
+    assert [u.text for u in s.outbox.take_updates(False)] == [eio_update("BTC", 2).text]
+
+
+# -- Socket.IO client state
+
+
+def test_sio_client_state_rules_and_connect_timeout():
+    c = bs.SioClientState(now=0.0, connect_timeout_s=45.0)
+    with pytest.raises(bs.SioProtocolError):
+        c.receive('2["x"]')                            # event before CONNECT
+    c2 = bs.SioClientState(now=0.0, connect_timeout_s=45.0)
+    assert c2.receive("0").kind is bs.SioType.CONNECT
+    assert not c2.connect_expired(44.0) and c2.connect_expired(45.0)
+    c2.joined("/", object())
+    assert not c2.connect_expired(100.0)
+    with pytest.raises(bs.SioProtocolError):
+        c2.receive("0")                                # second CONNECT to the same namespace
+    assert c2.receive('2["x"]').data == ["x"]
+    with pytest.raises(bs.SioProtocolError):
+        c2.receive('4{"message":"x"}')                 # CONNECT_ERROR never comes from a client
+    with pytest.raises(bs.SioProtocolError):
+        c2.receive('2/other,["x"]')                    # namespace not joined
 
 
 # ---- §11 Binance feed ------------------------------------------------------------------------
@@ -1910,11 +2792,711 @@ def test_atomic_write_replaces_the_whole_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
-# ---- §13 Fan-out hub and transports ------------------------------------------------------------
-# Placeholder in bbo_stream.py; its tests come with it.
+# ---- §13 Fan-out hub ---------------------------------------------------------------------------
+# The hub alone with stand-in connections, then the real App fed by FakeBinance (LiveServer).
+
+def test_hub_encodes_each_update_once_and_hands_every_client_the_same_bytes():
+    class Conn:  # what the hub uses of an EioConnection
+        def __init__(self) -> None:
+            self.session = types.SimpleNamespace(outbox=bs.EioOutbox())
+            self.batches: list[tuple[list, bytes]] = []
+
+        def deliver(self, batch: list, joined: bytes, now: float) -> None:
+            self.batches.append((batch, joined))
+
+    async def scenario() -> None:
+        hub, a, b = bs.Hub(), Conn(), Conn()
+        hub.attach(a)  # type: ignore[arg-type]  # a stand-in: what the hub uses of a connection
+        hub.attach(b)  # type: ignore[arg-type]
+        btc, eth = make_bbo(1), make_bbo(2, symbol="ETHUSDT")
+        hub.publish(btc)
+        hub.publish(eth)
+        hub.publish_feed_status({"state": "live"})
+        assert a.batches == [] and b.batches == []          # delivered once per loop pass, not per publish
+        await asyncio.sleep(0)
+        [(batch, joined)] = a.batches
+        assert b.batches == [(batch, joined)] and b.batches[0][0] is batch and b.batches[0][1] is joined
+        texts = ['42["bbo_update",' + bs.bbo_json(btc) + "]", '42["bbo_update",' + bs.bbo_json(eth) + "]",
+                 '42["feed_status",{"state":"live"}]']
+        assert [(u.key, u.text) for u in batch] == list(zip(["BTCUSDT", "ETHUSDT", bs.FEED_STATUS_KEY], texts))
+        assert [u.frame for u in batch] == [bs.encode_ws_frame(t.encode()) for t in texts]
+        assert joined == b"".join(u.frame for u in batch)
+        hub.detach(b)  # type: ignore[arg-type]
+        hub.publish(make_bbo(3))
+        await asyncio.sleep(0)
+        assert len(a.batches) == 2 and len(b.batches) == 1
+        assert hub.stats() == {"clients": 1, "published": 4, "delivered": 0, "skipped": 0}
+    run(scenario())
 
 
-# ---- §14 HTTP connection handler ----------------------------------------------------------------
+def test_a_polling_client_gets_the_updates_sent_meanwhile_in_one_response(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        srv.send("btcusdt", "28750.00", "1.500", "28750.20", "0.250")  # the feed is live: no status change later
+        sid, raw = srv.polling_handshake()
+        raw.request("POST", eio_path(sid), b"40")
+        raw.request("GET", eio_path(sid))                    # CONNECT answer, welcome, feed_status
+        sent = srv.call(srv.fed.send_many, [("btcusdt", f"28750.1{n}", "1.500", "28750.20", "0.250") for n in range(5)])
+        _, _, body = raw.request("GET", eio_path(sid))
+        packets = body.decode().split("\x1e")
+        assert [p[:16] for p in packets] == ['42["bbo_update",'] * 5
+        for packet, payload in zip(packets, sent, strict=True):
+            assert_update_is(json.loads(packet[2:])[1], payload)
+
+
+def test_hub_counters_in_metrics_count_each_delivery_once(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")        # before anyone listens: delivered to nobody
+        ws = srv.joined_ws()
+        srv.send("btcusdt", "1.01", "1", "1.10", "1")
+        ws.recv_until('42["bbo_update"')
+        assert srv.metric("bbo_sio_clients") == 1 and srv.metric("bbo_sio_deliveries_total") == 1
+        ws.send_text("41")                                   # leave "/" and join again: the same client
+        ws.send_text("40")
+        ws.recv_until('40{"sid":')
+        srv.send("btcusdt", "1.02", "1", "1.10", "1")
+        ws.recv_until('42["bbo_update"')
+        assert srv.metric("bbo_sio_deliveries_total") == 2, "2 updates written to the one client"
+        ws.close()
+        srv.wait_sessions(0)
+        assert srv.metric("bbo_sio_clients") == 0
+        assert srv.metric("bbo_sio_deliveries_total") == 2, "2 updates written to the one client"
+
+
+# ---- §14 The BBO application (Socket.IO handlers) ----------------------------------------------
+# Raw WebSocket clients against the real App fed by FakeBinance: the exact packets.
+
+def test_connect_answer_then_welcome_then_the_feed_status(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        ws = srv.raw_ws()
+        ws.recv_text()
+        ws.send_text("40")
+        assert re.fullmatch(r'40\{"sid":"[\w-]{20}"\}', ws.recv_text())
+        assert ws.recv_text() == '42["welcome",{"message":"Welcome to BBO Stream"}]'
+        status = ws.recv_text()
+        assert status.startswith('42["feed_status",{"state":"live","reason":null,')
+        feed = json.loads(status[2:])[1]
+        health = srv.get_json("/healthz")["feed"]
+        for changing in ("lastMessageAge",):
+            feed.pop(changing), health.pop(changing)
+        assert feed == health
+
+
+def test_request_initial_data_sends_the_current_bbo_of_every_symbol(tmp_path):
+    with LiveServer(tmp_path, ("BTCUSDT", "ETHUSDT", "BNBUSDT")) as srv:
+        srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
+        btc = srv.send("btcusdt", "28750.00", "0.018", "28750.30", "0.00000000")
+        eth = srv.send("ethusdt", "2000.01", "3", "2000.02", "10.0")      # BNB has sent nothing yet
+        ws = srv.joined_ws()
+        ws.recv_until('42["feed_status"')
+        ws.send_text('427["request_initial_data"]')
+        got = [json.loads(ws.recv_text()[2:]) for _ in range(2)]
+        assert [event for event, _ in got] == ["bbo_update", "bbo_update"]
+        updates = {u["symbol"]: u for _, u in got}
+        assert set(updates) == {"BTCUSDT", "ETHUSDT"}
+        assert_update_is(updates["BTCUSDT"], btc)
+        assert_update_is(updates["ETHUSDT"], eth)
+        assert ws.recv_text() == "437[]"
+        rows = srv.get_json("/api/history/updates?symbol=BTCUSDT")["updates"]
+        assert updates["BTCUSDT"] == rows[-1]                # the REST row of the same update
+
+
+def test_ping_answers_pong_and_the_ack_with_the_server_time_and_ready_is_harmless(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        ws = srv.joined_ws()
+        ws.recv_until('42["feed_status"')
+        ws.send_text('42["ready"]')
+        ws.send_text('423["ready",{"x":1}]')
+        assert ws.recv_text() == "433[]"
+        before = bs.now_ms()
+        ws.send_text('42["ping"]')
+        pong = ws.recv_text()
+        ws.send_text('4212["ping",{"client":1}]')
+        pong2, ack = ws.recv_text(), ws.recv_text()
+        assert re.fullmatch(r'42\["pong",\{"time":\d{13}\}\]', pong)
+        assert pong2.startswith('42["pong",{"time":') and ack == "4312[" + pong2[len('42["pong",'):]
+        assert before <= json.loads(ack[4:])[0]["time"] <= bs.now_ms()
+
+
+def test_subscribe_and_unsubscribe_answer_the_subscription_in_the_ack(tmp_path):
+    with LiveServer(tmp_path, ("BTCUSDT", "ETHUSDT", "BNBUSDT")) as srv:
+        for symbol in ("btcusdt", "ethusdt", "bnbusdt"):
+            srv.send(symbol, "1.00", "1", "1.10", "1")
+        ws = srv.joined_ws()
+        cases = [
+            ('["unsubscribe",{"symbols":["BNBUSDT"]}]', {"symbols": ["BTCUSDT", "ETHUSDT"], "maxRate": None}),
+            ('["subscribe",{"symbols":["bnbusdt"],"maxRate":2.5}]',
+             {"symbols": ["BNBUSDT", "BTCUSDT", "ETHUSDT"], "maxRate": 2.5}),
+            ('["subscribe",{}]', {"symbols": ["BNBUSDT", "BTCUSDT", "ETHUSDT"], "maxRate": None}),
+            ('["subscribe",{"maxRate":0}]', {"error": "maxRate must be a number in (0, 1000]"}),
+            ('["subscribe",{"maxRate":true}]', {"error": "maxRate must be a number in (0, 1000]"}),
+            ('["subscribe",{"symbols":"BTCUSDT"}]', {"error": "symbols must be a list of at most 1000 names"}),
+            ('["subscribe",{"symbols":[""]}]', {"error": "each symbol must be a non-empty string"}),
+            ('["subscribe",[1]]', {"error": "subscribe expects an object"}),
+            ('["unsubscribe"]', {"error": "unsubscribe expects an object"}),
+            ('["unsubscribe",{"symbols":["BTCUSDT","ETHUSDT","BNBUSDT"]}]', {"symbols": [], "maxRate": None}),
+        ]
+        for n, (event, expected) in enumerate(cases):
+            ws.send_text(f"42{n}{event}")
+            answer = ws.recv_until(f"43{n}[")
+            assert json.loads(answer[2 + len(str(n)):]) == [expected], event
+        srv.send("btcusdt", "1.01", "1", "1.10", "1")        # subscribed to nothing now
+        ws.send_text('42["subscribe",{"symbols":["ETHUSDT"]}]')
+        eth = srv.send("ethusdt", "1.01", "1", "1.10", "1")
+        assert_update_is(json.loads(ws.recv_until("42[")[2:])[1], eth)   # not the BTC update before it
+
+
+def test_unsubscribing_one_symbol_keeps_the_configured_symbols_that_have_not_sent_yet(tmp_path):
+    # Default subscription = all symbols.  Unsubscribing BTCUSDT must leave ETHUSDT, even if
+    # ETHUSDT has not had an update yet when the client unsubscribes.
+    with LiveServer(tmp_path, ("BTCUSDT", "ETHUSDT")) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        ws = srv.joined_ws()
+        ws.send_text('421["unsubscribe",{"symbols":["BTCUSDT"]}]')
+        assert json.loads(ws.recv_until("431[")[3:]) == [{"symbols": ["ETHUSDT"], "maxRate": None}]
+        srv.send("btcusdt", "1.01", "1", "1.10", "1")
+        eth = srv.send("ethusdt", "2.00", "1", "2.10", "1")
+        ws.send_text('422["ping"]')
+        got = []
+        while not (text := ws.recv_text()).startswith("432["):
+            got.append(text)
+        assert [json.loads(t[2:])[1]["updateId"] for t in got if t.startswith('42["bbo_update"')] == [eth["u"]]
+
+
+def test_max_rate_gives_the_newest_update_at_that_rate(tmp_path):
+    with LiveServer(tmp_path, ("BTCUSDT", "ETHUSDT")) as srv:
+        srv.send("btcusdt", "1.000", "1", "2", "1")
+        ws = srv.joined_ws()
+        ws.recv_until('42["feed_status"')
+        ws.send_text('421["subscribe",{"symbols":["BTCUSDT"],"maxRate":10}]')
+        assert ws.recv_text() == '431[{"symbols":["BTCUSDT"],"maxRate":10}]'
+
+        async def feed() -> None:                            # 100 updates of each symbol over ~0.5 s
+            for n in range(1, 101):
+                srv.fed.fake.send_bbo("btcusdt", f"1.{n:03d}", "1", "2", "1")
+                srv.fed.fake.send_bbo("ethusdt", f"1.{n:03d}", "1", "2", "1")
+                await asyncio.sleep(0.005)                   # pacing the exchange, not waiting for anything
+            await srv.fed.srv.wait_updates(201)
+        started = time.monotonic()
+        srv.call(feed)
+        got = []
+        while True:
+            text = ws.recv_text()
+            got.append(json.loads(text[2:])[1])
+            if got[-1]["updateId"] == 101:
+                break
+        elapsed = time.monotonic() - started
+        assert {u["symbol"] for u in got} == {"BTCUSDT"}
+        ids = [u["updateId"] for u in got]
+        assert ids == sorted(ids) and ids[0] == 2          # the first at once, the newest at the end
+        assert len(ids) <= elapsed * 10 + 1.5, (ids, elapsed)  # at most 10 per second
+        assert len(ids) >= 4                                  # ~0.5 s at 10/s: not starved either
+
+
+def test_feed_status_is_sent_whenever_the_feed_state_changes(tmp_path, fast_feed):
+    with LiveServer(tmp_path) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        ws = srv.joined_ws()
+        states = [json.loads(ws.recv_until('42["feed_status"')[2:])[1]["state"]]
+        srv.call(srv.fed.fake.drop_all)                      # the exchange drops the connection
+        while states[-1] != "connecting":
+            states.append(json.loads(ws.recv_until('42["feed_status"')[2:])[1]["state"])
+        srv.call(srv.fed.fake.wait_for_subscribed, "btcusdt")
+        srv.send("btcusdt", "1.01", "1", "1.10", "1")
+        ws.recv_until('42["bbo_update"')
+        states.append(json.loads(ws.recv_until('42["feed_status"')[2:])[1]["state"])
+        assert states == ["live", "backoff", "connecting", "live"]
+
+
+def test_a_frozen_feed_is_announced_as_stale_then_live_again(tmp_path, fast_feed):
+    with LiveServer(tmp_path, feed_stale_seconds=1.0) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        ws = srv.joined_ws()
+        assert json.loads(ws.recv_until('42["feed_status"')[2:])[1]["state"] == "live"
+        srv.call(srv.fed.fake.stall)                         # connected, but no data any more
+        started = time.monotonic()
+        stale = json.loads(ws.recv_until('42["feed_status"')[2:])[1]
+        assert stale["state"] == "stale" and stale["reason"] and 0.9 < time.monotonic() - started < 3
+
+        async def revive() -> None:
+            """Resume the exchange and send until an update gets through (the watchdog may be
+            between two connections: a send to no subscriber is lost, as on Binance)."""
+            fake, events = srv.fed.fake, srv.fed.srv.events
+            fake.resume()
+            accepted = len(events.updates)
+            for n in range(50):
+                await fake.wait_for_subscribed("btcusdt")
+                fake.send_bbo("btcusdt", f"2.{n:02d}", "1", "2.10", "1")
+                with contextlib.suppress(AssertionError):
+                    await events.wait_for(lambda: len(events.updates) > accepted, 0.2, "an update")
+                    return
+        srv.call(revive)
+        while (status := json.loads(ws.recv_until('42["feed_status"')[2:])[1])["state"] != "live":
+            pass
+        assert status["reason"] is None
+
+
+# ---- §15 Socket.IO server -----------------------------------------------------------------------
+# The real App with extra handlers on its SioServer, and the layered API standing alone.
+
+def add_test_handlers(sio: bs.SioServer, seen: Inbox) -> None:
+    """Handlers a test adds to the App's "/" namespace: echo (event and ack), and ask (an
+    event with an ack the client must answer)."""
+    @sio.on("echo")
+    def echo(sock: bs.SioSocket, *args: Any) -> Any:
+        sock.emit("echo", *args)
+        return args
+
+    @sio.on("ask")
+    def ask(sock: bs.SioSocket, *args: Any) -> None:
+        sock.emit("question", 42, callback=seen.handler("answer"))
+
+
+def test_unknown_namespace_gets_connect_error_and_the_connection_stays(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        sid, raw = srv.polling_handshake()
+        raw.request("POST", eio_path(sid), b'40/admin,{"token":"x"}')
+        assert raw.request("GET", eio_path(sid))[2] == b'44/admin,{"message":"Invalid namespace"}'
+        raw.request("POST", eio_path(sid), b"40")
+        assert raw.request("GET", eio_path(sid))[2].startswith(b'40{"sid":')
+
+
+def test_an_invalid_socketio_packet_over_polling_closes_with_noop_then_close(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        sid, raw = srv.polling_handshake()
+        assert raw.request("POST", eio_path(sid), b"4abc")[2] == b"ok"
+        assert raw.request("GET", eio_path(sid))[2] == b"6\x1e1"
+        assert raw.request("GET", eio_path(sid))[2] == b'{"code":1,"message":"Session ID unknown"}'
+        srv.wait_sessions(0)
+
+
+def test_binary_event_over_polling_round_trips_as_base64(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        srv.call(add_test_handlers, srv.app.sio, Inbox())
+        sid, raw = srv.polling_handshake()
+        raw.request("POST", eio_path(sid), b"40")
+        raw.request("GET", eio_path(sid))
+        body = '451-5["echo",{"_placeholder":true,"num":0}]\x1eb' + base64.b64encode(b"\x00\x01\xff").decode()
+        raw.request("POST", eio_path(sid), body.encode())
+        _, _, answer = raw.request("GET", eio_path(sid))
+        assert answer == (b'451-["echo",{"_placeholder":true,"num":0}]\x1ebAAH/'
+                          b'\x1e461-5[{"_placeholder":true,"num":0}]\x1ebAAH/')
+
+
+def test_binary_attachment_over_websocket_round_trips_and_unannounced_binary_closes(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        srv.call(add_test_handlers, srv.app.sio, Inbox())
+        with ws_connect(srv.port, "EIO=4&transport=websocket") as ws:
+            ws.recv(timeout=2)
+            ws.send("40")
+            ws_recv_all(ws, 0.1)
+            ws.send('451-["echo",{"_placeholder":true,"num":0}]')
+            ws.send(b"\x01\x02")
+            assert ws_recv_all(ws) == ['451-["echo",{"_placeholder":true,"num":0}]', b"\x01\x02"]
+            ws.send(b"\x00")                                 # binary nobody announced
+            assert ws_recv_all(ws)[-1] == ("closed", 1005)
+        srv.wait_sessions(0)
+
+
+def test_server_to_client_ack_round_trip(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        seen = Inbox()
+        srv.call(add_test_handlers, srv.app.sio, seen)
+        ws = srv.joined_ws()
+        ws.recv_until('42["feed_status"')
+        ws.send_text('42["ask"]')
+        assert ws.recv_text() == '420["question",42]'
+        ws.send_text('430["yes",{"n":1}]')
+        ws.send_text('430["again"]')                          # an ack nobody waits for is ignored
+        assert seen.nth("answer") == ("yes", {"n": 1})
+        ws.send_text('42["ping"]')
+        ws.recv_until('42["pong"')
+        assert seen.of("answer") == [("yes", {"n": 1})]
+
+
+def test_leaving_the_namespace_keeps_the_engineio_connection_and_stops_updates(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        ws = srv.joined_ws()
+        ws.recv_until('42["feed_status"')
+        ws.send_text("41")
+        srv.wait(lambda: srv.app.hub.stats()["clients"] == 0, "the client to leave the hub")
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")        # not for a client that left
+        ws.send_text("40")                                   # joins again on the same connection
+        assert ws.recv_text().startswith('40{"sid":')
+        assert ws.recv_text().startswith('42["welcome"')
+        assert srv.sessions() == 1
+        update = srv.send("btcusdt", "1.01", "1", "1.10", "1")
+        assert_update_is(json.loads(ws.recv_until('42["bbo_update"')[2:])[1], update)
+
+
+def test_a_refused_connect_is_connect_error_and_the_connection_stays(tmp_path):
+    def refuse_private(sio: bs.SioServer) -> None:
+        @sio.on_connect("/private")
+        def refuse(sock: bs.SioSocket, auth: Any) -> None:
+            raise bs.SioConnectRefused("not authorized", {"why": "token"})
+
+    with LiveServer(tmp_path) as srv:
+        srv.call(refuse_private, srv.app.sio)
+        ws = srv.raw_ws()
+        ws.recv_text()
+        ws.send_text('40/private,{"token":"x"}')
+        assert ws.recv_text() == '44/private,{"message":"not authorized","data":{"why":"token"}}'
+        ws.send_text("40")
+        assert ws.recv_text().startswith('40{"sid":')
+
+
+def test_connect_timeout_closes_clients_that_never_join(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        srv.call(setattr, srv.app.sio, "connect_timeout_s", 0.2)
+        idle = srv.raw_ws()
+        started = time.monotonic()
+        assert idle.recv_text().startswith("0{")
+        joined = srv.joined_ws()
+        assert idle.recv_close() == b""                      # an empty close frame (1005)
+        assert 0.15 < time.monotonic() - started < 1.0
+        srv.wait_sessions(1)
+        assert [reason for _, reason in srv.fed.srv.events.closes] == ["connect timeout"]
+        joined.send_text('42["ping"]')
+        joined.recv_until('42["pong"')
+
+
+def test_the_engineio_and_socketio_servers_stand_alone_with_their_own_handlers(tmp_path):
+    """The layered API without the BBO app: an echo server on a namespace of its own, behind
+    the real HttpServer (which needs of an App only its config and its EioServer)."""
+    left: asyncio.Queue[str] = asyncio.Queue()
+
+    def setup(sio: bs.SioServer) -> None:
+        @sio.on_connect("/echo")
+        def joined(sock: bs.SioSocket, auth: Any) -> None:
+            sock.emit("hello", auth)                         # goes out after the CONNECT answer
+
+        @sio.on("echo", namespace="/echo")
+        def echo(sock: bs.SioSocket, *args: Any) -> Any:
+            return args                                       # a tuple: the ack's arguments
+
+        @sio.on_disconnect("/echo")
+        def gone(sock: bs.SioSocket, reason: str) -> None:
+            left.put_nowait(reason)
+
+        @sio.on_connect("/private")
+        def refuse(sock: bs.SioSocket, auth: Any) -> None:
+            if auth.get("token") != "secret":
+                raise bs.SioConnectRefused("not authorized")
+
+    async def scenario() -> None:
+        eio = bs.EioServer(ping_interval_ms=25000, ping_timeout_ms=20000)
+        setup(bs.SioServer(eio))
+        http = bs.HttpServer(types.SimpleNamespace(cfg=make_cfg(tmp_path), eio=eio), None)  # type: ignore[arg-type]
+        port = await http.start()
+        try:
+            for transports in (["websocket"], ["polling"]):
+                client = socketio.AsyncClient(reconnection=False)
+                hello: asyncio.Queue[Any] = asyncio.Queue()
+                client.on("hello", hello.put_nowait, namespace="/echo")
+                await client.connect(f"http://127.0.0.1:{port}", namespaces=["/echo"], auth={"user": "ann"},
+                                     transports=transports, wait_timeout=5)
+                assert await hello.get() == {"user": "ann"}
+                assert await client.call("echo", ("text", b"\x00\x01bin", {"n": 1}), namespace="/echo", timeout=5) == (
+                    "text", b"\x00\x01bin", {"n": 1})
+                await client.disconnect()
+                # python-socketio queues `41/echo,` then closes the transport without waiting
+                # for its writer, so over WebSocket the server may see the close first.
+                assert await left.get() in ("client namespace disconnect", "transport close")
+                refused = socketio.AsyncClient(reconnection=False)
+                why: list[Any] = []
+                refused.on("connect_error", why.append, namespace="/private")
+                with pytest.raises(socketio.exceptions.ConnectionError, match="/private"):
+                    await refused.connect(f"http://127.0.0.1:{port}", namespaces=["/private"],
+                                          auth={"token": "guess"}, transports=transports, wait_timeout=5)
+                assert why == [{"message": "not authorized"}]
+                await refused.disconnect()
+        finally:
+            await http.close()
+            await eio.close_all()
+            await asyncio.wait_for(asyncio.gather(*http.connections, return_exceptions=True), 5)
+    run(scenario())
+
+
+# ---- §16 Engine.IO server ---------------------------------------------------------------------
+# Raw bytes on the wire; each expectation was captured from node engine.io 6.6 / socket.io 4.8.
+
+ENGINEIO_ERRORS = [
+    ("GET", "/socket.io/", 400, b'{"code":0,"message":"Transport unknown"}'),
+    ("GET", "/socket.io/?EIO=4&transport=foo", 400, b'{"code":0,"message":"Transport unknown"}'),
+    ("GET", "/socket.io/?EIO=3&transport=polling", 400, b'{"code":5,"message":"Unsupported protocol version"}'),
+    ("GET", "/socket.io/?transport=polling", 400, b'{"code":5,"message":"Unsupported protocol version"}'),
+    ("GET", "/socket.io/?EIO=5&transport=polling", 400, b'{"code":5,"message":"Unsupported protocol version"}'),
+    ("GET", "/socket.io/?EIO=4&transport=polling&sid=abc", 400, b'{"code":1,"message":"Session ID unknown"}'),
+    ("POST", "/socket.io/?EIO=4&transport=polling", 400, b'{"code":2,"message":"Bad handshake method"}'),
+    ("GET", "/socket.io/?EIO=4&transport=websocket", 400, b'{"code":3,"message":"Bad request"}'),
+]
+
+
+def test_request_errors_are_the_references(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        for method, target, status, body in ENGINEIO_ERRORS:
+            raw = srv.raw()
+            got_status, headers, got_body = raw.request(method, target)
+            assert got_status == status, (method, target, got_status, got_body)
+            assert got_body == body and headers["content-type"] == "application/json", (method, target)
+            assert headers["access-control-allow-origin"] == "*"
+
+
+def test_put_gets_the_references_answers(tmp_path):
+    # engine.io answers any method: PUT without a sid is a bad handshake method (400, code 2),
+    # PUT with a live sid is 500 with no body (polling.ts), and the session lives on.
+    with LiveServer(tmp_path) as srv:
+        status, headers, body = srv.raw().request("PUT", eio_path())
+        assert (status, body) == (400, b'{"code":2,"message":"Bad handshake method"}'), (status, body)
+        sid, _raw = srv.polling_handshake()
+        status, headers, body = srv.raw().request("PUT", eio_path(sid))
+        assert (status, body, "content-type" in headers) == (500, b"", False), (status, body)
+        assert srv.sessions() == 1
+
+
+def test_polling_handshake_post_and_session_errors(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        sid, raw = srv.polling_handshake()
+        assert re.fullmatch(r"[\w-]{20}", sid)
+        status, headers, body = raw.request("POST", eio_path(sid), b"40")
+        assert (status, headers["content-type"], body) == (200, "text/html", b"ok")
+        assert headers["cache-control"] == "no-store"
+        status, _, body = raw.request("GET", eio_path(sid))
+        connect, welcome, feed = body.decode().split("\x1e")
+        assert re.fullmatch(r'40\{"sid":"[\w-]{20}"\}', connect) and connect[9:29] != sid
+        assert welcome == '42["welcome",{"message":"Welcome to BBO Stream"}]'
+        assert feed.startswith('42["feed_status",{"state":')
+        raw.request("POST", eio_path(sid), b'4212["ping"]')
+        _, _, body = raw.request("GET", eio_path(sid))
+        pong, ack = body.decode().split("\x1e")
+        assert pong.startswith('42["pong",{"time":') and ack == "4312[" + pong[len('42["pong",'):]
+        assert raw.request("GET", eio_path(sid, "websocket"))[2] == b'{"code":3,"message":"Bad request"}'
+        assert raw.request("GET", eio_path(sid, eio="3"))[2] == b'{"code":3,"message":"Bad request"}'
+        assert srv.sessions() == 1
+
+
+def test_the_open_packet_is_exact(tmp_path):
+    with LiveServer(tmp_path, ping_interval=1234, ping_timeout=5678, max_payload=4096) as srv:
+        _, headers, body = srv.raw().request("GET", eio_path())
+        sid = json.loads(body[1:])["sid"]
+        assert body == ('0{"sid":"' + sid + '","upgrades":["websocket"],"pingInterval":1234,"pingTimeout":5678,'
+                        '"maxPayload":4096}').encode()
+        assert headers["cache-control"] == "no-store"
+
+
+def test_a_second_concurrent_get_closes_the_session(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        sid, first = srv.polling_handshake()
+        first.send("GET", eio_path(sid))
+        srv.wait_parked(sid)
+        second = srv.raw()
+        status, headers, body = second.request("GET", eio_path(sid))
+        assert (status, body) == (400, b"") and "content-type" not in headers
+        assert first.response()[2] == b"1"
+        assert second.request("GET", eio_path(sid))[2] == b'{"code":1,"message":"Session ID unknown"}'
+        srv.wait_sessions(0)
+        assert srv.fed.srv.events.closes == [(sid, "overlap from client")]
+
+
+def test_an_invalid_engineio_packet_in_a_post_closes_the_session(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        sid, raw = srv.polling_handshake()
+        assert raw.request("POST", eio_path(sid), b"9xyz")[2] == b"ok"      # the reference says ok too
+        assert raw.request("GET", eio_path(sid))[2] == b'{"code":1,"message":"Session ID unknown"}'
+        srv.wait_sessions(0)
+
+
+def test_the_client_close_releases_the_parked_get_with_a_noop(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        sid, parked = srv.polling_handshake()
+        parked.send("GET", eio_path(sid))
+        srv.wait_parked(sid)
+        assert srv.raw().request("POST", eio_path(sid), b"1")[2] == b"ok"
+        assert parked.response()[2] == b"6"
+        srv.wait_sessions(0)
+
+
+def test_an_aborted_get_closes_the_session(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        sid, raw = srv.polling_handshake()
+        raw.send("GET", eio_path(sid))
+        srv.wait_parked(sid)
+        raw.close()
+        srv.wait_sessions(0, timeout=1.0)
+        assert srv.fed.srv.events.closes == [(sid, "poll connection closed prematurely")]
+
+
+def test_an_oversized_post_is_413_and_the_session_lives_on(tmp_path):
+    with LiveServer(tmp_path, max_payload=4096) as srv:
+        sid, raw = srv.polling_handshake()
+        status, headers, body = raw.request("POST", eio_path(sid), b"4" + b"x" * 4096)
+        assert (status, body, headers["connection"]) == (413, b"", "close")  # not read: the connection ends
+        assert raw.at_eof()
+        assert srv.raw().request("POST", eio_path(sid), b"4" + b"x" * 4095)[2] == b"ok"
+        assert srv.sessions() == 1
+
+
+def test_websocket_direct_handshake_and_upgrade_errors(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        with ws_connect(srv.port, "EIO=4&transport=websocket") as ws:
+            opened = json.loads(ws.recv(timeout=2)[1:])
+            assert list(opened) == ["sid", "upgrades", "pingInterval", "pingTimeout", "maxPayload"]
+            assert opened["upgrades"] == []
+            ws.send("40")
+            assert ws.recv(timeout=2).startswith('40{"sid":')
+            ws.send("2probe")                                # v4: the client never pings on a live session
+            assert ws_recv_all(ws)[-1] == ("closed", 1005)
+        upgrade = (("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                   ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13"))
+        for target, message in ((eio_path("zzz", "websocket"), b"Session ID unknown"),
+                                ("/socket.io/?EIO=4&transport=foo", b"Transport unknown"),
+                                (eio_path(None, "websocket", "3"), b"Unsupported protocol version")):
+            status, headers, body = srv.raw().request("GET", target, headers=upgrade)
+            assert (status, body, headers["content-type"]) == (400, message, "text/html"), target
+        srv.wait_sessions(0)
+
+
+def test_upgrade_sequence_and_a_second_websocket_for_the_sid(tmp_path):
+    with LiveServer(tmp_path) as srv, contextlib.ExitStack() as stack:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        sid, raw = srv.polling_handshake()
+        raw.request("POST", eio_path(sid), b"40")
+        raw.request("GET", eio_path(sid))                    # CONNECT answer, welcome, feed status
+        parked = srv.raw()
+        parked.send("GET", eio_path(sid))
+        srv.wait_parked(sid)
+        ws = stack.enter_context(ws_connect(srv.port, f"EIO=4&transport=websocket&sid={sid}"))
+        assert ws_recv_all(ws, 0.1) == []                    # nothing before the probe
+        ws.send("2probe")
+        assert ws.recv(timeout=2) == "3probe"
+        assert parked.response()[2] == b"6"                  # the parked GET is released with a noop
+        second = stack.enter_context(ws_connect(srv.port, f"EIO=4&transport=websocket&sid={sid}"))
+        assert ws_recv_all(second) == [("closed", 1005)]     # accepted, then closed (as the reference)
+        update = srv.send("btcusdt", "1.01", "1", "1.10", "1")  # while upgrading: waits for the WebSocket
+        ws.send("5")
+        assert_update_is(json.loads(ws.recv(timeout=2)[2:])[1], update)
+        ws.send('42["ping"]')
+        assert ws.recv(timeout=2).startswith('42["pong",')
+        assert raw.request("GET", eio_path(sid))[2] == b'{"code":3,"message":"Bad request"}'
+        assert raw.request("POST", eio_path(sid), b"40")[2] == b'{"code":3,"message":"Bad request"}'
+        third = stack.enter_context(ws_connect(srv.port, f"EIO=4&transport=websocket&sid={sid}"))
+        assert ws_recv_all(third) == [("closed", 1005)]
+        ws.send('42["ping"]')
+        assert ws.recv(timeout=2).startswith('42["pong",')   # the first WebSocket is unaffected
+        assert srv.metric("bbo_eio_upgrades_total") == 1
+        assert srv.metric('bbo_eio_sessions{transport="websocket"}') == 1
+
+
+def test_the_heartbeat_closes_silent_clients_on_both_transports(tmp_path):
+    with LiveServer(tmp_path, ping_interval=200, ping_timeout=200) as srv:
+        sid, _raw = srv.polling_handshake()                  # never polls again
+        silent, lively = srv.raw_ws(), srv.raw_ws()
+        assert silent.recv_text().startswith("0{") and lively.recv_text().startswith("0{")
+        started = time.monotonic()
+        assert silent.recv_text() == "2"
+        assert 0.15 < time.monotonic() - started < 0.4
+        for _ in range(4):                                   # answers every ping: stays
+            assert lively.recv_text() == "2"
+            lively.send_text("3")
+        assert silent.recv_frame() == (8, b"")               # empty close frame (1005) after the timeout
+        assert time.monotonic() - started < 0.8 + 0.3
+        srv.wait_sessions(1)
+        assert [reason for _, reason in srv.fed.srv.events.closes] == ["ping timeout", "ping timeout"]
+        assert sid in dict(srv.fed.srv.events.closes)
+
+
+def test_max_clients_gives_503(tmp_path):
+    with LiveServer(tmp_path, max_clients=2) as srv:
+        srv.polling_handshake()
+        srv.joined_ws()
+        status, headers, body = srv.raw().request("GET", eio_path())
+        assert (status, body, headers["content-type"]) == (503, b'{"code":4,"message":"Too many clients"}',
+                                                           "application/json")
+        upgrade = (("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                   ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13"))
+        assert srv.raw().request("GET", eio_path(None, "websocket"), headers=upgrade)[::2] == (503, b"Too many clients")
+        assert srv.metric("bbo_eio_refused_full_total") == 2
+
+
+def test_shutdown_closes_every_session(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        ws = srv.joined_ws()
+        sid, raw = srv.polling_handshake()
+        raw.send("GET", eio_path(sid))
+        srv.wait_parked(sid)
+        srv.call(srv.app.stop_event.set)                     # what SIGTERM does
+        assert raw.response()[2] == b"1"
+        assert ws.recv_close() == (1001).to_bytes(2, "big")  # going away
+        assert srv.sessions() == 0
+        ws.close()
+        raw.close()
+        assert srv.call(lambda: asyncio.wait_for(srv.fed.srv.task, 5)) == 0
+
+
+def test_engineio_sessions_by_transport_in_metrics(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        srv.joined_ws()
+        srv.polling_handshake()
+        srv.polling_handshake()
+        assert srv.metric('bbo_eio_sessions{transport="websocket"}') == 1
+        assert srv.metric('bbo_eio_sessions{transport="polling"}') == 2
+        assert srv.metric("bbo_eio_handshakes_total") == 3
+
+
+def test_polling_cors_echoes_an_allowed_origin_with_credentials(tmp_path):
+    with LiveServer(tmp_path, cors_origins=("https://dash.example",)) as srv:
+        origin = (("Origin", "https://dash.example"),)
+        status, headers, _ = srv.raw().request("GET", eio_path(), headers=origin)
+        assert status == 200
+        assert (headers["access-control-allow-origin"], headers["access-control-allow-credentials"]) == (
+            "https://dash.example", "true")
+        status, headers, _ = srv.raw().request("OPTIONS", eio_path(), headers=origin + (
+            ("Access-Control-Request-Method", "POST"), ("Access-Control-Request-Headers", "content-type")))
+        assert status == 204 and headers["access-control-allow-origin"] == "https://dash.example"
+        assert "POST" in headers["access-control-allow-methods"]
+        _, headers, _ = srv.raw().request("GET", eio_path(), headers=(("Origin", "https://evil.example"),))
+        assert "access-control-allow-origin" not in headers
+
+
+# ---- §17 WebSocket transport ------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
+def test_ws_frame_matches_websockets(size):
+    from websockets.frames import Frame, Opcode
+    payload = b"x" * size
+    assert bs.encode_ws_frame(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+
+def test_an_oversized_websocket_message_closes_with_1009(tmp_path):
+    with LiveServer(tmp_path, max_payload=4096) as srv:
+        with ws_connect(srv.port, "EIO=4&transport=websocket") as ws:
+            ws.recv(timeout=2)
+            ws.send("4" + "x" * 4096)
+            assert ws_recv_all(ws)[-1] == ("closed", 1009)
+        srv.wait_sessions(0)
+
+
+def _masked(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    mask = os.urandom(4)
+    assert len(payload) < 126
+    return (bytes(((0x80 if fin else 0) | opcode, 0x80 | len(payload))) + mask
+            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+
+def test_fragments_are_joined_pings_answered_and_invalid_utf8_closes_with_1007(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        ws = srv.joined_ws()
+        ws.recv_until('42["feed_status"')
+        ws.sock.sendall(_masked(0x1, b'4215["pi', fin=False) + _masked(0x9, b"hb") + _masked(0x0, b'ng"]'))
+        assert ws.recv_frame() == (0xA, b"hb")               # the pong comes between the fragments
+        assert ws.recv_text().startswith('42["pong",') and ws.recv_text().startswith("4315[")
+        ws.sock.sendall(_masked(0x1, b'42["x\xff"]'))
+        assert ws.recv_close()[:2] == (1007).to_bytes(2, "big")
+        ws.close()
+        srv.wait_sessions(0)
+
+
+# ---- §18 HTTP connection handler ----------------------------------------------------------------
 # Raw bytes over real TCP to the App on an ephemeral port (its feed points at a closed port).
 
 def with_server(tmp_path: Path, body: Callable[[Server], Awaitable[None]], timeout: float = TEST_TIMEOUT_S,
@@ -2223,7 +3805,26 @@ def test_tls_falls_back_to_plain_http_when_openssl_is_missing(tmp_path, monkeypa
     with_server(tmp_path, body, use_ssl=True)
 
 
-# ---- §15 App lifecycle ---------------------------------------------------------------------------
+def test_request_metrics_count_101_only_for_websockets_that_were_accepted(tmp_path):
+    upgrade = (("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Version", "13"))
+    with LiveServer(tmp_path) as srv:
+        sid, raw = srv.polling_handshake()
+        raw.send("GET", eio_path(sid))
+        srv.wait_parked(sid)
+        raw.close()                                          # an aborted poll: no response at all
+        srv.wait_sessions(0)
+        status, _, _ = srv.raw().request("GET", eio_path(None, "websocket"),
+                                         headers=upgrade + (("Sec-WebSocket-Key", "not-a-key"),))
+        assert status == 400                                 # websockets refuses the handshake
+        srv.joined_ws().close()                              # the one WebSocket (counted when it ends)
+        srv.wait_sessions(0)
+        metrics = srv.get("/metrics").body.decode()
+        counts = dict(re.findall(r'^bbo_http_requests_total\{route="/socket\.io/",status="(\d+)"\} (\d+)$',
+                                 metrics, re.MULTILINE))
+        assert (counts.get("101"), counts.get("400")) == ("1", "1"), counts
+
+
+# ---- §19 App lifecycle ---------------------------------------------------------------------------
 
 def test_web_port_0_binds_a_free_port_and_logs_it(tmp_path):
     async def body(srv: Server) -> None:
@@ -2231,6 +3832,15 @@ def test_web_port_0_binds_a_free_port_and_logs_it(tmp_path):
         assert srv.events.logged(rf"listening on 127\.0\.0\.1:{srv.port} \(http\)")
         assert (await srv.get("/healthz")).status == 200
     with_server(tmp_path, body)
+
+
+def test_the_soft_open_files_limit_is_raised_to_the_hard_limit_and_logged(tmp_path):
+    async def body(srv: Server) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        assert hard == resource.RLIM_INFINITY or soft == hard
+        assert srv.events.logged(rf"open-files limit {soft} \(hard {hard}\)")
+    with_server(tmp_path, body)
+    assert bs.raise_nofile_limit() == resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def _persisted(tmp_path: Path, n: int = 3) -> list[bs.Bbo]:
@@ -2292,7 +3902,7 @@ def test_shutdown_writes_the_final_flush(tmp_path, fast_feed):
     run(scenario())
 
 
-# ---- §16 CLI ----------------------------------------------------------------------------------
+# ---- §20 CLI ----------------------------------------------------------------------------------
 
 def test_main_returns_2_with_one_line_for_an_invalid_value(capsys):
     assert bs.main(["--web-port", "abc"]) == 2
@@ -2464,3 +4074,466 @@ def test_kill_9_then_restart_restores_every_update_older_than_a_second(tmp_path)
             finally:
                 await again.kill()
     run(scenario(), 40)
+
+
+# ---- End to end: Socket.IO clients against the real App fed by FakeBinance -------------------
+# The official clients, each over WebSocket only, polling only and polling→upgrade: python-socketio
+# (sync Client; AsyncClient on its own loop in a thread) and node's socket.io-client 4.8.
+
+class PyClient:
+    """python-socketio's sync Client; every event it receives lands in ``inbox``."""
+
+    def __init__(self, url: str, mode: str, **options: Any) -> None:
+        self.url, self.mode = url, mode
+        self.inbox = Inbox()
+        self.client = self._make(**options)
+        self.client.on("*", lambda event, *args: self.inbox.put(event, args[0] if len(args) == 1 else list(args)))
+        self.client.on("disconnect", lambda *args: self.inbox.put("disconnect", args))
+
+    def _make(self, **options: Any) -> Any:
+        return socketio.Client(reconnection=False, **options)
+
+    def _do(self, result: Any) -> Any:
+        return result
+
+    def connect(self) -> None:
+        self._do(self.client.connect(self.url, transports=TRANSPORTS[self.mode], wait_timeout=5))
+
+    def call(self, event: str, data: Any = None) -> Any:
+        return self._do(self.client.call(event, data, timeout=5))
+
+    def emit(self, event: str, data: Any = None) -> None:
+        self._do(self.client.emit(event, data))
+
+    def transport(self) -> str:
+        return self.client.transport()
+
+    def disconnect(self) -> None:
+        self._do(self.client.disconnect())
+
+    def close(self) -> None:
+        if self.client.connected:
+            self.disconnect()
+
+
+class AsyncPyClient(PyClient):
+    """python-socketio's AsyncClient (aiohttp), run on an event loop of its own in a thread."""
+
+    def _make(self, **options: Any) -> Any:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="async-client", daemon=True)
+        self.thread.start()
+        return socketio.AsyncClient(reconnection=False, **options)
+
+    def _do(self, result: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(result, self.loop).result(10)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            super().close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+JS_DRIVER = r"""
+// Drives socket.io-client from stdin (one JSON command a line); prints every event as a JSON line.
+const { io } = require("socket.io-client");
+const [url, mode] = process.argv.slice(2);
+const transports = {websocket: ["websocket"], polling: ["polling"], upgrade: ["polling", "websocket"]}[mode];
+const socket = io(url, { transports, reconnection: false, timeout: 5000, rejectUnauthorized: false });
+const out = (o) => process.stdout.write(JSON.stringify(o) + "\n");
+const transport = () => socket.io.engine.transport.name;
+socket.on("connect", () => out({ev: "connect", d: transport()}));
+socket.io.on("open", () => socket.io.engine.on("upgrade", (t) => out({ev: "upgrade", d: t.name})));
+socket.onAny((event, ...args) => out({ev: event, d: args.length === 1 ? args[0] : args}));
+socket.on("disconnect", (reason) => { out({ev: "disconnect", d: reason}); setTimeout(() => process.exit(0), 20); });
+socket.on("connect_error", (err) => { out({ev: "connect_error", d: err.message}); process.exit(1); });
+require("readline").createInterface({input: process.stdin}).on("line", (line) => {
+  const c = JSON.parse(line);
+  if (c.cmd === "call") socket.timeout(5000).emit(c.event, ...c.args, (err, ...ack) =>
+    out({ev: "ack:" + c.id, d: err ? {error: String(err)} : ack[0]}));
+  else if (c.cmd === "emit") socket.emit(c.event, ...c.args);
+  else if (c.cmd === "transport") out({ev: "transport:" + c.id, d: transport()});
+  else if (c.cmd === "disconnect") socket.disconnect();
+});
+"""
+
+
+class NodeClient:
+    """socket.io-client under node, driven through JS_DRIVER; its events land in ``inbox``."""
+
+    def __init__(self, tmp_path: Path, url: str, mode: str) -> None:
+        self.tmp_path, self.url, self.mode = tmp_path, url, mode
+        self.proc: OutputReader | None = None
+        self._ids = 0
+
+    @property
+    def inbox(self) -> Inbox:
+        assert self.proc is not None
+        return self.proc.inbox
+
+    def connect(self) -> None:
+        script = self.tmp_path / "driver.js"
+        script.write_text(JS_DRIVER)
+        self.proc = OutputReader([NODE or "node", str(script), self.url, self.mode], self.tmp_path,
+                                 {"NODE_PATH": str(JS_CLIENT.parent)})
+        self.inbox.wait(lambda: self.inbox.of("connect") or self.inbox.of("eof"), 10, "node to connect")
+        assert self.inbox.of("connect"), self.proc.lines()
+        if self.mode == "upgrade":
+            assert self.inbox.nth("upgrade") == "websocket"
+
+    def _request(self, cmd: str, **fields: Any) -> Any:
+        self._ids += 1
+        assert self.proc is not None
+        self.proc.command(json.dumps({"cmd": cmd, "id": self._ids, **fields}))
+        return self.inbox.nth(f"{cmd.replace('call', 'ack')}:{self._ids}")
+
+    def call(self, event: str, data: Any = None) -> Any:
+        return self._request("call", event=event, args=[] if data is None else [data])
+
+    def emit(self, event: str, data: Any = None) -> None:
+        assert self.proc is not None
+        self.proc.command(json.dumps({"cmd": "emit", "event": event, "args": [] if data is None else [data]}))
+
+    def transport(self) -> str:
+        return self._request("transport")
+
+    def disconnect(self) -> None:
+        assert self.proc is not None
+        self.proc.command(json.dumps({"cmd": "disconnect"}))
+        assert self.inbox.nth("disconnect") == "io client disconnect"
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.close()
+
+
+def client_session(srv: LiveServer, client: Any) -> None:
+    """What every Socket.IO client must see from the real App fed by FakeBinance (issue 3)."""
+    btc = srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
+    eth = srv.send("ethusdt", "2000.01", "0.018", "2000.02", "3")
+    client.connect()
+    expected = "polling" if client.mode == "polling" else "websocket"
+    assert client.transport() == expected
+    assert client.inbox.nth("welcome") == {"message": "Welcome to BBO Stream"}
+    status = client.inbox.nth("feed_status")
+    assert (status["state"], status["reason"], status["messages"]) == ("live", None, 2)
+    assert set(status) == set(srv.get_json("/healthz")["feed"])
+    client.emit("ready")
+    before = time.time() * 1000
+    ack = client.call("ping")
+    assert set(ack) == {"time"} and before - 1000 <= ack["time"] <= time.time() * 1000 + 1000
+    assert client.inbox.nth("pong") == ack                   # the same answer as event and as ack
+    assert srv.call(lambda: [c.transport for c in srv.app.eio.connections.values()]) == [expected]
+
+    client.emit("request_initial_data")                      # the current BBO of every symbol
+    initial = {u["symbol"]: u for u in (client.inbox.nth("bbo_update", 1), client.inbox.nth("bbo_update", 2))}
+    assert_update_is(initial["BTCUSDT"], btc)
+    assert_update_is(initial["ETHUSDT"], eth)
+
+    live = [srv.send("btcusdt", "28750.11", "0.00000000", "28750.12", "7"),
+            srv.send("ethusdt", "1999.99", "10", "2000.00", "0.5")]
+    got = [client.inbox.nth("bbo_update", 3), client.inbox.nth("bbo_update", 4)]
+    for update, payload in zip(got, live, strict=True):
+        assert_update_is(update, payload)
+    assert got[0] == srv.get_json("/api/history/updates?symbol=BTCUSDT")["updates"][-1]
+
+    # ETHUSDT only, at most 5 a second: the first ETH at once, then only the newest after 200 ms.
+    assert client.call("subscribe", {"symbols": ["ethusdt"], "maxRate": 5}) == {"symbols": ["ETHUSDT"], "maxRate": 5}
+    burst = srv.call(srv.fed.send_many, [("btcusdt", "28750.13", "1", "28750.14", "1"),
+                                         ("ethusdt", "2000.10", "1", "2000.11", "1"),
+                                         ("ethusdt", "2000.20", "2", "2000.21", "2"),
+                                         ("ethusdt", "2000.30", "3", "2000.31", "3")])
+    assert_update_is(client.inbox.nth("bbo_update", 5), burst[1])
+    assert_update_is(client.inbox.nth("bbo_update", 6), burst[3])
+    client.emit("request_initial_data")
+    assert_update_is(client.inbox.nth("bbo_update", 7), burst[3])
+    assert client.call("ping")                                # everything before it has arrived
+    assert len(client.inbox.of("bbo_update")) == 7            # no BTC, no stale ETH
+
+    started = time.monotonic()
+    client.disconnect()
+    srv.wait_sessions(0, timeout=1.0)
+    assert time.monotonic() - started < 1.0
+    assert srv.call(lambda: srv.app.hub.stats()["clients"]) == 0
+
+
+@pytest.mark.parametrize("mode", list(TRANSPORTS))
+def test_python_client(tmp_path, mode):
+    with LiveServer(tmp_path, ("BTCUSDT", "ETHUSDT")) as srv:
+        client_session(srv, srv.keep(PyClient(srv.url, mode)))
+
+
+@pytest.mark.parametrize("mode", list(TRANSPORTS))
+def test_python_async_client(tmp_path, mode):
+    with LiveServer(tmp_path, ("BTCUSDT", "ETHUSDT")) as srv:
+        client_session(srv, srv.keep(AsyncPyClient(srv.url, mode)))
+
+
+@needs_node
+@pytest.mark.parametrize("mode", list(TRANSPORTS))
+def test_javascript_client(tmp_path, mode):
+    version = json.loads((JS_CLIENT / "package.json").read_text())["version"]
+    assert version.startswith("4."), f"socket.io-client {version}: the interop target is 4.x"
+    with LiveServer(tmp_path, ("BTCUSDT", "ETHUSDT")) as srv:
+        client_session(srv, srv.keep(NodeClient(tmp_path, srv.url, mode)))
+
+
+@pytest.mark.parametrize("kind", ["python", "node"])
+@pytest.mark.parametrize("mode", list(TRANSPORTS))
+def test_clients_answer_the_servers_heartbeat_on_every_transport(tmp_path, kind, mode):
+    if kind == "node" and _JS_REASON:
+        pytest.skip(_JS_REASON)
+    # A ping every 100 ms; 1 s to answer, so a loaded CI machine does not make the test flaky.
+    with LiveServer(tmp_path, ping_interval=100, ping_timeout=1000) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        client = srv.keep(PyClient(srv.url, mode) if kind == "python" else NodeClient(tmp_path, srv.url, mode))
+        client.connect()
+        client.inbox.nth("welcome")
+
+        async def feed() -> list[dict]:                      # 0.5 s: five ping intervals
+            sent = []
+            for n in range(20):
+                sent.append(await srv.fed.send("btcusdt", f"1.{n + 1:02d}", "1", "1.10", "1"))
+                await asyncio.sleep(0.025)                   # pacing the exchange
+            return sent
+        sent = srv.call(feed)
+        for n, payload in enumerate(sent, 1):
+            assert_update_is(client.inbox.nth("bbo_update", n), payload)
+        assert client.inbox.of("disconnect") == [] and srv.sessions() == 1
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    certs = tmp_path_factory.mktemp("certs")
+    cert, key = str(certs / "cert.pem"), str(certs / "key.pem")
+    if not bs.ensure_certificate(cert, key):
+        pytest.skip("openssl is needed to make a certificate")
+    return cert, key
+
+
+@pytest.mark.filterwarnings("ignore:Unverified HTTPS request")   # ssl_verify=False is the point
+@pytest.mark.parametrize("mode", list(TRANSPORTS))
+def test_python_client_over_tls(tmp_path, tls_cert, mode, monkeypatch):
+    cert, key = tls_cert
+    # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's verify=False, which
+    # is how python-engineio applies ssl_verify=False to polling; without them it takes effect.
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    with LiveServer(tmp_path, ("BTCUSDT", "ETHUSDT"), use_ssl=True, ssl_cert_path=cert, ssl_key_path=key) as srv:
+        assert srv.call(lambda: srv.app.http.ssl_ctx) is not None
+        url = srv.url.replace("http://", "https://")
+        client_session(srv, srv.keep(PyClient(url, mode, ssl_verify=False)))
+
+
+def test_seed_python_example_runs_verbatim(tmp_path):
+    """original-design.md's Python example, only the URL changed, run for a bounded time."""
+    code = design_example("Python")
+    assert code.count("http://your-server-address:5000") == 1
+    with LiveServer(tmp_path) as srv:
+        first = srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
+        script = tmp_path / "seed_client.py"
+        script.write_text(code.replace("http://your-server-address:5000", srv.url))
+        proc = srv.keep(OutputReader([sys.executable, "-u", str(script)], tmp_path))
+        proc.wait_line(r"Server welcome message: Welcome to BBO Stream")
+        proc.wait_line(r"^BTCUSDT: Bid 28750\.10 \(1\.500\) \| Ask 28750\.20 \(0\.250\)$")  # request_initial_data
+        later = srv.send("btcusdt", "28750.00", "0.018", "28750.30", "0.00000000")
+        proc.wait_line(r"^BTCUSDT: Bid 28750\.00 \(0\.018\) \| Ask 28750\.30 \(0\.00000000\)$")
+        assert (first["b"], later["A"]) == ("28750.10", "0.00000000")
+        assert "Connected to BBO Stream server" in proc.lines()
+        assert not any(line.startswith(("Error", "Traceback")) for line in proc.lines()), proc.lines()
+        proc.close()
+        srv.wait_sessions(0)
+
+
+@needs_node
+def test_seed_javascript_example_runs_verbatim(tmp_path):
+    """original-design.md's JavaScript example (a browser snippet: `io` comes from a require)."""
+    code = design_example("JavaScript")
+    assert code.count("http://your-server-address:5000") == 1
+    with LiveServer(tmp_path) as srv:
+        srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
+        script = tmp_path / "seed_client.js"
+        script.write_text('const { io } = require("socket.io-client");\n'
+                          + code.replace("http://your-server-address:5000", srv.url))
+        proc = srv.keep(OutputReader([NODE or "node", str(script)], tmp_path, {"NODE_PATH": str(JS_CLIENT.parent)}))
+        proc.wait_line(r"^Server welcome message: Welcome to BBO Stream$")
+        proc.wait_line(r"^BTCUSDT: Bid 28750\.10 \(1\.500\) \| Ask 28750\.20 \(0\.250\)$")
+        srv.send("btcusdt", "28750.00", "0.018", "28750.30", "0.00000000")
+        proc.wait_line(r"^BTCUSDT: Bid 28750\.00 \(0\.018\) \| Ask 28750\.30 \(0\.00000000\)$")
+        assert "Connected to BBO Stream server" in proc.lines()
+        assert srv.call(lambda: [c.transport for c in srv.app.eio.connections.values()]) == ["websocket"]
+        proc.close()
+        srv.wait_sessions(0)
+
+
+# ---- End to end: faults against the real App fed by FakeBinance --------------------------------
+
+def _ws_frames(texts: list[str]) -> bytes:
+    """Masked client text frames, joined (payloads under 126 bytes)."""
+    return b"".join(_masked(0x1, text.encode()) for text in texts)
+
+
+def test_a_client_that_stops_reading_is_cut_off_while_others_get_every_update(tmp_path, monkeypatch):
+    monkeypatch.setattr(bs, "WS_WRITE_TIMEOUT_S", 0.5)
+    symbols = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT")
+    with LiveServer(tmp_path, symbols) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        stuck = srv.joined_ws(rcvbuf=4096)
+        [stuck_sid] = srv.call(lambda: list(srv.app.eio.connections))
+
+        def shrink() -> None:  # keep the kernel from absorbing the backlog on loopback
+            sock = srv.app.eio.connections[stuck_sid].ws.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        srv.call(shrink)
+        healthy = srv.joined_ws()
+        healthy.recv_until('42["feed_status"')
+        received = Inbox()
+
+        def read_healthy() -> None:
+            with contextlib.suppress(OSError, AssertionError):
+                while True:
+                    text = healthy.recv_text(timeout=30)
+                    if text.startswith('42["bbo_update"'):
+                        received.put("update", json.loads(text[2:])[1])
+        threading.Thread(target=read_healthy, daemon=True).start()
+        sent: list[dict] = []
+        samples: list[tuple[int, int]] = []
+
+        async def feed() -> float:
+            """Batches of 50 updates over the five symbols, until the stuck client is gone and 500 more."""
+            fake, app, started, after = srv.fed.fake, srv.app, time.perf_counter(), 0
+            while after < 10 and len(sent) < 50_000:
+                for _ in range(50):
+                    n = len(sent) + 1
+                    sent.append(fake.send_bbo(symbols[n % 5], f"{n}.{n % 100:02d}", "1.500", f"{n + 1}.00", "0.250"))
+                await srv.fed.srv.wait_updates(len(sent) + 1)
+                conn = app.eio.connections.get(stuck_sid)
+                if conn is None:
+                    after += 1
+                else:
+                    samples.append((conn.session.outbox.update_bytes, conn.ws.transport.get_write_buffer_size()))
+                await asyncio.sleep(0.005)                   # pacing the exchange: ~5,000 updates a second
+            return time.perf_counter() - started
+        elapsed = srv.call(feed, timeout=30)
+        received.wait(lambda: len(received.of("update")) >= len(sent), 10, f"{len(sent)} updates at the healthy client")
+        got = received.of("update")
+        assert [u["updateId"] for u in got] == [p["u"] for p in sent]     # every update, in order
+        for update, payload in zip(got, sent, strict=True):
+            assert update == expected_update(payload, update)
+        assert srv.metric("bbo_eio_slow_disconnects_total") == 1
+        assert srv.fed.srv.events.closes == [(stuck_sid, "write timeout")]
+        assert srv.sessions() == 1 and srv.get("/healthz").status == 200
+        assert elapsed < 10, f"the feed took {elapsed:.1f} s: the stuck client slowed it down"
+        assert samples and max(size for size, _ in samples) <= bs.OUTBOX_MAX_UPDATE_BYTES
+        assert max(buffered for _, buffered in samples) <= bs.WS_HIGH_WATER_BYTES + 50 * 400
+        assert srv.metric("bbo_sio_skipped_total") > 0        # the stuck client's backlog was conflated
+        stuck.reset()
+
+
+def test_a_thousand_abrupt_disconnects_leave_the_server_healthy(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        observer = srv.joined_ws()
+        observer.recv_until('42["feed_status"')
+        fds_before = len(os.listdir("/proc/self/fd"))
+        websockets_ = [srv.joined_ws() for _ in range(500)]
+        parked = []
+        for _ in range(500):
+            sid, raw = srv.polling_handshake()
+            raw.send("GET", eio_path(sid))
+            parked.append(raw)
+        srv.wait_sessions(1001)
+        for client in websockets_ + parked:
+            client.reset()
+        srv.wait_sessions(1, timeout=5)
+        assert srv.get("/healthz").status == 200
+        assert srv.metric('bbo_eio_sessions{transport="websocket"}') == 1
+        assert srv.metric('bbo_eio_sessions{transport="polling"}') == 0
+        assert srv.metric("bbo_sio_clients") == 1
+        update = srv.send("btcusdt", "1.01", "1", "1.10", "1")
+        assert_update_is(json.loads(observer.recv_until('42["bbo_update"')[2:])[1], update)
+        observer.close()
+        srv.wait_sessions(0)
+        assert srv.metric('bbo_eio_sessions{transport="websocket"}') == 0
+        assert srv.call(apoll_until, lambda: len(srv.app.http.connections) == 0, 5.0), "connection tasks left"
+        assert len(os.listdir("/proc/self/fd")) <= fds_before, "file descriptors leaked"
+
+
+MALFORMED_WS = ["42{}", '42["x"', "49", "41{}", '42["disconnect"]', "4", "40", "9", '44{"m":1}',
+                '42/admin,["echo"]', "b AQI=", "2", "2probe", '42["x",NaN]', "4" + "[" * 3000]
+MALFORMED_POLLING = ["4abc", "42{}", "9", "b!!", "2", "4\x1e9"]
+
+
+def test_malformed_packets_close_only_their_connection(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        good = srv.joined_ws()
+        good.recv_until('42["feed_status"')
+        for bad in MALFORMED_WS:
+            ws = srv.joined_ws()
+            ws.send_text(bad)
+            assert ws.recv_close() == b"", bad                 # closed, like the reference (1005)
+            ws.close()
+        for bad in MALFORMED_POLLING:
+            sid, raw = srv.polling_handshake()
+            raw.request("POST", eio_path(sid), b"40")
+            raw.request("GET", eio_path(sid))
+            assert raw.request("POST", eio_path(sid), bad.encode())[0] == 200, bad
+            answers = [raw.request("GET", eio_path(sid))[2] for _ in range(2)]
+            assert answers[-1] == b'{"code":1,"message":"Session ID unknown"}', (bad, answers)
+        srv.wait_sessions(1)
+        update = srv.send("btcusdt", "1.01", "1", "1.10", "1")
+        assert_update_is(json.loads(good.recv_until('42["bbo_update"')[2:])[1], update)
+        good.send_text('42["ping"]')
+        good.recv_until('42["pong"')
+        assert srv.call(lambda: srv.app.sio.protocol_errors) >= 8
+        assert srv.get("/healthz").status == 200
+
+
+def test_a_ping_flood_is_answered_in_order_without_delaying_others(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        flooder, other = srv.joined_ws(), srv.joined_ws()
+        flooder.recv_until('42["feed_status"')
+        other.recv_until('42["feed_status"')
+        count = 5000
+        flooder.sock.sendall(_ws_frames([f'42{n}["ping"]' for n in range(count)]))
+        started = time.monotonic()
+        update = srv.send("btcusdt", "1.01", "1", "1.10", "1")  # during the flood
+        assert_update_is(json.loads(other.recv_until('42["bbo_update"')[2:])[1], update)
+        other.send_text('421["ping"]')
+        assert other.recv_text().startswith('42["pong"') and other.recv_text().startswith("431[")
+        assert time.monotonic() - started < 2
+        answers = [flooder.recv_text() for _ in range(2 * count + 1)]
+        updates = [a for a in answers if a.startswith('42["bbo_update"')]
+        assert [json.loads(u[2:])[1]["updateId"] for u in updates] == [update["u"]]
+        rest = [a for a in answers if not a.startswith('42["bbo_update"')]
+        assert [a[:a.index("[")] for a in rest[1::2]] == [f"43{n}" for n in range(count)]
+        assert all(a.startswith('42["pong",{"time":') for a in rest[0::2])
+        assert srv.sessions() == 2 and srv.get("/healthz").status == 200
+
+
+def test_a_flooder_that_never_reads_is_disconnected(tmp_path, monkeypatch):
+    monkeypatch.setattr(bs, "WS_WRITE_TIMEOUT_S", 0.3)
+    with LiveServer(tmp_path) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        other = srv.joined_ws()
+        other.recv_until('42["feed_status"')
+        flooder = srv.joined_ws(rcvbuf=4096)
+        sid = srv.call(lambda: list(srv.app.eio.connections)[-1])  # the newest session
+
+        def shrink() -> None:  # keep the kernel from absorbing the answers on loopback
+            sock = srv.app.eio.connections[sid].ws.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        srv.call(shrink)
+        burst = _ws_frames(['42["ping"]'] * 500)
+        with contextlib.suppress(OSError):                   # the server hangs up on us: that is the point
+            for _ in range(400):
+                flooder.sock.sendall(burst)
+        srv.wait_sessions(1)
+        assert srv.fed.srv.events.closes == [(sid, "outbox overflow")]  # its answers passed the bound
+        update = srv.send("btcusdt", "1.01", "1", "1.10", "1")
+        assert_update_is(json.loads(other.recv_until('42["bbo_update"')[2:])[1], update)
+        flooder.reset()
