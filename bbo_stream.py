@@ -246,28 +246,28 @@ def _parse_bool(text: str) -> bool:
     raise ValueError("expected true or false")
 
 
-def _int_in(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
+def _number_in(convert: Callable[[str], Any], lo: float, hi: float) -> Callable[[str], Any]:
+    """A parser of ``int`` or ``float`` settings within [lo, hi] (NaN fails the range check)."""
+    noun = "an integer" if convert is int else "a number"
+    bounds = f"{lo} to {hi}" if convert is int else f"{lo:g} to {hi:g}"
+
+    def parse(text: str) -> Any:
         try:
-            value = int(text.strip())
+            value = convert(text.strip())
         except ValueError:
-            raise ValueError("expected an integer") from None
+            raise ValueError(f"expected {noun}") from None
         if not lo <= value <= hi:
-            raise ValueError(f"expected an integer from {lo} to {hi}")
+            raise ValueError(f"expected {noun} from {bounds}")
         return value
     return parse
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    return _number_in(int, lo, hi)
 
 
 def _float_in(lo: float, hi: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text.strip())
-        except ValueError:
-            raise ValueError("expected a number") from None
-        if not (lo <= value <= hi) or math.isnan(value):
-            raise ValueError(f"expected a number from {lo:g} to {hi:g}")
-        return value
-    return parse
+    return _number_in(float, lo, hi)
 
 
 def _one_of(*choices: str) -> Callable[[str], str]:
