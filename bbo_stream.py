@@ -2496,6 +2496,16 @@ class EioSession:
             return []
         return self._abort(reason, "1")
 
+    def drop(self, reason: str) -> list[Action]:
+        """End at once as if the transport were lost (shutdown): a parked GET gets a noop, not
+        `1`, so that clients reconnect (to another instance behind a proxy)."""
+        if self.state is EioState.CLOSED:
+            return []
+        if self.state is EioState.CLOSING:
+            self._end()
+            return []
+        return self._abort(reason, "6")
+
     def _abort(self, reason: str, poll_final: str | None) -> list[Action]:
         """Close at once, dropping the queue (ping timeout, protocol error, slow client)."""
         self.outbox.clear()
@@ -3296,11 +3306,13 @@ class BboApp:
         sio.on("unsubscribe")(self.on_unsubscribe)
 
     def on_connect(self, sock: SioSocket, auth: Any) -> None:
+        log.info("sio %s: client %s connected (%s)", sock.conn.sid, sock.conn.peer, sock.conn.transport)
         sock.emit("welcome", {"message": "Welcome to BBO Stream"})
         sock.emit("feed_status", self.feed_status())
         self.hub.attach(sock.conn)
 
     def on_disconnect(self, sock: SioSocket, reason: str) -> None:
+        log.info("sio %s: client %s disconnected (%s)", sock.conn.sid, sock.conn.peer, reason)
         self.hub.detach(sock.conn)
 
     def on_ready(self, sock: SioSocket, *args: Any) -> None:
@@ -4136,11 +4148,16 @@ class EioServer:
         return link
 
     async def close_all(self) -> None:
-        """Close every session (shutdown): polling clients get `1`, WebSocket clients a 1001 close."""
+        """Close every session (shutdown): WebSocket clients get a 1001 close, polling sessions end
+        as if the transport were lost (see `EioSession.drop`): every client reconnects."""
         for conn in list(self.connections.values()):
-            conn.close("server shutdown", CloseCode.GOING_AWAY)
-            if conn.session.state is EioState.CLOSING:
-                conn.abort("server shutdown")  # no GET will come for it now
+            if conn.transport == "websocket":
+                conn.close("server shutdown", CloseCode.GOING_AWAY)
+            else:
+                # Not `1`: python-socketio takes an Engine.IO close as "server disconnect" and does
+                # not reconnect.  A parked GET gets a noop and the session is gone, so the client's
+                # next request fails (refused, or 400 from another instance) and it reconnects.
+                conn._apply(conn.session.drop("server shutdown"))
         await asyncio.sleep(0)
 
 
@@ -4401,10 +4418,13 @@ class HttpServer:
         self.port = 0
         self._accept_task: asyncio.Task | None = None
         self._trusted = [ipaddress.ip_network(n) for n in self.cfg.trusted_proxies]
+        self.closing = False                                 # shutdown began: no new request, no keep-alive
         app.eio.request_outcome = self._count_outcome
 
     def _count_outcome(self, req: HttpRequest, status: int) -> None:
         self.requests[(route_label(req.path), status)] += 1
+        if log.isEnabledFor(logging.DEBUG):  # the access line of an upgrade or an aborted poll
+            log.debug("http %s %s %s → %d", req.peer, req.method, req.target[:200], status)
 
     async def start(self) -> int:
         infos = socket.getaddrinfo(self.cfg.web_host or None, self.cfg.web_port, type=socket.SOCK_STREAM,
@@ -4421,6 +4441,7 @@ class HttpServer:
 
     async def close(self) -> None:
         """Stop accepting; connections are ended by the App's shutdown."""
+        self.closing = True
         if self._accept_task:
             self._accept_task.cancel()
             await asyncio.gather(self._accept_task, return_exceptions=True)
@@ -4442,7 +4463,10 @@ class HttpServer:
 
     async def _handle_socket(self, conn: socket.socket, addr: Any) -> None:
         loop = asyncio.get_running_loop()
-        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        if isinstance(addr, tuple):  # "[v6]:port", so that the address splits off its port
+            peer = f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+        else:
+            peer = str(addr)
         writer = None
         accepted_at = loop.time()
         try:
@@ -4513,12 +4537,12 @@ class HttpServer:
     def client_ip(self, req: HttpRequest) -> str:
         """The peer for logs: X-Forwarded-For's last hop when the peer is a trusted proxy
         (TRUSTED_PROXIES); anyone else could forge the header, so it is ignored then."""
-        host = req.peer.rsplit(":", 1)[0]
+        host = req.peer.rsplit(":", 1)[0].strip("[]")
         fwd = req.header("x-forwarded-for")
         if fwd and self._trusted:
-            with contextlib.suppress(ValueError):
-                if any(ipaddress.ip_address(host.strip("[]")) in net for net in self._trusted):
-                    return fwd.split(",")[-1].strip()[:64] or host
+            with contextlib.suppress(ValueError):  # (a last hop that is no address is ignored)
+                if any(ipaddress.ip_address(host) in net for net in self._trusted):
+                    return str(ipaddress.ip_address(fwd.split(",")[-1].strip()))
         return host
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str,
@@ -4527,6 +4551,8 @@ class HttpServer:
         deadline: float | None = accepted_at + HEAD_TIMEOUT_S
         task = asyncio.current_task()
         while True:
+            if self.closing:  # e.g. a long-poll answered at shutdown: no next request on this connection
+                return
             if deadline is None and task is not None:  # idle keep-alive: shutdown may end it at once
                 self.idle.add(task)
             try:
@@ -4539,8 +4565,7 @@ class HttpServer:
             started = time.perf_counter()
             try:
                 req = parse_request_head(raw_head, peer)
-                if self._trusted and req.header("x-forwarded-for"):
-                    req = dataclasses.replace(req, peer=self.client_ip(req))
+                req = dataclasses.replace(req, peer=self.client_ip(req))  # the client, decided once
                 is_eio = req.path.startswith("/socket.io")
                 limit = self.cfg.max_payload if is_eio else MAX_API_BODY_BYTES
                 try:
@@ -4563,6 +4588,7 @@ class HttpServer:
             resp = await self.dispatch(req, body, reader, writer)
             if resp is None:  # Engine.IO took the connection (and reported its outcome)
                 return
+            keep_alive = keep_alive and not self.closing  # says `Connection: close` during shutdown
             await self._finish(writer, req, resp, keep_alive, started)
             if not keep_alive:
                 return
@@ -4576,7 +4602,7 @@ class HttpServer:
         self.requests[(label, resp.status)] += 1
         await self._send(writer, resp, keep_alive, req.method == "HEAD")
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("http %s %s %s → %d (%.1f ms)", self.client_ip(req), req.method, req.target[:200],
+            log.debug("http %s %s %s → %d (%.1f ms)", req.peer, req.method, req.target[:200],
                       resp.status, (time.perf_counter() - started) * 1000)
 
     async def dispatch(self, req: HttpRequest, body: bytes, reader: asyncio.StreamReader,
@@ -4756,6 +4782,9 @@ def render_metrics(app: App, now: int) -> str:
     states = [s.value for s in FeedState]
     metric("feed_state", "gauge", "1 for the feed's current state",
            ((f'{{state="{s}"}}', int(status["state"] == s)) for s in states))
+    metric("feed_connection_state", "gauge", "1 for each exchange connection's current state (connection = shard index)",
+           ((f'{{connection="{i}",state="{s}"}}', int(shard.state.value == s))
+            for i, shard in enumerate(app.feed.shards) for s in states))
     metric("feed_reconnects_total", "counter", "Exchange connections opened after the first", [("", status["reconnects"])])
     metric("feed_messages_total", "counter", "bookTicker messages received", [("", status["messages"])])
     metric("feed_parse_errors_total", "counter", "Exchange messages that could not be parsed", [("", status["parseErrors"])])
@@ -4818,10 +4847,14 @@ def setup_logging(cfg: Config) -> None:
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    file_error = None
     if cfg.log_to_file:
-        Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.handlers.RotatingFileHandler(
-            Path(cfg.log_dir) / "bbo_stream.log", maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8"))
+        try:
+            Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.handlers.RotatingFileHandler(
+                Path(cfg.log_dir) / "bbo_stream.log", maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8"))
+        except OSError as exc:  # e.g. a volume not writable by the container's user: log to stderr only
+            file_error = exc
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -4830,6 +4863,9 @@ def setup_logging(cfg: Config) -> None:
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
     logging.getLogger("websockets").setLevel(logging.INFO if cfg.debug else logging.WARNING)
+    _WS_LOG.setLevel(logging.DEBUG if cfg.debug else logging.WARNING)  # "connection open" carries no peer
+    if file_error is not None:
+        log.warning("LOG_DIR %s is not usable (%s): logging to stderr only", cfg.log_dir, file_error)
 
 
 async def run_app(cfg: Config) -> int:
