@@ -27,10 +27,12 @@ USER bbo
 EXPOSE 5000
 VOLUME ["/app/cache_data", "/app/logs", "/app/certs"]
 
-# python:3.11-slim has no curl: probe /healthz with the standard library, over HTTP or HTTPS
-# (the same port serves both; the generated certificate is self-signed, so it is not verified).
+# python:3.11-slim has no curl: probe /healthz with the standard library.  The port serves HTTPS
+# and plain HTTP side by side; try the configured scheme first, then the other one, so the check
+# also passes when USE_SSL=true but no certificate was usable (the server then serves plain HTTP,
+# e.g. a certs/ bind mount not writable by uid 10001).  Self-signed: the certificate is not verified.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import os,ssl,sys,urllib.request as u; p=os.environ.get('WEB_PORT','5000'); s=os.environ.get('USE_SSL','true').lower() in ('1','true','yes','on'); c=ssl._create_unverified_context(); sys.exit(0 if u.urlopen(('https' if s else 'http')+'://127.0.0.1:'+p+'/healthz', timeout=4, context=c if s else None).status==200 else 1)"]
+  CMD ["python", "-c", "import os, ssl, urllib.request as u\nport = os.environ.get('WEB_PORT', '5000')\ntls = os.environ.get('USE_SSL', 'true').strip().lower() in ('1', 'true', 'yes', 'on')\nctx = ssl._create_unverified_context()\nfor scheme in (('https', 'http') if tls else ('http', 'https')):\n    try:\n        if u.urlopen(f'{scheme}://127.0.0.1:{port}/healthz', timeout=2, context=ctx).status == 200:\n            raise SystemExit(0)\n    except OSError:\n        pass\nraise SystemExit(1)"]
 
 STOPSIGNAL SIGTERM
 CMD ["python", "bbo_stream.py"]

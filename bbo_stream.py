@@ -3264,7 +3264,8 @@ class Hub:
         stats = self.stats()
         return [
             ("sio_clients", "gauge", "Socket.IO clients receiving updates", [("", stats["clients"])]),
-            ("sio_updates_published_total", "counter", "Updates handed to the fan-out", [("", stats["published"])]),
+            ("sio_updates_published_total", "counter", "Packets handed to the fan-out (updates and feed status "
+             "changes)", [("", stats["published"])]),
             ("sio_deliveries_total", "counter", "Updates written to clients", [("", stats["delivered"])]),
             ("sio_skipped_total", "counter", "Updates superseded by a newer one before a slow or "
              "rate-limited client could take them", [("", stats["skipped"])]),
@@ -4795,15 +4796,15 @@ def render_metrics(app: App, now: int) -> str:
            ((f'{{symbol="{s}"}}', h.crossed) for s, h in hists))
     metric("feed_last_message_age_seconds", "gauge", "Seconds since the symbol's last update",
            ((f'{{symbol="{s}"}}', round((now - h.latest.recv_ms) / 1000, 3)) for s, h in hists if h.latest))
-    out.append("# HELP bbo_feed_latency_ms Exchange→server latency (serverTimestamp - E) of received updates, ms")
-    out.append("# TYPE bbo_feed_latency_ms histogram")
+    out.append("# HELP bbo_feed_latency_seconds Exchange→server latency (serverTimestamp - E) of received updates")
+    out.append("# TYPE bbo_feed_latency_seconds histogram")
+    bounds = [f"{b / 1000:g}" for b in LATENCY_BUCKETS_MS.tolist()] + ["+Inf"]
     for s, h in hists:
         cumulative = np.cumsum(h.latency_hist).tolist()
-        for bound, count in zip(LATENCY_BUCKETS_MS.tolist() + ["+Inf"], cumulative):
-            le = bound if bound == "+Inf" else f"{bound:g}"
-            out.append(f'bbo_feed_latency_ms_bucket{{symbol="{s}",le="{le}"}} {count}')
-        out.append(f'bbo_feed_latency_ms_sum{{symbol="{s}"}} {h.latency_sum_ms}')
-        out.append(f'bbo_feed_latency_ms_count{{symbol="{s}"}} {cumulative[-1]}')
+        for le, count in zip(bounds, cumulative):
+            out.append(f'bbo_feed_latency_seconds_bucket{{symbol="{s}",le="{le}"}} {count}')
+        out.append(f'bbo_feed_latency_seconds_sum{{symbol="{s}"}} {h.latency_sum_ms / 1000:g}')
+        out.append(f'bbo_feed_latency_seconds_count{{symbol="{s}"}} {cumulative[-1]}')
     metric("cache_updates", "gauge", "Raw updates held per symbol", ((f'{{symbol="{s}"}}', len(h.raw)) for s, h in hists))
     metric("cache_memory_bytes", "gauge", "Memory of the history rings per symbol",
            ((f'{{symbol="{s}"}}', h.raw.nbytes + h.bars.nbytes) for s, h in hists))
@@ -4863,7 +4864,9 @@ def setup_logging(cfg: Config) -> None:
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
     logging.getLogger("websockets").setLevel(logging.INFO if cfg.debug else logging.WARNING)
-    _WS_LOG.setLevel(logging.DEBUG if cfg.debug else logging.WARNING)  # "connection open" carries no peer
+    # websockets' own lines carry no peer ("connection open") and, at DEBUG, every request
+    # header (Cookie, Authorization): ours log connects with the client's address instead.
+    _WS_LOG.setLevel(logging.WARNING)
     if file_error is not None:
         log.warning("LOG_DIR %s is not usable (%s): logging to stderr only", cfg.log_dir, file_error)
 

@@ -1,27 +1,49 @@
 #!/usr/bin/env python3
 """Benchmarks of bbo_stream.py (figures for the README; not tests).
 
-    python bench_bbo_stream.py data          # ingest, memory, queries, restart, loop stall
-    python bench_bbo_stream.py data --quick  # smaller sizes, for a smoke run
+    python bench_bbo_stream.py data            # ingest, memory, queries, restart, loop stall
+    python bench_bbo_stream.py data --quick    # smaller sizes, for a smoke run
+    python bench_bbo_stream.py fanout          # Socket.IO fan-out vs python-socketio (a few minutes)
+    python bench_bbo_stream.py fanout --quick  # small sizes, short runs (smoke run)
+    python bench_bbo_stream.py fanout --connections 10000 --only held   # just the held-connections run
 
 Every figure is printed with its baseline from the same run, because these machines are
 noisy: ratios are what to compare across runs.
+
+fanout: the fake exchange (fake_binance.py, in this process) feeds one symbol to the server under
+test (a subprocess: bbo_stream.py, then the baseline, a python-socketio 5 AsyncServer on aiohttp
+that relays the same feed with `await sio.emit("bbo_update", ...)`), which fans it out over plain
+loopback WebSockets to N Socket.IO clients held by a pool of load-client processes. Scenarios:
+100 clients × 100 updates/s, 1,000 × 100/s, 100 × 2,000/s (saturation), 2,000 idle connections,
+and 10,000 held connections (`--connections`), which also get SIGTERM while connected. Per run:
+deliveries/s, the fraction of published updates delivered, exchange→client latency p50/p99
+(matched by `u` against the fake's send time), how fresh the newest price is, server CPU per
+1,000 deliveries and RSS per idle connection (from /proc), and the CPU of everything else on the
+machine (load clients, fake exchange, other processes, interrupts): client and server share the
+cores. Each scenario is a few seconds; the whole run takes a few minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
+import collections
 import gc
 import json
+import math
 import os
 import random
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -221,11 +243,819 @@ def bench_stall(rows: int, rate: int, seconds: float) -> None:
           f"{rate:,} updates/s into a {rows:,}-row cache, {segments} segment(s) compacted meanwhile")
 
 
+# ---------------------------------------------------------------------------------------------
+# fanout: fake exchange → server → N Socket.IO clients over plain loopback WebSockets
+# ---------------------------------------------------------------------------------------------
+# Each server runs as its own subprocess (so /proc gives its CPU and RSS alone); the fake exchange
+# runs in this process (its `sent_at` is the send time of every update, by `u`); the load clients
+# run in a pool of client processes, each holding many connections on one event loop.
+#
+# The load client is deliberately minimal: websockets' sans-I/O ClientProtocol does the opening
+# handshake and frames (masks) what the client sends, then server frames are split by hand and an
+# update is recognised by its `42["bbo_update",` prefix and its "updateId" digits, without JSON.
+# With websockets' asyncio client instead, the clients alone would need more CPU than this
+# machine has at 100,000 messages/s. perf_counter() is CLOCK_MONOTONIC on Linux, shared by all
+# processes, so a client's receive time and the fake's send time are on the same clock.
+
+FANOUT_SYMBOL = "btcusdt"
+_BBO_PREFIX = b'42["bbo_update"'
+_UID_KEY = b'"updateId":'
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_NOT_SEEN = 1e9                              # "never arrived" in latency arrays (seconds)
+_PIN: dict[str, set[int]] = {"server": set()}  # --pin: CPUs of the server (the rest: clients, fake)
+
+
+def _raise_nofile() -> int:
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds all CPUs spent busy since boot (/proc/stat), not counting idle, iowait, irq, softirq."""
+    return _stat_cpu()[0]
+
+
+def _softirq_s() -> float:
+    """CPU seconds of all CPUs in interrupts and softirqs (loopback TCP is largely softirq work)."""
+    return _stat_cpu()[1]
+
+
+def _stat_cpu() -> tuple[float, float]:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return (v[0] + v[1] + v[2] + v[7]) / _CLK_TCK, (v[5] + v[6]) / _CLK_TCK
+
+
+async def _wait_quiet(pool: _ClientPool, max_cores: float, max_wait_s: float) -> tuple[float, float]:
+    """Wait until the rest of the machine uses ≤ max_cores (shared machine); (waited s, last level)."""
+    start = time.perf_counter()
+    while True:
+        b0, c0, s0, t0 = _machine_busy_s(), pool.cpu_s(), time.process_time(), time.perf_counter()
+        await asyncio.sleep(1.0)
+        dt = time.perf_counter() - t0
+        others = (_machine_busy_s() - b0 - (pool.cpu_s() - c0) - (time.process_time() - s0)) / dt
+        waited = time.perf_counter() - start
+        if others <= max_cores or waited >= max_wait_s:
+            return waited, others
+
+
+def _proc_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class _LoadClient(asyncio.Protocol):
+    """One Socket.IO client on a raw WebSocket; records (updateId, receive time) of each update."""
+
+    def __init__(self, url: str, loop: asyncio.AbstractEventLoop) -> None:
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+        self.ws = ClientProtocol(parse_uri(url))  # handshake, then only used to frame what we send
+        self.transport: asyncio.Transport | None = None
+        self.raw = False                          # past the handshake and the Engine.IO open packet
+        self.buf = b""
+        self.us = array.array("q")                # updateId of each bbo_update, in arrival order
+        self.ts = array.array("d")                # perf_counter() when the read that carried it returned
+        self.joined = loop.create_future()        # Socket.IO CONNECT answered (`40{...}`)
+        self.closed = False
+        self.error = ""
+        self.others = 0                           # non-update messages (welcome, feed_status, ...)
+        self.pings = 0
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.ws.send_request(self.ws.connect())
+        self._send_pending()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.joined.done():
+            self.joined.set_exception(ConnectionError(f"closed before joining ({exc or self.error or 'EOF'})"))
+
+    def data_received(self, data: bytes) -> None:
+        t = time.perf_counter()
+        if not self.raw:
+            self._handshake_data(data, t)
+            return
+        if self.buf:
+            data = self.buf + data
+        n, pos = len(data), 0
+        us, ts = self.us, self.ts
+        while n - pos >= 2:
+            length = data[pos + 1] & 0x7F
+            if length < 126:
+                start = pos + 2
+            elif length == 126:
+                if n - pos < 4:
+                    break
+                length, start = (data[pos + 2] << 8) | data[pos + 3], pos + 4
+            else:
+                if n - pos < 10:
+                    break
+                length, start = int.from_bytes(data[pos + 2:pos + 10], "big"), pos + 10
+            end = start + length
+            if end > n:
+                break
+            opcode = data[pos] & 0x0F
+            pos = end
+            if opcode == 1 and data.startswith(_BBO_PREFIX, start):
+                i = data.find(_UID_KEY, start, end) + 11
+                us.append(int(data[i:data.find(b",", i, end)]))
+                ts.append(t)
+            else:
+                self._control(opcode, data[start:end])
+        self.buf = data[pos:] if pos < n else b""
+
+    # -- helpers
+    def _send_pending(self) -> None:
+        chunks = self.ws.data_to_send()
+        if chunks and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(chunks))
+
+    def _send_text(self, text: bytes) -> None:
+        self.ws.send_text(text)
+        self._send_pending()
+
+    def _handshake_data(self, data: bytes, t: float) -> None:
+        from websockets.frames import Frame
+        from websockets.http11 import Response
+        self.ws.receive_data(data)
+        for event in self.ws.events_received():
+            if isinstance(event, Response):
+                if event.status_code != 101:
+                    self.error = f"HTTP {event.status_code} {bytes(event.body[:80]).decode(errors='replace')}"
+            elif isinstance(event, Frame):
+                self._control(event.opcode.value, bytes(event.data))
+        if self.ws.handshake_exc is not None and not self.error:
+            self.error = repr(self.ws.handshake_exc)
+        if self.error and self.transport is not None:
+            self.transport.close()
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        if opcode == 1:
+            if payload == b"2":                   # Engine.IO ping
+                self.pings += 1
+                self._send_text(b"3")
+            elif payload[:1] == b"0":             # Engine.IO open: join namespace "/"
+                self._send_text(b"40")
+                self.raw = True                   # the server sends nothing more until it answers 40
+            elif payload[:2] == b"40":
+                if not self.joined.done():
+                    self.joined.set_result(None)
+            elif payload[:2] == b"41" or payload[:1] == b"1":
+                self.error = f"closed by server: {payload[:40]!r}"
+                self.others += 1
+            elif payload.startswith(_BBO_PREFIX):  # during the handshake path only
+                i = payload.find(_UID_KEY) + 11
+                self.us.append(int(payload[i:payload.find(b",", i)]))
+                self.ts.append(time.perf_counter())
+            else:
+                self.others += 1
+        elif opcode == 9:                         # WebSocket ping
+            self.ws.send_pong(payload)
+            self._send_pending()
+        elif opcode == 8:                         # close: just go
+            if not self.error:
+                self.error = f"close frame {payload[:2].hex()}"
+            if self.transport is not None:
+                self.transport.close()
+
+
+async def _client_session(pipe: Any, host: str, port: int, n: int, concurrency: int, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    url = f"ws://{host}:{port}/socket.io/?EIO=4&transport=websocket"
+    clients: list[_LoadClient] = []
+    sem = asyncio.Semaphore(concurrency)
+    started = time.perf_counter()
+
+    async def one() -> None:
+        client = _LoadClient(url, loop)
+        clients.append(client)
+        async with sem:
+            try:
+                await asyncio.wait_for(loop.create_connection(lambda: client, host, port), timeout)
+                await asyncio.wait_for(asyncio.shield(client.joined), timeout)
+            except Exception as exc:  # noqa: BLE001 - reported to the orchestrator
+                client.error = client.error or f"{type(exc).__name__}: {exc}"
+                if client.transport is not None:
+                    client.transport.close()
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    joined = [c for c in clients if c.joined.done() and not c.joined.exception()]
+    errors = collections.Counter(c.error.split(":")[0][:60] for c in clients if c not in joined)
+    pipe.send(("ready", len(joined), n - len(joined), dict(errors), time.perf_counter() - started))
+    while True:  # "status" → counts so far; "stop" → results, then close everything
+        readable = loop.create_future()
+        loop.add_reader(pipe.fileno(), lambda fut=readable: fut.done() or fut.set_result(None))
+        await readable
+        loop.remove_reader(pipe.fileno())
+        if pipe.recv()[0] != "status":
+            break
+        pipe.send(("status", sum(1 for c in joined if not c.closed and not c.error), sum(c.pings for c in joined)))
+    held = sum(1 for c in joined if not c.closed and not c.error)
+    result = [(c.us.tobytes(), c.ts.tobytes()) for c in joined]
+    lost = collections.Counter(c.error.split(":")[0][:60] or "closed" for c in joined if c.closed or c.error)
+    for c in clients:
+        if c.transport is not None:
+            c.transport.close()
+    pipe.send(("result", result, held, dict(lost), sum(c.pings for c in joined)))
+    await asyncio.sleep(0.2)  # let the FINs go out
+
+
+def _client_worker(pipe: Any) -> None:
+    """A load-client process: runs one session per "run" command until "exit"."""
+    _raise_nofile()
+    while True:
+        cmd = pipe.recv()
+        if cmd[0] == "exit":
+            return
+        _, host, port, n, concurrency, timeout = cmd
+        asyncio.run(_client_session(pipe, host, port, n, concurrency, timeout))
+
+
+class _ClientPool:
+    """Persistent load-client processes (spawned before any event loop runs)."""
+
+    def __init__(self, procs: int) -> None:
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")
+        self.pipes, self.procs = [], []
+        for _ in range(procs):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_client_worker, args=(child,), daemon=True)
+            proc.start()
+            self.pipes.append(parent)
+            self.procs.append(proc)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def cpu_s(self) -> float:
+        return sum(_proc_cpu_s(pid) for pid in self.pids())
+
+    async def start(self, host: str, port: int, n: int, timeout: float) -> dict[str, Any]:
+        """Open n connections spread over the processes; wait until each process reports."""
+        shares = [n // len(self.pipes) + (i < n % len(self.pipes)) for i in range(len(self.pipes))]
+        self.active = [(pipe, k) for pipe, k in zip(self.pipes, shares) if k]
+        for pipe, k in self.active:
+            pipe.send(("run", host, port, k, 100, timeout))
+        replies = await asyncio.gather(*(asyncio.to_thread(pipe.recv) for pipe, _ in self.active))
+        errors: collections.Counter[str] = collections.Counter()
+        for r in replies:
+            errors.update(r[3])
+        return {"joined": sum(r[1] for r in replies), "failed": sum(r[2] for r in replies),
+                "errors": dict(errors), "connect_s": max(r[4] for r in replies)}
+
+    async def status(self) -> tuple[int, int]:
+        """(connections still open, Engine.IO pings answered) across the processes."""
+        for pipe, _ in self.active:
+            pipe.send(("status",))
+        replies = await asyncio.gather(*(asyncio.to_thread(pipe.recv) for pipe, _ in self.active))
+        return sum(r[1] for r in replies), sum(r[2] for r in replies)
+
+    async def stop(self) -> dict[str, Any]:
+        for pipe, _ in self.active:
+            pipe.send(("stop",))
+        replies = await asyncio.gather(*(asyncio.to_thread(pipe.recv) for pipe, _ in self.active))
+        lost: collections.Counter[str] = collections.Counter()
+        for r in replies:
+            lost.update(r[3])
+        received = [(np.frombuffer(u, np.int64), np.frombuffer(t, np.float64)) for r in replies for u, t in r[1]]
+        return {"received": received, "held": sum(r[2] for r in replies), "lost": dict(lost),
+                "pings": sum(r[4] for r in replies)}
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send(("exit",))
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+
+
+# -- the baseline: python-socketio AsyncServer on aiohttp, relaying the fake feed ------------------
+
+async def _baseline_server(port: int, feed_url: str) -> None:
+    import socketio
+    import websockets
+    from aiohttp import web
+    _raise_nofile()
+    sio = socketio.AsyncServer(async_mode="aiohttp", cors_allowed_origins="*", logger=False,
+                               engineio_logger=False)
+    app = web.Application()
+    sio.attach(app)
+
+    @sio.event
+    async def connect(sid: str, environ: dict, auth: Any = None) -> None:
+        await sio.emit("welcome", {"message": "Welcome to BBO Stream"}, to=sid)
+
+    async def relay() -> None:
+        loads = json.loads
+        while True:
+            try:
+                async with websockets.connect(feed_url, max_size=None) as ws:
+                    async for message in ws:
+                        recv = time.time_ns() // 1_000_000
+                        d = loads(message)
+                        if "u" not in d:
+                            continue
+                        # the same keys, in the same order, as our bbo_update
+                        await sio.emit("bbo_update", {
+                            "symbol": d["s"], "bidPrice": d["b"], "bidQty": d["B"], "askPrice": d["a"],
+                            "askQty": d["A"], "timestamp": d["E"], "serverTimestamp": recv,
+                            "backendLatency": recv - d["E"], "updateId": d["u"], "transactionTime": d["T"]})
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep relaying, as a server would
+                print(f"baseline relay: {exc!r}", file=sys.stderr, flush=True)
+                await asyncio.sleep(0.5)
+
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
+    print(f"listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    task = asyncio.create_task(relay())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    task.cancel()
+    await runner.cleanup()
+
+
+# -- orchestration ------------------------------------------------------------------------------------
+
+class _Scenario(NamedTuple):
+    name: str
+    clients: int
+    rate: float          # updates per second (0: idle connections)
+    hold_s: float = 0.0  # idle scenarios: how long to hold the connections
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _ServerProc:
+    """One server under test as a subprocess, its log in a file."""
+
+    def __init__(self, kind: str, feed_base_url: str, logdir: Path) -> None:
+        self.kind = kind
+        self.port = _free_port()
+        self.log_path = logdir / f"{kind}-{self.port}.log"
+        here = Path(__file__).resolve().parent
+        if kind == "ours":
+            cmd = [sys.executable, str(here / "bbo_stream.py"), "--symbol", FANOUT_SYMBOL, "--use-ssl", "false",
+                   "--web-host", "127.0.0.1", "--web-port", str(self.port), "--cache-persist", "false"]
+            env = {**os.environ, "WEBSOCKET_BASE_URL": feed_base_url}
+        else:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "baseline-server", "--port", str(self.port),
+                   "--feed", f"{feed_base_url}/{FANOUT_SYMBOL}@bookTicker"]
+            env = dict(os.environ)
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - the subprocess writes to it until stop()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=here)
+        self.pid = self.proc.pid
+        if _PIN["server"]:
+            os.sched_setaffinity(self.pid, _PIN["server"])
+
+    async def wait_listening(self, timeout: float = 20.0) -> None:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} server exited ({self.proc.returncode}): {self.log_tail()}")
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", self.port)
+                w.close()
+                return
+            except OSError:
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"{self.kind} server not listening after {timeout} s: {self.log_tail()}")
+
+    def metrics(self) -> dict[str, float]:
+        """Our /metrics counters (ours only)."""
+        import urllib.request
+        out: dict[str, float] = {}
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith("sio_") and " " in line:
+                    name, value = line.rsplit(" ", 1)
+                    out[name] = float(value)
+        return out
+
+    def log_tail(self, n: int = 15) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def warnings(self) -> list[str]:
+        if not self.log.closed:
+            self.log.flush()
+        return [line for line in self.log_path.read_text(errors="replace").splitlines()
+                if any(w in line for w in ("WARNING", "ERROR", "Traceback", "Exception", "relay:"))]
+
+    def stop(self) -> int:
+        if self.log.closed:
+            return self.proc.returncode
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def _nearest_rank(sorted_values: np.ndarray, q: float) -> float:
+    if len(sorted_values) == 0:
+        return float("nan")
+    return float(sorted_values[min(len(sorted_values) - 1, max(0, int(np.ceil(q * len(sorted_values))) - 1))])
+
+
+def _analyse(received: list[tuple[np.ndarray, np.ndarray]], sent_at: dict[tuple[str, int], float], n_clients: int,
+             t0: float, t1: float, t_end: float) -> dict[str, float]:
+    """Figures from the clients' (u, time) records and the fake's send times.
+
+    - deliveries: updates received in [t0, t1] (any u), per second;
+    - latency p50/p99: receive - send of those deliveries (a backlog shows up here);
+    - delivered: of the updates published in [t0, t1], the fraction every requested client got by t_end;
+    - fresh p50/p99: for each client and each update published in [t0, t1], the time until the client
+      held that price or a newer one (what "sees the newest price" means when updates are conflated);
+      never by t_end counts as infinite.
+    """
+    sym = FANOUT_SYMBOL.upper()
+    items = sorted((u, s) for (k, u), s in sent_at.items() if k == sym)
+    pub_u = np.fromiter((u for u, _ in items), np.int64, len(items))
+    pub_s = np.fromiter((s for _, s in items), np.float64, len(items))
+    window = (pub_s >= t0) & (pub_s <= t1)
+    win_u, win_s = pub_u[window], pub_s[window]
+    lat_parts, fresh_parts = [], []
+    deliveries = delivered_pairs = unmatched = 0
+    for ru, rt in received:
+        if len(ru) == 0:
+            fresh_parts.append(np.full(len(win_u), _NOT_SEEN))
+            continue
+        idx = np.minimum(np.searchsorted(pub_u, ru), len(pub_u) - 1)
+        matched = pub_u[idx] == ru
+        unmatched += int((~matched).sum())
+        in_win = (rt >= t0) & (rt <= t1)
+        deliveries += int(in_win.sum())
+        sel = in_win & matched
+        lat_parts.append(rt[sel] - pub_s[idx[sel]])
+        ok = rt <= t_end
+        delivered_pairs += int(np.isin(ru[ok], win_u).sum())
+        seen_u = np.maximum.accumulate(ru)
+        j = np.searchsorted(seen_u, win_u, side="left")
+        has = j < len(seen_u)
+        fresh = np.full(len(win_u), _NOT_SEEN)
+        fresh[has] = rt[j[has]] - win_s[has]
+        fresh[has & (rt[np.minimum(j, len(rt) - 1)] > t_end)] = _NOT_SEEN
+        fresh_parts.append(fresh)
+    for _ in range(n_clients - len(received)):  # clients that never joined got nothing
+        fresh_parts.append(np.full(len(win_u), _NOT_SEEN))
+    lat = np.sort(np.concatenate(lat_parts)) if lat_parts else np.array([])
+    fresh = np.sort(np.concatenate(fresh_parts)) if fresh_parts else np.array([])
+    expected = len(win_u) * n_clients
+    return {"published": float(len(win_u)), "published_per_s": len(win_u) / (t1 - t0),
+            "deliveries": float(deliveries), "deliveries_per_s": deliveries / (t1 - t0),
+            "delivered_frac": delivered_pairs / expected if expected else float("nan"),
+            "missed": float(expected - delivered_pairs),
+            "lat_p50": _nearest_rank(lat, 0.50), "lat_p99": _nearest_rank(lat, 0.99),
+            "lat_max": float(lat[-1]) if len(lat) else float("nan"),
+            "fresh_p50": _nearest_rank(fresh, 0.50), "fresh_p99": _nearest_rank(fresh, 0.99),
+            "unmatched": float(unmatched)}
+
+
+async def _run_one(kind: str, sc: _Scenario, pool: _ClientPool, measure_s: float, logdir: Path,
+                   problems: list[str], quiet_cores: float, max_wait_s: float) -> dict[str, Any]:
+    from fake_binance import FakeBinance
+    res: dict[str, Any] = {"kind": kind}
+    res["waited_s"], res["others_before"] = await _wait_quiet(pool, quiet_cores, max_wait_s)
+    async with FakeBinance(market="futures", port=0, record_send_times=True) as fake:
+        server = _ServerProc(kind, fake.base_url, logdir)
+        try:
+            await server.wait_listening()
+            await fake.wait_for_subscribed(FANOUT_SYMBOL, timeout=20)
+            await asyncio.sleep(0.5)
+            if sc.rate == 0:                              # idle: RSS before/after connecting
+                await pool.start("127.0.0.1", server.port, 20, 30)   # warm-up: first-connection allocations
+                await pool.stop()
+                await asyncio.sleep(1.0)
+                rss0 = _proc_rss_kb(server.pid)
+                conn = await pool.start("127.0.0.1", server.port, sc.clients, 120)
+                await asyncio.sleep(1.0)                  # settle: handshakes and welcome messages done
+                rss1 = _proc_rss_kb(server.pid)
+                cpu0, t0 = _proc_cpu_s(server.pid), time.perf_counter()
+                await asyncio.sleep(max(0.0, sc.hold_s - 1.0))
+                cpu1, t1 = _proc_cpu_s(server.pid), time.perf_counter()
+                rss2 = _proc_rss_kb(server.pid)
+                held, pings = await pool.status()
+                if sc.name == "held":                     # SIGTERM with every client still connected
+                    started = time.perf_counter()
+                    res["sigterm_rc"] = await asyncio.to_thread(server.stop)
+                    res["sigterm_s"] = time.perf_counter() - started
+                    await asyncio.sleep(0.5)
+                out = await pool.stop()
+                res.update(conn, held=held, lost=out["lost"], pings=pings, rss0_kb=rss0,
+                           rss1_kb=rss1, rss2_kb=rss2, kb_per_conn=(rss1 - rss0) / max(1, conn["joined"]),
+                           idle_cpu_cores=(cpu1 - cpu0) / (t1 - t0))
+            else:
+                conn = await pool.start("127.0.0.1", server.port, sc.clients, 60)
+                res.update(conn)
+                metrics0 = server.metrics() if kind == "ours" else {}
+                fake.start_generator([FANOUT_SYMBOL], sc.rate)
+                await asyncio.sleep(1.0)                  # warm-up
+                self_cpu0, busy0, irq0 = time.process_time(), _machine_busy_s(), _softirq_s()
+                srv0, cli0, t0 = _proc_cpu_s(server.pid), pool.cpu_s(), time.perf_counter()
+                await asyncio.sleep(measure_s)
+                srv1, cli1, t1 = _proc_cpu_s(server.pid), pool.cpu_s(), time.perf_counter()
+                self_cpu1, busy1, irq1 = time.process_time(), _machine_busy_s(), _softirq_s()
+                metrics1 = server.metrics() if kind == "ours" else {}
+                await asyncio.sleep(1.0)                  # grace: in-flight updates of the window
+                t_end = time.perf_counter()
+                fake.stop_generator()
+                out = await pool.stop()
+                res.update(_analyse(out["received"], fake.sent_at, sc.clients, t0, t1, t_end))
+                res.update(held=out["held"], lost=out["lost"], server_cpu_s=srv1 - srv0,
+                           client_cpu_cores=(cli1 - cli0) / (t1 - t0), fake_cpu_cores=(self_cpu1 - self_cpu0) / (t1 - t0),
+                           server_cpu_cores=(srv1 - srv0) / (t1 - t0), rss_kb=_proc_rss_kb(server.pid),
+                           others_cores=((busy1 - busy0) - (srv1 - srv0) - (cli1 - cli0) - (self_cpu1 - self_cpu0))
+                           / (t1 - t0), irq_cores=(irq1 - irq0) / (t1 - t0))
+                res["cpu_ms_per_1000"] = (1e6 * res["server_cpu_s"] / res["deliveries"]) if res["deliveries"] else float("nan")
+                if metrics1:
+                    res["server_skipped"] = metrics1.get("sio_skipped_total", 0) - metrics0.get("sio_skipped_total", 0)
+                    res["server_published"] = (metrics1.get("sio_updates_published_total", 0)
+                                               - metrics0.get("sio_updates_published_total", 0))
+                if res["unmatched"]:
+                    problems.append(f"{sc.name} {kind}: {res['unmatched']:.0f} received updateIds the fake never sent")
+            if server.proc.poll() is not None and "sigterm_s" not in res:
+                problems.append(f"{sc.name} {kind}: server exited with {server.proc.returncode}")
+        finally:
+            rc = server.stop()
+            warnings = server.warnings()
+            if warnings:
+                problems.append(f"{sc.name} {kind}: {len(warnings)} warning/error line(s) in {server.log_path}, "
+                                f"first: {warnings[0][:300]}")
+            if rc not in (0, -15, None) and "sigterm_s" not in res:
+                problems.append(f"{sc.name} {kind}: exit status {rc} after SIGTERM; log tail:\n{server.log_tail(8)}")
+    return res
+
+
+def _ms(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "n/a"
+    if seconds >= _NOT_SEEN / 2:
+        return "never"
+    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _fmt_rate(sc: _Scenario) -> str:
+    return f"{sc.clients:,} clients × {sc.rate:,.0f}/s" if sc.rate else f"{sc.clients:,} idle connections"
+
+
+def _line(sc: _Scenario, r: dict[str, Any], base: dict[str, Any] | None) -> str:
+    head = f"{sc.name:<9} {_fmt_rate(sc):<24} {r['kind']:<8}"
+    joined = f"{r['joined']:,}/{sc.clients:,} joined"
+    if r.get("failed"):
+        joined += f" ({r['failed']:,} failed: {r['errors']})"
+    if sc.rate == 0:
+        s = (f"{head} {joined} in {r['connect_s']:.1f} s, {r['held']:,} still open after {sc.hold_s:.0f} s "
+             f"({r['pings']:,} Engine.IO pings answered); RSS {r['rss0_kb'] / 1024:.1f} → {r['rss1_kb'] / 1024:.1f} MB "
+             f"= {r['kb_per_conn']:.1f} KB per connection")
+        if base and base.get("kb_per_conn"):
+            s += f" (ratio ours/baseline {r['kb_per_conn'] / base['kb_per_conn']:.2f})"
+        s += f", {r['rss2_kb'] / 1024:.1f} MB at the end; server CPU while idle {r['idle_cpu_cores']:.3f} cores"
+        if r["held"] < r["joined"]:
+            s += f"; lost: {r['lost']}"
+        if "sigterm_s" in r:
+            how = (f"not exited after {r['sigterm_s']:.0f} s, killed" if r["sigterm_rc"] == -signal.SIGKILL
+                   else f"exit status {r['sigterm_rc']} after {r['sigterm_s']:.1f} s")
+            s += f"; SIGTERM with them connected: {how}, clients saw {r['lost']}"
+        return s + _quiet_note(r)
+    s = (f"{head} {joined}; {r['deliveries_per_s']:,.0f} deliveries/s; delivered {100 * r['delivered_frac']:.1f}% "
+         f"of {r['published']:,.0f} updates; latency p50 {_ms(r['lat_p50'])} p99 {_ms(r['lat_p99'])} "
+         f"(max {_ms(r['lat_max'])}); newest price p50 {_ms(r['fresh_p50'])} p99 {_ms(r['fresh_p99'])}; "
+         f"skipped {r['missed']:,.0f}")
+    if "server_skipped" in r:
+        s += f" (server counted {r['server_skipped']:,.0f})"
+    s += f"; server CPU {r['cpu_ms_per_1000']:.1f} ms per 1,000 deliveries ({r['server_cpu_cores']:.2f} cores)"
+    if base and base.get("cpu_ms_per_1000"):
+        s += f", ratio ours/baseline {r['cpu_ms_per_1000'] / base['cpu_ms_per_1000']:.2f}"
+    s += (f"; server RSS {r['rss_kb'] / 1024:.0f} MB at the end; load clients {r['client_cpu_cores']:.2f} cores, "
+          f"fake exchange {r['fake_cpu_cores']:.2f} cores, other processes {r['others_cores']:.2f} cores, "
+          f"interrupts {r['irq_cores']:.2f} cores")
+    if r["held"] < r["joined"]:
+        s += f"; {r['joined'] - r['held']:,} connection(s) lost: {r['lost']}"
+    return s + _quiet_note(r)
+
+
+def _quiet_note(r: dict[str, Any]) -> str:
+    note = ""
+    if r.get("attempt", 1) > 1:
+        note += f" [attempt {r['attempt']}: the earlier one(s) had more load from other processes]"
+    if r.get("waited_s", 0) < 1.5:
+        return note
+    return note + f" [waited {r['waited_s']:.0f} s for the machine to quieten; other load then {r['others_before']:.2f} cores]"
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def _goals(results: dict[str, dict[str, dict[str, Any]]], scenarios: dict[str, _Scenario], quick: bool) -> list[str]:
+    out = ["goals (issue 3), ours:" + (" (--quick sizes: NOT comparable with the goals, smoke run only)" if quick else "")]
+    for name, node_lo, node_hi in (("100x100", 13.0, 15.0), ("1000x100", 9.8, 9.8)):
+        r = results.get(name, {}).get("ours")
+        if not r:
+            continue
+        cpu = r["cpu_ms_per_1000"]
+        where = "below node's" if cpu < node_lo else ("within node's range" if cpu <= node_hi else "above node's")
+        node = f"{node_lo:g}–{node_hi:g}" if node_lo != node_hi else f"{node_lo:g}"
+        out.append(f"  {name}: CPU {cpu:.1f} ms per 1,000 deliveries vs node socket.io {node} ms: {where} → "
+                   f"{_verdict(cpu <= node_hi)}")
+    r = results.get("1000x100", {}).get("ours")
+    if r:
+        full = r["delivered_frac"] >= 0.9995
+        out.append(f"  1000x100: delivered {100 * r['delivered_frac']:.2f}% (goal 100%), p99 {_ms(r['lat_p99'])} "
+                   f"(goal ≤ 20 ms) → {_verdict(full and r['lat_p99'] <= 0.020)}")
+    r = results.get("100x2000", {}).get("ours")
+    if r:
+        out.append(f"  100x2000 (saturation): newest price p99 {_ms(r['fresh_p99'])}, latency p99 {_ms(r['lat_p99'])} "
+                   f"(goal ≤ 50 ms, no backlog), {r['missed']:,.0f} skipped of {r['published'] * scenarios['100x2000'].clients:,.0f} "
+                   f"→ {_verdict(r['fresh_p99'] <= 0.050 and r['lat_p99'] <= 0.050)}")
+    r = results.get("idle", {}).get("ours")
+    if r:
+        out.append(f"  idle {r['joined']:,}: {r['kb_per_conn']:.1f} KB per idle connection (goal ≤ 25 KB) → "
+                   f"{_verdict(r['kb_per_conn'] <= 25 and r['joined'] == scenarios['idle'].clients)}")
+    r = results.get("held", {}).get("ours")
+    if r:
+        n = scenarios["held"].clients
+        out.append(f"  held: {r['joined']:,}/{n:,} joined, {r['held']:,} still open after {scenarios['held'].hold_s:.0f} s "
+                   f"({r['pings']:,} pings answered), RSS {r['rss1_kb'] / 1024:.0f} MB ({r['kb_per_conn']:.1f} KB per "
+                   f"connection) → {_verdict(r['joined'] == n and r['held'] == n)}")
+    return out
+
+
+async def _fanout(args: argparse.Namespace, pool: _ClientPool, out: Any) -> int:
+    quick = args.quick
+    measure_s = 3.0 if quick else args.seconds
+    scenarios = {
+        "100x100": _Scenario("100x100", 20 if quick else 100, 50 if quick else 100),
+        "1000x100": _Scenario("1000x100", 200 if quick else 1000, 50 if quick else 100),
+        "100x2000": _Scenario("100x2000", 20 if quick else 100, 500 if quick else 2000),
+        "idle": _Scenario("idle", 200 if quick else 2000, 0, 3.0),
+        "held": _Scenario("held", args.connections or (1000 if quick else 10_000), 0, 3.0 if quick else 30.0),
+    }
+    if args.connections == 0:
+        del scenarios["held"]
+    if args.only:
+        scenarios = {k: v for k, v in scenarios.items() if k in args.only.split(",")}
+    kinds = [k for k in ("baseline", "ours") if k in args.servers.split(",")]
+    logdir = Path(tempfile.mkdtemp(prefix="bbo-fanout-"))
+    def say(text: str) -> None:
+        print(text, flush=True)
+        if out is not None:
+            out.write(text + "\n")
+            out.flush()
+    say(f"# fanout: bbo_stream {bs.__version__} vs python-socketio {_version('python-socketio')} "
+        f"(python-engineio {_version('python-engineio')}, aiohttp {_version('aiohttp')}); Python "
+        f"{sys.version.split()[0]}, websockets {_version('websockets')}; {os.cpu_count()} CPUs shared by server, "
+        f"{len(pool.procs)} load-client processes and the fake exchange; plain loopback; "
+        f"{measure_s:.0f} s measured per run after 1 s warm-up; server logs in {logdir}")
+    if _PIN["server"]:
+        say(f"# --pin: server on CPU {sorted(_PIN['server'])}, load clients and fake exchange on the other CPU(s)")
+    say(f"# bbo_stream.py at {_git_state()}; before each run, waits (≤ {args.max_wait:.0f} s) until the rest of "
+        f"the machine uses ≤ {args.quiet_cores:.2f} cores")
+    say("# deliveries = bbo_update messages received by clients in the window; latency = client receive − fake "
+        "send (same u); newest price = time until a client holds a price at least as new as each published one; "
+        "skipped = published×clients − delivered; CPU = server process utime+stime from /proc")
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    problems: list[str] = []
+    for name, sc in scenarios.items():
+        results[name] = {}
+        for kind in kinds:
+            try:
+                # On a shared machine, a run that other processes disturbed is repeated (best kept).
+                attempts = 1 if quick or sc.rate == 0 else 1 + args.retries
+                for attempt in range(1, attempts + 1):
+                    r = await _run_one(kind, sc, pool, measure_s, logdir, problems,
+                                       args.quiet_cores, 0.0 if quick else args.max_wait)
+                    r["attempt"] = attempt
+                    best = results[name].get(kind)
+                    if best is None or r.get("others_cores", 0) < best.get("others_cores", 0):
+                        results[name][kind] = r
+                    if r.get("others_cores", 0) <= 2 * args.quiet_cores:
+                        break
+            except Exception as exc:  # noqa: BLE001 - report, go on with the next run
+                problems.append(f"{name} {kind}: run failed: {type(exc).__name__}: {exc}")
+                if kind not in results[name]:
+                    say(f"{name:<9} {_fmt_rate(sc):<24} {kind:<8} FAILED: {type(exc).__name__}: {exc}")
+                    continue
+            say(_line(sc, results[name][kind], results[name].get("baseline") if kind == "ours" else None))
+    for line in _goals(results, scenarios, quick):
+        say(line)
+    if problems:
+        say("problems seen:")
+        for p in problems:
+            say("  " + p)
+    return 0
+
+
+def _git_state() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "bbo_stream.py"], cwd=here, capture_output=True,
+                               text=True, timeout=10, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown commit"
+    return f"commit {head or '?'}" + (" with uncommitted changes" if dirty else "")
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def bench_fanout(args: argparse.Namespace) -> int:
+    _raise_nofile()
+    pool = _ClientPool(args.client_procs or os.cpu_count() or 2)
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        _PIN["server"] = {cpus[0]}
+        rest = set(cpus[1:]) or {cpus[0]}
+        for pid in [*pool.pids(), os.getpid()]:
+            os.sched_setaffinity(pid, rest)
+    out = None
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        out = open(args.output, "w")  # noqa: SIM115 - closed in the finally below
+    try:
+        return asyncio.run(_fanout(args, pool, out))
+    finally:
+        pool.close()
+        if out is not None:
+            out.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["data"], help="which benchmarks")
+    parser.add_argument("what", choices=["data", "fanout", "baseline-server"],
+                        help="which benchmarks (baseline-server: the python-socketio relay fanout starts)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
+    fan = parser.add_argument_group("fanout")
+    fan.add_argument("--connections", type=int, default=None,
+                     help="connections of the 'held' scenario (default 10000; --quick 1000; 0 skips it)")
+    fan.add_argument("--only", default="", help="comma-separated scenarios: 100x100,1000x100,100x2000,idle,held")
+    fan.add_argument("--servers", default="baseline,ours", help="which servers to run (baseline,ours)")
+    fan.add_argument("--seconds", type=float, default=12.0, help="measured seconds per run (default 12)")
+    fan.add_argument("--client-procs", type=int, default=0, help="load-client processes (default: one per CPU)")
+    fan.add_argument("--pin", action="store_true",
+                     help="diagnosis: server alone on the first CPU, load clients and fake exchange on the others")
+    fan.add_argument("--output", default="", help="also write the report to this file")
+    fan.add_argument("--quiet-cores", type=float, default=0.3,
+                     help="before each run, wait until other processes use at most this many cores")
+    fan.add_argument("--max-wait", type=float, default=60.0, help="longest wait for that, in seconds")
+    fan.add_argument("--retries", type=int, default=2,
+                     help="repeat a load run whose window saw more than twice that other load (best kept)")
+    fan.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    fan.add_argument("--feed", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.what == "baseline-server":
+        asyncio.run(_baseline_server(args.port, args.feed))
+        return 0
+    if args.what == "fanout":
+        return bench_fanout(args)
     rows = 100_000 if args.quick else 1_000_000
     print(f"# bbo_stream {bs.__version__}, Python {sys.version.split()[0]}, numpy {np.__version__}, "
           f"{os.cpu_count()} CPUs")

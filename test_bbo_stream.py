@@ -24,6 +24,10 @@ socket.io-client 4.x in ./node_modules (``npm ci``); those tests skip, saying wh
 from __future__ import annotations
 
 import asyncio
+import http.client
+import math
+import pwd
+import uuid
 import base64
 import contextlib
 import email.utils
@@ -45,7 +49,7 @@ import threading
 import time
 import types
 from pathlib import Path
-from typing import Any, Awaitable, Callable, NamedTuple, Self
+from typing import Any, Awaitable, Callable, Iterator, NamedTuple, Self
 
 import numpy as np
 import pytest
@@ -141,14 +145,15 @@ def row_of(bbo: bs.Bbo) -> dict:
     return json.loads(bs.bbo_json(bbo))
 
 
-def poll_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    """Only for conditions nothing can be awaited for (files, subprocesses).  True if met."""
+def poll_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
+    """Only for conditions nothing can be awaited for (files, subprocesses, a port that starts
+    accepting).  Returns the predicate's last value (truthy when met)."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (value := predicate()):
         if time.monotonic() >= deadline:
-            return False
+            return value
         time.sleep(interval)
-    return True
+    return value
 
 
 async def apoll_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
@@ -4540,3 +4545,1095 @@ def test_a_flooder_that_never_reads_is_disconnected(tmp_path, monkeypatch):
         update = srv.send("btcusdt", "1.01", "1", "1.10", "1")
         assert_update_is(json.loads(other.recv_until('42["bbo_update"')[2:])[1], update)
         flooder.reset()
+
+# ================================================================================================
+# End to end: operations (issue 5) — nginx in front of two instances, /metrics, LOG_FORMAT=json,
+# 500 symbols.  The nginx configuration is the one ```nginx block of README.md.
+# ================================================================================================
+# ---- Operations helpers (nginx stack, subprocess instances, Prometheus parsing) --------------------
+
+FAKE_CLI = HERE / "fake_binance.py"
+README = HERE / "README.md"
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+OPS_TIMEOUT_S = 20.0  # nginx + two subprocess instances take longer than in-process tests
+
+needs_nginx = pytest.mark.skipif(NGINX is None or shutil.which("openssl") is None,
+                                 reason="nginx and openssl are needed (.ci/run installs them)")
+
+
+
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accepts(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        return True
+    return False
+
+
+def insecure_tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class Reply:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self) -> Any:
+        assert self.headers.get("content-type", "").startswith("application/json"), self.headers
+        return json.loads(self.body)
+
+
+def http_get(url: str, *headers: tuple[str, str], source: str | None = None, timeout: float = 5.0) -> Reply:
+    """One GET with http.client (https is not verified: self-signed); ``source`` binds the
+    client's address (any 127.0.0.0/8 address works on Linux), so a proxy sees another client."""
+    scheme, rest = url.split("://", 1)
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.partition(":")
+    src = (source, 0) if source else None
+    conn: http.client.HTTPConnection
+    if scheme == "https":
+        conn = http.client.HTTPSConnection(host, int(port), timeout=timeout, source_address=src, context=insecure_tls())
+    else:
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout, source_address=src)
+    try:
+        conn.request("GET", "/" + path, headers=dict(headers))
+        resp = conn.getresponse()
+        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+# -- a subprocess whose output lines are collected by a thread ----------------------------
+
+class Proc:
+    """A subprocess; one thread reads its (merged) output line by line and wakes waiters."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        self.proc = subprocess.Popen(argv, env=env, cwd=str(cwd) if cwd else None, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.reader = threading.Thread(target=self._read, name=f"read-{name}", daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            with self.cond:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self.cond.notify_all()
+        with self.cond:
+            self.lines.append("<EOF>")
+            self.cond.notify_all()
+
+    def output(self) -> str:
+        return f"--- {self.name} ---\n" + "\n".join(self.lines[-60:])
+
+    def wait_line(self, pattern: str, timeout: float = 10.0, start: int = 0) -> re.Match:
+        """The first line from ``start`` on matching ``pattern`` (fails at EOF or timeout)."""
+        deadline = time.monotonic() + timeout
+        seen = start
+        with self.cond:
+            while True:
+                for line in self.lines[seen:]:
+                    if (m := re.search(pattern, line)) is not None:
+                        return m
+                    if line == "<EOF>":
+                        raise AssertionError(f"{self.name} exited before {pattern!r}\n{self.output()}")
+                seen = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no line {pattern!r} from {self.name} within {timeout} s\n{self.output()}")
+                self.cond.wait(remaining)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"{self.name} did not exit within {timeout} s of signal {sig}\n{self.output()}")
+        self.reader.join(5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        self.reader.join(5)
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """The environment without any BBO Stream setting, plus ``settings``."""
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
+    env.update(settings)
+    return env
+
+
+class Instance(Proc):
+    """``python bbo_stream.py`` with WEB_PORT=0 on 127.0.0.1; ``port`` is read from its log."""
+
+    def __init__(self, name: str, cache_dir: Path, base_url: str, *args: str, **settings: str) -> None:
+        argv = [sys.executable, str(MODULE), "--use-ssl", "false", "--web-host", "127.0.0.1", "--web-port", "0",
+                "--cache-dir", str(cache_dir), "--websocket-base-url", base_url, *args]
+        cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(name, argv, clean_env(INITIAL_BACKOFF="0.1", **settings), cwd=cache_dir.parent)
+        self.port = int(self.wait_line(r"listening on \S+:(\d+) ").group(1))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def metrics(self) -> dict[tuple[str, frozenset], float]:
+        reply = http_get(self.url + "/metrics")
+        assert reply.status == 200, reply.body[:200]
+        return parse_prometheus(reply.body.decode())[1]
+
+
+# -- Prometheus text format -------------------------------------------------------------------
+
+SAMPLE_RE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
+                       r'(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*")*)?\})? (\S+)(?: (-?\d+))?$')
+LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\.)*)"')
+TYPES = {"counter", "gauge", "histogram", "summary", "untyped"}
+
+
+def parse_prometheus(text: str) -> tuple[dict[str, str], dict[tuple[str, frozenset], float]]:
+    """Strict parse of the text exposition format 0.0.4: every line is a HELP, a TYPE or a
+    sample ``name{labels} value``; each family has HELP and TYPE before its samples, once; a
+    family's samples are contiguous; no sample repeats.  Returns ({family: type}, {(name,
+    labels): value})."""
+    assert text.endswith("\n"), "the exposition must end with a line feed"
+    types: dict[str, str] = {}
+    helps: set[str] = set()
+    samples: dict[tuple[str, frozenset], float] = {}
+    closed: set[str] = set()
+    current = None
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP "):
+            name = line.split(" ", 3)[2]
+            assert name not in helps, f"second HELP for {name}"
+            helps.add(name)
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in TYPES and name not in types, line
+            assert name in helps, f"TYPE before HELP for {name}"
+            types[name] = kind
+            continue
+        assert not line.startswith("#") and line.strip(), f"unexpected line {line!r}"
+        m = SAMPLE_RE.match(line)
+        assert m, f"not a sample line: {line!r}"
+        name, labels, value = m.group(1), m.group(2) or "", m.group(3)
+        family = name
+        for suffix in ("_bucket", "_sum", "_count"):
+            if name.endswith(suffix) and types.get(name[: -len(suffix)]) == "histogram":
+                family = name[: -len(suffix)]
+        assert family in types, f"sample {name} without a TYPE"
+        if family != current:
+            assert family not in closed, f"samples of {family} are not contiguous"
+            if current:
+                closed.add(current)
+            current = family
+        number = float(value)            # also accepts +Inf, -Inf, NaN
+        key = (name, frozenset(LABEL_RE.findall(labels)))
+        assert key not in samples, f"duplicate sample {line!r}"
+        samples[key] = number
+    return types, samples
+
+
+def sample(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    key = (name, frozenset(labels.items()))
+    assert key in samples, f"no sample {name}{labels}; have {sorted(k[0] for k in samples if k[0].startswith(name))}"
+    return samples[key]
+
+
+# -- the nginx recipe of the README ------------------------------------------------------------
+
+def readme_nginx_block() -> tuple[str, Path]:
+    """The one ```nginx block of README.md: the documented recipe is what the test runs."""
+    blocks = re.findall(r"^```nginx\n(.*?)^```$", README.read_text(), re.MULTILINE | re.DOTALL)
+    assert len(blocks) == 1, f"README.md must have exactly one ```nginx block, has {len(blocks)}"
+    return blocks[0], README
+
+
+def substitute(text: str, pattern: str, replacement: str) -> str:
+    """Replace exactly one occurrence of the regex ``pattern`` (the README changed if not)."""
+    new, n = re.subn(pattern, replacement, text, flags=re.MULTILINE)
+    assert n == 1, f"the README's nginx block should contain {pattern!r} exactly once (found {n})"
+    return new
+
+
+def nginx_config(prefix: Path, http_port: int, https_port: int, upstreams: list[int], cert: Path, key: Path) -> Path:
+    block, _ = readme_nginx_block()
+    block = substitute(block, r"^(\s*)listen 80;", rf"\g<1>listen 127.0.0.1:{http_port};")
+    block = substitute(block, r"^(\s*)listen 443 ssl;", rf"\g<1>listen 127.0.0.1:{https_port} ssl;")
+    servers = re.findall(r"^\s*server 127\.0\.0\.1:(\d+)", block, re.MULTILINE)
+    assert len(servers) == len(upstreams), f"the README's upstream should list {len(upstreams)} servers: {servers}"
+    for documented, port in zip(servers, upstreams):
+        block = substitute(block, rf"^(\s*server 127\.0\.0\.1:){documented}\b", rf"\g<1>{port}")
+    block = substitute(block, r"(ssl_certificate\s+)\S+;", rf"\g<1>{cert};")
+    block = substitute(block, r"(ssl_certificate_key\s+)\S+;", rf"\g<1>{key};")
+    (prefix / "bbo-stream.conf").write_text(block)
+    user = ""
+    if os.geteuid() == 0:  # workers would drop to `nobody`, who cannot read tmp_path
+        user = f"user {pwd.getpwuid(os.getuid()).pw_name};"
+    conf = prefix / "nginx.conf"
+    conf.write_text(f"""
+daemon off;
+master_process on;
+worker_processes 1;
+{user}
+pid {prefix}/nginx.pid;
+error_log stderr notice;
+events {{ worker_connections 1024; }}
+http {{
+    log_format ops '$remote_addr "$request" $status upstream=$upstream_addr';
+    access_log {prefix}/access.log ops;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    include {prefix}/bbo-stream.conf;
+}}
+""")
+    return conf
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+class Stack:
+    """The fake exchange (CLI, generating), two instances and nginx in front of them."""
+
+    def __init__(self, root: Path, symbols: str = "btcusdt,ethusdt", rate: int = 20, **settings: str) -> None:
+        self.procs: list[Proc] = []
+        try:
+            self.fake = self._add(Proc("fake", [sys.executable, str(FAKE_CLI), "--port", "0", "--symbols", symbols,
+                                                "--rate", str(rate)], clean_env()))
+            base_url = self.fake.wait_line(r"WEBSOCKET_BASE_URL=(\S+)").group(1)
+            self.instances = [self._add(Instance(name, root / name / "cache", base_url, "--symbol", symbols,
+                                                 "--trusted-proxies", "127.0.0.1", **settings))
+                              for name in ("a", "b")]
+            prefix = root / "nginx"
+            prefix.mkdir()
+            cert, key = self_signed(prefix)
+            self.http_port, self.https_port = free_port(), free_port()
+            conf = nginx_config(prefix, self.http_port, self.https_port, [i.port for i in self.instances], cert, key)
+            self.access_log = prefix / "access.log"
+            self.nginx = self._add(Proc("nginx", [str(NGINX), "-p", str(prefix), "-c", str(conf), "-e", "stderr"]))
+            if not poll_until(lambda: self.nginx.proc.poll() is not None or
+                              (accepts(self.http_port) and accepts(self.https_port)), 10):
+                raise AssertionError("nginx does not listen\n" + self.nginx.output())
+            if self.nginx.proc.poll() is not None:
+                self.nginx.reader.join(2)
+                raise AssertionError("nginx exited\n" + self.nginx.output())
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, proc: Proc) -> Any:
+        self.procs.append(proc)
+        return proc
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def https(self) -> str:
+        return f"https://127.0.0.1:{self.https_port}"
+
+    def url(self, scheme: str) -> str:
+        return self.https if scheme == "https" else self.http
+
+    def run(self, coro: Awaitable[Any], timeout: float = OPS_TIMEOUT_S) -> Any:
+        """``run`` that shows the processes' output when the scenario fails."""
+        try:
+            return run(coro, timeout)
+        except BaseException:
+            print(self.output())
+            raise
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            with contextlib.suppress(Exception):
+                proc.stop(signal.SIGQUIT if proc.name == "nginx" else signal.SIGTERM, 10)
+            proc.kill()
+
+    def output(self) -> str:
+        return "\n".join(p.output() for p in self.procs)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One nginx stack for the read-only tests; both instances log at DEBUG (access lines)."""
+    if NGINX is None or shutil.which("openssl") is None:
+        pytest.skip("nginx and openssl are needed (.ci/run installs them)")
+    s = Stack(tmp_path_factory.mktemp("stack"), DEBUG="true")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+# -- Socket.IO clients ------------------------------------------------------------------------------
+
+
+
+class SioEvents:
+    """A python-socketio AsyncClient whose events land on one queue as (name, data)."""
+
+    def __init__(self, **client_kw: Any) -> None:
+        import socketio
+        self.client = socketio.AsyncClient(**client_kw)
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        for name in ("welcome", "feed_status", "bbo_update"):
+            self.client.on(name, lambda data, name=name: self.queue.put_nowait((name, data)))
+        self.client.on("connect", lambda: self.queue.put_nowait(("connect", None)))
+        self.client.on("disconnect", lambda *reason: self.queue.put_nowait(("disconnect", reason)))
+
+    async def next(self, name: str, timeout: float = 10.0) -> Any:
+        """The next event ``name`` (earlier events of other names are dropped)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                got, data = await self.queue.get()
+                if got == name:
+                    return data
+
+
+# ---- nginx in front of two instances ----------------------------------------------------------
+
+@needs_nginx
+def test_readme_has_exactly_one_nginx_block_with_the_recipe():
+    block, path = readme_nginx_block()
+    for needle in ("ip_hash", "max_fails=", "fail_timeout=", "proxy_next_upstream", "http_502", "http_503",
+                   "$http_upgrade", "$proxy_add_x_forwarded_for", "ssl_certificate", "location /socket.io/"):
+        assert needle in block, f"{path.name}'s nginx block lacks {needle}"
+    directives = [line.split("#")[0] for line in block.splitlines()]
+    assert not any("non_idempotent" in line for line in directives), "a POST must not be re-sent to another instance"
+
+
+@needs_nginx
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_rest_api_dashboard_and_health_through_nginx(stack, scheme):
+    base = stack.url(scheme)
+    health = http_get(base + "/healthz")
+    assert health.status == 200 and health.json()["status"] == "ok"
+    assert http_get(base + "/api/history/symbols").json() == {"symbols": ["BTCUSDT", "ETHUSDT"]}
+    latest = poll_until(lambda: http_get(base + "/api/bbo").json()["symbols"], 5)
+    assert set(latest) == {"BTCUSDT", "ETHUSDT"}, stack.output()
+    rows = http_get(base + "/api/history/updates?symbol=BTCUSDT&limit=5").json()["updates"]
+    assert 1 <= len(rows) <= 5 and rows[0]["symbol"] == "BTCUSDT"
+    page = http_get(base + "/")
+    assert page.status == 200 and page.headers["content-type"].startswith("text/html")
+    missing = http_get(base + "/api/nope")
+    assert missing.status == 404 and "error" in missing.json()    # an instance's 404 is passed on, not retried
+    assert http_get(base + "/metrics").headers["content-type"].startswith("text/plain; version=0.0.4")
+
+
+@needs_nginx
+def test_curl_through_nginx_over_https_and_http(stack):
+    for url in (stack.https + "/api/history/updates?symbol=ETHUSDT&limit=3", stack.http + "/api/history/symbols"):
+        out = subprocess.run(["curl", "-sS", "--fail", "-k", "--max-time", "5", url],
+                             capture_output=True, text=True, timeout=10, check=False)
+        assert out.returncode == 0, out.stderr
+        body = json.loads(out.stdout)
+        assert body.get("symbol") == "ETHUSDT" or body == {"symbols": ["BTCUSDT", "ETHUSDT"]}
+    head = subprocess.run(["curl", "-sS", "-k", "-I", stack.https + "/healthz"], capture_output=True, text=True,
+                          timeout=10, check=False)
+    assert head.stdout.startswith("HTTP/1.1 200"), head.stdout
+
+
+@needs_nginx
+@pytest.mark.parametrize("scheme", ["http", "https"])
+@pytest.mark.parametrize("mode", list(TRANSPORTS))
+def test_python_socketio_client_through_nginx(stack, mode, scheme):
+    async def scenario() -> None:
+        sio = SioEvents(reconnection=False, ssl_verify=False)
+        await sio.client.connect(stack.url(scheme), transports=TRANSPORTS[mode], wait_timeout=5)
+        try:
+            assert await sio.next("welcome") == {"message": "Welcome to BBO Stream"}
+            assert (await sio.next("feed_status"))["state"] == "live"
+            update = await sio.next("bbo_update")
+            assert update["symbol"] in ("BTCUSDT", "ETHUSDT") and set(update) >= {"bidPrice", "askPrice", "updateId"}
+            assert sio.client.transport() == ("polling" if mode == "polling" else "websocket")
+            assert "time" in await sio.client.call("ping", timeout=5)
+            ack = await sio.client.call("subscribe", {"symbols": ["ethusdt"]}, timeout=5)
+            assert ack["symbols"] == ["ETHUSDT"]
+            sio.queue = asyncio.Queue()  # updates already queued may be BTC
+            for _ in range(3):
+                assert (await sio.next("bbo_update"))["symbol"] == "ETHUSDT"
+        finally:
+            await sio.client.disconnect()
+
+    stack.run(scenario(), OPS_TIMEOUT_S)
+
+
+JS_SCRIPT = r"""
+const { io } = require(process.env.SIO_CLIENT);
+const [url, mode] = process.argv.slice(2);
+const transports = {websocket: ["websocket"], polling: ["polling"], upgrade: ["polling", "websocket"]}[mode];
+const socket = io(url, { transports, reconnection: false, timeout: 5000, rejectUnauthorized: false });
+const out = (o) => process.stdout.write(JSON.stringify(o) + "\n");
+let updates = 0;
+socket.on("welcome", (d) => out({ev: "welcome", d}));
+socket.on("feed_status", (d) => out({ev: "feed_status", state: d.state}));
+socket.on("bbo_update", (d) => {
+  out({ev: "bbo_update", symbol: d.symbol, transport: socket.io.engine.transport.name});
+  if (++updates === 3) socket.disconnect();
+});
+socket.on("disconnect", (r) => { out({ev: "disconnect", r}); process.exit(0); });
+socket.on("connect_error", (e) => { out({ev: "connect_error", m: e.message}); process.exit(1); });
+setTimeout(() => { out({ev: "timeout"}); process.exit(2); }, 10000);
+"""
+
+
+@needs_nginx
+@needs_node
+@pytest.mark.parametrize("scheme,mode", [("https", "websocket"), ("http", "websocket"), ("https", "upgrade")])
+def test_js_socketio_client_through_nginx(stack, tmp_path, scheme, mode):
+    script = tmp_path / "client.js"
+    script.write_text(JS_SCRIPT)
+    out = subprocess.run(["node", str(script), stack.url(scheme), mode], capture_output=True, text=True, timeout=15,
+                         env={**os.environ, "SIO_CLIENT": str(JS_CLIENT)}, check=False)
+    events = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    names = [e["ev"] for e in events]
+    assert names[:2] == ["welcome", "feed_status"] and events[1]["state"] == "live", events
+    updates = [e for e in events if e["ev"] == "bbo_update"]
+    assert len(updates) == 3 and updates[-1]["transport"] == "websocket", events
+    assert names[-1] == "disconnect" and events[-1]["r"] == "io client disconnect"
+
+
+def _logged_clients(stack: Stack, probe: str) -> list[str]:
+    """The client address of the instances' DEBUG access lines for the request with ``probe``."""
+    found = []
+    for inst in stack.instances:
+        with inst.cond:
+            lines = list(inst.lines)
+        found += [m.group(1) for line in lines if (m := re.search(rf"http (\S+) GET \S*{probe}", line))]
+    return found
+
+
+def bound_session(source: str) -> Any:
+    """An aiohttp session whose connections come from ``source`` (for python-socketio)."""
+    import aiohttp
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0), ssl=False))
+
+
+@needs_nginx
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_instances_log_the_client_address_nginx_forwards(stack, scheme):
+    probe = uuid.uuid4().hex
+    # The client connects from 127.0.0.2 and forges X-Forwarded-For: nginx appends the address
+    # it saw, and the instance (TRUSTED_PROXIES=127.0.0.1) logs that last hop only.
+    reply = http_get(f"{stack.url(scheme)}/api/bbo?probe={probe}", ("X-Forwarded-For", "203.0.113.9"),
+                     source="127.0.0.2")
+    assert reply.status == 200
+    assert poll_until(lambda: _logged_clients(stack, probe), 5) == ["127.0.0.2"], stack.output()
+
+    # The same through the /socket.io/ location: a long-polling client's GETs and POSTs.
+    async def polling_client() -> str:
+        session = bound_session("127.0.0.2")
+        sio = SioEvents(reconnection=False, http_session=session)
+        try:
+            await sio.client.connect(stack.url(scheme), transports=["polling"], wait_timeout=5,
+                                     headers={"X-Forwarded-For": "203.0.113.9"})
+            await sio.next("welcome")
+            await sio.client.call("ping", timeout=5)
+            return sio.client.get_sid()
+        finally:
+            await sio.client.disconnect()
+            await session.close()
+
+    sid = stack.run(polling_client())
+    lines = poll_until(lambda: [line for inst in stack.instances for line in list(inst.lines)
+                                if re.search(r"http \S+ POST /socket\.io/\S*", line)
+                                and "127.0.0.2" in line], 5)
+    assert lines, stack.output()
+    assert not any("203.0.113.9" in line for inst in stack.instances for line in list(inst.lines))
+    assert sid
+
+
+@needs_nginx
+def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(stack):
+    probe = uuid.uuid4().hex
+    inst = stack.instances[0]
+    reply = http_get(f"{inst.url}/api/bbo?probe={probe}", ("X-Forwarded-For", "203.0.113.9"), source="127.0.0.3")
+    assert reply.status == 200
+    assert poll_until(lambda: _logged_clients(stack, probe), 5) == ["127.0.0.3"], inst.output()
+
+
+@needs_nginx
+def test_an_ipv6_client_address_from_the_proxy_is_logged_whole(stack):
+    probe = uuid.uuid4().hex
+    inst = stack.instances[0]
+    assert http_get(f"{inst.url}/api/bbo?probe={probe}", ("X-Forwarded-For", "2001:db8::7")).status == 200
+    assert poll_until(lambda: _logged_clients(stack, probe), 5) == ["2001:db8::7"], inst.output()
+
+
+@needs_nginx
+def test_a_websocket_client_through_nginx_is_logged_with_its_address(stack):
+    """A WebSocket-only client makes one HTTP request, the upgrade: its address (nginx's
+    X-Forwarded-For) must still appear in the instance's log (the Socket.IO connect line)."""
+    async def scenario() -> None:
+        session = bound_session("127.0.0.2")
+        sio = SioEvents(reconnection=False, http_session=session)
+        try:
+            await sio.client.connect(stack.http, transports=["websocket"], wait_timeout=5)
+            await sio.next("welcome")
+        finally:
+            await sio.client.disconnect()
+            await session.close()
+
+    mark = [len(inst.lines) for inst in stack.instances]
+    stack.run(scenario(), OPS_TIMEOUT_S)
+
+    def logged() -> list[str]:   # (websockets' DEBUG dump of the raw request headers does not count)
+        return [line for inst, start in zip(stack.instances, mark) for line in list(inst.lines)[start:]
+                if "127.0.0.2" in line and not re.search(r"bbo_stream\.ws: [<>] ", line)]
+    assert poll_until(logged, 2), "no log line names the WebSocket client (127.0.0.2)"
+
+
+class EventLog:
+    """Every Socket.IO event of one python-socketio client, in order, for conditions over the
+    whole history ("connected again after the last disconnect, and an update since")."""
+
+    def __init__(self, **client_kw: Any) -> None:
+        import socketio
+        self.client = socketio.AsyncClient(**client_kw)
+        self.events: list[tuple[str, Any]] = []
+        self.changed = asyncio.Event()
+        for name in ("welcome", "bbo_update"):
+            self.client.on(name, lambda data, name=name: self._add(name, data))
+        self.client.on("disconnect", lambda *reason: self._add("disconnect", reason))
+
+    def _add(self, name: str, data: Any) -> None:
+        self.events.append((name, data))
+        self.changed.set()
+
+    async def until(self, predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate():
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for {what}; events: {[e[0] for e in self.events]}") from None
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.events]
+
+    async def seen(self, name: str, timeout: float = 10.0) -> None:
+        """Until an event ``name`` has arrived (at any time)."""
+        await self.until(lambda: name in self.names(), name, timeout)
+
+    async def seen_update(self, symbol: str, update_id: int, timeout: float = 10.0) -> None:
+        """Until the update (symbol, u) has arrived."""
+        def arrived() -> bool:
+            return any(n == "bbo_update" and (d["symbol"], d["updateId"]) == (symbol, update_id)
+                       for n, d in self.events)
+        await self.until(arrived, f"the update {symbol} u={update_id}", timeout)
+
+    def live_again(self) -> bool:
+        """Disconnected at least once, then welcomed, then an update, and connected now."""
+        names = self.names()
+        if "disconnect" not in names:
+            return False
+        last_drop = len(names) - 1 - names[::-1].index("disconnect")
+        after = names[last_drop + 1:]
+        return self.client.connected and "welcome" in after and "bbo_update" in after[after.index("welcome"):]
+
+
+@needs_nginx
+def test_stopping_one_instance_moves_clients_to_the_other(tmp_path):
+    """SIGTERM to the instance holding the clients: it exits 0; the clients (WebSocket only,
+    polling upgraded to WebSocket, polling only) reconnect through nginx by themselves, get
+    `welcome` again and then updates, from the survivor."""
+    stack = Stack(tmp_path)
+    modes = ("websocket", "upgrade", "polling")
+    try:
+        async def scenario() -> tuple[int, int]:
+            clients = {mode: EventLog(reconnection=True, reconnection_delay=0.1, reconnection_delay_max=0.5,
+                                      randomization_factor=0.0) for mode in modes}
+            for mode, log in clients.items():
+                await log.client.connect(stack.http, transports=TRANSPORTS[mode], wait_timeout=5)
+                await log.seen("bbo_update")
+            # ip_hash: every 127.0.0.x client lands on the same instance
+            counts = [sample(await asyncio.to_thread(i.metrics), "bbo_sio_clients") for i in stack.instances]
+            assert sorted(counts) == [0, len(modes)], counts
+            holder, survivor = stack.instances if counts[0] else stack.instances[::-1]
+            started = time.monotonic()
+            assert await asyncio.to_thread(holder.stop) == 0, holder.output()
+            assert time.monotonic() - started < 10
+            # The holder is gone: the survivor's count decides, then the clients' view (a client
+            # may learn late that a session it had just opened on the holder is lost too).
+            def all_on_survivor() -> Any:
+                metrics = survivor.metrics()
+                return metrics if sample(metrics, "bbo_sio_clients") == len(modes) else None
+            metrics = await asyncio.to_thread(poll_until, all_on_survivor, 10)
+            assert metrics, survivor.output()
+            polling = sum(mode == "polling" for mode in modes)
+            assert sample(metrics, "bbo_eio_sessions", transport="websocket") == len(modes) - polling
+            for mode, log in clients.items():
+                await log.until(log.live_again, f"{mode} client live again")
+                assert log.client.transport() == ("polling" if mode == "polling" else "websocket")
+            for log in clients.values():
+                await log.client.disconnect()
+            return holder.port, survivor.port
+
+        gone, alive = run(scenario(), 40)
+        # nginx saw the holder fail and moved requests on (passive failover): a request retried
+        # from one to the other in the access log, or the failure in the error log.
+        retried = re.search(rf"upstream=127\.0\.0\.1:{gone}, 127\.0\.0\.1:{alive}\b", stack.access_log.read_text())
+        failed = re.search(rf"(failed|prematurely closed).*upstream: \"http://127\.0\.0\.1:{gone}/",
+                           "\n".join(stack.nginx.lines))
+        assert retried or failed, stack.access_log.read_text()[-2000:]
+    except BaseException:
+        print(stack.output())
+        raise
+    finally:
+        stack.close()
+
+
+def test_a_polling_client_is_told_to_reconnect_when_the_server_stops(tmp_path):
+    """A server that stops (SIGTERM: a deploy, a scale-in) must end its sessions in a way the
+    official clients take as a lost transport, so that they reconnect (to another instance
+    behind the proxy).  python-socketio takes an Engine.IO `1` (close) packet as a deliberate
+    server disconnect and does not reconnect; a WebSocket close frame it takes as a lost
+    transport (as socket.io-client does both)."""
+    async def scenario() -> None:
+        async with FakeBinance() as fake:
+            inst = await asyncio.to_thread(Instance, "p", tmp_path / "p" / "cache", fake.base_url)
+            try:
+                log = EventLog(reconnection=True, reconnection_delay=0.1, randomization_factor=0.0)
+                await log.client.connect(inst.url, transports=["polling"], wait_timeout=5)
+                await log.seen("welcome")
+                assert await asyncio.to_thread(inst.stop) == 0
+                await log.until(lambda: "disconnect" in log.names(), "the disconnect")
+                reason = log.events[log.names().index("disconnect")][1]
+                assert reason != ("server disconnect",), "python-socketio will not reconnect"
+            finally:
+                inst.kill()
+                await log.client.disconnect()
+
+    run(scenario(), OPS_TIMEOUT_S)
+
+
+def _raw_request(sock: socket.socket, target: str) -> bytes:
+    """One keep-alive GET on ``sock``; returns the response head and body (Content-Length),
+    or what came before the server closed the connection (b"" for a reset)."""
+    data = b""
+    try:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        return data
+    head, _, body = data.partition(b"\r\n\r\n")
+    found = re.search(rb"(?i)content-length: *(\d+)", head)
+    length = int(found.group(1)) if found else 0
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_shutdown_closes_idle_keep_alive_connections_at_once(tmp_path):
+    """nginx keeps idle connections to its upstreams (`keepalive`), browsers too.  After SIGTERM
+    such an idle connection must be closed at once (not served for the grace period: a
+    reconnecting client could open a session on the dying instance) and the stop stays fast."""
+    async def scenario() -> None:
+        async with FakeBinance() as fake:
+            inst = await asyncio.to_thread(Instance, "k", tmp_path / "k" / "cache", fake.base_url)
+            try:
+                sock = socket.create_connection(("127.0.0.1", inst.port), timeout=5)
+                assert _raw_request(sock, "/healthz").startswith(b"HTTP/1.1 200")   # now idle, kept alive
+                started = time.monotonic()
+                inst.proc.send_signal(signal.SIGTERM)
+                try:
+                    eof = await asyncio.to_thread(sock.recv, 1)
+                except ConnectionResetError:
+                    eof = b""
+                closed_s = time.monotonic() - started
+                sock.close()
+                assert await asyncio.to_thread(inst.stop) == 0
+                exit_s = time.monotonic() - started
+                assert eof == b"" and closed_s < 1.0, f"the idle connection was closed after {closed_s:.1f} s"
+                assert exit_s < 1.5, f"exit took {exit_s:.1f} s with an idle keep-alive connection open"
+            finally:
+                inst.kill()
+
+    run(scenario(), OPS_TIMEOUT_S)
+
+
+def test_shutdown_answers_a_parked_poll_and_closes_its_connection(tmp_path):
+    """A polling client's parked GET is answered at shutdown; its connection must then close
+    (`Connection: close`), not go back to waiting for a next request until the grace period
+    ends: with polling clients connected every stop took 2.5 s longer."""
+    async def scenario() -> None:
+        async with FakeBinance() as fake:
+            inst = await asyncio.to_thread(Instance, "q", tmp_path / "q" / "cache", fake.base_url)
+            try:
+                sock = socket.create_connection(("127.0.0.1", inst.port), timeout=5)
+                opened = _raw_request(sock, "/socket.io/?EIO=4&transport=polling")
+                sid = json.loads(opened.split(b"\r\n\r\n", 1)[1][1:])["sid"]
+                sock.sendall(f"GET /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                             .encode())                                       # parks: nothing to send yet
+                mark = len(inst.lines)
+                started = time.monotonic()
+                inst.proc.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(inst.wait_line, "shutting down", 5, mark)
+                answer = b""
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := await asyncio.to_thread(sock.recv, 65536):
+                        answer += chunk
+                closed_s = time.monotonic() - started
+                sock.close()
+                # 200 when the GET was parked (the session's last packets), 400 when it arrived
+                # after the session ended: either way the client's session is over.
+                assert answer.startswith((b"HTTP/1.1 200", b"HTTP/1.1 400")), answer
+                assert await asyncio.to_thread(inst.stop) == 0
+                assert b"connection: close" in answer.lower(), answer
+                assert closed_s < 1.0, f"the connection was closed {closed_s:.1f} s after SIGTERM"
+            finally:
+                inst.kill()
+
+    run(scenario(), OPS_TIMEOUT_S)
+
+
+# ---- /metrics and LOG_FORMAT=json --------------------------------------------------------------
+
+def histogram(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> tuple[list[tuple[float, float]], float, float]:
+    """([(le, cumulative count)] in le order, sum, count) of one histogram series."""
+    buckets = []
+    for (sname, slabels), value in samples.items():
+        d = dict(slabels)
+        if sname == name + "_bucket" and all(d.get(k) == v for k, v in labels.items()):
+            assert set(d) == set(labels) | {"le"}, d
+            buckets.append((float(d["le"]), value))
+    buckets.sort()
+    return buckets, sample(samples, name + "_sum", **labels), sample(samples, name + "_count", **labels)
+
+
+def test_metrics_are_prometheus_text_and_move_with_traffic(tmp_path):
+    async def scenario() -> None:
+        async with FakeBinance() as fake:
+            inst = await asyncio.to_thread(Instance, "m", tmp_path / "m" / "cache", fake.base_url,
+                                           "--symbol", "btcusdt,ethusdt", CACHE_FLUSH_SECONDS="0.2")
+
+            async def scrape() -> dict[tuple[str, frozenset], float]:
+                reply = await asyncio.to_thread(http_get, inst.url + "/metrics")
+                assert reply.status == 200
+                assert reply.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+                types, samples = parse_prometheus(reply.body.decode())
+                for family, kind in {
+                        "bbo_feed_state": "gauge", "bbo_feed_reconnects_total": "counter",
+                        "bbo_feed_messages_total": "counter", "bbo_feed_duplicates_total": "counter",
+                        "bbo_feed_parse_errors_total": "counter", "bbo_feed_last_message_age_seconds": "gauge",
+                        "bbo_feed_latency_seconds": "histogram", "bbo_eio_sessions": "gauge",
+                        "bbo_sio_clients": "gauge", "bbo_sio_deliveries_total": "counter",
+                        "bbo_sio_skipped_total": "counter", "bbo_eio_slow_disconnects_total": "counter",
+                        "bbo_cache_updates": "gauge", "bbo_persist_lag_seconds": "gauge",
+                        "bbo_persist_errors_total": "counter", "bbo_http_requests_total": "counter"}.items():
+                    assert types.get(family) == kind, (family, types.get(family))
+                return samples
+
+            clients: list[EventLog] = []
+            try:
+                await fake.wait_for_subscribed("btcusdt")
+                before = await scrape()
+                assert sample(before, "bbo_feed_messages_total") == 0
+                assert sample(before, "bbo_sio_clients") == 0
+                for mode in ("websocket", "polling", "websocket"):
+                    log = EventLog(reconnection=False)
+                    await log.client.connect(inst.url, transports=TRANSPORTS[mode], wait_timeout=5)
+                    await log.seen("welcome")
+                    clients.append(log)
+                await clients[2].client.call("subscribe", {"maxRate": 1}, timeout=5)   # conflated
+
+                fake.send_raw('{"e":"bookTicker","u":"not a number"}')                 # a parse error
+                now = bs.now_ms()
+                btc = [fake.send_bbo("btcusdt", f"100.{i}", "1", f"101.{i}", "1", E=now - 300) for i in range(5)]
+                fake.send_bbo("btcusdt", "99.0", "1", "99.5", "1", u=btc[1]["u"], E=now - 300)  # a duplicate
+                eth = [fake.send_bbo("ethusdt", f"20.{i}", "1", f"21.{i}", "1", E=now - 3) for i in range(3)]
+                for log in clients[:2]:
+                    await log.seen_update(eth[-1]["s"], eth[-1]["u"])
+                for _ in range(3):
+                    assert (await asyncio.to_thread(http_get, inst.url + "/api/bbo")).status == 200
+                assert (await asyncio.to_thread(http_get, inst.url + "/api/nope")).status == 404
+                after = await scrape()
+
+                assert sample(after, "bbo_feed_state", state="live") == 1
+                assert sum(v for (n, _), v in after.items() if n == "bbo_feed_state") == 1
+                assert sample(after, "bbo_feed_messages_total") == 9            # 5 + 1 duplicate + 3
+                assert sample(after, "bbo_feed_parse_errors_total") == 1
+                assert sample(after, "bbo_feed_duplicates_total", symbol="BTCUSDT") == 1
+                assert sample(after, "bbo_feed_duplicates_total", symbol="ETHUSDT") == 0
+                assert sample(after, "bbo_feed_reconnects_total") == 0
+                for symbol in ("BTCUSDT", "ETHUSDT"):
+                    assert 0 <= sample(after, "bbo_feed_last_message_age_seconds", symbol=symbol) < 5
+                assert sample(after, "bbo_cache_updates", symbol="BTCUSDT") == 5
+                assert sample(after, "bbo_cache_updates", symbol="ETHUSDT") == 3
+                assert sample(after, "bbo_cache_memory_bytes", symbol="BTCUSDT") > 0
+                for symbol, n, low, high in (("BTCUSDT", 5, 300, 500), ("ETHUSDT", 3, 3, 200)):
+                    buckets_s, total_s, count = histogram(after, "bbo_feed_latency_seconds", symbol=symbol)
+                    buckets = [(round(le * 1000, 6), c) for le, c in buckets_s]     # in ms, as sent
+                    total = total_s * 1000
+                    counts = [c for _, c in buckets]
+                    assert buckets[-1][0] == math.inf and counts == sorted(counts), buckets
+                    assert count == counts[-1] == n
+                    assert n * low <= total < n * high
+                    assert all(c == 0 for le, c in buckets if le < low) and all(c == n for le, c in buckets if le >= high)
+                assert sample(after, "bbo_sio_clients") == 3
+                assert sample(after, "bbo_eio_sessions", transport="websocket") == 2
+                assert sample(after, "bbo_eio_sessions", transport="polling") == 1
+                assert sample(after, "bbo_sio_deliveries_total") >= 2 * 8 + 1
+                assert sample(after, "bbo_sio_skipped_total") >= 1               # the maxRate=1 client's BTC
+                assert sample(after, "bbo_eio_slow_disconnects_total") == 0
+                assert sample(after, "bbo_persist_errors_total") == 0
+                assert 0 <= sample(after, "bbo_persist_lag_seconds") < 5
+                assert sample(after, "bbo_http_requests_total", route="/api/bbo", status="200") == 3
+                assert sample(after, "bbo_http_requests_total", route="other", status="404") == 1
+                assert sample(after, "bbo_http_requests_total", route="/metrics", status="200") == 1  # the first scrape
+                assert sample(after, "bbo_http_requests_total", route="/socket.io/", status="200") >= 2
+                assert sample(after, "bbo_http_requests_total", route="/socket.io/", status="101") == 2
+                again = await scrape()
+                assert sample(again, "bbo_http_requests_total", route="/metrics", status="200") == 2
+
+                # A dropped exchange connection is a reconnect; clients that leave are no longer counted.
+                await fake.drop_all()
+                await fake.wait_for_connections(1, timeout=5)
+                extra = fake.send_bbo("ethusdt", "22.0", "1", "22.5", "1")
+                await clients[0].seen_update("ETHUSDT", extra["u"])
+                for log in clients:
+                    await log.client.disconnect()
+                def without_clients() -> dict | None:
+                    metrics = inst.metrics()
+                    return metrics if sample(metrics, "bbo_sio_clients") == 0 else None
+                final = await asyncio.to_thread(poll_until, without_clients, 5)
+                assert final, "clients still counted after they disconnected"
+                assert sample(final, "bbo_feed_reconnects_total") == 1
+                assert sample(final, "bbo_feed_messages_total") == 10
+                assert sample(final, "bbo_http_requests_total", route="/socket.io/", status="101") == 2
+                assert sum(v for (n, _), v in final.items() if n == "bbo_eio_sessions") == 0
+            finally:
+                for log in clients:
+                    await log.client.disconnect()
+                inst.kill()
+
+    run(scenario(), 30)
+
+
+def test_a_websocket_upgrade_is_counted_when_accepted(tmp_path):
+    async def scenario() -> None:
+        async with FakeBinance() as fake:
+            inst = await asyncio.to_thread(Instance, "u", tmp_path / "u" / "cache", fake.base_url)
+            log = EventLog(reconnection=False)
+            try:
+                await log.client.connect(inst.url, transports=["websocket"], wait_timeout=5)
+                await log.seen("welcome")
+                metrics = await asyncio.to_thread(inst.metrics)
+                assert metrics.get(("bbo_http_requests_total",
+                                    frozenset({("route", "/socket.io/"), ("status", "101")}))) == 1
+            finally:
+                await log.client.disconnect()
+                inst.kill()
+
+    run(scenario(), OPS_TIMEOUT_S)
+
+
+ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+
+
+def test_log_format_json_writes_one_object_per_line(tmp_path):
+    async def scenario() -> list[str]:
+        async with FakeBinance() as fake:
+            inst = await asyncio.to_thread(Instance, "j", tmp_path / "j" / "cache", fake.base_url,
+                                           LOG_FORMAT="json", DEBUG="true")
+            try:
+                await fake.wait_for_subscribed("btcusdt")
+                fake.send_raw("{not json")                                           # a warning
+                fake.send_bbo("btcusdt", "1.0", "1", "1.1", "1")
+                await asyncio.to_thread(inst.wait_line, "malformed message")
+                assert (await asyncio.to_thread(http_get, inst.url + "/api/bbo")).status == 200
+                await asyncio.to_thread(inst.wait_line, "GET /api/bbo")
+                assert await asyncio.to_thread(inst.stop) == 0
+                return inst.lines
+            finally:
+                inst.kill()
+
+    lines = run(scenario(), OPS_TIMEOUT_S)
+    assert lines[-1] == "<EOF>" and len(lines) > 5
+    levels = set()
+    for line in lines[:-1]:
+        doc = json.loads(line)                    # every line, including third-party loggers'
+        assert isinstance(doc, dict), line
+        assert ISO_UTC.match(doc["timestamp"]), doc
+        assert doc["level"] in ("debug", "info", "warning", "error", "critical"), doc
+        assert isinstance(doc["event"], str) and doc["event"], doc
+        levels.add(doc["level"])
+        stamp = time.mktime(time.strptime(doc["timestamp"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        assert abs(stamp - time.time()) < 60, "timestamps are UTC"
+    assert {"debug", "info", "warning"} <= levels
+    events = [json.loads(line)["event"] for line in lines[:-1]]
+    assert any(re.search(r"listening on 127\.0\.0\.1:\d+", e) for e in events)
+    assert any("http 127.0.0.1 GET /api/bbo" in e for e in events)
+    assert any("final flush" in e for e in events)
+
+
+def test_an_unusable_log_dir_is_a_warning_not_a_crash(tmp_path):
+    """In a container, ./logs is often a bind mount the image's user cannot write: the server
+    should say so in one line and keep logging to stderr (as with an unwritable CACHE_DIR)."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    async def scenario() -> None:
+        async with FakeBinance() as fake:
+            inst = None
+            try:
+                inst = await asyncio.to_thread(Instance, "l", tmp_path / "l" / "cache", fake.base_url,
+                                               LOG_TO_FILE="true", LOG_DIR=str(blocker / "logs"))
+                assert any("LOG_DIR" in line for line in inst.lines), inst.output()
+                assert not any("Traceback" in line for line in inst.lines), inst.output()
+                assert await asyncio.to_thread(inst.stop) == 0
+            finally:
+                if inst is not None:
+                    inst.kill()
+
+    run(scenario(), OPS_TIMEOUT_S)
+
+
+# ---- Many symbols -------------------------------------------------------------------------------
+
+SYMBOLS_500 = [f"s{i:03d}usdt" for i in range(500)]
+
+
+def test_500_symbols_on_three_connections_every_symbol_arrives(tmp_path, capsys):
+    """FEED_STREAMS_PER_CONNECTION=200: 500 symbols use 3 exchange connections; one update per
+    symbol reaches /api/bbo; a dropped connection is replaced alone; RSS before and after data."""
+    async def scenario() -> dict[str, int]:
+        async with FakeBinance() as fake:
+            inst = await asyncio.to_thread(Instance, "many", tmp_path / "many" / "cache", fake.base_url,
+                                           "--symbol", ",".join(SYMBOLS_500), FEED_STREAMS_PER_CONNECTION="200",
+                                           CACHE_PERSIST="false")
+            try:
+                conns = await fake.wait_for_connections(3)
+                assert sorted(len(c.streams) for c in conns) == [100, 200, 200]
+                assert set().union(*(c.streams for c in conns)) == {f"{s}@bookTicker" for s in SYMBOLS_500}
+                assert all(c.combined for c in conns)
+                rss = {"before data": rss_kb(inst.proc.pid)}
+
+                log = EventLog(reconnection=False)
+                await log.client.connect(inst.url, transports=["websocket"], wait_timeout=5)
+                sent = {s.upper(): fake.send_bbo(s, f"{i}.10", "1.5", f"{i}.20", "2.5")
+                        for i, s in enumerate(SYMBOLS_500, 1)}
+                await fake.flush()
+                seen: set[str] = set()
+
+                def all_seen() -> bool:
+                    seen.update(d["symbol"] for n, d in log.events if n == "bbo_update")
+                    return len(seen) == 500
+                await log.until(all_seen, "an update of every symbol")
+                await log.client.disconnect()
+                latest = (await asyncio.to_thread(http_get, inst.url + "/api/bbo")).json()["symbols"]
+                assert len(latest) == 500
+                assert all(latest[s]["bidPrice"] == p["b"] and latest[s]["updateId"] == p["u"] for s, p in sent.items())
+                rss["after 1 update/symbol"] = rss_kb(inst.proc.pid)
+
+                for _ in range(99):
+                    for i, s in enumerate(SYMBOLS_500, 1):
+                        fake.send_bbo(s, f"{i}.10", "1.5", f"{i}.20", "2.5")
+                    await fake.flush()
+                stored = await asyncio.to_thread(poll_until, lambda: inst_stats(inst)["totalCached"] == 50_000, 20)
+                assert stored, inst_stats(inst)
+                rss["after 100 updates/symbol"] = rss_kb(inst.proc.pid)
+
+                # Each shard has its own connection: dropping one replaces only that one.
+                victim = next(c for c in fake.connections if len(c.streams) == 100)
+                others = [c for c in fake.connections if c is not victim]
+                victim.ws.transport.abort()
+                await fake._wait_until(lambda: len(fake.connections) == 3 and victim not in fake.connections, 5,
+                                       "the dropped shard to reconnect")
+                assert all(c in fake.connections for c in others)
+                health = (await asyncio.to_thread(http_get, inst.url + "/healthz")).json()["feed"]
+                assert sorted(c["reconnects"] for c in health["connections"]) == [0, 0, 1]
+                return rss
+            finally:
+                inst.kill()
+
+    rss = run(scenario(), 60)
+    with capsys.disabled():
+        print("\n500 symbols, RSS: " + ", ".join(f"{k} {v / 1024:.1f} MiB" for k, v in rss.items()))
+    assert rss["before data"] < 200 * 1024
+    assert rss["after 100 updates/symbol"] - rss["before data"] < 100 * 1024
+
+
+def test_a_dead_shard_is_visible_in_metrics(tmp_path):
+    """3 connections; one is dropped and its reconnects are refused (the other two stay up):
+    a third of the symbols gets no data, which /healthz shows per connection and /metrics
+    should show too (bbo_feed_state is the best connection's state, `live`).  (Whether
+    /readyz should then be 503 is a policy question for the lead: today it is 200.)"""
+    symbols = SYMBOLS_500[:5]
+    async def scenario() -> None:
+        async with FakeBinance() as fake:
+            inst = await asyncio.to_thread(Instance, "d", tmp_path / "d" / "cache", fake.base_url,
+                                           "--symbol", ",".join(symbols), FEED_STREAMS_PER_CONNECTION="2",
+                                           CACHE_PERSIST="false")
+            try:
+                await fake.wait_for_connections(3)
+                for s in symbols:
+                    fake.send_bbo(s, "1.0", "1", "1.1", "1")
+                await asyncio.to_thread(poll_until, lambda: len(http_get(inst.url + "/api/bbo").json()["symbols"]) == 5, 5)
+                fake.set_refuse(True)
+                victim = next(c for c in fake.connections if len(c.streams) == 1)
+                victim.ws.transport.abort()
+                # (the fake signals no event for a refused handshake: poll its counter)
+                for _ in range(250):
+                    if fake.refused_connections:
+                        break
+                    await asyncio.sleep(0.02)
+                assert fake.refused_connections, "the shard did not try to reconnect"
+                health = (await asyncio.to_thread(http_get, inst.url + "/healthz")).json()["feed"]
+                assert sorted(c["state"] for c in health["connections"]) == ["backoff", "live", "live"]
+                metrics = await asyncio.to_thread(inst.metrics)
+                shown = {(name, frozenset(labels)) for (name, labels), v in metrics.items()
+                         if name.startswith("bbo_feed") and dict(labels).get("state") == "backoff" and v == 1}
+                assert shown, "no bbo_feed_* sample shows the connection in backoff"
+            finally:
+                inst.kill()
+
+    run(scenario(), OPS_TIMEOUT_S)
+
+
+def inst_stats(inst: Instance) -> dict:
+    return http_get(inst.url + "/api/history/stats").json()["cache"]
