@@ -750,7 +750,9 @@ class ShardHealth:
 
     def connecting(self, now_ms: int) -> None:
         self.next_attempt_ms = None
-        if self.state is not FeedState.LIVE:  # a rotation connects while staying live
+        # A rotation connects while staying live; a reconnect after a silent stall stays `stale`
+        # until data flows again (else a stalled exchange would read "connecting" most of the time).
+        if self.state not in (FeedState.LIVE, FeedState.STALE):
             self._set(FeedState.CONNECTING, now_ms, self.reason)
 
     def opened(self, now_ms: int) -> None:
