@@ -6,6 +6,7 @@
     python bench_bbo_stream.py fanout          # Socket.IO fan-out vs python-socketio (a few minutes)
     python bench_bbo_stream.py fanout --quick  # small sizes, short runs (smoke run)
     python bench_bbo_stream.py fanout --connections 10000 --only held   # just the held-connections run
+    python bench_bbo_stream.py dashboard       # chart redraw, main-thread share, series size (Chromium)
 
 Every figure is printed with its baseline from the same run, because these machines are
 noisy: ratios are what to compare across runs.
@@ -42,14 +43,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import statistics
 import time
 import tracemalloc
+import urllib.parse
+import threading
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 import bbo_stream as bs
+import fake_binance
 
 
 def make_messages(n: int, symbol: str = "BTCUSDT", seed: int = 1, t0: int = 1_725_955_336_476) -> list[str]:
@@ -1030,9 +1035,242 @@ def bench_fanout(args: argparse.Namespace) -> int:
             out.close()
 
 
+# ---- dashboard (issue 4): headless Chromium against a server on a pre-filled cache ----------
+
+DASH_CHROMIUM = "/usr/bin/chromium"
+DASH_CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                      "--disable-dev-shm-usage"]
+
+
+class _DashFeedThread:
+    """FakeBinance on its own event loop in a thread (Playwright's sync API refuses a running loop)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="bench-fake-exchange", daemon=True)
+        self.thread.start()
+        self.fake = self.run(fake_binance.FakeBinance(market="futures", seed=7).start())
+
+    def run(self, coro: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        async def on_loop() -> Any:
+            return fn(*args, **kw)
+        return self.run(on_loop())
+
+    def rate(self, per_symbol: float) -> None:
+        """Generator rate per symbol (two symbols: the total is twice this)."""
+        self.call(self.fake.start_generator, ["btcusdt", "ethusdt"], per_symbol, decimals=(2, 3))
+
+    def close(self) -> None:
+        self.run(self.fake.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def _dash_prefilled_cache(cache_dir: Path, rows: int) -> int:
+    """CACHE_DIR with `rows` raw BTCUSDT updates (the last rows/20 s) and a day of 1 s bars before them,
+    written by bbo_stream's own classes.  Returns the number of bars written."""
+    cfg = bs.Config(cache_dir=str(cache_dir), cache_max_items=rows, symbol=("BTCUSDT", "ETHUSDT"))
+    src, _ = filled_history(rows, "BTCUSDT")
+    history = bs.BboHistory(rows, cfg.bars_capacity)
+    history.symbols["BTCUSDT"] = src.symbols["BTCUSDT"]
+    history.get("ETHUSDT")
+    bs.CachePersistence(cfg, history).flush_sync()
+    return len(src.symbols["BTCUSDT"].bars)
+
+
+def _dash_metrics(cdp: Any) -> dict[str, float]:
+    return {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+
+
+def _dash_main_thread(page: Any, seconds: float, domain: str = "timeTicks") -> dict[str, float]:
+    """Main-thread busy fractions over `seconds` (CDP Performance metrics), messages and redraws per second.
+    timeTicks: wall time of main-thread tasks; threadTicks: CPU time the main thread actually got."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Performance.enable", {"timeDomain": domain})
+    m0, p0 = _dash_metrics(cdp), page.evaluate("[bboDebug.state.stats.bboMessages, bboDebug.chart.drawCount()]")
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    m1, p1 = _dash_metrics(cdp), page.evaluate("[bboDebug.state.stats.bboMessages, bboDebug.chart.drawCount()]")
+    wall = time.perf_counter() - t0
+    cdp.detach()
+    out = {k: (m1[k] - m0[k]) / wall for k in ("TaskDuration", "ScriptDuration", "LayoutDuration",
+                                                  "RecalcStyleDuration")}
+    out["msgs"] = (p1[0] - p0[0]) / wall
+    out["draws"] = (p1[1] - p0[1]) / wall
+    return out
+
+
+def bench_dashboard(quick: bool) -> None:
+    """Dashboard figures in headless Chromium: chart redraw with 1,000,000 points, main-thread time at
+    1,000 updates/s, size of the decimated series for a 1-day view."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        print("dashboard: SKIPPED: the playwright package is missing (pip install playwright==1.65.2)")
+        return
+    if not os.path.exists(DASH_CHROMIUM):
+        print(f"dashboard: SKIPPED: {DASH_CHROMIUM} not found (apt-get install chromium)")
+        return
+    rows = 100_000 if quick else 1_000_000
+    measure_s = 3.0 if quick else 5.0
+    repeats = 3 if quick else 5
+    tmp = Path(tempfile.mkdtemp(prefix="bbo-bench-dash-"))
+    # the generator's random walk starts near the prefilled history's price, so the day view is one line
+    fake_binance.START_PRICES["btc"] = 57_231.50
+    feed = _DashFeedThread()
+    proc = None
+    log = open(tmp / "server.log", "wb")  # noqa: SIM115 - the subprocess writes to it until the end
+    try:
+        t = time.perf_counter()
+        bars = _dash_prefilled_cache(tmp / "cache", rows)
+        prefill_s = time.perf_counter() - t
+        port = _free_port()
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(bs.__file__).resolve()), "--symbol", "btcusdt,ethusdt", "--use-ssl", "false",
+             "--web-host", "127.0.0.1", "--web-port", str(port), "--cache-dir", str(tmp / "cache"),
+             "--cache-max-items", str(rows), "--websocket-base-url", feed.fake.base_url],
+            stdout=log, stderr=subprocess.STDOUT, cwd=Path(bs.__file__).resolve().parent)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.perf_counter() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.perf_counter() > deadline:
+                    raise RuntimeError(f"server did not start:\n{(tmp / 'server.log').read_text()[-2000:]}") from None
+                time.sleep(0.1)
+        feed.run(feed.fake.wait_for_subscribed("btcusdt"))
+        feed.rate(5)                                   # a quiet live feed (10 updates/s in total)
+        print(f"dashboard: server restored {rows:,} raw updates + {bars:,} 1 s bars of BTCUSDT "
+              f"(cache written in {prefill_s:.1f} s); headless Chromium, {os.cpu_count()} CPUs, no GPU "
+              f"(software raster); load average {os.getloadavg()[0]:.1f} at the start")
+
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=DASH_CHROMIUM, args=DASH_CHROMIUM_ARGS)
+            version = browser.version
+            try:
+                # --- 1. size of the decimated series for a 1-day view (the request the page itself makes)
+                ctx = browser.new_context(viewport={"width": 1440, "height": 900})
+                page = ctx.new_page()
+                responses: list[Any] = []
+                page.on("response", lambda r: responses.append(r) if "/api/history/series" in r.url else None)
+                page.goto(url + "/?tf=1d&store=0")
+                page.wait_for_function("() => { const b = window.bboDebug && bboDebug.chart.backfill(); "
+                                       "return b && b.tier === 'bars' && b.n > 0; }", timeout=30_000)
+                page.wait_for_timeout(300)
+                series = [(r.url, len(r.body())) for r in responses if r.status == 200]
+                def span_ms(u: str) -> int:
+                    q = urllib.parse.parse_qs(urllib.parse.urlsplit(u).query)
+                    return int(q["end_time"][0]) - int(q["start_time"][0])
+                day = [(u, n) for u, n in series if span_ms(u) >= 86_000_000]
+                if not day:
+                    raise RuntimeError(f"the page made no 1-day series request: {series}")
+                req_url, size = day[0]
+                q = urllib.parse.parse_qs(urllib.parse.urlsplit(req_url).query)
+                bf = page.evaluate("(() => { const b = bboDebug.chart.backfill(); "
+                                   "return {n: b.n, bucket_ms: b.bucket_ms, tier: b.tier}; })()")
+                print(f"dashboard: decimated series for a 1-day view (1440×900, as the page asks: "
+                      f"buckets={q['buckets'][0]}): {size / 1000:.1f} kB JSON, {bf['n']} buckets of "
+                      f"{bf['bucket_ms'] / 1000:g} s from the {bf['tier']} tier (goal ≤ 100 kB) "
+                      f"{'OK' if size <= 100_000 else 'OVER'}")
+                with urllib.request.urlopen(url + "/api/history/series?" + urllib.parse.urlencode(
+                        {"symbol": "BTCUSDT", "start_time": q["start_time"][0], "end_time": q["end_time"][0],
+                         "buckets": 2000}), timeout=10) as r:
+                    big = len(r.read())
+                print(f"dashboard:   for comparison, the largest request the page makes (2000 buckets, a "
+                      f"2000 px plot): {big / 1000:.1f} kB")
+                ctx.close()
+
+                # --- 2. redraw with 1,000,000 points (median of 5 redraws incl. rasterisation, per call)
+                views: tuple[tuple[str, Any, int], ...] = (
+                    ("1440×900 @1x", {"width": 1440, "height": 900}, 1),
+                    ("1440×900 @2x", {"width": 1440, "height": 900}, 2),
+                    ("375×667 @2x", {"width": 375, "height": 667}, 2))
+                for label, vp, dpr in views:
+                    ctx = browser.new_context(viewport=vp, device_scale_factor=dpr)
+                    page = ctx.new_page()
+                    page.goto(url + "/?store=0")
+                    page.wait_for_function("() => window.bboDebug && bboDebug.connection().state === 'connected' "
+                                           "&& bboDebug.chart.pointCount() > 0", timeout=20_000)
+                    page.wait_for_timeout(500)
+                    normal = page.evaluate("(() => { const t = []; for (let i = 0; i < 9; i++) t.push(bboDebug.chart.redraw()); "
+                                           "t.sort((a, b) => a - b); return [t[4], bboDebug.chart.pointCount()]; })()")
+                    # the point count is read in the same task: the next live update finds the buffer full
+                    # and drops its oldest tenth (PointBuffer._grow at MAX_POINTS)
+                    runs = [page.evaluate("[bboDebug.loadSyntheticPoints(1_000_000), bboDebug.chart.pointCount()]")
+                            for _ in range(repeats)]
+                    ms = [r[0] for r in runs]
+                    n = min(r[1] for r in runs)
+                    ok = statistics.median(ms) <= 16
+                    goal = f" (goal ≤ 16 ms) {'OK' if ok else 'OVER'}" if dpr == 1 and vp["width"] == 1440 else ""
+                    print(f"dashboard: chart redraw with {n:,} points, {label}: median {statistics.median(ms):.1f} ms, "
+                          f"range {min(ms):.1f}–{max(ms):.1f} ms over {repeats}×5 redraws{goal}; baseline: the live "
+                          f"chart ({normal[1]:,} points) {normal[0]:.1f} ms")
+                    ctx.close()
+
+                # --- 3. main-thread time per second at 1,000 updates/s (and a quiet baseline)
+                ctx = browser.new_context(viewport={"width": 1440, "height": 900})
+                page = ctx.new_page()
+                page.goto(url + "/?store=0")
+                page.wait_for_function("() => window.bboDebug && bboDebug.connection().state === 'connected' "
+                                       "&& bboDebug.transport() === 'websocket'", timeout=20_000)
+                page.wait_for_timeout(2000)
+                # interleaved windows (quiet, busy, busy CPU time) x rounds, medians: this machine is shared
+                rounds = 1 if quick else 3
+                quiet_w, busy_w, busy_c = [], [], []
+                for _ in range(rounds):
+                    feed.rate(5)
+                    page.wait_for_timeout(1500)
+                    quiet_w.append(_dash_main_thread(page, measure_s))
+                    feed.rate(500)                             # 2 symbols × 500/s = 1,000 updates/s
+                    page.wait_for_timeout(1500)
+                    busy_w.append(_dash_main_thread(page, measure_s))
+                    busy_c.append(_dash_main_thread(page, measure_s, "threadTicks"))
+                feed.rate(5)
+
+                def med(runs: list[dict[str, float]]) -> dict[str, float]:
+                    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+                def spread(runs: list[dict[str, float]]) -> str:
+                    v = sorted(r["TaskDuration"] * 100 for r in runs)
+                    return f" (range {v[0]:.1f}–{v[-1]:.1f}%)" if len(v) > 1 else ""
+                busy, quiet, cpu = med(busy_w), med(quiet_w), med(busy_c)
+                what = f"median of {rounds} × {measure_s:g} s" if rounds > 1 else f"{measure_s:g} s"
+                for name, r, runs in (("1,000 updates/s", busy, busy_w), ("baseline, 10 updates/s", quiet, quiet_w)):
+                    goal = f" (goal ≤ 20%) {'OK' if r['TaskDuration'] <= 0.20 else 'OVER'}" if r is busy else ""
+                    print(f"dashboard: main thread at {name}, {what} (1440×900, 1m view): "
+                          f"{r['TaskDuration'] * 100:.1f}% of wall time in tasks{spread(runs)}{goal} — script "
+                          f"{r['ScriptDuration'] * 100:.1f}%, layout {r['LayoutDuration'] * 100:.1f}%, style "
+                          f"{r['RecalcStyleDuration'] * 100:.1f}%; {r['msgs']:,.0f} bbo_update/s received, "
+                          f"{r['draws']:.1f} chart redraws/s")
+                print(f"dashboard:   at 1,000 updates/s in main-thread CPU time (threadTicks): "
+                      f"{cpu['TaskDuration'] * 100:.1f}%{spread(busy_c)} (script {cpu['ScriptDuration'] * 100:.1f}%)")
+                ctx.close()
+            finally:
+                browser.close()
+        print(f"dashboard: Chromium {version} headless, Playwright sync API; CDP Performance.getMetrics "
+              f"TaskDuration = main-thread task time (raster runs on other threads)")
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+        feed.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["data", "fanout", "baseline-server"],
+    parser.add_argument("what", choices=["data", "fanout", "dashboard", "baseline-server"],
                         help="which benchmarks (baseline-server: the python-socketio relay fanout starts)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     fan = parser.add_argument_group("fanout")
@@ -1055,6 +1293,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.what == "baseline-server":
         asyncio.run(_baseline_server(args.port, args.feed))
+        return 0
+    if args.what == "dashboard":
+        bench_dashboard(args.quick)
         return 0
     if args.what == "fanout":
         return bench_fanout(args)
