@@ -36,6 +36,49 @@ Sections (tests in test_bbo_stream.py follow the same order)::
     §10 sessions (Engine.IO, Socket.IO)   §19 app lifecycle
                                           §20 CLI
 
+Socket.IO endpoint, in layers::
+
+    HTTP layer --HttpRequest--> EioServer.handle_request(req, body, reader, writer)
+        |  polling GET/POST -> HttpResponse          WebSocket -> takes the connection, returns None
+        v
+    EioServer: sessions (EioSession, pure) + transports    callbacks: on_open / on_message / on_close
+        v
+    SioServer: namespaces, on(event) handlers, acks        SioSocket.emit(...)
+        v
+    BboApp: welcome, ready, request_initial_data, ping, subscribe/unsubscribe, feed_status
+    Hub: publish(bbo) encodes once (packet text + WebSocket frame) and fans out to every client
+
+Engine.IO server API. ``eio = EioServer(ping_interval_ms=25000, ping_timeout_ms=20000,
+max_payload=1_000_000, max_clients=10_000)`` (or ``EioServer.from_config(cfg)``). The layer
+above sets ``eio.handler`` to an object with three plain (non-async, non-blocking) methods:
+``on_open(conn)``, ``on_message(conn, data)`` where ``data`` is ``str`` for a text message and
+``bytes`` for a binary one, and ``on_close(conn, reason)``. The HTTP layer calls
+``await eio.handle_request(req, body, reader, writer)`` for every request under ``/socket.io/``.
+An ``EioConnection`` offers ``send(text)``, ``send_binary(raw)``, ``close(reason)``,
+``transport`` ("polling" or "websocket"), ``sid``, ``peer`` and a free slot ``upper`` for the
+layer above. ``await eio.close_all()`` closes every session (shutdown).
+
+Socket.IO server API. ``sio = SioServer(eio)`` installs itself as ``eio.handler``. Handlers are
+plain functions, run on the event loop, that must not block::
+
+    @sio.on("echo")                    # namespace="/" by default; any other name creates it
+    def echo(sock, *args):             # sock: SioSocket; args: the event's JSON arguments
+        return args                    # the return value is the ack: None -> [], tuple -> its items,
+                                       # anything else -> [value]; sent only if the client asked
+    @sio.on_connect()                  # handler(sock, auth); raise SioConnectRefused(msg, data)
+    @sio.on_disconnect()               # handler(sock, reason)
+
+``sock.emit(event, *args, callback=None)`` sends an event (``callback(*ack_args)`` runs when the
+client acknowledges), ``sock.disconnect()`` leaves the namespace (sends DISCONNECT),
+``sock.conn`` is its EioConnection, ``sock.data`` is a dict for the application.
+
+Checked against the reference. node socket.io 4.8.4 / engine.io 6.6.11 (npm) ran on this
+machine with the same handlers, and raw sockets plus websockets' client compared what each side
+puts on the wire: handshake, errors, POST/GET bodies and headers, duplicate GET, aborted GET,
+ping timeout, upgrade, second WebSocket, oversized payloads, malformed packets, namespaces,
+acks. A comment "(ref: ...)" records what the reference did at the branch it justifies;
+test_bbo_stream.py replays the same cases against this code. Deliberate differences say so.
+
 Glossary: BBO = best bid and offer (top of book); ``u`` = Binance order-book update id;
 E = exchange event time (ms); T = matching-engine transaction time (ms); EIO = Engine.IO
 (transport protocol v4); SIO = Socket.IO (protocol v5); sid = session id.
