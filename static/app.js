@@ -11,15 +11,17 @@
  *   §3  State (symbols, BBO, feed status, connection statistics, live point buffers)
  *   §4  Chart (canvas, per-pixel-column min/max decimation, axes, outages,
  *       zoom / pan / crosshair, server backfill)
- *   §5  UI updates (batched with requestAnimationFrame, never once per message)
+ *   §5  UI updates (batched into requestAnimationFrame callbacks, never once per message)
  *   §6  Historical data view (REST: latency stats, paged updates, CSV)
  *   §7  Boot, timers, localStorage, test hooks
  *
- * Rendering: messages only update state and set dirty flags; one requestAnimationFrame loop
+ * Rendering: messages only update state and set dirty flags; a requestAnimationFrame callback
  * applies them. Price texts and the chart repaint together at most every 50 ms (20 per second),
- * zoom / pan in the next frame. Chart times are server times (serverTimestamp = the server's
- * receive time, the time base of /api/history/series and of the REST range filters); the clock
- * offset to the server is estimated from the `ping` acks.
+ * zoom / pan in the next frame. No frame is requested between repaints: a timer waits until
+ * something is due (the following view slides 1 px, or a throttled repaint may run). Chart
+ * times are server times (serverTimestamp = the server's receive time, the time base of
+ * /api/history/series and of the REST range filters); the clock offset to the server is
+ * estimated from the `ping` acks.
  *
  * Page URL parameters
  *   ?transport=polling     force HTTP long-polling (no WebSocket attempt)
@@ -78,7 +80,22 @@ const params = new URLSearchParams(location.search);
 const reducedMotion = window.matchMedia && matchMedia('(prefers-reduced-motion: reduce)').matches;
 
 function setText(el, text) {
-  if (el && el.textContent !== text) el.textContent = text;
+  if (!el) return;
+  const n = el.firstChild;
+  if (n && n.nodeType === 3 && !n.nextSibling) {
+    // one text node: update it in place (no node replaced, no childList mutation)
+    if (n.nodeValue !== text) n.nodeValue = text;
+  } else if (el.textContent !== text) {
+    el.textContent = text;
+  }
+}
+/** Meter fill as a fraction 0…1, drawn with transform: scaleX() (compositor, no layout); the
+ *  style is written only when the value moves by at least 0.2 %, so the transition is not
+ *  restarted by every repaint. */
+function setScaleX(node, f) {
+  if (!node) return;
+  const v = `scaleX(${(Math.round(clamp(f, 0, 1) * 500) / 500).toFixed(3)})`;
+  if (node.bboScaleX !== v) { node.bboScaleX = v; node.style.transform = v; }
 }
 function setAttr(el, name, value) {
   if (el && el.getAttribute(name) !== value) el.setAttribute(name, value);
@@ -1350,7 +1367,9 @@ function ensureBackfill(force = false) {
   }
   const start = Math.floor(v0), end = Math.ceil(v1);
   if (end <= start) return;
-  const buckets = clamp(Math.round(plotW), 50, 2000);
+  // one bucket per CSS pixel, capped at 1000: the chart min/max-decimates per pixel column anyway,
+  // and 1000 buckets keep a 1-day series under ~100 kB of JSON even on a 2560-px screen
+  const buckets = clamp(Math.round(plotW), 50, 1000);
   const key = `${sym}|${start}|${end}|${buckets}`;
   if (chart.bfPending) {
     if (chart.bfPending.key === key) return;
@@ -1387,31 +1406,65 @@ function ensureBackfill(force = false) {
 
 const dirty = { bbo: true, tabs: true, status: true, symbols: true };
 let frameRequested = false;
+let wakeTimer = 0, wakeAt = Infinity;
 
-function requestFrame() {
-  if (frameRequested) return;
-  frameRequested = true;
-  requestAnimationFrame(frame);
-}
-
-/** One animation frame: apply everything that changed since the last one. */
 // Data-driven repaints (price texts, tabs and the chart, together in one frame so they always
 // agree) happen at most every PAINT_INTERVAL ms: 20 per second is smooth to the eye and keeps the
 // main thread free under a fast feed. Zoom / pan redraw the chart in the very next frame.
+// There is no free-running requestAnimationFrame loop: a frame is requested only when something
+// is due (dirty and allowed by the throttle, or the following view has moved >= 1 px); until then
+// one setTimeout waits for the earliest due time. Between repaints the page asks for no frames.
 const PAINT_INTERVAL = 50;
 let lastPaint = 0;
 
+/** Milliseconds until the next frame has work to do (<= 0: now; Infinity: nothing pending). */
+function frameDueIn(t) {
+  if (dirty.symbols || dirty.status) return 0;
+  const heavy = Math.min(250, chart.lastDrawMs * 4);   // a million-point chart throttles itself
+  let due = Infinity;
+  if (chart.interactive && chart.dirty) due = chart.lastDrawAt + heavy - t;
+  const paintAt = lastPaint + Math.max(PAINT_INTERVAL, heavy);
+  if (dirty.bbo || dirty.tabs || chart.dirty) due = Math.min(due, paintAt - t);
+  if (chart.view.follow) {
+    const pxMs = chart.view.span / Math.max(1, chart.cssW - chart.axisW);   // time per CSS pixel
+    due = Math.min(due, Math.max(paintAt, chart.lastDrawAt + pxMs) - t);
+  }
+  return due;
+}
+
+/** Something changed: get a frame as soon as the throttle allows (cheap to call per message). */
+function requestFrame() {
+  if (frameRequested) return;
+  const t = performance.now();
+  const wait = frameDueIn(t);
+  if (wait <= 0) {
+    if (wakeTimer) { clearTimeout(wakeTimer); wakeTimer = 0; wakeAt = Infinity; }
+    frameRequested = true;
+    requestAnimationFrame(frame);
+  } else if (wait < Infinity && t + wait < wakeAt - 1) {
+    if (wakeTimer) clearTimeout(wakeTimer);
+    wakeAt = t + wait;
+    wakeTimer = setTimeout(onWake, Math.max(1, Math.ceil(wait)));
+  }
+}
+function onWake() {
+  wakeTimer = 0; wakeAt = Infinity;
+  requestFrame();
+}
+
+/** One animation frame: apply everything that changed since the last one. */
 function frame() {
   frameRequested = false;
   const t = performance.now();
   if (dirty.symbols) { dirty.symbols = false; renderSymbols(); }
   if (dirty.status) { dirty.status = false; renderStatus(); }
-  const heavy = Math.min(250, chart.lastDrawMs * 4);   // a million-point chart throttles itself
+  const heavy = Math.min(250, chart.lastDrawMs * 4);
   const pxMs = chart.view.span / Math.max(1, chart.cssW - chart.axisW);
-  const slid = chart.view.follow && t - chart.lastDrawAt >= pxMs;   // the view moved >= 1 px
+  // the view moved >= 1 px (1 ms of slack: timers and frames do not land on the exact ms)
+  const slid = chart.view.follow && t - chart.lastDrawAt >= pxMs - 1;
   if (chart.interactive && chart.dirty && t - chart.lastDrawAt >= heavy) {
     drawChart();
-  } else if (t - lastPaint >= Math.max(PAINT_INTERVAL, heavy) &&
+  } else if (t - lastPaint >= Math.max(PAINT_INTERVAL, heavy) - 1 &&
              (dirty.bbo || dirty.tabs || chart.dirty || slid)) {
     lastPaint = t;
     if (dirty.bbo) { dirty.bbo = false; renderBbo(); }
@@ -1419,8 +1472,8 @@ function frame() {
     if (chart.dirty || slid) drawChart();
   }
   chart.interactive = false;
-  // keep the loop alive while following (the view slides with time) or while something waits
-  if (chart.view.follow || chart.dirty || dirty.bbo || dirty.tabs) requestFrame();
+  // schedule the next one: a frame now if due, else a timer for when it will be
+  requestFrame();
 }
 
 const el = {};
@@ -1485,8 +1538,12 @@ const shown = { sym: null, bid: NaN, ask: NaN, anims: {} };
 function flash(node, up) {
   if (reducedMotion || !node.animate) return;
   const key = node.id;
-  if (shown.anims[key]) shown.anims[key].cancel();
-  node.style.setProperty('--flash', up ? 'rgba(23,199,132,0.30)' : 'rgba(246,70,93,0.30)');
+  const prev = shown.anims[key];
+  // a flash still running on this price is left to finish: restarting it on every 20 Hz repaint
+  // under a fast feed would keep the element animating (and its style recalculating) non-stop
+  if (prev && prev.playState === 'running') return;
+  const colour = up ? 'rgba(23,199,132,0.30)' : 'rgba(246,70,93,0.30)';
+  if (node.bboFlash !== colour) { node.bboFlash = colour; node.style.setProperty('--flash', colour); }
   shown.anims[key] = node.animate([{ opacity: 1 }, { opacity: 0 }],
     { duration: 600, easing: 'ease-out', pseudoElement: '::before' });
 }
@@ -1498,7 +1555,7 @@ function renderBbo() {
   if (!p) {
     for (const id of ['bid-price', 'ask-price', 'bid-qty', 'ask-qty', 'spread', 'mid-price', 'bbo-time', 'bbo-update-id', 'bbo-latency']) setText(el[id], '—');
     setText(el['spread-bps'], '— bps');
-    el['spread-fill'].style.width = '0%';
+    setScaleX(el['spread-fill'], 0);
     shown.sym = sym; shown.bid = NaN; shown.ask = NaN;
     return;
   }
@@ -1520,14 +1577,14 @@ function renderBbo() {
     setAttr(el['spread-main'], 'data-crossed', String(sm.crossed));
     // log scale 0.01 … 100 bps
     const pos = Number.isFinite(sm.bps) && sm.bps > 0 ? clamp((Math.log10(sm.bps) + 2) / 4, 0.015, 1) : 0;
-    el['spread-fill'].style.width = `${(pos * 100).toFixed(1)}%`;
+    setScaleX(el['spread-fill'], pos);
     setAttr(el['spread-fill'], 'data-level', sm.bps <= 5 ? 'good' : sm.bps <= 25 ? 'warn' : 'bad');
     setAttr(el['spread-indicator'], 'aria-label', `Spread ${sm.spread} (${fmtBps(sm.bps)})`);
   }
   const bq = Number(p.bidQty), aq = Number(p.askQty);
   if (bq + aq > 0) {
     const f = bq / (bq + aq);
-    el['imbalance-bid'].style.width = `${(f * 100).toFixed(1)}%`;
+    setScaleX(el['imbalance-bid'], f);
     setText(el['imbalance-bid-pct'], `${Math.round(f * 100)}%`);
     setText(el['imbalance-ask-pct'], `${100 - Math.round(f * 100)}%`);
   }
@@ -1796,7 +1853,11 @@ function histOlder() {
   const oldest = rowTime(hist.rows[0]);
   // The API pages by time only (newest `limit` rows up to end_time): ask again up to the
   // oldest time shown, and drop the rows of that same millisecond that are already shown.
+  // When every row shown sits in that millisecond (a burst bigger than a page), the boundary
+  // does not move: carry the previous page's exclude set forward so its rows stay excluded too.
+  const cur = hist.pages[hist.pages.length - 1];
   const exclude = new Set(hist.rows.filter((r) => rowTime(r) === oldest).map(rowKey));
+  if (cur && cur.end === oldest) for (const k of cur.exclude) exclude.add(k);
   histFetchPage({ end: oldest, exclude }, hist.seq);
 }
 
