@@ -4327,6 +4327,10 @@ def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 @pytest.mark.filterwarnings("ignore:Unverified HTTPS request")   # ssl_verify=False is the point
 @pytest.mark.parametrize("mode", list(TRANSPORTS))
 def test_python_client_over_tls(tmp_path, tls_cert, mode, monkeypatch):
+    # The asyncio client: the sync client reads and writes one SSL socket from two threads
+    # (python-engineio's reader and writer over websocket-client), which OpenSSL does not allow;
+    # about 1 run in 20 its socket dies mid-stream ("WebSocket connection was closed, aborting")
+    # with no fault on the wire.  Over plain TCP the sync client is tested on every transport.
     cert, key = tls_cert
     # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's verify=False, which
     # is how python-engineio applies ssl_verify=False to polling; without them it takes effect.
@@ -4335,7 +4339,7 @@ def test_python_client_over_tls(tmp_path, tls_cert, mode, monkeypatch):
     with LiveServer(tmp_path, ("BTCUSDT", "ETHUSDT"), use_ssl=True, ssl_cert_path=cert, ssl_key_path=key) as srv:
         assert srv.call(lambda: srv.app.http.ssl_ctx) is not None
         url = srv.url.replace("http://", "https://")
-        client_session(srv, srv.keep(PyClient(url, mode, ssl_verify=False)))
+        client_session(srv, srv.keep(AsyncPyClient(url, mode, ssl_verify=False)))
 
 
 def test_seed_python_example_runs_verbatim(tmp_path):
