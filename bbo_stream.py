@@ -3330,7 +3330,7 @@ class BboApp:
         sio: the Socket.IO server to register on.
         hub: the fan-out hub the feed publishes to.
         latest_bbos: returns the current Bbo of every symbol (for request_initial_data).
-        feed_status: returns the feed status object (contract.md), sent on connect.
+        feed_status: returns the feed status object (the "feed" of /healthz), sent on connect.
         now_ms: wall clock in ms for `pong` (injectable for tests).
         symbols: the configured symbols (what "all symbols" means before each has sent data).
     """
@@ -3997,11 +3997,14 @@ class EioServer:
 
     async def handle_request(self, req: HttpRequest, body: bytes | None, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> HttpResponse | None:
-        """Serve one request under /socket.io/ (contract.md).
+        """Serve one request under /socket.io/ for the HTTP layer (§18).
 
         `body` is None when the HTTP layer did not read it because it exceeds max_payload.
-        Returns the response for polling, the handshake and errors, or None once a WebSocket
-        took over the connection (the HTTP layer then leaves reader and writer alone).
+        Returns the response for polling, the handshake and errors (the HTTP layer adds the
+        framing and CORS headers and writes it), or None once this took the connection: a
+        WebSocket, or a parked GET whose client left; the outcome then goes to
+        `request_outcome` and the HTTP layer leaves reader and writer alone.  While a GET is
+        parked, `reader` is watched for EOF (the client going away closes the session).
         """
         query = {key: values[-1] for key, values in req.query.items() if values}  # node: last one wins
         upgrade = _is_upgrade(req)
