@@ -1064,8 +1064,8 @@ def _merge_bar(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def rows_to_json_objects(cols: dict[str, np.ndarray], symbol: str) -> list[str]:
-    """Raw ring columns → compact JSON objects (bbo_json's keys), oldest first."""
+def rows_to_bbos(cols: dict[str, np.ndarray], symbol: str) -> list[Bbo]:
+    """Raw ring columns → Bbo records with the exchange's exact strings, oldest first."""
     recv = cols["recv_ms"].tolist()
     lat = cols["latency_ms"].tolist()
     emt = cols["e_minus_t_ms"].tolist()
@@ -1075,18 +1075,24 @@ def rows_to_json_objects(cols: dict[str, np.ndarray], symbol: str) -> list[str]:
     out = []
     for i, r in enumerate(recv):
         event = r if lat[i] == INT32_NULL else r - lat[i]
-        out.append(bbo_json(Bbo(symbol, prices[0][i], prices[1][i], prices[2][i], prices[3][i], event, r,
-                                None if lat[i] == INT32_NULL else lat[i],
-                                None if emt[i] == INT32_NULL else event - emt[i], uid[i])))
+        out.append(Bbo(symbol, prices[0][i], prices[1][i], prices[2][i], prices[3][i], event, r,
+                       None if lat[i] == INT32_NULL else lat[i],
+                       None if emt[i] == INT32_NULL else event - emt[i], uid[i]))
     return out
+
+
+def rows_to_json_objects(cols: dict[str, np.ndarray], symbol: str) -> list[str]:
+    """Raw ring columns → compact JSON objects (bbo_json's keys), oldest first."""
+    return [bbo_json(bbo) for bbo in rows_to_bbos(cols, symbol)]
 
 
 def rows_to_csv(cols: dict[str, np.ndarray], symbol: str) -> str:
     """Raw ring columns → CSV with a header of BBO_KEYS (empty cell = null)."""
     lines = [",".join(BBO_KEYS)]
-    for obj in rows_to_json_objects(cols, symbol):
-        row = json.loads(obj)
-        lines.append(",".join("" if row[k] is None else str(row[k]) for k in BBO_KEYS))
+    for b in rows_to_bbos(cols, symbol):
+        values = (b.symbol, b.bid_price, b.bid_qty, b.ask_price, b.ask_qty, b.event_ms, b.recv_ms,
+                  b.latency_ms, b.update_id, b.transaction_ms)  # BBO_KEYS order
+        lines.append(",".join("" if v is None else str(v) for v in values))
     return "\r\n".join(lines) + "\r\n"
 
 
@@ -1222,10 +1228,7 @@ class SymbolHistory:
         """After loading from disk: dedupe state and `latest` from the newest row."""
         if not len(cols["recv_ms"]):
             return
-        obj = json.loads(rows_to_json_objects({k: v[-1:] for k, v in cols.items()}, self.symbol)[0])
-        self.latest = Bbo(self.symbol, obj["bidPrice"], obj["bidQty"], obj["askPrice"], obj["askQty"],
-                          obj["timestamp"], obj["serverTimestamp"], obj["backendLatency"],
-                          obj["transactionTime"], obj["updateId"])
+        [self.latest] = rows_to_bbos({k: v[-1:] for k, v in cols.items()}, self.symbol)
         self.last_u, self.last_event_ms = self.latest.update_id, self.latest.event_ms
 
     # -- outages ----------------------------------------------------------------
@@ -1303,13 +1306,11 @@ class SymbolHistory:
         out["time"] = (start_ms + idx[starts] * bucket_ms).tolist()
         for side in ("bid", "ask"):
             first, low, high, last = src[side]
-            cap = side.capitalize()
             empty = not len(starts)
             out[f"{side}First"] = [] if empty else first[starts].tolist()
             out[f"{side}Min"] = [] if empty else np.minimum.reduceat(low, starts).tolist()
             out[f"{side}Max"] = [] if empty else np.maximum.reduceat(high, starts).tolist()
             out[f"{side}Last"] = [] if empty else last[ends - 1].tolist()
-            del cap
         out["count"] = [] if not len(starts) else np.add.reduceat(counts, starts).tolist()
         out["outages"] = self.outages_in(start_ms, end_ms)
         return out
@@ -2539,22 +2540,20 @@ class EioSession:
 
     def abort(self, reason: str, now: float) -> list[Action]:
         """Close at once, dropping the queue: protocol errors, slow clients, a lost transport."""
-        if self.state is EioState.CLOSED:
-            return []
-        if self.state is EioState.CLOSING:
-            self._end()
-            return []
-        return self._abort(reason, "1")
+        return self._end_now(reason, "1")
 
     def drop(self, reason: str) -> list[Action]:
         """End at once as if the transport were lost (shutdown): a parked GET gets a noop, not
         `1`, so that clients reconnect (to another instance behind a proxy)."""
+        return self._end_now(reason, "6")
+
+    def _end_now(self, reason: str, poll_final: str) -> list[Action]:
         if self.state is EioState.CLOSED:
             return []
         if self.state is EioState.CLOSING:
             self._end()
             return []
-        return self._abort(reason, "6")
+        return self._abort(reason, poll_final)
 
     def _abort(self, reason: str, poll_final: str | None) -> list[Action]:
         """Close at once, dropping the queue (ping timeout, protocol error, slow client)."""
