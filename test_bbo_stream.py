@@ -521,10 +521,13 @@ class Fed(NamedTuple):
 
 
 @contextlib.asynccontextmanager
-async def fed_app(tmp_path: Path, symbols: tuple[str, ...] = ("BTCUSDT",), **overrides: Any):
-    """FakeBinance plus ``App`` subscribed to ``symbols`` on it, in the running loop."""
-    async with (FakeBinance("futures") as fake,
-                serving(make_cfg(tmp_path, fake.base_url, symbol=",".join(symbols), **overrides)) as srv):
+async def fed_app(tmp_path: Path, symbols: tuple[str, ...] = ("BTCUSDT",), market: str = "futures",
+                  **overrides: Any):
+    """FakeBinance (of ``market``) plus ``App`` subscribed to ``symbols`` on it, in the running loop;
+    yields once every symbol's stream is subscribed.  Unpacks as ``(fake, srv)``."""
+    async with (FakeBinance(market) as fake,
+                serving(make_cfg(tmp_path, fake.base_url, symbol=",".join(symbols), market=market,
+                                 **overrides)) as srv):
         for symbol in symbols:
             await fake.wait_for_subscribed(symbol.lower())
         yield Fed(fake, srv)
@@ -2254,151 +2257,135 @@ def test_feed_combined_stream_for_several_symbols(tmp_path, fast_feed):
 
 def test_feed_spot_payloads_have_receive_time_and_no_latency(tmp_path, fast_feed):
     async def scenario():
-        async with FakeBinance("spot") as fake:
-            async with serving(make_cfg(tmp_path, fake.base_url, market="spot", symbol="BNBUSDT")) as srv:
-                await fake.wait_for_subscribed("bnbusdt")
-                sent = fake.send_bbo("bnbusdt", "25.35190000", "31.21000000", "25.36520000", "40.66000000", u=400900217)
-                await srv.wait_updates(1)
-                [row] = (await srv.get_json("/api/history/updates?symbol=BNBUSDT"))["updates"]
-                assert _fields(row) == _sent_fields(sent)
-                assert row["timestamp"] == row["serverTimestamp"]
-                assert (row["backendLatency"], row["transactionTime"]) == (None, None)
-                lat = await srv.get_json("/api/history/latency?symbol=BNBUSDT")
-                assert lat["count"] == 0 and lat["mean"] is None
+        async with fed_app(tmp_path, ("BNBUSDT",), market="spot") as (fake, srv):
+            sent = fake.send_bbo("bnbusdt", "25.35190000", "31.21000000", "25.36520000", "40.66000000", u=400900217)
+            await srv.wait_updates(1)
+            [row] = (await srv.get_json("/api/history/updates?symbol=BNBUSDT"))["updates"]
+            assert _fields(row) == _sent_fields(sent)
+            assert row["timestamp"] == row["serverTimestamp"]
+            assert (row["backendLatency"], row["transactionTime"]) == (None, None)
+            lat = await srv.get_json("/api/history/latency?symbol=BNBUSDT")
+            assert lat["count"] == 0 and lat["mean"] is None
     run(scenario())
 
 
 def test_feed_coinm_payloads(tmp_path, fast_feed):
     async def scenario():
-        async with FakeBinance("coinm") as fake:
-            async with serving(make_cfg(tmp_path, fake.base_url, market="coinm", symbol="BTCUSD_PERP")) as srv:
-                await fake.wait_for_subscribed("btcusd_perp")
-                sent = fake.send_bbo("BTCUSD_PERP", "9548.1", "52", "9548.5", "11")
-                await srv.wait_updates(1)
-                [row] = (await srv.get_json("/api/history/updates?symbol=btcusd_perp"))["updates"]
-                assert _fields(row) == _sent_fields(sent) and row["symbol"] == "BTCUSD_PERP"
-                assert row["timestamp"] == sent["E"]
+        async with fed_app(tmp_path, ("BTCUSD_PERP",), market="coinm") as (fake, srv):
+            sent = fake.send_bbo("BTCUSD_PERP", "9548.1", "52", "9548.5", "11")
+            await srv.wait_updates(1)
+            [row] = (await srv.get_json("/api/history/updates?symbol=btcusd_perp"))["updates"]
+            assert _fields(row) == _sent_fields(sent) and row["symbol"] == "BTCUSD_PERP"
+            assert row["timestamp"] == sent["E"]
     run(scenario())
 
 
 def test_feed_drops_duplicates_and_out_of_order_and_counts_them(tmp_path, fast_feed):
     async def scenario():
-        async with FakeBinance("futures") as fake:
-            async with serving(make_cfg(tmp_path, fake.base_url)) as srv:
-                await fake.wait_for_subscribed("btcusdt")
-                e = bs.now_ms()
-                fake.send_bbo("btcusdt", "1.10", "1", "1.20", "1", u=10, E=e)
-                fake.send_bbo("btcusdt", "1.10", "1", "1.20", "1", u=10, E=e)          # duplicate
-                fake.send_bbo("btcusdt", "1.00", "1", "1.30", "1", u=9, E=e - 50)      # out of order
-                fake.send_bbo("btcusdt", "1.11", "1", "1.21", "1", u=11, E=e + 1)
-                await srv.wait_updates(2)
-                rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
-                assert [r["updateId"] for r in rows] == [10, 11]
-                feed = (await srv.get_json("/healthz"))["feed"]
-                assert (feed["duplicates"], feed["messages"]) == (2, 4)
-                assert feed["symbols"]["BTCUSDT"]["duplicates"] == 2
+        async with fed_app(tmp_path) as (fake, srv):
+            e = bs.now_ms()
+            fake.send_bbo("btcusdt", "1.10", "1", "1.20", "1", u=10, E=e)
+            fake.send_bbo("btcusdt", "1.10", "1", "1.20", "1", u=10, E=e)          # duplicate
+            fake.send_bbo("btcusdt", "1.00", "1", "1.30", "1", u=9, E=e - 50)      # out of order
+            fake.send_bbo("btcusdt", "1.11", "1", "1.21", "1", u=11, E=e + 1)
+            await srv.wait_updates(2)
+            rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+            assert [r["updateId"] for r in rows] == [10, 11]
+            feed = (await srv.get_json("/healthz"))["feed"]
+            assert (feed["duplicates"], feed["messages"]) == (2, 4)
+            assert feed["symbols"]["BTCUSDT"]["duplicates"] == 2
     run(scenario())
 
 
 def test_feed_counts_malformed_frames_logs_each_kind_once_and_keeps_going(tmp_path, fast_feed):
     async def scenario():
-        async with FakeBinance("futures") as fake:
-            async with serving(make_cfg(tmp_path, fake.base_url)) as srv:
-                await fake.wait_for_subscribed("btcusdt")
-                fake.send_raw("{not json")
-                fake.send_raw(_ticker(u="7"))
-                fake.send_raw(_ticker(b="1e5"))
-                fake.send_raw(_ticker(b="abc"))                    # the same kind again: counted, not logged
-                fake.send_raw('{"code":2,"msg":"Invalid request"}')
-                good = fake.send_bbo("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
-                await srv.wait_updates(1)
-                rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
-                assert [_fields(r) for r in rows] == [_sent_fields(good)]
-                feed = (await srv.get_json("/healthz"))["feed"]
-                assert (feed["parseErrors"], feed["reconnects"], feed["state"]) == (5, 0, "live")
-                assert fake.total_connections == 1
-                assert len(srv.events.logged("malformed", logging.WARNING)) == 4   # invalid JSON, u, b, exchange error
+        async with fed_app(tmp_path) as (fake, srv):
+            fake.send_raw("{not json")
+            fake.send_raw(_ticker(u="7"))
+            fake.send_raw(_ticker(b="1e5"))
+            fake.send_raw(_ticker(b="abc"))                    # the same kind again: counted, not logged
+            fake.send_raw('{"code":2,"msg":"Invalid request"}')
+            good = fake.send_bbo("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
+            await srv.wait_updates(1)
+            rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+            assert [_fields(r) for r in rows] == [_sent_fields(good)]
+            feed = (await srv.get_json("/healthz"))["feed"]
+            assert (feed["parseErrors"], feed["reconnects"], feed["state"]) == (5, 0, "live")
+            assert fake.total_connections == 1
+            assert len(srv.events.logged("malformed", logging.WARNING)) == 4   # invalid JSON, u, b, exchange error
     run(scenario())
 
 
 def test_feed_survives_numbers_too_large_for_the_columns(tmp_path, fast_feed):
     async def scenario():
-        async with FakeBinance("futures") as fake:
-            async with serving(make_cfg(tmp_path, fake.base_url)) as srv:
-                await fake.wait_for_subscribed("btcusdt")
-                e = bs.now_ms()
-                fake.send_raw(_ticker(u=2**64, E=e, T=e))
-                fake.send_raw(_ticker(u=2**63, E=e, T=e))
-                good = fake.send_bbo("btcusdt", "28750.10", "1.500", "28750.20", "0.250", u=12)
-                await srv.wait_updates(1)
-                resp = await srv.get("/api/history/updates?symbol=BTCUSDT")
-                assert resp.status == 200
-                assert [_fields(r) for r in resp.json()["updates"]] == [_sent_fields(good)]
-                assert (await srv.get_json("/healthz"))["feed"]["parseErrors"] == 2
+        async with fed_app(tmp_path) as (fake, srv):
+            e = bs.now_ms()
+            fake.send_raw(_ticker(u=2**64, E=e, T=e))
+            fake.send_raw(_ticker(u=2**63, E=e, T=e))
+            good = fake.send_bbo("btcusdt", "28750.10", "1.500", "28750.20", "0.250", u=12)
+            await srv.wait_updates(1)
+            resp = await srv.get("/api/history/updates?symbol=BTCUSDT")
+            assert resp.status == 200
+            assert [_fields(r) for r in resp.json()["updates"]] == [_sent_fields(good)]
+            assert (await srv.get_json("/healthz"))["feed"]["parseErrors"] == 2
     run(scenario())
 
 
 def test_feed_crossed_book_kept_and_counted_in_health(tmp_path, fast_feed):
     async def scenario():
-        async with FakeBinance("futures") as fake:
-            async with serving(make_cfg(tmp_path, fake.base_url)) as srv:
-                await fake.wait_for_subscribed("btcusdt")
-                fake.send_bbo("btcusdt", "101.00", "1", "100.00", "1")
-                fake.send_bbo("btcusdt", "100.00", "1", "100.00", "1")
-                await srv.wait_updates(2)
-                feed = (await srv.get_json("/healthz"))["feed"]          # before any history read
-                assert feed["crossed"] == 2 and feed["symbols"]["BTCUSDT"]["crossed"] == 2
-                rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
-                assert [(r["bidPrice"], r["askPrice"]) for r in rows] == [("101.00", "100.00"), ("100.00", "100.00")]
+        async with fed_app(tmp_path) as (fake, srv):
+            fake.send_bbo("btcusdt", "101.00", "1", "100.00", "1")
+            fake.send_bbo("btcusdt", "100.00", "1", "100.00", "1")
+            await srv.wait_updates(2)
+            feed = (await srv.get_json("/healthz"))["feed"]          # before any history read
+            assert feed["crossed"] == 2 and feed["symbols"]["BTCUSDT"]["crossed"] == 2
+            rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+            assert [(r["bidPrice"], r["askPrice"]) for r in rows] == [("101.00", "100.00"), ("100.00", "100.00")]
     run(scenario())
 
 
 def test_feed_abrupt_close_reconnects_and_records_the_outage(tmp_path, fast_feed):
     async def scenario():
-        async with FakeBinance("futures") as fake:
-            async with serving(make_cfg(tmp_path, fake.base_url)) as srv:
-                await fake.wait_for_subscribed("btcusdt")
-                fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
-                await srv.wait_updates(1)
-                await fake.drop_all()                                   # TCP abort, no close frame
-                await fake_until(fake, lambda: fake.total_connections == 2 and len(fake.subscribers("btcusdt")) == 1,
-                                 "the reconnection")
-                after = fake.send_bbo("btcusdt", "1.01", "1", "1.11", "1")
-                await srv.wait_updates(2)
-                rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
-                assert [r["updateId"] for r in rows] == [1, 2]
-                [outage] = (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"]
-                assert "connection lost" in outage["reason"]              # no close frame: an abrupt drop
-                assert outage["start"] == rows[0]["serverTimestamp"]          # from the last data before the drop
-                assert outage["end"] == rows[1]["serverTimestamp"]            # to the first data after
-                feed = (await srv.get_json("/healthz"))["feed"]
-                assert (feed["state"], feed["reconnects"]) == ("live", 1)
-                assert any(s["state"] == "backoff" and s["nextAttempt"] for s in srv.events.statuses)
-                assert after["u"] == 2
+        async with fed_app(tmp_path) as (fake, srv):
+            fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
+            await srv.wait_updates(1)
+            await fake.drop_all()                                   # TCP abort, no close frame
+            await fake_until(fake, lambda: fake.total_connections == 2 and len(fake.subscribers("btcusdt")) == 1,
+                             "the reconnection")
+            after = fake.send_bbo("btcusdt", "1.01", "1", "1.11", "1")
+            await srv.wait_updates(2)
+            rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+            assert [r["updateId"] for r in rows] == [1, 2]
+            [outage] = (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"]
+            assert "connection lost" in outage["reason"]              # no close frame: an abrupt drop
+            assert outage["start"] == rows[0]["serverTimestamp"]          # from the last data before the drop
+            assert outage["end"] == rows[1]["serverTimestamp"]            # to the first data after
+            feed = (await srv.get_json("/healthz"))["feed"]
+            assert (feed["state"], feed["reconnects"]) == ("live", 1)
+            assert any(s["state"] == "backoff" and s["nextAttempt"] for s in srv.events.statuses)
+            assert after["u"] == 2
     run(scenario())
 
 
 def test_feed_silent_stall_triggers_the_watchdog_reconnect(tmp_path, fast_feed):
     async def scenario():
-        async with FakeBinance("futures") as fake:
-            async with serving(make_cfg(tmp_path, fake.base_url, feed_stale_seconds=0.5)) as srv:
-                await fake.wait_for_subscribed("btcusdt")
-                fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
-                await srv.wait_updates(1)
-                fake.stall()                                            # open, pinging, but no data
-                await srv.wait_state("stale")
-                assert (await srv.get("/readyz")).status == 503
-                await fake_until(fake, lambda: fake.total_connections == 2, "the watchdog reconnect")
-                fake.resume()
-                await fake_until(fake, lambda: len(fake.connections) == 1, "the stalled connection closed")
-                fake.send_bbo("btcusdt", "1.01", "1", "1.11", "1")
-                await srv.wait_updates(2)
-                stale = [s for s in srv.events.statuses if s["state"] == "stale"]
-                assert stale and "no data" in stale[0]["reason"]
-                [outage] = (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"]
-                assert "no data" in outage["reason"] and outage["end"] is not None
-                assert srv.app.feed.shards[0].failures == 0              # a watchdog reconnect is not a failure
-                assert (await srv.get_json("/healthz"))["feed"]["state"] == "live"
+        async with fed_app(tmp_path, feed_stale_seconds=0.5) as (fake, srv):
+            fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
+            await srv.wait_updates(1)
+            fake.stall()                                            # open, pinging, but no data
+            await srv.wait_state("stale")
+            assert (await srv.get("/readyz")).status == 503
+            await fake_until(fake, lambda: fake.total_connections == 2, "the watchdog reconnect")
+            fake.resume()
+            await fake_until(fake, lambda: len(fake.connections) == 1, "the stalled connection closed")
+            fake.send_bbo("btcusdt", "1.01", "1", "1.11", "1")
+            await srv.wait_updates(2)
+            stale = [s for s in srv.events.statuses if s["state"] == "stale"]
+            assert stale and "no data" in stale[0]["reason"]
+            [outage] = (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"]
+            assert "no data" in outage["reason"] and outage["end"] is not None
+            assert srv.app.feed.shards[0].failures == 0              # a watchdog reconnect is not a failure
+            assert (await srv.get_json("/healthz"))["feed"]["state"] == "live"
     run(scenario())
 
 
@@ -2431,48 +2418,44 @@ def test_feed_failed_rotation_keeps_the_current_connection(tmp_path, fast_feed, 
     monkeypatch.setattr(bs, "FEED_ROTATE_RETRY_S", 0.2)
 
     async def scenario():
-        async with FakeBinance("futures") as fake:
-            async with serving(make_cfg(tmp_path, fake.base_url, feed_rotate_hours=0.3 / 3600)) as srv:
-                await fake.wait_for_subscribed("btcusdt")
-                fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
-                await srv.wait_updates(1)
-                fake.set_refuse(True)                               # the rotation's new connection is refused
-                await srv.events.wait_for(lambda: srv.events.logged("rotation failed", logging.WARNING), 3,
-                                          "a failed rotation")
-                assert len(fake.connections) == 1 and srv.status()["state"] == "live"
-                fake.send_bbo("btcusdt", "1.01", "1", "1.11", "1")        # the old connection still delivers
-                await srv.wait_updates(2)
-                fake.set_refuse(False)
-                await fake_until(fake, lambda: len(fake.subscribers("btcusdt")) == 2, "the retried rotation's connection")
-                fake.send_bbo("btcusdt", "1.02", "1", "1.12", "1")       # its first data completes the rotation
-                await srv.events.wait_for(lambda: srv.events.logged("rotated connection"), 3, "the retried rotation")
-                await fake_until(fake, lambda: len(fake.connections) == 1, "the old connection closed")
-                await srv.wait_updates(3)
-                rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
-                assert [r["updateId"] for r in rows] == [1, 2, 3]
-                assert (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"] == []
-                assert srv.app.feed.shards[0].failures == 0
+        async with fed_app(tmp_path, feed_rotate_hours=0.3 / 3600) as (fake, srv):
+            fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
+            await srv.wait_updates(1)
+            fake.set_refuse(True)                               # the rotation's new connection is refused
+            await srv.events.wait_for(lambda: srv.events.logged("rotation failed", logging.WARNING), 3,
+                                      "a failed rotation")
+            assert len(fake.connections) == 1 and srv.status()["state"] == "live"
+            fake.send_bbo("btcusdt", "1.01", "1", "1.11", "1")        # the old connection still delivers
+            await srv.wait_updates(2)
+            fake.set_refuse(False)
+            await fake_until(fake, lambda: len(fake.subscribers("btcusdt")) == 2, "the retried rotation's connection")
+            fake.send_bbo("btcusdt", "1.02", "1", "1.12", "1")       # its first data completes the rotation
+            await srv.events.wait_for(lambda: srv.events.logged("rotated connection"), 3, "the retried rotation")
+            await fake_until(fake, lambda: len(fake.connections) == 1, "the old connection closed")
+            await srv.wait_updates(3)
+            rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+            assert [r["updateId"] for r in rows] == [1, 2, 3]
+            assert (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"] == []
+            assert srv.app.feed.shards[0].failures == 0
     run(scenario())
 
 
 def test_feed_server_shutdown_notice_rotates_without_gap(tmp_path, fast_feed):
     async def scenario():
-        async with FakeBinance("spot") as fake:
-            async with serving(make_cfg(tmp_path, fake.base_url, market="spot")) as srv:
-                await fake.wait_for_subscribed("btcusdt")
-                fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
-                await srv.wait_updates(1)
-                fake.send_server_shutdown()
-                await fake_until(fake, lambda: fake.total_connections == 2, "the replacement connection")
-                await fake_until(fake, lambda: len(fake.subscribers("btcusdt")) == 2, "both subscribed")
-                fake.send_bbo("btcusdt", "1.01", "1", "1.11", "1")              # reaches both connections
-                await fake_until(fake, lambda: len(fake.connections) == 1, "the old connection closed")
-                fake.send_bbo("btcusdt", "1.02", "1", "1.12", "1")
-                await srv.wait_updates(3)
-                rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
-                assert [r["updateId"] for r in rows] == [1, 2, 3]
-                assert (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"] == []
-                assert srv.events.logged("rotated connection")
+        async with fed_app(tmp_path, market="spot") as (fake, srv):
+            fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
+            await srv.wait_updates(1)
+            fake.send_server_shutdown()
+            await fake_until(fake, lambda: fake.total_connections == 2, "the replacement connection")
+            await fake_until(fake, lambda: len(fake.subscribers("btcusdt")) == 2, "both subscribed")
+            fake.send_bbo("btcusdt", "1.01", "1", "1.11", "1")              # reaches both connections
+            await fake_until(fake, lambda: len(fake.connections) == 1, "the old connection closed")
+            fake.send_bbo("btcusdt", "1.02", "1", "1.12", "1")
+            await srv.wait_updates(3)
+            rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+            assert [r["updateId"] for r in rows] == [1, 2, 3]
+            assert (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"] == []
+            assert srv.events.logged("rotated connection")
     run(scenario())
 
 
@@ -2513,17 +2496,15 @@ def test_feed_max_retries_marks_the_feed_failed_and_keeps_serving(tmp_path, fast
 
 def test_feed_without_auto_reconnect_stops(tmp_path, fast_feed):
     async def scenario():
-        async with FakeBinance("futures") as fake:
-            async with serving(make_cfg(tmp_path, fake.base_url, auto_reconnect=False)) as srv:
-                await fake.wait_for_subscribed("btcusdt")
-                fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
-                await srv.wait_updates(1)
-                await fake.drop_all()
-                status = await srv.wait_state("stopped")
-                assert "AUTO_RECONNECT" in status["reason"]
-                assert fake.total_connections == 1
-                assert (await srv.get("/readyz")).status == 503
-                assert (await srv.get("/healthz")).status == 200
+        async with fed_app(tmp_path, auto_reconnect=False) as (fake, srv):
+            fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
+            await srv.wait_updates(1)
+            await fake.drop_all()
+            status = await srv.wait_state("stopped")
+            assert "AUTO_RECONNECT" in status["reason"]
+            assert fake.total_connections == 1
+            assert (await srv.get("/readyz")).status == 503
+            assert (await srv.get("/healthz")).status == 200
     run(scenario())
 
 
