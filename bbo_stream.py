@@ -46,7 +46,8 @@ Socket.IO endpoint, in layers::
     SioServer: namespaces, on(event) handlers, acks        SioSocket.emit(...)
         v
     BboApp: welcome, ready, request_initial_data, ping, subscribe/unsubscribe, feed_status
-    Hub: publish(bbo) encodes once (packet text + WebSocket frame) and fans out to every client
+    Hub: publish(bbo) encodes once (packet text + WebSocket frame) and fans out to every client;
+         with many plain WebSocket clients, FANOUT_THREADS helper threads share each write pass
 
 Engine.IO server API. ``eio = EioServer(ping_interval_ms=25000, ping_timeout_ms=20000,
 max_payload=1_000_000, max_clients=10_000)`` (or ``EioServer.from_config(cfg)``). The layer
@@ -118,10 +119,12 @@ import resource
 import secrets
 import signal
 import socket
+import queue
 import ssl
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from collections import deque
@@ -206,6 +209,8 @@ WS_HIGH_WATER_BYTES = 64 * 1024  # unsent bytes at which a WebSocket client is b
 WS_WRITE_TIMEOUT_S = 10.0        # a backed-up client whose socket does not drain in this time is disconnected
 WS_READ_CHUNK_BYTES = 64 * 1024  # one read from a WebSocket peer; bounds the work done per read
 WS_CLOSE_TIMEOUT_S = 10.0        # the peer's time to finish the closing handshake (websockets' close_timeout)
+FANOUT_PARALLEL_MIN_LINKS = 128  # fewer WebSocket clients than this: a thread hand-off (~50 µs) costs more than it saves
+FANOUT_AUTO_MAX_THREADS = 3      # FANOUT_THREADS=auto uses CPUs - 1 up to this; beyond, the GIL-held part of each write dominates
 BBO_MAX_RATE_PER_S = 1000.0      # highest `maxRate` a client may ask for (updates per second per symbol)
 BBO_MAX_SUBSCRIBE_SYMBOLS = 1000  # symbols in one subscription; bounds per-client state
 BBO_MAX_SYMBOL_CHARS = 32        # longest symbol name accepted in subscribe/unsubscribe (Binance's are < 20)
@@ -327,6 +332,16 @@ def _one_of(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _parse_thread_count(text: str) -> int | None:
+    """``"auto"`` → None (decided from the CPUs at start), else a count from 0 to 64."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return _int_in(0, 64)(text)
+    except ValueError:
+        raise ValueError("expected auto or a whole number from 0 to 64") from None
+
+
 def _parse_symbols(text: str) -> tuple[str, ...]:
     """``"btcusdt, ETHUSDT"`` → ``("BTCUSDT", "ETHUSDT")``: upper case, unique, in order."""
     symbols: list[str] = []
@@ -433,6 +448,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PING_TIMEOUT", "20000", _int_in(1, 3_600_000), "Engine.IO ping timeout in ms"),
     Setting("MAX_PAYLOAD", "1000000", _int_in(1024, 100_000_000), "Engine.IO max payload in bytes (HTTP body and WebSocket message)"),
     Setting("MAX_CLIENTS", "10000", _int_in(1, 1_000_000), "Concurrent Socket.IO clients; more get HTTP 503"),
+    Setting("FANOUT_THREADS", "auto", _parse_thread_count, "Threads that help write each update to many WebSocket clients "
+            f"(from {FANOUT_PARALLEL_MIN_LINKS}); auto = CPUs - 1, at most {FANOUT_AUTO_MAX_THREADS}; 0 = the event loop alone"),
     Setting("CORS_ORIGINS", "*", _parse_origins, "Allowed browser origins for the REST API and Socket.IO, comma-separated, or *"),
     Setting("TRUSTED_PROXIES", "", _parse_proxies, "Proxies (IPs or CIDRs) whose X-Forwarded-For is trusted in logs"),
 )
@@ -473,6 +490,7 @@ class Config:
     ping_timeout: int = 20_000
     max_payload: int = 1_000_000
     max_clients: int = 10_000
+    fanout_threads: int | None = None  # None = auto (see fanout_helper_threads)
     cors_origins: tuple[str, ...] = ("*",)
     trusted_proxies: tuple[str, ...] = ()
 
@@ -487,6 +505,12 @@ class Config:
     @property
     def bars_capacity(self) -> int:
         return int(self.cache_bars_days * 86_400)
+
+    def fanout_helper_threads(self, cpus: int) -> int:
+        """Writer threads beside the event loop's own: FANOUT_THREADS, or for auto one per spare CPU."""
+        if self.fanout_threads is not None:
+            return self.fanout_threads
+        return max(0, min(FANOUT_AUTO_MAX_THREADS, cpus - 1))
 
     # Names the Engine.IO layer reads (ms, as in the settings table).
     @property
@@ -3241,6 +3265,74 @@ class CachePersistence:
 # I/O: one encoding per update (packet text + WebSocket frame), the same bytes to every client.
 
 
+class SocketWriterPool:
+    """Writes the same bytes to many plain sockets, split between the calling thread and helpers.
+
+    ``os.write`` releases the GIL for the system call, which is most of a loopback or LAN write's
+    cost, so with spare cores a pass over 1,000 sockets takes a fraction of one thread's time.
+    The caller (the event loop's thread) waits for the helpers before returning, so no transport
+    can close, and no fd be reused, while they write.
+    """
+
+    def __init__(self, helpers: int) -> None:
+        self._done: queue.SimpleQueue[list[tuple[int, int]] | BaseException] = queue.SimpleQueue()
+        self._jobs: list[queue.SimpleQueue[tuple[list[int], bytes, int, int] | None]] = []
+        self._threads: list[threading.Thread] = []
+        for i in range(helpers):
+            jobs: queue.SimpleQueue[tuple[list[int], bytes, int, int] | None] = queue.SimpleQueue()
+            thread = threading.Thread(target=self._serve, args=(jobs,), name=f"bbo-fanout-{i + 1}", daemon=True)
+            thread.start()
+            self._jobs.append(jobs)
+            self._threads.append(thread)
+
+    @staticmethod
+    def write_each(fds: list[int], data: bytes, start: int, stop: int) -> list[tuple[int, int]]:
+        """Write data to fds[start:stop]; (index, bytes written) of each one not written whole."""
+        short: list[tuple[int, int]] = []
+        size, write = len(data), os.write
+        for i in range(start, stop):
+            try:
+                sent = write(fds[i], data)
+            except OSError:  # full (EAGAIN) or gone: the transport retries it and reports a loss
+                sent = 0
+            if sent != size:
+                short.append((i, sent))
+        return short
+
+    def _serve(self, jobs: queue.SimpleQueue[tuple[list[int], bytes, int, int] | None]) -> None:
+        while (job := jobs.get()) is not None:
+            try:
+                self._done.put(self.write_each(*job))
+            except BaseException as exc:  # noqa: BLE001 - the waiting loop thread re-raises it
+                self._done.put(exc)
+
+    def write(self, fds: list[int], data: bytes) -> list[tuple[int, int]]:
+        """Write data to every fd; (index, bytes written) of those not written whole."""
+        share = -(-len(fds) // (len(self._jobs) + 1))
+        for k, jobs in enumerate(self._jobs, 1):
+            jobs.put((fds, data, min(len(fds), k * share), min(len(fds), (k + 1) * share)))
+        failure: BaseException | None = None
+        try:
+            short = self.write_each(fds, data, 0, min(len(fds), share))
+        except BaseException as exc:  # noqa: BLE001 - raised once the helpers are done with these fds
+            short, failure = [], exc
+        for _ in self._jobs:  # always collect every helper's answer, so none is read by a later pass
+            result = self._done.get()
+            if isinstance(result, BaseException):
+                failure = failure or result
+            else:
+                short.extend(result)
+        if failure is not None:
+            raise failure
+        return short
+
+    def close(self) -> None:
+        for jobs in self._jobs:
+            jobs.put(None)
+        for thread in self._threads:
+            thread.join(1.0)
+
+
 class Hub:
     """Fans BBO updates and feed status out to the attached Engine.IO connections.
 
@@ -3251,8 +3343,10 @@ class Hub:
     client never delays a publish or another client. Call from the event loop's thread.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, writer_threads: int = 0) -> None:
         self._conns: dict[EioConnection, tuple[int, int]] = {}  # attached → (sent, skipped) at attach
+        self.writer_threads = writer_threads             # helpers of SocketWriterPool (0: loop thread only)
+        self._pool: SocketWriterPool | None = None       # started by the first pass that needs it
         self._snapshot: tuple[EioConnection, ...] = ()   # `_conns` frozen for iteration
         self._batch: list[EioUpdate] = []                # published since the last flush
         self._flush_handle: asyncio.Handle | None = None  # the pending flush callback
@@ -3298,8 +3392,30 @@ class Hub:
             return
         joined = batch[0].frame if len(batch) == 1 else b"".join(update.frame for update in batch)
         now = asyncio.get_running_loop().time()
-        for conn in self._snapshot:
-            conn.deliver(batch, joined, now)
+        snapshot = self._snapshot
+        raw: list[EioConnection] | None = (
+            [] if self.writer_threads and len(snapshot) >= FANOUT_PARALLEL_MIN_LINKS else None)
+        for conn in snapshot:
+            conn.deliver(batch, joined, now, raw)
+        if raw is not None:
+            self._write_raw(raw, joined)
+
+    def _write_raw(self, conns: list[EioConnection], frames: bytes) -> None:
+        """Write the frames straight to the sockets of clients that keep up, on several threads."""
+        if len(conns) < FANOUT_PARALLEL_MIN_LINKS:
+            for conn in conns:
+                conn.write_frames(frames)
+            return
+        if self._pool is None:
+            self._pool = SocketWriterPool(self.writer_threads)
+        for i, sent in self._pool.write([conn.raw_fd for conn in conns], frames):
+            conns[i].write_frames(frames[sent:])  # the rest through the transport, which keeps order
+
+    def close(self) -> None:
+        """Stop the writer threads."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def stats(self) -> dict[str, int]:
         """Counters: clients, published, delivered, skipped (conflated away for a slow client)."""
@@ -3780,22 +3896,40 @@ class EioConnection:
 
     # -- the Hub's hot path --------------------------------------------------------------
 
-    def deliver(self, batch: list[EioUpdate], joined_frames: bytes, now: float) -> None:
+    def deliver(self, batch: list[EioUpdate], joined_frames: bytes, now: float,
+                raw: list[EioConnection] | None = None) -> None:
         """Hand a batch of updates to this client.
 
         Fast path: a WebSocket client that keeps up, has nothing queued and takes every update
-        gets the batch's pre-built frames, the same bytes as every other client, in one write.
+        gets the batch's pre-built frames, the same bytes as every other client, in one write;
+        given a `raw` list, a plain-TCP one whose transport holds nothing unsent is appended to
+        it instead, for the hub to write to its socket directly (see SocketWriterPool).
         Everyone else goes through the conflating outbox.
         """
         link, outbox = self.ws, self.session.outbox
         if (link is not None and link.writable and not link.backed_up and outbox.passthrough
                 and not outbox.control and not outbox.updates):
-            link.write(joined_frames)
             outbox.sent += len(batch)
-            if link.backed_up:
-                self._start_drain(link)
+            if (raw is not None and link.raw_fd >= 0 and not link.transport.get_write_buffer_size()
+                    and not link.transport.is_closing()):
+                raw.append(self)
+            else:
+                self.write_frames(joined_frames)
             return
         self._apply(self.session.push_updates(batch, now))
+
+    @property
+    def raw_fd(self) -> int:
+        return self.ws.raw_fd if self.ws is not None else -1
+
+    def write_frames(self, frames: bytes) -> None:
+        """Write ready WebSocket frames through the transport, watching for a peer that falls behind."""
+        link = self.ws
+        if link is None:
+            return
+        link.write(frames)
+        if link.backed_up:
+            self._start_drain(link)
 
     # -- carrying out the session's actions ------------------------------------------------
 
@@ -4239,7 +4373,7 @@ def encode_ws_frame(payload: bytes, opcode: Opcode = Opcode.TEXT) -> bytes:
 class WsLink:
     """One accepted WebSocket: the protocol object plus the streams it is driven over."""
 
-    __slots__ = ("proto", "reader", "writer", "transport", "writable", "backed_up", "_abort_timer",
+    __slots__ = ("proto", "reader", "writer", "transport", "raw_fd", "writable", "backed_up", "_abort_timer",
                  "_kind", "_parts")
 
     def __init__(self, proto: ServerProtocol, reader: asyncio.StreamReader,
@@ -4248,6 +4382,9 @@ class WsLink:
         self.reader = reader                # bytes from the peer
         self.writer = writer                # only for drain() and close(); writes go to `transport`
         self.transport = writer.transport   # synchronous writes, whole frames only
+        sock = writer.get_extra_info("socket")
+        plain = sock is not None and writer.get_extra_info("sslcontext") is None
+        self.raw_fd = sock.fileno() if plain else -1  # the socket, for SocketWriterPool; -1: TLS (no raw writes)
         self.writable = True                # protocol OPEN and no close frame sent: data frames allowed
         self.backed_up = False              # unsent bytes passed WS_HIGH_WATER_BYTES; a drain task owns writing
         self._abort_timer: asyncio.TimerHandle | None = None  # ends a closing handshake the peer ignores
@@ -4718,6 +4855,13 @@ def raise_nofile_limit() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (a container's cpuset, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class App:
     """The running server: history, feed, persistence, HTTP and Socket.IO."""
 
@@ -4728,7 +4872,7 @@ class App:
         self.history = BboHistory(raw_capacity, bars_capacity)
         self.persistence = CachePersistence(cfg, self.history) if cfg.cache_enabled and cfg.cache_persist else None
         self.feed = BinanceFeed(cfg, self.history, self._on_update, self._on_feed_status)
-        self.hub = Hub()                                     # fan-out to Socket.IO clients (§13)
+        self.hub = Hub(cfg.fanout_helper_threads(available_cpus()))  # fan-out to Socket.IO clients (§13)
         self.eio = EioServer.from_config(cfg)               # Engine.IO endpoint (§16)
         self.sio = SioServer(self.eio)                       # Socket.IO on top of it (§15)
         self.bbo_app = BboApp(self.sio, self.hub, lambda: self.history.latest().values(),
@@ -4756,9 +4900,10 @@ class App:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop_event.set)
         soft, hard = raise_nofile_limit()
-        log.info("bbo_stream %s: %s %s, %d symbol(s) on %d connection(s); open-files limit %d (hard %d)",
-                 __version__, self.cfg.market, self.cfg.feed_base_url, len(self.cfg.symbols),
-                 len(self.feed.shards), soft, hard)
+        log.info("bbo_stream %s: %s %s, %d symbol(s) on %d connection(s); open-files limit %d (hard %d); "
+                 "%d fan-out writer thread(s) beside the event loop", __version__, self.cfg.market,
+                 self.cfg.feed_base_url, len(self.cfg.symbols), len(self.feed.shards), soft, hard,
+                 self.hub.writer_threads)
         if self.persistence is not None:
             started = time.perf_counter()
             loaded = self.persistence.load()
@@ -4823,6 +4968,7 @@ class App:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.hub.close()
         if self.persistence is not None:
             self.persistence.flush_sync()
             log.info("cache: final flush written to %s", self.cfg.cache_dir)

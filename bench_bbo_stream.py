@@ -32,11 +32,13 @@ import argparse
 import array
 import asyncio
 import collections
+import errno
 import gc
 import json
 import math
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -44,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import statistics
+import struct
 import time
 import tracemalloc
 import urllib.parse
@@ -261,12 +264,21 @@ def bench_stall(rows: int, rate: int, seconds: float) -> None:
 # handshake and frames (masks) what the client sends, then server frames are split by hand and an
 # update is recognised by its `42["bbo_update",` prefix and its "updateId" digits, without JSON.
 # With websockets' asyncio client instead, the clients alone would need more CPU than this
-# machine has at 100,000 messages/s. perf_counter() is CLOCK_MONOTONIC on Linux, shared by all
-# processes, so a client's receive time and the fake's send time are on the same clock.
+# machine has at 100,000 messages/s; a plain epoll loop needs less than an asyncio Protocol.
+# Latency is taken at the client's socket: the kernel stamps each received segment
+# (SO_TIMESTAMPNS, CLOCK_REALTIME, converted to perf_counter() at each poll), so the figure does
+# not include how long the load-client process, which shares the cores, waited for the CPU; the
+# time at which the process read the bytes is reported beside it. perf_counter() is
+# CLOCK_MONOTONIC on Linux, shared by all processes, so client times and the fake's send times
+# are on the same clock.
 
 FANOUT_SYMBOL = "btcusdt"
 _BBO_PREFIX = b'42["bbo_update"'
 _UID_KEY = b'"updateId":'
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's value; Python's socket module lacks the name
+_TIMESPEC = struct.Struct("qq")                         # struct timespec of the SCM_TIMESTAMPNS message
+_ANC_BYTES = socket.CMSG_SPACE(_TIMESPEC.size)
+_RECV_BYTES = 1 << 18                                   # per read: a backlog of frames in one go
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _NOT_SEEN = 1e9                              # "never arrived" in latency arrays (seconds)
 _PIN: dict[str, set[int]] = {"server": set()}  # --pin: CPUs of the server (the rest: clients, fake)
@@ -328,44 +340,78 @@ def _proc_rss_kb(pid: int) -> int:
     return 0
 
 
-class _LoadClient(asyncio.Protocol):
-    """One Socket.IO client on a raw WebSocket; records (updateId, receive time) of each update."""
+class _LoadClient:
+    """One Socket.IO client on a non-blocking WebSocket, driven by `_client_session`'s epoll loop.
 
-    def __init__(self, url: str, loop: asyncio.AbstractEventLoop) -> None:
+    Records, for each update, its updateId, when its bytes reached the client's socket (the
+    kernel's receive timestamp, SO_TIMESTAMPNS: independent of how soon this process got the
+    CPU) and when this process read them.
+    """
+
+    def __init__(self, url: str) -> None:
         from websockets.client import ClientProtocol
         from websockets.uri import parse_uri
         self.ws = ClientProtocol(parse_uri(url))  # handshake, then only used to frame what we send
-        self.transport: asyncio.Transport | None = None
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        self.sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        self.fd = self.sock.fileno()
+        self.connecting = True                    # waiting for the TCP connect (EPOLLOUT)
         self.raw = False                          # past the handshake and the Engine.IO open packet
         self.buf = b""
         self.us = array.array("q")                # updateId of each bbo_update, in arrival order
-        self.ts = array.array("d")                # perf_counter() when the read that carried it returned
-        self.joined = loop.create_future()        # Socket.IO CONNECT answered (`40{...}`)
+        self.t_sock = array.array("d")            # perf_counter() domain: kernel receive time of the read
+        self.t_read = array.array("d")            # perf_counter() when the read returned
+        self.joined = False                       # Socket.IO CONNECT answered (`40{...}`)
         self.closed = False
         self.error = ""
         self.others = 0                           # non-update messages (welcome, feed_status, ...)
         self.pings = 0
 
-    # -- asyncio.Protocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def start(self, addr: tuple[str, int]) -> None:
+        err = self.sock.connect_ex(addr)
+        if err not in (0, errno.EINPROGRESS):
+            self.fail(f"ConnectionError: {os.strerror(err)}")
+
+    def connected(self) -> None:
+        """The socket became writable: the TCP connect finished (or failed)."""
+        self.connecting = False
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.fail(f"ConnectionError: {os.strerror(err)}")
+            return
         self.ws.send_request(self.ws.connect())
         self._send_pending()
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def fail(self, error: str) -> None:
+        self.error = self.error or error
         self.closed = True
-        if not self.joined.done():
-            self.joined.set_exception(ConnectionError(f"closed before joining ({exc or self.error or 'EOF'})"))
 
-    def data_received(self, data: bytes) -> None:
-        t = time.perf_counter()
+    def readable(self, clock_offset_s: float) -> None:
+        """Read what arrived; clock_offset_s = time.time() - perf_counter(), to convert the kernel stamp."""
+        try:
+            data, anc, _, _ = self.sock.recvmsg(_RECV_BYTES, _ANC_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.fail(f"{type(exc).__name__}: {exc}")
+            return
+        t_read = time.perf_counter()
+        if not data:
+            self.fail(self.error or "EOF")
+            return
+        t_sock = t_read
+        for level, kind, stamp in anc:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                sec, ns = _TIMESPEC.unpack(stamp)
+                t_sock = sec + ns * 1e-9 - clock_offset_s
         if not self.raw:
-            self._handshake_data(data, t)
+            self._handshake_data(data, t_sock, t_read)
             return
         if self.buf:
             data = self.buf + data
         n, pos = len(data), 0
-        us, ts = self.us, self.ts
+        us, ts, tr = self.us, self.t_sock, self.t_read
         while n - pos >= 2:
             length = data[pos + 1] & 0x7F
             if length < 126:
@@ -386,22 +432,27 @@ class _LoadClient(asyncio.Protocol):
             if opcode == 1 and data.startswith(_BBO_PREFIX, start):
                 i = data.find(_UID_KEY, start, end) + 11
                 us.append(int(data[i:data.find(b",", i, end)]))
-                ts.append(t)
+                ts.append(t_sock)
+                tr.append(t_read)
             else:
-                self._control(opcode, data[start:end])
+                self._control(opcode, data[start:end], t_sock, t_read)
         self.buf = data[pos:] if pos < n else b""
 
     # -- helpers
     def _send_pending(self) -> None:
-        chunks = self.ws.data_to_send()
-        if chunks and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(chunks))
+        data = b"".join(self.ws.data_to_send())
+        if data and not self.closed:
+            try:
+                if self.sock.send(data) != len(data):  # a few bytes into an idle socket: all or nothing
+                    self.fail("send buffer full")
+            except OSError as exc:
+                self.fail(f"{type(exc).__name__}: {exc}")
 
     def _send_text(self, text: bytes) -> None:
         self.ws.send_text(text)
         self._send_pending()
 
-    def _handshake_data(self, data: bytes, t: float) -> None:
+    def _handshake_data(self, data: bytes, t_sock: float, t_read: float) -> None:
         from websockets.frames import Frame
         from websockets.http11 import Response
         self.ws.receive_data(data)
@@ -410,13 +461,13 @@ class _LoadClient(asyncio.Protocol):
                 if event.status_code != 101:
                     self.error = f"HTTP {event.status_code} {bytes(event.body[:80]).decode(errors='replace')}"
             elif isinstance(event, Frame):
-                self._control(event.opcode.value, bytes(event.data))
+                self._control(event.opcode.value, bytes(event.data), t_sock, t_read)
         if self.ws.handshake_exc is not None and not self.error:
             self.error = repr(self.ws.handshake_exc)
-        if self.error and self.transport is not None:
-            self.transport.close()
+        if self.error:
+            self.fail(self.error)
 
-    def _control(self, opcode: int, payload: bytes) -> None:
+    def _control(self, opcode: int, payload: bytes, t_sock: float, t_read: float) -> None:
         if opcode == 1:
             if payload == b"2":                   # Engine.IO ping
                 self.pings += 1
@@ -425,66 +476,105 @@ class _LoadClient(asyncio.Protocol):
                 self._send_text(b"40")
                 self.raw = True                   # the server sends nothing more until it answers 40
             elif payload[:2] == b"40":
-                if not self.joined.done():
-                    self.joined.set_result(None)
+                self.joined = True
             elif payload[:2] == b"41" or payload[:1] == b"1":
                 self.error = f"closed by server: {payload[:40]!r}"
                 self.others += 1
             elif payload.startswith(_BBO_PREFIX):  # during the handshake path only
                 i = payload.find(_UID_KEY) + 11
                 self.us.append(int(payload[i:payload.find(b",", i)]))
-                self.ts.append(time.perf_counter())
+                self.t_sock.append(t_sock)
+                self.t_read.append(t_read)
             else:
                 self.others += 1
         elif opcode == 9:                         # WebSocket ping
             self.ws.send_pong(payload)
             self._send_pending()
         elif opcode == 8:                         # close: just go
-            if not self.error:
-                self.error = f"close frame {payload[:2].hex()}"
-            if self.transport is not None:
-                self.transport.close()
+            self.fail(f"close frame {payload[:2].hex()}")
 
 
-async def _client_session(pipe: Any, host: str, port: int, n: int, concurrency: int, timeout: float) -> None:
-    loop = asyncio.get_running_loop()
+def _client_session(pipe: Any, host: str, port: int, n: int, concurrency: int, timeout: float) -> None:
+    """Open n clients (at most `concurrency` joining at once), report, then read until "stop".
+
+    A plain epoll loop rather than asyncio: at 100,000 messages/s the load clients share the
+    cores with the server under test, and every microsecond they spend per read is taken from it.
+    """
     url = f"ws://{host}:{port}/socket.io/?EIO=4&transport=websocket"
-    clients: list[_LoadClient] = []
-    sem = asyncio.Semaphore(concurrency)
+    ep = select.epoll()
+    by_fd: dict[int, _LoadClient] = {}
+    waiting = collections.deque(_LoadClient(url) for _ in range(n))
+    clients = list(waiting)
+    joining: dict[_LoadClient, float] = {}        # client → deadline (perf_counter s)
     started = time.perf_counter()
 
-    async def one() -> None:
-        client = _LoadClient(url, loop)
-        clients.append(client)
-        async with sem:
-            try:
-                await asyncio.wait_for(loop.create_connection(lambda: client, host, port), timeout)
-                await asyncio.wait_for(asyncio.shield(client.joined), timeout)
-            except Exception as exc:  # noqa: BLE001 - reported to the orchestrator
-                client.error = client.error or f"{type(exc).__name__}: {exc}"
-                if client.transport is not None:
-                    client.transport.close()
+    def drop(c: _LoadClient) -> None:
+        if c.fd in by_fd:
+            del by_fd[c.fd]
+            ep.unregister(c.fd)
+        c.sock.close()
 
-    await asyncio.gather(*(one() for _ in range(n)))
-    joined = [c for c in clients if c.joined.done() and not c.joined.exception()]
-    errors = collections.Counter(c.error.split(":")[0][:60] for c in clients if c not in joined)
+    def handle(c: _LoadClient, events: int, clock_offset_s: float) -> None:
+        if c.connecting:
+            if events & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
+                c.connected()
+                if not c.closed:
+                    ep.modify(c.fd, select.EPOLLIN)
+        else:
+            c.readable(clock_offset_s)
+        if c.closed:
+            drop(c)
+
+    while waiting or joining:
+        while waiting and len(joining) < concurrency:
+            c = waiting.popleft()
+            by_fd[c.fd] = c
+            ep.register(c.fd, select.EPOLLOUT)
+            joining[c] = time.perf_counter() + timeout
+            c.start((host, port))
+            if c.closed:
+                drop(c)
+        events = ep.poll(0.1)
+        offset = time.time() - time.perf_counter()
+        for fd, ev in events:
+            c = by_fd.get(fd)
+            if c is not None:
+                handle(c, ev, offset)
+        now = time.perf_counter()
+        for c, deadline in list(joining.items()):
+            if c.joined or c.closed:
+                del joining[c]
+            elif now > deadline:
+                c.fail(f"TimeoutError: not joined within {timeout:.0f} s")
+                drop(c)
+                del joining[c]
+    joined = [c for c in clients if c.joined]
+    errors = collections.Counter(c.error.split(":")[0][:60] for c in clients if not c.joined)
     pipe.send(("ready", len(joined), n - len(joined), dict(errors), time.perf_counter() - started))
-    while True:  # "status" → counts so far; "stop" → results, then close everything
-        readable = loop.create_future()
-        loop.add_reader(pipe.fileno(), lambda fut=readable: fut.done() or fut.set_result(None))
-        await readable
-        loop.remove_reader(pipe.fileno())
-        if pipe.recv()[0] != "status":
-            break
-        pipe.send(("status", sum(1 for c in joined if not c.closed and not c.error), sum(c.pings for c in joined)))
+    ep.register(pipe.fileno(), select.EPOLLIN)
+    pipe_fd = pipe.fileno()
+    running = True
+    while running:  # "status" → counts so far; "stop" → results, then close everything
+        events = ep.poll()
+        offset = time.time() - time.perf_counter()
+        for fd, ev in events:
+            if fd == pipe_fd:
+                if pipe.recv()[0] != "status":
+                    running = False
+                    continue
+                pipe.send(("status", sum(1 for c in joined if not c.closed and not c.error),
+                           sum(c.pings for c in joined)))
+                continue
+            c = by_fd.get(fd)
+            if c is not None:
+                handle(c, ev, offset)
     held = sum(1 for c in joined if not c.closed and not c.error)
-    result = [(c.us.tobytes(), c.ts.tobytes()) for c in joined]
+    result = [(c.us.tobytes(), c.t_sock.tobytes(), c.t_read.tobytes()) for c in joined]
     lost = collections.Counter(c.error.split(":")[0][:60] or "closed" for c in joined if c.closed or c.error)
     for c in clients:
-        if c.transport is not None:
-            c.transport.close()
+        c.sock.close()
+    ep.close()
     pipe.send(("result", result, held, dict(lost), sum(c.pings for c in joined)))
-    await asyncio.sleep(0.2)  # let the FINs go out
 
 
 def _client_worker(pipe: Any) -> None:
@@ -495,7 +585,7 @@ def _client_worker(pipe: Any) -> None:
         if cmd[0] == "exit":
             return
         _, host, port, n, concurrency, timeout = cmd
-        asyncio.run(_client_session(pipe, host, port, n, concurrency, timeout))
+        _client_session(pipe, host, port, n, concurrency, timeout)
 
 
 class _ClientPool:
@@ -545,7 +635,8 @@ class _ClientPool:
         lost: collections.Counter[str] = collections.Counter()
         for r in replies:
             lost.update(r[3])
-        received = [(np.frombuffer(u, np.int64), np.frombuffer(t, np.float64)) for r in replies for u, t in r[1]]
+        received = [(np.frombuffer(u, np.int64), np.frombuffer(ts, np.float64), np.frombuffer(tr, np.float64))
+                    for r in replies for u, ts, tr in r[1]]
         return {"received": received, "held": sum(r[2] for r in replies), "lost": dict(lost),
                 "pings": sum(r[4] for r in replies)}
 
@@ -705,12 +796,13 @@ def _nearest_rank(sorted_values: np.ndarray, q: float) -> float:
     return float(sorted_values[min(len(sorted_values) - 1, max(0, int(np.ceil(q * len(sorted_values))) - 1))])
 
 
-def _analyse(received: list[tuple[np.ndarray, np.ndarray]], sent_at: dict[tuple[str, int], float], n_clients: int,
-             t0: float, t1: float, t_end: float) -> dict[str, float]:
-    """Figures from the clients' (u, time) records and the fake's send times.
+def _analyse(received: list[tuple[np.ndarray, np.ndarray, np.ndarray]], sent_at: dict[tuple[str, int], float],
+             n_clients: int, t0: float, t1: float, t_end: float) -> dict[str, float]:
+    """Figures from the clients' (u, socket time, read time) records and the fake's send times.
 
-    - deliveries: updates received in [t0, t1] (any u), per second;
-    - latency p50/p99: receive - send of those deliveries (a backlog shows up here);
+    - deliveries: updates that reached a client's socket in [t0, t1] (any u), per second;
+    - latency p50/p99: socket time - send time of those deliveries (a backlog shows up here);
+      read latency: the same to when the load-client process read them (adds its own CPU waits);
     - delivered: of the updates published in [t0, t1], the fraction every requested client got by t_end;
     - fresh p50/p99: for each client and each update published in [t0, t1], the time until the client
       held that price or a newer one (what "sees the newest price" means when updates are conflated);
@@ -722,9 +814,9 @@ def _analyse(received: list[tuple[np.ndarray, np.ndarray]], sent_at: dict[tuple[
     pub_s = np.fromiter((s for _, s in items), np.float64, len(items))
     window = (pub_s >= t0) & (pub_s <= t1)
     win_u, win_s = pub_u[window], pub_s[window]
-    lat_parts, fresh_parts = [], []
+    lat_parts, read_parts, fresh_parts = [], [], []
     deliveries = delivered_pairs = unmatched = 0
-    for ru, rt in received:
+    for ru, rt, rr in received:
         if len(ru) == 0:
             fresh_parts.append(np.full(len(win_u), _NOT_SEEN))
             continue
@@ -735,6 +827,7 @@ def _analyse(received: list[tuple[np.ndarray, np.ndarray]], sent_at: dict[tuple[
         deliveries += int(in_win.sum())
         sel = in_win & matched
         lat_parts.append(rt[sel] - pub_s[idx[sel]])
+        read_parts.append(rr[sel] - pub_s[idx[sel]])
         ok = rt <= t_end
         delivered_pairs += int(np.isin(ru[ok], win_u).sum())
         seen_u = np.maximum.accumulate(ru)
@@ -747,6 +840,7 @@ def _analyse(received: list[tuple[np.ndarray, np.ndarray]], sent_at: dict[tuple[
     for _ in range(n_clients - len(received)):  # clients that never joined got nothing
         fresh_parts.append(np.full(len(win_u), _NOT_SEEN))
     lat = np.sort(np.concatenate(lat_parts)) if lat_parts else np.array([])
+    read = np.sort(np.concatenate(read_parts)) if read_parts else np.array([])
     fresh = np.sort(np.concatenate(fresh_parts)) if fresh_parts else np.array([])
     expected = len(win_u) * n_clients
     return {"published": float(len(win_u)), "published_per_s": len(win_u) / (t1 - t0),
@@ -755,6 +849,7 @@ def _analyse(received: list[tuple[np.ndarray, np.ndarray]], sent_at: dict[tuple[
             "missed": float(expected - delivered_pairs),
             "lat_p50": _nearest_rank(lat, 0.50), "lat_p99": _nearest_rank(lat, 0.99),
             "lat_max": float(lat[-1]) if len(lat) else float("nan"),
+            "read_p50": _nearest_rank(read, 0.50), "read_p99": _nearest_rank(read, 0.99),
             "fresh_p50": _nearest_rank(fresh, 0.50), "fresh_p99": _nearest_rank(fresh, 0.99),
             "unmatched": float(unmatched)}
 
@@ -867,7 +962,7 @@ def _line(sc: _Scenario, r: dict[str, Any], base: dict[str, Any] | None) -> str:
         return s + _quiet_note(r)
     s = (f"{head} {joined}; {r['deliveries_per_s']:,.0f} deliveries/s; delivered {100 * r['delivered_frac']:.1f}% "
          f"of {r['published']:,.0f} updates; latency p50 {_ms(r['lat_p50'])} p99 {_ms(r['lat_p99'])} "
-         f"(max {_ms(r['lat_max'])}); newest price p50 {_ms(r['fresh_p50'])} p99 {_ms(r['fresh_p99'])}; "
+         f"(max {_ms(r['lat_max'])}), as read by the load client p50 {_ms(r['read_p50'])} p99 {_ms(r['read_p99'])}; newest price p50 {_ms(r['fresh_p50'])} p99 {_ms(r['fresh_p99'])}; "
          f"skipped {r['missed']:,.0f}")
     if "server_skipped" in r:
         s += f" (server counted {r['server_skipped']:,.0f})"
@@ -959,8 +1054,8 @@ async def _fanout(args: argparse.Namespace, pool: _ClientPool, out: Any) -> int:
         say(f"# --pin: server on CPU {sorted(_PIN['server'])}, load clients and fake exchange on the other CPU(s)")
     say(f"# bbo_stream.py at {_git_state()}; before each run, waits (≤ {args.max_wait:.0f} s) until the rest of "
         f"the machine uses ≤ {args.quiet_cores:.2f} cores")
-    say("# deliveries = bbo_update messages received by clients in the window; latency = client receive − fake "
-        "send (same u); newest price = time until a client holds a price at least as new as each published one; "
+    say("# deliveries = bbo_update messages received by clients in the window; latency = arrival at the client's "
+        "socket (kernel receive timestamp) − fake send (same u), and to when the load client read it; newest price = time until a client holds a price at least as new as each published one; "
         "skipped = published×clients − delivered; CPU = server process utime+stime from /proc")
     results: dict[str, dict[str, dict[str, Any]]] = {}
     problems: list[str] = []

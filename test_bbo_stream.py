@@ -1017,6 +1017,8 @@ def test_symbol_flag_repeats_and_lists_are_upper_cased_and_deduplicated():
     (["--websocket-base-url", "wss://fstream.binance.com/stream"], {}, "WEBSOCKET_BASE_URL"),
     (["--feed-streams-per-connection", "1025"], {}, "FEED_STREAMS_PER_CONNECTION"),
     (["--trusted-proxies", "not-an-ip"], {}, "TRUSTED_PROXIES"),
+    (["--fanout-threads", "some"], {}, "FANOUT_THREADS"),
+    ([], {"FANOUT_THREADS": "65"}, "FANOUT_THREADS"),
 ])
 def test_invalid_setting_raises_one_line_naming_setting_and_source(argv, env, name):
     with pytest.raises(bs.ConfigError) as info:
@@ -1031,6 +1033,25 @@ def test_boolean_words_and_origin_lists():
         assert bs.Config.from_sources([], {"AUTO_RECONNECT": word}).auto_reconnect is value
     cfg = bs.Config.from_sources(["--cors-origins", "https://a.example/, https://b.example"], {})
     assert cfg.cors_origins == ("https://a.example", "https://b.example")
+
+
+def test_fanout_threads_auto_uses_the_spare_cpus_up_to_a_cap_and_a_number_wins():
+    auto = bs.Config.from_sources([], {})
+    assert auto.fanout_threads is None
+    assert [auto.fanout_helper_threads(cpus) for cpus in (1, 2, 4, 64)] == [0, 1, 3, bs.FANOUT_AUTO_MAX_THREADS]
+    for text, threads in (("0", 0), ("AUTO", None), (" 7 ", 7)):
+        cfg = bs.Config.from_sources(["--fanout-threads", text], {})
+        assert cfg.fanout_threads == threads
+    assert bs.Config.from_sources([], {"FANOUT_THREADS": "0"}).fanout_helper_threads(8) == 0
+    assert bs.Config.from_sources([], {"FANOUT_THREADS": "7"}).fanout_helper_threads(2) == 7
+
+
+def test_readme_settings_table_has_every_setting_with_its_flag_default_and_help():
+    readme = (HERE / "README.md").read_text()
+    for setting in bs.SETTINGS:
+        default = re.escape(f"`{setting.default}`") if setting.default else r"`\([^`]*\)`"  # e.g. `(none)`
+        row = rf"^\| `{setting.name}` \| `{re.escape(setting.flag)}` \| {default} \| {re.escape(setting.help)} \|$"
+        assert re.search(row, readme, re.MULTILINE), f"README.md's settings table: no row for {setting.name}"
 
 
 def test_help_lists_every_setting_with_its_flag_and_env_name(capsys):
@@ -2790,7 +2811,7 @@ def test_hub_encodes_each_update_once_and_hands_every_client_the_same_bytes():
             self.session = types.SimpleNamespace(outbox=bs.EioOutbox())
             self.batches: list[tuple[list, bytes]] = []
 
-        def deliver(self, batch: list, joined: bytes, now: float) -> None:
+        def deliver(self, batch: list, joined: bytes, now: float, raw: list | None = None) -> None:
             self.batches.append((batch, joined))
 
     async def scenario() -> None:
@@ -2816,6 +2837,54 @@ def test_hub_encodes_each_update_once_and_hands_every_client_the_same_bytes():
         assert len(a.batches) == 2 and len(b.batches) == 1
         assert hub.stats() == {"clients": 1, "published": 4, "delivered": 0, "skipped": 0}
     run(scenario())
+
+
+def _socket_pairs(n: int) -> list[tuple[socket.socket, socket.socket]]:
+    pairs = [socket.socketpair() for _ in range(n)]
+    for ours, _ in pairs:
+        ours.setblocking(False)  # as asyncio's transports leave them
+    return pairs
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    sock.settimeout(5)
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("helpers", [0, 1, 3])
+def test_socket_writer_pool_writes_the_same_bytes_to_every_socket_and_reports_the_short_ones(helpers):
+    pairs = _socket_pairs(40)
+    full_i, gone_i = 7, 31
+    full, _ = pairs[full_i]
+    full.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    with contextlib.suppress(BlockingIOError):
+        while True:                                       # fill it: the peer never reads
+            full.send(b"\0" * 4096)
+    pairs[gone_i][1].close()                              # the peer went away: EPIPE
+    pool = bs.SocketWriterPool(helpers)
+    try:
+        frames = bs.encode_ws_frame(b'42["bbo_update",{"symbol":"BTCUSDT"}]') * 3
+        short = pool.write([ours.fileno() for ours, _ in pairs], frames)
+        assert sorted(short) == [(full_i, 0), (gone_i, 0)]
+        for i, (_, peer) in enumerate(pairs):
+            if i not in (full_i, gone_i):
+                assert _read_exactly(peer, len(frames)) == frames, i
+        with pytest.raises(TypeError):                    # a helper's failure reaches the caller
+            pool.write([ours.fileno() for ours, _ in pairs], None)  # type: ignore[arg-type]
+        assert pool.write([ours.fileno() for ours, _ in pairs[:3]], b"ok") == []  # still serving
+        assert [_read_exactly(peer, 2) for _, peer in pairs[:3]] == [b"ok"] * 3
+    finally:
+        pool.close()
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("bbo-fanout-")]
 
 
 def test_a_polling_client_gets_the_updates_sent_meanwhile_in_one_response(tmp_path):
@@ -4373,18 +4442,22 @@ def _ws_frames(texts: list[str]) -> bytes:
     return b"".join(_masked(0x1, text.encode()) for text in texts)
 
 
-def test_a_client_that_stops_reading_is_cut_off_while_others_get_every_update(tmp_path, monkeypatch):
+@pytest.mark.parametrize("writer_threads", [0, 2], ids=["event-loop-writes", "writer-threads"])
+def test_a_client_that_stops_reading_is_cut_off_while_others_get_every_update(tmp_path, monkeypatch, writer_threads):
     monkeypatch.setattr(bs, "WS_WRITE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(bs, "FANOUT_PARALLEL_MIN_LINKS", 1)  # the threads' path with two clients
+    raw_writes = spy_raw_writes(monkeypatch)
     symbols = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT")
-    with LiveServer(tmp_path, symbols) as srv:
+    with LiveServer(tmp_path, symbols, fanout_threads=writer_threads) as srv:
         srv.send("btcusdt", "1.00", "1", "1.10", "1")
         stuck = srv.joined_ws(rcvbuf=4096)
         [stuck_sid] = srv.call(lambda: list(srv.app.eio.connections))
 
-        def shrink() -> None:  # keep the kernel from absorbing the backlog on loopback
+        def shrink() -> int:  # keep the kernel from absorbing the backlog on loopback
             sock = srv.app.eio.connections[stuck_sid].ws.transport.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        srv.call(shrink)
+            return sock.fileno()
+        stuck_fd_holder = [srv.call(shrink)]
         healthy = srv.joined_ws()
         healthy.recv_until('42["feed_status"')
         received = Inbox()
@@ -4427,7 +4500,52 @@ def test_a_client_that_stops_reading_is_cut_off_while_others_get_every_update(tm
         assert samples and max(size for size, _ in samples) <= bs.OUTBOX_MAX_UPDATE_BYTES
         assert max(buffered for _, buffered in samples) <= bs.WS_HIGH_WATER_BYTES + 50 * 400
         assert srv.metric("bbo_sio_skipped_total") > 0        # the stuck client's backlog was conflated
+        assert bool(raw_writes) == bool(writer_threads)
+        if writer_threads:  # the stuck socket filled up in a raw write; the transport took the rest
+            stuck_fd = stuck_fd_holder[0]
+            assert any(fds[i] == stuck_fd for fds, short in raw_writes for i, _ in short), (stuck_fd, raw_writes[:3])
         stuck.reset()
+
+
+def spy_raw_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Record each SocketWriterPool.write: (fds, short writes)."""
+    calls: list[tuple[list[int], list[tuple[int, int]]]] = []
+    original = bs.SocketWriterPool.write
+
+    def write(self: bs.SocketWriterPool, fds: list[int], data: bytes) -> list[tuple[int, int]]:
+        short = original(self, fds, data)
+        calls.append((list(fds), list(short)))
+        return short
+    monkeypatch.setattr(bs.SocketWriterPool, "write", write)
+    return calls
+
+
+def test_writer_threads_give_plain_and_tls_clients_every_update_exactly(tmp_path, tls_cert, monkeypatch):
+    monkeypatch.setattr(bs, "FANOUT_PARALLEL_MIN_LINKS", 2)
+    raw_writes = spy_raw_writes(monkeypatch)
+    cert, key = tls_cert
+    with LiveServer(tmp_path, ("BTCUSDT", "ETHUSDT"), use_ssl=True, ssl_cert_path=cert, ssl_key_path=key,
+                    fanout_threads=2) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        plain = [srv.joined_ws() for _ in range(3)]
+        for client in plain:
+            client.recv_until('42["feed_status"')
+        tls = srv.keep(AsyncPyClient(srv.url.replace("http://", "https://"), "websocket", ssl_verify=False))
+        tls.connect()
+        tls.inbox.nth("feed_status")
+        plain_fds = set(srv.call(lambda: [c.raw_fd for c in srv.app.eio.connections.values() if c.raw_fd >= 0]))
+        assert len(plain_fds) == 3 and srv.sessions() == 4           # the TLS link has no raw fd
+        sent: list[dict] = []
+        for batch in range(6):
+            sent += srv.call(srv.fed.send_many, [("btcusdt" if n % 3 else "ethusdt", f"{batch}.{n:03d}", "1.500",
+                                                  f"{batch + 1}.00", "0.00000000") for n in range(50)])
+        for client in plain:
+            got = [json.loads(client.recv_until('42["bbo_update"')[2:])[1] for _ in sent]
+            for update, payload in zip(got, sent, strict=True):
+                assert_update_is(update, payload)
+        for n, payload in enumerate(sent, 1):
+            assert_update_is(tls.inbox.nth("bbo_update", n), payload)
+        assert raw_writes and all(set(fds) == plain_fds for fds, _ in raw_writes)
 
 
 def test_a_thousand_abrupt_disconnects_leave_the_server_healthy(tmp_path):
