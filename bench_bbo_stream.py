@@ -12,8 +12,9 @@ Every figure is printed with its baseline from the same run, because these machi
 noisy: ratios are what to compare across runs.
 
 fanout: the fake exchange (fake_binance.py, in this process) feeds one symbol to the server under
-test (a subprocess: bbo_stream.py, then the baseline, a python-socketio 5 AsyncServer on aiohttp
-that relays the same feed with `await sio.emit("bbo_update", ...)`), which fans it out over plain
+test (a subprocess: the baseline, a python-socketio 5 AsyncServer on aiohttp that relays the same
+feed with `await sio.emit("bbo_update", ...)`, then bbo_stream.py with FANOUT_THREADS=0 ("ours-1t",
+only where writer threads would be used) and as configured by default ("ours")), which fans it out over plain
 loopback WebSockets to N Socket.IO clients held by a pool of load-client processes. Scenarios:
 100 clients × 100 updates/s, 1,000 × 100/s, 100 × 2,000/s (saturation), 2,000 idle connections,
 and 10,000 held connections (`--connections`), which also get SIGTERM while connected. Per run:
@@ -726,9 +727,11 @@ class _ServerProc:
         self.port = _free_port()
         self.log_path = logdir / f"{kind}-{self.port}.log"
         here = Path(__file__).resolve().parent
-        if kind == "ours":
+        if kind.startswith("ours"):
             cmd = [sys.executable, str(here / "bbo_stream.py"), "--symbol", FANOUT_SYMBOL, "--use-ssl", "false",
                    "--web-host", "127.0.0.1", "--web-port", str(self.port), "--cache-persist", "false"]
+            if kind == "ours-1t":                           # the event loop's thread writes alone
+                cmd += ["--fanout-threads", "0"]
             env = {**os.environ, "WEBSOCKET_BASE_URL": feed_base_url}
         else:
             cmd = [sys.executable, str(Path(__file__).resolve()), "baseline-server", "--port", str(self.port),
@@ -890,7 +893,7 @@ async def _run_one(kind: str, sc: _Scenario, pool: _ClientPool, measure_s: float
             else:
                 conn = await pool.start("127.0.0.1", server.port, sc.clients, 60)
                 res.update(conn)
-                metrics0 = server.metrics() if kind == "ours" else {}
+                metrics0 = server.metrics() if kind.startswith("ours") else {}
                 fake.start_generator([FANOUT_SYMBOL], sc.rate)
                 await asyncio.sleep(1.0)                  # warm-up
                 self_cpu0, busy0, irq0 = time.process_time(), _machine_busy_s(), _softirq_s()
@@ -898,7 +901,7 @@ async def _run_one(kind: str, sc: _Scenario, pool: _ClientPool, measure_s: float
                 await asyncio.sleep(measure_s)
                 srv1, cli1, t1 = _proc_cpu_s(server.pid), pool.cpu_s(), time.perf_counter()
                 self_cpu1, busy1, irq1 = time.process_time(), _machine_busy_s(), _softirq_s()
-                metrics1 = server.metrics() if kind == "ours" else {}
+                metrics1 = server.metrics() if kind.startswith("ours") else {}
                 await asyncio.sleep(1.0)                  # grace: in-flight updates of the window
                 t_end = time.perf_counter()
                 fake.stop_generator()
@@ -1038,7 +1041,7 @@ async def _fanout(args: argparse.Namespace, pool: _ClientPool, out: Any) -> int:
         del scenarios["held"]
     if args.only:
         scenarios = {k: v for k, v in scenarios.items() if k in args.only.split(",")}
-    kinds = [k for k in ("baseline", "ours") if k in args.servers.split(",")]
+    kinds = [k for k in ("baseline", "ours-1t", "ours") if k in args.servers.split(",")]
     logdir = Path(tempfile.mkdtemp(prefix="bbo-fanout-"))
     def say(text: str) -> None:
         print(text, flush=True)
@@ -1056,12 +1059,15 @@ async def _fanout(args: argparse.Namespace, pool: _ClientPool, out: Any) -> int:
         f"the machine uses ≤ {args.quiet_cores:.2f} cores")
     say("# deliveries = bbo_update messages received by clients in the window; latency = arrival at the client's "
         "socket (kernel receive timestamp) − fake send (same u), and to when the load client read it; newest price = time until a client holds a price at least as new as each published one; "
-        "skipped = published×clients − delivered; CPU = server process utime+stime from /proc")
+        "skipped = published×clients − delivered; CPU = server process utime+stime from /proc; ours-1t = "
+        "bbo_stream.py with FANOUT_THREADS=0 (the event loop's thread writes alone)")
     results: dict[str, dict[str, dict[str, Any]]] = {}
     problems: list[str] = []
     for name, sc in scenarios.items():
         results[name] = {}
         for kind in kinds:
+            if kind == "ours-1t" and (sc.rate == 0 or sc.clients < bs.FANOUT_PARALLEL_MIN_LINKS):
+                continue                                    # too few clients for writer threads: same as ours
             try:
                 # On a shared machine, a run that other processes disturbed is repeated (best kept).
                 attempts = 1 if quick or sc.rate == 0 else 1 + args.retries
@@ -1079,7 +1085,7 @@ async def _fanout(args: argparse.Namespace, pool: _ClientPool, out: Any) -> int:
                 if kind not in results[name]:
                     say(f"{name:<9} {_fmt_rate(sc):<24} {kind:<8} FAILED: {type(exc).__name__}: {exc}")
                     continue
-            say(_line(sc, results[name][kind], results[name].get("baseline") if kind == "ours" else None))
+            say(_line(sc, results[name][kind], results[name].get("baseline") if kind.startswith("ours") else None))
     for line in _goals(results, scenarios, quick):
         say(line)
     if problems:
@@ -1372,7 +1378,8 @@ def main() -> int:
     fan.add_argument("--connections", type=int, default=None,
                      help="connections of the 'held' scenario (default 10000; --quick 1000; 0 skips it)")
     fan.add_argument("--only", default="", help="comma-separated scenarios: 100x100,1000x100,100x2000,idle,held")
-    fan.add_argument("--servers", default="baseline,ours", help="which servers to run (baseline,ours)")
+    fan.add_argument("--servers", default="baseline,ours-1t,ours",
+                     help="which servers to run: baseline, ours-1t (FANOUT_THREADS=0), ours")
     fan.add_argument("--seconds", type=float, default=12.0, help="measured seconds per run (default 12)")
     fan.add_argument("--client-procs", type=int, default=0, help="load-client processes (default: one per CPU)")
     fan.add_argument("--pin", action="store_true",
