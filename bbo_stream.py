@@ -113,13 +113,13 @@ import logging.handlers
 import math
 import mimetypes
 import os
+import queue
 import random
 import re
 import resource
 import secrets
 import signal
 import socket
-import queue
 import ssl
 import struct
 import subprocess
@@ -3340,7 +3340,9 @@ class Hub:
     WebSocket text frame, and queues it; once per event-loop pass every attached client gets
     the pass's updates in one write (WebSocket clients that keep up: the same joined bytes;
     others: through their conflating outbox, see EioOutbox). Nothing here awaits, so a slow
-    client never delays a publish or another client. Call from the event loop's thread.
+    client never delays a publish or another client. With `writer_threads` and at least
+    FANOUT_PARALLEL_MIN_LINKS clients, the plain-TCP clients that keep up are written by a
+    SocketWriterPool, the pass split across threads. Call from the event loop's thread.
     """
 
     def __init__(self, writer_threads: int = 0) -> None:
