@@ -194,6 +194,7 @@ STATIC_MAX_BYTES = 8 * 1024 * 1024   # static files are read into memory; the da
 SERVER_NAME = f"bbo-stream/{__version__}"
 
 # --- Engine.IO / Socket.IO and fan-out -------------------------------------------
+EIO_PATH = "/socket.io/"         # socket.io's default path; /socket.io (no slash) is taken too, /socket.iox is not
 EIO_PROTOCOL = "4"               # the only revision served; v3 clients get error 5, as from the reference
 EIO_SID_BYTES = 15               # 15 random bytes -> 20 URL-safe characters, the length of engine.io's base64id
 EIO_UPGRADE_TIMEOUT_S = 10.0     # engine.io `upgradeTimeout`: a probe not finished by `5` in this time is dropped
@@ -287,7 +288,7 @@ _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 _FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 # Binance symbols are letters, digits and `_` (COIN-M "BTCUSD_PERP"); spot allows UTF-8
 # letters since 2025-12 (binance-facts §5), so \w is Unicode-aware on purpose.
-_SYMBOL_RE = re.compile(r"^\w{1,40}$")
+_SYMBOL_RE = re.compile(r"\w{1,40}\Z")  # match(): whole string; \Z, unlike $, refuses a trailing newline
 
 
 def _parse_bool(text: str) -> bool:
@@ -1544,7 +1545,7 @@ def parse_request_head(raw_head: bytes, peer: str = "") -> HttpRequest:
         raise HttpError(400, "HTTP/1.1 requests need exactly one Host header")
     # Engine.IO answers every method under /socket.io/ itself, in its own format (the reference
     # gives PUT without a sid `400 {"code":2,...}`); everywhere else only these four exist.
-    if method not in ALLOWED_METHODS and not target.startswith("/socket.io"):
+    if method not in ALLOWED_METHODS and not is_eio_path(target.partition("?")[0]):
         raise HttpError(405, f"method {method} not allowed", [("Allow", ", ".join(ALLOWED_METHODS))])
     if not target.startswith("/"):
         if target == "*" and method == "OPTIONS":
@@ -2488,8 +2489,8 @@ class EioSession:
         if self.closed:
             return []
         if self.pong_deadline is not None and pkt.kind is not EioType.PONG and not self._ping_refreshed:
-            # engine.io socket.ts: any packet while a pong is awaited extends the deadline once, so
-            # a busy client whose pong sits behind other data is not cut off.
+            # engine.io 6.6 socket.ts (hasRefreshedPingTimeout): any packet while a pong is awaited
+            # restarts the pong timer once, so a busy client whose pong sits behind data is not cut off.
             self.pong_deadline, self._ping_refreshed = now + self.ping_timeout_s, True
         kind = pkt.kind
         if kind is EioType.MESSAGE:
@@ -4295,12 +4296,15 @@ class EioServer:
             return
         now = self.now()
         sid = query.get("sid") or None
-        conn = self.connections.get(sid) if sid is not None else self._create(req, now, link)
+        if query.get("transport") != "websocket":
+            conn = None  # (ref: onWebSocket: polling does not handle upgrades, with or without a sid)
+        else:
+            conn = self.connections.get(sid) if sid is not None else self._create(req, now, link)
         if conn is None or conn.ws is not link:
             # engine.io accepts the WebSocket, then closes it when it cannot be an upgrade (ref: a
             # second WebSocket for a sid, during or after the upgrade, and a transport=polling
             # upgrade get 101 then an empty close frame, i.e. 1005; the first WebSocket is unaffected).
-            if conn is None or query.get("transport") != "websocket" or not conn.session.begin_upgrade(now):
+            if conn is None or not conn.session.begin_upgrade(now):
                 link.close()
                 await serve_ws_link(link, lambda _link, _message: None)
                 return
@@ -4574,10 +4578,15 @@ def static_response(req: HttpRequest, found: tuple[bytes, str, str] | None) -> H
     return HttpResponse(200, body, ctype, headers)
 
 
+def is_eio_path(path: str) -> bool:
+    """Whether a request path belongs to the Engine.IO endpoint."""
+    return path.startswith(EIO_PATH) or path == EIO_PATH[:-1]
+
+
 def route_label(path: str) -> str:
     """Low-cardinality route name for metrics."""
-    if path.startswith("/socket.io"):
-        return "/socket.io/"
+    if is_eio_path(path):
+        return EIO_PATH
     key = path.rstrip("/") or "/"
     if key in API_ROUTES:
         return key
@@ -4758,7 +4767,7 @@ class HttpServer:
             try:
                 req = parse_request_head(raw_head, peer)
                 req = dataclasses.replace(req, peer=self.client_ip(req))  # the client, decided once
-                is_eio = req.path.startswith("/socket.io")
+                is_eio = is_eio_path(req.path)
                 limit = self.cfg.max_payload if is_eio else MAX_API_BODY_BYTES
                 try:
                     length = body_length(req, limit)
@@ -4788,7 +4797,7 @@ class HttpServer:
     async def _finish(self, writer: asyncio.StreamWriter, req: HttpRequest, resp: HttpResponse,
                       keep_alive: bool, started: float) -> None:
         label = route_label(req.path)
-        cors = req.path.startswith(("/api/", "/socket.io")) or label in ("/healthz", "/readyz", "/metrics")
+        cors = req.path.startswith("/api/") or label in (EIO_PATH, "/healthz", "/readyz", "/metrics")
         if cors and req.method != "OPTIONS":  # a preflight response carries its own CORS headers
             resp.headers.extend(cors_headers(req, self.cfg.cors_origins))
         self.requests[(label, resp.status)] += 1
@@ -4801,7 +4810,7 @@ class HttpServer:
                        writer: asyncio.StreamWriter) -> HttpResponse | None:
         if req.method == "OPTIONS":
             return preflight_response(req, self.cfg.cors_origins)
-        if req.path.startswith("/socket.io"):
+        if is_eio_path(req.path):
             return await self.app.eio.handle_request(req, body, reader, writer)
         if req.method == "POST":
             return error_response(HttpError(405, f"method POST not allowed on {req.path[:100]}",

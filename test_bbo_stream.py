@@ -1152,6 +1152,8 @@ MALFORMED = {
     "missing b": _ticker(b=_DROP),
     "missing A": _ticker(A=_DROP),
     "symbol with dash": _ticker(s="BTC-USDT"),
+    "symbol with a trailing newline": _ticker(s="BTCUSDT\n"),
+    "symbol with a quote": _ticker(s='BTC"USDT'),
     "symbol not a string": _ticker(s=123),
     "non-numeric price": _ticker(b="abc"),
     "exponent 1e5": _ticker(b="1e5"),
@@ -1203,6 +1205,13 @@ def test_parse_rejects_update_ids_that_do_not_fit_int64(u):
 def test_parse_accepts_plain_decimal_strings_unchanged(value):
     bbo = bs.parse_feed_message(_ticker(b=value, B=value, a=value, A=value), T0)
     assert (bbo.bid_price, bbo.bid_qty, bbo.ask_price, bbo.ask_qty) == (value,) * 4
+
+
+def test_a_non_ascii_symbol_is_accepted_and_its_json_is_valid():
+    # Binance spot allows UTF-8 symbols since 2025-12 (binance-facts.md; testnet 这是测试币456).
+    bbo = bs.parse_feed_message(_ticker(s="这是测试币456"), T0)
+    assert bbo.symbol == "这是测试币456"
+    assert json.loads(bs.bbo_json(bbo))["symbol"] == "这是测试币456"
 
 
 def test_crossed_book_is_not_a_parse_error():
@@ -3284,6 +3293,7 @@ ENGINEIO_ERRORS = [
     ("GET", "/socket.io/?EIO=3&transport=polling", 400, b'{"code":5,"message":"Unsupported protocol version"}'),
     ("GET", "/socket.io/?transport=polling", 400, b'{"code":5,"message":"Unsupported protocol version"}'),
     ("GET", "/socket.io/?EIO=5&transport=polling", 400, b'{"code":5,"message":"Unsupported protocol version"}'),
+    ("GET", "/socket.io/?EIO=2&transport=polling", 400, b'{"code":5,"message":"Unsupported protocol version"}'),
     ("GET", "/socket.io/?EIO=4&transport=polling&sid=abc", 400, b'{"code":1,"message":"Session ID unknown"}'),
     ("POST", "/socket.io/?EIO=4&transport=polling", 400, b'{"code":2,"message":"Bad handshake method"}'),
     ("GET", "/socket.io/?EIO=4&transport=websocket", 400, b'{"code":3,"message":"Bad request"}'),
@@ -3298,6 +3308,17 @@ def test_request_errors_are_the_references(tmp_path):
             assert got_status == status, (method, target, got_status, got_body)
             assert got_body == body and headers["content-type"] == "application/json", (method, target)
             assert headers["access-control-allow-origin"] == "*"
+
+
+def test_only_the_socket_io_path_is_engine_io(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        status, _, body = srv.raw().request("GET", "/socket.io?EIO=4&transport=polling")  # no slash: taken
+        assert status == 200 and body.startswith(b'0{"sid":"'), (status, body)
+        for target in ("/socket.iox/?EIO=4&transport=polling", "/socket.io.js"):
+            status, headers, body = srv.raw().request("GET", target)
+            assert status == 404 and "code" not in json.loads(body), (target, status, body)
+        status, _, _ = srv.raw().request("PUT", "/socket.iox/")  # not Engine.IO: only the usual methods
+        assert status == 405
 
 
 def test_put_gets_the_references_answers(tmp_path):
@@ -3439,6 +3460,9 @@ def test_upgrade_sequence_and_a_second_websocket_for_the_sid(tmp_path):
         assert raw.request("POST", eio_path(sid), b"40")[2] == b'{"code":3,"message":"Bad request"}'
         third = stack.enter_context(ws_connect(srv.port, f"EIO=4&transport=websocket&sid={sid}"))
         assert ws_recv_all(third) == [("closed", 1005)]
+        for query in (f"EIO=4&transport=polling&sid={sid}", "EIO=4&transport=polling"):
+            polling_upgrade = stack.enter_context(ws_connect(srv.port, query))  # polling takes no upgrade
+            assert ws_recv_all(polling_upgrade) == [("closed", 1005)], query  # 101, then closed: no session
         ws.send('42["ping"]')
         assert ws.recv(timeout=2).startswith('42["pong",')   # the first WebSocket is unaffected
         assert srv.metric("bbo_eio_upgrades_total") == 1
@@ -3896,12 +3920,20 @@ def test_web_port_0_binds_a_free_port_and_logs_it(tmp_path):
 
 
 def test_the_soft_open_files_limit_is_raised_to_the_hard_limit_and_logged(tmp_path):
-    async def body(srv: Server) -> None:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        assert hard == resource.RLIM_INFINITY or soft == hard
-        assert srv.events.logged(rf"open-files limit {soft} \(hard {hard}\)")
-    with_server(tmp_path, body)
-    assert bs.raise_nofile_limit() == resource.getrlimit(resource.RLIMIT_NOFILE)
+    original = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = original[1]
+    lowered = len(os.listdir("/proc/self/fd")) + 200           # room for the test server's sockets
+    if hard != resource.RLIM_INFINITY and hard <= lowered:
+        pytest.skip(f"the hard open-files limit ({hard}) leaves no room to lower the soft one")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    try:
+        async def body(srv: Server) -> None:
+            soft, hard_now = resource.getrlimit(resource.RLIMIT_NOFILE)
+            assert soft > lowered and (soft == hard_now or hard_now == resource.RLIM_INFINITY)
+            assert srv.events.logged(rf"open-files limit {soft} \(hard {hard_now}\)")
+        with_server(tmp_path, body)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, original)
 
 
 def _persisted(tmp_path: Path, n: int = 3) -> list[bs.Bbo]:
