@@ -450,7 +450,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_PAYLOAD", "1000000", _int_in(1024, 100_000_000), "Engine.IO max payload in bytes (HTTP body and WebSocket message)"),
     Setting("MAX_CLIENTS", "10000", _int_in(1, 1_000_000), "Concurrent Socket.IO clients; more get HTTP 503"),
     Setting("FANOUT_THREADS", "auto", _parse_thread_count, "Threads that help write each update to many WebSocket clients "
-            f"(from {FANOUT_PARALLEL_MIN_LINKS}); auto = CPUs - 1, at most {FANOUT_AUTO_MAX_THREADS}; 0 = the event loop alone"),
+            f"(from {FANOUT_PARALLEL_MIN_LINKS}); auto = usable CPUs (cpuset, cgroup quota) - 1, at most {FANOUT_AUTO_MAX_THREADS}; "
+            "0 = the event loop alone"),
     Setting("CORS_ORIGINS", "*", _parse_origins, "Allowed browser origins for the REST API and Socket.IO, comma-separated, or *"),
     Setting("TRUSTED_PROXIES", "", _parse_proxies, "Proxies (IPs or CIDRs) whose X-Forwarded-For is trusted in logs"),
 )
@@ -547,6 +548,18 @@ class Config:
             except ValueError as exc:
                 raise ConfigError(f"invalid {setting.name} ({source}) = {raw!r}: {exc}") from None
         return cls(**values)
+
+
+def cpus_allowed(affinity: int, cpu_max: str | None) -> int:
+    """CPUs to plan threads for: the affinity set, capped by a cgroup CPU quota.
+
+    `cpu_max` is cgroup v2's ``cpu.max`` ("200000 100000" = 2 CPUs, "max 100000" = no quota),
+    or None; a container limited with ``--cpus`` shows its limit only there.
+    """
+    fields = (cpu_max or "").split()
+    if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit() and int(fields[1]) > 0:
+        return max(1, min(affinity, math.ceil(int(fields[0]) / int(fields[1]))))
+    return max(1, affinity)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -4867,10 +4880,17 @@ def raise_nofile_limit() -> tuple[int, int]:
 
 
 def available_cpus() -> int:
-    """CPUs this process may run on (a container's cpuset, not the host's count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """CPUs this process may use: its affinity set (a container's cpuset), capped by its cgroup
+    CPU quota (v2 ``cpu.max``, or v1's quota and period read as the same two numbers)."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpu_max = None
+    with contextlib.suppress(OSError):
+        cpu_max = Path("/sys/fs/cgroup/cpu.max").read_text()
+    if cpu_max is None:
+        with contextlib.suppress(OSError):
+            v1 = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text().strip()
+            cpu_max = v1.replace("-1", "max") + " " + Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text()
+    return cpus_allowed(affinity, cpu_max)
 
 
 class App:

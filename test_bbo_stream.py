@@ -1046,6 +1046,14 @@ def test_fanout_threads_auto_uses_the_spare_cpus_up_to_a_cap_and_a_number_wins()
     assert bs.Config.from_sources([], {"FANOUT_THREADS": "7"}).fanout_helper_threads(2) == 7
 
 
+@pytest.mark.parametrize("affinity, cpu_max, cpus", [
+    (8, None, 8), (8, "max 100000\n", 8), (8, "200000 100000\n", 2), (8, "150000 100000", 2),
+    (8, "50000 100000", 1), (2, "800000 100000", 2), (4, "garbage", 4), (4, "100 0", 4), (0, None, 1),
+])
+def test_cpus_allowed_caps_the_affinity_set_by_the_cgroup_quota(affinity, cpu_max, cpus):
+    assert bs.cpus_allowed(affinity, cpu_max) == cpus
+
+
 def test_readme_settings_table_has_every_setting_with_its_flag_default_and_help():
     readme = (HERE / "README.md").read_text()
     for setting in bs.SETTINGS:
