@@ -2324,7 +2324,7 @@ class Act(IntEnum):
     DELIVER = 0      # payload str | bytes: a message for the layer above
     FLUSH = 1        # the outbox has packets to transmit now (answer the parked GET, or write the WebSocket)
     CLOSE = 2        # payload reason: the session is over for the layers above; tear down the transport
-    REJECT_POLL = 3  # answer the GET being handled with 400 and an empty body (a second concurrent GET)
+    REJECT_REQUEST = 3  # answer the request being handled with 400 and no body (a second concurrent GET or POST)
     PROBE_PONG = 4   # write `3probe` on the probing WebSocket
     UPGRADED = 5     # the probing WebSocket is now the session's transport
     CLOSE_PROBE = 6  # close the probing WebSocket; the session stays on polling
@@ -2348,7 +2348,7 @@ class EioSession:
 
     __slots__ = ("sid", "state", "outbox", "ping_interval_s", "ping_timeout_s", "next_ping_at",
                  "pong_deadline", "_ping_refreshed", "upgrade_deadline", "close_deadline",
-                 "close_reason", "poll_parked", "_poll_final")
+                 "close_reason", "poll_parked", "post_in_flight", "_poll_final")
 
     def __init__(self, sid: str, *, websocket: bool, now: float, ping_interval_s: float,
                  ping_timeout_s: float, max_payload_bytes: int) -> None:
@@ -2364,6 +2364,7 @@ class EioSession:
         self.close_deadline: float | None = None         # CLOSING gives up waiting for a GET then
         self.close_reason: str | None = None             # why the session ended
         self.poll_parked = False                         # a GET is waiting for data
+        self.post_in_flight = False                      # a POST's head came, its body is still arriving
         self._poll_final: str | None = None              # appended to the parked GET's answer when closing
         # Exactly the five keys, compact (ref: byte for byte the same, sid of 20 characters).
         self.outbox.push_control(encode_eio(EioType.OPEN, _json_dumps({
@@ -2452,7 +2453,7 @@ class EioSession:
         if self.poll_parked:
             # engine.io polling.ts onPollRequest: "overlap from client". (ref: the parked GET gets `1`,
             # this one 400 with no body and no Content-Type, then the sid is unknown.)
-            return [(Act.REJECT_POLL, None), *self._abort("overlap from client", "1")]
+            return [(Act.REJECT_REQUEST, None), *self._abort("overlap from client", "1")]
         self.poll_parked = True
         if self.state is EioState.CLOSING:
             # (ref: after a server-side close, e.g. a bad Socket.IO packet, the next GET gets `6\x1e1`.)
@@ -2480,6 +2481,24 @@ class EioSession:
             return []
         self.poll_parked = False
         return self._abort("poll connection closed prematurely", None)
+
+    def begin_post(self, now: float) -> list[Action]:
+        """A POST's head arrived; its body is still to come (engine.io polling.ts onDataRequest)."""
+        if self.state is EioState.CLOSED:
+            return []
+        if self.post_in_flight:
+            # (ref: "data request overlap from client": this POST gets 400 with no body, the
+            # session closes, and the POST whose body is still arriving has its connection destroyed.)
+            return [(Act.REJECT_REQUEST, None), *self._abort("data request overlap from client", "1")]
+        self.post_in_flight = True
+        return []
+
+    def end_post(self, complete: bool, now: float) -> list[Action]:
+        """The POST's body was read whole, or its client went away first (ref: the session closes)."""
+        self.post_in_flight = False
+        if complete or self.state is EioState.CLOSED:
+            return []
+        return self._abort("data request connection closed prematurely", "1")
 
     def receive_post(self, body: str, now: float) -> list[Action]:
         """Packets from a POST body; those before an invalid one count, then the session closes."""
@@ -3714,6 +3733,8 @@ class SioServer:
         except SioProtocolError as exc:
             # socket.io client.ts: a decode error or a packet in the wrong state closes the connection
             # (ref: "42{}", "4abc", an event before CONNECT, a second CONNECT -> close; polling `6\x1e1`).
+            # A CONNECT joins at once here, so an event in the same payload as its CONNECT is served;
+            # the reference joins a tick later and closes on it (a race no official client triggers).
             self.protocol_errors += 1
             _log_once("sio-parse", "sio %s: closing %s: %s", conn.sid, conn.peer, exc)
             conn.close("parse error")
@@ -3861,7 +3882,7 @@ class EioConnection:
     The layer above uses `send`, `send_binary`, `close`, `transport`, `sid`, `peer`, `upper`.
     """
 
-    __slots__ = ("server", "session", "sid", "peer", "upper", "ws", "probe", "_poll_waiter",
+    __slots__ = ("server", "session", "sid", "peer", "upper", "ws", "probe", "_poll_waiter", "_post_transport",
                  "_timer", "_timer_at", "_drain_task", "_close_notified", "_close_code")
 
     def __init__(self, server: EioServer, session: EioSession, peer: str) -> None:
@@ -3873,6 +3894,7 @@ class EioConnection:
         self.ws: WsLink | None = None        # the WebSocket once it is the session's transport
         self.probe: WsLink | None = None     # a WebSocket probing for an upgrade
         self._poll_waiter: asyncio.Future[str] | None = None  # resolved with the parked GET's body
+        self._post_transport: asyncio.BaseTransport | None = None  # the POST whose body is arriving
         self._timer: asyncio.TimerHandle | None = None        # fires at the session's next deadline
         self._timer_at = 0.0                 # when `_timer` fires (loop time)
         self._drain_task: asyncio.Task[None] | None = None    # owns writing while the WebSocket is backed up
@@ -3999,6 +4021,8 @@ class EioConnection:
             return
         self._close_notified = True
         log.debug("eio %s closed: %s", self.sid, reason)
+        if self._post_transport is not None:  # (ref: polling doClose destroys the data request)
+            self._post_transport.abort()
         if self.probe is not None:
             probe, self.probe = self.probe, None
             probe.close()
@@ -4240,6 +4264,34 @@ class EioServer:
         conn._arm_timer()
         return conn
 
+    def begin_post(self, req: HttpRequest, writer: asyncio.StreamWriter) -> HttpResponse | None:
+        """Called by the HTTP layer before it reads a POST body under /socket.io/: the answer to
+        send instead when another POST of the same session is still arriving (the session ends)."""
+        conn = self._post_target(req)
+        if conn is None:
+            return None
+        actions = conn.session.begin_post(self.now())
+        if actions and actions[0][0] is Act.REJECT_REQUEST:
+            conn._apply(actions[1:])
+            return HttpResponse(400, b"", content_type="")
+        conn._post_transport = writer.transport
+        return None
+
+    def end_post(self, req: HttpRequest, complete: bool) -> None:
+        """The body of a POST passed to `begin_post` was read whole, or its client went away first."""
+        conn = self._post_target(req)
+        if conn is not None and conn.session.post_in_flight:
+            conn._post_transport = None
+            conn._apply(conn.session.end_post(complete, self.now()))
+
+    def _post_target(self, req: HttpRequest) -> EioConnection | None:
+        """The polling session a POST carries packets for, if the request is one engine.io serves."""
+        query = {key: values[-1] for key, values in req.query.items() if values}
+        sid = query.get("sid")
+        if req.method != "POST" or not sid or self._verify(req, query, False) is not None:
+            return None
+        return self.connections.get(sid)
+
     def _open_polling(self, req: HttpRequest) -> HttpResponse:
         now = self.now()
         conn = self._create(req, now, None)
@@ -4250,7 +4302,7 @@ class EioServer:
     async def _poll(self, req: HttpRequest, conn: EioConnection, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> HttpResponse | None:
         actions = conn.session.begin_poll(self.now())
-        if actions and actions[0][0] is Act.REJECT_POLL:
+        if actions and actions[0][0] is Act.REJECT_REQUEST:
             conn._apply(actions[1:])  # the parked GET gets `1`, the session ends
             return HttpResponse(400, b"", content_type="")
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -4791,14 +4843,18 @@ class HttpServer:
                     resp = await self.app.eio.handle_request(req, None, reader, writer)
                     await self._finish(writer, req, resp or error_response(exc), False, started)
                     return
-                body = await asyncio.wait_for(reader.readexactly(length), BODY_TIMEOUT_S) if length else b""
+                body = await self._read_body(req, length, reader, writer, is_eio)
+                if body is None:  # Engine.IO refused a POST overlapping another of its session
+                    return
             except HttpError as exc:
                 self.requests[("bad-request", exc.status)] += 1
                 await self._send(writer, error_response(exc), False)
                 return
             except (asyncio.IncompleteReadError, asyncio.TimeoutError, TimeoutError):
                 return
-            keep_alive = wants_keep_alive(req)
+            # An upgrade answered with a plain response was refused: (ref: engine.io's abortUpgrade
+            # and socket.io's destroyUpgrade) the connection closes after it.
+            keep_alive = wants_keep_alive(req) and not _is_upgrade(req)
             resp = await self.dispatch(req, body, reader, writer)
             if resp is None:  # Engine.IO took the connection (and reported its outcome)
                 return
@@ -4807,10 +4863,31 @@ class HttpServer:
             if not keep_alive:
                 return
 
+    async def _read_body(self, req: HttpRequest, length: int, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter, is_eio: bool) -> bytes | None:
+        """The request body; an Engine.IO POST is announced to its session while it arrives (a
+        second one meanwhile, or a client gone before the end, closes the session, as in engine.io)."""
+        if not length:
+            return b""
+        if not (is_eio and req.method == "POST"):
+            return await asyncio.wait_for(reader.readexactly(length), BODY_TIMEOUT_S)
+        refusal = self.app.eio.begin_post(req, writer)
+        if refusal is not None:
+            await self._finish(writer, req, refusal, False, time.perf_counter())
+            return None
+        complete = False
+        try:
+            body = await asyncio.wait_for(reader.readexactly(length), BODY_TIMEOUT_S)
+            complete = True
+            return body
+        finally:
+            self.app.eio.end_post(req, complete)
+
     async def _finish(self, writer: asyncio.StreamWriter, req: HttpRequest, resp: HttpResponse,
                       keep_alive: bool, started: float) -> None:
         label = route_label(req.path)
-        cors = req.path.startswith("/api/") or label in (EIO_PATH, "/healthz", "/readyz", "/metrics")
+        cors = (req.path.startswith("/api/") or label in (EIO_PATH, "/healthz", "/readyz", "/metrics")) \
+            and not _is_upgrade(req)  # (ref: abortUpgrade writes no CORS headers)
         if cors and req.method != "OPTIONS":  # a preflight response carries its own CORS headers
             resp.headers.extend(cors_headers(req, self.cfg.cors_origins))
         self.requests[(label, resp.status)] += 1
@@ -5107,7 +5184,14 @@ def setup_logging(cfg: Config) -> None:
 
 
 async def run_app(cfg: Config) -> int:
-    return await App(cfg).run()
+    """The CLI's coroutine: the App, then the process's way out."""
+    code = await App(cfg).run()
+    # Stopped.  What remains (closing the loop and its executor, the interpreter's teardown)
+    # would meet a repeated SIGTERM with the default action and turn exit 0 into a kill.
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -705,12 +705,13 @@ class LiveServer:
         assert status == 200 and headers["content-type"] == "text/plain; charset=UTF-8", (status, body)
         return json.loads(body[1:])["sid"], raw
 
-    def wait_parked(self, sid: str) -> None:
-        """Until the session's GET is parked.  Nothing announces it, so this polls the session."""
+    def wait_parked(self, sid: str, flag: str = "poll_parked") -> None:
+        """Until the session's GET is parked (flag="post_in_flight": a POST's body is arriving).
+        Nothing announces either, so this polls the session."""
         def parked() -> bool:
             conn = self.app.eio.connections.get(sid)
-            return conn is not None and conn.session.poll_parked
-        assert self.call(apoll_until, parked, 3.0, 0.002), f"the GET of {sid} was not parked"
+            return conn is not None and getattr(conn.session, flag)
+        assert self.call(apoll_until, parked, 3.0, 0.002), f"{sid}: no {flag}"
 
 
 def eio_path(sid: str | None = None, transport: str = "polling", eio: str = "4") -> str:
@@ -2064,9 +2065,25 @@ def test_session_duplicate_get_closes_session():
     s.begin_poll(0.0), s.take_poll_payload()
     assert s.begin_poll(1.0) == []
     actions = s.begin_poll(1.5)
-    assert kinds(actions) == [bs.Act.REJECT_POLL, bs.Act.FLUSH, bs.Act.CLOSE]
+    assert kinds(actions) == [bs.Act.REJECT_REQUEST, bs.Act.FLUSH, bs.Act.CLOSE]
     assert actions[2][1] == "overlap from client"
     assert s.take_poll_payload() == "1" and s.state is bs.EioState.CLOSED
+
+
+def test_session_overlapping_or_unfinished_post_closes_session():
+    s = new_session()
+    s.begin_poll(0.0), s.take_poll_payload()
+    assert s.begin_post(1.0) == [] and s.end_post(True, 1.1) == []   # one at a time: fine
+    assert s.begin_post(2.0) == []
+    overlap = s.begin_post(2.5)                                      # a second while the first arrives
+    assert kinds(overlap) == [bs.Act.REJECT_REQUEST, bs.Act.CLOSE]
+    assert overlap[1][1] == "data request overlap from client" and s.state is bs.EioState.CLOSED
+    assert s.end_post(True, 3.0) == []                               # the first one's end changes nothing
+    gone = new_session()
+    gone.begin_poll(0.0), gone.take_poll_payload()
+    gone.begin_post(1.0)
+    assert kinds(gone.end_post(False, 1.5)) == [bs.Act.CLOSE] and gone.close_reason == \
+        "data request connection closed prematurely"
 
 
 def test_session_post_messages_and_bad_packet():
@@ -3385,6 +3402,31 @@ def test_a_second_concurrent_get_closes_the_session(tmp_path):
         assert srv.fed.srv.events.closes == [(sid, "overlap from client")]
 
 
+def test_a_second_post_while_a_body_is_arriving_closes_the_session(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        sid, raw = srv.polling_handshake()
+        first = srv.raw()
+        first.sock.sendall(f"POST {eio_path(sid)} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n40".encode())
+        srv.wait_parked(sid, "post_in_flight")              # the server has the first POST's head
+        status, headers, body = srv.raw().request("POST", eio_path(sid), b"40")
+        assert (status, body) == (400, b"") and "content-type" not in headers    # (ref: polling.ts)
+        assert first.at_eof()                                # its request destroyed with the session
+        assert raw.request("GET", eio_path(sid))[2] == b'{"code":1,"message":"Session ID unknown"}'
+        assert srv.fed.srv.events.closes == [(sid, "data request overlap from client")]
+
+
+def test_a_post_whose_client_leaves_before_the_body_ends_closes_the_session(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        sid, raw = srv.polling_handshake()
+        post = srv.raw()
+        post.sock.sendall(f"POST {eio_path(sid)} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n40".encode())
+        srv.wait_parked(sid, "post_in_flight")
+        post.close()
+        srv.wait_sessions(0)
+        assert srv.fed.srv.events.closes == [(sid, "data request connection closed prematurely")]
+        assert raw.request("GET", eio_path(sid))[2] == b'{"code":1,"message":"Session ID unknown"}'
+
+
 def test_an_invalid_engineio_packet_in_a_post_closes_the_session(tmp_path):
     with LiveServer(tmp_path) as srv:
         sid, raw = srv.polling_handshake()
@@ -3438,8 +3480,12 @@ def test_websocket_direct_handshake_and_upgrade_errors(tmp_path):
         for target, message in ((eio_path("zzz", "websocket"), b"Session ID unknown"),
                                 ("/socket.io/?EIO=4&transport=foo", b"Transport unknown"),
                                 (eio_path(None, "websocket", "3"), b"Unsupported protocol version")):
-            status, headers, body = srv.raw().request("GET", target, headers=upgrade)
+            raw = srv.raw()
+            status, headers, body = raw.request("GET", target, headers=upgrade)
             assert (status, body, headers["content-type"]) == (400, message, "text/html"), target
+            # (ref: abortUpgrade: `Connection: close`, no CORS headers, then the socket closes.)
+            assert headers["connection"] == "close" and "access-control-allow-origin" not in headers, headers
+            assert raw.at_eof(), target
         srv.wait_sessions(0)
 
 
@@ -5442,6 +5488,26 @@ def test_shutdown_closes_idle_keep_alive_connections_at_once(tmp_path):
             finally:
                 inst.kill()
 
+    run(scenario(), OPS_TIMEOUT_S)
+
+
+def test_sigterm_repeated_until_the_process_is_gone_still_exits_0(tmp_path):
+    """An impatient supervisor: SIGTERM every 2 ms until the process is gone.  The handler only
+    sets the stop event, but once the event loop closes, a default SIGTERM would kill the
+    process in its last milliseconds (exit -15 instead of 0)."""
+    async def scenario() -> None:
+        async with FakeBinance() as fake:
+            inst = await asyncio.to_thread(Instance, "r", tmp_path / "r" / "cache", fake.base_url)
+            try:
+                signals = 0
+                while inst.proc.poll() is None:
+                    inst.proc.send_signal(signal.SIGTERM)
+                    signals += 1
+                    await asyncio.sleep(0.002)              # the supervisor's pace, not a wait for an event
+                assert inst.proc.returncode == 0, (signals, inst.output()[-2000:])
+                assert signals > 1
+            finally:
+                inst.kill()
     run(scenario(), OPS_TIMEOUT_S)
 
 
