@@ -19,7 +19,8 @@ output) through ``Inbox``'s condition variable; ``poll_until``/``apoll_until`` a
 where nothing can be awaited (files on disk, a subprocess, a parked GET, connection tasks).
 
 Interop needs python-socketio (requirements-dev.txt) and, for the JavaScript tests, node with
-socket.io-client 4.x in ./node_modules (``npm ci``); those tests skip, saying why, without them.
+socket.io-client 4.x in ./node_modules (``npm ci``); the comparison with the reference server
+needs socket.io 4.8.4 there too.  Those tests skip, saying why, without them.
 """
 from __future__ import annotations
 
@@ -3344,6 +3345,165 @@ def test_only_the_socket_io_path_is_engine_io(tmp_path):
             assert status == 404 and "code" not in json.loads(body), (target, status, body)
         status, _, _ = srv.raw().request("PUT", "/socket.iox/")  # not Engine.IO: only the usual methods
         assert status == 405
+
+
+# -- the same requests to the reference server (node socket.io 4.8.4 / engine.io 6.6.11, from npm) --
+
+REFERENCE_SERVER = HERE / "node_modules" / "socket.io"
+_REFERENCE_REASON = _JS_REASON or ("" if (REFERENCE_SERVER / "package.json").exists()
+                                   else f"socket.io not installed in {REFERENCE_SERVER.parent} (run `npm ci`)")
+REFERENCE_SERVER_JS = r"""
+// The reference server with our app's first steps: welcome and feed_status on connect, ping -> pong (+ ack).
+const { Server } = require("socket.io");
+const http = require("http").createServer();
+const io = new Server(http, { pingInterval: 25000, pingTimeout: 20000, maxHttpBufferSize: 1e6, cors: { origin: "*" } });
+io.on("connection", (socket) => {
+  socket.emit("welcome", { message: "Welcome to BBO Stream" });
+  socket.emit("feed_status", { state: "live" });
+  socket.on("ping", (...args) => {
+    const pong = { time: Date.now() };
+    socket.emit("pong", pong);
+    if (typeof args[args.length - 1] === "function") args[args.length - 1](pong);
+  });
+});
+http.listen(0, "127.0.0.1", () => console.log("port " + http.address().port));
+"""
+_P = "/socket.io/?EIO=4&transport=polling"
+_S = _P + "&sid={sid}"
+_HANDSHAKE = ("GET", _P, b"", ())
+# name -> requests in order; {sid} is the sid of the case's own handshake (its first request).
+REFERENCE_CASES: dict[str, list[tuple[str, str, bytes, tuple[tuple[str, str], ...]]]] = {
+    "handshake": [_HANDSHAKE],
+    "handshake, EIO=3 / EIO=5 / EIO=2 / no EIO": [("GET", "/socket.io/?EIO=3&transport=polling", b"", ()),
+                                                ("GET", "/socket.io/?EIO=5&transport=polling", b"", ()),
+                                                ("GET", "/socket.io/?EIO=2&transport=polling", b"", ()),
+                                                ("GET", "/socket.io/?transport=polling", b"", ())],
+    "no transport, unknown transport, websocket as a plain GET": [
+        ("GET", "/socket.io/?EIO=4", b"", ()), ("GET", "/socket.io/?EIO=4&transport=foo", b"", ()),
+        ("GET", "/socket.io/?EIO=4&transport=websocket", b"", ())],
+    "unknown sid": [("GET", _P + "&sid=AAAAAAAAAAAAAAAAAAAA", b"", ()), ("POST", _P + "&sid=x", b"40", ())],
+    "methods without a sid": [("POST", _P, b"40", ()), ("PUT", _P, b"", ()), ("DELETE", _P, b"", ()),
+                              ("HEAD", _P, b"", ())],
+    "methods with a sid": [_HANDSHAKE, ("PUT", _S, b"", ()), ("DELETE", _S, b"", ()), ("PATCH", _S, b"x", ())],
+    "EIO=3 with a live sid": [_HANDSHAKE, ("GET", "/socket.io/?EIO=3&transport=polling&sid={sid}", b"", ())],
+    "connect, welcome, feed status": [_HANDSHAKE, ("POST", _S, b"40", ()), ("GET", _S, b"", ())],
+    "ping with an ack, then leave": [_HANDSHAKE, ("POST", _S, b"40", ()), ("GET", _S, b"", ()),
+                                     ("POST", _S, b'421["ping"]', ()), ("GET", _S, b"", ()),
+                                     ("POST", _S, b"41", ()), ("POST", _S, b"1", ()), ("GET", _S, b"", ())],
+    "connect with auth": [_HANDSHAKE, ("POST", _S, b'40{"token":"x"}', ()), ("GET", _S, b"", ())],
+    "unknown namespace, then /": [_HANDSHAKE, ("POST", _S, b"40/nope,", ()), ("GET", _S, b"", ()),
+                                  ("POST", _S, b"40", ()), ("GET", _S, b"", ())],
+    "invalid Engine.IO packet": [_HANDSHAKE, ("POST", _S, b"9", ()), ("GET", _S, b"", ())],
+    "invalid Socket.IO packet": [_HANDSHAKE, ("POST", _S, b"40", ()), ("GET", _S, b"", ()),
+                                 ("POST", _S, b"42{}", ()), ("GET", _S, b"", ()), ("GET", _S, b"", ())],
+    "event before CONNECT": [_HANDSHAKE, ("POST", _S, b'42["ping"]', ()), ("GET", _S, b"", ())],
+    "second CONNECT": [_HANDSHAKE, ("POST", _S, b"40", ()), ("GET", _S, b"", ()), ("POST", _S, b"40", ()),
+                       ("GET", _S, b"", ())],
+    "client ping (v3 heartbeat direction)": [_HANDSHAKE, ("POST", _S, b"2", ()), ("GET", _S, b"", ())],
+    "close packet": [_HANDSHAKE, ("POST", _S, b"1", ()), ("GET", _S, b"", ())],
+    "binary body": [_HANDSHAKE, ("POST", _S, b"40", (("Content-Type", "application/octet-stream"),)),
+                    ("GET", _S, b"", ())],
+    "base64 packet before CONNECT": [_HANDSHAKE, ("POST", _S, b"bNDA=", ()), ("GET", _S, b"", ())],
+    "empty body": [_HANDSHAKE, ("POST", _S, b"", ()), ("GET", _S, b"", ())],
+    "largest ack id": [_HANDSHAKE, ("POST", _S, b"40", ()), ("GET", _S, b"", ()),
+                       ("POST", _S, b'42999999999999999["ping"]', ()), ("GET", _S, b"", ())],
+    "bad JSON": [_HANDSHAKE, ("POST", _S, b"40", ()), ("GET", _S, b"", ()), ("POST", _S, b'42["ping",]', ()),
+                 ("GET", _S, b"", ()), ("GET", _S, b"", ())],
+}
+
+
+def _exchange(port: int, method: str, target: str, body: bytes,
+              headers: tuple[tuple[str, str], ...]) -> tuple[int, str, str]:
+    """One request on a connection of its own: (status, content type, body text)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, target, body=body if body or method in ("POST", "PUT", "PATCH") else None,
+                     headers=dict(headers))
+        resp = conn.getresponse()
+        return resp.status, (resp.getheader("content-type") or "").lower(), resp.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
+
+
+def _answers(port: int, steps: list[tuple[str, str, bytes, tuple[tuple[str, str], ...]]]) -> list[tuple[int, str, str]]:
+    """The answers to a case's requests, sids, times and our feed status payload masked."""
+    answers, sid = [], ""
+    for method, target, body, headers in steps:
+        status, content_type, text = _exchange(port, method, target.format(sid=sid), body, headers)
+        if not sid and text.startswith('0{"sid"'):
+            sid = json.loads(text[1:])["sid"]
+        packets = [re.sub(r'^42\["feed_status",.*\]$', '42["feed_status",<status>]', packet)  # the payload is ours
+                   for packet in text.split("\x1e")]
+        text = re.sub(r'"sid":"[\w-]{20}"', '"sid":"<sid>"', "\x1e".join(packets))
+        answers.append((status, content_type, re.sub(r"\b1\d{12}\b", "<ms>", text)))
+    return answers
+
+
+@pytest.fixture(scope="module")
+def reference_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    if _REFERENCE_REASON:
+        pytest.skip(_REFERENCE_REASON)
+    script = tmp_path_factory.mktemp("reference") / "server.js"
+    script.write_text(REFERENCE_SERVER_JS)
+    proc = OutputReader([NODE or "node", str(script)], HERE, {"NODE_PATH": str(REFERENCE_SERVER.parent)})
+    try:
+        yield int(proc.wait_line(r"^port (\d+)$").group(1))
+    finally:
+        proc.close()
+
+
+# name -> steps over one direct WebSocket: ("recv", n) messages, ("send", text or bytes), or
+# ("end",): everything until the server closes (the close code included).  Packets right after
+# a CONNECT or DISCONNECT are left out: the reference handles those a tick later, so what it
+# does with them depends on how the bytes were batched.
+REFERENCE_WS_CASES: dict[str, list[tuple[Any, ...]]] = {
+    "open, connect, ping with an ack": [("recv", 1), ("send", "40"), ("recv", 3), ("send", '421["ping"]'),
+                                        ("recv", 2)],
+    "unknown namespace, then /": [("recv", 1), ("send", "40/nope,"), ("recv", 1), ("send", "40"), ("recv", 3)],
+    "invalid Engine.IO packet": [("recv", 1), ("send", "9"), ("end",)],
+    "invalid Socket.IO packet": [("recv", 1), ("send", "40"), ("recv", 3), ("send", "42{}"), ("end",)],
+    "client ping on a live session": [("recv", 1), ("send", "2probe"), ("end",)],
+    "binary frame with no attachment announced": [("recv", 1), ("send", b"\x01\x02"), ("end",)],
+    "event before CONNECT": [("recv", 1), ("send", '42["ping"]'), ("end",)],
+}
+
+
+def _ws_answers(port: int, steps: list[tuple[Any, ...]]) -> list[Any]:
+    out: list[Any] = []
+    with ws_connect(port, "EIO=4&transport=websocket") as ws:
+        for step in steps:
+            if step[0] == "send":
+                ws.send(step[1])
+            elif step[0] == "recv":
+                out += [ws.recv(timeout=3) for _ in range(step[1])]
+            else:
+                out += ws_recv_all(ws, timeout=3)
+    masked = [re.sub(r'^42\["feed_status",.*\]$', '42["feed_status",<status>]', m) if isinstance(m, str) else m
+              for m in out]
+    return [re.sub(r"\b1\d{12}\b", "<ms>", re.sub(r'"sid":"[\w-]{20}"', '"sid":"<sid>"', m))
+            if isinstance(m, str) else m for m in masked]
+
+
+def test_websocket_answers_match_the_reference_server_frame_by_frame(tmp_path, reference_port):
+    with LiveServer(tmp_path) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        differences = []
+        for name, steps in REFERENCE_WS_CASES.items():
+            ours, theirs = _ws_answers(srv.port, steps), _ws_answers(reference_port, steps)
+            if ours != theirs:
+                differences.append(f"{name}:\n  ours      {ours}\n  reference {theirs}")
+        assert not differences, "\n".join(differences)
+
+
+def test_answers_match_the_reference_server_request_by_request(tmp_path, reference_port):
+    with LiveServer(tmp_path) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        differences = []
+        for name, steps in REFERENCE_CASES.items():
+            ours, theirs = _answers(srv.port, steps), _answers(reference_port, steps)
+            if ours != theirs:
+                differences.append(f"{name}:\n  ours      {ours}\n  reference {theirs}")
+        assert not differences, "\n".join(differences)
 
 
 def test_put_gets_the_references_answers(tmp_path):
