@@ -4264,25 +4264,35 @@ class EioServer:
         conn._arm_timer()
         return conn
 
-    def begin_post(self, req: HttpRequest, writer: asyncio.StreamWriter) -> HttpResponse | None:
-        """Called by the HTTP layer before it reads a POST body under /socket.io/: the answer to
-        send instead when another POST of the same session is still arriving (the session ends)."""
+    async def read_post_body(self, req: HttpRequest, length: int, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> bytes | HttpResponse:
+        """Read the body of a POST under /socket.io/ for the HTTP layer, its session told while it
+        arrives: a second POST meanwhile gets the returned 400 and ends the session, and so does
+        a client that goes away before the end (engine.io polling.ts onDataRequest)."""
         conn = self._post_target(req)
-        if conn is None:
-            return None
-        actions = conn.session.begin_post(self.now())
-        if actions and actions[0][0] is Act.REJECT_REQUEST:
-            conn._apply(actions[1:])
-            return HttpResponse(400, b"", content_type="")
-        conn._post_transport = writer.transport
-        return None
+        if conn is not None:
+            refusal = self._refusal(conn, conn.session.begin_post(self.now()))
+            if refusal is not None:
+                return refusal
+            conn._post_transport = writer.transport
+        complete = False
+        try:
+            body = await asyncio.wait_for(reader.readexactly(length), BODY_TIMEOUT_S)
+            complete = True
+            return body
+        finally:
+            if conn is not None:
+                conn._post_transport = None
+                conn._apply(conn.session.end_post(complete, self.now()))
 
-    def end_post(self, req: HttpRequest, complete: bool) -> None:
-        """The body of a POST passed to `begin_post` was read whole, or its client went away first."""
-        conn = self._post_target(req)
-        if conn is not None and conn.session.post_in_flight:
-            conn._post_transport = None
-            conn._apply(conn.session.end_post(complete, self.now()))
+    @staticmethod
+    def _refusal(conn: EioConnection, actions: list[Action]) -> HttpResponse | None:
+        """For a second concurrent GET or POST: carry out the session's end, answer 400 (ref: no
+        body, no Content-Type).  None when the session took the request."""
+        if not actions or actions[0][0] is not Act.REJECT_REQUEST:
+            return None
+        conn._apply(actions[1:])
+        return HttpResponse(400, b"", content_type="")
 
     def _post_target(self, req: HttpRequest) -> EioConnection | None:
         """The polling session a POST carries packets for, if the request is one engine.io serves."""
@@ -4302,9 +4312,9 @@ class EioServer:
     async def _poll(self, req: HttpRequest, conn: EioConnection, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> HttpResponse | None:
         actions = conn.session.begin_poll(self.now())
-        if actions and actions[0][0] is Act.REJECT_REQUEST:
-            conn._apply(actions[1:])  # the parked GET gets `1`, the session ends
-            return HttpResponse(400, b"", content_type="")
+        refusal = self._refusal(conn, actions)  # the parked GET gets `1`, the session ends
+        if refusal is not None:
+            return refusal
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         conn._poll_waiter = waiter
         conn._apply(actions)
@@ -4871,17 +4881,11 @@ class HttpServer:
             return b""
         if not (is_eio and req.method == "POST"):
             return await asyncio.wait_for(reader.readexactly(length), BODY_TIMEOUT_S)
-        refusal = self.app.eio.begin_post(req, writer)
-        if refusal is not None:
-            await self._finish(writer, req, refusal, False, time.perf_counter())
+        body = await self.app.eio.read_post_body(req, length, reader, writer)
+        if isinstance(body, HttpResponse):
+            await self._finish(writer, req, body, False, time.perf_counter())
             return None
-        complete = False
-        try:
-            body = await asyncio.wait_for(reader.readexactly(length), BODY_TIMEOUT_S)
-            complete = True
-            return body
-        finally:
-            self.app.eio.end_post(req, complete)
+        return body
 
     async def _finish(self, writer: asyncio.StreamWriter, req: HttpRequest, resp: HttpResponse,
                       keep_alive: bool, started: float) -> None:
