@@ -4782,6 +4782,54 @@ def test_writer_threads_give_plain_and_tls_clients_every_update_exactly(tmp_path
         assert raw_writes and all(set(fds) == plain_fds for fds, _ in raw_writes)
 
 
+def test_writer_threads_never_write_to_a_socket_that_changed_hands(tmp_path, monkeypatch):
+    # The helper threads write to raw fds.  Clients that vanish free their fd numbers while
+    # updates flow, and the kernel hands the same numbers to the next accepted sockets: a write
+    # to a stale fd would put frames into a new client's HTTP handshake or another client's stream.
+    monkeypatch.setattr(bs, "FANOUT_PARALLEL_MIN_LINKS", 2)
+    with LiveServer(tmp_path, fanout_threads=2) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        steady = [srv.joined_ws() for _ in range(10)]
+        received = Inbox()                                    # kind: the steady client's index
+
+        def read(i: int) -> None:
+            with contextlib.suppress(OSError, AssertionError):
+                while True:
+                    text = steady[i].recv_text(timeout=10)
+                    if text.startswith('42["bbo_update"'):
+                        received.put(i, json.loads(text[2:])[1]["bidPrice"])
+        for i in range(len(steady)):
+            threading.Thread(target=read, args=(i,), daemon=True).start()
+        churned, problems = [0], []
+
+        def churn() -> None:
+            while churned[0] < 150:
+                try:
+                    client = RawWs(srv.port)                  # asserts a clean `HTTP/1.1 101` head
+                    opened = client.recv_text()
+                    if not opened.startswith('0{"sid":"'):
+                        problems.append(f"first frame {opened[:60]!r}")
+                    client.send_text("40")
+                    if not client.recv_text().startswith('40{"sid":"'):
+                        problems.append("no CONNECT answer first")
+                    client.reset()
+                except (AssertionError, OSError) as exc:
+                    problems.append(repr(exc)[:200])
+                churned[0] += 1
+        thread = threading.Thread(target=churn, daemon=True)
+        thread.start()
+        sent: list[dict] = []
+        while thread.is_alive():                              # updates flow all through the churn
+            sent += srv.call(srv.fed.send_many, [("btcusdt", f"{len(sent) + n}.00", "1", "99999.00", "1")
+                                                 for n in range(10)])
+        assert not problems, problems[:5]
+        expected = [p["b"] for p in sent]
+        received.wait(lambda: all(len(received.of(i)) >= len(expected) for i in range(len(steady))), 10,
+                      f"{len(expected)} updates at each steady client")
+        assert all(received.of(i) == expected for i in range(len(steady)))  # every update, in order, exact
+        assert len(sent) >= 100                               # (the churned clients may skip some)
+
+
 def test_a_thousand_abrupt_disconnects_leave_the_server_healthy(tmp_path):
     with LiveServer(tmp_path) as srv:
         srv.send("btcusdt", "1.00", "1", "1.10", "1")
