@@ -22,7 +22,7 @@ deliveries/s, the fraction of published updates delivered, exchange→client lat
 (matched by `u` against the fake's send time), how fresh the newest price is, server CPU per
 1,000 deliveries and RSS per idle connection (from /proc), and the CPU of everything else on the
 machine (load clients, fake exchange, other processes, interrupts): client and server share the
-cores. Each run measures 12 s; the whole benchmark takes about 8 minutes on a quiet machine, more on a
+cores. Each run measures 12 s; the whole benchmark takes about 4 minutes on a quiet machine, more on a
 shared one: before each run it waits for other processes to quieten (--quiet-cores, --max-wait) and
 repeats a disturbed load run (--retries), and every line says how busy the rest of the machine was.
 """
