@@ -993,6 +993,9 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
+_ISSUE_BASELINE_CPU_MS = {"100x100": 40.0}  # python-socketio's CPU per 1,000 deliveries in issue 3's figures
+
+
 def _goals(results: dict[str, dict[str, dict[str, Any]]], scenarios: dict[str, _Scenario], quick: bool) -> list[str]:
     out = ["goals (issue 3), ours:" + (" (--quick sizes: NOT comparable with the goals, smoke run only)" if quick else "")]
     for name, node_lo, node_hi in (("100x100", 13.0, 15.0), ("1000x100", 9.8, 9.8)):
@@ -1002,8 +1005,17 @@ def _goals(results: dict[str, dict[str, dict[str, Any]]], scenarios: dict[str, _
         cpu = r["cpu_ms_per_1000"]
         where = "below node's" if cpu < node_lo else ("within node's range" if cpu <= node_hi else "above node's")
         node = f"{node_lo:g}–{node_hi:g}" if node_lo != node_hi else f"{node_lo:g}"
-        out.append(f"  {name}: CPU {cpu:.1f} ms per 1,000 deliveries vs node socket.io {node} ms: {where} → "
-                   f"{_verdict(cpu <= node_hi)}")
+        line = f"  {name}: CPU {cpu:.1f} ms per 1,000 deliveries vs node socket.io {node} ms: {where}"
+        ok = cpu <= node_hi
+        base = results.get(name, {}).get("baseline")
+        if name in _ISSUE_BASELINE_CPU_MS and base and base.get("cpu_ms_per_1000"):
+            # The issue measured node and python-socketio on this machine at another time; the
+            # machine's speed drifts between runs, the ratio to the baseline run beside ours does not.
+            ratio, node_hi_ratio = cpu / base["cpu_ms_per_1000"], node_hi / _ISSUE_BASELINE_CPU_MS[name]
+            line += (f"; {ratio:.2f}× python-socketio in this run, node {node_lo / _ISSUE_BASELINE_CPU_MS[name]:.2f}–"
+                     f"{node_hi_ratio:.2f}× in the issue's figures")
+            ok = ratio <= node_hi_ratio
+        out.append(f"{line} → {_verdict(ok)}")
     r = results.get("1000x100", {}).get("ours")
     if r:
         full = r["delivered_frac"] >= 0.9995
