@@ -1521,7 +1521,8 @@ def parse_request_head(raw_head: bytes, peer: str = "") -> HttpRequest:
     Raises:
         HttpError: 400 malformed line/header, obs-fold, missing or repeated Host on 1.1;
         414 target longer than MAX_TARGET_BYTES; 431 more than MAX_HEADERS headers;
-        505 a version other than HTTP/1.0 and 1.1; 405 an unsupported method.
+        505 a version other than HTTP/1.0 and 1.1.  (Which methods a path takes is the
+        route's business: see check_method.)
     """
     try:
         text = raw_head.decode("latin-1")
@@ -1556,10 +1557,6 @@ def parse_request_head(raw_head: bytes, peer: str = "") -> HttpRequest:
     hosts = [v for k, v in headers if k == "host"]
     if version == "HTTP/1.1" and len(hosts) != 1:
         raise HttpError(400, "HTTP/1.1 requests need exactly one Host header")
-    # Engine.IO answers every method under /socket.io/ itself, in its own format (the reference
-    # gives PUT without a sid `400 {"code":2,...}`); everywhere else only these four exist.
-    if method not in ALLOWED_METHODS and not is_eio_path(target.partition("?")[0]):
-        raise HttpError(405, f"method {method} not allowed", [("Allow", ", ".join(ALLOWED_METHODS))])
     if not target.startswith("/"):
         if target == "*" and method == "OPTIONS":
             target = "/"
@@ -1831,23 +1828,106 @@ def handle_metrics(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
     return HttpResponse(200, ctx.metrics(ctx.now_ms).encode(), "text/plain; version=0.0.4; charset=utf-8")
 
 
-API_ROUTES: dict[str, Callable[[HttpRequest, ApiContext], HttpResponse]] = {
-    "/api/history/symbols": handle_symbols,
-    "/api/history/updates": handle_updates,
-    "/api/history/latency": handle_latency,
-    "/api/history/series": handle_series,
-    "/api/history/outages": handle_outages,
-    "/api/history/stats": handle_stats,
-    "/api/bbo": handle_bbo,
-    "/healthz": handle_healthz,
-    "/readyz": handle_readyz,
-    "/metrics": handle_metrics,
-}
+# -- the route table ------------------------------------------------------------------------
+# One table answers every question about a path: which code serves it, its label in /metrics,
+# whether its responses carry CORS headers, and what it needs once a token is required.
+
+class RouteKind(Enum):
+    API = "api"            # a JSON (or text) handler of this section
+    EIO = "eio"            # the Engine.IO endpoint (§16)
+    STATIC = "static"      # a file of the dashboard
+    FAVICON = "favicon"    # the built-in icon
+    NOT_FOUND = "other"    # nothing here: 404
 
 
-def handle_api(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
-    """Dispatch an API request; every HttpError becomes a JSON error response."""
-    handler = API_ROUTES.get(req.path.rstrip("/") or "/")
+class RouteAuth(Enum):
+    """What a route will need when a token is configured (not enforced yet: no token setting)."""
+
+    OPEN = "open"          # health probes and the dashboard's files: never a credential
+    TOKEN = "token"        # the data: REST history and Socket.IO
+    METRICS = "metrics"    # /metrics: open or token, by a setting
+
+
+ApiHandler = Callable[[HttpRequest, ApiContext], HttpResponse]
+
+
+class Route(NamedTuple):
+    label: str                       # low-cardinality name for /metrics ("/api/bbo", "static", ...)
+    kind: RouteKind
+    handler: ApiHandler | None = None  # RouteKind.API: the handler; None = no such endpoint (404)
+    static_name: str = ""            # RouteKind.STATIC: the file; "" = the path after /static/
+    cors: bool = False               # responses carry CORS headers (read by other origins' scripts)
+    auth: RouteAuth = RouteAuth.OPEN
+
+
+def _api(path: str, handler: ApiHandler, auth: RouteAuth = RouteAuth.TOKEN) -> tuple[str, Route]:
+    return path, Route(path, RouteKind.API, handler, cors=True, auth=auth)
+
+
+def _static(path: str, name: str) -> tuple[str, Route]:
+    return path, Route("static", RouteKind.STATIC, static_name=name)
+
+
+ROUTES: dict[str, Route] = dict([
+    _api("/api/history/symbols", handle_symbols),
+    _api("/api/history/updates", handle_updates),
+    _api("/api/history/latency", handle_latency),
+    _api("/api/history/series", handle_series),
+    _api("/api/history/outages", handle_outages),
+    _api("/api/history/stats", handle_stats),
+    _api("/api/bbo", handle_bbo),
+    _api("/healthz", handle_healthz, RouteAuth.OPEN),
+    _api("/readyz", handle_readyz, RouteAuth.OPEN),
+    _api("/metrics", handle_metrics, RouteAuth.METRICS),
+    _static("/", "index.html"),
+    _static("/index.html", "index.html"),
+    _static("/app.js", "app.js"),
+    _static("/style.css", "style.css"),
+    ("/favicon.ico", Route("static", RouteKind.FAVICON)),
+])
+# Prefixes, tried when no exact path matches.
+EIO_ROUTE = Route(EIO_PATH, RouteKind.EIO, cors=True, auth=RouteAuth.TOKEN)
+STATIC_DIR_ROUTE = Route("static", RouteKind.STATIC)                       # /static/<file>
+UNKNOWN_API_ROUTE = Route("other", RouteKind.API, cors=True, auth=RouteAuth.TOKEN)  # /api/<typo>: JSON 404
+NOT_FOUND_ROUTE = Route("other", RouteKind.NOT_FOUND)
+
+
+def is_eio_path(path: str) -> bool:
+    """Whether a request path belongs to the Engine.IO endpoint (/socket.io and below, not /socket.iox)."""
+    return path.startswith(EIO_PATH) or path == EIO_PATH[:-1]
+
+
+def resolve_route(path: str) -> Route:
+    """The route serving a percent-decoded request path (a trailing slash is ignored)."""
+    if is_eio_path(path):
+        return EIO_ROUTE
+    key = path.rstrip("/") or "/"
+    route = ROUTES.get(key)
+    if route is not None:
+        return route
+    if key.startswith("/static/"):
+        return STATIC_DIR_ROUTE
+    if key.startswith("/api/"):
+        return UNKNOWN_API_ROUTE
+    return NOT_FOUND_ROUTE
+
+
+def check_method(req: HttpRequest, route: Route) -> None:
+    """Refuse a method no route of this server takes, before its body is read.
+
+    Engine.IO answers every method under /socket.io/ itself, in its own format (the reference
+    gives PUT without a sid `400 {"code":2,...}`); everywhere else only ALLOWED_METHODS exist.
+
+    Raises:
+        HttpError: 405 with the Allow header.
+    """
+    if req.method not in ALLOWED_METHODS and route.kind is not RouteKind.EIO:
+        raise HttpError(405, f"method {req.method} not allowed", [("Allow", ", ".join(ALLOWED_METHODS))])
+
+
+def handle_api(req: HttpRequest, ctx: ApiContext, route: Route | None = None) -> HttpResponse:
+    """Serve a request of a RouteKind.API route; every HttpError becomes a JSON error response."""
+    handler = (route or resolve_route(req.path)).handler
     try:
         if handler is None:
             raise HttpError(404, f"no such endpoint: {req.path[:100]}")
@@ -2168,17 +2248,16 @@ class SioDecoder:
 
 
 class EioUpdate(NamedTuple):
-    """A message that a newer one with the same key supersedes (a BBO for one symbol).
+    """A message that a newer one with the same key supersedes (for BBO Stream: a symbol's BBO).
 
-    Built once per update by the Hub and shared by every client's outbox.
+    Built once per update by the layer above and shared by every client's outbox. What a key
+    means is that layer's business: the outbox only filters, rate-limits and conflates by it.
     """
 
-    key: str     # the symbol, or FEED_STATUS_KEY
-    text: str    # the Engine.IO packet: '42["bbo_update",{...}]'
-    frame: bytes  # the same packet as a ready unmasked WebSocket text frame
-
-
-FEED_STATUS_KEY = "\x00feed_status"  # cannot collide with a symbol; never filtered or rate-limited
+    key: str              # what a newer update supersedes, and what a client's filter selects
+    text: str             # the Engine.IO packet: '42["bbo_update",{...}]'
+    frame: bytes          # the same packet as a ready unmasked WebSocket text frame
+    always: bool = False  # passes every filter and rate limit (a status every client must see)
 
 
 class EioOutbox:
@@ -2187,11 +2266,12 @@ class EioOutbox:
     Control packets (open, ping, CONNECT answers, acks, events) are never dropped; past
     OUTBOX_MAX_CONTROL_BYTES the client is too slow and gets disconnected. Updates are kept in
     arrival order while they fit in OUTBOX_MAX_UPDATE_BYTES, then compacted to the newest per
-    key; a client coming back from a backlog asks for the newest per key only. With a rate
-    limit, an update that is not due yet waits in `held` (newest wins) until `release_due`.
+    key; a client coming back from a backlog asks for the newest per key only. A filter (a set
+    of keys) and a rate limit per key select what the client gets; with a rate limit, an update
+    that is not due yet waits in `held` (newest wins) until `release_due`.
     """
 
-    __slots__ = ("control", "control_bytes", "updates", "update_bytes", "symbols", "interval_s",
+    __slots__ = ("control", "control_bytes", "updates", "update_bytes", "keys", "interval_s",
                  "max_rate", "held", "due_at", "skipped", "sent", "_compact_at")
 
     def __init__(self) -> None:
@@ -2199,8 +2279,8 @@ class EioOutbox:
         self.control_bytes = 0                      # sum of len() of `control`
         self.updates: list[EioUpdate] = []          # pending updates, oldest first
         self.update_bytes = 0                       # sum of len(text) of `updates`
-        self.symbols: frozenset[str] | None = None  # subscription filter; None = every symbol
-        self.max_rate: float | None = None          # updates per second per symbol, as the client gave it
+        self.keys: frozenset[str] | None = None     # the filter: keys the client wants; None = every key
+        self.max_rate: float | None = None          # updates per second per key, as the client gave it
         self.interval_s: float | None = None        # 1 / max_rate; None = every update
         self.held: dict[str, EioUpdate] = {}        # rate-limited: newest update not due yet, per key
         self.due_at: dict[str, float] = {}          # rate-limited: when the next update of a key may go
@@ -2211,7 +2291,7 @@ class EioOutbox:
     @property
     def passthrough(self) -> bool:
         """True when every update goes out as published (no filter, no rate limit)."""
-        return self.symbols is None and self.interval_s is None
+        return self.keys is None and self.interval_s is None
 
     def has_data(self) -> bool:
         return bool(self.control or self.updates)
@@ -2223,14 +2303,18 @@ class EioOutbox:
         return self.control_bytes <= OUTBOX_MAX_CONTROL_BYTES
 
     def wants(self, key: str) -> bool:
-        return self.symbols is None or key in self.symbols or key == FEED_STATUS_KEY
+        """Whether the filter selects `key`."""
+        return self.keys is None or key in self.keys
 
     def push_update(self, update: EioUpdate, now: float) -> bool:
         """Offer an update; True when something new is ready to send now."""
+        if update.always:
+            self._append(update)
+            return True
         key = update.key
         if not self.wants(key):
             return False
-        if self.interval_s is not None and key != FEED_STATUS_KEY:
+        if self.interval_s is not None:
             due = self.due_at.get(key)
             if due is not None and now < due:
                 if key in self.held:
@@ -2271,11 +2355,12 @@ class EioOutbox:
     def next_due_at(self) -> float | None:
         return min((self.due_at[key] for key in self.held), default=None)
 
-    def set_subscription(self, symbols: frozenset[str] | None, max_rate: float | None) -> None:
-        """Change the filter and rate; pending updates no longer wanted are dropped."""
-        self.symbols, self.max_rate = symbols, max_rate
+    def set_filter(self, keys: frozenset[str] | None, max_rate: float | None) -> None:
+        """Change the filter (None = every key) and the rate per key (None = every update);
+        pending updates no longer wanted are dropped."""
+        self.keys, self.max_rate = keys, max_rate
         self.interval_s = None if max_rate is None else 1.0 / max_rate
-        self.updates = [update for update in self.updates if self.wants(update.key)]
+        self.updates = [update for update in self.updates if update.always or self.wants(update.key)]
         self.update_bytes = sum(len(update.text) for update in self.updates)
         held = {key: update for key, update in self.held.items() if self.wants(key)}
         self.held = {}
@@ -3366,6 +3451,9 @@ class SocketWriterPool:
             thread.join(1.0)
 
 
+FEED_STATUS_KEY = "\x00feed_status"  # conflation key of `feed_status` packets: cannot collide with a symbol
+
+
 class Hub:
     """Fans BBO updates and feed status out to the attached Engine.IO connections.
 
@@ -3391,20 +3479,16 @@ class Hub:
 
     def attach(self, conn: EioConnection) -> None:
         if conn not in self._conns:  # counters from here on: a client may leave "/" and rejoin
-            self._conns[conn] = (conn.session.outbox.sent, conn.session.outbox.skipped)
+            self._conns[conn] = conn.counters
             self._snapshot = tuple(self._conns)
 
     def detach(self, conn: EioConnection) -> None:
         base = self._conns.pop(conn, None)
         if base is not None:
             self._snapshot = tuple(self._conns)
-            self._gone_sent += conn.session.outbox.sent - base[0]
-            self._gone_skipped += conn.session.outbox.skipped - base[1]
-
-    def subscribe(self, conn: EioConnection, symbols: frozenset[str] | None, max_rate: float | None) -> None:
-        """Set a client's symbol filter (None = all) and per-symbol rate (None = every update)."""
-        conn.session.outbox.set_subscription(symbols, max_rate)
-        conn.flush()
+            sent, skipped = conn.counters
+            self._gone_sent += sent - base[0]
+            self._gone_skipped += skipped - base[1]
 
     def publish(self, bbo: Bbo) -> None:
         """Queue one BBO update for every attached client."""
@@ -3412,10 +3496,10 @@ class Hub:
 
     def publish_feed_status(self, status: dict[str, Any]) -> None:
         """Queue a feed status change; like an update, only the newest one waits for a slow client."""
-        self._queue(FEED_STATUS_KEY, '42["feed_status",' + _json_dumps(status) + "]")
+        self._queue(FEED_STATUS_KEY, '42["feed_status",' + _json_dumps(status) + "]", always=True)
 
-    def _queue(self, key: str, text: str) -> None:
-        self._batch.append(EioUpdate(key, text, encode_ws_frame(text.encode())))
+    def _queue(self, key: str, text: str, always: bool = False) -> None:
+        self._batch.append(EioUpdate(key, text, encode_ws_frame(text.encode()), always))
         self.published += 1
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
@@ -3454,10 +3538,10 @@ class Hub:
 
     def stats(self) -> dict[str, int]:
         """Counters: clients, published, delivered, skipped (conflated away for a slow client)."""
-        live = [(conn.session.outbox, base) for conn, base in self._conns.items()]
+        live = [(conn.counters, base) for conn, base in self._conns.items()]
         return {"clients": len(live), "published": self.published,
-                "delivered": self._gone_sent + sum(outbox.sent - base[0] for outbox, base in live),
-                "skipped": self._gone_skipped + sum(outbox.skipped - base[1] for outbox, base in live)}
+                "delivered": self._gone_sent + sum(now[0] - base[0] for now, base in live),
+                "skipped": self._gone_skipped + sum(now[1] - base[1] for now, base in live)}
 
     def metrics_samples(self) -> list[tuple[str, str, str, list[tuple[str, float]]]]:
         """(name, kind, help, [(labels, value)]) for the /metrics renderer (issue 5)."""
@@ -3520,9 +3604,8 @@ class BboApp:
         return None  # accepted and harmless (the seed's clients send it)
 
     def on_request_initial_data(self, sock: SioSocket, *args: Any) -> None:
-        outbox = sock.conn.session.outbox
         for bbo in self.latest_bbos():
-            if outbox.wants(bbo.symbol):
+            if sock.conn.wants(bbo.symbol):
                 sock.emit_json("bbo_update", bbo_json(bbo))
 
     def on_ping(self, sock: SioSocket, *args: Any) -> dict[str, int]:
@@ -3539,12 +3622,12 @@ class BboApp:
             max_rate = self._parse_rate(request.get("maxRate"))
         except ValueError as exc:
             return {"error": str(exc)}
-        current = sock.conn.session.outbox.symbols
+        current = sock.conn.filter_keys
         if symbols is not None:
             current = symbols if current is None else current | symbols
             if len(current) > BBO_MAX_SUBSCRIBE_SYMBOLS:
                 return {"error": f"at most {BBO_MAX_SUBSCRIBE_SYMBOLS} symbols"}
-        self.hub.subscribe(sock.conn, current, max_rate)
+        sock.conn.set_filter(current, max_rate)
         return self._subscription(sock)
 
     def on_unsubscribe(self, sock: SioSocket, request: Any = None, *args: Any) -> dict[str, Any]:
@@ -3555,18 +3638,18 @@ class BboApp:
             symbols = self._parse_symbols(request.get("symbols")) or frozenset()
         except ValueError as exc:
             return {"error": str(exc)}
-        outbox = sock.conn.session.outbox
-        current = outbox.symbols if outbox.symbols is not None else self._known_symbols()
-        self.hub.subscribe(sock.conn, current - symbols, outbox.max_rate)
+        conn = sock.conn
+        current = conn.filter_keys if conn.filter_keys is not None else self._known_symbols()
+        conn.set_filter(current - symbols, conn.max_rate)
         return self._subscription(sock)
 
     def _known_symbols(self) -> frozenset[str]:
         return frozenset(self.symbols()) | {bbo.symbol for bbo in self.latest_bbos()}
 
     def _subscription(self, sock: SioSocket) -> dict[str, Any]:
-        outbox = sock.conn.session.outbox
-        symbols = outbox.symbols if outbox.symbols is not None else self._known_symbols()
-        return {"symbols": sorted(symbols), "maxRate": outbox.max_rate}
+        conn = sock.conn
+        symbols = conn.filter_keys if conn.filter_keys is not None else self._known_symbols()
+        return {"symbols": sorted(symbols), "maxRate": conn.max_rate}
 
     @staticmethod
     def _parse_symbols(raw: Any) -> frozenset[str] | None:
@@ -3879,7 +3962,9 @@ def _bad_header_value(value: str) -> bool:
 class EioConnection:
     """The I/O side of one Engine.IO session: transport(s), timers, the parked GET.
 
-    The layer above uses `send`, `send_binary`, `close`, `transport`, `sid`, `peer`, `upper`.
+    The layer above uses `send`, `send_binary`, `close`, `transport`, `sid`, `peer`, `upper`,
+    and for conflating updates (see EioOutbox) `set_filter`, `filter_keys`, `max_rate`, `wants`
+    and `counters`; what the keys mean (symbols, for BBO Stream) is that layer's business.
     """
 
     __slots__ = ("server", "session", "sid", "peer", "upper", "ws", "probe", "_poll_waiter", "_post_transport",
@@ -3929,8 +4014,34 @@ class EioConnection:
         self._apply(self.session.abort(reason, self.server.now()))
 
     def flush(self) -> None:
-        """Transmit the outbox if the transport can take it now (after changing the subscription)."""
+        """Transmit the outbox if the transport can take it now."""
         self._apply([_FLUSH] if self.session.can_transmit() else [])
+
+    # -- which updates this client gets, and how many it got -------------------------------
+
+    @property
+    def filter_keys(self) -> frozenset[str] | None:
+        """The keys this client wants; None = every key."""
+        return self.session.outbox.keys
+
+    @property
+    def max_rate(self) -> float | None:
+        """Updates per second per key this client takes; None = every update."""
+        return self.session.outbox.max_rate
+
+    def wants(self, key: str) -> bool:
+        return self.session.outbox.wants(key)
+
+    def set_filter(self, keys: frozenset[str] | None, max_rate: float | None) -> None:
+        """Choose the updates this client gets; what waits and is now due goes out at once."""
+        self.session.outbox.set_filter(keys, max_rate)
+        self.flush()
+
+    @property
+    def counters(self) -> tuple[int, int]:
+        """(updates sent, updates superseded before they could be sent) since the session began."""
+        outbox = self.session.outbox
+        return outbox.sent, outbox.skipped
 
     # -- the Hub's hot path --------------------------------------------------------------
 
@@ -4605,7 +4716,6 @@ async def serve_ws_link(link: WsLink, on_message: Callable[[WsLink, str | bytes]
 # request loop with its timeouts, static files, and dispatch to REST and Engine.IO.
 
 MAX_API_BODY_BYTES = 64 * 1024   # no REST endpoint takes a body; read (and drop) at most this much
-STATIC_ALIASES = {"/": "index.html", "/index.html": "index.html", "/app.js": "app.js", "/style.css": "style.css"}
 FAVICON_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
                b'fill="#0b1220"/><path d="M3 11l3-4 3 2 4-5" stroke="#22c55e" stroke-width="2" fill="none"/></svg>')
 
@@ -4653,23 +4763,6 @@ def static_response(req: HttpRequest, found: tuple[bytes, str, str] | None) -> H
     return HttpResponse(200, body, ctype, headers)
 
 
-def is_eio_path(path: str) -> bool:
-    """Whether a request path belongs to the Engine.IO endpoint."""
-    return path.startswith(EIO_PATH) or path == EIO_PATH[:-1]
-
-
-def route_label(path: str) -> str:
-    """Low-cardinality route name for metrics."""
-    if is_eio_path(path):
-        return EIO_PATH
-    key = path.rstrip("/") or "/"
-    if key in API_ROUTES:
-        return key
-    if key in STATIC_ALIASES or key.startswith("/static/") or key == "/favicon.ico":
-        return "static"
-    return "other"
-
-
 async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     fut = loop.create_future()
     loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
@@ -4698,7 +4791,7 @@ class HttpServer:
         app.eio.request_outcome = self._count_outcome
 
     def _count_outcome(self, req: HttpRequest, status: int) -> None:
-        self.requests[(route_label(req.path), status)] += 1
+        self.requests[(resolve_route(req.path).label, status)] += 1
         if log.isEnabledFor(logging.DEBUG):  # the access line of an upgrade or an aborted poll
             log.debug("http %s %s %s → %d", req.peer, req.method, req.target[:200], status)
 
@@ -4842,7 +4935,9 @@ class HttpServer:
             try:
                 req = parse_request_head(raw_head, peer)
                 req = dataclasses.replace(req, peer=self.client_ip(req))  # the client, decided once
-                is_eio = is_eio_path(req.path)
+                route = resolve_route(req.path)
+                check_method(req, route)
+                is_eio = route.kind is RouteKind.EIO
                 limit = self.cfg.max_payload if is_eio else MAX_API_BODY_BYTES
                 try:
                     length = body_length(req, limit)
@@ -4851,7 +4946,7 @@ class HttpServer:
                         raise
                     # Engine.IO answers an oversized POST itself (413, no body; the session lives on).
                     resp = await self.app.eio.handle_request(req, None, reader, writer)
-                    await self._finish(writer, req, resp or error_response(exc), False, started)
+                    await self._finish(writer, req, route, resp or error_response(exc), False, started)
                     return
                 body = await self._read_body(req, length, reader, writer, is_eio)
                 if body is None:  # Engine.IO refused a POST overlapping another of its session
@@ -4865,11 +4960,11 @@ class HttpServer:
             # An upgrade answered with a plain response was refused: (ref: engine.io's abortUpgrade
             # and socket.io's destroyUpgrade) the connection closes after it.
             keep_alive = wants_keep_alive(req) and not _is_upgrade(req)
-            resp = await self.dispatch(req, body, reader, writer)
+            resp = await self.dispatch(req, route, body, reader, writer)
             if resp is None:  # Engine.IO took the connection (and reported its outcome)
                 return
             keep_alive = keep_alive and not self.closing  # says `Connection: close` during shutdown
-            await self._finish(writer, req, resp, keep_alive, started)
+            await self._finish(writer, req, route, resp, keep_alive, started)
             if not keep_alive:
                 return
 
@@ -4883,41 +4978,36 @@ class HttpServer:
             return await asyncio.wait_for(reader.readexactly(length), BODY_TIMEOUT_S)
         body = await self.app.eio.read_post_body(req, length, reader, writer)
         if isinstance(body, HttpResponse):
-            await self._finish(writer, req, body, False, time.perf_counter())
+            await self._finish(writer, req, EIO_ROUTE, body, False, time.perf_counter())
             return None
         return body
 
-    async def _finish(self, writer: asyncio.StreamWriter, req: HttpRequest, resp: HttpResponse,
+    async def _finish(self, writer: asyncio.StreamWriter, req: HttpRequest, route: Route, resp: HttpResponse,
                       keep_alive: bool, started: float) -> None:
-        label = route_label(req.path)
-        cors = (req.path.startswith("/api/") or label in (EIO_PATH, "/healthz", "/readyz", "/metrics")) \
-            and not _is_upgrade(req)  # (ref: abortUpgrade writes no CORS headers)
-        if cors and req.method != "OPTIONS":  # a preflight response carries its own CORS headers
+        # A preflight response carries its own CORS headers; a refused upgrade none (ref: abortUpgrade).
+        if route.cors and req.method != "OPTIONS" and not _is_upgrade(req):
             resp.headers.extend(cors_headers(req, self.cfg.cors_origins))
-        self.requests[(label, resp.status)] += 1
+        self.requests[(route.label, resp.status)] += 1
         await self._send(writer, resp, keep_alive, req.method == "HEAD")
         if log.isEnabledFor(logging.DEBUG):
             log.debug("http %s %s %s → %d (%.1f ms)", req.peer, req.method, req.target[:200],
                       resp.status, (time.perf_counter() - started) * 1000)
 
-    async def dispatch(self, req: HttpRequest, body: bytes, reader: asyncio.StreamReader,
+    async def dispatch(self, req: HttpRequest, route: Route, body: bytes, reader: asyncio.StreamReader,
                        writer: asyncio.StreamWriter) -> HttpResponse | None:
         if req.method == "OPTIONS":
             return preflight_response(req, self.cfg.cors_origins)
-        if is_eio_path(req.path):
+        if route.kind is RouteKind.EIO:
             return await self.app.eio.handle_request(req, body, reader, writer)
         if req.method == "POST":
             return error_response(HttpError(405, f"method POST not allowed on {req.path[:100]}",
                                             [("Allow", "GET, HEAD, OPTIONS")]))
-        key = req.path.rstrip("/") or "/"
-        if key in API_ROUTES or key.startswith("/api/"):
-            return handle_api(req, self.app.api_context())
-        if key == "/favicon.ico":
+        if route.kind is RouteKind.API:
+            return handle_api(req, self.app.api_context(), route)
+        if route.kind is RouteKind.FAVICON:
             return HttpResponse(200, FAVICON_SVG, "image/svg+xml", [("Cache-Control", "max-age=86400")])
-        if key in STATIC_ALIASES:
-            return static_response(req, self.static.lookup(STATIC_ALIASES[key]))
-        if key.startswith("/static/"):
-            return static_response(req, self.static.lookup(req.path[len("/static/"):]))
+        if route.kind is RouteKind.STATIC:
+            return static_response(req, self.static.lookup(route.static_name or req.path[len("/static/"):]))
         return error_response(HttpError(404, f"not found: {req.path[:100]}"))
 
 # ###########################################################################

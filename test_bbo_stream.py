@@ -1675,11 +1675,20 @@ def test_too_many_query_fields_is_400():
     assert http_error(head(f"GET {target} HTTP/1.1", "Host: t")).status == 400
 
 
-def test_http_2_is_505_and_unsupported_method_is_405_with_allow():
+def test_http_2_is_505_and_unsupported_method_is_405_with_allow_except_under_socket_io():
     assert http_error(head("GET / HTTP/2.0", "Host: t")).status == 505
-    exc = http_error(head("PUT / HTTP/1.1", "Host: t"))
-    assert exc.status == 405 and ("Allow", "GET, HEAD, POST, OPTIONS") in exc.headers
-    assert http_error(head("DELETE /api/bbo HTTP/1.1", "Host: t")).status == 405
+
+    def method_error(method: str, path: str) -> bs.HttpError | None:
+        req = parse(head(f"{method} {path} HTTP/1.1", "Host: t"))
+        try:
+            bs.check_method(req, bs.resolve_route(req.path))
+        except bs.HttpError as exc:
+            return exc
+        return None
+    exc = method_error("PUT", "/")
+    assert exc is not None and exc.status == 405 and ("Allow", "GET, HEAD, POST, OPTIONS") in exc.headers
+    assert method_error("DELETE", "/api/bbo").status == 405
+    assert method_error("PUT", "/socket.io/") is None and method_error("GET", "/api/bbo") is None
     assert parse(head("GET / HTTP/1.0")).version == "HTTP/1.0"      # 1.0 needs no Host
     assert parse(head("OPTIONS * HTTP/1.1", "Host: t")).path == "/"
 
@@ -2206,7 +2215,7 @@ def test_outbox_update_bytes_are_bounded():
 
 def test_outbox_max_rate_conflates_to_newest():
     ob = bs.EioOutbox()
-    ob.set_subscription(None, 10)                    # 10 per second per symbol
+    ob.set_filter(None, 10)                          # 10 per second per symbol
     assert ob.push_update(eio_update("BTC", 1), 0.00)
     assert not ob.push_update(eio_update("BTC", 2), 0.03)
     assert not ob.push_update(eio_update("BTC", 3), 0.06)
@@ -2219,20 +2228,25 @@ def test_outbox_max_rate_conflates_to_newest():
     assert ob.skipped == 1
 
 
-def test_outbox_subscription_filters_and_feed_status_always_passes():
+def test_outbox_filter_selects_keys_and_an_always_update_passes_filter_and_rate():
     ob = bs.EioOutbox()
-    ob.set_subscription(frozenset({"BTC"}), None)
+    ob.set_filter(frozenset({"BTC"}), None)
     assert ob.push_update(eio_update("BTC"), 0.0)
     assert not ob.push_update(eio_update("ETH"), 0.0)
-    assert ob.push_update(eio_update(bs.FEED_STATUS_KEY), 0.0)
-    ob.set_subscription(frozenset({"ETH"}), None)   # pending BTC dropped
-    assert [u.key for u in ob.updates] == [bs.FEED_STATUS_KEY]
+    status = eio_update("status")._replace(always=True)
+    assert ob.push_update(status, 0.0)
+    ob.set_filter(frozenset({"ETH"}), 1)            # pending BTC dropped; the status stays
+    assert [u.key for u in ob.updates] == ["status"]
+    assert ob.push_update(eio_update("ETH"), 0.0)
+    assert not ob.push_update(eio_update("ETH", 1), 0.1)  # rate-limited: held
+    assert ob.push_update(status, 0.1) and ob.push_update(status, 0.2)  # never held
+    assert [u.key for u in ob.take_updates(conflate=False)] == ["status", "ETH", "status", "status"]
 
 
 def test_session_max_rate_via_tick():
     s = new_session(websocket=True)
     s.outbox.take_control()
-    s.outbox.set_subscription(None, 2)
+    s.outbox.set_filter(None, 2)
     assert kinds(s.push_updates([eio_update("BTC", 1), eio_update("BTC", 2)], 0.0)) == [bs.Act.FLUSH]
     assert [u.text for u in s.outbox.take_updates(False)] == [eio_update("BTC", 1).text]
     assert s.next_deadline() == 0.5
@@ -2843,7 +2857,7 @@ def test_atomic_write_replaces_the_whole_file(tmp_path):
 def test_hub_encodes_each_update_once_and_hands_every_client_the_same_bytes():
     class Conn:  # what the hub uses of an EioConnection
         def __init__(self) -> None:
-            self.session = types.SimpleNamespace(outbox=bs.EioOutbox())
+            self.counters = (0, 0)
             self.batches: list[tuple[list, bytes]] = []
 
         def deliver(self, batch: list, joined: bytes, now: float, raw: list | None = None) -> None:
@@ -2863,7 +2877,8 @@ def test_hub_encodes_each_update_once_and_hands_every_client_the_same_bytes():
         assert b.batches == [(batch, joined)] and b.batches[0][0] is batch and b.batches[0][1] is joined
         texts = ['42["bbo_update",' + bs.bbo_json(btc) + "]", '42["bbo_update",' + bs.bbo_json(eth) + "]",
                  '42["feed_status",{"state":"live"}]']
-        assert [(u.key, u.text) for u in batch] == list(zip(["BTCUSDT", "ETHUSDT", bs.FEED_STATUS_KEY], texts))
+        assert [(u.key, u.text, u.always) for u in batch] == list(zip(["BTCUSDT", "ETHUSDT", bs.FEED_STATUS_KEY],
+                                                                      texts, [False, False, True]))
         assert [u.frame for u in batch] == [bs.encode_ws_frame(t.encode()) for t in texts]
         assert joined == b"".join(u.frame for u in batch)
         hub.detach(b)  # type: ignore[arg-type]
