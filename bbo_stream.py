@@ -270,6 +270,20 @@ class EioProtocolError(BboStreamError, ValueError):
 class SioProtocolError(BboStreamError, ValueError):
     """An invalid Socket.IO packet; the connection is closed."""
 
+
+def describe_error(exc: BaseException) -> str:
+    """A short reason for a log line or a status object: what a network failure means, not its type."""
+    if isinstance(exc, websockets.exceptions.InvalidStatus):
+        return f"handshake refused: HTTP {exc.response.status_code}"
+    if isinstance(exc, websockets.exceptions.ConnectionClosed):
+        rcvd = exc.rcvd
+        return f"closed by exchange: {rcvd.code} {rcvd.reason}".rstrip() if rcvd else "connection lost (no close frame)"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timed out"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"[:200]
+
 # ###########################################################################
 # §3 Configuration
 # ###########################################################################
@@ -1469,10 +1483,11 @@ def decode_columns(text: str, kind: str) -> tuple[str, dict[str, np.ndarray]]:
     return symbol, cols
 
 # ###########################################################################
-# §6 HTTP/1.1 codec
+# §6 HTTP/1.1 and WebSocket frame codec
 # ###########################################################################
 # Owns: parsing a request head from bytes (with limits), body framing, keep-alive,
-# rendering responses, CORS headers.  Pure: raises HttpError(status) on bad input.
+# rendering responses, CORS headers, and the WebSocket data frames the fan-out builds once
+# for every client.  Pure: raises HttpError(status) on bad input.
 
 HTTP_REASONS = {200: "OK", 101: "Switching Protocols", 204: "No Content", 304: "Not Modified",
                 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
@@ -1605,10 +1620,6 @@ def wants_keep_alive(req: HttpRequest) -> bool:
     return req.version == "HTTP/1.1" and "close" not in req.header_tokens("connection")
 
 
-def is_websocket_upgrade(req: HttpRequest) -> bool:
-    return "websocket" in req.header_tokens("upgrade") and "upgrade" in req.header_tokens("connection")
-
-
 def http_date(epoch_s: float) -> str:
     return email.utils.formatdate(epoch_s, usegmt=True)
 
@@ -1660,13 +1671,75 @@ def preflight_response(req: HttpRequest, origins: tuple[str, ...]) -> HttpRespon
             headers.append(("Access-Control-Allow-Headers", asked))
     return HttpResponse(204, headers=headers)
 
+
+def encode_ws_frame(payload: bytes, opcode: Opcode = Opcode.TEXT) -> bytes:
+    """One unmasked, final frame as a server sends it (RFC 6455 §5.2), no extensions.
+
+    Used for the broadcast hot path: built once per update, the same bytes go to every client.
+    """
+    length = len(payload)
+    first = 0x80 | opcode  # FIN + opcode; RSV bits clear since no extension is negotiated
+    if length < 126:
+        return bytes((first, length)) + payload
+    if length < 1 << 16:
+        return struct.pack("!BBH", first, 126, length) + payload
+    return struct.pack("!BBQ", first, 127, length) + payload
+
 # ###########################################################################
 # §7 REST routes
 # ###########################################################################
-# Owns: the JSON API.  Handlers are functions of (request, ApiContext) → HttpResponse;
-# they read in-memory state and the `now_ms` they are given, never the clock or the disk.
+# Owns: the JSON API and the route table (which code serves a path, its metrics label,
+# CORS, auth), and the /metrics exposition.  Handlers are functions of (request,
+# ApiContext) → HttpResponse; they read in-memory state and the `now_ms` they are given,
+# never the clock or the disk.
 
 MAX_TIME_MS = 2**53  # JSON-safe upper bound for an open-ended range
+
+
+class MetricFamily(NamedTuple):
+    """One metric of /metrics: ``samples`` are (suffix and labels, value), e.g.
+    ('{transport="polling"}', 3), or ('_bucket{le="0.01"}', 7) for a histogram's parts."""
+    name: str                                # without the "bbo_" prefix
+    kind: str                                # "gauge", "counter" or "histogram"
+    help: str
+    samples: list[tuple[str, float]]
+
+
+def render_metrics(families: Iterable[MetricFamily]) -> str:
+    """Prometheus text exposition, format 0.0.4."""
+    out: list[str] = []
+    for family in families:
+        out.append(f"# HELP bbo_{family.name} {family.help}")
+        out.append(f"# TYPE bbo_{family.name} {family.kind}")
+        out.extend(f"bbo_{family.name}{labels} {value}" for labels, value in family.samples)
+    return "\n".join(out) + "\n"
+
+
+def history_metrics(history: BboHistory, now_ms: int) -> list[MetricFamily]:
+    """The per-symbol metrics of the history: what was dropped or kept, ages, latency, memory."""
+    history.flush()  # crossed books are counted when a batch reaches numpy
+    hists = sorted(history.symbols.items())
+    bounds = [f"{b / 1000:g}" for b in LATENCY_BUCKETS_MS.tolist()] + ["+Inf"]
+    latency: list[tuple[str, float]] = []
+    for s, h in hists:
+        cumulative = np.cumsum(h.latency_hist).tolist()
+        latency.extend((f'_bucket{{symbol="{s}",le="{le}"}}', count) for le, count in zip(bounds, cumulative))
+        latency.append((f'_sum{{symbol="{s}"}}', f"{h.latency_sum_ms / 1000:g}"))
+        latency.append((f'_count{{symbol="{s}"}}', cumulative[-1]))
+    return [
+        MetricFamily("feed_duplicates_total", "counter", "Updates dropped as duplicate or out of order (by u)",
+                     [(f'{{symbol="{s}"}}', h.duplicates) for s, h in hists]),
+        MetricFamily("feed_crossed_total", "counter", "Updates kept although bid >= ask",
+                     [(f'{{symbol="{s}"}}', h.crossed) for s, h in hists]),
+        MetricFamily("feed_last_message_age_seconds", "gauge", "Seconds since the symbol's last update",
+                     [(f'{{symbol="{s}"}}', round((now_ms - h.latest.recv_ms) / 1000, 3)) for s, h in hists if h.latest]),
+        MetricFamily("feed_latency_seconds", "histogram",
+                     "Exchange→server latency (serverTimestamp - E) of received updates", latency),
+        MetricFamily("cache_updates", "gauge", "Raw updates held per symbol",
+                     [(f'{{symbol="{s}"}}', len(h.raw)) for s, h in hists]),
+        MetricFamily("cache_memory_bytes", "gauge", "Memory of the history rings per symbol",
+                     [(f'{{symbol="{s}"}}', h.raw.nbytes + h.bars.nbytes) for s, h in hists]),
+    ]
 
 
 @dataclasses.dataclass(slots=True)
@@ -1674,7 +1747,7 @@ class ApiContext:
     history: BboHistory
     feed_status: Callable[[int], dict]      # now_ms → the feed status object
     now_ms: int
-    metrics: Callable[[int], str] | None = None
+    metrics: Callable[[int], list[MetricFamily]] | None = None  # now_ms → every metric of the server
 
 
 def _param(req: HttpRequest, name: str) -> str | None:
@@ -1825,7 +1898,7 @@ def handle_readyz(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
 def handle_metrics(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
     if ctx.metrics is None:
         raise HttpError(404, "metrics are not enabled")
-    return HttpResponse(200, ctx.metrics(ctx.now_ms).encode(), "text/plain; version=0.0.4; charset=utf-8")
+    return HttpResponse(200, render_metrics(ctx.metrics(ctx.now_ms)).encode(), "text/plain; version=0.0.4; charset=utf-8")
 
 
 # -- the route table ------------------------------------------------------------------------
@@ -2814,19 +2887,6 @@ class _Conn:
         self.task: asyncio.Task | None = None   # the consumer
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, websockets.exceptions.InvalidStatus):
-        return f"handshake refused: HTTP {exc.response.status_code}"
-    if isinstance(exc, websockets.exceptions.ConnectionClosed):
-        rcvd = exc.rcvd
-        return f"closed by exchange: {rcvd.code} {rcvd.reason}".rstrip() if rcvd else "connection lost (no close frame)"
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return "timed out"
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {exc}"[:200]
-
-
 class BinanceFeed:
     """Runs the exchange connections; calls ``on_update(bbo)`` for every new update."""
 
@@ -2880,6 +2940,23 @@ class BinanceFeed:
             "connections": [s.status(now) for s in self.shards] if len(self.shards) > 1 else None,
             "symbols": symbols,
         }
+
+    def metrics(self, now: int) -> list[MetricFamily]:
+        status = self.status(now)
+        states = [s.value for s in FeedState]
+        return [
+            MetricFamily("feed_state", "gauge", "1 for the feed's current state",
+                         [(f'{{state="{s}"}}', int(status["state"] == s)) for s in states]),
+            MetricFamily("feed_connection_state", "gauge",
+                         "1 for each exchange connection's current state (connection = shard index)",
+                         [(f'{{connection="{i}",state="{s}"}}', int(shard.state.value == s))
+                          for i, shard in enumerate(self.shards) for s in states]),
+            MetricFamily("feed_reconnects_total", "counter", "Exchange connections opened after the first",
+                         [("", status["reconnects"])]),
+            MetricFamily("feed_messages_total", "counter", "bookTicker messages received", [("", status["messages"])]),
+            MetricFamily("feed_parse_errors_total", "counter", "Exchange messages that could not be parsed",
+                         [("", status["parseErrors"])]),
+        ]
 
     def _status_signature(self, now: int) -> tuple:
         status = self.status(now)
@@ -2935,7 +3012,7 @@ class BinanceFeed:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # every connect failure is retried; never exits the server
-                reason, failure = _describe(exc), True
+                reason, failure = describe_error(exc), True
             else:
                 reason, failure = await self._supervise(shard, conn, url)
             now = now_ms()
@@ -2995,7 +3072,7 @@ class BinanceFeed:
                 else:
                     log.debug("feed: ack %s", item)
         except websockets.exceptions.ConnectionClosed as exc:
-            return _describe(exc)
+            return describe_error(exc)
         code = conn.ws.close_code
         return f"closed by exchange: {code} {conn.ws.close_reason or ''}".rstrip()
 
@@ -3030,7 +3107,7 @@ class BinanceFeed:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("feed %s: rotation failed (%s); keeping the current connection", _shard_name(shard), _describe(exc))
+            log.warning("feed %s: rotation failed (%s); keeping the current connection", _shard_name(shard), describe_error(exc))
             return None
         waiter = asyncio.create_task(new.first_data.wait())
         await asyncio.wait({waiter, new.task}, timeout=FEED_ROTATE_OVERLAP_S, return_when=asyncio.FIRST_COMPLETED)
@@ -3118,6 +3195,11 @@ class CachePersistence:
         self._last_error_log = -math.inf
         self._dirty_outages: set[str] = set()      # outage files whose last write failed
         self._outage_sigs: dict[str, tuple] = {}   # symbol → (count, last end) last written
+
+    def metrics(self) -> list[MetricFamily]:
+        return [MetricFamily("persist_lag_seconds", "gauge", "Age of the oldest update not yet on disk at the last flush",
+                             [("", self.lag_ms / 1000)]),
+                MetricFamily("persist_errors_total", "counter", "Failed cache writes", [("", self.errors)])]
 
     # -- load ---------------------------------------------------------------------
     def load(self) -> dict[str, int]:
@@ -3543,16 +3625,15 @@ class Hub:
                 "delivered": self._gone_sent + sum(now[0] - base[0] for now, base in live),
                 "skipped": self._gone_skipped + sum(now[1] - base[1] for now, base in live)}
 
-    def metrics_samples(self) -> list[tuple[str, str, str, list[tuple[str, float]]]]:
-        """(name, kind, help, [(labels, value)]) for the /metrics renderer (issue 5)."""
+    def metrics(self) -> list[MetricFamily]:
         stats = self.stats()
         return [
-            ("sio_clients", "gauge", "Socket.IO clients receiving updates", [("", stats["clients"])]),
-            ("sio_updates_published_total", "counter", "Packets handed to the fan-out (updates and feed status "
-             "changes)", [("", stats["published"])]),
-            ("sio_deliveries_total", "counter", "Updates written to clients", [("", stats["delivered"])]),
-            ("sio_skipped_total", "counter", "Updates superseded by a newer one before a slow or "
-             "rate-limited client could take them", [("", stats["skipped"])]),
+            MetricFamily("sio_clients", "gauge", "Socket.IO clients receiving updates", [("", stats["clients"])]),
+            MetricFamily("sio_updates_published_total", "counter", "Packets handed to the fan-out (updates and "
+                         "feed status changes)", [("", stats["published"])]),
+            MetricFamily("sio_deliveries_total", "counter", "Updates written to clients", [("", stats["delivered"])]),
+            MetricFamily("sio_skipped_total", "counter", "Updates superseded by a newer one before a slow or "
+                         "rate-limited client could take them", [("", stats["skipped"])]),
         ]
 
 
@@ -4244,19 +4325,20 @@ class EioServer:
         # whose client went away, nginx's "client closed request").  The HTTP layer counts them.
         self.request_outcome: Callable[[HttpRequest, int], None] = lambda req, status: None
 
-    def metrics_samples(self) -> list[tuple[str, str, str, list[tuple[str, float]]]]:
-        """(name, kind, help, [(labels, value)]) for the /metrics renderer (issue 5)."""
+    def metrics(self) -> list[MetricFamily]:
         by_transport = {"polling": 0, "websocket": 0}
         for conn in self.connections.values():
             by_transport[conn.transport] += 1
         return [
-            ("eio_sessions", "gauge", "Engine.IO sessions by transport",
-             [(f'{{transport="{name}"}}', count) for name, count in by_transport.items()]),
-            ("eio_handshakes_total", "counter", "Engine.IO sessions opened", [("", self.handshakes)]),
-            ("eio_upgrades_total", "counter", "Polling sessions upgraded to WebSocket", [("", self.upgrades)]),
-            ("eio_slow_disconnects_total", "counter", "Clients cut off for not reading",
-             [("", self.slow_disconnects)]),
-            ("eio_refused_full_total", "counter", "Handshakes refused at max clients", [("", self.refused_full)]),
+            MetricFamily("eio_sessions", "gauge", "Engine.IO sessions by transport",
+                         [(f'{{transport="{name}"}}', count) for name, count in by_transport.items()]),
+            MetricFamily("eio_handshakes_total", "counter", "Engine.IO sessions opened", [("", self.handshakes)]),
+            MetricFamily("eio_upgrades_total", "counter", "Polling sessions upgraded to WebSocket",
+                         [("", self.upgrades)]),
+            MetricFamily("eio_slow_disconnects_total", "counter", "Clients cut off for not reading",
+                         [("", self.slow_disconnects)]),
+            MetricFamily("eio_refused_full_total", "counter", "Handshakes refused at max clients",
+                         [("", self.refused_full)]),
         ]
 
     @classmethod
@@ -4548,20 +4630,6 @@ class EioServer:
 # frame, ours or the protocol's, always lands in the transport whole: writes never interleave.
 
 
-def encode_ws_frame(payload: bytes, opcode: Opcode = Opcode.TEXT) -> bytes:
-    """One unmasked, final frame as a server sends it (RFC 6455 §5.2), no extensions.
-
-    Used for the broadcast hot path: built once per update, the same bytes go to every client.
-    """
-    length = len(payload)
-    first = 0x80 | opcode  # FIN + opcode; RSV bits clear since no extension is negotiated
-    if length < 126:
-        return bytes((first, length)) + payload
-    if length < 1 << 16:
-        return struct.pack("!BBH", first, 126, length) + payload
-    return struct.pack("!BBQ", first, 127, length) + payload
-
-
 class WsLink:
     """One accepted WebSocket: the protocol object plus the streams it is driven over."""
 
@@ -4790,6 +4858,10 @@ class HttpServer:
         self.closing = False                                 # shutdown began: no new request, no keep-alive
         app.eio.request_outcome = self._count_outcome
 
+    def metrics(self) -> list[MetricFamily]:
+        return [MetricFamily("http_requests_total", "counter", "HTTP requests by route and status",
+                             [(f'{{route="{r}",status="{c}"}}', n) for (r, c), n in sorted(self.requests.items())])]
+
     def _count_outcome(self, req: HttpRequest, status: int) -> None:
         self.requests[(resolve_route(req.path).label, status)] += 1
         if log.isEnabledFor(logging.DEBUG):  # the access line of an upgrade or an aborted poll
@@ -4860,7 +4932,7 @@ class HttpServer:
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             await self.serve_connection(reader, writer, peer, accepted_at)
         except (asyncio.TimeoutError, TimeoutError, ConnectionError, ssl.SSLError, OSError) as exc:
-            log.debug("http %s: connection ended: %s", peer, _describe(exc))
+            log.debug("http %s: connection ended: %s", peer, describe_error(exc))
         finally:
             if writer is not None:
                 if not writer.is_closing():
@@ -5091,10 +5163,16 @@ class App:
         self.hub.publish_feed_status(self.feed.status(now_ms()))
 
     def api_context(self) -> ApiContext:
-        return ApiContext(self.history, self.feed.status, now_ms(), self.metrics_text)
+        return ApiContext(self.history, self.feed.status, now_ms(), self.metrics)
 
-    def metrics_text(self, now: int) -> str:
-        return render_metrics(self, now)
+    def metrics(self, now: int) -> list[MetricFamily]:
+        """Every metric of the server, in the order /metrics lists them."""
+        families = self.feed.metrics(now) + history_metrics(self.history, now)
+        if self.persistence is not None:
+            families += self.persistence.metrics()
+        if self.http is not None:
+            families += self.http.metrics()
+        return families + self.hub.metrics() + self.eio.metrics()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -5174,56 +5252,6 @@ class App:
         if self.persistence is not None:
             self.persistence.flush_sync()
             log.info("cache: final flush written to %s", self.cfg.cache_dir)
-
-
-def render_metrics(app: App, now: int) -> str:
-    """Prometheus text exposition (format 0.0.4) of the server's counters and gauges."""
-    out: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
-        out.append(f"# HELP bbo_{name} {help_text}")
-        out.append(f"# TYPE bbo_{name} {kind}")
-        out.extend(f"bbo_{name}{labels} {value}" for labels, value in samples)
-
-    status = app.feed.status(now)
-    states = [s.value for s in FeedState]
-    metric("feed_state", "gauge", "1 for the feed's current state",
-           ((f'{{state="{s}"}}', int(status["state"] == s)) for s in states))
-    metric("feed_connection_state", "gauge", "1 for each exchange connection's current state (connection = shard index)",
-           ((f'{{connection="{i}",state="{s}"}}', int(shard.state.value == s))
-            for i, shard in enumerate(app.feed.shards) for s in states))
-    metric("feed_reconnects_total", "counter", "Exchange connections opened after the first", [("", status["reconnects"])])
-    metric("feed_messages_total", "counter", "bookTicker messages received", [("", status["messages"])])
-    metric("feed_parse_errors_total", "counter", "Exchange messages that could not be parsed", [("", status["parseErrors"])])
-    hists = sorted(app.history.symbols.items())
-    metric("feed_duplicates_total", "counter", "Updates dropped as duplicate or out of order (by u)",
-           ((f'{{symbol="{s}"}}', h.duplicates) for s, h in hists))
-    metric("feed_crossed_total", "counter", "Updates kept although bid >= ask",
-           ((f'{{symbol="{s}"}}', h.crossed) for s, h in hists))
-    metric("feed_last_message_age_seconds", "gauge", "Seconds since the symbol's last update",
-           ((f'{{symbol="{s}"}}', round((now - h.latest.recv_ms) / 1000, 3)) for s, h in hists if h.latest))
-    out.append("# HELP bbo_feed_latency_seconds Exchange→server latency (serverTimestamp - E) of received updates")
-    out.append("# TYPE bbo_feed_latency_seconds histogram")
-    bounds = [f"{b / 1000:g}" for b in LATENCY_BUCKETS_MS.tolist()] + ["+Inf"]
-    for s, h in hists:
-        cumulative = np.cumsum(h.latency_hist).tolist()
-        for le, count in zip(bounds, cumulative):
-            out.append(f'bbo_feed_latency_seconds_bucket{{symbol="{s}",le="{le}"}} {count}')
-        out.append(f'bbo_feed_latency_seconds_sum{{symbol="{s}"}} {h.latency_sum_ms / 1000:g}')
-        out.append(f'bbo_feed_latency_seconds_count{{symbol="{s}"}} {cumulative[-1]}')
-    metric("cache_updates", "gauge", "Raw updates held per symbol", ((f'{{symbol="{s}"}}', len(h.raw)) for s, h in hists))
-    metric("cache_memory_bytes", "gauge", "Memory of the history rings per symbol",
-           ((f'{{symbol="{s}"}}', h.raw.nbytes + h.bars.nbytes) for s, h in hists))
-    if app.persistence is not None:
-        metric("persist_lag_seconds", "gauge", "Age of the oldest update not yet on disk at the last flush",
-               [("", app.persistence.lag_ms / 1000)])
-        metric("persist_errors_total", "counter", "Failed cache writes", [("", app.persistence.errors)])
-    if app.http is not None:
-        metric("http_requests_total", "counter", "HTTP requests by route and status",
-               ((f'{{route="{r}",status="{c}"}}', n) for (r, c), n in sorted(app.http.requests.items())))
-    for name, kind, help_text, samples in app.hub.metrics_samples() + app.eio.metrics_samples():
-        metric(name, kind, help_text, samples)
-    return "\n".join(out) + "\n"
 
 
 # ###########################################################################
