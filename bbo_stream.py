@@ -4301,6 +4301,9 @@ class EioConnection:
 class EioServer:
     """Engine.IO v4 server on our own HTTP layer (see the module docstring for the API).
 
+    It owns the sessions and checks every request as the reference does (server.ts verify and
+    handshake); its transports, `polling` (EioPolling) and `websocket` (EioWebSocket), serve them.
+
     Args:
         ping_interval_ms, ping_timeout_ms: heartbeat, sent in the open packet.
         max_payload: bytes; the largest POST body and WebSocket message accepted.
@@ -4324,6 +4327,8 @@ class EioServer:
         # write: 101 (WebSocket accepted), websockets' own 4xx refusal, 499 (a parked GET
         # whose client went away, nginx's "client closed request").  The HTTP layer counts them.
         self.request_outcome: Callable[[HttpRequest, int], None] = lambda req, status: None
+        self.polling = EioPolling(self)              # the long-polling transport
+        self.websocket = EioWebSocket(self)          # the WebSocket transport
 
     def metrics(self) -> list[MetricFamily]:
         by_transport = {"polling": 0, "websocket": 0}
@@ -4384,15 +4389,15 @@ class EioServer:
             return refused
         sid = query.get("sid") or None
         if upgrade:
-            await self._serve_websocket(req, query, reader, writer)
+            await self.websocket.serve(req, query, reader, writer)
             return None
         if sid is None:
-            return self._open_polling(req)
+            return self.polling.open(req)
         conn = self.connections[sid]
         if req.method == "GET":
-            return await self._poll(req, conn, reader, writer)
+            return await self.polling.get(req, conn, reader, writer)
         if req.method == "POST":
-            return self._post(conn, req, body)
+            return self.polling.post(conn, req, body)
         return HttpResponse(500, b"", content_type="")  # (ref: PUT with a sid -> 500, empty body)
 
     def _error(self, code: int, upgrade: bool) -> HttpResponse:
@@ -4457,14 +4462,37 @@ class EioServer:
         conn._arm_timer()
         return conn
 
-    async def read_post_body(self, req: HttpRequest, length: int, reader: asyncio.StreamReader,
+    async def close_all(self) -> None:
+        """Close every session (shutdown): WebSocket clients get a 1001 close, polling sessions end
+        as if the transport were lost (see `EioSession.drop`): every client reconnects."""
+        for conn in list(self.connections.values()):
+            if conn.transport == "websocket":
+                conn.close("server shutdown", CloseCode.GOING_AWAY)
+            else:
+                # Not `1`: python-socketio takes an Engine.IO close as "server disconnect" and does
+                # not reconnect.  A parked GET gets a noop and the session is gone, so the client's
+                # next request fails (refused, or 400 from another instance) and it reconnects.
+                conn._apply(conn.session.drop("server shutdown"))
+        await asyncio.sleep(0)
+
+
+class EioPolling:
+    """The long-polling transport of an EioServer: the handshake GET, parked GETs, POSTs.
+
+    Answers are the reference's (engine.io polling.ts), byte for byte where a test compares them.
+    """
+
+    def __init__(self, server: EioServer) -> None:
+        self.server = server  # owner: registry, settings, clock
+
+    async def read_body(self, req: HttpRequest, length: int, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> bytes | HttpResponse:
         """Read the body of a POST under /socket.io/ for the HTTP layer, its session told while it
         arrives: a second POST meanwhile gets the returned 400 and ends the session, and so does
         a client that goes away before the end (engine.io polling.ts onDataRequest)."""
         conn = self._post_target(req)
         if conn is not None:
-            refusal = self._refusal(conn, conn.session.begin_post(self.now()))
+            refusal = self._refusal(conn, conn.session.begin_post(self.server.now()))
             if refusal is not None:
                 return refusal
             conn._post_transport = writer.transport
@@ -4476,7 +4504,7 @@ class EioServer:
         finally:
             if conn is not None:
                 conn._post_transport = None
-                conn._apply(conn.session.end_post(complete, self.now()))
+                conn._apply(conn.session.end_post(complete, self.server.now()))
 
     @staticmethod
     def _refusal(conn: EioConnection, actions: list[Action]) -> HttpResponse | None:
@@ -4491,20 +4519,20 @@ class EioServer:
         """The polling session a POST carries packets for, if the request is one engine.io serves."""
         query = {key: values[-1] for key, values in req.query.items() if values}
         sid = query.get("sid")
-        if req.method != "POST" or not sid or self._verify(req, query, False) is not None:
+        if req.method != "POST" or not sid or self.server._verify(req, query, False) is not None:
             return None
-        return self.connections.get(sid)
+        return self.server.connections.get(sid)
 
-    def _open_polling(self, req: HttpRequest) -> HttpResponse:
-        now = self.now()
-        conn = self._create(req, now, None)
+    def open(self, req: HttpRequest) -> HttpResponse:
+        now = self.server.now()
+        conn = self.server._create(req, now, None)
         conn.session.begin_poll(now)  # the open packet is queued, so this GET is answered at once
         return HttpResponse(200, conn.session.take_poll_payload().encode(), "text/plain; charset=UTF-8",
                             list(_POLL_HEADERS))
 
-    async def _poll(self, req: HttpRequest, conn: EioConnection, reader: asyncio.StreamReader,
+    async def get(self, req: HttpRequest, conn: EioConnection, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> HttpResponse | None:
-        actions = conn.session.begin_poll(self.now())
+        actions = conn.session.begin_poll(self.server.now())
         refusal = self._refusal(conn, actions)  # the parked GET gets `1`, the session ends
         if refusal is not None:
             return refusal
@@ -4513,7 +4541,7 @@ class EioServer:
         conn._apply(actions)
         if not waiter.done() and not await self._park(conn, waiter, reader):
             writer.close()
-            self.request_outcome(req, 499)
+            self.server.request_outcome(req, 499)
             return None
         return HttpResponse(200, waiter.result().encode(), "text/plain; charset=UTF-8", list(_POLL_HEADERS))
 
@@ -4528,7 +4556,7 @@ class EioServer:
         try:
             await asyncio.wait((waiter, watch), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            conn._apply(conn.session.abort_poll(self.now()))
+            conn._apply(conn.session.abort_poll(self.server.now()))
             raise
         finally:
             if not watch.done():
@@ -4541,33 +4569,39 @@ class EioServer:
         if waiter.done():
             return True
         conn._poll_waiter = None
-        conn._apply(conn.session.abort_poll(self.now()))
+        conn._apply(conn.session.abort_poll(self.server.now()))
         return False
 
-    def _post(self, conn: EioConnection, req: HttpRequest, body: bytes | None) -> HttpResponse:
-        if body is None or len(body) > self.max_payload:
+    def post(self, conn: EioConnection, req: HttpRequest, body: bytes | None) -> HttpResponse:
+        if body is None or len(body) > self.server.max_payload:
             return HttpResponse(413, b"", content_type="")  # (ref: 413, no body; the session lives on)
         if req.header("content-type") == "application/octet-stream":
             conn.abort("invalid content")  # polling.ts refuses binary bodies in v4 (from its source)
             return HttpResponse(400, b"", content_type="")
         # node decodes the body with setEncoding("utf8"), which replaces bad sequences too.
-        conn._apply(conn.session.receive_post(body.decode("utf-8", "replace"), self.now()))
+        conn._apply(conn.session.receive_post(body.decode("utf-8", "replace"), self.server.now()))
         return HttpResponse(200, b"ok", "text/html", list(_POLL_HEADERS))
 
-    # -- WebSocket ---------------------------------------------------------------------------
 
-    async def _serve_websocket(self, req: HttpRequest, query: dict[str, str],
+class EioWebSocket:
+    """The WebSocket transport of an EioServer: the handshake, then the link's read loop, for a
+    new session or as the probe of a polling session's upgrade."""
+
+    def __init__(self, server: EioServer) -> None:
+        self.server = server  # owner: registry, settings, clock
+
+    async def serve(self, req: HttpRequest, query: dict[str, str],
                                reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Handshake with websockets, then run the link: a new session, or a probe for one."""
-        link = self._ws_handshake(req, reader, writer)
+        link = self._handshake(req, reader, writer)
         if link is None:
             return
-        now = self.now()
+        now = self.server.now()
         sid = query.get("sid") or None
         if query.get("transport") != "websocket":
             conn = None  # (ref: onWebSocket: polling does not handle upgrades, with or without a sid)
         else:
-            conn = self.connections.get(sid) if sid is not None else self._create(req, now, link)
+            conn = self.server.connections.get(sid) if sid is not None else self.server._create(req, now, link)
         if conn is None or conn.ws is not link:
             # engine.io accepts the WebSocket, then closes it when it cannot be an upgrade (ref: a
             # second WebSocket for a sid, during or after the upgrade, and a transport=polling
@@ -4585,12 +4619,12 @@ class EioServer:
         finally:
             conn.on_ws_closed(link)
 
-    def _ws_handshake(self, req: HttpRequest, reader: asyncio.StreamReader,
+    def _handshake(self, req: HttpRequest, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> WsLink | None:
         """Replay the head into websockets (style-examples §2.B option A); the link once it is OPEN."""
         # An oversized message closes with 1009 (ref: ws closes 1009 too). websockets logs each
         # connection at INFO: give it our logger so the application's config decides.
-        proto = ServerProtocol(max_size=self.max_payload, logger=_WS_LOG)
+        proto = ServerProtocol(max_size=self.server.max_payload, logger=_WS_LOG)
         proto.receive_data(req.raw_head)
         events = proto.events_received()
         link = WsLink(proto, reader, writer)
@@ -4600,26 +4634,13 @@ class EioServer:
             proto.send_response(response)
             status = response.status_code
         link.write_pending()  # the 101, or websockets' own 4xx
-        self.request_outcome(req, status)
+        self.server.request_outcome(req, status)
         if proto.state is not WsState.OPEN:
             link.finished()
             writer.close()
             return None
         writer.transport.set_write_buffer_limits(high=WS_HIGH_WATER_BYTES)  # drain() resumes at a quarter
         return link
-
-    async def close_all(self) -> None:
-        """Close every session (shutdown): WebSocket clients get a 1001 close, polling sessions end
-        as if the transport were lost (see `EioSession.drop`): every client reconnects."""
-        for conn in list(self.connections.values()):
-            if conn.transport == "websocket":
-                conn.close("server shutdown", CloseCode.GOING_AWAY)
-            else:
-                # Not `1`: python-socketio takes an Engine.IO close as "server disconnect" and does
-                # not reconnect.  A parked GET gets a noop and the session is gone, so the client's
-                # next request fails (refused, or 400 from another instance) and it reconnects.
-                conn._apply(conn.session.drop("server shutdown"))
-        await asyncio.sleep(0)
 
 
 # ###########################################################################
@@ -5048,7 +5069,7 @@ class HttpServer:
             return b""
         if not (is_eio and req.method == "POST"):
             return await asyncio.wait_for(reader.readexactly(length), BODY_TIMEOUT_S)
-        body = await self.app.eio.read_post_body(req, length, reader, writer)
+        body = await self.app.eio.polling.read_body(req, length, reader, writer)
         if isinstance(body, HttpResponse):
             await self._finish(writer, req, EIO_ROUTE, body, False, time.perf_counter())
             return None
