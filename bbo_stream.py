@@ -3180,31 +3180,22 @@ def atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-class CachePersistence:
-    """Loads the history at start and keeps CACHE_DIR up to date while running."""
+class CacheLoaded(NamedTuple):
+    """What loading CACHE_DIR found: rows per symbol, and where each file sequence stands."""
+    rows: dict[str, int]                          # symbol → raw rows restored
+    logs: dict[tuple[str, str], _LogState]        # (symbol, kind) → the next journal to write
+    outage_sigs: dict[str, tuple]                 # symbol → (count, last end) of outages.json
 
-    def __init__(self, cfg: Config, history: BboHistory) -> None:
-        self.root = Path(cfg.cache_dir)
+
+class CacheLoader:
+    """Reads CACHE_DIR into the history at start (blocking: it runs before serving)."""
+
+    def __init__(self, root: Path, history: BboHistory) -> None:
+        self.root = root
         self.history = history
-        self.flush_s = cfg.cache_flush_seconds
-        self.cleanup_s = cfg.cache_cleanup_hours * 3600
-        self.state: dict[tuple[str, str], _LogState] = {}
-        self.errors = 0                          # failed writes (disk full, permissions)
-        self.last_flush_ms: int | None = None    # when the last flush completed
-        self.lag_ms = 0                          # age of the oldest unpersisted row at the last flush
-        self._last_error_log = -math.inf
-        self._dirty_outages: set[str] = set()      # outage files whose last write failed
-        self._outage_sigs: dict[str, tuple] = {}   # symbol → (count, last end) last written
 
-    def metrics(self) -> list[MetricFamily]:
-        return [MetricFamily("persist_lag_seconds", "gauge", "Age of the oldest update not yet on disk at the last flush",
-                             [("", self.lag_ms / 1000)]),
-                MetricFamily("persist_errors_total", "counter", "Failed cache writes", [("", self.errors)])]
-
-    # -- load ---------------------------------------------------------------------
-    def load(self) -> dict[str, int]:
-        """Read CACHE_DIR into the history (blocking; runs before serving).  Returns rows per symbol."""
-        loaded: dict[str, int] = {}
+    def load(self) -> CacheLoaded:
+        loaded = CacheLoaded({}, {}, {})
         if not self.root.exists():
             return loaded
         for sym_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
@@ -3218,7 +3209,7 @@ class CachePersistence:
                 cols = {k: np.concatenate([c[k] for c in raw_cols]) for k in RAW_COLUMNS}
                 hist.raw.extend(cols)
                 hist.restore_last(cols)
-                loaded[symbol] = len(cols["recv_ms"])
+                loaded.rows[symbol] = len(cols["recv_ms"])
             if bar_cols and hist.keep_bars:
                 hist.bars.extend({k: np.concatenate([c[k] for c in bar_cols]) for k in BAR_COLUMNS})
             if hist.keep_bars and hist.raw.total:
@@ -3227,12 +3218,12 @@ class CachePersistence:
                 a = hist.raw.search("recv_ms", after, "left")
                 if a < hist.raw.total:
                     hist._append_bars(columns_to_bars(hist.raw.take(a, hist.raw.total)))
-            self._load_outages(sym_dir, hist)
+            if self._load_outages(sym_dir, hist):
+                loaded.outage_sigs[symbol] = (len(hist.outages), hist.outages[-1][1] if hist.outages else None)
             for kind, ring in (("raw", hist.raw), ("bars", hist.bars)):
                 seqs = [int(m.group(2)) for p in sym_dir.iterdir() if (m := _CACHE_FILE_RE.match(p.name)) and m.group(1) == kind]
                 persisted = ring.total - (1 if kind == "bars" and ring.total else 0)
-                state = _LogState(max(seqs, default=0) + 1, persisted)
-                self.state[(symbol, kind)] = state
+                loaded.logs[(symbol, kind)] = _LogState(max(seqs, default=0) + 1, persisted)
         return loaded
 
     def _load_kind(self, sym_dir: Path, kind: str) -> list[dict[str, np.ndarray]]:
@@ -3254,7 +3245,8 @@ class CachePersistence:
             out.extend(self._load_file(path, kind))
         return out
 
-    def _load_file(self, path: Path, kind: str) -> list[dict[str, np.ndarray]]:
+    @staticmethod
+    def _load_file(path: Path, kind: str) -> list[dict[str, np.ndarray]]:
         try:
             lines = path.read_bytes().split(b"\n")
         except OSError as exc:
@@ -3280,10 +3272,12 @@ class CachePersistence:
             out.append(cols)
         return out
 
-    def _load_outages(self, sym_dir: Path, hist: SymbolHistory) -> None:
+    @staticmethod
+    def _load_outages(sym_dir: Path, hist: SymbolHistory) -> bool:
+        """Restore outages.json; True when it was read."""
         path = sym_dir / "outages.json"
         if not path.exists():
-            return
+            return False
         try:
             doc = json.loads(path.read_text())
             items = [[int(o["start"]), None if o["end"] is None else int(o["end"]), str(o["reason"])]
@@ -3293,22 +3287,45 @@ class CachePersistence:
             log.error("cache: %s is unreadable (%s); moved aside to %s", path, str(exc)[:100], aside.name)
             with contextlib.suppress(OSError):
                 path.rename(aside)
-            return
+            return False
         hist.outages.extend(items)
-        self._outage_sigs[hist.symbol] = (len(hist.outages), hist.outages[-1][1] if hist.outages else None)
+        return True
 
-    def mark_restart_outages(self, now: int) -> None:
-        """The time the server was not running is an outage of every restored symbol."""
-        for hist in self.history.symbols.values():
-            if hist.latest is not None:
-                hist.begin_outage(hist.latest.recv_ms, "bbo_stream was not running")
 
-    # -- write ----------------------------------------------------------------------
-    def _collect(self, now: int) -> list[tuple]:
+class WriteJob(NamedTuple):
+    """One write that a flush plans in the event loop and carries out in a thread."""
+    kind: str                               # "raw", "bars" or "outages"
+    symbol: str
+    path: Path                              # the journal to append to, or outages.json
+    payload: Any                            # the rows' columns, or the outage list
+    log_state: _LogState | None = None      # where (symbol, kind) stands; None for outages
+    after: tuple[int, int, int] = (0, 0, 0)  # the log state's (seq, journal_start, persisted) once written
+    segment: Path | None = None             # compaction: the rows go here as one segment, the journal goes
+
+
+class CacheWriter:
+    """Keeps CACHE_DIR up to date: journal appends, compaction into segments, outages, cleanup."""
+
+    def __init__(self, root: Path, history: BboHistory) -> None:
+        self.root = root
+        self.history = history
+        self.logs: dict[tuple[str, str], _LogState] = {}   # (symbol, kind) → where it stands on disk
+        self.errors = 0                          # failed writes (disk full, permissions)
+        self.lag_ms = 0                          # age of the oldest unpersisted row at the last plan
+        self._last_error_log_s = -math.inf       # monotonic time of the last error line
+        self._dirty_outages: set[str] = set()      # outage files whose last write failed
+        self._outage_sigs: dict[str, tuple] = {}   # symbol → (count, last end) last written
+
+    def resume(self, loaded: CacheLoaded) -> None:
+        """Continue the file sequences that loading found."""
+        self.logs.update(loaded.logs)
+        self._outage_sigs.update(loaded.outage_sigs)
+
+    def plan(self, now: int) -> list[WriteJob]:
         """In the event loop: copy what must be written (cheap numpy slices) and plan the
         journal appends and compactions.  No job holds more than SEGMENT_ROWS rows, so no
         single JSON encode holds the GIL for long, however far behind the disk is."""
-        jobs: list[tuple] = []
+        jobs: list[WriteJob] = []
         oldest_unpersisted: int | None = None
         for symbol, hist in self.history.symbols.items():
             hist.flush()
@@ -3317,7 +3334,7 @@ class CachePersistence:
                                      ("bars", hist.bars, hist.bars.total - 1 if hist.bars.total else 0)):
                 if kind == "bars" and not hist.keep_bars:
                     continue
-                state = self.state.setdefault((symbol, kind), _LogState(1, ring.first))
+                state = self.logs.setdefault((symbol, kind), _LogState(1, ring.first))
                 start = max(state.persisted, ring.first)
                 if upto <= start:
                     continue
@@ -3332,49 +3349,49 @@ class CachePersistence:
                         seg_cols = ring.take(max(journal_start, ring.first), end)
                         last = int(seg_cols["recv_ms"][-1]) if kind == "raw" else int(seg_cols["time_s"][-1]) * 1000
                         segment = sym_dir / f"{kind}-{seq:08d}-{last}.json"
-                        jobs.append((state, kind, symbol, journal, seg_cols, (seq + 1, end, end), segment))
+                        jobs.append(WriteJob(kind, symbol, journal, seg_cols, state, (seq + 1, end, end), segment))
                         seq, journal_start = seq + 1, end
                     else:
-                        jobs.append((state, kind, symbol, journal, ring.take(start, end), (seq, journal_start, end), None))
+                        jobs.append(WriteJob(kind, symbol, journal, ring.take(start, end), state,
+                                             (seq, journal_start, end)))
                     start = end
             signature = (len(hist.outages), hist.outages[-1][1] if hist.outages else None)
             if signature != self._outage_sigs.get(symbol) or symbol in self._dirty_outages:
                 self._dirty_outages.discard(symbol)
                 self._outage_sigs[symbol] = signature
-                jobs.append((None, "outages", symbol, sym_dir / "outages.json",
-                             [{"start": s, "end": e, "reason": r} for s, e, r in hist.outages], None, None))
+                jobs.append(WriteJob("outages", symbol, sym_dir / "outages.json",
+                                     [{"start": s, "end": e, "reason": r} for s, e, r in hist.outages]))
         self.lag_ms = 0 if oldest_unpersisted is None else max(0, now - oldest_unpersisted)
         return jobs
 
-    def _write(self, jobs: list[tuple]) -> list[tuple]:
+    def write(self, jobs: list[WriteJob]) -> list[WriteJob]:
         """In a thread: encode and write.  Returns the jobs that succeeded; after a failed
         job, the later jobs of the same journal are skipped (they would leave a hole)."""
         done, failed = [], set()
         for job in jobs:
-            state, kind, symbol, path, cols, after, segment = job
-            if id(state) in failed:
+            if id(job.log_state) in failed:
                 continue
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                if kind == "outages":
-                    atomic_write(path, json.dumps({"outages": cols}, separators=(",", ":")).encode())
-                elif segment is not None:
-                    atomic_write(segment, encode_columns(kind, symbol, cols).encode() + b"\n")
+                job.path.parent.mkdir(parents=True, exist_ok=True)
+                if job.kind == "outages":
+                    atomic_write(job.path, json.dumps({"outages": job.payload}, separators=(",", ":")).encode())
+                elif job.segment is not None:
+                    atomic_write(job.segment, encode_columns(job.kind, job.symbol, job.payload).encode() + b"\n")
                     with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
+                        job.path.unlink()
                 else:
-                    self._append_line(path, encode_columns(kind, symbol, cols).encode() + b"\n")
+                    self._append_line(job.path, encode_columns(job.kind, job.symbol, job.payload).encode() + b"\n")
             except OSError as exc:
                 self.errors += 1
-                if state is not None:
-                    failed.add(id(state))
-                now = time.monotonic()
-                if now - self._last_error_log >= PERSIST_ERROR_LOG_INTERVAL_S:
-                    self._last_error_log = now
+                if job.log_state is not None:
+                    failed.add(id(job.log_state))
+                now_s = time.monotonic()
+                if now_s - self._last_error_log_s >= PERSIST_ERROR_LOG_INTERVAL_S:
+                    self._last_error_log_s = now_s
                     log.error("cache: cannot write %s (%s); still serving from memory, will retry",
-                              path, exc.strerror or exc)
-                if kind == "outages":
-                    self._dirty_outages.add(symbol)
+                              job.path, exc.strerror or exc)
+                if job.kind == "outages":
+                    self._dirty_outages.add(job.symbol)
                 continue
             done.append(job)
         return done
@@ -3396,20 +3413,12 @@ class CachePersistence:
         if new:
             _fsync_dir(path.parent)
 
-    def _commit(self, done: list[tuple]) -> None:
-        for state, *_, after, _segment in done:
-            if state is not None:
-                state.seq, state.journal_start, state.persisted = after
-
-    async def flush(self) -> None:
-        jobs = self._collect(now_ms())
-        if jobs:
-            self._commit(await asyncio.to_thread(self._write, jobs))
-        self.last_flush_ms = now_ms()
-
-    def flush_sync(self) -> None:
-        """Final flush at shutdown (the loop has nothing else left to do)."""
-        self._commit(self._write(self._collect(now_ms())))
+    @staticmethod
+    def commit(done: list[WriteJob]) -> None:
+        """Back in the event loop: what was written counts as persisted."""
+        for job in done:
+            if job.log_state is not None:
+                job.log_state.seq, job.log_state.journal_start, job.log_state.persisted = job.after
 
     def cleanup(self) -> int:
         """Delete segments whose rows the rings no longer hold.  Returns files removed."""
@@ -3425,7 +3434,7 @@ class CachePersistence:
                 if not m:
                     continue
                 kind, seq = m.group(1), int(m.group(2))
-                state = self.state.get((symbol, kind))
+                state = self.logs.get((symbol, kind))
                 if m.group(3):
                     last = int(m.group(3))
                 elif state is not None and seq >= state.seq:
@@ -3447,6 +3456,55 @@ class CachePersistence:
             return None
         return int(cols["recv_ms"][-1]) if kind == "raw" else int(cols["time_s"][-1]) * 1000
 
+
+class CachePersistence:
+    """The history on disk over the process's life: load at start, a flush every
+    CACHE_FLUSH_SECONDS (planned in the loop, written in a thread), cleanup, the final flush."""
+
+    def __init__(self, cfg: Config, history: BboHistory) -> None:
+        root = Path(cfg.cache_dir)
+        self.history = history
+        self.loader = CacheLoader(root, history)
+        self.writer = CacheWriter(root, history)
+        self.flush_s = cfg.cache_flush_seconds
+        self.cleanup_s = cfg.cache_cleanup_hours * 3600
+        self.last_flush_ms: int | None = None    # when the last flush completed
+
+    @property
+    def errors(self) -> int:
+        return self.writer.errors
+
+    @property
+    def lag_ms(self) -> int:
+        return self.writer.lag_ms
+
+    def metrics(self) -> list[MetricFamily]:
+        return [MetricFamily("persist_lag_seconds", "gauge", "Age of the oldest update not yet on disk at the last flush",
+                             [("", self.lag_ms / 1000)]),
+                MetricFamily("persist_errors_total", "counter", "Failed cache writes", [("", self.errors)])]
+
+    def load(self) -> dict[str, int]:
+        """Read CACHE_DIR into the history (blocking; runs before serving).  Returns rows per symbol."""
+        loaded = self.loader.load()
+        self.writer.resume(loaded)
+        return loaded.rows
+
+    def mark_restart_outages(self, now: int) -> None:
+        """The time the server was not running is an outage of every restored symbol."""
+        for hist in self.history.symbols.values():
+            if hist.latest is not None:
+                hist.begin_outage(hist.latest.recv_ms, "bbo_stream was not running")
+
+    async def flush(self) -> None:
+        jobs = self.writer.plan(now_ms())
+        if jobs:
+            self.writer.commit(await asyncio.to_thread(self.writer.write, jobs))
+        self.last_flush_ms = now_ms()
+
+    def flush_sync(self) -> None:
+        """Final flush at shutdown (the loop has nothing else left to do)."""
+        self.writer.commit(self.writer.write(self.writer.plan(now_ms())))
+
     async def run(self) -> None:
         """Flush every CACHE_FLUSH_SECONDS and clean up every CACHE_CLEANUP_HOURS."""
         loop = asyncio.get_running_loop()
@@ -3456,8 +3514,9 @@ class CachePersistence:
             await self.flush()
             if loop.time() >= next_cleanup:
                 next_cleanup = loop.time() + self.cleanup_s
-                removed = await asyncio.to_thread(self.cleanup)
+                removed = await asyncio.to_thread(self.writer.cleanup)
                 log.info("cache: cleanup removed %d obsolete segment(s)", removed)
+
 
 # ###########################################################################
 # §13 Fan-out hub

@@ -2826,7 +2826,7 @@ def test_cleanup_deletes_every_file_whose_rows_left_the_ring(tmp_path, monkeypat
     for batch in range(10):
         fill(history2, 2, start_ms=T0 + 100 + batch * 10, first_u=3 + batch * 2)
         store2.flush_sync()
-    store2.cleanup()
+    store2.writer.cleanup()
     floor_u = rest_rows(history2)[0]["updateId"]              # the oldest update the ring still holds
     sym_dir = tmp_path / "cache" / "BTCUSDT"
     for path in sym_dir.glob("raw-*"):
