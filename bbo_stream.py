@@ -50,7 +50,7 @@ Socket.IO endpoint, in layers::
          with many plain WebSocket clients, FANOUT_THREADS helper threads share each write pass
 
 Engine.IO server API. ``eio = EioServer(ping_interval_ms=25000, ping_timeout_ms=20000,
-max_payload=1_000_000, max_clients=10_000)`` (or ``EioServer.from_config(cfg)``). The layer
+max_payload_bytes=1_000_000, max_clients=10_000)`` (or ``EioServer.from_config(cfg)``). The layer
 above sets ``eio.handler`` to an object with three plain (non-async, non-blocking) methods:
 ``on_open(conn)``, ``on_message(conn, data)`` where ``data`` is ``str`` for a text message and
 ``bytes`` for a binary one, and ``on_close(conn, reason)``. The HTTP layer calls
@@ -97,6 +97,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import base64
 import binascii
 import collections
@@ -118,12 +119,14 @@ import random
 import re
 import resource
 import secrets
+import shutil
 import signal
 import socket
 import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -158,7 +161,12 @@ FEED_ROTATE_RETRY_S = 60.0           # a failed rotation attempt is retried afte
 FEED_MAX_MESSAGE_BYTES = 64 * 1024   # a bookTicker frame is ~180 B; acks and errors are small too
 FEED_WATCHDOG_TICK_S = 1.0           # how often silence is checked: 1 s granularity on FEED_STALE_SECONDS
 U_RESET_MIN_ADVANCE_MS = 1_000       # `u` going back while E moved on by this much is an exchange reset
+FEED_PING_INTERVAL_S = 20.0          # our own WebSocket pings: a dead TCP path is noticed within ~40 s
+FEED_PING_TIMEOUT_S = 20.0           # ...by a pong missing this long (Binance answers pings at once)
+FEED_CLOSE_TIMEOUT_S = 2.0           # closing handshake with the exchange; a reconnect must not wait on it
+FEED_MAX_QUEUE_MESSAGES = 256        # frames websockets buffers before it stops reading the socket
 MAX_SYMBOLS = 5_000                  # above Binance's 1024 streams/connection × a few shards; bounds maps
+MAX_SYMBOL_CHARS = 32                # Binance's longest symbols have under 20; bounds names on disk and per client
 
 # --- History cache ----------------------------------------------------------
 RING_INITIAL_ROWS = 64               # rings grow lazily: 500 symbols must not reserve 32 GB up front
@@ -185,6 +193,8 @@ MAX_HEAD_BYTES = 16 * 1024           # h11's default; node allows 16 KiB of head
 MAX_TARGET_BYTES = 8 * 1024          # aiohttp's and nginx's request-line size             → 414
 MAX_HEADERS = 100                    # websockets and aiohttp allow 128; browsers send ~20  → 431
 MAX_QUERY_FIELDS = 100               # our endpoints take ≤ 6 parameters; bounds parse_qs work → 400
+LISTEN_BACKLOG = 1024                # accept queue: a reconnect storm of many clients must not be refused
+ACCEPT_RETRY_S = 0.1                 # after EMFILE and friends: back off instead of spinning
 HEAD_TIMEOUT_S = 10.0                # slowloris guard: a request head must arrive within this
 BODY_TIMEOUT_S = 10.0                # a declared body must arrive within this
 KEEPALIVE_IDLE_S = 30.0              # idle keep-alive connections are closed after this
@@ -214,14 +224,18 @@ FANOUT_PARALLEL_MIN_LINKS = 128  # fewer WebSocket clients than this: a thread h
 FANOUT_AUTO_MAX_THREADS = 3      # FANOUT_THREADS=auto uses CPUs - 1 up to this; beyond, the GIL-held part of each write dominates
 BBO_MAX_RATE_PER_S = 1000.0      # highest `maxRate` a client may ask for (updates per second per symbol)
 BBO_MAX_SUBSCRIBE_SYMBOLS = 1000  # symbols in one subscription; bounds per-client state
-BBO_MAX_SYMBOL_CHARS = 32        # longest symbol name accepted in subscribe/unsubscribe (Binance's are < 20)
 
 # --- Garbage collection ---------------------------------------------------------
 GC_GEN0_THRESHOLD = 10_000          # CPython's 700 runs a young collection every few hundred deliveries
                                     # at 100,000 deliveries/s; the fan-out allocates little that cycles
 
-# --- Shutdown -----------------------------------------------------------------
+# --- Shutdown, TLS, logs ---------------------------------------------------------
 SHUTDOWN_GRACE_S = 5.0               # SIGTERM → exit 0 within a few seconds (Docker waits 10 s)
+CONNECTION_CLOSE_WAIT_S = 1.0        # a closing socket's last bytes; a vanished peer must not hold the task
+SELF_SIGNED_CERT_DAYS = 825          # Apple platforms refuse TLS server certificates valid any longer
+OPENSSL_TIMEOUT_S = 60.0             # generating an RSA-2048 key takes well under a second
+LOG_FILE_MAX_BYTES = 10 * 1024 * 1024  # LOG_TO_FILE: one file's size before it rotates...
+LOG_FILE_BACKUPS = 5                 # ...and the rotated files kept (60 MiB of logs at most)
 
 # ###########################################################################
 # §2 Errors
@@ -302,7 +316,7 @@ _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 _FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 # Binance symbols are letters, digits and `_` (COIN-M "BTCUSD_PERP"); spot allows UTF-8
 # letters since 2025-12 (binance-facts §5), so \w is Unicode-aware on purpose.
-_SYMBOL_RE = re.compile(r"\w{1,40}\Z")  # match(): whole string; \Z, unlike $, refuses a trailing newline
+_SYMBOL_RE = re.compile(rf"\w{{1,{MAX_SYMBOL_CHARS}}}\Z")  # match(): whole string; \Z, unlike $, refuses a trailing newline
 
 
 def _parse_bool(text: str) -> bool:
@@ -416,10 +430,11 @@ class Setting(NamedTuple):
     default: str
     parse: Callable[[str], Any]
     help: str
+    unit: str = ""  # appended to the Config field when the name lacks it: PING_INTERVAL → ping_interval_ms
 
     @property
     def field(self) -> str:
-        return self.name.lower()
+        return self.name.lower() + (f"_{self.unit}" if self.unit else "")
 
     @property
     def flag(self) -> str:
@@ -436,7 +451,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("AUTO_RECONNECT", "true", _parse_bool, "Reconnect to Binance after a failure"),
     Setting("MAX_RETRIES", "10", _int_in(0, 1_000_000), "Consecutive failures before the feed is marked failed "
             "(then it retries every 300 s); 0 = no limit"),
-    Setting("INITIAL_BACKOFF", "1", _float_in(0.1, 300), "First reconnect backoff in seconds (doubles, full jitter, cap 60 s)"),
+    Setting("INITIAL_BACKOFF", "1", _float_in(0.1, 300), "First reconnect backoff in seconds (doubles, full jitter, cap 60 s)",
+            "s"),
     Setting("EXTENDED_BACKOFF_THRESHOLD", "3", _int_in(1, 1_000_000), "Consecutive failures after which the backoff cap becomes 300 s"),
     Setting("FEED_STALE_SECONDS", "60", _float_in(1, 86_400), "A connection silent this long is reconnected; a symbol silent "
             "this long after subscribing is reported"),
@@ -459,9 +475,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CACHE_CLEANUP_HOURS", "6", _float_in(0.0003, 10_000), "Hours between cache cleanups (compaction, limits)"),
     Setting("CACHE_FLUSH_SECONDS", "1", _float_in(0.05, 3600), "Seconds between journal flushes (what a crash can lose)"),
     Setting("CACHE_BARS_DAYS", "7", _float_in(0, 3650), "Days of 1-second bars kept per symbol (for long charts)"),
-    Setting("PING_INTERVAL", "25000", _int_in(1, 3_600_000), "Engine.IO ping interval in ms"),
-    Setting("PING_TIMEOUT", "20000", _int_in(1, 3_600_000), "Engine.IO ping timeout in ms"),
-    Setting("MAX_PAYLOAD", "1000000", _int_in(1024, 100_000_000), "Engine.IO max payload in bytes (HTTP body and WebSocket message)"),
+    Setting("PING_INTERVAL", "25000", _int_in(1, 3_600_000), "Engine.IO ping interval in ms", "ms"),
+    Setting("PING_TIMEOUT", "20000", _int_in(1, 3_600_000), "Engine.IO ping timeout in ms", "ms"),
+    Setting("MAX_PAYLOAD", "1000000", _int_in(1024, 100_000_000), "Engine.IO max payload in bytes (HTTP body and "
+            "WebSocket message)", "bytes"),
     Setting("MAX_CLIENTS", "10000", _int_in(1, 1_000_000), "Concurrent Socket.IO clients; more get HTTP 503"),
     Setting("FANOUT_THREADS", "auto", _parse_thread_count, "Threads that help write each update to many WebSocket clients "
             f"(from {FANOUT_PARALLEL_MIN_LINKS}); auto = usable CPUs (cpuset, cgroup quota) - 1, at most {FANOUT_AUTO_MAX_THREADS}; "
@@ -474,13 +491,14 @@ SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Validated settings.  Field names are the env var names in lower case."""
+    """Validated settings.  Field names are the env var names in lower case, with the unit
+    appended where the name has none (PING_INTERVAL → ping_interval_ms)."""
     symbol: tuple[str, ...] = ("BTCUSDT",)
     market: str = "futures"
     websocket_base_url: str = ""
     auto_reconnect: bool = True
     max_retries: int = 10
-    initial_backoff: float = 1.0
+    initial_backoff_s: float = 1.0
     extended_backoff_threshold: int = 3
     feed_stale_seconds: float = 60.0
     feed_rotate_hours: float = 23.5
@@ -502,9 +520,9 @@ class Config:
     cache_cleanup_hours: float = 6.0
     cache_flush_seconds: float = 1.0
     cache_bars_days: float = 7.0
-    ping_interval: int = 25_000
-    ping_timeout: int = 20_000
-    max_payload: int = 1_000_000
+    ping_interval_ms: int = 25_000
+    ping_timeout_ms: int = 20_000
+    max_payload_bytes: int = 1_000_000
     max_clients: int = 10_000
     fanout_threads: int | None = None  # None = auto (see fanout_helper_threads)
     cors_origins: tuple[str, ...] = ("*",)
@@ -527,15 +545,6 @@ class Config:
         if self.fanout_threads is not None:
             return self.fanout_threads
         return max(0, min(FANOUT_AUTO_MAX_THREADS, cpus - 1))
-
-    # Names the Engine.IO layer reads (ms, as in the settings table).
-    @property
-    def ping_interval_ms(self) -> int:
-        return self.ping_interval
-
-    @property
-    def ping_timeout_ms(self) -> int:
-        return self.ping_timeout
 
     @classmethod
     def from_sources(cls, argv: Sequence[str] | None = None,
@@ -577,16 +586,20 @@ def cpus_allowed(affinity: int, cpu_max: str | None) -> int:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    """The CLI: one flag per setting (``WEB_PORT`` → ``--web-port``); a flag wins over the env."""
-    table = "\n".join(f"  {s.name:<28} {s.flag:<30} default {s.default or '(see help)'!s}" for s in SETTINGS)
+    """The CLI: one flag per setting (``WEB_PORT`` → ``--web-port``); a flag wins over the env.
+    A boolean flag alone means true (``--debug``); ``--debug false`` works too."""
     parser = argparse.ArgumentParser(
-        prog="bbo_stream.py",
+        prog="bbo_stream.py", usage="%(prog)s [--version] [--SETTING VALUE ...]",
         description="Stream Binance best bid/offer (bookTicker) to browsers, Socket.IO clients and a REST API.",
-        epilog="Every setting is an environment variable with a flag named after it:\n" + table,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog="Every flag is also an environment variable, named as shown (--web-port is WEB_PORT); "
+               "a flag wins over the environment.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     for setting in SETTINGS:
-        extra = {"action": "append"} if setting.name == "SYMBOL" else {}
+        extra: dict[str, Any] = {}
+        if setting.name == "SYMBOL":
+            extra = {"action": "append"}
+        elif setting.parse is _parse_bool:
+            extra = {"nargs": "?", "const": "true"}
         parser.add_argument(setting.flag, dest=setting.field, metavar=setting.name, default=None,
                             help=f"{setting.help} (env {setting.name}, default {setting.default!r})", **extra)
     return parser
@@ -808,7 +821,7 @@ def backoff_delay_s(failures: int, cfg: Config, rand01: float) -> float:
     if cfg.max_retries and failures >= cfg.max_retries:
         return FEED_FAILED_RETRY_S
     cap = FEED_EXTENDED_BACKOFF_CAP_S if failures >= cfg.extended_backoff_threshold else FEED_BACKOFF_CAP_S
-    ceiling = min(cap, cfg.initial_backoff * 2 ** min(failures - 1, 30))
+    ceiling = min(cap, cfg.initial_backoff_s * 2 ** min(failures - 1, 30))
     return max(FEED_MIN_RECONNECT_S, ceiling * rand01)
 
 
@@ -2316,7 +2329,7 @@ class SioDecoder:
 # ###########################################################################
 # §10 Sessions (Engine.IO and Socket.IO state machines)
 # ###########################################################################
-# pure: state machines driven by (input, now); `now` is monotonic seconds passed in, never read.
+# pure: state machines driven by (input, now_s); `now_s` is monotonic seconds passed in, never read.
 # Effects come back as Actions (kind, payload) for the I/O shell to carry out.
 
 
@@ -2379,8 +2392,8 @@ class EioOutbox:
         """Whether the filter selects `key`."""
         return self.keys is None or key in self.keys
 
-    def push_update(self, update: EioUpdate, now: float) -> bool:
-        """Offer an update; True when something new is ready to send now."""
+    def push_update(self, update: EioUpdate, now_s: float) -> bool:
+        """Offer an update; True when something new is ready to send now_s."""
         if update.always:
             self._append(update)
             return True
@@ -2389,12 +2402,12 @@ class EioOutbox:
             return False
         if self.interval_s is not None:
             due = self.due_at.get(key)
-            if due is not None and now < due:
+            if due is not None and now_s < due:
                 if key in self.held:
                     self.skipped += 1
                 self.held[key] = update
                 return False
-            self.due_at[key] = now + self.interval_s
+            self.due_at[key] = now_s + self.interval_s
         self._append(update)
         return True
 
@@ -2417,11 +2430,11 @@ class EioOutbox:
         # quadratic: wait until the queue doubles (it is still bounded by twice the symbols).
         self._compact_at = max(OUTBOX_MAX_UPDATE_BYTES, 2 * self.update_bytes)
 
-    def release_due(self, now: float) -> bool:
+    def release_due(self, now_s: float) -> bool:
         """Move held updates whose time has come to the send queue; True if any moved."""
-        due = [key for key in self.held if self.due_at[key] <= now]
+        due = [key for key in self.held if self.due_at[key] <= now_s]
         for key in due:
-            self.due_at[key] = now + (self.interval_s or 0.0)
+            self.due_at[key] = now_s + (self.interval_s or 0.0)
             self._append(self.held.pop(key))
         return bool(due)
 
@@ -2495,12 +2508,12 @@ _FLUSH: Action = (Act.FLUSH, None)
 class EioSession:
     """One Engine.IO v4 session as a pure state machine (engine.io's lib/socket.ts redone).
 
-    Inputs are methods taking `now`; outputs are lists of Actions. The outbox holds what goes
+    Inputs are methods taking `now_s`; outputs are lists of Actions. The outbox holds what goes
     to the client; the shell drains it when it gets FLUSH: `take_poll_payload()` for a GET,
     or the outbox directly for a WebSocket.
 
     Heartbeat (spec §Heartbeat): the server queues `2` at `next_ping_at` and expects `3` by
-    `pong_deadline`, on polling too; both are armed from the handshake, and `tick(now)` applies
+    `pong_deadline`, on polling too; both are armed from the handshake, and `tick(now_s)` applies
     whatever has lapsed, so a late request sees an expired session as gone.
     """
 
@@ -2508,14 +2521,14 @@ class EioSession:
                  "pong_deadline", "_ping_refreshed", "upgrade_deadline", "close_deadline",
                  "close_reason", "poll_parked", "post_in_flight", "_poll_final")
 
-    def __init__(self, sid: str, *, websocket: bool, now: float, ping_interval_s: float,
+    def __init__(self, sid: str, *, websocket: bool, now_s: float, ping_interval_s: float,
                  ping_timeout_s: float, max_payload_bytes: int) -> None:
         self.sid = sid                                   # public session id (query `sid`)
         self.state = EioState.WEBSOCKET if websocket else EioState.POLLING
         self.outbox = EioOutbox()                        # what the client has yet to receive
         self.ping_interval_s = ping_interval_s           # server ping period
         self.ping_timeout_s = ping_timeout_s             # how long a pong may take
-        self.next_ping_at: float | None = now + ping_interval_s  # None while a pong is awaited
+        self.next_ping_at: float | None = now_s + ping_interval_s  # None while a pong is awaited
         self.pong_deadline: float | None = None          # close at this time unless a pong came
         self._ping_refreshed = False                     # deadline already extended once for this ping
         self.upgrade_deadline: float | None = None       # PROBING/UPGRADING must end by then
@@ -2552,34 +2565,34 @@ class EioSession:
 
     # -- time ------------------------------------------------------------------
 
-    def tick(self, now: float) -> list[Action]:
-        """Apply every deadline that has passed by `now`."""
+    def tick(self, now_s: float) -> list[Action]:
+        """Apply every deadline that has passed by `now_s`."""
         if self.state is EioState.CLOSED:
             return []
         if self.state is EioState.CLOSING:
-            if self.close_deadline is not None and now >= self.close_deadline:
+            if self.close_deadline is not None and now_s >= self.close_deadline:
                 self._end()
             return []
         actions: list[Action] = []
         ping_at = self.next_ping_at
-        if ping_at is not None and now >= ping_at:
+        if ping_at is not None and now_s >= ping_at:
             # The client gets the whole pingTimeout from when the ping can go out (engine.io starts
             # the timer on send): a late tick after an event-loop stall must not drop every client.
             # A polling client with no GET parked is timed from when the ping was due, so a client
             # that stopped polling is still closed within pingInterval + pingTimeout.
-            sent_at = now if self.can_transmit() else ping_at
+            sent_at = now_s if self.can_transmit() else ping_at
             self.next_ping_at, self.pong_deadline = None, sent_at + self.ping_timeout_s
             self._ping_refreshed = False
             if not self.outbox.push_control(encode_eio(EioType.PING)):
                 return self._abort("outbox overflow", "1")
             if self.can_transmit():
                 actions.append(_FLUSH)
-        if self.pong_deadline is not None and now >= self.pong_deadline:
+        if self.pong_deadline is not None and now_s >= self.pong_deadline:
             return self._abort("ping timeout", "1")
-        if self.upgrade_deadline is not None and now >= self.upgrade_deadline:
+        if self.upgrade_deadline is not None and now_s >= self.upgrade_deadline:
             self.state, self.upgrade_deadline = EioState.POLLING, None
             actions.append((Act.CLOSE_PROBE, None))
-        if self.outbox.held and self.outbox.release_due(now) and self.can_transmit():
+        if self.outbox.held and self.outbox.release_due(now_s) and self.can_transmit():
             actions.append(_FLUSH)
         return actions
 
@@ -2593,19 +2606,19 @@ class EioSession:
             return self._abort("outbox overflow", "1")
         return [_FLUSH] if self.can_transmit() else []
 
-    def push_updates(self, updates: list[EioUpdate], now: float) -> list[Action]:
+    def push_updates(self, updates: list[EioUpdate], now_s: float) -> list[Action]:
         """Offer a batch of conflatable updates (the Hub's slow path); at most one FLUSH."""
         if self.closed:
             return []
         ready = False
         for update in updates:
-            ready = self.outbox.push_update(update, now) or ready
+            ready = self.outbox.push_update(update, now_s) or ready
         return [_FLUSH] if ready and self.can_transmit() else []
 
     # -- polling ---------------------------------------------------------------
 
-    def begin_poll(self, now: float) -> list[Action]:
-        """A GET arrived. FLUSH means answer it now; otherwise it parks until a FLUSH."""
+    def begin_poll(self, now_s: float) -> list[Action]:
+        """A GET arrived. FLUSH means answer it now_s; otherwise it parks until a FLUSH."""
         if self.state is EioState.CLOSED:
             return []
         if self.poll_parked:
@@ -2633,14 +2646,14 @@ class EioSession:
         self.poll_parked = False
         return encode_eio_payload(items) if items else encode_eio(EioType.NOOP)
 
-    def abort_poll(self, now: float) -> list[Action]:
+    def abort_poll(self, now_s: float) -> list[Action]:
         """The client dropped the connection of its parked GET (engine.io: "poll connection closed prematurely")."""
         if not self.poll_parked or self.closed:
             return []
         self.poll_parked = False
         return self._abort("poll connection closed prematurely", None)
 
-    def begin_post(self, now: float) -> list[Action]:
+    def begin_post(self, now_s: float) -> list[Action]:
         """A POST's head arrived; its body is still to come (engine.io polling.ts onDataRequest)."""
         if self.state is EioState.CLOSED:
             return []
@@ -2651,21 +2664,21 @@ class EioSession:
         self.post_in_flight = True
         return []
 
-    def end_post(self, complete: bool, now: float) -> list[Action]:
+    def end_post(self, complete: bool, now_s: float) -> list[Action]:
         """The POST's body was read whole, or its client went away first (ref: the session closes)."""
         self.post_in_flight = False
         if complete or self.state is EioState.CLOSED:
             return []
         return self._abort("data request connection closed prematurely", "1")
 
-    def receive_post(self, body: str, now: float) -> list[Action]:
+    def receive_post(self, body: str, now_s: float) -> list[Action]:
         """Packets from a POST body; those before an invalid one count, then the session closes."""
         if self.closed:
             return []  # engine.io ignores packets once the socket is not "open" (ref: the POST still gets "ok")
         actions: list[Action] = []
         try:
             for pkt in iter_eio_payload(body):
-                actions.extend(self.receive_packet(pkt, now))
+                actions.extend(self.receive_packet(pkt, now_s))
                 if self.closed:
                     break
         except EioProtocolError:
@@ -2674,24 +2687,24 @@ class EioSession:
 
     # -- packets from the session's transport ------------------------------------
 
-    def receive_packet(self, pkt: EioPacket, now: float) -> list[Action]:
+    def receive_packet(self, pkt: EioPacket, now_s: float) -> list[Action]:
         """One packet from the client on the session's own transport."""
         if self.closed:
             return []
         if self.pong_deadline is not None and pkt.kind is not EioType.PONG and not self._ping_refreshed:
             # engine.io 6.6 socket.ts (hasRefreshedPingTimeout): any packet while a pong is awaited
             # restarts the pong timer once, so a busy client whose pong sits behind data is not cut off.
-            self.pong_deadline, self._ping_refreshed = now + self.ping_timeout_s, True
+            self.pong_deadline, self._ping_refreshed = now_s + self.ping_timeout_s, True
         kind = pkt.kind
         if kind is EioType.MESSAGE:
             return [(Act.DELIVER, pkt.data)]
         if kind is EioType.PONG:
             # engine.io clears the timeout and restarts the interval from the pong.
-            self.pong_deadline, self.next_ping_at = None, now + self.ping_interval_s
+            self.pong_deadline, self.next_ping_at = None, now_s + self.ping_interval_s
             return []
         if kind is EioType.CLOSE:
             # (ref: polling, the parked GET gets `6`.) Over WebSocket engine.io 6.6 ignores `1` and waits
-            # for the socket to close (ref: no answer, then a ping timeout); we follow the spec: close now.
+            # for the socket to close (ref: no answer, then a ping timeout); we follow the spec: close now_s.
             self.outbox.clear()
             return self._end_with("transport close", "6")
         if kind is EioType.PING:
@@ -2701,14 +2714,14 @@ class EioSession:
 
     # -- upgrade (spec §Upgrade) ----------------------------------------------------
 
-    def begin_upgrade(self, now: float) -> bool:
+    def begin_upgrade(self, now_s: float) -> bool:
         """A WebSocket with this sid was accepted; False when it must be closed (not polling)."""
         if self.state is not EioState.POLLING:
             return False  # already probing/upgraded: the reference accepts the socket then closes it
-        self.state, self.upgrade_deadline = EioState.PROBING, now + EIO_UPGRADE_TIMEOUT_S
+        self.state, self.upgrade_deadline = EioState.PROBING, now_s + EIO_UPGRADE_TIMEOUT_S
         return True
 
-    def receive_probe_packet(self, pkt: EioPacket, now: float) -> list[Action]:
+    def receive_probe_packet(self, pkt: EioPacket, now_s: float) -> list[Action]:
         """One packet on the probing WebSocket: `2probe`, then `5`; anything else drops the probe."""
         if self.state not in (EioState.PROBING, EioState.UPGRADING):
             return [(Act.CLOSE_PROBE, None)]
@@ -2728,7 +2741,7 @@ class EioSession:
         self.state, self.upgrade_deadline = EioState.POLLING, None
         return [(Act.CLOSE_PROBE, None)]
 
-    def end_probe(self, now: float) -> list[Action]:
+    def end_probe(self, now_s: float) -> list[Action]:
         """Give up the probe (it closed, or sent garbage); the session stays on polling."""
         if self.state not in (EioState.PROBING, EioState.UPGRADING):
             return []
@@ -2737,7 +2750,7 @@ class EioSession:
 
     # -- closing -------------------------------------------------------------------
 
-    def close(self, reason: str, now: float) -> list[Action]:
+    def close(self, reason: str, now_s: float) -> list[Action]:
         """Server-side close: what is queued still goes out, then the close.
 
         Polling: a parked GET gets the queue + `1`; otherwise the session waits (CLOSING) for one
@@ -2749,11 +2762,11 @@ class EioSession:
         self.close_reason = reason
         self._stop_timers()
         if self.state is not EioState.WEBSOCKET and not self.poll_parked:
-            self.state, self.close_deadline = EioState.CLOSING, now + EIO_POLL_CLOSE_TIMEOUT_S
+            self.state, self.close_deadline = EioState.CLOSING, now_s + EIO_POLL_CLOSE_TIMEOUT_S
             return [(Act.CLOSE, reason)]
         return self._end_with(reason, "1")
 
-    def abort(self, reason: str, now: float) -> list[Action]:
+    def abort(self, reason: str, now_s: float) -> list[Action]:
         """Close at once, dropping the queue: protocol errors, slow clients, a lost transport."""
         return self._end_now(reason, "1")
 
@@ -2803,10 +2816,10 @@ class SioClientState:
 
     __slots__ = ("decoder", "namespaces", "connect_deadline")
 
-    def __init__(self, now: float, connect_timeout_s: float = SIO_CONNECT_TIMEOUT_S) -> None:
+    def __init__(self, now_s: float, connect_timeout_s: float = SIO_CONNECT_TIMEOUT_S) -> None:
         self.decoder = SioDecoder()                      # packet reassembly for this connection
         self.namespaces: dict[str, Any] = {}             # joined namespace -> the layer above's socket
-        self.connect_deadline: float | None = now + connect_timeout_s  # None once a namespace is joined
+        self.connect_deadline: float | None = now_s + connect_timeout_s  # None once a namespace is joined
 
     def receive(self, data: str | bytes) -> SioPacket | None:
         """Decode one Engine.IO message; a complete, allowed packet or None (attachments pending).
@@ -2833,8 +2846,8 @@ class SioClientState:
     def left(self, namespace: str) -> Any:
         return self.namespaces.pop(namespace, None)
 
-    def connect_expired(self, now: float) -> bool:
-        return self.connect_deadline is not None and now >= self.connect_deadline and not self.namespaces
+    def connect_expired(self, now_s: float) -> bool:
+        return self.connect_deadline is not None and now_s >= self.connect_deadline and not self.namespaces
 
 
 # ===========================================================================
@@ -2908,12 +2921,12 @@ class BinanceFeed:
             history.get(symbol)
 
     # -- status -------------------------------------------------------------------
-    def status(self, now: int) -> dict:
+    def status(self, now_ms: int) -> dict:
         """The feed status object of /healthz and Socket.IO `feed_status` (contract)."""
         self.history.flush()  # crossed books are counted when a batch reaches numpy
         best = min(self.shards, key=lambda s: _STATE_RANK[s.state])
         last = max((s.last_data_ms for s in self.shards if s.last_data_ms is not None), default=None)
-        age = None if last is None else now - last
+        age = None if last is None else now_ms - last
         state, reason = best.state.value, best.reason
         since = best.since_ms
         if state == FeedState.LIVE.value and age is not None and age >= self.stale_ms:
@@ -2923,7 +2936,7 @@ class BinanceFeed:
             hist = self.history.symbols[symbol]
             last_sym = hist.latest.recv_ms if hist.latest else None
             symbols[symbol] = {
-                "state": "waiting" if last_sym is None else ("live" if now - last_sym < self.stale_ms else "quiet"),
+                "state": "waiting" if last_sym is None else ("live" if now_ms - last_sym < self.stale_ms else "quiet"),
                 "lastMessage": last_sym, "messages": hist.accepted, "duplicates": hist.duplicates,
                 "crossed": hist.crossed, "uResets": hist.u_resets}
         hists = [self.history.symbols[s] for s in self.cfg.symbols]
@@ -2937,12 +2950,12 @@ class BinanceFeed:
             "duplicates": sum(h.duplicates for h in hists),
             "parseErrors": sum(s.parse_errors for s in self.shards),
             "crossed": sum(h.crossed for h in hists), "uResets": sum(h.u_resets for h in hists),
-            "connections": [s.status(now) for s in self.shards] if len(self.shards) > 1 else None,
+            "connections": [s.status(now_ms) for s in self.shards] if len(self.shards) > 1 else None,
             "symbols": symbols,
         }
 
-    def metrics(self, now: int) -> list[MetricFamily]:
-        status = self.status(now)
+    def metrics(self, now_ms: int) -> list[MetricFamily]:
+        status = self.status(now_ms)
         states = [s.value for s in FeedState]
         return [
             MetricFamily("feed_state", "gauge", "1 for the feed's current state",
@@ -2958,8 +2971,8 @@ class BinanceFeed:
                          [("", status["parseErrors"])]),
         ]
 
-    def _status_signature(self, now: int) -> tuple:
-        status = self.status(now)
+    def _status_signature(self, now_ms: int) -> tuple:
+        status = self.status(now_ms)
         return (status["state"], status["reason"], status["nextAttempt"],
                 tuple(s.state for s in self.shards))
 
@@ -3031,7 +3044,8 @@ class BinanceFeed:
 
     async def _open(self, shard: ShardHealth, url: str) -> _Conn:
         ws = await ws_connect(url, open_timeout=FEED_OPEN_TIMEOUT_S, max_size=FEED_MAX_MESSAGE_BYTES,
-                              ping_interval=20, ping_timeout=20, close_timeout=2, max_queue=256)
+                              ping_interval=FEED_PING_INTERVAL_S, ping_timeout=FEED_PING_TIMEOUT_S,
+                              close_timeout=FEED_CLOSE_TIMEOUT_S, max_queue=FEED_MAX_QUEUE_MESSAGES)
         now = now_ms()
         shard.opened(now)
         for symbol in shard.symbols:
@@ -3133,7 +3147,7 @@ async def _close_conn(conn: _Conn) -> None:
     if conn.task is not None and not conn.task.done():
         conn.task.cancel()
     with contextlib.suppress(Exception, asyncio.CancelledError):
-        await asyncio.wait_for(conn.ws.close(), 2)
+        await asyncio.wait_for(conn.ws.close(), FEED_CLOSE_TIMEOUT_S)
     if conn.task is not None:
         await asyncio.gather(conn.task, return_exceptions=True)
 
@@ -3321,7 +3335,7 @@ class CacheWriter:
         self.logs.update(loaded.logs)
         self._outage_sigs.update(loaded.outage_sigs)
 
-    def plan(self, now: int) -> list[WriteJob]:
+    def plan(self, now_ms: int) -> list[WriteJob]:
         """In the event loop: copy what must be written (cheap numpy slices) and plan the
         journal appends and compactions.  No job holds more than SEGMENT_ROWS rows, so no
         single JSON encode holds the GIL for long, however far behind the disk is."""
@@ -3361,7 +3375,7 @@ class CacheWriter:
                 self._outage_sigs[symbol] = signature
                 jobs.append(WriteJob("outages", symbol, sym_dir / "outages.json",
                                      [{"start": s, "end": e, "reason": r} for s, e, r in hist.outages]))
-        self.lag_ms = 0 if oldest_unpersisted is None else max(0, now - oldest_unpersisted)
+        self.lag_ms = 0 if oldest_unpersisted is None else max(0, now_ms - oldest_unpersisted)
         return jobs
 
     def write(self, jobs: list[WriteJob]) -> list[WriteJob]:
@@ -3489,7 +3503,7 @@ class CachePersistence:
         self.writer.resume(loaded)
         return loaded.rows
 
-    def mark_restart_outages(self, now: int) -> None:
+    def mark_restart_outages(self, now_ms: int) -> None:
         """The time the server was not running is an outage of every restored symbol."""
         for hist in self.history.symbols.values():
             if hist.latest is not None:
@@ -3651,12 +3665,12 @@ class Hub:
         if not batch:
             return
         joined = batch[0].frame if len(batch) == 1 else b"".join(update.frame for update in batch)
-        now = asyncio.get_running_loop().time()
+        now_s = asyncio.get_running_loop().time()
         snapshot = self._snapshot
         raw: list[EioConnection] | None = (
             [] if self.writer_threads and len(snapshot) >= FANOUT_PARALLEL_MIN_LINKS else None)
         for conn in snapshot:
-            conn.deliver(batch, joined, now, raw)
+            conn.deliver(batch, joined, now_s, raw)
         if raw is not None:
             self._write_raw(raw, joined)
 
@@ -3797,8 +3811,8 @@ class BboApp:
             return None  # omitted or empty: the symbol set does not change
         if not isinstance(raw, list) or len(raw) > BBO_MAX_SUBSCRIBE_SYMBOLS:
             raise ValueError(f"symbols must be a list of at most {BBO_MAX_SUBSCRIBE_SYMBOLS} names")
-        if not all(isinstance(name, str) and 0 < len(name) <= BBO_MAX_SYMBOL_CHARS for name in raw):
-            raise ValueError("each symbol must be a non-empty string")
+        if not all(isinstance(name, str) and _SYMBOL_RE.match(name) for name in raw):
+            raise ValueError(f"each symbol must be 1 to {MAX_SYMBOL_CHARS} letters, digits or _")
         return frozenset(name.upper() for name in raw)
 
     @staticmethod
@@ -3990,7 +4004,7 @@ class SioServer:
     def _check_connected(self, conn: EioConnection) -> None:
         self._connect_timers.pop(conn, None)
         client: SioClientState | None = conn.upper
-        if client is not None and client.connect_expired(self.eio.now()):
+        if client is not None and client.connect_expired(self.eio.now_s()):
             conn.close("connect timeout")
 
     def _connect(self, conn: EioConnection, client: SioClientState, pkt: SioPacket) -> None:
@@ -4147,11 +4161,11 @@ class EioConnection:
     def close(self, reason: str = "server close", code: int | None = None) -> None:
         """Close the session after what is already queued (polling `1`, WebSocket close frame)."""
         self._close_code = code
-        self._apply(self.session.close(reason, self.server.now()))
+        self._apply(self.session.close(reason, self.server.now_s()))
 
     def abort(self, reason: str) -> None:
         """Close at once, dropping what is queued."""
-        self._apply(self.session.abort(reason, self.server.now()))
+        self._apply(self.session.abort(reason, self.server.now_s()))
 
     def flush(self) -> None:
         """Transmit the outbox if the transport can take it now."""
@@ -4185,7 +4199,7 @@ class EioConnection:
 
     # -- the Hub's hot path --------------------------------------------------------------
 
-    def deliver(self, batch: list[EioUpdate], joined_frames: bytes, now: float,
+    def deliver(self, batch: list[EioUpdate], joined_frames: bytes, now_s: float,
                 raw: list[EioConnection] | None = None) -> None:
         """Hand a batch of updates to this client.
 
@@ -4205,7 +4219,7 @@ class EioConnection:
             else:
                 self.write_frames(joined_frames)
             return
-        self._apply(self.session.push_updates(batch, now))
+        self._apply(self.session.push_updates(batch, now_s))
 
     @property
     def raw_fd(self) -> int:
@@ -4308,7 +4322,7 @@ class EioConnection:
     def _on_timer(self) -> None:
         self._timer = None
         # call_at may run a hair early (clock resolution); the deadline itself counts as reached.
-        self._apply(self.session.tick(max(self.server.now(), self._timer_at)))
+        self._apply(self.session.tick(max(self.server.now_s(), self._timer_at)))
 
     def _start_drain(self, link: WsLink) -> None:
         if self._drain_task is None or self._drain_task.done():
@@ -4338,23 +4352,23 @@ class EioConnection:
     # -- WebSocket messages --------------------------------------------------------------------
 
     def on_ws_message(self, link: WsLink, message: str | bytes) -> None:
-        now = self.server.now()
+        now_s = self.server.now_s()
         try:
             pkt = decode_eio(message) if isinstance(message, str) else EioPacket(EioType.MESSAGE, message)
         except EioProtocolError as exc:
             _log_once("eio-parse", "eio %s: invalid packet from %s: %s", self.sid, self.peer, exc)
             pkt = None
         if link is self.probe:
-            self._apply(self.session.receive_probe_packet(pkt, now) if pkt else self.session.end_probe(now))
+            self._apply(self.session.receive_probe_packet(pkt, now_s) if pkt else self.session.end_probe(now_s))
         elif link is self.ws:
-            self._apply(self.session.receive_packet(pkt, now) if pkt else self.session.abort("parse error", now))
+            self._apply(self.session.receive_packet(pkt, now_s) if pkt else self.session.abort("parse error", now_s))
 
     def on_ws_closed(self, link: WsLink) -> None:
-        now = self.server.now()
+        now_s = self.server.now_s()
         if link is self.ws:
-            self._apply(self.session.abort("transport close", now))
+            self._apply(self.session.abort("transport close", now_s))
         elif link is self.probe:
-            self._apply(self.session.end_probe(now))
+            self._apply(self.session.end_probe(now_s))
 
 
 class EioServer:
@@ -4365,16 +4379,16 @@ class EioServer:
 
     Args:
         ping_interval_ms, ping_timeout_ms: heartbeat, sent in the open packet.
-        max_payload: bytes; the largest POST body and WebSocket message accepted.
+        max_payload_bytes: the largest POST body and WebSocket message accepted.
         max_clients: sessions held at once; a handshake beyond gets 503.
         handler: the layer above (on_open / on_message / on_close); settable later.
     """
 
     def __init__(self, *, ping_interval_ms: int = 25000, ping_timeout_ms: int = 20000,
-                 max_payload: int = 1_000_000, max_clients: int = 10_000, handler: Any = None) -> None:
+                 max_payload_bytes: int = 1_000_000, max_clients: int = 10_000, handler: Any = None) -> None:
         self.ping_interval_s = ping_interval_ms / 1000
         self.ping_timeout_s = ping_timeout_ms / 1000
-        self.max_payload = max_payload
+        self.max_payload_bytes = max_payload_bytes
         self.max_clients = max_clients
         self.handler = handler                       # on_open / on_message / on_close
         self.connections: dict[str, EioConnection] = {}  # sid -> live (or closing) connection
@@ -4408,10 +4422,11 @@ class EioServer:
     @classmethod
     def from_config(cls, cfg: Any, handler: Any = None) -> EioServer:
         return cls(ping_interval_ms=cfg.ping_interval_ms, ping_timeout_ms=cfg.ping_timeout_ms,
-                   max_payload=cfg.max_payload, max_clients=cfg.max_clients, handler=handler)
+                   max_payload_bytes=cfg.max_payload_bytes, max_clients=cfg.max_clients, handler=handler)
 
     @staticmethod
-    def now() -> float:
+    def now_s() -> float:
+        """The event loop's clock: the `now_s` of every session."""
         return asyncio.get_running_loop().time()
 
     # -- calls from connections -------------------------------------------------------------
@@ -4434,7 +4449,7 @@ class EioServer:
                              writer: asyncio.StreamWriter) -> HttpResponse | None:
         """Serve one request under /socket.io/ for the HTTP layer (§18).
 
-        `body` is None when the HTTP layer did not read it because it exceeds max_payload.
+        `body` is None when the HTTP layer did not read it because it exceeds max_payload_bytes.
         Returns the response for polling, the handshake and errors (the HTTP layer adds the
         framing and CORS headers and writes it), or None once this took the connection: a
         WebSocket, or a parked GET whose client left; the outcome then goes to
@@ -4502,16 +4517,16 @@ class EioServer:
         """The connection for `sid` after applying its lapsed deadlines (a timer may be late)."""
         conn = self.connections.get(sid)
         if conn is not None:
-            conn._apply(conn.session.tick(self.now()))
+            conn._apply(conn.session.tick(self.now_s()))
             conn = self.connections.get(sid)
         if conn is None or conn.session.state is EioState.CLOSED:
             return None
         return conn
 
-    def _create(self, req: HttpRequest, now: float, link: WsLink | None) -> EioConnection:
+    def _create(self, req: HttpRequest, now_s: float, link: WsLink | None) -> EioConnection:
         sid = secrets.token_urlsafe(EIO_SID_BYTES)
-        session = EioSession(sid, websocket=link is not None, now=now, ping_interval_s=self.ping_interval_s,
-                             ping_timeout_s=self.ping_timeout_s, max_payload_bytes=self.max_payload)
+        session = EioSession(sid, websocket=link is not None, now_s=now_s, ping_interval_s=self.ping_interval_s,
+                             ping_timeout_s=self.ping_timeout_s, max_payload_bytes=self.max_payload_bytes)
         conn = EioConnection(self, session, req.peer)
         conn.ws = link
         self.connections[sid] = conn
@@ -4551,7 +4566,7 @@ class EioPolling:
         a client that goes away before the end (engine.io polling.ts onDataRequest)."""
         conn = self._post_target(req)
         if conn is not None:
-            refusal = self._refusal(conn, conn.session.begin_post(self.server.now()))
+            refusal = self._refusal(conn, conn.session.begin_post(self.server.now_s()))
             if refusal is not None:
                 return refusal
             conn._post_transport = writer.transport
@@ -4563,7 +4578,7 @@ class EioPolling:
         finally:
             if conn is not None:
                 conn._post_transport = None
-                conn._apply(conn.session.end_post(complete, self.server.now()))
+                conn._apply(conn.session.end_post(complete, self.server.now_s()))
 
     @staticmethod
     def _refusal(conn: EioConnection, actions: list[Action]) -> HttpResponse | None:
@@ -4583,15 +4598,15 @@ class EioPolling:
         return self.server.connections.get(sid)
 
     def open(self, req: HttpRequest) -> HttpResponse:
-        now = self.server.now()
-        conn = self.server._create(req, now, None)
-        conn.session.begin_poll(now)  # the open packet is queued, so this GET is answered at once
+        now_s = self.server.now_s()
+        conn = self.server._create(req, now_s, None)
+        conn.session.begin_poll(now_s)  # the open packet is queued, so this GET is answered at once
         return HttpResponse(200, conn.session.take_poll_payload().encode(), "text/plain; charset=UTF-8",
                             list(_POLL_HEADERS))
 
     async def get(self, req: HttpRequest, conn: EioConnection, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> HttpResponse | None:
-        actions = conn.session.begin_poll(self.server.now())
+        actions = conn.session.begin_poll(self.server.now_s())
         refusal = self._refusal(conn, actions)  # the parked GET gets `1`, the session ends
         if refusal is not None:
             return refusal
@@ -4615,7 +4630,7 @@ class EioPolling:
         try:
             await asyncio.wait((waiter, watch), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            conn._apply(conn.session.abort_poll(self.server.now()))
+            conn._apply(conn.session.abort_poll(self.server.now_s()))
             raise
         finally:
             if not watch.done():
@@ -4628,17 +4643,17 @@ class EioPolling:
         if waiter.done():
             return True
         conn._poll_waiter = None
-        conn._apply(conn.session.abort_poll(self.server.now()))
+        conn._apply(conn.session.abort_poll(self.server.now_s()))
         return False
 
     def post(self, conn: EioConnection, req: HttpRequest, body: bytes | None) -> HttpResponse:
-        if body is None or len(body) > self.server.max_payload:
+        if body is None or len(body) > self.server.max_payload_bytes:
             return HttpResponse(413, b"", content_type="")  # (ref: 413, no body; the session lives on)
         if req.header("content-type") == "application/octet-stream":
             conn.abort("invalid content")  # polling.ts refuses binary bodies in v4 (from its source)
             return HttpResponse(400, b"", content_type="")
         # node decodes the body with setEncoding("utf8"), which replaces bad sequences too.
-        conn._apply(conn.session.receive_post(body.decode("utf-8", "replace"), self.server.now()))
+        conn._apply(conn.session.receive_post(body.decode("utf-8", "replace"), self.server.now_s()))
         return HttpResponse(200, b"ok", "text/html", list(_POLL_HEADERS))
 
 
@@ -4655,17 +4670,17 @@ class EioWebSocket:
         link = self._handshake(req, reader, writer)
         if link is None:
             return
-        now = self.server.now()
+        now_s = self.server.now_s()
         sid = query.get("sid") or None
         if query.get("transport") != "websocket":
             conn = None  # (ref: onWebSocket: polling does not handle upgrades, with or without a sid)
         else:
-            conn = self.server.connections.get(sid) if sid is not None else self.server._create(req, now, link)
+            conn = self.server.connections.get(sid) if sid is not None else self.server._create(req, now_s, link)
         if conn is None or conn.ws is not link:
             # engine.io accepts the WebSocket, then closes it when it cannot be an upgrade (ref: a
             # second WebSocket for a sid, during or after the upgrade, and a transport=polling
             # upgrade get 101 then an empty close frame, i.e. 1005; the first WebSocket is unaffected).
-            if conn is None or not conn.session.begin_upgrade(now):
+            if conn is None or not conn.session.begin_upgrade(now_s):
                 link.close()
                 await serve_ws_link(link, lambda _link, _message: None)
                 return
@@ -4683,7 +4698,7 @@ class EioWebSocket:
         """Replay the head into websockets (style-examples §2.B option A); the link once it is OPEN."""
         # An oversized message closes with 1009 (ref: ws closes 1009 too). websockets logs each
         # connection at INFO: give it our logger so the application's config decides.
-        proto = ServerProtocol(max_size=self.server.max_payload, logger=_WS_LOG)
+        proto = ServerProtocol(max_size=self.server.max_payload_bytes, logger=_WS_LOG)
         proto.receive_data(req.raw_head)
         events = proto.events_received()
         link = WsLink(proto, reader, writer)
@@ -4954,7 +4969,7 @@ class HttpServer:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         self.sock, self.port = sock, sock.getsockname()[1]
         self._accept_task = asyncio.create_task(self._accept_loop(), name="http-accept")
@@ -4976,7 +4991,7 @@ class HttpServer:
                 conn, addr = await loop.sock_accept(self.sock)
             except OSError as exc:  # EMFILE and friends: back off instead of spinning
                 log.warning("http: accept failed (%s)", exc.strerror or exc)
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(ACCEPT_RETRY_S)
                 continue
             task = asyncio.create_task(self._handle_socket(conn, addr))
             self.connections.add(task)
@@ -5018,7 +5033,7 @@ class HttpServer:
                 if not writer.is_closing():
                     writer.close()
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(writer.wait_closed(), 1)
+                        await asyncio.wait_for(writer.wait_closed(), CONNECTION_CLOSE_WAIT_S)
             else:
                 conn.close()
 
@@ -5090,7 +5105,7 @@ class HttpServer:
                 route = resolve_route(req.path)
                 check_method(req, route)
                 is_eio = route.kind is RouteKind.EIO
-                limit = self.cfg.max_payload if is_eio else MAX_API_BODY_BYTES
+                limit = self.cfg.max_payload_bytes if is_eio else MAX_API_BODY_BYTES
                 try:
                     length = body_length(req, limit)
                 except HttpError as exc:
@@ -5170,26 +5185,63 @@ class HttpServer:
 # feed and writes the final flush, then main() returns 0.
 
 
-def ensure_certificate(cert_path: str, key_path: str) -> bool:
-    """Create a self-signed certificate with the `openssl` command if the files are missing.
-    Returns True when both files exist afterwards."""
-    cert, key = Path(cert_path), Path(key_path)
-    if cert.exists() and key.exists():
-        return True
+def _make_self_signed(cert: Path, key: Path) -> None:
+    """Write a self-signed certificate for localhost and its key with the `openssl` command.
+
+    Raises:
+        OSError: the folder cannot be written, or openssl is missing or failed (its own words).
+    """
+    cert.parent.mkdir(parents=True, exist_ok=True)
+    key.parent.mkdir(parents=True, exist_ok=True)
+    for folder in {cert.parent, key.parent}:
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"{folder} is not writable by uid {os.getuid()}")
     try:
-        cert.parent.mkdir(parents=True, exist_ok=True)
-        key.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "825",
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", str(SELF_SIGNED_CERT_DAYS),
                         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
                         "-keyout", str(key), "-out", str(cert)],
-                       check=True, capture_output=True, timeout=60)
-        with contextlib.suppress(OSError):
-            key.chmod(0o600)
-        log.info("tls: generated a self-signed certificate %s (key %s) with openssl", cert, key)
-        return True
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("tls: %s is missing and openssl could not create it (%s)", cert, str(exc)[:120])
-        return False
+                       check=True, capture_output=True, text=True, timeout=OPENSSL_TIMEOUT_S)
+    except FileNotFoundError:
+        raise FileNotFoundError("the openssl command is not installed") from None
+    except subprocess.CalledProcessError as exc:
+        raise OSError(f"openssl failed: {' '.join((exc.stderr or '').split())}") from None
+    except subprocess.TimeoutExpired:
+        raise OSError(f"openssl did not finish within {OPENSSL_TIMEOUT_S:g} s") from None
+    with contextlib.suppress(OSError):
+        key.chmod(0o600)
+
+
+def ensure_certificate(cert_path: str, key_path: str) -> tuple[str, str] | None:
+    """The certificate and key to serve HTTPS with: the configured files when both exist;
+    else a self-signed pair made with `openssl` there; else, when that folder cannot be written
+    (a bind mount owned by another user), a pair made for this run in a private temporary
+    folder.  None when no pair can be had; every reason is logged whole."""
+    cert, key = Path(cert_path), Path(key_path)
+    if cert.exists() and key.exists():
+        return cert_path, key_path
+    if cert.exists() or key.exists():  # never overwrite half of a pair someone put there
+        reason: str | OSError = f"only one of {cert} and {key} exists"
+    else:
+        try:
+            _make_self_signed(cert, key)
+            log.info("tls: generated a self-signed certificate %s (key %s) with openssl", cert, key)
+            return cert_path, key_path
+        except FileNotFoundError as exc:
+            log.warning("tls: %s is missing and cannot be generated: %s", cert, exc)
+            return None
+        except OSError as exc:
+            reason = exc
+    folder = Path(tempfile.mkdtemp(prefix="bbo-stream-tls-"))  # mode 0700: the key stays private
+    atexit.register(shutil.rmtree, folder, True)               # a key made for this run goes with it
+    try:
+        _make_self_signed(folder / "cert.pem", folder / "key.pem")
+    except OSError as exc:
+        log.warning("tls: no certificate at %s (%s), and none could be made in %s either: %s", cert, reason, folder, exc)
+        return None
+    log.warning("tls: no certificate at %s (%s): serving HTTPS with a self-signed certificate made for this run "
+                "in %s; to keep one across restarts, put cert.pem and key.pem in %s, or make that folder writable "
+                "by uid %d", cert, reason, folder, cert.parent, os.getuid())
+    return str(folder / "cert.pem"), str(folder / "key.pem")
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -5245,9 +5297,9 @@ class App:
     def api_context(self) -> ApiContext:
         return ApiContext(self.history, self.feed.status, now_ms(), self.metrics)
 
-    def metrics(self, now: int) -> list[MetricFamily]:
+    def metrics(self, now_ms: int) -> list[MetricFamily]:
         """Every metric of the server, in the order /metrics lists them."""
-        families = self.feed.metrics(now) + history_metrics(self.history, now)
+        families = self.feed.metrics(now_ms) + history_metrics(self.history, now_ms)
         if self.persistence is not None:
             families += self.persistence.metrics()
         if self.http is not None:
@@ -5300,11 +5352,12 @@ class App:
     async def _start_http(self) -> None:
         ssl_ctx = None
         if self.cfg.use_ssl:
-            if ensure_certificate(self.cfg.ssl_cert_path, self.cfg.ssl_key_path):
+            pair = ensure_certificate(self.cfg.ssl_cert_path, self.cfg.ssl_key_path)
+            if pair is not None:
                 try:
-                    ssl_ctx = make_server_ssl_context(self.cfg.ssl_cert_path, self.cfg.ssl_key_path)
+                    ssl_ctx = make_server_ssl_context(*pair)
                 except (OSError, ssl.SSLError) as exc:
-                    log.warning("tls: cannot use %s / %s (%s)", self.cfg.ssl_cert_path, self.cfg.ssl_key_path, exc)
+                    log.warning("tls: cannot use %s / %s (%s)", *pair, exc)
             if ssl_ctx is None:
                 log.warning("tls: USE_SSL is on but no certificate is usable: serving plain HTTP only")
         self.http = HttpServer(self, ssl_ctx)
@@ -5367,7 +5420,8 @@ def setup_logging(cfg: Config) -> None:
         try:
             Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
             handlers.append(logging.handlers.RotatingFileHandler(
-                Path(cfg.log_dir) / "bbo_stream.log", maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8"))
+                Path(cfg.log_dir) / "bbo_stream.log", maxBytes=LOG_FILE_MAX_BYTES, backupCount=LOG_FILE_BACKUPS,
+                encoding="utf-8"))
         except OSError as exc:  # e.g. a volume not writable by the container's user: log to stderr only
             file_error = exc
     root = logging.getLogger()

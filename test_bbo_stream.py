@@ -34,6 +34,7 @@ import pwd
 import uuid
 import base64
 import contextlib
+import dataclasses
 import email.utils
 import gc
 import inspect
@@ -49,6 +50,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -401,7 +403,7 @@ def make_cfg(tmp_path: Path, base_url: str = "ws://127.0.0.1:9/ws", **overrides:
                                   cache_persist=False, cache_dir=str(tmp_path / "cache"),
                                   ssl_cert_path=str(tmp_path / "certs" / "cert.pem"),
                                   ssl_key_path=str(tmp_path / "certs" / "key.pem"),
-                                  initial_backoff=0.05, feed_stale_seconds=30.0)
+                                  initial_backoff_s=0.05, feed_stale_seconds=30.0)
     values.update(overrides)
     if isinstance(values.get("symbol"), str):
         values["symbol"] = tuple(values["symbol"].split(","))
@@ -427,11 +429,12 @@ class ServerProcess:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def start(cls, env: dict[str, str], cwd: Path, *args: str) -> "ServerProcess":
+    async def start(cls, env: dict[str, str], cwd: Path, *args: str, **popen: Any) -> "ServerProcess":
         clean = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
         proc = await asyncio.create_subprocess_exec(
             sys.executable, str(MODULE), *args, env={**clean, **env}, cwd=str(cwd),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            **popen)
         return cls(proc)
 
     async def _read(self) -> None:
@@ -1064,19 +1067,39 @@ def test_readme_settings_table_has_every_setting_with_its_flag_default_and_help(
         assert re.search(row, readme, re.MULTILINE), f"README.md's settings table: no row for {setting.name}"
 
 
-def test_help_lists_every_setting_with_its_flag_and_env_name(capsys):
+def test_help_lists_every_setting_once_with_its_flag_and_env_name(capsys):
     with pytest.raises(SystemExit) as info:
         bs.Config.from_sources(["--help"], {})
     assert info.value.code == 0
     out = capsys.readouterr().out
     for setting in bs.SETTINGS:
         assert setting.flag in out and setting.name in out, setting.name
+        assert len(re.findall(rf"^  {re.escape(setting.flag)}\b", out, re.MULTILINE)) == 1, setting.flag
+        assert " ".join(out.split()).count(f"(env {setting.name},") == 1, setting.name
+        assert not re.search(rf"^\s*{setting.name}\s+{re.escape(setting.flag)}\b", out, re.MULTILINE), \
+            f"{setting.name} is listed again in a table"
     assert "--version" in out
+
+
+def test_a_boolean_flag_alone_means_true_and_takes_a_word_too():
+    assert bs.Config.from_sources(["--debug"], {}).debug is True
+    assert bs.Config.from_sources(["--debug", "false"], {}).debug is False
+    assert bs.Config.from_sources(["--use-ssl", "--debug"], {"USE_SSL": "false"}).use_ssl is True
+    cfg = bs.Config.from_sources(["--cache-persist", "no", "--symbol", "ethusdt"], {})
+    assert (cfg.cache_persist, cfg.symbols) == (False, ("ETHUSDT",))
+    with pytest.raises(bs.ConfigError, match="DEBUG"):
+        bs.Config.from_sources(["--debug", "maybe"], {})
+
+
+def test_config_fields_carry_the_unit_their_setting_name_lacks():
+    cfg = bs.Config.from_sources(["--ping-interval", "1500", "--initial-backoff", "0.5", "--max-payload", "2048"], {})
+    assert (cfg.ping_interval_ms, cfg.initial_backoff_s, cfg.max_payload_bytes) == (1500, 0.5, 2048)
+    assert {s.field for s in bs.SETTINGS} == {f.name for f in dataclasses.fields(bs.Config)}
 
 
 def test_server_ssl_context_requires_tls_1_2(tmp_path):
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    assert bs.ensure_certificate(str(cert), str(key))
+    assert bs.ensure_certificate(str(cert), str(key)) == (str(cert), str(key))
     ctx = bs.make_server_ssl_context(str(cert), str(key))
     assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
 
@@ -1243,27 +1266,27 @@ def test_shard_symbols_splits_five_by_two_into_three():
 
 
 def test_backoff_doubles_with_full_jitter_and_a_floor():
-    cfg = bs.Config(initial_backoff=1.0, extended_backoff_threshold=100, max_retries=0)
+    cfg = bs.Config(initial_backoff_s=1.0, extended_backoff_threshold=100, max_retries=0)
     assert [bs.backoff_delay_s(f, cfg, 1.0) for f in range(1, 8)] == [1, 2, 4, 8, 16, 32, 60]
     assert bs.backoff_delay_s(50, cfg, 1.0) == bs.FEED_BACKOFF_CAP_S == 60
     assert bs.backoff_delay_s(5, cfg, 0.5) == 8.0             # full jitter: uniform in [0, ceiling]
     assert bs.backoff_delay_s(5, cfg, 0.0) == bs.FEED_MIN_RECONNECT_S  # never ~0 s: no reconnect storm
-    assert bs.backoff_delay_s(1, bs.Config(initial_backoff=0.1, max_retries=0), 1.0) == bs.FEED_MIN_RECONNECT_S
+    assert bs.backoff_delay_s(1, bs.Config(initial_backoff_s=0.1, max_retries=0), 1.0) == bs.FEED_MIN_RECONNECT_S
 
 
 def test_backoff_cap_is_300_s_from_the_extended_threshold_and_failed_retries_every_300_s():
-    cfg = bs.Config(initial_backoff=1.0, extended_backoff_threshold=3, max_retries=0)
+    cfg = bs.Config(initial_backoff_s=1.0, extended_backoff_threshold=3, max_retries=0)
     assert bs.backoff_delay_s(2, cfg, 1.0) == 2.0
     assert bs.backoff_delay_s(9, cfg, 1.0) == 256.0           # over 60: the extended cap applies
     assert bs.backoff_delay_s(10, cfg, 1.0) == bs.FEED_EXTENDED_BACKOFF_CAP_S == 300
-    capped = bs.Config(initial_backoff=1.0, extended_backoff_threshold=3, max_retries=5)
+    capped = bs.Config(initial_backoff_s=1.0, extended_backoff_threshold=3, max_retries=5)
     assert bs.backoff_delay_s(4, capped, 1.0) == 8.0
     assert bs.backoff_delay_s(5, capped, 0.0) == bs.FEED_FAILED_RETRY_S == 300
     assert bs.backoff_delay_s(6, capped, 0.3) == 300
 
 
 def test_shard_health_connecting_live_backoff_failed():
-    cfg = bs.Config(initial_backoff=1.0, extended_backoff_threshold=100, max_retries=3)
+    cfg = bs.Config(initial_backoff_s=1.0, extended_backoff_threshold=100, max_retries=3)
     h = bs.ShardHealth(("BTCUSDT",), 1_000)
     assert h.state is bs.FeedState.CONNECTING
     h.connecting(1_000)
@@ -1286,7 +1309,7 @@ def test_shard_health_connecting_live_backoff_failed():
 
 
 def test_shard_health_watchdog_reconnect_is_not_a_failure_and_failures_reset_after_a_minute():
-    cfg = bs.Config(initial_backoff=1.0, max_retries=10)
+    cfg = bs.Config(initial_backoff_s=1.0, max_retries=10)
     h = bs.ShardHealth(("BTCUSDT",), 0)
     h.opened(0)
     assert not h.silent(59_999, 60) and h.silent(60_000, 60)      # no data since the open
@@ -1977,7 +2000,7 @@ def eio_update(key: str, n: int = 0) -> bs.EioUpdate:
 
 def new_session(websocket: bool = False, now: float = 0.0, interval: float = 25.0,
                 timeout: float = 20.0) -> bs.EioSession:
-    return bs.EioSession("SID", websocket=websocket, now=now, ping_interval_s=interval,
+    return bs.EioSession("SID", websocket=websocket, now_s=now, ping_interval_s=interval,
                          ping_timeout_s=timeout, max_payload_bytes=1_000_000)
 
 
@@ -2258,10 +2281,10 @@ def test_session_max_rate_via_tick():
 
 
 def test_sio_client_state_rules_and_connect_timeout():
-    c = bs.SioClientState(now=0.0, connect_timeout_s=45.0)
+    c = bs.SioClientState(now_s=0.0, connect_timeout_s=45.0)
     with pytest.raises(bs.SioProtocolError):
         c.receive('2["x"]')                            # event before CONNECT
-    c2 = bs.SioClientState(now=0.0, connect_timeout_s=45.0)
+    c2 = bs.SioClientState(now_s=0.0, connect_timeout_s=45.0)
     assert c2.receive("0").kind is bs.SioType.CONNECT
     assert not c2.connect_expired(44.0) and c2.connect_expired(45.0)
     c2.joined("/", object())
@@ -3039,7 +3062,7 @@ def test_subscribe_and_unsubscribe_answer_the_subscription_in_the_ack(tmp_path):
             ('["subscribe",{"maxRate":0}]', {"error": "maxRate must be a number in (0, 1000]"}),
             ('["subscribe",{"maxRate":true}]', {"error": "maxRate must be a number in (0, 1000]"}),
             ('["subscribe",{"symbols":"BTCUSDT"}]', {"error": "symbols must be a list of at most 1000 names"}),
-            ('["subscribe",{"symbols":[""]}]', {"error": "each symbol must be a non-empty string"}),
+            ('["subscribe",{"symbols":[""]}]', {"error": "each symbol must be 1 to 32 letters, digits or _"}),
             ('["subscribe",[1]]', {"error": "subscribe expects an object"}),
             ('["unsubscribe"]', {"error": "unsubscribe expects an object"}),
             ('["unsubscribe",{"symbols":["BTCUSDT","ETHUSDT","BNBUSDT"]}]', {"symbols": [], "maxRate": None}),
@@ -3548,7 +3571,7 @@ def test_polling_handshake_post_and_session_errors(tmp_path):
 
 
 def test_the_open_packet_is_exact(tmp_path):
-    with LiveServer(tmp_path, ping_interval=1234, ping_timeout=5678, max_payload=4096) as srv:
+    with LiveServer(tmp_path, ping_interval_ms=1234, ping_timeout_ms=5678, max_payload_bytes=4096) as srv:
         _, headers, body = srv.raw().request("GET", eio_path())
         sid = json.loads(body[1:])["sid"]
         assert body == ('0{"sid":"' + sid + '","upgrades":["websocket"],"pingInterval":1234,"pingTimeout":5678,'
@@ -3619,7 +3642,7 @@ def test_an_aborted_get_closes_the_session(tmp_path):
 
 
 def test_an_oversized_post_is_413_and_the_session_lives_on(tmp_path):
-    with LiveServer(tmp_path, max_payload=4096) as srv:
+    with LiveServer(tmp_path, max_payload_bytes=4096) as srv:
         sid, raw = srv.polling_handshake()
         status, headers, body = raw.request("POST", eio_path(sid), b"4" + b"x" * 4096)
         assert (status, body, headers["connection"]) == (413, b"", "close")  # not read: the connection ends
@@ -3687,7 +3710,7 @@ def test_upgrade_sequence_and_a_second_websocket_for_the_sid(tmp_path):
 
 
 def test_the_heartbeat_closes_silent_clients_on_both_transports(tmp_path):
-    with LiveServer(tmp_path, ping_interval=200, ping_timeout=200) as srv:
+    with LiveServer(tmp_path, ping_interval_ms=200, ping_timeout_ms=200) as srv:
         sid, _raw = srv.polling_handshake()                  # never polls again
         silent, lively = srv.raw_ws(), srv.raw_ws()
         assert silent.recv_text().startswith("0{") and lively.recv_text().startswith("0{")
@@ -3770,7 +3793,7 @@ def test_ws_frame_matches_websockets(size):
 
 
 def test_an_oversized_websocket_message_closes_with_1009(tmp_path):
-    with LiveServer(tmp_path, max_payload=4096) as srv:
+    with LiveServer(tmp_path, max_payload_bytes=4096) as srv:
         with ws_connect(srv.port, "EIO=4&transport=websocket") as ws:
             ws.recv(timeout=2)
             ws.send("4" + "x" * 4096)
@@ -4105,6 +4128,52 @@ def test_tls_falls_back_to_plain_http_when_openssl_is_missing(tmp_path, monkeypa
         assert (await srv.get("/healthz")).status == 200
         assert not (tmp_path / "certs" / "cert.pem").exists()
     with_server(tmp_path, body, use_ssl=True)
+
+
+@contextlib.contextmanager
+def read_only_folder(path: Path) -> Iterator[None]:
+    """A read-only tmpfs mounted at ``path`` (what a `:ro` bind mount gives a container)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount(8) for a read-only folder")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "bbo-test-ro", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_certificate_folder_the_server_cannot_write_still_gets_https_for_the_run(tmp_path):
+    # As in a container whose ./certs is mounted read-only, or owned by root while the server
+    # runs as uid 10001: the server makes a certificate for this run in a private folder, says
+    # so whole (what to do to keep one), serves HTTPS, and removes that folder when it exits.
+    certs = tmp_path / "certs"
+    with read_only_folder(certs):
+        async def scenario() -> None:
+            env = server_env(tmp_path, "ws://127.0.0.1:9/ws", USE_SSL="true", SSL_CERT_PATH=str(certs / "cert.pem"),
+                             SSL_KEY_PATH=str(certs / "key.pem"))
+            srv = await ServerProcess.start(env, tmp_path)
+            try:
+                line = await srv.wait_line(rf"tls: no certificate at {re.escape(str(certs))}/cert\.pem "
+                                           rf"\({re.escape(str(certs))} is not writable by uid {os.getuid()}\): "
+                                           r"serving HTTPS with a self-signed certificate made for this run in (\S+); "
+                                           rf"to keep one across restarts, put cert\.pem and key\.pem in "
+                                           rf"{re.escape(str(certs))}, or make that folder writable by uid \d+$")
+                made = Path(line.group(1))
+                assert (made / "cert.pem").exists() and (made / "key.pem").stat().st_mode & 0o077 == 0
+                port = await srv.port()
+                await srv.wait_line(r"\(https and http\)")
+                assert (await request(port, "/healthz", ssl_ctx=client_ssl_context())).status == 200
+                assert (await request(port, "/healthz")).status == 200
+                assert list(certs.iterdir()) == []
+                assert await srv.stop() == 0
+                assert not made.exists(), "the key made for the run outlived it"
+            finally:
+                await srv.kill()
+        run(scenario(), 30)
 
 
 def test_request_metrics_count_101_only_for_websockets_that_were_accepted(tmp_path):
@@ -4596,7 +4665,7 @@ def test_clients_answer_the_servers_heartbeat_on_every_transport(tmp_path, kind,
     if kind == "node" and _JS_REASON:
         pytest.skip(_JS_REASON)
     # A ping every 100 ms; 1 s to answer, so a loaded CI machine does not make the test flaky.
-    with LiveServer(tmp_path, ping_interval=100, ping_timeout=1000) as srv:
+    with LiveServer(tmp_path, ping_interval_ms=100, ping_timeout_ms=1000) as srv:
         srv.send("btcusdt", "1.00", "1", "1.10", "1")
         client = srv.keep(PyClient(srv.url, mode) if kind == "python" else NodeClient(tmp_path, srv.url, mode))
         client.connect()
