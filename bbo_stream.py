@@ -3,18 +3,24 @@
 
 One asyncio module.  Runtime dependencies: ``websockets`` and ``numpy``.
 
-Data flow::
+Data flow, which the sections below follow (pure core first, then the I/O shells)::
 
-    Binance bookTicker (websockets client, one connection per shard of symbols)
-        │  parse_feed_message() → Bbo            (§4, pure)
+    Binance bookTicker (websockets client, one connection per shard of symbols)   §11 feed
+        │  parse_feed_message() → Bbo                                              §4, pure
         ▼
-    BboHistory: dedupe by `u`, numpy rings + 1 s bars   (§5, pure)
-        │                     └─ CachePersistence: JSON-lines journal → segments (§12)
+    BboHistory: dedupe by `u`, numpy rings + 1 s bars                              §5, pure
+        │  └─ CachePersistence: JSON-lines journals → segments in CACHE_DIR        §12
         ▼
-    fan-out hub → Engine.IO/Socket.IO sessions (WebSocket, long-polling)
-        ▲
-    HTTP/1.1 server on asyncio streams (TLS and plain HTTP on one port):
-    REST history API, /healthz, /readyz, /metrics, static dashboard
+    Hub.publish(bbo): encoded once (packet text + WebSocket frame)                 §13
+        ▼
+    BboApp (subscribe, maxRate, initial data) on SioServer (namespaces, acks)      §14, §15
+        ▼
+    EioServer → EioConnection → outbox (EioSession, pure §10)                      §16
+        ▼
+    transports: WebSocket (WsLink, §17) or a parked long-polling GET (EioPolling, §16)
+        ▼
+    HttpServer: TLS and plain HTTP on one port; the route table (§7) sends each    §18
+    request to REST, /healthz, /readyz, /metrics, the dashboard or Engine.IO
 
 Run::
 
@@ -29,35 +35,25 @@ Sections (tests in test_bbo_stream.py follow the same order)::
     §3  configuration                     §12 cache persistence (disk)
     §4  BBO model and feed parsing        §13 fan-out hub
     §5  history cache (numpy rings)       §14 the BBO application (Socket.IO handlers)
-    §6  HTTP/1.1 codec                    §15 Socket.IO server
-    §7  REST routes                       §16 Engine.IO server
+    §6  HTTP/1.1 and WebSocket frames     §15 Socket.IO server
+    §7  REST routes and the route table   §16 Engine.IO server (sessions, long-polling)
     §8  Engine.IO v4 codec                §17 WebSocket transport
     §9  Socket.IO v5 codec                §18 HTTP connection handler
     §10 sessions (Engine.IO, Socket.IO)   §19 app lifecycle
                                           §20 CLI
 
-Socket.IO endpoint, in layers::
-
-    HTTP layer --HttpRequest--> EioServer.handle_request(req, body, reader, writer)
-        |  polling GET/POST -> HttpResponse          WebSocket -> takes the connection, returns None
-        v
-    EioServer: sessions (EioSession, pure) + transports    callbacks: on_open / on_message / on_close
-        v
-    SioServer: namespaces, on(event) handlers, acks        SioSocket.emit(...)
-        v
-    BboApp: welcome, ready, request_initial_data, ping, subscribe/unsubscribe, feed_status
-    Hub: publish(bbo) encodes once (packet text + WebSocket frame) and fans out to every client;
-         with many plain WebSocket clients, FANOUT_THREADS helper threads share each write pass
-
 Engine.IO server API. ``eio = EioServer(ping_interval_ms=25000, ping_timeout_ms=20000,
-max_payload_bytes=1_000_000, max_clients=10_000)`` (or ``EioServer.from_config(cfg)``). The layer
-above sets ``eio.handler`` to an object with three plain (non-async, non-blocking) methods:
-``on_open(conn)``, ``on_message(conn, data)`` where ``data`` is ``str`` for a text message and
-``bytes`` for a binary one, and ``on_close(conn, reason)``. The HTTP layer calls
+max_payload_bytes=1_000_000, max_clients=10_000)`` (or ``EioServer.from_config(cfg)``). The
+layer above sets ``eio.handler`` to an object with three plain (non-async, non-blocking)
+methods: ``on_open(conn)``, ``on_message(conn, data)`` where ``data`` is ``str`` for a text
+message and ``bytes`` for a binary one, and ``on_close(conn, reason)``. The HTTP layer calls
 ``await eio.handle_request(req, body, reader, writer)`` for every request under ``/socket.io/``.
 An ``EioConnection`` offers ``send(text)``, ``send_binary(raw)``, ``close(reason)``,
 ``transport`` ("polling" or "websocket"), ``sid``, ``peer`` and a free slot ``upper`` for the
-layer above. ``await eio.close_all()`` closes every session (shutdown).
+layer above; for updates that a newer one supersedes (``EioUpdate``, delivered by ``deliver``)
+it has a filter by key with a rate per key (``set_filter(keys, max_rate)``, ``filter_keys``,
+``max_rate``, ``wants(key)``) and ``counters`` (sent, superseded). ``await eio.close_all()``
+closes every session (shutdown).
 
 Socket.IO server API. ``sio = SioServer(eio)`` installs itself as ``eio.handler``. Handlers are
 plain functions, run on the event loop, that must not block::
@@ -73,8 +69,8 @@ plain functions, run on the event loop, that must not block::
 client acknowledges), ``sock.disconnect()`` leaves the namespace (sends DISCONNECT),
 ``sock.conn`` is its EioConnection, ``sock.data`` is a dict for the application.
 
-Checked against the reference. node socket.io 4.8.4 / engine.io 6.6.11 (npm) ran on this
-machine with the same handlers, and raw sockets plus websockets' client compared what each side
+Checked against the reference. node socket.io 4.8.4 / engine.io 6.6.11 (npm, a dev dependency) ran
+with the same handlers, and raw sockets plus websockets' client compared what each side
 puts on the wire: handshake, errors, POST/GET bodies and headers, duplicate GET, aborted GET,
 ping timeout, upgrade, second WebSocket, oversized payloads, malformed packets, namespaces,
 acks. A comment "(ref: ...)" records what the reference did at the branch it justifies;
@@ -150,7 +146,7 @@ __version__ = "1.0.0"
 log = logging.getLogger("bbo_stream")
 
 # --- Binance feed -----------------------------------------------------------
-FEED_BACKOFF_CAP_S = 60.0            # issue 2: exponential backoff is capped at one minute...
+FEED_BACKOFF_CAP_S = 60.0            # exponential backoff is capped at one minute...
 FEED_EXTENDED_BACKOFF_CAP_S = 300.0  # ...and at five minutes after EXTENDED_BACKOFF_THRESHOLD failures
 FEED_FAILED_RETRY_S = 300.0          # a `failed` feed still retries, every 5 min: the server never gives up
 FEED_MIN_RECONNECT_S = 1.0           # floor between attempts of one shard: full jitter can draw ~0 s
@@ -172,7 +168,7 @@ MAX_SYMBOL_CHARS = 32                # Binance's longest symbols have under 20; 
 RING_INITIAL_ROWS = 64               # rings grow lazily: 500 symbols must not reserve 32 GB up front
 PENDING_FLUSH_ROWS = 2_048           # appends are batched into numpy (fixed numpy costs amortised);
                                      # a read, the 1 s persistence tick or this many rows flushes
-MAX_HISTORY_LIMIT = 10_000           # issue 2: /api/history/updates returns at most 10,000 rows
+MAX_HISTORY_LIMIT = 10_000           # rows of one /api/history/updates answer: ~2.2 MB of JSON (220 B a row)
 DEFAULT_HISTORY_LIMIT = 100
 MAX_SERIES_BUCKETS = 2_000           # a wide screen is < 2,000 CSS px: more buckets than pixels is waste
 DEFAULT_SERIES_BUCKETS = 500
@@ -306,7 +302,7 @@ def describe_error(exc: BaseException) -> str:
 
 MARKET_DEFAULT_URLS = {
     # USD-M: bookTicker lives on the routed /public endpoint; the legacy unrouted
-    # wss://fstream.binance.com/ws was retired on 2026-04-23 (binance-facts §0).
+    # wss://fstream.binance.com/ws was retired on 2026-04-23 (Binance's WebSocket change notice).
     "futures": "wss://fstream.binance.com/public/ws",
     "spot": "wss://stream.binance.com:9443/ws",
     "coinm": "wss://dstream.binance.com/ws",
@@ -315,7 +311,7 @@ MARKET_DEFAULT_URLS = {
 _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 _FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 # Binance symbols are letters, digits and `_` (COIN-M "BTCUSD_PERP"); spot allows UTF-8
-# letters since 2025-12 (binance-facts §5), so \w is Unicode-aware on purpose.
+# letters in symbol names since 2025-12, so \w is Unicode-aware on purpose.
 _SYMBOL_RE = re.compile(rf"\w{{1,{MAX_SYMBOL_CHARS}}}\Z")  # match(): whole string; \Z, unlike $, refuses a trailing newline
 
 
@@ -806,7 +802,7 @@ def feed_url(base_url: str, symbols: Sequence[str]) -> str:
 
 def shard_symbols(symbols: Sequence[str], per_connection: int) -> list[tuple[str, ...]]:
     """Split the symbols into connections of at most ``per_connection`` streams (Binance's
-    advice: heavy fan-in on one connection degrades, binance-facts §4)."""
+    advice: heavy fan-in on one connection degrades; it allows at most 1024 streams on one)."""
     return [tuple(symbols[i:i + per_connection]) for i in range(0, len(symbols), per_connection)]
 
 
@@ -926,6 +922,13 @@ class ShardHealth:
 # Order in which shard states summarise the whole feed: the best one wins.
 _STATE_RANK = {FeedState.LIVE: 0, FeedState.CONNECTING: 1, FeedState.STALE: 2,
                FeedState.BACKOFF: 3, FeedState.FAILED: 4, FeedState.STOPPED: 5}
+
+
+def shard_name(shard: ShardHealth) -> str:
+    """A shard's symbols for log lines: the first three and how many more."""
+    names = ",".join(shard.symbols[:3])
+    return names + (f"+{len(shard.symbols) - 3}" if len(shard.symbols) > 3 else "")
+
 
 # ###########################################################################
 # §5 History cache (numpy rings, 1-second bars, queries, on-disk codec)
@@ -1226,7 +1229,7 @@ class SymbolHistory:
     def accept(self, bbo: Bbo) -> bool:
         """Keep ``bbo`` unless it is a duplicate or out of order; True when kept.
 
-        `u` rising per symbol is observed, not documented (binance-facts §6): a `u` at or
+        `u` rising per symbol is observed on Binance, not documented by it: a `u` at or
         below the last one is a replay (overlapping connections, a reconnect) and dropped —
         unless its exchange time is clearly newer, which only an exchange-side reset of `u`
         explains; then it becomes the new baseline instead of blocking everything after it.
@@ -1633,6 +1636,18 @@ def wants_keep_alive(req: HttpRequest) -> bool:
     return req.version == "HTTP/1.1" and "close" not in req.header_tokens("connection")
 
 
+def is_upgrade(req: HttpRequest) -> bool:
+    """Node's rule for an "upgrade" request: an Upgrade header and the upgrade token in Connection."""
+    connection = req.header("connection") or ""
+    return req.header("upgrade") is not None and any(
+        token.strip().lower() == "upgrade" for token in connection.split(","))
+
+
+def has_invalid_header_char(value: str) -> bool:
+    """engine.io's checkInvalidHeaderChar on Origin: control characters, DEL or non-Latin-1."""
+    return any((ord(ch) < 32 and ch != "\t") or ord(ch) == 127 or ord(ch) > 255 for ch in value)
+
+
 def http_date(epoch_s: float) -> str:
     return email.utils.formatdate(epoch_s, usegmt=True)
 
@@ -1914,6 +1929,16 @@ def handle_metrics(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
     return HttpResponse(200, render_metrics(ctx.metrics(ctx.now_ms)).encode(), "text/plain; version=0.0.4; charset=utf-8")
 
 
+def static_response(req: HttpRequest, found: tuple[bytes, str, str] | None) -> HttpResponse:
+    if found is None:
+        return error_response(HttpError(404, f"not found: {req.path[:100]}"))
+    body, ctype, etag = found
+    headers = [("ETag", etag), ("Cache-Control", "no-cache")]  # revalidate: new releases show at once
+    if etag in {t.strip() for t in (req.header("if-none-match") or "").split(",")}:
+        return HttpResponse(304, headers=headers)
+    return HttpResponse(200, body, ctype, headers)
+
+
 # -- the route table ------------------------------------------------------------------------
 # One table answers every question about a path: which code serves it, its label in /metrics,
 # whether its responses carry CORS headers, and what it needs once a token is required.
@@ -2026,7 +2051,8 @@ def handle_api(req: HttpRequest, ctx: ApiContext, route: Route | None = None) ->
 # ###########################################################################
 # §8 Engine.IO v4 codec
 # ###########################################################################
-# pure: str/bytes in, values out; raises EioProtocolError. Spec: engine.io-protocol v4.
+# Owns: Engine.IO packets and polling payloads.  Pure: str/bytes in, values out; raises
+# EioProtocolError.  Spec: engine.io-protocol v4.
 #
 # Wire format of one packet: <type digit><data>, e.g. "0{...}" open, "2" ping, "3probe",
 # "4hello" message. A binary message is a binary WebSocket frame, or over polling "b" + base64
@@ -2123,7 +2149,8 @@ def iter_eio_payload(body: str) -> Iterator[EioPacket]:
 # ###########################################################################
 # §9 Socket.IO v5 codec
 # ###########################################################################
-# pure: str/bytes in, values out; raises SioProtocolError. Spec: socket.io-protocol v5.
+# Owns: Socket.IO packets, binary attachments, ack arguments.  Pure: str/bytes in, values
+# out; raises SioProtocolError.  Spec: socket.io-protocol v5.
 #
 # Wire format (the text inside an Engine.IO message):
 #     <type>[<attachments>-][<namespace>,][<ack id>][<JSON>]
@@ -2281,6 +2308,15 @@ def sio_deconstruct(data: Any) -> tuple[Any, list[bytes]]:
     return walk(data), buffers
 
 
+def ack_args(result: Any) -> list[Any]:
+    """A handler's return value as ack arguments (python-socketio's convention)."""
+    if result is None:
+        return []
+    if isinstance(result, tuple):
+        return list(result)
+    return [result]
+
+
 class SioDecoder:
     """Turns the Engine.IO messages of one client into complete Socket.IO packets.
 
@@ -2329,7 +2365,9 @@ class SioDecoder:
 # ###########################################################################
 # §10 Sessions (Engine.IO and Socket.IO state machines)
 # ###########################################################################
-# pure: state machines driven by (input, now_s); `now_s` is monotonic seconds passed in, never read.
+# Owns: what one client has yet to receive (EioOutbox) and where its Engine.IO and Socket.IO
+# sessions stand.  Pure: state machines driven by (input, now_s); `now_s` is monotonic seconds
+# passed in, never read.
 # Effects come back as Actions (kind, payload) for the I/O shell to carry out.
 
 
@@ -3039,7 +3077,7 @@ class BinanceFeed:
                 return
             level = logging.WARNING if failure else logging.INFO
             log.log(level, "feed %s: %s; reconnecting in %.1f s (state %s, %d consecutive failures)",
-                    _shard_name(shard), reason, delay, shard.state.value, shard.failures)
+                    shard_name(shard), reason, delay, shard.state.value, shard.failures)
             await asyncio.sleep(delay)
 
     async def _open(self, shard: ShardHealth, url: str) -> _Conn:
@@ -3050,7 +3088,7 @@ class BinanceFeed:
         shard.opened(now)
         for symbol in shard.symbols:
             self.history.symbols[symbol].subscribed_ms = now
-        log.info("feed %s: connected to %s", _shard_name(shard), url if len(url) < 200 else url[:200] + "…")
+        log.info("feed %s: connected to %s", shard_name(shard), url if len(url) < 200 else url[:200] + "…")
         conn = _Conn(ws)
         conn.task = asyncio.create_task(self._consume(shard, conn))
         return conn
@@ -3081,7 +3119,7 @@ class BinanceFeed:
                     if not was_live:
                         self._notify()
                 elif type(item) is ServerShutdown:
-                    log.info("feed %s: exchange announced a server shutdown; rotating", _shard_name(shard))
+                    log.info("feed %s: exchange announced a server shutdown; rotating", shard_name(shard))
                     conn.shutdown_notice = True
                 else:
                     log.debug("feed: ack %s", item)
@@ -3121,26 +3159,21 @@ class BinanceFeed:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("feed %s: rotation failed (%s); keeping the current connection", _shard_name(shard), describe_error(exc))
+            log.warning("feed %s: rotation failed (%s); keeping the current connection", shard_name(shard), describe_error(exc))
             return None
         waiter = asyncio.create_task(new.first_data.wait())
         await asyncio.wait({waiter, new.task}, timeout=FEED_ROTATE_OVERLAP_S, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         if new.task.done():
-            log.warning("feed %s: rotation connection closed early; keeping the current one", _shard_name(shard))
+            log.warning("feed %s: rotation connection closed early; keeping the current one", shard_name(shard))
             return None
-        log.info("feed %s: rotated connection (make-before-break)", _shard_name(shard))
+        log.info("feed %s: rotated connection (make-before-break)", shard_name(shard))
         await _close_conn(old)
         return new
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-
-
-def _shard_name(shard: ShardHealth) -> str:
-    names = ",".join(shard.symbols[:3])
-    return names + (f"+{len(shard.symbols) - 3}" if len(shard.symbols) > 3 else "")
 
 
 async def _close_conn(conn: _Conn) -> None:
@@ -3535,7 +3568,8 @@ class CachePersistence:
 # ###########################################################################
 # §13 Fan-out hub
 # ###########################################################################
-# I/O: one encoding per update (packet text + WebSocket frame), the same bytes to every client.
+# Owns: the attached clients and the write passes: one encoding per update (packet text +
+# WebSocket frame), the same bytes to every client, helper threads for large passes.
 
 
 class SocketWriterPool:
@@ -3713,7 +3747,8 @@ class Hub:
 # ###########################################################################
 # §14 The BBO application (Socket.IO handlers)
 # ###########################################################################
-# I/O: the Socket.IO handlers of BBO Stream on namespace "/" (original-design.md, issue 3).
+# Owns: the Socket.IO handlers of BBO Stream on namespace "/": its events and payloads (README),
+# and what "subscribe" means for a client's filter.
 
 
 class BboApp:
@@ -3827,7 +3862,7 @@ class BboApp:
 # ###########################################################################
 # §15 Socket.IO server
 # ###########################################################################
-# I/O: namespaces, on(event) handlers, acks both ways, on top of EioServer (module docstring).
+# Owns: namespaces, on(event) handlers, acks both ways, on top of EioServer (module docstring).
 
 
 class SioConnectRefused(Exception):
@@ -3908,15 +3943,6 @@ class _SioNamespace:
         self.events: dict[str, Callable[..., Any]] = {}
         self.on_connect: Callable[[SioSocket, Any], None] | None = None
         self.on_disconnect: Callable[[SioSocket, str], None] | None = None
-
-
-def _ack_args(result: Any) -> list[Any]:
-    """A handler's return value as ack arguments (python-socketio's convention)."""
-    if result is None:
-        return []
-    if isinstance(result, tuple):
-        return list(result)
-    return [result]
 
 
 class SioServer:
@@ -4031,8 +4057,8 @@ class SioServer:
             timer.cancel()
         sock.connected = True
         held, sock._held = sock._held or [], None
-        # The CONNECT answer first, then whatever the connect handler emitted (issue 3; ref: the
-        # same order, "40{...}" then "42["welcome",...]").
+        # The CONNECT answer first, then whatever the connect handler emitted (ref: the same
+        # order, "40{...}" then "42["welcome",...]").
         self._send(conn, SioPacket(SioType.CONNECT, pkt.namespace, {"sid": sock.sid}))
         for packet in held:
             self._send(conn, packet)
@@ -4050,7 +4076,7 @@ class SioServer:
             log.exception("handler for %r failed", event)
             return
         if pkt.ack_id is not None and sock.connected:
-            self._send(sock.conn, SioPacket(SioType.ACK, sock.namespace, _ack_args(result), pkt.ack_id))
+            self._send(sock.conn, SioPacket(SioType.ACK, sock.namespace, ack_args(result), pkt.ack_id))
 
     def _leave(self, sock: SioSocket, reason: str) -> None:
         if not sock.connected:
@@ -4086,7 +4112,9 @@ class SioServer:
 # ###########################################################################
 # §16 Engine.IO server
 # ###########################################################################
-# I/O: session registry, polling GET/POST, WebSocket sessions and upgrades, heartbeat timers.
+# Owns: the session registry and request checks (EioServer), each session's timers, transports
+# and backpressure (EioConnection), long-polling (EioPolling), WebSocket sessions and upgrades
+# (EioWebSocket).
 # Errors are the reference's (engine.io server.ts): HTTP 400 + {"code","message"}; 403 for code 4.
 
 EIO_ERROR_MESSAGES = {
@@ -4099,18 +4127,6 @@ EIO_ERROR_MESSAGES = {
 }
 _POLL_HEADERS = (("Cache-Control", "no-store"),)  # engine.io sets it on every polling answer
 _WS_LOG = logging.getLogger("bbo_stream.ws")        # websockets' per-connection log lines
-
-
-def _is_upgrade(req: HttpRequest) -> bool:
-    """Node's rule for an "upgrade" request: an Upgrade header and the upgrade token in Connection."""
-    connection = req.header("connection") or ""
-    return req.header("upgrade") is not None and any(
-        token.strip().lower() == "upgrade" for token in connection.split(","))
-
-
-def _bad_header_value(value: str) -> bool:
-    """engine.io's checkInvalidHeaderChar on Origin: control characters, DEL or non-Latin-1."""
-    return any((ord(ch) < 32 and ch != "\t") or ord(ch) == 127 or ord(ch) > 255 for ch in value)
 
 
 class EioConnection:
@@ -4457,7 +4473,7 @@ class EioServer:
         parked, `reader` is watched for EOF (the client going away closes the session).
         """
         query = {key: values[-1] for key, values in req.query.items() if values}  # node: last one wins
-        upgrade = _is_upgrade(req)
+        upgrade = is_upgrade(req)
         refused = self._verify(req, query, upgrade)
         if refused is not None:
             return refused
@@ -4486,7 +4502,7 @@ class EioServer:
         if transport not in ("polling", "websocket"):
             return self._error(0, upgrade)
         origin = req.header("origin")
-        if origin is not None and _bad_header_value(origin):
+        if origin is not None and has_invalid_header_char(origin):
             return self._error(3, upgrade)
         sid = query.get("sid") or None  # an empty sid counts as none, as in JS
         if sid is not None:
@@ -4695,7 +4711,7 @@ class EioWebSocket:
 
     def _handshake(self, req: HttpRequest, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> WsLink | None:
-        """Replay the head into websockets (style-examples §2.B option A); the link once it is OPEN."""
+        """Replay the head our HTTP layer read into websockets' ServerProtocol; the link once it is OPEN."""
         # An oversized message closes with 1009 (ref: ws closes 1009 too). websockets logs each
         # connection at INFO: give it our logger so the application's config decides.
         proto = ServerProtocol(max_size=self.server.max_payload_bytes, logger=_WS_LOG)
@@ -4720,9 +4736,10 @@ class EioWebSocket:
 # ###########################################################################
 # §17 WebSocket transport
 # ###########################################################################
-# I/O: websockets' sans-I/O ServerProtocol driven from our own StreamReader/StreamWriter
-# (style-examples §2.B, option A: replay the head our HTTP layer read). No write awaits, so a
-# frame, ours or the protocol's, always lands in the transport whole: writes never interleave.
+# Owns: one accepted WebSocket: websockets' sans-I/O ServerProtocol driven from our own
+# StreamReader/StreamWriter (the head our HTTP layer read is replayed into it).  No write
+# awaits, so a frame, ours or the protocol's, always lands in the transport whole: writes
+# never interleave.
 
 
 class WsLink:
@@ -4914,16 +4931,6 @@ class StaticFiles:
         if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
             ctype += "; charset=utf-8"
         return cached[1], ctype, cached[2]
-
-
-def static_response(req: HttpRequest, found: tuple[bytes, str, str] | None) -> HttpResponse:
-    if found is None:
-        return error_response(HttpError(404, f"not found: {req.path[:100]}"))
-    body, ctype, etag = found
-    headers = [("ETag", etag), ("Cache-Control", "no-cache")]  # revalidate: new releases show at once
-    if etag in {t.strip() for t in (req.header("if-none-match") or "").split(",")}:
-        return HttpResponse(304, headers=headers)
-    return HttpResponse(200, body, ctype, headers)
 
 
 async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
@@ -5126,7 +5133,7 @@ class HttpServer:
                 return
             # An upgrade answered with a plain response was refused: (ref: engine.io's abortUpgrade
             # and socket.io's destroyUpgrade) the connection closes after it.
-            keep_alive = wants_keep_alive(req) and not _is_upgrade(req)
+            keep_alive = wants_keep_alive(req) and not is_upgrade(req)
             resp = await self.dispatch(req, route, body, reader, writer)
             if resp is None:  # Engine.IO took the connection (and reported its outcome)
                 return
@@ -5152,7 +5159,7 @@ class HttpServer:
     async def _finish(self, writer: asyncio.StreamWriter, req: HttpRequest, route: Route, resp: HttpResponse,
                       keep_alive: bool, started: float) -> None:
         # A preflight response carries its own CORS headers; a refused upgrade none (ref: abortUpgrade).
-        if route.cors and req.method != "OPTIONS" and not _is_upgrade(req):
+        if route.cors and req.method != "OPTIONS" and not is_upgrade(req):
             resp.headers.extend(cors_headers(req, self.cfg.cors_origins))
         self.requests[(route.label, resp.status)] += 1
         await self._send(writer, resp, keep_alive, req.method == "HEAD")
