@@ -2431,7 +2431,7 @@ class EioOutbox:
         return self.keys is None or key in self.keys
 
     def push_update(self, update: EioUpdate, now_s: float) -> bool:
-        """Offer an update; True when something new is ready to send now_s."""
+        """Offer an update; True when something new is ready to send now."""
         if update.always:
             self._append(update)
             return True
@@ -2656,13 +2656,12 @@ class EioSession:
     # -- polling ---------------------------------------------------------------
 
     def begin_poll(self, now_s: float) -> list[Action]:
-        """A GET arrived. FLUSH means answer it now_s; otherwise it parks until a FLUSH."""
-        if self.state is EioState.CLOSED:
-            return []
-        if self.poll_parked:
-            # engine.io polling.ts onPollRequest: "overlap from client". (ref: the parked GET gets `1`,
-            # this one 400 with no body and no Content-Type, then the sid is unknown.)
-            return [(Act.REJECT_REQUEST, None), *self._abort("overlap from client", "1")]
+        """A GET arrived. FLUSH means answer it now; otherwise it parks until a FLUSH."""
+        # engine.io polling.ts onPollRequest: "overlap from client". (ref: the parked GET gets `1`,
+        # this one 400 with no body and no Content-Type, then the sid is unknown.)
+        refused = self._refuse_if(self.poll_parked, "overlap from client")
+        if refused is not None:
+            return refused
         self.poll_parked = True
         if self.state is EioState.CLOSING:
             # (ref: after a server-side close, e.g. a bad Socket.IO packet, the next GET gets `6\x1e1`.)
@@ -2693,12 +2692,11 @@ class EioSession:
 
     def begin_post(self, now_s: float) -> list[Action]:
         """A POST's head arrived; its body is still to come (engine.io polling.ts onDataRequest)."""
-        if self.state is EioState.CLOSED:
-            return []
-        if self.post_in_flight:
-            # (ref: "data request overlap from client": this POST gets 400 with no body, the
-            # session closes, and the POST whose body is still arriving has its connection destroyed.)
-            return [(Act.REJECT_REQUEST, None), *self._abort("data request overlap from client", "1")]
+        # (ref: "data request overlap from client": this POST gets 400 with no body, the session
+        # closes, and the POST whose body is still arriving has its connection destroyed.)
+        refused = self._refuse_if(self.post_in_flight, "data request overlap from client")
+        if refused is not None:
+            return refused
         self.post_in_flight = True
         return []
 
@@ -2742,7 +2740,7 @@ class EioSession:
             return []
         if kind is EioType.CLOSE:
             # (ref: polling, the parked GET gets `6`.) Over WebSocket engine.io 6.6 ignores `1` and waits
-            # for the socket to close (ref: no answer, then a ping timeout); we follow the spec: close now_s.
+            # for the socket to close (ref: no answer, then a ping timeout); we follow the spec: close now.
             self.outbox.clear()
             return self._end_with("transport close", "6")
         if kind is EioType.PING:
@@ -2820,6 +2818,15 @@ class EioSession:
             self._end()
             return []
         return self._abort(reason, poll_final)
+
+    def _refuse_if(self, overlapping: bool, reason: str) -> list[Action] | None:
+        """None when a GET or POST may go on; else what answers it: nothing on a closed session,
+        and for a second one while the first is under way, a refusal and the session's end."""
+        if self.state is EioState.CLOSED:
+            return []
+        if overlapping:
+            return [(Act.REJECT_REQUEST, None), *self._abort(reason, "1")]
+        return None
 
     def _abort(self, reason: str, poll_final: str | None) -> list[Action]:
         """Close at once, dropping the queue (ping timeout, protocol error, slow client)."""
@@ -3517,18 +3524,10 @@ class CachePersistence:
         self.cleanup_s = cfg.cache_cleanup_hours * 3600
         self.last_flush_ms: int | None = None    # when the last flush completed
 
-    @property
-    def errors(self) -> int:
-        return self.writer.errors
-
-    @property
-    def lag_ms(self) -> int:
-        return self.writer.lag_ms
-
     def metrics(self) -> list[MetricFamily]:
         return [MetricFamily("persist_lag_seconds", "gauge", "Age of the oldest update not yet on disk at the last flush",
-                             [("", self.lag_ms / 1000)]),
-                MetricFamily("persist_errors_total", "counter", "Failed cache writes", [("", self.errors)])]
+                             [("", self.writer.lag_ms / 1000)]),
+                MetricFamily("persist_errors_total", "counter", "Failed cache writes", [("", self.writer.errors)])]
 
     def load(self) -> dict[str, int]:
         """Read CACHE_DIR into the history (blocking; runs before serving).  Returns rows per symbol."""

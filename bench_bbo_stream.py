@@ -243,7 +243,7 @@ async def _stall_run(rows: int, rate: int, seconds: float) -> tuple[float, float
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         segments = sum(1 for p in tmp.rglob("raw-*-*.json")) - segments_before
-        return worst, persistence.lag_ms / 1000, segments
+        return worst, persistence.writer.lag_ms / 1000, segments
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1639,7 +1639,7 @@ def test_disk_codec_rejects_inconsistent_records(mutate):
         bs.decode_columns(json.dumps(doc), "raw")
 
 
-# ---- §6 HTTP/1.1 codec ----------------------------------------------------------------------
+# ---- §6 HTTP/1.1 and WebSocket frame codec ---------------------------------------------------------------
 
 def test_parse_request_head_basic():
     raw = head("GET /api/history/updates?symbol=btcusdt&limit=5&x= HTTP/1.1", "Host: example", "X-A:  b  ")
@@ -1775,7 +1775,58 @@ def test_cors_headers_and_preflight():
     assert "Access-Control-Allow-Methods" not in dict(denied.headers)
 
 
-# ---- §7 REST routes -------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
+def test_ws_frame_matches_websockets(size):
+    from websockets.frames import Frame, Opcode
+    payload = b"x" * size
+    assert bs.encode_ws_frame(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+
+# ---- §7 REST routes and the route table ------------------------------------------------------
+
+@pytest.mark.parametrize("path, label, kind, cors, auth", [
+    ("/api/history/updates", "/api/history/updates", "API", True, "TOKEN"),
+    ("/api/bbo/", "/api/bbo", "API", True, "TOKEN"),                  # a trailing slash is the same route
+    ("/api/nope", "other", "API", True, "TOKEN"),                     # JSON 404 with CORS
+    ("/healthz", "/healthz", "API", True, "OPEN"),
+    ("/readyz", "/readyz", "API", True, "OPEN"),
+    ("/metrics", "/metrics", "API", True, "METRICS"),
+    ("/socket.io/", "/socket.io/", "EIO", True, "TOKEN"),
+    ("/socket.io", "/socket.io/", "EIO", True, "TOKEN"),
+    ("/socket.iox", "other", "NOT_FOUND", False, "OPEN"),
+    ("/", "static", "STATIC", False, "OPEN"),
+    ("/app.js", "static", "STATIC", False, "OPEN"),
+    ("/static/style.css", "static", "STATIC", False, "OPEN"),
+    ("/favicon.ico", "static", "FAVICON", False, "OPEN"),
+    ("/api", "other", "NOT_FOUND", False, "OPEN"),
+    ("/etc/passwd", "other", "NOT_FOUND", False, "OPEN"),
+])
+def test_route_table_gives_each_path_its_handler_metrics_label_cors_and_auth(path, label, kind, cors, auth):
+    route = bs.resolve_route(path)
+    assert (route.label, route.kind, route.cors, route.auth) == (label, bs.RouteKind[kind], cors, bs.RouteAuth[auth])
+    assert (route.handler is not None) == (route.kind is bs.RouteKind.API and label != "other")
+
+
+def test_every_api_route_is_served_by_handle_api_and_static_aliases_name_their_file():
+    for path, route in bs.ROUTES.items():
+        if route.kind is bs.RouteKind.API:
+            assert route.label == path and route.handler.__name__.startswith("handle_")
+        if route.kind is bs.RouteKind.STATIC:
+            assert route.static_name in ("index.html", "app.js", "style.css")
+            assert (HERE / "static" / route.static_name).is_file()
+
+
+def test_render_metrics_writes_help_type_and_samples_of_each_family():
+    text = bs.render_metrics([
+        bs.MetricFamily("a_total", "counter", "As seen", [("", 3)]),
+        bs.MetricFamily("lat_seconds", "histogram", "Latency", [('_bucket{le="0.1"}', 1), ('_bucket{le="+Inf"}', 2),
+                                                                ("_sum", 0.25), ("_count", 2)]),
+    ])
+    assert text == ("# HELP bbo_a_total As seen\n# TYPE bbo_a_total counter\nbbo_a_total 3\n"
+                    "# HELP bbo_lat_seconds Latency\n# TYPE bbo_lat_seconds histogram\n"
+                    'bbo_lat_seconds_bucket{le="0.1"} 1\nbbo_lat_seconds_bucket{le="+Inf"} 2\n'
+                    "bbo_lat_seconds_sum 0.25\nbbo_lat_seconds_count 2\n")
+
 
 @pytest.fixture
 def ctx() -> bs.ApiContext:
@@ -2813,7 +2864,7 @@ def test_unwritable_cache_dir_is_logged_and_history_is_served_from_memory(tmp_pa
         store.flush_sync()
     errors = [r.getMessage() for r in caplog.records if "cannot write" in r.getMessage()]
     assert len(errors) == 1 and "memory" in errors[0]               # logged once, not once per flush
-    assert store.errors >= 2
+    assert store.writer.errors >= 2
     assert rest_rows(history)[:3] == [row_of(b) for b in sent]
     blocker.unlink()                                            # the disk is usable again: nothing was lost
     store.flush_sync()
@@ -3784,13 +3835,6 @@ def test_polling_cors_echoes_an_allowed_origin_with_credentials(tmp_path):
 
 
 # ---- §17 WebSocket transport ------------------------------------------------------------------
-
-@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
-def test_ws_frame_matches_websockets(size):
-    from websockets.frames import Frame, Opcode
-    payload = b"x" * size
-    assert bs.encode_ws_frame(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False)
-
 
 def test_an_oversized_websocket_message_closes_with_1009(tmp_path):
     with LiveServer(tmp_path, max_payload_bytes=4096) as srv:
