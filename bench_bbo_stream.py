@@ -51,7 +51,6 @@ import struct
 import time
 import tracemalloc
 import urllib.parse
-import threading
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -713,18 +712,12 @@ class _Scenario(NamedTuple):
     hold_s: float = 0.0  # idle scenarios: how long to hold the connections
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _ServerProc:
     """One server under test as a subprocess, its log in a file."""
 
     def __init__(self, kind: str, feed_base_url: str, logdir: Path) -> None:
         self.kind = kind
-        self.port = _free_port()
+        self.port = fake_binance.free_port()
         self.log_path = logdir / f"{kind}-{self.port}.log"
         here = Path(__file__).resolve().parent
         if kind.startswith("ours"):
@@ -1156,31 +1149,9 @@ DASH_CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
                       "--disable-dev-shm-usage"]
 
 
-class _DashFeedThread:
-    """FakeBinance on its own event loop in a thread (Playwright's sync API refuses a running loop)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="bench-fake-exchange", daemon=True)
-        self.thread.start()
-        self.fake = self.run(fake_binance.FakeBinance(market="futures", seed=7).start())
-
-    def run(self, coro: Any, timeout: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def call(self, fn: Any, *args: Any, **kw: Any) -> Any:
-        async def on_loop() -> Any:
-            return fn(*args, **kw)
-        return self.run(on_loop())
-
-    def rate(self, per_symbol: float) -> None:
-        """Generator rate per symbol (two symbols: the total is twice this)."""
-        self.call(self.fake.start_generator, ["btcusdt", "ethusdt"], per_symbol, decimals=(2, 3))
-
-    def close(self) -> None:
-        self.run(self.fake.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+def _dash_feed_rate(feed: fake_binance.FakeBinanceThread, per_symbol: float) -> None:
+    """Generator rate per symbol (two symbols: the total is twice this)."""
+    feed.call(feed.fake.start_generator, ["btcusdt", "ethusdt"], per_symbol, decimals=(2, 3))
 
 
 def _dash_prefilled_cache(cache_dir: Path, rows: int) -> int:
@@ -1234,14 +1205,15 @@ def bench_dashboard(quick: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bbo-bench-dash-"))
     # the generator's random walk starts near the prefilled history's price, so the day view is one line
     fake_binance.START_PRICES["btc"] = 57_231.50
-    feed = _DashFeedThread()
+    # Playwright's sync API refuses a running event loop in this thread: the fake gets its own.
+    feed = fake_binance.FakeBinanceThread(market="futures", seed=7, name="bench-fake-exchange", timeout=30.0)
     proc = None
     log = open(tmp / "server.log", "wb")  # noqa: SIM115 - the subprocess writes to it until the end
     try:
         t = time.perf_counter()
         bars = _dash_prefilled_cache(tmp / "cache", rows)
         prefill_s = time.perf_counter() - t
-        port = _free_port()
+        port = fake_binance.free_port()
         proc = subprocess.Popen(
             [sys.executable, str(Path(bs.__file__).resolve()), "--symbol", "btcusdt,ethusdt", "--use-ssl", "false",
              "--web-host", "127.0.0.1", "--web-port", str(port), "--cache-dir", str(tmp / "cache"),
@@ -1258,7 +1230,7 @@ def bench_dashboard(quick: bool) -> None:
                     raise RuntimeError(f"server did not start:\n{(tmp / 'server.log').read_text()[-2000:]}") from None
                 time.sleep(0.1)
         feed.run(feed.fake.wait_for_subscribed("btcusdt"))
-        feed.rate(5)                                   # a quiet live feed (10 updates/s in total)
+        _dash_feed_rate(feed, 5)                       # a quiet live feed (10 updates/s in total)
         print(f"dashboard: server restored {rows:,} raw updates + {bars:,} 1 s bars of BTCUSDT "
               f"(cache written in {prefill_s:.1f} s); headless Chromium, {os.cpu_count()} CPUs, no GPU "
               f"(software raster); load average {os.getloadavg()[0]:.1f} at the start")
@@ -1337,14 +1309,14 @@ def bench_dashboard(quick: bool) -> None:
                 rounds = 1 if quick else 3
                 quiet_w, busy_w, busy_c = [], [], []
                 for _ in range(rounds):
-                    feed.rate(5)
+                    _dash_feed_rate(feed, 5)
                     page.wait_for_timeout(1500)
                     quiet_w.append(_dash_main_thread(page, measure_s))
-                    feed.rate(500)                             # 2 symbols × 500/s = 1,000 updates/s
+                    _dash_feed_rate(feed, 500)                     # 2 symbols × 500/s = 1,000 updates/s
                     page.wait_for_timeout(1500)
                     busy_w.append(_dash_main_thread(page, measure_s))
                     busy_c.append(_dash_main_thread(page, measure_s, "threadTicks"))
-                feed.rate(5)
+                _dash_feed_rate(feed, 5)
 
                 def med(runs: list[dict[str, float]]) -> dict[str, float]:
                     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}

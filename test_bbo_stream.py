@@ -60,7 +60,7 @@ import pytest
 import socketio
 
 import bbo_stream as bs
-from fake_binance import FakeBinance
+from fake_binance import FakeBinance, FakeBinanceThread, free_port
 
 # ---- Helpers ---------------------------------------------------------------------------
 
@@ -4955,12 +4955,6 @@ needs_nginx = pytest.mark.skipif(NGINX is None or shutil.which("openssl") is Non
 
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def accepts(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
         return True
@@ -6068,18 +6062,12 @@ DASH_ASK_RGB = (0xF6, 0x46, 0x5D)   # COLORS.ask
 DASH_AXIS_RGB = (0x25, 0x2D, 0x38)  # COLORS.axisLine
 
 
-def _dash_free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------------------------
 # The fake exchange on its own event loop (Playwright's sync API refuses a running asyncio loop)
 # ---------------------------------------------------------------------------------------------
 
-class DashExchange:
-    """FakeBinance in a background thread, plus:
+class DashExchange(FakeBinanceThread):
+    """FakeBinance in a background thread (``run``/``call`` reach it there), plus:
 
     * a *keeper* that re-sends every kept symbol's last strings (new ``u``) every DASH_KEEP_S, so the
       server's 2 s stale watchdog stays quiet while "the last strings sent" stay what a test chose;
@@ -6089,10 +6077,7 @@ class DashExchange:
     """
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="dash-fake-exchange", daemon=True)
-        self.thread.start()
-        self.fake: FakeBinance = self.run(FakeBinance(market="futures").start())
+        super().__init__(market="futures", name="dash-fake-exchange")
         self.last: dict[str, tuple[str, str, str, str]] = {}
         self.keep: set[str] = set()
         self.sent: dict[str, list[dict[str, Any]]] = {s: [] for s in DASH_SYMBOLS}
@@ -6100,22 +6085,11 @@ class DashExchange:
         self._proxies: list[asyncio.AbstractServer] = []
         self.ws_refused: list[str] = []               # request lines of the WebSocket upgrades the proxy refused
 
-    # -- plumbing
-    def run(self, coro: Any, timeout: float = 10.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        async def on_loop() -> Any:
-            return fn(*args, **kw)
-        return self.run(on_loop())
-
     def close(self) -> None:
         self.call(self._keeper.cancel)
         for p in self._proxies:
             self.call(p.close)
-        self.run(self.fake.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        super().close()
 
     # -- sending (all on the fake's loop)
     def _send(self, symbol: str, bid: str, bid_qty: str, ask: str, ask_qty: str) -> dict[str, Any] | None:
@@ -6219,7 +6193,7 @@ class DashExchange:
 class DashServer:
     def __init__(self, exchange: DashExchange, cache_dir: Path) -> None:
         self.exchange = exchange
-        self.port = _dash_free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = cache_dir.parent / "server.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - the subprocess writes to it until stop()
