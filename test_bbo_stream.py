@@ -874,7 +874,6 @@ def ws_recv_all(ws: Any, timeout: float = 0.3) -> list[Any]:
 # -- Socket.IO clients: python-socketio and node's socket.io-client ------------------------
 
 TRANSPORTS = {"websocket": ["websocket"], "polling": ["polling"], "upgrade": ["polling", "websocket"]}
-DESIGN = HERE.parent / "shared" / "docs" / "original-design.md"
 JS_CLIENT = HERE / "node_modules" / "socket.io-client"
 NODE = shutil.which("node")
 _JS_REASON = ("node not on PATH" if NODE is None else
@@ -883,14 +882,14 @@ _JS_REASON = ("node not on PATH" if NODE is None else
 needs_node = pytest.mark.skipif(bool(_JS_REASON), reason=_JS_REASON or "-")
 
 
-def design_example(language: str) -> str:
-    """The code block of original-design.md's "Connection Example (<language>)"."""
-    if not DESIGN.exists():
-        pytest.skip(f"{DESIGN} not found (shared/ is beside the repository)")
-    text = DESIGN.read_text()
-    start = text.index("```" + language.lower(), text.index(f"### Connection Example ({language})"))
-    start = text.index("\n", start) + 1
-    return text[start:text.index("```", start)]
+def readme_example(language: str) -> str:
+    """The ```<language> block under README.md's "### Client example (<language>)" heading: what users copy."""
+    readme = (HERE / "README.md").read_text()
+    section = re.search(rf"^### Client example \({language}\)\n(.*?)(?=^##)", readme, re.M | re.S)
+    assert section, f"README.md has no '### Client example ({language})' section"
+    block = re.search(rf"^```{language.lower()}\n(.*?)^```", section[1], re.M | re.S)
+    assert block, f"README.md's '### Client example ({language})' has no ```{language.lower()} block"
+    return block[1]
 
 
 class OutputReader:
@@ -4626,45 +4625,44 @@ def test_python_client_over_tls(tmp_path, tls_cert, mode, monkeypatch):
         client_session(srv, srv.keep(AsyncPyClient(url, mode, ssl_verify=False)))
 
 
-def test_seed_python_example_runs_verbatim(tmp_path):
-    """original-design.md's Python example, only the URL changed, run for a bounded time."""
-    code = design_example("Python")
-    assert code.count("http://your-server-address:5000") == 1
-    with LiveServer(tmp_path) as srv:
-        first = srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
-        script = tmp_path / "seed_client.py"
-        script.write_text(code.replace("http://your-server-address:5000", srv.url))
+def test_readme_python_example_runs_verbatim(tmp_path):
+    """README.md's Python client example, only the URL changed, run until it has shown its updates."""
+    code = readme_example("Python")
+    assert code.count("http://localhost:5000") == 1
+    with LiveServer(tmp_path, ("BTCUSDT", "ETHUSDT")) as srv:
+        srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
+        script = tmp_path / "readme_client.py"
+        script.write_text(code.replace("http://localhost:5000", srv.url))
         proc = srv.keep(OutputReader([sys.executable, "-u", str(script)], tmp_path))
         # The example prints from python-socketio's handler threads, so two prints can share a
-        # line ("...serverServer welcome..."): match within lines, not whole lines.
-        proc.wait_line(r"Server welcome message: Welcome to BBO Stream")
+        # line: match within lines, not whole lines.
         proc.wait_line(r"BTCUSDT: Bid 28750\.10 \(1\.500\) \| Ask 28750\.20 \(0\.250\)")  # request_initial_data
-        later = srv.send("btcusdt", "28750.00", "0.018", "28750.30", "0.00000000")
+        proc.wait_line(r"\{'symbols': \['BTCUSDT'\], 'maxRate': 5\}")                       # the subscribe ack
+        srv.send("ethusdt", "2000.55", "1", "2000.56", "1")                  # not subscribed: never printed
+        srv.send("btcusdt", "28750.00", "0.018", "28750.30", "0.00000000")
         proc.wait_line(r"BTCUSDT: Bid 28750\.00 \(0\.018\) \| Ask 28750\.30 \(0\.00000000\)")
-        assert (first["b"], later["A"]) == ("28750.10", "0.00000000")
-        assert "Connected to BBO Stream server" in "\n".join(proc.lines())
+        assert not any("2000.55" in line for line in proc.lines()), proc.lines()
         assert not any(line.startswith(("Error", "Traceback")) for line in proc.lines()), proc.lines()
         proc.close()
         srv.wait_sessions(0)
 
 
 @needs_node
-def test_seed_javascript_example_runs_verbatim(tmp_path):
-    """original-design.md's JavaScript example (a browser snippet: `io` comes from a require)."""
-    code = design_example("JavaScript")
-    assert code.count("http://your-server-address:5000") == 1
+def test_readme_javascript_example_runs_verbatim(tmp_path):
+    """README.md's JavaScript client example (Node.js), only the URL changed."""
+    code = readme_example("JavaScript")
+    assert code.count("http://localhost:5000") == 1
     with LiveServer(tmp_path) as srv:
         srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
-        script = tmp_path / "seed_client.js"
-        script.write_text('const { io } = require("socket.io-client");\n'
-                          + code.replace("http://your-server-address:5000", srv.url))
+        script = tmp_path / "readme_client.js"
+        script.write_text(code.replace("http://localhost:5000", srv.url))
         proc = srv.keep(OutputReader([NODE or "node", str(script)], tmp_path, {"NODE_PATH": str(JS_CLIENT.parent)}))
-        proc.wait_line(r"^Server welcome message: Welcome to BBO Stream$")
-        proc.wait_line(r"^BTCUSDT: Bid 28750\.10 \(1\.500\) \| Ask 28750\.20 \(0\.250\)$")
+        proc.wait_line(r"^feed live $")                      # feed_status on connect (reason null)
+        proc.wait_line(r"^server time \d{13}$")              # the ping's ack, emitted before connecting
         srv.send("btcusdt", "28750.00", "0.018", "28750.30", "0.00000000")
-        proc.wait_line(r"^BTCUSDT: Bid 28750\.00 \(0\.018\) \| Ask 28750\.30 \(0\.00000000\)$")
-        assert "Connected to BBO Stream server" in proc.lines()
+        proc.wait_line(r"^BTCUSDT: Bid 28750\.00 \| Ask 28750\.30$")
         assert srv.call(lambda: [c.transport for c in srv.app.eio.connections.values()]) == ["websocket"]
+        assert not any("Error" in line for line in proc.lines()), proc.lines()
         proc.close()
         srv.wait_sessions(0)
 
