@@ -2,7 +2,7 @@
 
 Run::
 
-    cd /work/main && python -m pytest -q -x test_bbo_stream.py -p no:cacheprovider
+    python -m pytest -q -x test_bbo_stream.py -p no:cacheprovider     # from the repository's folder
 
 §1-§10 and most of §12 are unit tests: no sockets, no clock (§10's session machines get a fake
 clock).  From §11 on, tests open sockets on 127.0.0.1 with ephemeral ports: the real server
@@ -1217,7 +1217,7 @@ def test_parse_accepts_plain_decimal_strings_unchanged(value):
 
 
 def test_a_non_ascii_symbol_is_accepted_and_its_json_is_valid():
-    # Binance spot allows UTF-8 symbols since 2025-12 (binance-facts.md; testnet 这是测试币456).
+    # Binance spot has allowed non-ASCII (UTF-8) symbols since December 2025; its testnet lists 这是测试币456.
     bbo = bs.parse_feed_message(_ticker(s="这是测试币456"), T0)
     assert bbo.symbol == "这是测试币456"
     assert json.loads(bs.bbo_json(bbo))["symbol"] == "这是测试币456"
@@ -4504,7 +4504,7 @@ class NodeClient:
 
 
 def client_session(srv: LiveServer, client: Any) -> None:
-    """What every Socket.IO client must see from the real App fed by FakeBinance (issue 3)."""
+    """What every Socket.IO client must see from the real App fed by FakeBinance."""
     btc = srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
     eth = srv.send("ethusdt", "2000.01", "0.018", "2000.02", "3")
     client.connect()
@@ -4935,7 +4935,7 @@ def test_a_flooder_that_never_reads_is_disconnected(tmp_path, monkeypatch):
         flooder.reset()
 
 # ================================================================================================
-# End to end: operations (issue 5) — nginx in front of two instances, /metrics, LOG_FORMAT=json,
+# End to end: operations — nginx in front of two instances, /metrics, LOG_FORMAT=json,
 # 500 symbols.  The nginx configuration is the one ```nginx block of README.md.
 # ================================================================================================
 # ---- Operations helpers (nginx stack, subprocess instances, Prometheus parsing) --------------------
@@ -6041,7 +6041,7 @@ def inst_stats(inst: Instance) -> dict:
     return http_get(inst.url + "/api/history/stats").json()["cache"]
 
 # ================================================================================================
-# End to end: the dashboard in a real browser (issue 4) — Debian Chromium driven by Playwright (sync API)
+# End to end: the dashboard in a real browser — Debian Chromium driven by Playwright (sync API)
 # against one real server subprocess per module, fed by FakeBinance on its own loop in a thread;
 # every test fails on any console error, page error or HTTP error.  Skipped, saying why, only when
 # /usr/bin/chromium or playwright is missing (.ci/run installs both).  Screenshots: test-artifacts/.
@@ -6602,8 +6602,8 @@ def test_dashboard_history_view_stats_table_paging_and_csv(dash_open: Any) -> No
 def test_dashboard_history_paging_when_one_millisecond_holds_more_than_a_page(dash_open: Any) -> None:
     """"Older" must show the next rows even when a whole page shares one receive millisecond (a burst:
     the server stamps each frame with now_ms() as it reads it, and a 150-frame burst lands in 2-4 ms).
-    Finding in /work/browser_findings.md: histOlder() pages by time only, excluding just the current page's
-    rows of the boundary millisecond; when the page before also had rows of that millisecond, they come back."""
+    Found in a real browser: a histOlder() that paged by time only, excluding just the current page's rows
+    of the boundary millisecond, showed again the rows of that millisecond that the page before also had."""
     pg = dash_open()
     ex = pg.exchange
     pg.wait_connected()
@@ -6729,10 +6729,10 @@ def test_dashboard_shows_a_silent_feed_as_stale_and_live_again(dash_open: Any) -
 
 
 def test_dashboard_keeps_showing_a_silent_feed_as_stale(dash_open: Any) -> None:
-    """A feed that stays silent must keep reading "stale" (the issue's states: live, stale, backing off,
-    failed), not "connecting": finding in /work/browser_findings.md.  The server's watchdog reconnects a
-    silent connection; ShardHealth.connecting() then replaces STALE by CONNECTING until the new connection
-    is silent for FEED_STALE_SECONDS again, so with the default 60 s a stalled exchange reads "connecting"
+    """A feed that stays silent must keep reading "stale" (the feed states users are promised: live, stale,
+    backing off, failed), not "connecting", as found in a real browser.  The server's watchdog reconnects a
+    silent connection; ShardHealth.connecting() used to replace STALE by CONNECTING until the new connection
+    was silent for FEED_STALE_SECONDS again, so with the default 60 s a stalled exchange read "connecting"
     (banner: "Connecting to the exchange feed… Prices are not live yet.") ~98% of the time."""
     pg = dash_open()
     ex = pg.exchange
