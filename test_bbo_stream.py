@@ -1809,6 +1809,11 @@ def test_unknown_symbol_is_404(ctx, path):
     assert status == 404 and "NOPEUSDT" in body["error"]
 
 
+def test_series_without_start_time_is_400_as_the_readme_says(ctx):
+    for query in ("symbol=BTCUSDT", "symbol=BTCUSDT&start_time=0&end_time=5"):
+        assert api_json(ctx, f"/api/history/series?{query}") == (400, {"error": "start_time is required for a series"})
+
+
 def test_wrong_method_is_405_with_allow_and_unknown_endpoint_404(ctx):
     resp = api(ctx, "/api/history/symbols", method="POST")
     assert resp.status == 405 and ("Allow", "GET, HEAD, OPTIONS") in resp.headers
