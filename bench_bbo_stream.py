@@ -52,7 +52,7 @@ import time
 import tracemalloc
 import urllib.parse
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -608,13 +608,17 @@ class _ClientPool:
     def cpu_s(self) -> float:
         return sum(_proc_cpu_s(pid) for pid in self.pids())
 
+    async def _ask(self, command: Callable[[int], tuple[Any, ...]]) -> list[Any]:
+        """Send each active process ``command(its number of clients)``; await every reply off the loop."""
+        for pipe, k in self.active:
+            pipe.send(command(k))
+        return await asyncio.gather(*(asyncio.to_thread(pipe.recv) for pipe, _ in self.active))
+
     async def start(self, host: str, port: int, n: int, timeout: float) -> dict[str, Any]:
         """Open n connections spread over the processes; wait until each process reports."""
         shares = [n // len(self.pipes) + (i < n % len(self.pipes)) for i in range(len(self.pipes))]
         self.active = [(pipe, k) for pipe, k in zip(self.pipes, shares) if k]
-        for pipe, k in self.active:
-            pipe.send(("run", host, port, k, 100, timeout))
-        replies = await asyncio.gather(*(asyncio.to_thread(pipe.recv) for pipe, _ in self.active))
+        replies = await self._ask(lambda k: ("run", host, port, k, 100, timeout))
         errors: collections.Counter[str] = collections.Counter()
         for r in replies:
             errors.update(r[3])
@@ -623,15 +627,11 @@ class _ClientPool:
 
     async def status(self) -> tuple[int, int]:
         """(connections still open, Engine.IO pings answered) across the processes."""
-        for pipe, _ in self.active:
-            pipe.send(("status",))
-        replies = await asyncio.gather(*(asyncio.to_thread(pipe.recv) for pipe, _ in self.active))
+        replies = await self._ask(lambda k: ("status",))
         return sum(r[1] for r in replies), sum(r[2] for r in replies)
 
     async def stop(self) -> dict[str, Any]:
-        for pipe, _ in self.active:
-            pipe.send(("stop",))
-        replies = await asyncio.gather(*(asyncio.to_thread(pipe.recv) for pipe, _ in self.active))
+        replies = await self._ask(lambda k: ("stop",))
         lost: collections.Counter[str] = collections.Counter()
         for r in replies:
             lost.update(r[3])
