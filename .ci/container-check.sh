@@ -37,12 +37,12 @@
 #   exit 1 and "container-check: FAILED: <what>"  the image failed a check: CI must fail.
 #
 # Environment: CONTAINER_CHECK_DIR (default /var/tmp/bbo-stream-container-check),
-#   IMAGE (default localhost/bbo-stream:check), DEBIAN_MIRROR (default: the host's apt mirror).
+#   CONTAINER_CHECK_IMAGE (default localhost/bbo-stream:check), DEBIAN_MIRROR (default: the host's apt mirror).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DIR=${CONTAINER_CHECK_DIR:-/var/tmp/bbo-stream-container-check}
-IMAGE=${IMAGE:-localhost/bbo-stream:check}
+IMAGE=${CONTAINER_CHECK_IMAGE:-localhost/bbo-stream:check}
 NAME=bbo-stream-check-$$
 START=$SECONDS
 
