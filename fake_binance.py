@@ -1,14 +1,15 @@
 """Scriptable fake Binance market-data WebSocket server (bookTicker only) for tests, demos and benchmarks.
 
 Binance is not reachable from the build and test machines, so everything that needs a live feed talks to this
-fake instead. It mimics the parts of the Binance market-stream protocol that BBO Stream depends on
-(see shared/docs/binance-facts.md sections 1 to 4):
+fake instead. It mimics the parts of Binance's market-stream protocol that BBO Stream depends on, as Binance
+documents them for spot, USD-M and COIN-M futures:
 
 * paths ``/ws/<stream>[/<stream>...]`` (raw payloads), bare ``/ws`` (then live SUBSCRIBE) and
   ``/stream?streams=a@bookTicker/b@bookTicker`` (each payload wrapped as ``{"stream":..,"data":..}``);
   any prefix is accepted (``/public/ws/...``, as on USD-M futures since 2026-04);
 * SUBSCRIBE / UNSUBSCRIBE / LIST_SUBSCRIPTIONS / SET_PROPERTY / GET_PROPERTY with Binance-style acks and errors;
 * the futures, spot and COIN-M bookTicker payload flavours, with the keys in Binance's order;
+* at most 1024 streams per connection, and server pings every 20 s (spot's interval; futures ping every 3 min);
 * failure modes: silent stall, abrupt TCP drop, clean close, refused connections (HTTP 503), serverShutdown.
 
 Point the product at it through its base URL::
@@ -22,6 +23,9 @@ In tests, use it as an async context manager on the test's own event loop::
         ...connect the product to fake.base_url...
         await fake.wait_for_subscribed("btcusdt")
         fake.send_bbo("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
+
+From synchronous code (Playwright's sync API, blocking clients, benchmarks), ``FakeBinanceThread`` runs it on an
+event loop in a thread; ``free_port()`` picks a port for a server started as a subprocess.
 """
 from __future__ import annotations
 
@@ -32,16 +36,19 @@ import json
 import random
 import re
 import signal
+import socket
+import threading
 import time
 import urllib.parse
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Coroutine, Literal, TypeVar
 
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+T = TypeVar("T")
 Market = Literal["futures", "spot", "coinm"]
 MARKETS: tuple[str, ...] = ("futures", "spot", "coinm")
 BOOK_TICKER_SUFFIX = "@bookTicker"
@@ -177,7 +184,14 @@ class FakeBinance:
             self._notify()
 
     def _control(self, conn: FakeConnection, text: str) -> dict[str, Any]:
-        """Answer one live-subscribing request the way Binance does (shared/docs/binance-facts.md section 3)."""
+        """Answer one live-subscribing request the way Binance does.
+
+        Success is ``{"result": null, "id": <id>}`` (LIST_SUBSCRIPTIONS and GET_PROPERTY put their answer in
+        ``result``); an error is ``{"code": n, "msg": "...", "id": <id>}`` with Binance's codes and wording:
+        0 unknown property, 1 value of the wrong type, 2 invalid request (unknown method, bad id, too many
+        streams), 3 invalid JSON. A stream that does not exist is acknowledged like any other and then
+        never sends anything, as on Binance.
+        """
         try:
             req = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -398,6 +412,74 @@ class FakeBinance:
             if delay < 0:                             # fell behind: do not try to replay missed ticks
                 next_tick, delay = time.perf_counter(), 0
             await asyncio.sleep(delay)
+
+
+# -------------------------------------------------------------------- helpers for synchronous callers
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that the kernel just handed out as free (bind to port 0, read it, close).
+
+    For a server in a subprocess or a config file, which needs the number before it starts. Another
+    process may take the port in between, so a server that can bind port 0 itself should do that.
+    """
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class FakeBinanceThread:
+    """A :class:`FakeBinance` on an event loop of its own, in a daemon thread, for synchronous code:
+    Playwright's sync API refuses to run while an asyncio loop runs in its thread, and blocking
+    tests and benchmarks would otherwise have to hand-build the loop, the thread and the shutdown.
+
+    The fake is not thread-safe: touch it only through ``run`` (await a coroutine on its loop, e.g.
+    ``feed.run(feed.fake.wait_for_subscribed("btcusdt"))``) and ``call`` (run a plain function there,
+    e.g. ``feed.call(feed.fake.send_bbo, "btcusdt", "1.00", "1", "1.10", "1")``). Both wait for the
+    result for at most ``timeout`` seconds and re-raise the function's exception in the caller.
+    Reading ``feed.fake.base_url`` or ``port`` from any thread is fine. Keyword arguments other than
+    ``name`` and ``timeout`` go to ``FakeBinance``. Use it as a context manager, or call ``close()``.
+    """
+
+    def __init__(self, *, name: str = "fake-binance", timeout: float = 10.0, **options: Any) -> None:
+        self.timeout = timeout
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+        try:
+            self.fake: FakeBinance = self.run(FakeBinance(**options).start())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the fake's loop and return its result (``timeout``: default the instance's)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.timeout if timeout is None else timeout)
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call ``fn(*args, **kwargs)`` on the fake's loop (where tasks may be created) and return its result."""
+        async def on_loop() -> T:
+            return fn(*args, **kwargs)
+        return self.run(on_loop())
+
+    def close(self) -> None:
+        """Stop the fake (its connections close with 1001), then the loop and the thread. Idempotent."""
+        if self.loop.is_closed():
+            return
+        try:
+            self.run(self.fake.stop())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(self.timeout)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+    def __enter__(self) -> FakeBinanceThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # -------------------------------------------------------------------- CLI

@@ -2,7 +2,7 @@
 
 Run::
 
-    cd /work/main && python -m pytest -q -x test_bbo_stream.py -p no:cacheprovider
+    python -m pytest -q -x test_bbo_stream.py -p no:cacheprovider     # from the repository's folder
 
 §1-§10 and most of §12 are unit tests: no sockets, no clock (§10's session machines get a fake
 clock).  From §11 on, tests open sockets on 127.0.0.1 with ephemeral ports: the real server
@@ -62,7 +62,7 @@ import pytest
 import socketio
 
 import bbo_stream as bs
-from fake_binance import FakeBinance
+from fake_binance import FakeBinance, FakeBinanceThread, free_port
 
 # ---- Helpers ---------------------------------------------------------------------------
 
@@ -877,7 +877,6 @@ def ws_recv_all(ws: Any, timeout: float = 0.3) -> list[Any]:
 # -- Socket.IO clients: python-socketio and node's socket.io-client ------------------------
 
 TRANSPORTS = {"websocket": ["websocket"], "polling": ["polling"], "upgrade": ["polling", "websocket"]}
-DESIGN = HERE.parent / "shared" / "docs" / "original-design.md"
 JS_CLIENT = HERE / "node_modules" / "socket.io-client"
 NODE = shutil.which("node")
 _JS_REASON = ("node not on PATH" if NODE is None else
@@ -886,14 +885,14 @@ _JS_REASON = ("node not on PATH" if NODE is None else
 needs_node = pytest.mark.skipif(bool(_JS_REASON), reason=_JS_REASON or "-")
 
 
-def design_example(language: str) -> str:
-    """The code block of original-design.md's "Connection Example (<language>)"."""
-    if not DESIGN.exists():
-        pytest.skip(f"{DESIGN} not found (shared/ is beside the repository)")
-    text = DESIGN.read_text()
-    start = text.index("```" + language.lower(), text.index(f"### Connection Example ({language})"))
-    start = text.index("\n", start) + 1
-    return text[start:text.index("```", start)]
+def readme_example(language: str) -> str:
+    """The ```<language> block under README.md's "### Client example (<language>)" heading: what users copy."""
+    readme = (HERE / "README.md").read_text()
+    section = re.search(rf"^### Client example \({language}\)\n(.*?)(?=^##)", readme, re.M | re.S)
+    assert section, f"README.md has no '### Client example ({language})' section"
+    block = re.search(rf"^```{language.lower()}\n(.*?)^```", section[1], re.M | re.S)
+    assert block, f"README.md's '### Client example ({language})' has no ```{language.lower()} block"
+    return block[1]
 
 
 class OutputReader:
@@ -1241,7 +1240,7 @@ def test_parse_accepts_plain_decimal_strings_unchanged(value):
 
 
 def test_a_non_ascii_symbol_is_accepted_and_its_json_is_valid():
-    # Binance spot allows UTF-8 symbols since 2025-12 (binance-facts.md; testnet 这是测试币456).
+    # Binance spot has allowed non-ASCII (UTF-8) symbols since December 2025; its testnet lists 这是测试币456.
     bbo = bs.parse_feed_message(_ticker(s="这是测试币456"), T0)
     assert bbo.symbol == "这是测试币456"
     assert json.loads(bs.bbo_json(bbo))["symbol"] == "这是测试币456"
@@ -1891,6 +1890,11 @@ def test_default_limit_is_the_newest_100():
 def test_unknown_symbol_is_404(ctx, path):
     status, body = api_json(ctx, f"{path}?symbol=NOPEUSDT&start_time=1")
     assert status == 404 and "NOPEUSDT" in body["error"]
+
+
+def test_series_without_start_time_is_400_as_the_readme_says(ctx):
+    for query in ("symbol=BTCUSDT", "symbol=BTCUSDT&start_time=0&end_time=5"):
+        assert api_json(ctx, f"/api/history/series?{query}") == (400, {"error": "start_time is required for a series"})
 
 
 def test_wrong_method_is_405_with_allow_and_unknown_endpoint_404(ctx):
@@ -4633,7 +4637,7 @@ class NodeClient:
 
 
 def client_session(srv: LiveServer, client: Any) -> None:
-    """What every Socket.IO client must see from the real App fed by FakeBinance (issue 3)."""
+    """What every Socket.IO client must see from the real App fed by FakeBinance."""
     btc = srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
     eth = srv.send("ethusdt", "2000.01", "0.018", "2000.02", "3")
     client.connect()
@@ -4754,45 +4758,44 @@ def test_python_client_over_tls(tmp_path, tls_cert, mode, monkeypatch):
         client_session(srv, srv.keep(AsyncPyClient(url, mode, ssl_verify=False)))
 
 
-def test_seed_python_example_runs_verbatim(tmp_path):
-    """original-design.md's Python example, only the URL changed, run for a bounded time."""
-    code = design_example("Python")
-    assert code.count("http://your-server-address:5000") == 1
-    with LiveServer(tmp_path) as srv:
-        first = srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
-        script = tmp_path / "seed_client.py"
-        script.write_text(code.replace("http://your-server-address:5000", srv.url))
+def test_readme_python_example_runs_verbatim(tmp_path):
+    """README.md's Python client example, only the URL changed, run until it has shown its updates."""
+    code = readme_example("Python")
+    assert code.count("http://localhost:5000") == 1
+    with LiveServer(tmp_path, ("BTCUSDT", "ETHUSDT")) as srv:
+        srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
+        script = tmp_path / "readme_client.py"
+        script.write_text(code.replace("http://localhost:5000", srv.url))
         proc = srv.keep(OutputReader([sys.executable, "-u", str(script)], tmp_path))
         # The example prints from python-socketio's handler threads, so two prints can share a
-        # line ("...serverServer welcome..."): match within lines, not whole lines.
-        proc.wait_line(r"Server welcome message: Welcome to BBO Stream")
+        # line: match within lines, not whole lines.
         proc.wait_line(r"BTCUSDT: Bid 28750\.10 \(1\.500\) \| Ask 28750\.20 \(0\.250\)")  # request_initial_data
-        later = srv.send("btcusdt", "28750.00", "0.018", "28750.30", "0.00000000")
+        proc.wait_line(r"\{'symbols': \['BTCUSDT'\], 'maxRate': 5\}")                       # the subscribe ack
+        srv.send("ethusdt", "2000.55", "1", "2000.56", "1")                  # not subscribed: never printed
+        srv.send("btcusdt", "28750.00", "0.018", "28750.30", "0.00000000")
         proc.wait_line(r"BTCUSDT: Bid 28750\.00 \(0\.018\) \| Ask 28750\.30 \(0\.00000000\)")
-        assert (first["b"], later["A"]) == ("28750.10", "0.00000000")
-        assert "Connected to BBO Stream server" in "\n".join(proc.lines())
+        assert not any("2000.55" in line for line in proc.lines()), proc.lines()
         assert not any(line.startswith(("Error", "Traceback")) for line in proc.lines()), proc.lines()
         proc.close()
         srv.wait_sessions(0)
 
 
 @needs_node
-def test_seed_javascript_example_runs_verbatim(tmp_path):
-    """original-design.md's JavaScript example (a browser snippet: `io` comes from a require)."""
-    code = design_example("JavaScript")
-    assert code.count("http://your-server-address:5000") == 1
+def test_readme_javascript_example_runs_verbatim(tmp_path):
+    """README.md's JavaScript client example (Node.js), only the URL changed."""
+    code = readme_example("JavaScript")
+    assert code.count("http://localhost:5000") == 1
     with LiveServer(tmp_path) as srv:
         srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
-        script = tmp_path / "seed_client.js"
-        script.write_text('const { io } = require("socket.io-client");\n'
-                          + code.replace("http://your-server-address:5000", srv.url))
+        script = tmp_path / "readme_client.js"
+        script.write_text(code.replace("http://localhost:5000", srv.url))
         proc = srv.keep(OutputReader([NODE or "node", str(script)], tmp_path, {"NODE_PATH": str(JS_CLIENT.parent)}))
-        proc.wait_line(r"^Server welcome message: Welcome to BBO Stream$")
-        proc.wait_line(r"^BTCUSDT: Bid 28750\.10 \(1\.500\) \| Ask 28750\.20 \(0\.250\)$")
+        proc.wait_line(r"^feed live $")                      # feed_status on connect (reason null)
+        proc.wait_line(r"^server time \d{13}$")              # the ping's ack, emitted before connecting
         srv.send("btcusdt", "28750.00", "0.018", "28750.30", "0.00000000")
-        proc.wait_line(r"^BTCUSDT: Bid 28750\.00 \(0\.018\) \| Ask 28750\.30 \(0\.00000000\)$")
-        assert "Connected to BBO Stream server" in proc.lines()
+        proc.wait_line(r"^BTCUSDT: Bid 28750\.00 \| Ask 28750\.30$")
         assert srv.call(lambda: [c.transport for c in srv.app.eio.connections.values()]) == ["websocket"]
+        assert not any("Error" in line for line in proc.lines()), proc.lines()
         proc.close()
         srv.wait_sessions(0)
 
@@ -5065,7 +5068,7 @@ def test_a_flooder_that_never_reads_is_disconnected(tmp_path, monkeypatch):
         flooder.reset()
 
 # ================================================================================================
-# End to end: operations (issue 5) — nginx in front of two instances, /metrics, LOG_FORMAT=json,
+# End to end: operations — nginx in front of two instances, /metrics, LOG_FORMAT=json,
 # 500 symbols.  The nginx configuration is the one ```nginx block of README.md.
 # ================================================================================================
 # ---- Operations helpers (nginx stack, subprocess instances, Prometheus parsing) --------------------
@@ -5081,12 +5084,6 @@ needs_nginx = pytest.mark.skipif(NGINX is None or shutil.which("openssl") is Non
 
 
 
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def accepts(port: int) -> bool:
@@ -6177,7 +6174,7 @@ def inst_stats(inst: Instance) -> dict:
     return http_get(inst.url + "/api/history/stats").json()["cache"]
 
 # ================================================================================================
-# End to end: the dashboard in a real browser (issue 4) — Debian Chromium driven by Playwright (sync API)
+# End to end: the dashboard in a real browser — Debian Chromium driven by Playwright (sync API)
 # against one real server subprocess per module, fed by FakeBinance on its own loop in a thread;
 # every test fails on any console error, page error or HTTP error.  Skipped, saying why, only when
 # /usr/bin/chromium or playwright is missing (.ci/run installs both).  Screenshots: test-artifacts/.
@@ -6196,18 +6193,12 @@ DASH_ASK_RGB = (0xF6, 0x46, 0x5D)   # COLORS.ask
 DASH_AXIS_RGB = (0x25, 0x2D, 0x38)  # COLORS.axisLine
 
 
-def _dash_free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------------------------
 # The fake exchange on its own event loop (Playwright's sync API refuses a running asyncio loop)
 # ---------------------------------------------------------------------------------------------
 
-class DashExchange:
-    """FakeBinance in a background thread, plus:
+class DashExchange(FakeBinanceThread):
+    """FakeBinance in a background thread (``run``/``call`` reach it there), plus:
 
     * a *keeper* that re-sends every kept symbol's last strings (new ``u``) every DASH_KEEP_S, so the
       server's 2 s stale watchdog stays quiet while "the last strings sent" stay what a test chose;
@@ -6217,10 +6208,7 @@ class DashExchange:
     """
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="dash-fake-exchange", daemon=True)
-        self.thread.start()
-        self.fake: FakeBinance = self.run(FakeBinance(market="futures").start())
+        super().__init__(market="futures", name="dash-fake-exchange")
         self.last: dict[str, tuple[str, str, str, str]] = {}
         self.keep: set[str] = set()
         self.sent: dict[str, list[dict[str, Any]]] = {s: [] for s in DASH_SYMBOLS}
@@ -6228,22 +6216,11 @@ class DashExchange:
         self._proxies: list[asyncio.AbstractServer] = []
         self.ws_refused: list[str] = []               # request lines of the WebSocket upgrades the proxy refused
 
-    # -- plumbing
-    def run(self, coro: Any, timeout: float = 10.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        async def on_loop() -> Any:
-            return fn(*args, **kw)
-        return self.run(on_loop())
-
     def close(self) -> None:
         self.call(self._keeper.cancel)
         for p in self._proxies:
             self.call(p.close)
-        self.run(self.fake.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        super().close()
 
     # -- sending (all on the fake's loop)
     def _send(self, symbol: str, bid: str, bid_qty: str, ask: str, ask_qty: str) -> dict[str, Any] | None:
@@ -6347,7 +6324,7 @@ class DashExchange:
 class DashServer:
     def __init__(self, exchange: DashExchange, cache_dir: Path) -> None:
         self.exchange = exchange
-        self.port = _dash_free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = cache_dir.parent / "server.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - the subprocess writes to it until stop()
@@ -6758,8 +6735,8 @@ def test_dashboard_history_view_stats_table_paging_and_csv(dash_open: Any) -> No
 def test_dashboard_history_paging_when_one_millisecond_holds_more_than_a_page(dash_open: Any) -> None:
     """"Older" must show the next rows even when a whole page shares one receive millisecond (a burst:
     the server stamps each frame with now_ms() as it reads it, and a 150-frame burst lands in 2-4 ms).
-    Finding in /work/browser_findings.md: histOlder() pages by time only, excluding just the current page's
-    rows of the boundary millisecond; when the page before also had rows of that millisecond, they come back."""
+    Found in a real browser: a histOlder() that paged by time only, excluding just the current page's rows
+    of the boundary millisecond, showed again the rows of that millisecond that the page before also had."""
     pg = dash_open()
     ex = pg.exchange
     pg.wait_connected()
@@ -6885,10 +6862,10 @@ def test_dashboard_shows_a_silent_feed_as_stale_and_live_again(dash_open: Any) -
 
 
 def test_dashboard_keeps_showing_a_silent_feed_as_stale(dash_open: Any) -> None:
-    """A feed that stays silent must keep reading "stale" (the issue's states: live, stale, backing off,
-    failed), not "connecting": finding in /work/browser_findings.md.  The server's watchdog reconnects a
-    silent connection; ShardHealth.connecting() then replaces STALE by CONNECTING until the new connection
-    is silent for FEED_STALE_SECONDS again, so with the default 60 s a stalled exchange reads "connecting"
+    """A feed that stays silent must keep reading "stale" (the feed states users are promised: live, stale,
+    backing off, failed), not "connecting", as found in a real browser.  The server's watchdog reconnects a
+    silent connection; ShardHealth.connecting() used to replace STALE by CONNECTING until the new connection
+    was silent for FEED_STALE_SECONDS again, so with the default 60 s a stalled exchange read "connecting"
     (banner: "Connecting to the exchange feed… Prices are not live yet.") ~98% of the time."""
     pg = dash_open()
     ex = pg.exchange

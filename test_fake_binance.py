@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 from typing import Any, Awaitable, Callable
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus
+from websockets.sync.client import connect as connect_sync
 
-from fake_binance import FakeBinance
+from fake_binance import FakeBinance, FakeBinanceThread, free_port
 
 TEST_TIMEOUT_S = 10.0   # a hung test fails instead of blocking the suite
 RECV_TIMEOUT_S = 2.0
@@ -158,4 +161,38 @@ def test_generator_random_walk_increasing_u() -> None:
             assert len(d["b"].split(".")[1]) == 2 and len(d["B"].split(".")[1]) == 3
             assert (d["s"], d["u"]) in fake.sent_at
         assert set(last_u) == {"BTCUSDT", "ETHUSDT"}
+    run(t)
+
+
+def test_thread_helper_serves_blocking_clients_and_stops_cleanly() -> None:
+    with FakeBinanceThread(name="fake-under-test") as feed:
+        assert feed.thread.is_alive() and feed.thread is not threading.current_thread()
+        with connect_sync(f"{feed.fake.base_url}/btcusdt@bookTicker") as ws:
+            (conn,) = feed.run(feed.fake.wait_for_subscribed("btcusdt"))
+            assert conn.path == "/ws/btcusdt@bookTicker"
+            sent = feed.call(feed.fake.send_bbo, "btcusdt", "28750.10", "1.500", "28750.20", "0.250")
+            assert json.loads(ws.recv(timeout=RECV_TIMEOUT_S)) == sent
+            with pytest.raises(TimeoutError, match="2 open connections"):    # errors reach the caller
+                feed.run(feed.fake.wait_for_connections(2, timeout=0.05))
+            feed.close()
+            with pytest.raises(ConnectionClosedOK) as closed:                  # the fake said goodbye
+                ws.recv(timeout=RECV_TIMEOUT_S)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert not feed.thread.is_alive() and feed.loop.is_closed()
+    feed.close()                                                               # a second close is harmless
+
+
+def test_thread_helper_that_cannot_start_leaves_no_thread_behind() -> None:
+    with pytest.raises(ValueError, match="market must be one of"):
+        FakeBinanceThread(market="options", name="fake-that-fails")    # type: ignore[arg-type]
+    assert "fake-that-fails" not in [t.name for t in threading.enumerate()]
+
+
+def test_free_port_can_be_bound_by_a_server() -> None:
+    port = free_port()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", port))                  # nothing kept it: a second bind works
+    async def t() -> None:
+        async with FakeBinance(port=port) as fake:
+            assert fake.port == port and fake.base_url == f"ws://127.0.0.1:{port}/ws"
     run(t)
