@@ -9,7 +9,9 @@
 #   3. the image's own HEALTHCHECK passes inside the running container;
 #   4. the server runs as a non-root user;
 #   5. SIGTERM (`podman stop`, 10 s grace) stops it with exit code 0, i.e. the final cache flush
-#      ran and nothing had to be killed.
+#      ran and nothing had to be killed;
+#   6. with ./certs bind-mounted as `docker compose up` creates it (an empty folder owned by root,
+#      which uid 10001 cannot write), it still serves HTTPS.
 # Why: the tests run bbo_stream.py on the host; only a real build and run catch a missing file in
 # a COPY, a dependency the image lacks, a wrong USER or permission, or a HEALTHCHECK that cannot pass.
 #
@@ -177,4 +179,24 @@ if [ "$rc" != 0 ]; then
   podman logs "$NAME" 2>&1 | tail -n 15
   fail "SIGTERM: exit code $rc after $stop_ms ms (0 expected; container logs above)"
 fi
-say "PASSED in $((SECONDS - START)) s: /healthz 200 over $scheme, HEALTHCHECK healthy, uid $uid, SIGTERM -> exit 0 in $stop_ms ms"
+# ---- 6. a ./certs the server cannot write -------------------------------------------------------
+certs="$DIR/root-owned-certs"
+rm -rf "$certs" && mkdir -m 755 "$certs"                  # root's: the server's uid cannot write it
+podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true
+podman run -d --name "$NAME" -p 127.0.0.1::5000 -v "$certs:/app/certs" "$IMAGE" >/dev/null 2>"$DIR/run.err" \
+  || fail "podman run with ./certs: $(first_line "$(cat "$DIR/run.err")")"
+hostport=$(podman port "$NAME" 5000/tcp | head -n 1)
+code=""
+for _ in $(seq 150); do
+  code=$(curl -ks -o /dev/null -w '%{http_code}' -m 2 "https://$hostport/healthz" || true)
+  [ "$code" = 200 ] && break
+  [ "$(podman inspect -f '{{.State.Running}}' "$NAME")" = true ] || break
+  sleep 0.2
+done
+if [ "$code" != 200 ]; then
+  podman logs "$NAME" 2>&1 | tail -n 25
+  fail "with a root-owned ./certs: no 200 on https://.../healthz (last status ${code:-none}; container logs above)"
+fi
+[ -z "$(ls -A "$certs")" ] || fail "with a root-owned ./certs: the server wrote into it"
+
+say "PASSED in $((SECONDS - START)) s: /healthz 200 over $scheme, HEALTHCHECK healthy, uid $uid, SIGTERM -> exit 0 in $stop_ms ms, HTTPS with a root-owned ./certs"
