@@ -4575,7 +4575,7 @@ class EioPolling:
         self.server = server  # owner: registry, settings, clock
 
     async def read_body(self, req: HttpRequest, length: int, reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter) -> bytes | HttpResponse:
+                        writer: asyncio.StreamWriter) -> bytes | HttpResponse:
         """Read the body of a POST under /socket.io/ for the HTTP layer, its session told while it
         arrives: a second POST meanwhile gets the returned 400 and ends the session, and so does
         a client that goes away before the end (engine.io polling.ts onDataRequest)."""
@@ -4620,7 +4620,7 @@ class EioPolling:
                             list(_POLL_HEADERS))
 
     async def get(self, req: HttpRequest, conn: EioConnection, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> HttpResponse | None:
+                  writer: asyncio.StreamWriter) -> HttpResponse | None:
         actions = conn.session.begin_poll(self.server.now_s())
         refusal = self._refusal(conn, actions)  # the parked GET gets `1`, the session ends
         if refusal is not None:
@@ -4680,7 +4680,7 @@ class EioWebSocket:
         self.server = server  # owner: registry, settings, clock
 
     async def serve(self, req: HttpRequest, query: dict[str, str],
-                               reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                    reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Handshake with websockets, then run the link: a new session, or a probe for one."""
         link = self._handshake(req, reader, writer)
         if link is None:
@@ -4709,7 +4709,7 @@ class EioWebSocket:
             conn.on_ws_closed(link)
 
     def _handshake(self, req: HttpRequest, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> WsLink | None:
+                   writer: asyncio.StreamWriter) -> WsLink | None:
         """Replay the head our HTTP layer read into websockets' ServerProtocol; the link once it is OPEN."""
         # An oversized message closes with 1009 (ref: ws closes 1009 too). websockets logs each
         # connection at INFO: give it our logger so the application's config decides.
