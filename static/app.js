@@ -30,7 +30,7 @@
  *   ?transport=polling     force HTTP long-polling (no WebSocket attempt)
  *   ?transport=websocket   WebSocket only (no fallback)
  *   ?symbol=ETHUSDT        initial symbol
- *   ?tf=1h                 initial timeframe (1m 5m 15m 1h 12h 1d)
+ *   ?tf=1h                 initial timeframe (a key of TIMEFRAMES)
  *   ?store=0               do not restore / save recent points in localStorage
  *
  * Stable element ids (for browser tests)
@@ -43,7 +43,7 @@
  *              #bid-price #bid-qty #ask-price #ask-qty  (exact strings from the last bbo_update)
  *              #spread #spread-bps #mid-price #spread-indicator #bbo-age #bbo-time #bbo-update-id #bbo-latency
  *   Chart      #chart (main canvas), #chart-overlay (crosshair), #chart-tooltip, #chart-empty, #chart-info
- *              #tf-1m #tf-5m #tf-15m #tf-1h #tf-12h #tf-1d (aria-pressed), #zoom-reset
+ *              #tf-<tf> for each key of TIMEFRAMES: #tf-1m … #tf-1d (aria-pressed), #zoom-reset
  *   Stats      #rtt #backend-latency #backend-latency-avg (data-level=good|warn|bad|none)
  *              #msg-count #msg-rate #conn-duration #stats-transport #conn-reconnects
  *              #fd-state #fd-market #fd-since #fd-age #fd-next #fd-messages #fd-reconnects
@@ -1246,6 +1246,7 @@ function renderTitle() {
 // §5 Chart: drawing, crosshair, the view (timeframes, zoom, pan, input), backfill from the server
 // ###########################################################################
 
+// The one list of timeframes: a button each (key = label, in this order); the first is the default.
 const TIMEFRAMES = { '1m': 60e3, '5m': 300e3, '15m': 900e3, '1h': 3600e3, '12h': 43200e3, '1d': 86400e3 };
 const MIN_SPAN = 2000;
 const MAX_SPAN = 7 * 86400e3;
@@ -1258,7 +1259,7 @@ const COLORS = {
 const X_STEPS = [1e3, 2e3, 5e3, 10e3, 15e3, 30e3, 60e3, 120e3, 300e3, 600e3, 900e3, 1800e3,
                  3600e3, 7200e3, 10800e3, 21600e3, 43200e3, 86400e3, 172800e3];
 
-const DEFAULT_TF = '1m';
+const DEFAULT_TF = Object.keys(TIMEFRAMES)[0];
 const TAG_H = 16;   // CSS px: height of a price tag, and of the crosshair's labels on the axes
 
 const chart = {
@@ -1887,6 +1888,21 @@ function initChart() {
   const tf = params.get('tf') || (() => { try { return localStorage.getItem('bbo.tf'); } catch { return null; } })();
   chart.tf = TIMEFRAMES[tf] ? tf : DEFAULT_TF;
   chart.view = { span: TIMEFRAMES[chart.tf], end: 0, follow: true };
+  buildTimeframeButtons();
+}
+
+/** One button #tf-<tf> per TIMEFRAMES key, in its order, before the Reset button. */
+function buildTimeframeButtons() {
+  $('zoom-reset').before(...Object.keys(TIMEFRAMES).map((tf) => {
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.className = 'tf';
+    b.id = `tf-${tf}`;
+    b.dataset.tf = tf;
+    b.textContent = tf;
+    b.addEventListener('click', () => setTimeframe(tf));
+    return b;
+  }));
   markTimeframe(chart.tf);
 }
 
@@ -1946,7 +1962,6 @@ function initChartInput() {
   const timeAtX = (x) => { const [v0, v1] = viewRange(); return v0 + (x / plotW()) * (v1 - v0); };
   const pxMs = () => { const [v0, v1] = viewRange(); return (v1 - v0) / Math.max(1, plotW()); };
 
-  for (const b of document.querySelectorAll('.tf')) b.addEventListener('click', () => setTimeframe(b.dataset.tf));
   $('zoom-reset').addEventListener('click', resetZoom);
   window.addEventListener('resize', () => { chartLayout(); requestFrame(); });
   if (window.ResizeObserver) new ResizeObserver(() => { chartLayout(); requestFrame(); }).observe(cv.parentElement);
