@@ -51,6 +51,7 @@
  *   History    #hist-symbol #hist-range #hist-start #hist-end #hist-limit #hist-load #hist-csv
  *              #hist-stats (stat tiles [data-stat=count|min|mean|p50|p90|p99|max]) #hist-error
  *              #hist-table (tbody rows newest first, tr[data-update-id]) #hist-older #hist-newer #hist-page
+ *              #hist-note (where the rows come from, when the table cannot say it)
  *
  * Test hook: window.bboDebug
  *   state                        the live state object (§3)
@@ -2137,7 +2138,7 @@ const hist = {
   rows: [],             // rows of the page shown (chronological, as the API returns them)
   kind: 'updates',      // updates | bars
   hasOlder: false,      // the page was full: there may be older rows
-  note: '',             // the answer was incomplete: raw updates are kept only from rawFrom ('' : complete)
+  note: '',             // where the rows come from, when the table cannot say it ('' : nothing to say)
   seq: 0,               // load generation: answers to an earlier load are dropped
 };
 
@@ -2217,14 +2218,23 @@ async function histFetchPage(page, seq) {
     hist.rows = rows;
     hist.kind = kind;
     hist.hasOlder = rows.length >= hist.limit;
-    hist.note = r.complete === false && r.rawFrom ? `Raw updates are kept from ${fmtDateTime(r.rawFrom)}; older ranges show 1 s bars.` : '';
+    hist.note = histNote(r, kind);
     renderHistTable();
   } catch (err) {
     if (seq !== hist.seq) return;
     showHistError(`Updates: ${err.message}`);
     hist.rows = [];
+    hist.note = '';
     renderHistTable();
   }
+}
+
+/** What the rows cannot say themselves: raw updates older than rawFrom are gone (so the range is
+ *  incomplete and older ranges come as 1 s bars), or the rows are 1-second bars. */
+function histNote(r, kind) {
+  if (kind === 'bars') return 'Raw updates of this range are no longer kept: the rows are 1-second bars (last bid and ask, mean latency).';
+  if (r.complete === false && r.rawFrom) return `Raw updates are kept from ${fmtDateTime(r.rawFrom)}; older ranges show 1 s bars.`;
+  return '';
 }
 
 const rowTime = (r) => (r.serverTimestamp ?? r.time);
@@ -2329,10 +2339,12 @@ function renderHistTable() {
     const a = rowTime(rows[rows.length - 1]), b = rowTime(rows[0]);
     label += ` · ${rows.length} ${hist.kind === 'bars' ? 'bars' : 'rows'} · ${fmtClock(a)} – ${fmtClock(b)}`;
   }
-  if (hist.note) label += ' · bars tier';
   setText($('hist-page'), label);
   $('hist-newer').disabled = pageNo < 2;
   $('hist-older').disabled = !hist.hasOlder;
+  const note = $('hist-note');
+  note.hidden = !hist.note;
+  setText(note, hist.note);
 }
 
 function initHistory() {
