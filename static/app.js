@@ -1958,100 +1958,128 @@ function panBy(ms) {
 
 function initChartInput() {
   const cv = chart.canvas;
-  const rel = (e) => { const r = cv.getBoundingClientRect(); return { x: e.clientX - r.left, y: e.clientY - r.top }; };
-  const plotW = () => { const g = chart.geo; return g ? g.pw / g.dpr : chart.cssW - chart.axisW; };   // CSS px
-  const timeAtX = (x) => { const [v0, v1] = viewRange(); return v0 + (x / plotW()) * (v1 - v0); };
-  const pxMs = () => { const [v0, v1] = viewRange(); return (v1 - v0) / Math.max(1, plotW()); };
-
   $('zoom-reset').addEventListener('click', resetZoom);
   window.addEventListener('resize', () => { chartLayout(); requestFrame(); });
   if (window.ResizeObserver) new ResizeObserver(() => { chartLayout(); requestFrame(); }).observe(cv.parentElement);
-
-  cv.addEventListener('wheel', (e) => {
-    e.preventDefault();
-    const unit = e.deltaMode === 1 ? 16 : e.deltaMode === 2 ? 400 : 1;
-    const dy = (Math.abs(e.deltaY) >= Math.abs(e.deltaX) ? e.deltaY : 0) * unit;
-    const dx = (Math.abs(e.deltaX) > Math.abs(e.deltaY) ? e.deltaX : 0) * unit;
-    if (dx) { panBy(dx * pxMs()); return; }
-    if (!dy) return;
-    const p = rel(e);
-    zoomAt(Math.exp(clamp(dy, -300, 300) * 0.0015), timeAtX(p.x));
-  }, { passive: false });
-
-  cv.addEventListener('pointerdown', (e) => {
-    if (e.button !== 0 && e.pointerType === 'mouse') return;
-    try { cv.setPointerCapture(e.pointerId); } catch { /* synthetic or already released pointer */ }
-    const p = rel(e);
-    chart.pointers.set(e.pointerId, p);
-    if (chart.pointers.size === 1) {
-      chart.drag = { x: p.x, moved: false, pointerType: e.pointerType };
-      if (e.pointerType !== 'mouse') { chart.hover = p; drawOverlay(); }
-    } else if (chart.pointers.size === 2) {
-      const [a, b] = [...chart.pointers.values()];
-      chart.drag = { pinch: Math.abs(a.x - b.x) || 1, mid: (a.x + b.x) / 2, moved: true };
-      chart.hover = null; drawOverlay();
-    }
-  });
-  cv.addEventListener('pointermove', (e) => {
-    const p = rel(e);
-    if (chart.pointers.has(e.pointerId)) chart.pointers.set(e.pointerId, p);
-    const d = chart.drag;
-    if (d && d.pinch != null && chart.pointers.size >= 2) {
-      const [a, b] = [...chart.pointers.values()];
-      const dist = Math.abs(a.x - b.x) || 1;
-      const mid = (a.x + b.x) / 2;
-      const ms = pxMs();
-      if (mid !== d.mid) panBy(-(mid - d.mid) * ms);
-      zoomAt(d.pinch / dist, timeAtX(mid));
-      d.pinch = dist; d.mid = mid;
-      return;
-    }
-    if (d && d.x != null && chart.pointers.size === 1) {
-      const dx = p.x - d.x;
-      if (!d.moved && Math.abs(dx) < 3) { if (e.pointerType === 'mouse') { chart.hover = p; drawOverlay(); } return; }
-      d.moved = true;
-      cv.classList.add('dragging');
-      panBy(-dx * pxMs());
-      d.x = p.x;
-      chart.hover = e.pointerType === 'mouse' ? p : null;
-      return;
-    }
-    if (e.pointerType === 'mouse') { chart.hover = p; drawOverlay(); }
-  });
-  const end = (e) => {
-    chart.pointers.delete(e.pointerId);
-    cv.classList.remove('dragging');
-    if (chart.pointers.size === 0) {
-      const d = chart.drag;
-      chart.drag = null;
-      if (e.pointerType !== 'mouse' && d && d.moved) { chart.hover = null; drawOverlay(); }
-    } else if (chart.pointers.size === 1) {
-      const [p] = [...chart.pointers.values()];
-      chart.drag = { x: p.x, moved: true };
-    }
-  };
-  cv.addEventListener('pointerup', end);
-  cv.addEventListener('pointercancel', end);
+  cv.addEventListener('wheel', onChartWheel, { passive: false });
+  cv.addEventListener('pointerdown', onChartPointerDown);
+  cv.addEventListener('pointermove', onChartPointerMove);
+  cv.addEventListener('pointerup', onChartPointerEnd);
+  cv.addEventListener('pointercancel', onChartPointerEnd);
   cv.addEventListener('pointerleave', (e) => {
     if (e.pointerType === 'mouse' && !chart.drag) { chart.hover = null; drawOverlay(); }
   });
   cv.addEventListener('dblclick', () => resetZoom());
-  cv.addEventListener('keydown', (e) => {
-    const [v0, v1] = viewRange();
-    const span = v1 - v0;
-    let handled = true;
-    switch (e.key) {
-      case 'ArrowLeft': panBy(-span * 0.1); break;
-      case 'ArrowRight': panBy(span * 0.1); break;
-      case '+': case '=': case 'ArrowUp': zoomAt(0.8); break;
-      case '-': case '_': case 'ArrowDown': zoomAt(1.25); break;
-      case '0': case 'Home': case 'Escape': resetZoom(); break;
-      case 'End': panBy(serverNow()); break;
-      default: handled = false;
-    }
-    if (handled) e.preventDefault();
-  });
+  cv.addEventListener('keydown', onChartKey);
   cv.addEventListener('blur', () => { if (!chart.hover) drawOverlay(); });
+}
+
+/** Pointer position in CSS px inside the chart canvas. */
+function canvasPoint(e) {
+  const r = chart.canvas.getBoundingClientRect();
+  return { x: e.clientX - r.left, y: e.clientY - r.top };
+}
+/** Plot width in CSS px: the last draw's, else the canvas less the axis. */
+function plotCssWidth() {
+  const g = chart.geo;
+  return g ? g.pw / g.dpr : chart.cssW - chart.axisW;
+}
+function timeAtCssX(x) {
+  const [v0, v1] = viewRange();
+  return v0 + (x / plotCssWidth()) * (v1 - v0);
+}
+function msPerCssPx() {
+  const [v0, v1] = viewRange();
+  return (v1 - v0) / Math.max(1, plotCssWidth());
+}
+
+/** Vertical wheel zooms about the time under the cursor, horizontal wheel pans. */
+function onChartWheel(e) {
+  e.preventDefault();
+  const unit = e.deltaMode === 1 ? 16 : e.deltaMode === 2 ? 400 : 1;
+  const dy = (Math.abs(e.deltaY) >= Math.abs(e.deltaX) ? e.deltaY : 0) * unit;
+  const dx = (Math.abs(e.deltaX) > Math.abs(e.deltaY) ? e.deltaX : 0) * unit;
+  if (dx) { panBy(dx * msPerCssPx()); return; }
+  if (!dy) return;
+  const p = canvasPoint(e);
+  zoomAt(Math.exp(clamp(dy, -300, 300) * 0.0015), timeAtCssX(p.x));
+}
+
+/** One pointer starts a drag (a touch also shows the crosshair), a second one a pinch. */
+function onChartPointerDown(e) {
+  if (e.button !== 0 && e.pointerType === 'mouse') return;
+  try { chart.canvas.setPointerCapture(e.pointerId); } catch { /* synthetic or already released pointer */ }
+  const p = canvasPoint(e);
+  chart.pointers.set(e.pointerId, p);
+  if (chart.pointers.size === 1) {
+    chart.drag = { x: p.x, moved: false, pointerType: e.pointerType };
+    if (e.pointerType !== 'mouse') { chart.hover = p; drawOverlay(); }
+  } else if (chart.pointers.size === 2) {
+    const [a, b] = [...chart.pointers.values()];
+    chart.drag = { pinch: Math.abs(a.x - b.x) || 1, mid: (a.x + b.x) / 2, moved: true };
+    chart.hover = null; drawOverlay();
+  }
+}
+
+/** Pinch: zoom and pan with the two pointers. Drag: pan once it moved 3 px (less is a click).
+ *  A mouse that is not dragging moves the crosshair. */
+function onChartPointerMove(e) {
+  const p = canvasPoint(e);
+  if (chart.pointers.has(e.pointerId)) chart.pointers.set(e.pointerId, p);
+  const d = chart.drag;
+  if (d && d.pinch != null && chart.pointers.size >= 2) {
+    const [a, b] = [...chart.pointers.values()];
+    const dist = Math.abs(a.x - b.x) || 1;
+    const mid = (a.x + b.x) / 2;
+    const ms = msPerCssPx();
+    if (mid !== d.mid) panBy(-(mid - d.mid) * ms);
+    zoomAt(d.pinch / dist, timeAtCssX(mid));
+    d.pinch = dist; d.mid = mid;
+    return;
+  }
+  if (d && d.x != null && chart.pointers.size === 1) {
+    const dx = p.x - d.x;
+    if (!d.moved && Math.abs(dx) < 3) { if (e.pointerType === 'mouse') { chart.hover = p; drawOverlay(); } return; }
+    d.moved = true;
+    chart.canvas.classList.add('dragging');
+    panBy(-dx * msPerCssPx());
+    d.x = p.x;
+    chart.hover = e.pointerType === 'mouse' ? p : null;
+    return;
+  }
+  if (e.pointerType === 'mouse') { chart.hover = p; drawOverlay(); }
+}
+
+/** Pointer up / cancel: the last one ends the drag (a touch drag also hides the crosshair); of a
+ *  pinch, the pointer left goes on dragging. */
+function onChartPointerEnd(e) {
+  chart.pointers.delete(e.pointerId);
+  chart.canvas.classList.remove('dragging');
+  if (chart.pointers.size === 0) {
+    const d = chart.drag;
+    chart.drag = null;
+    if (e.pointerType !== 'mouse' && d && d.moved) { chart.hover = null; drawOverlay(); }
+  } else if (chart.pointers.size === 1) {
+    const [p] = [...chart.pointers.values()];
+    chart.drag = { x: p.x, moved: true };
+  }
+}
+
+/** Arrow keys pan, + / - zoom, 0 (Home, Escape) resets, End jumps back to live data. */
+function onChartKey(e) {
+  const [v0, v1] = viewRange();
+  const span = v1 - v0;
+  let handled = true;
+  switch (e.key) {
+    case 'ArrowLeft': panBy(-span * 0.1); break;
+    case 'ArrowRight': panBy(span * 0.1); break;
+    case '+': case '=': case 'ArrowUp': zoomAt(0.8); break;
+    case '-': case '_': case 'ArrowDown': zoomAt(1.25); break;
+    case '0': case 'Home': case 'Escape': resetZoom(); break;
+    case 'End': panBy(serverNow()); break;
+    default: handled = false;
+  }
+  if (handled) e.preventDefault();
 }
 
 /** Another symbol is shown: its own backfill, no crosshair left over from the previous one. */
