@@ -3,17 +3,20 @@
  *
  * One file of plain modern JavaScript: no framework, no chart library, no build
  * step, nothing loaded from a CDN. Served by bbo_stream.py next to index.html and
- * style.css. Organised in bannered parts like the server module:
+ * style.css.
  *
- *   §1  Utilities and formatting (exact decimal arithmetic on the exchange's strings)
- *   §2  Engine.IO v4 / Socket.IO v5 client (WebSocket, long-polling fallback,
- *       reconnection with exponential backoff + jitter, heartbeat, acks)
- *   §3  State (symbols, BBO, feed status, connection statistics, live point buffers)
- *   §4  Chart (canvas, per-pixel-column min/max decimation, axes, outages,
- *       zoom / pan / crosshair, server backfill)
- *   §5  UI updates (batched into requestAnimationFrame callbacks, never once per message)
- *   §6  Historical data view (REST: latency stats, paged updates, CSV)
- *   §7  Boot, timers, localStorage, test hooks
+ * Map: areas in the order data flows; each opens with a banner saying what it owns.
+ *   §1  Helpers      DOM writes that skip no-ops, formatting, exact decimal arithmetic
+ *   §2  Connection   all talk with the server: the Engine.IO v4 / Socket.IO v5 client (WebSocket,
+ *                    long-polling fallback, reconnect with backoff + jitter, heartbeat, acks),
+ *                    the dashboard's socket and its events, round trip + clock offset, REST fetches
+ *   §3  State        the per-symbol store (BBO, live points, sessions), feed status, statistics,
+ *                    what each server event changes in it, its copy in localStorage
+ *   §4  Rendering    the frame scheduler (what repaints when), prices, symbol tabs, status
+ *   §5  Chart        canvas drawing (decimation, axes, outages, series, crosshair), the view
+ *                    (timeframes, zoom, pan, pointer / key input), backfill from the server
+ *   §6  History      the historical data panel (REST: latency stats, paged updates, CSV)
+ *   §7  Controls and bootstrap   symbol selection, timers, boot, test hooks
  *
  * Rendering: messages only update state and set dirty flags; a requestAnimationFrame callback
  * applies them. Price texts and the chart repaint together at most every 50 ms (20 per second),
@@ -27,7 +30,7 @@
  *   ?transport=polling     force HTTP long-polling (no WebSocket attempt)
  *   ?transport=websocket   WebSocket only (no fallback)
  *   ?symbol=ETHUSDT        initial symbol
- *   ?tf=1h                 initial timeframe (1m 5m 15m 1h 12h 1d)
+ *   ?tf=1h                 initial timeframe (a key of TIMEFRAMES)
  *   ?store=0               do not restore / save recent points in localStorage
  *
  * Stable element ids (for browser tests)
@@ -40,7 +43,7 @@
  *              #bid-price #bid-qty #ask-price #ask-qty  (exact strings from the last bbo_update)
  *              #spread #spread-bps #mid-price #spread-indicator #bbo-age #bbo-time #bbo-update-id #bbo-latency
  *   Chart      #chart (main canvas), #chart-overlay (crosshair), #chart-tooltip, #chart-empty, #chart-info
- *              #tf-1m #tf-5m #tf-15m #tf-1h #tf-12h #tf-1d (aria-pressed), #zoom-reset
+ *              #tf-<tf> for each key of TIMEFRAMES: #tf-1m … #tf-1d (aria-pressed), #zoom-reset
  *   Stats      #rtt #backend-latency #backend-latency-avg (data-level=good|warn|bad|none)
  *              #msg-count #msg-rate #conn-duration #stats-transport #conn-reconnects
  *              #fd-state #fd-market #fd-since #fd-age #fd-next #fd-messages #fd-reconnects
@@ -48,6 +51,7 @@
  *   History    #hist-symbol #hist-range #hist-start #hist-end #hist-limit #hist-load #hist-csv
  *              #hist-stats (stat tiles [data-stat=count|min|mean|p50|p90|p99|max]) #hist-error
  *              #hist-table (tbody rows newest first, tr[data-update-id]) #hist-older #hist-newer #hist-page
+ *              #hist-note (where the rows come from, when the table cannot say it)
  *
  * Test hook: window.bboDebug
  *   state                        the live state object (§3)
@@ -71,7 +75,7 @@
 (() => {
 
 // ###########################################################################
-// §1 Utilities and formatting
+// §1 Helpers: DOM writes that skip no-ops, formatting, exact decimal arithmetic
 // ###########################################################################
 
 const $ = (id) => document.getElementById(id);
@@ -195,20 +199,8 @@ function fmtBps(bps) {
   return `${bps < 0.1 ? bps.toFixed(3) : bps < 10 ? bps.toFixed(2) : bps.toFixed(1)} bps`;
 }
 
-async function fetchJson(url, opts = {}) {
-  const r = await fetch(url, { cache: 'no-store', ...opts });
-  let body = null;
-  try { body = await r.json(); } catch { /* not JSON */ }
-  if (!r.ok) {
-    const err = new Error((body && body.error) || `HTTP ${r.status}`);
-    err.status = r.status;
-    throw err;
-  }
-  return body;
-}
-
 // ###########################################################################
-// §2 Engine.IO v4 / Socket.IO v5 client
+// §2 Connection: the Socket.IO client and its transports, the dashboard's socket, REST fetches
 // ###########################################################################
 // Engine.IO packets: 0 open, 1 close, 2 ping, 3 pong, 4 message, 5 upgrade, 6 noop;
 // a polling payload joins packets with \x1e. Socket.IO packets ride in "4":
@@ -231,25 +223,26 @@ class SocketIoClient {
     this.transport = null;            // websocket | polling (while an Engine.IO session is open)
     this.sid = null;                  // Engine.IO session id
     this.socketId = null;             // Socket.IO socket id
-    this.pingInterval = 25000;
+    this.pingInterval = 25000;        // heartbeat timing (ms), as the server's open packet sets it
     this.pingTimeout = 20000;
-    this.lastRx = 0;
+    this.lastRx = 0;                  // client ms of the last packet received (0: no session)
     this.attempts = 0;                // failed attempts since the last successful connect
     this.reconnects = 0;              // successful reconnects after the first connect
     this.reconnectAt = null;          // ms of the next attempt while reconnecting
-    this.connectedAt = null;
-    this.everConnected = false;
-    this.wsFallbacks = 0;
-    this.lastReason = null;
-    this.minDelay = 500;
+    this.connectedAt = null;          // client ms of the current connect (null while not connected)
+    this.everConnected = false;       // a later connect is a reconnect
+    this.wsFallbacks = 0;             // times the WebSocket could not open and polling took over
+    this.lastReason = null;           // why the last connection was lost
+    this.minDelay = 500;              // reconnect backoff (ms): minDelay * 2^attempts, capped, ±jitter
     this.maxDelay = 20000;
     this.jitter = 0.5;
     this._gen = 0;                    // invalidates callbacks of abandoned transports
-    this._engine = null;
-    this._acks = new Map();
-    this._ackId = 0;
+    this._engine = null;              // the open transport: {name, send(packets), close(polite)}
+    this._acks = new Map();           // ack id -> {cb, timer} of emits waiting for their ack
+    this._ackId = 0;                  // last ack id used
     this._retryTimer = 0;
-    this._connectTimer = 0;
+    this._connectTimer = 0;           // Socket.IO CONNECT must be answered within 10 s
+    this._stopped = false;            // close() was called: a lost connection is not retried
     this._watchdog = setInterval(() => this._checkHeartbeat(), 1000);
   }
 
@@ -551,8 +544,66 @@ class SocketIoClient {
   }
 }
 
+async function fetchJson(url, opts = {}) {
+  const r = await fetch(url, { cache: 'no-store', ...opts });
+  let body = null;
+  try { body = await r.json(); } catch { /* not JSON */ }
+  if (!r.ok) {
+    const err = new Error((body && body.error) || `HTTP ${r.status}`);
+    err.status = r.status;
+    throw err;
+  }
+  return body;
+}
+
+// --- the dashboard's socket: server events go to the store (§3) ----------------------------
+
+const socket = new SocketIoClient({
+  mode: ['polling', 'websocket'].includes(params.get('transport')) ? params.get('transport') : 'auto',
+  onState: (s) => { state.conn.state = s; state.conn.transport = socket.transport; dirty.status = dirty.tabs = true; requestFrame(); },
+  onConnect: () => { state.conn.transport = socket.transport; onConnect(); },
+  onDisconnect,
+  onEvent: (name, args) => {
+    state.stats.messages++;
+    const a = args[0];
+    switch (name) {
+      case 'bbo_update': onBboUpdate(a); break;
+      case 'feed_status': onFeedStatus(a); break;
+      case 'welcome': state.welcome = a && a.message; break;
+      case 'pong': break;                    // the RTT comes from the ping ack
+      default: break;
+    }
+  },
+});
+
+let rttInFlight = false;
+function measureRtt() {
+  if (rttInFlight || socket.state !== 'connected') return;
+  rttInFlight = true;
+  const t0 = Date.now(), p0 = performance.now();
+  socket.emit('ping', (err, res) => {
+    rttInFlight = false;
+    if (err) return;
+    const rtt = performance.now() - p0;
+    const c = state.conn;
+    c.rtt = rtt;
+    c.rttAvg = c.rttAvg == null ? rtt : c.rttAvg * 0.8 + rtt * 0.2;
+    if (res && Number.isFinite(res.time)) {
+      const offset = res.time - (t0 + rtt / 2);
+      // keep the estimate from the fastest round trips (least queueing)
+      if (!c.clockSynced || rtt <= (c.bestRtt ?? Infinity) * 1.5) {
+        c.clockOffset = c.clockSynced ? c.clockOffset * 0.7 + offset * 0.3 : offset;
+        c.bestRtt = Math.min(c.bestRtt ?? Infinity, rtt);
+        c.clockSynced = true;
+      }
+    }
+    dirty.status = true;
+    requestFrame();
+  });
+}
+
 // ###########################################################################
-// §3 State
+// §3 State: the per-symbol store, what each server event changes in it, its localStorage copy
 // ###########################################################################
 
 const MAX_POINTS = 1_000_000;
@@ -614,23 +665,30 @@ const state = {
   feed: null,                          // last feed_status object
   feedAt: 0,                           // client ms when it arrived
   feedOutages: [],                     // [{start, end|null, reason}] seen live from feed_status (server ms)
-  welcome: null,
+  welcome: null,                       // the server's welcome message (for bboDebug.state)
   lastRecv: Object.create(null),       // symbol -> client ms of the last bbo_update received live
   conn: {
-    state: 'connecting', transport: null, connectedAt: null, disconnectedAt: null,
-    rtt: null, rttAvg: null, clockOffset: 0, clockSynced: false,
+    state: 'connecting',               // connecting | connected | reconnecting | offline (the socket's)
+    transport: null,                   // websocket | polling while connected
+    connectedAt: null,                 // client ms of the last connect
+    disconnectedAt: null,              // server ms the connection was lost: the chart shades from there
+    rtt: null,                         // last ping round trip (ms)
+    rttAvg: null,                      // smoothed round trip (ms)
+    clockOffset: 0,                    // server clock minus client clock (ms), from the ping acks
+    clockSynced: false,                // clockOffset holds a first estimate
+    bestRtt: null,                     // fastest round trip seen: much slower ones (queued) do not move the offset
   },
   stats: {
     messages: 0,                       // Socket.IO events received
-    bboMessages: 0,
+    bboMessages: 0,                    // of them bbo_update
     rate: 0,                           // events per second (smoothed)
     lastLatency: null,                 // backendLatency of the last bbo_update (ms)
     latSum: new Float64Array(10),      // backendLatency sums / counts per second, last 10 s (ring)
     latCount: new Uint32Array(10),
-    latSecond: 0,
+    latSecond: 0,                      // seconds since load: latSecond % 10 is the ring's current slot
   },
   points: Object.create(null),         // symbol -> PointBuffer
-  session: Object.create(null),        // symbol -> {start: first live point time since the (re)connect}
+  session: Object.create(null),        // symbol -> live session (sessionFor)
 };
 
 /** The server's clock, estimated from ping acks (chart times are server times). */
@@ -661,10 +719,535 @@ function isLive(sym) {
   return !!state.bbo[sym];
 }
 
+function sessionFor(sym) {
+  return state.session[sym] || (state.session[sym] = {
+    start: null,       // first live point since the (re)connect: from here the live buffer is complete
+    gapFrom: null,     // while not live: where the missing data begins, marked as a gap once it resumes
+    gapReason: null,   // why it is missing (the chart's tooltip)
+  });
+}
+
+/** From when the live buffer holds every update of `sym` (Infinity: not live). */
+function liveSince(sym) {
+  const sess = state.session[sym];
+  return sess && sess.start != null ? sess.start : Infinity;
+}
+
+let rateLast = { t: performance.now(), n: 0 };
+/** Once a second: the smoothed message rate, and the 10 s latency ring moves on by one second. */
+function tickStats() {
+  const st = state.stats;
+  const nowP = performance.now();
+  const dt = (nowP - rateLast.t) / 1000;
+  if (dt > 0) {
+    const inst = (st.messages - rateLast.n) / dt;
+    st.rate = st.rate ? st.rate * 0.6 + inst * 0.4 : inst;
+    rateLast = { t: nowP, n: st.messages };
+  }
+  st.latSecond++;
+  st.latSum[st.latSecond % 10] = 0;
+  st.latCount[st.latSecond % 10] = 0;
+}
+
+// --- server events: each updates the store, marks what must repaint and asks for a frame ------
+
+function onBboUpdate(p) {
+  if (!p || typeof p !== 'object' || typeof p.symbol !== 'string') return;
+  const sym = p.symbol;
+  state.stats.bboMessages++;
+  if (addSymbol(sym)) {
+    dirty.symbols = true;
+    if (!state.current) selectSymbol(sym);
+  }
+  const prev = state.bbo[sym];
+  const t = p.serverTimestamp ?? p.timestamp;
+  if (prev && (prev.serverTimestamp ?? prev.timestamp) > t) return;   // older than what we show
+  state.bbo[sym] = p;
+  if (p.backendLatency != null) {
+    const st = state.stats;
+    st.lastLatency = p.backendLatency;
+    const i = st.latSecond % 10;
+    st.latSum[i] += p.backendLatency;
+    st.latCount[i]++;
+  }
+  state.lastRecv[sym] = Date.now();
+  const pb = pointsFor(sym);
+  const sess = sessionFor(sym);
+  const bid = Number(p.bidPrice), ask = Number(p.askPrice);
+  if (pb.push(t, bid, ask)) {
+    if (sess.start == null) {
+      sess.start = t;
+      if (sess.gapFrom != null && t > sess.gapFrom) pb.gaps.push({ start: sess.gapFrom, end: t, kind: 'client', reason: sess.gapReason || 'no data' });
+      sess.gapFrom = null;
+      if (sym === state.current) scheduleBackfill(100);
+    }
+    if (sym === state.current && (chart.view.follow || t <= chart.view.end)) chart.dirty = true;
+  }
+  if (sym === state.current) dirty.bbo = true;
+  dirty.tabs = true;
+  requestFrame();
+}
+
+function onFeedStatus(f) {
+  if (!f || typeof f !== 'object' || !f.state) return;
+  const prev = state.feed ? state.feed.state : null;
+  state.feed = f;
+  state.feedAt = Date.now();
+  // remember feed outages seen live so the chart shades them before the server's history has them
+  // (the outage starts at the last data message: `since` is the start of the shard state, which for a
+  // stale feed is still the time it went live)
+  const open = state.feedOutages.find((o) => o.end == null);
+  if (f.state !== 'live' && f.state !== 'connecting' && !open && state.stats.bboMessages > 0) {
+    const start = f.lastMessageAge != null ? serverNow() - f.lastMessageAge : (f.since || serverNow());
+    state.feedOutages.push({ start, end: null, reason: f.reason || f.state });
+  } else if (f.state === 'live' && open) {
+    open.end = Math.max(open.start, Math.min(serverNow(), f.since > open.start ? f.since : serverNow()));
+  }
+  if (prev !== f.state) chart.dirty = true;
+  dirty.status = dirty.bbo = dirty.tabs = true;
+  requestFrame();
+}
+
+function onConnect() {
+  state.conn.connectedAt = Date.now();
+  state.conn.disconnectedAt = null;
+  for (const sym of Object.keys(state.session)) state.session[sym].start = null;
+  socket.emit('ready');
+  socket.emit('request_initial_data');
+  measureRtt();
+  chart.dirty = true;
+  dirty.status = true;
+  requestFrame();
+}
+
+function onDisconnect(reason) {
+  const now = serverNow();
+  state.conn.disconnectedAt = now;
+  for (const sym of Object.keys(state.session)) {
+    const s = state.session[sym];
+    const pb = state.points[sym];
+    s.start = null;
+    s.gapFrom = pb && pb.n ? Math.max(pb.last(), now - 1) : now;
+    s.gapReason = `server connection lost (${reason})`;
+  }
+  // the feed state is unknown while we are disconnected
+  chart.dirty = true;
+  dirty.status = dirty.bbo = dirty.tabs = true;
+  requestFrame();
+}
+
+// --- recent points in localStorage: a reload shows the last hour at once -------------------
+
+const STORE_KEY = 'bbo.points.v1';
+const STORE_MAX_POINTS = 2000;      // per symbol
+const STORE_MAX_AGE = 3600e3;
+const useStore = params.get('store') !== '0';
+
+function savePoints() {
+  if (!useStore) return;
+  try {
+    const out = { v: 1, savedAt: Date.now(), symbols: {} };
+    const cut = serverNow() - STORE_MAX_AGE;
+    for (const sym of state.symbols.slice(0, 12)) {
+      const pb = state.points[sym];
+      if (!pb || !pb.n) continue;
+      const a = Math.max(pb.lowerBound(cut), pb.n - STORE_MAX_POINTS);
+      if (a >= pb.n) continue;
+      const t0 = pb.t[a];
+      const dt = [], b = [], k = [];
+      let prev = t0;
+      for (let i = a; i < pb.n; i++) { dt.push(pb.t[i] - prev); prev = pb.t[i]; b.push(pb.bid[i]); k.push(pb.ask[i]); }
+      out.symbols[sym] = { t0, dt, bid: b, ask: k };
+    }
+    localStorage.setItem(STORE_KEY, JSON.stringify(out));
+  } catch { /* quota or private mode: the store is optional */ }
+}
+
+function restorePoints() {
+  if (!useStore) return;
+  try {
+    const raw = localStorage.getItem(STORE_KEY);
+    if (!raw) return;
+    const s = JSON.parse(raw);
+    if (!s || s.v !== 1 || Date.now() - s.savedAt > STORE_MAX_AGE) return;
+    for (const [sym, d] of Object.entries(s.symbols || {})) {
+      if (!Array.isArray(d.dt) || d.dt.length !== d.bid.length || d.dt.length !== d.ask.length) continue;
+      const pb = pointsFor(sym);
+      let t = d.t0;
+      for (let i = 0; i < d.dt.length; i++) { t += d.dt[i]; pb.push(t, d.bid[i], d.ask[i]); }
+      const sess = sessionFor(sym);
+      sess.gapFrom = pb.last();        // until the first live point: the page was closed
+      sess.gapReason = 'page was closed';
+      addSymbol(sym);
+    }
+  } catch { /* a corrupt store is ignored */ }
+}
+
 // ###########################################################################
-// §4 Chart
+// §4 Rendering: the frame scheduler, prices, symbol tabs and status (pills, banner, statistics)
 // ###########################################################################
 
+// Which views are out of date: set by whatever changes what they show, cleared when they repaint.
+const dirty = { bbo: true, tabs: true, status: true, symbols: true };
+let frameRequested = false;
+let wakeTimer = 0, wakeAt = Infinity;
+
+// Data-driven repaints (price texts, tabs and the chart, together in one frame so they always
+// agree) happen at most every PAINT_INTERVAL ms: 20 per second is smooth to the eye and keeps the
+// main thread free under a fast feed. Zoom / pan redraw the chart in the very next frame.
+// There is no free-running requestAnimationFrame loop: a frame is requested only when something
+// is due (dirty and allowed by the throttle, or the following view has moved >= 1 px); until then
+// one setTimeout waits for the earliest due time. Between repaints the page asks for no frames.
+const PAINT_INTERVAL = 50;
+let lastPaint = 0;
+
+/** A million-point chart throttles itself: draws at least 4x its draw time apart (at most 250 ms). */
+function drawThrottle() {
+  return Math.min(250, chart.lastDrawMs * 4);
+}
+/** Time per CSS pixel of the view: a view following live data needs a draw whenever it slides one. */
+function followMsPerPx() {
+  return chart.view.span / Math.max(1, chart.cssW - chart.axisW);
+}
+
+/** Milliseconds until the next frame has work to do (<= 0: now; Infinity: nothing pending). */
+function frameDueIn(t) {
+  if (dirty.symbols || dirty.status) return 0;
+  const heavy = drawThrottle();
+  let due = Infinity;
+  if (chart.interactive && chart.dirty) due = chart.lastDrawAt + heavy - t;
+  const paintAt = lastPaint + Math.max(PAINT_INTERVAL, heavy);
+  if (dirty.bbo || dirty.tabs || chart.dirty) due = Math.min(due, paintAt - t);
+  if (chart.view.follow) {
+    due = Math.min(due, Math.max(paintAt, chart.lastDrawAt + followMsPerPx()) - t);
+  }
+  return due;
+}
+
+/** Something changed: get a frame as soon as the throttle allows (cheap to call per message). */
+function requestFrame() {
+  if (frameRequested) return;
+  const t = performance.now();
+  const wait = frameDueIn(t);
+  if (wait <= 0) {
+    if (wakeTimer) { clearTimeout(wakeTimer); wakeTimer = 0; wakeAt = Infinity; }
+    frameRequested = true;
+    requestAnimationFrame(frame);
+  } else if (wait < Infinity && t + wait < wakeAt - 1) {
+    if (wakeTimer) clearTimeout(wakeTimer);
+    wakeAt = t + wait;
+    wakeTimer = setTimeout(onWake, Math.max(1, Math.ceil(wait)));
+  }
+}
+function onWake() {
+  wakeTimer = 0; wakeAt = Infinity;
+  requestFrame();
+}
+
+/** One animation frame: apply everything that changed since the last one. */
+function frame() {
+  frameRequested = false;
+  const t = performance.now();
+  if (dirty.symbols) { dirty.symbols = false; renderSymbols(); }
+  if (dirty.status) { dirty.status = false; renderStatus(); }
+  const heavy = drawThrottle();
+  // the view moved >= 1 px (1 ms of slack: timers and frames do not land on the exact ms)
+  const slid = chart.view.follow && t - chart.lastDrawAt >= followMsPerPx() - 1;
+  if (chart.interactive && chart.dirty && t - chart.lastDrawAt >= heavy) {
+    drawChart();
+  } else if (t - lastPaint >= Math.max(PAINT_INTERVAL, heavy) - 1 &&
+             (dirty.bbo || dirty.tabs || chart.dirty || slid)) {
+    lastPaint = t;
+    if (dirty.bbo) { dirty.bbo = false; renderBbo(); }
+    if (dirty.tabs) { dirty.tabs = false; renderTabs(); }
+    if (chart.dirty || slid) drawChart();
+  }
+  chart.interactive = false;
+  // schedule the next one: a frame now if due, else a timer for when it will be
+  requestFrame();
+}
+
+const el = {};   // id -> element, looked up once at boot for the views repainted many times a second
+function cacheElements() {
+  for (const id of ['bid-price', 'ask-price', 'bid-qty', 'ask-qty', 'spread', 'spread-bps', 'spread-fill',
+    'spread-indicator', 'mid-price', 'imbalance-bid', 'imbalance-bid-pct', 'imbalance-ask-pct', 'bbo-symbol',
+    'bbo-market', 'bbo-age', 'bbo-time', 'bbo-update-id', 'bbo-latency', 'bbo-card', 'symbol-select',
+    'symbol-tabs', 'feed-state', 'feed-state-text', 'conn-status', 'conn-text', 'transport', 'feed-banner',
+    'feed-banner-text', 'feed-banner-count', 'sr-status', 'rtt', 'backend-latency', 'backend-latency-avg',
+    'msg-count', 'msg-rate', 'conn-duration', 'stats-transport', 'conn-reconnects', 'fd-state', 'fd-market',
+    'fd-since', 'fd-age', 'fd-next', 'fd-messages', 'fd-reconnects', 'fd-duplicates', 'fd-crossed', 'fd-parse',
+    'fd-reason', 'foot-clock']) {
+    el[id] = $(id);
+  }
+  el['spread-main'] = document.querySelector('.spread-main');
+}
+
+function renderSymbols() {
+  const sel = el['symbol-select'];
+  const want = state.symbols.join(',');
+  if (sel.dataset.list !== want) {
+    sel.dataset.list = want;
+    sel.replaceChildren(...state.symbols.map((s) => new Option(s, s)));
+    const tabs = el['symbol-tabs'];
+    tabs.replaceChildren(...state.symbols.map((s) => {
+      const b = document.createElement('button');
+      b.type = 'button';
+      b.className = 'sym-tab';
+      b.dataset.symbol = s;
+      b.setAttribute('role', 'tab');
+      b.setAttribute('aria-controls', 'bbo-card');
+      b.innerHTML = `<span class="sym-name"></span><span class="sym-px">—</span>`;
+      b.firstChild.textContent = s;
+      return b;
+    }));
+    tabs.hidden = state.symbols.length < 2;
+    renderHistSymbols();
+    dirty.tabs = true;
+  }
+  if (state.current && sel.value !== state.current) sel.value = state.current;
+  for (const b of el['symbol-tabs'].children) {
+    const on = b.dataset.symbol === state.current;
+    setAttr(b, 'aria-selected', String(on));
+    b.tabIndex = on ? 0 : -1;
+  }
+}
+
+function renderTabs() {
+  for (const b of el['symbol-tabs'].children) {
+    const p = state.bbo[b.dataset.symbol];
+    if (!p) continue;
+    const sm = spreadMid(p.bidPrice, p.askPrice);
+    setText(b.lastChild, sm ? sm.mid : p.bidPrice);
+    setAttr(b, 'data-live', String(isLive(b.dataset.symbol)));
+  }
+}
+
+const shown = {
+  sym: null, bid: NaN, ask: NaN,   // the prices on screen: a change from these flashes
+  anims: {},                       // element id -> its flash animation (left to finish, not restarted)
+};
+function flash(node, up) {
+  if (reducedMotion || !node.animate) return;
+  const key = node.id;
+  const prev = shown.anims[key];
+  // a flash still running on this price is left to finish: restarting it on every 20 Hz repaint
+  // under a fast feed would keep the element animating (and its style recalculating) non-stop
+  if (prev && prev.playState === 'running') return;
+  const colour = up ? 'rgba(23,199,132,0.30)' : 'rgba(246,70,93,0.30)';
+  if (node.bboFlash !== colour) { node.bboFlash = colour; node.style.setProperty('--flash', colour); }
+  shown.anims[key] = node.animate([{ opacity: 1 }, { opacity: 0 }],
+    { duration: 600, easing: 'ease-out', pseudoElement: '::before' });
+}
+
+function renderBbo() {
+  const sym = state.current;
+  const p = sym && state.bbo[sym];
+  setText(el['bbo-symbol'], sym ? `${sym} best bid and offer` : 'Best bid and offer');
+  if (!p) {
+    for (const id of ['bid-price', 'ask-price', 'bid-qty', 'ask-qty', 'spread', 'mid-price', 'bbo-time', 'bbo-update-id', 'bbo-latency']) setText(el[id], '—');
+    setText(el['spread-bps'], '— bps');
+    setScaleX(el['spread-fill'], 0);
+    shown.sym = sym; shown.bid = NaN; shown.ask = NaN;
+    return;
+  }
+  const bid = Number(p.bidPrice), ask = Number(p.askPrice);
+  if (shown.sym === sym && isLive(sym)) {
+    if (bid !== shown.bid && Number.isFinite(shown.bid)) flash(el['bid-price'], bid > shown.bid);
+    if (ask !== shown.ask && Number.isFinite(shown.ask)) flash(el['ask-price'], ask > shown.ask);
+  }
+  shown.sym = sym; shown.bid = bid; shown.ask = ask;
+  setText(el['bid-price'], p.bidPrice);
+  setText(el['ask-price'], p.askPrice);
+  setText(el['bid-qty'], p.bidQty);
+  setText(el['ask-qty'], p.askQty);
+  const sm = spreadMid(p.bidPrice, p.askPrice);
+  if (sm) {
+    setText(el.spread, sm.spread);
+    setText(el['spread-bps'], fmtBps(sm.bps));
+    setText(el['mid-price'], sm.mid);
+    setAttr(el['spread-main'], 'data-crossed', String(sm.crossed));
+    // log scale 0.01 … 100 bps
+    const pos = Number.isFinite(sm.bps) && sm.bps > 0 ? clamp((Math.log10(sm.bps) + 2) / 4, 0.015, 1) : 0;
+    setScaleX(el['spread-fill'], pos);
+    setAttr(el['spread-fill'], 'data-level', sm.bps <= 5 ? 'good' : sm.bps <= 25 ? 'warn' : 'bad');
+    setAttr(el['spread-indicator'], 'aria-label', `Spread ${sm.spread} (${fmtBps(sm.bps)})`);
+  }
+  const bq = Number(p.bidQty), aq = Number(p.askQty);
+  if (bq + aq > 0) {
+    const f = bq / (bq + aq);
+    setScaleX(el['imbalance-bid'], f);
+    setText(el['imbalance-bid-pct'], `${Math.round(f * 100)}%`);
+    setText(el['imbalance-ask-pct'], `${100 - Math.round(f * 100)}%`);
+  }
+  setText(el['bbo-time'], fmtClock(p.timestamp, true));
+  setText(el['bbo-update-id'], String(p.updateId ?? '—'));
+  setText(el['bbo-latency'], p.backendLatency == null ? 'n/a' : fmtMs(p.backendLatency));
+  setAttr(el['bbo-latency'], 'data-level', level(p.backendLatency, ...LATENCY_LEVELS));
+}
+
+/** When the current feed state began (server ms). A stale feed is derived from the age of the
+ *  last message, and its `since` is still the time the connection went live. */
+function feedStateStart(f) {
+  if (f.state === 'stale' && f.lastMessageAge != null) return state.feedAt + state.conn.clockOffset - f.lastMessageAge;
+  return f.since || serverNow();
+}
+
+const FEED_WORDS = { live: 'live', stale: 'stale', backoff: 'backing off', failed: 'failed',
+                     connecting: 'connecting', stopped: 'stopped', unknown: 'unknown' };
+let lastAnnounce = '';
+
+/** Status pills, banner, liveness of the prices, statistics. Runs on changes and every second. */
+function renderStatus() {
+  const s = statusSnapshot();
+  renderConnectionPill(s);
+  renderFeedPill(s);
+  renderPriceAge(s);
+  renderBanner(s);
+  renderConnectionStats(s);
+  renderFeedDetails(s);
+  setText(el['foot-clock'], fmtDateTime(s.now));
+}
+
+/** What the status views read, taken once so that they all agree. */
+function statusSnapshot() {
+  const sym = state.current;
+  return {
+    c: state.conn,
+    connected: state.conn.state === 'connected',
+    now: Date.now(),                   // client clock: the socket's timers
+    sNow: serverNow(),                 // server clock: the feed's times
+    f: state.feed,
+    fstate: feedState(),
+    sym,
+    live: isLive(sym),
+    p: sym && state.bbo[sym],
+  };
+}
+
+function renderConnectionPill({ c, now }) {
+  let connText;
+  if (c.state === 'connected') connText = 'Connected';
+  else if (c.state === 'connecting') connText = 'Connecting…';
+  else if (c.state === 'offline') connText = 'Offline';
+  else connText = socket.reconnectAt && socket.reconnectAt > now ? `Reconnecting in ${Math.ceil((socket.reconnectAt - now) / 1000)} s` : 'Reconnecting…';
+  setAttr(el['conn-status'], 'data-state', c.state);
+  setText(el['conn-text'], connText);
+  const tname = socket.transport === 'websocket' ? 'WebSocket' : socket.transport === 'polling' ? 'Polling' : '—';
+  setText(el.transport, tname);
+  setText(el['stats-transport'], tname + (socket.wsFallbacks && socket.transport === 'polling' ? ' (fallback)' : ''));
+}
+
+function renderFeedPill({ f, fstate, connected, sNow }) {
+  let fword = FEED_WORDS[fstate] || fstate;
+  if (f && (fstate === 'backoff' || fstate === 'failed') && f.nextAttempt) {
+    const left = f.nextAttempt - sNow;
+    if (left > 0) fword += ` ${fmtCountdownShort(left)}`;
+  }
+  if (!connected) fword = 'unknown';   // without the server we cannot know: never show a stale "live"
+  setAttr(el['feed-state'], 'data-state', connected ? fstate : 'unknown');
+  setText(el['feed-state-text'], fword);
+  el['feed-state'].title = !f ? 'Exchange feed state not known yet'
+    : `Exchange feed: ${connected ? fstate : `unknown (last known: ${fstate})`}${f.reason ? ' — ' + f.reason : ''}`;
+}
+
+/** Whether the prices shown are live, and how old they are. */
+function renderPriceAge({ f, connected, sNow, live, p }) {
+  setAttr(el['bbo-card'], 'data-live', String(live));
+  if (p) {
+    const age = sNow - (p.serverTimestamp ?? p.timestamp);
+    setText(el['bbo-age'], live ? `updated ${fmtAge(age)} ago` : `frozen · last update ${fmtAge(age)} ago`);
+    setAttr(el['bbo-age'], 'data-level', !live ? 'bad' : age > 60000 ? 'bad' : age > 10000 ? 'warn' : 'ok');
+  } else setText(el['bbo-age'], connected ? 'no data yet' : 'not connected');
+  setText(el['bbo-market'], f && f.market ? f.market : '—');
+}
+
+/** The frozen-price warning, and the polite announcement of connection / feed changes. */
+function renderBanner(s) {
+  const { msg, count, lvl } = bannerMessage(s);
+  const banner = el['feed-banner'];
+  banner.hidden = !msg;
+  setAttr(banner, 'data-level', lvl);
+  setText(el['feed-banner-text'], msg);
+  setText(el['feed-banner-count'], count);
+  const announce = !s.connected ? (s.c.state === 'connecting' ? '' : 'Server connection lost') :
+    s.fstate === 'live' ? (lastAnnounce ? 'Feed live' : '') : `Feed ${FEED_WORDS[s.fstate] || s.fstate}`;
+  if (announce !== lastAnnounce) { lastAnnounce = announce; setText(el['sr-status'], announce); }
+}
+
+/** {msg, count, lvl} of the banner: why the prices are not live ('' when they are). */
+function bannerMessage({ c, connected, now, sNow, f, fstate, sym, live }) {
+  let msg = '', count = '', lvl = 'warn';
+  if (!connected) {
+    lvl = c.state === 'offline' ? 'error' : 'warn';
+    msg = c.state === 'connecting' ? 'Connecting to the BBO Stream server… Prices are not live yet.'
+      : c.state === 'offline' ? 'You are offline. Prices shown are frozen.'
+      : `${socket.everConnected ? 'Connection to the server lost' : 'Cannot reach the live stream'}` +
+        `${socket.lastReason ? ` (${socket.lastReason})` : ''}. Prices shown are frozen.`;
+    if (socket.reconnectAt && socket.reconnectAt > now) count = `Retrying in ${fmtCountdown(socket.reconnectAt - now)}`;
+  } else if (f && fstate !== 'live') {
+    const reason = f.reason ? ` (${f.reason})` : '';
+    if (fstate === 'stale') msg = `Exchange feed is stale${reason}. Prices shown are frozen.`;
+    else if (fstate === 'backoff') msg = `Exchange feed disconnected${reason}. Prices shown are frozen.`;
+    else if (fstate === 'failed') { msg = `Exchange feed failed${reason}. Prices shown are frozen.`; lvl = 'error'; }
+    else if (fstate === 'stopped') { msg = `Exchange feed stopped${reason}.`; lvl = 'error'; }
+    else if (fstate === 'connecting') msg = 'Connecting to the exchange feed… Prices are not live yet.';
+    else msg = `Exchange feed ${fstate}${reason}.`;
+    if (f.nextAttempt && f.nextAttempt > sNow) count = `Next attempt in ${fmtCountdown(f.nextAttempt - sNow)}`;
+    else count = `for ${fmtDuration(sNow - feedStateStart(f))}`;
+  } else if (connected && f && sym && !live && state.feed.symbols && state.feed.symbols[sym] &&
+             state.feed.symbols[sym].state !== 'live') {
+    msg = `${sym} is ${state.feed.symbols[sym].state}: no recent updates for this symbol. Its prices are not live.`;
+  }
+  return { msg, count, lvl };
+}
+
+function renderConnectionStats({ c, connected, now }) {
+  setText(el.rtt, !connected ? '—' : fmtMs(c.rtt) + (c.rttAvg != null && c.rtt != null ? ` · avg ${fmtMs(c.rttAvg)}` : ''));
+  setAttr(el.rtt, 'data-level', connected ? level(c.rttAvg ?? c.rtt, ...RTT_LEVELS) : 'none');
+  const st = state.stats;
+  setText(el['backend-latency'], st.lastLatency == null ? '—' : fmtMs(st.lastLatency));
+  setAttr(el['backend-latency'], 'data-level', level(st.lastLatency, ...LATENCY_LEVELS));
+  let lsum = 0, lcount = 0;
+  for (let i = 0; i < 10; i++) { lsum += st.latSum[i]; lcount += st.latCount[i]; }
+  const avg = lcount ? lsum / lcount : null;
+  setText(el['backend-latency-avg'], fmtMs(avg));
+  setAttr(el['backend-latency-avg'], 'data-level', level(avg, ...LATENCY_LEVELS));
+  setText(el['msg-count'], fmtInt(st.messages));
+  setText(el['msg-rate'], `${st.rate < 10 ? st.rate.toFixed(1) : Math.round(st.rate)} /s`);
+  setText(el['conn-duration'], socket.connectedAt ? fmtDuration(now - socket.connectedAt) : '—');
+  setText(el['conn-reconnects'], String(socket.reconnects));
+}
+
+function renderFeedDetails({ connected, now, sNow, f, fstate, live, p }) {
+  setAttr(el['fd-state'], 'data-state', connected ? fstate : 'unknown');
+  setText(el['fd-state'], !f ? '—' : connected ? (FEED_WORDS[fstate] || fstate) : `${FEED_WORDS[fstate] || fstate} (last known)`);
+  setText(el['fd-market'], f && f.market ? f.market : '—');
+  setText(el['fd-since'], f && f.since ? fmtDuration(sNow - feedStateStart(f)) : '—');
+  const lma = f && f.lastMessageAge != null ? f.lastMessageAge + (now - state.feedAt) : null;
+  const lastMsgAge = p && live ? Math.min(lma ?? Infinity, sNow - (p.serverTimestamp ?? p.timestamp)) : lma;
+  setText(el['fd-age'], lastMsgAge == null || !Number.isFinite(lastMsgAge) ? '—' : `${fmtAge(lastMsgAge)} ago`);
+  setText(el['fd-next'], f && f.nextAttempt ? (f.nextAttempt > sNow ? `in ${fmtCountdown(f.nextAttempt - sNow)}` : 'now') : '—');
+  setText(el['fd-messages'], f && f.messages != null ? fmtInt(f.messages) : '—');
+  setText(el['fd-reconnects'], f && f.reconnects != null ? fmtInt(f.reconnects) : '—');
+  setText(el['fd-duplicates'], f && f.duplicates != null ? fmtInt(f.duplicates) : '—');
+  setText(el['fd-crossed'], f && f.crossed != null ? fmtInt(f.crossed) : '—');
+  setText(el['fd-parse'], f && f.parseErrors != null ? fmtInt(f.parseErrors) : '—');
+  el['fd-reason'].hidden = !(f && f.reason);
+  if (f && f.reason) setText(el['fd-reason'], f.reason);
+}
+
+/** The tab title carries the price, so a background tab still shows it (refreshed every second). */
+function renderTitle() {
+  const sym = state.current;
+  const p = sym && state.bbo[sym];
+  document.title = p ? `${p.bidPrice} / ${p.askPrice} ${sym}${isLive(sym) ? '' : ' (not live)'} · BBO Stream` : 'BBO Stream';
+}
+
+// ###########################################################################
+// §5 Chart: drawing, crosshair, the view (timeframes, zoom, pan, input), backfill from the server
+// ###########################################################################
+
+// The one list of timeframes: a button each (key = label, in this order); the first is the default.
 const TIMEFRAMES = { '1m': 60e3, '5m': 300e3, '15m': 900e3, '1h': 3600e3, '12h': 43200e3, '1d': 86400e3 };
 const MIN_SPAN = 2000;
 const MAX_SPAN = 7 * 86400e3;
@@ -672,32 +1255,35 @@ const COLORS = {
   bid: '#17c784', ask: '#f6465d', grid: 'rgba(138,148,163,0.10)', axis: '#8a94a3', axisLine: '#252d38',
   outage: 'rgba(240,185,11,0.10)', outageHatch: 'rgba(240,185,11,0.22)', outageEdge: 'rgba(240,185,11,0.55)',
   clientGap: 'rgba(138,148,163,0.08)', clientHatch: 'rgba(138,148,163,0.16)',
-  cross: 'rgba(181,189,200,0.55)', tagText: '#0b0e11', labelBg: '#2a323e',
+  cross: 'rgba(181,189,200,0.55)', tagText: '#0b0e11', labelBg: '#2a323e', labelText: '#e7eaee',
 };
 const X_STEPS = [1e3, 2e3, 5e3, 10e3, 15e3, 30e3, 60e3, 120e3, 300e3, 600e3, 900e3, 1800e3,
                  3600e3, 7200e3, 10800e3, 21600e3, 43200e3, 86400e3, 172800e3];
 
+const DEFAULT_TF = Object.keys(TIMEFRAMES)[0];
+const TAG_H = 16;   // CSS px: height of a price tag, and of the crosshair's labels on the axes
+
 const chart = {
-  canvas: null, ctx: null, overlay: null, octx: null,
-  cssW: 0, cssH: 0, dpr: 1,
+  canvas: null, ctx: null,              // the main canvas: grid, outages, series, axes
+  overlay: null, octx: null,            // the crosshair canvas above it: hovering never redraws the series
+  cssW: 0, cssH: 0, dpr: 1,             // canvas size (CSS px) and the device pixel ratio it was sized for
   axisW: 64,                            // right axis width (CSS px), adapts to label widths
-  tf: '1m',
-  view: { span: 60e3, end: 0, follow: true },
+  tf: DEFAULT_TF,                       // the selected timeframe (a key of TIMEFRAMES)
+  view: { span: TIMEFRAMES[DEFAULT_TF], end: 0, follow: true },   // span (ms), right edge (server ms) unless following now
   backfill: Object.create(null),        // symbol -> series from /api/history/series
-  bfPending: null,                      // {ctl, key}
-  bfError: null,
-  dirty: true,
-  lastDrawMs: 0,
-  lastDrawAt: 0,
-  drawCount: 0,
-  // per-column decimation buffers (device pixels)
-  ncols: 0,
-  cols: null,
-  // geometry of the last draw (for the crosshair)
-  geo: null,
+  bfPending: null,                      // the backfill request in flight: {ctl, key, sym}
+  bfError: null,                        // why the last backfill failed (shown on an empty chart)
+  dirty: true,                          // the data or the view changed: draw at the next paint
+  interactive: false,                   // a zoom / pan is waiting: draw in the next frame, not at the next paint
+  lastDrawMs: 0,                        // duration of the last draw (a slow chart throttles itself)
+  lastDrawAt: 0,                        // performance.now() of the last draw
+  drawCount: 0,                         // draws so far (test hook)
+  ncols: 0,                             // columns in `cols`
+  cols: null,                           // per-column decimation buffers (allocCols), one column per CSS px
+  geo: null,                            // geometry of the last draw, for the crosshair and pointer input
   hover: null,                          // {x, y} CSS px inside the canvas, or null
-  drag: null,
-  pointers: new Map(),
+  drag: null,                           // a pan {x, moved, pointerType} or a pinch {pinch, mid, moved}, or null
+  pointers: new Map(),                  // pointerId -> {x, y} of the pointers down on the canvas
 };
 
 function viewRange() {
@@ -847,32 +1433,66 @@ function chartLayout() {
   scheduleBackfill(0);
 }
 
+// --- drawing: drawChart() is the sequence of steps below, each on this draw's plot geometry ---
+
 /** Redraw the chart now. Returns the time it took (ms). */
 function drawChart() {
   const started = performance.now();
   chart.dirty = false;
-  const { ctx, dpr } = chart;
-  const W = chart.canvas.width, H = chart.canvas.height;
+  const { ctx } = chart;
   ctx.setTransform(1, 0, 0, 1, 0, 0);
-  ctx.clearRect(0, 0, W, H);
+  ctx.clearRect(0, 0, chart.canvas.width, chart.canvas.height);
+  chart.geo = null;
+  const plot = plotArea();
+  if (!plot) { finishDraw(started, 0, false); return chart.lastDrawMs; }
+  const src = decimateSources(plot);
+  const edges = seriesEdges(plot, src);
+  const scale = priceScale(plot, src.C, edges.lead);
+  const ticks = axisTicks(plot, scale);
+  drawGrid(plot, scale, ticks);
+  drawGaps(plot, edges.gaps);
+  const lastAsk = drawSeries(plot, scale, edges, src.C, 'ask');
+  const lastBid = drawSeries(plot, scale, edges, src.C, 'bid');
+  const tags = priceTags(plot, scale, lastAsk, lastBid);
+  drawAxes(plot, scale, ticks, tags);
+  const dec = priceDecimals(plot.sym, ticks.yDec);
+  fitAxisWidth(Math.max(ticks.maxLabelW, drawPriceTags(plot, tags, dec)));
+  const { v0, v1, k, colW, ncols, pw, ph, padT, dpr, sym } = plot;
+  const { lo, hi, ys } = scale;
+  chart.geo = { v0, v1, k, colW, ncols, pw, ph, padT, lo, hi, ys, dpr, gaps: edges.gaps, lead: edges.lead, dec,
+                xStep: ticks.xStep, livePts: src.livePts, bf: src.bf, sym, tailT: edges.tailT };
+  finishDraw(started, src.livePts, scale.hasData);
+  return chart.lastDrawMs;
+}
+
+/** This draw's plot in device pixels, the price axis right of it and the time axis below; one
+ *  decimation column per CSS pixel (colW device pixels wide): sharp, and half the path at 2x.
+ *  null when there is nothing to draw into. */
+function plotArea() {
+  const { dpr } = chart;
   const sym = state.current;
   const [v0, v1] = viewRange();
   const axisR = Math.round(chart.axisW * dpr), axisB = Math.round(22 * dpr), padT = Math.round(12 * dpr);
-  const pw = W - axisR, ph = H - axisB - padT;
-  chart.geo = null;
-  if (!sym || pw < 20 || ph < 20) { finishDraw(started, 0, false); return chart.lastDrawMs; }
-  // one decimation column per CSS pixel (colW device pixels wide): sharp, and half the path at 2x
+  const pw = chart.canvas.width - axisR, ph = chart.canvas.height - axisB - padT;
+  if (!sym || pw < 20 || ph < 20) return null;
   const colW = dpr;
   const ncols = Math.max(1, Math.floor(pw / colW));
   const k = ncols / (v1 - v0);              // columns per ms
+  return {
+    sym, v0, v1, dpr, axisR, padT, pw, ph, colW, ncols, k,
+    labelX: pw + 6 * dpr,                   // where the price labels start
+    xOf: (t) => (t - v0) * k * colW,        // device px
+  };
+}
+
+/** Per-column min / max / first / last over the view: the server's backfill (bf) for [bfFrom, bfTo),
+ *  the live buffer before and after it (the live session is exact; the backfill covers the rest). */
+function decimateSources({ sym, v0, v1, k, ncols }) {
   const C = allocCols(ncols);
   C.has.fill(0);
-
-  // --- sources: server backfill (bf) for [bfFrom, bfTo), the live buffer elsewhere
   const pb = state.points[sym];
   const bf = chart.backfill[sym];
-  const sess = state.session[sym];
-  const liveFrom = sess && sess.start != null ? sess.start : Infinity;
+  const liveFrom = liveSince(sym);
   let bfFrom = Infinity, bfTo = Infinity, j0 = 0, j1 = 0;
   if (bf) {
     bfFrom = bf.start;
@@ -891,32 +1511,36 @@ function drawChart() {
     const a = pb.lowerBound(Math.max(v0, bfTo)), b2 = pb.lowerBound(v1 + 1);
     if (b2 > a) { decimateInto(C, pb.t, pb.bid, pb.ask, a, b2, v0, k, ncols); livePts += b2 - a; }
   }
+  return { C, pb, bf, bfFrom, bfTo, livePts };
+}
 
-  // --- the value holding at the left edge (step function: a price holds until it changes)
+/** Where the step lines begin and end: the value holding at the left edge (a price holds until it
+ *  changes), the gaps they never cross, and the time the last value holds to (tailT). */
+function seriesEdges({ sym, v0, v1 }, { pb, bf, bfFrom, bfTo }) {
   let lead = null;
-  {
-    const inBf = bf && v0 >= bfFrom && v0 < bfTo;
-    if (inBf) {
-      const j = lowerBoundArr(bf.time, bf.n, v0) - 1;
-      if (j >= 0) lead = { t: bf.time[j], bid: bf.bidLast[j], ask: bf.askLast[j] };
-    } else if (pb && pb.n) {
-      const i = pb.lowerBound(v0) - 1;
-      if (i >= 0) lead = { t: pb.t[i], bid: pb.bid[i], ask: pb.ask[i] };
-    }
+  if (bf && v0 >= bfFrom && v0 < bfTo) {
+    const j = lowerBoundArr(bf.time, bf.n, v0) - 1;
+    if (j >= 0) lead = { t: bf.time[j], bid: bf.bidLast[j], ask: bf.askLast[j] };
+  } else if (pb && pb.n) {
+    const i = pb.lowerBound(v0) - 1;
+    if (i >= 0) lead = { t: pb.t[i], bid: pb.bid[i], ask: pb.ask[i] };
   }
   // is there data after the right edge? (then the last value holds to the edge)
   const moreAfter = (pb && pb.n && pb.t[pb.n - 1] > v1) || (bf && bf.n && bf.time[bf.n - 1] > v1 && v1 < bfTo);
   const liveEdge = state.conn.state === 'connected' ? serverNow()
     : (state.conn.disconnectedAt != null ? state.conn.disconnectedAt : serverNow());
-
   const gaps = gapsInView(sym, v0, v1, bfFrom, bfTo);
   const crosses = (ta, tb) => {   // does a gap lie between times ta and tb?
     for (const g of gaps) if (g.start < tb && g.end > ta) return true;
     return false;
   };
   if (lead && crosses(lead.t, v0)) lead = null;
+  return { lead, gaps, crosses, tailT: moreAfter ? v1 : Math.min(v1, liveEdge) };
+}
 
-  // --- y range from the visible data
+/** The price scale: the visible range plus 8 % on each side; a flat range is widened a little so
+ *  that a constant price is a line in the middle, not on an edge. */
+function priceScale({ ncols, ph, padT }, C, lead) {
   let lo = Infinity, hi = -Infinity;
   for (let c = 0; c < ncols; c++) {
     if (!C.has[c]) continue;
@@ -935,10 +1559,14 @@ function drawChart() {
   const padY = (hi - lo) * 0.08;
   lo -= padY; hi += padY;
   const ys = ph / (hi - lo);
-  const yOf = (p) => padT + (hi - p) * ys;
-  const xOf = (t) => (t - v0) * k * colW;   // device px
+  return { lo, hi, ys, hasData, yOf: (p) => padT + (hi - p) * ys };
+}
 
-  // --- grid + axes
+/** Ticks of both axes: prices at a round step about 44 CSS px apart; times on local-clock multiples,
+ *  a label's width + 30 px apart at least. Sets the label font here, where widths are measured:
+ *  the labels and tags drawn later use it. */
+function axisTicks({ v0, v1, k, colW, ph, dpr }, { lo, hi }) {
+  const { ctx } = chart;
   const fontPx = Math.round(11 * dpr);
   ctx.font = `${fontPx}px ui-monospace, "SF Mono", "JetBrains Mono", "Cascadia Mono", "Roboto Mono", "DejaVu Sans Mono", Menlo, Consolas, monospace`;
   ctx.textBaseline = 'middle';
@@ -954,15 +1582,23 @@ function drawChart() {
   const off = -new Date(v0).getTimezoneOffset() * 60e3;   // local = UTC + off: ticks on local-time multiples
   const xTicks = [];
   for (let t = Math.ceil((v0 + off) / xStep) * xStep - off; t <= v1; t += xStep) xTicks.push(t);
+  return { yTicks, yLabels, yDec, maxLabelW, xTicks, xStep };
+}
 
+function drawGrid({ pw, ph, padT, xOf }, { yOf }, { yTicks, xTicks }) {
+  const { ctx } = chart;
   ctx.lineWidth = 1;
   ctx.strokeStyle = COLORS.grid;
   ctx.beginPath();
   for (const p of yTicks) { const y = Math.round(yOf(p)) + 0.5; ctx.moveTo(0, y); ctx.lineTo(pw, y); }
   for (const t of xTicks) { const x = Math.round(xOf(t)) + 0.5; ctx.moveTo(x, padT); ctx.lineTo(x, padT + ph); }
   ctx.stroke();
+}
 
-  // --- gaps: shaded, hatched bands
+/** Gaps as shaded, hatched bands (feed outages amber with edges, client gaps grey): no price is
+ *  drawn through a time we have no data for. */
+function drawGaps({ pw, ph, padT, dpr, xOf }, gaps) {
+  const { ctx } = chart;
   for (const g of gaps) {
     const xa = Math.max(0, Math.floor(xOf(g.start))), xb = Math.min(pw, Math.ceil(xOf(g.end)));
     const w = Math.max(1, xb - xa);
@@ -986,66 +1622,74 @@ function drawChart() {
       if (xOf(g.end) <= pw) ctx.fillRect(Math.max(xa, xb - dpr), padT, Math.max(1, dpr), ph);
     }
   }
+}
 
-  // --- series: step lines with per-column min/max bars, never across a gap
+/** One side's line ('bid' | 'ask'): a step line with a min..max bar per column, never across a gap.
+ *  A BBO price is a step function: every segment is horizontal or vertical, so it is drawn with
+ *  axis-aligned fillRect calls (no path stroking: cheap to rasterise at any density).
+ *  Returns the last value drawn (for its tag), or null. */
+function drawSeries({ pw, colW, ncols, dpr, xOf }, { yOf }, { lead, gaps, crosses, tailT }, C, side) {
+  const { ctx } = chart;
+  const [minA, maxA, lastA] = side === 'bid' ? [C.bMin, C.bMax, C.bLast] : [C.aMin, C.aMax, C.aLast];
+  const leadV = lead ? lead[side] : null;
   const lw = Math.max(1.5, dpr);
-  const tailT = moreAfter ? v1 : Math.min(v1, liveEdge);
-  // A BBO price is a step function: every segment is horizontal or vertical, so the series is
-  // drawn with axis-aligned fillRect calls (no path stroking: cheap to rasterise at any density).
-  const drawSeries = (minA, maxA, lastA, leadV, color) => {
-    ctx.fillStyle = color;
-    const h = lw / 2;
-    let prevC = -1, prevV = 0, prevT = 0, pen = false, px = 0, py = 0;
-    if (leadV != null) { prevV = leadV; prevT = lead.t; pen = true; px = 0; py = yOf(leadV); }
-    for (let c = 0; c < ncols; c++) {
-      if (!C.has[c]) continue;
-      const x = (c + 0.5) * colW;
-      let yTop = yOf(maxA[c]), yBot = yOf(minA[c]);
-      if (pen && !crosses(prevT, C.tFirst[c])) {
-        ctx.fillRect(px - h, py - h, x - px + lw, lw);          // hold the previous price
-        if (py < yTop) yTop = py;
-        if (py > yBot) yBot = py;
-      }
-      ctx.fillRect(x - h, yTop - h, lw, yBot - yTop + lw);      // the column's range
-      prevC = c; prevV = lastA[c]; prevT = C.tLast[c]; pen = true;
-      px = x; py = yOf(prevV);
+  const h = lw / 2;
+  ctx.fillStyle = COLORS[side];
+  let prevV = 0, prevT = 0, pen = false, px = 0, py = 0;
+  if (leadV != null) { prevV = leadV; prevT = lead.t; pen = true; px = 0; py = yOf(leadV); }
+  for (let c = 0; c < ncols; c++) {
+    if (!C.has[c]) continue;
+    const x = (c + 0.5) * colW;
+    let yTop = yOf(maxA[c]), yBot = yOf(minA[c]);
+    if (pen && !crosses(prevT, C.tFirst[c])) {
+      ctx.fillRect(px - h, py - h, x - px + lw, lw);          // hold the previous price
+      if (py < yTop) yTop = py;
+      if (py > yBot) yBot = py;
     }
-    if (pen) {
-      // hold the last value to the right edge / the live edge, stopping at a gap
-      let endT = tailT;
-      for (const g of gaps) if (g.end > prevT && g.start < endT) { endT = Math.max(prevT, g.start); break; }
-      const xEnd = Math.min(pw, xOf(endT));
-      if (xEnd > px) ctx.fillRect(px - h, py - h, xEnd - px + h, lw);
-    }
-    return pen ? prevV : null;
-  };
-  const lastAsk = drawSeries(C.aMin, C.aMax, C.aLast, lead ? lead.ask : null, COLORS.ask);
-  const lastBid = drawSeries(C.bMin, C.bMax, C.bLast, lead ? lead.bid : null, COLORS.bid);
+    ctx.fillRect(x - h, yTop - h, lw, yBot - yTop + lw);      // the column's range
+    prevV = lastA[c]; prevT = C.tLast[c]; pen = true;
+    px = x; py = yOf(prevV);
+  }
+  if (pen) {
+    // hold the last value to the right edge / the live edge, stopping at a gap
+    let endT = tailT;
+    for (const g of gaps) if (g.end > prevT && g.start < endT) { endT = Math.max(prevT, g.start); break; }
+    const xEnd = Math.min(pw, xOf(endT));
+    if (xEnd > px) ctx.fillRect(px - h, py - h, xEnd - px + h, lw);
+  }
+  return pen ? prevV : null;
+}
 
-  // --- axes
-  ctx.fillStyle = COLORS.axisLine;
-  ctx.fillRect(pw, padT, Math.max(1, Math.round(dpr)), ph);
-  ctx.fillRect(0, padT + ph, pw, Math.max(1, Math.round(dpr)));
-  // price tags for the last visible bid / ask on the right axis (placed first: labels avoid them)
+/** Where the tags of the last visible ask and bid go on the price axis: at their price, ask above
+ *  bid, pushed apart so they never overlap. Placed before the tick labels, which make way for them. */
+function priceTags({ padT, ph, dpr }, { yOf }, lastAsk, lastBid) {
+  const tagH = TAG_H * dpr;
   const tags = [];
-  if (lastAsk != null) tags.push({ v: lastAsk, color: COLORS.ask });
-  if (lastBid != null) tags.push({ v: lastBid, color: COLORS.bid });
-  const dec = state.bbo[sym] ? Math.max(decimalsOf(state.bbo[sym].bidPrice), decimalsOf(state.bbo[sym].askPrice)) : yDec;
-  const tagH = 16 * dpr;
+  if (lastAsk != null) tags.push({ v: lastAsk, color: COLORS.ask, y: 0 });
+  if (lastBid != null) tags.push({ v: lastBid, color: COLORS.bid, y: 0 });
   let prevY = -Infinity;
   for (const tg of tags) {   // ask above bid
     let y = clamp(yOf(tg.v), padT + tagH / 2, padT + ph - tagH / 2);
     if (y - prevY < tagH + 1) y = prevY + tagH + 1;
     prevY = tg.y = y;
   }
+  return tags;
+}
+
+/** Axis lines and tick labels; a price label that a tag would cover is left out. */
+function drawAxes({ pw, ph, padT, dpr, labelX, xOf }, { yOf }, { yTicks, yLabels, xTicks, xStep }, tags) {
+  const { ctx } = chart;
+  ctx.fillStyle = COLORS.axisLine;
+  ctx.fillRect(pw, padT, Math.max(1, Math.round(dpr)), ph);
+  ctx.fillRect(0, padT + ph, pw, Math.max(1, Math.round(dpr)));
+  const tagH = TAG_H * dpr;
   ctx.fillStyle = COLORS.axis;
   ctx.textAlign = 'left';
-  const lx = pw + 6 * dpr;
   yTicks.forEach((p, i) => {
     const y = yOf(p);
     if (y < padT + 6 * dpr || y > padT + ph - 4 * dpr) return;
     if (tags.some((tg) => Math.abs(tg.y - y) < tagH * 0.5 + 7 * dpr)) return;
-    ctx.fillText(yLabels[i], lx, y);
+    ctx.fillText(yLabels[i], labelX, y);
   });
   ctx.textAlign = 'center';
   ctx.textBaseline = 'top';
@@ -1055,26 +1699,38 @@ function drawChart() {
     if (x < 24 * dpr || x > pw - 24 * dpr) continue;
     ctx.fillText(timeLabel(t, xStep), x, ly);
   }
+}
 
+/** The price tags, on their line's colour. Returns the width of the widest. */
+function drawPriceTags({ pw, axisR, dpr, labelX }, tags, dec) {
+  const { ctx } = chart;
+  const tagH = TAG_H * dpr;
+  let widest = 0;
   ctx.textBaseline = 'middle';
   ctx.textAlign = 'left';
   for (const tg of tags) {
     const y = tg.y;
     const s = tg.v.toFixed(dec);
-    maxLabelW = Math.max(maxLabelW, ctx.measureText(s).width);
+    widest = Math.max(widest, ctx.measureText(s).width);
     ctx.fillStyle = tg.color;
     ctx.fillRect(pw + 1, Math.round(y - tagH / 2), axisR - 1, tagH);
     ctx.fillStyle = COLORS.tagText;
-    ctx.fillText(s, lx, y + 0.5 * dpr);
+    ctx.fillText(s, labelX, y + 0.5 * dpr);
   }
+  return widest;
+}
 
-  // adapt the axis width to the labels for the next frame
-  const wantAxis = Math.ceil(maxLabelW / dpr + 12);
+/** Decimals for prices on tags and the crosshair: as many as the exchange writes (the tick step's
+ *  before the first update). */
+function priceDecimals(sym, fallback) {
+  const p = state.bbo[sym];
+  return p ? Math.max(decimalsOf(p.bidPrice), decimalsOf(p.askPrice)) : fallback;
+}
+
+/** Fit the price axis to its widest label for the next draw (a 3 px dead band: it does not flicker). */
+function fitAxisWidth(labelW) {
+  const wantAxis = Math.ceil(labelW / chart.dpr + 12);
   if (Math.abs(wantAxis - chart.axisW) > 3) { chart.axisW = clamp(wantAxis, 44, 120); chart.dirty = true; }
-
-  chart.geo = { v0, v1, k, colW, ncols, pw, ph, padT, lo, hi, ys, dpr, gaps, lead, dec, xStep, livePts, bf, sym, tailT };
-  finishDraw(started, livePts, hasData);
-  return chart.lastDrawMs;
 }
 
 function finishDraw(started, livePts, hasData) {
@@ -1098,21 +1754,32 @@ function finishDraw(started, livePts, hasData) {
   if (chart.hover) drawOverlay();
 }
 
+// --- crosshair: drawOverlay() on its own canvas, from the geometry of the last draw -----------
+
 /** Crosshair + tooltip on the overlay canvas (the main chart is not redrawn for it). */
 function drawOverlay() {
   const { octx, dpr } = chart;
-  const W = chart.overlay.width, H = chart.overlay.height;
   octx.setTransform(1, 0, 0, 1, 0, 0);
-  octx.clearRect(0, 0, W, H);
+  octx.clearRect(0, 0, chart.overlay.width, chart.overlay.height);
   const tip = $('chart-tooltip');
   const g = chart.geo;
   if (!chart.hover || !g) { tip.hidden = true; return; }
   const x = chart.hover.x * dpr, y = chart.hover.y * dpr;
   if (x < 0 || x >= g.pw || y < g.padT || y > g.padT + g.ph) { tip.hidden = true; return; }
-  const C = chart.cols;
   const col = Math.min(g.ncols - 1, Math.floor(x / g.colW));
   const t = g.v0 + (col + 0.5) / g.k;
-  // the value at the cursor: this column's last value, else the previous one that holds
+  const at = valueAt(g, col, t);
+  const half = Math.round(dpr) % 2 ? 0.5 : 0;   // an odd-width line is sharp only on a half pixel
+  const cx = Math.round((col + 0.5) * g.colW) + half, cy = Math.round(y) + half;
+  drawCrosshair(g, cx, cy, at);
+  drawCrosshairLabels(g, cx, cy, y, t);
+  showTooltip(tip, g, t, at);
+}
+
+/** {bid, ask, gap} at time t in column col: the column's last value, else the previous one that
+ *  still holds there (not across a gap, not beyond the live edge); the gap when t is in one. */
+function valueAt(g, col, t) {
+  const C = chart.cols;
   let vb = null, va = null, gapHit = null;
   for (const gp of g.gaps) if (t >= gp.start && t <= gp.end) { gapHit = gp; break; }
   if (!gapHit) {
@@ -1127,33 +1794,42 @@ function drawOverlay() {
     }
     if (t > g.tailT + 1 / g.k) { vb = null; va = null; }
   }
-  // crosshair lines
+  return { bid: vb, ask: va, gap: gapHit };
+}
+
+/** Dashed crosshair lines and a dot on each price at the cursor's time. */
+function drawCrosshair(g, cx, cy, at) {
+  const { octx, dpr } = chart;
   octx.strokeStyle = COLORS.cross;
   octx.lineWidth = Math.max(1, Math.round(dpr));
   octx.setLineDash([4 * dpr, 4 * dpr]);
   octx.beginPath();
-  const cx = Math.round((col + 0.5) * g.colW) + (Math.round(dpr) % 2 ? 0.5 : 0), cy = Math.round(y) + (Math.round(dpr) % 2 ? 0.5 : 0);
   octx.moveTo(cx, g.padT); octx.lineTo(cx, g.padT + g.ph);
   octx.moveTo(0, cy); octx.lineTo(g.pw, cy);
   octx.stroke();
   octx.setLineDash([]);
   const yOf = (p) => g.padT + (g.hi - p) * g.ys;
-  for (const [v, color] of [[vb, COLORS.bid], [va, COLORS.ask]]) {
+  for (const [v, color] of [[at.bid, COLORS.bid], [at.ask, COLORS.ask]]) {
     if (v == null) continue;
     octx.fillStyle = color;
     octx.beginPath();
     octx.arc(cx, yOf(v), 3.5 * dpr, 0, Math.PI * 2);
     octx.fill();
   }
-  // axis labels at the crosshair
+}
+
+/** The cursor's price on the price axis and its time on the time axis. */
+function drawCrosshairLabels(g, cx, cy, y, t) {
+  const { octx, dpr } = chart;
+  const W = chart.overlay.width;
   octx.font = `${Math.round(11 * dpr)}px ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace`;
   octx.textBaseline = 'middle';
   const price = g.hi - (y - g.padT) / g.ys;
   const ps = price.toFixed(g.dec);
-  const lh = 16 * dpr;
+  const lh = TAG_H * dpr;
   octx.fillStyle = COLORS.labelBg;
   octx.fillRect(g.pw + 1, cy - lh / 2, W - g.pw - 1, lh);
-  octx.fillStyle = '#e7eaee';
+  octx.fillStyle = COLORS.labelText;
   octx.textAlign = 'left';
   octx.fillText(ps, g.pw + 6 * dpr, cy);
   const span = g.v1 - g.v0;
@@ -1162,16 +1838,22 @@ function drawOverlay() {
   const tx = clamp(cx - tw / 2, 0, g.pw - tw);
   octx.fillStyle = COLORS.labelBg;
   octx.fillRect(tx, g.padT + g.ph + 1, tw, lh + 2 * dpr);
-  octx.fillStyle = '#e7eaee';
+  octx.fillStyle = COLORS.labelText;
   octx.textAlign = 'center';
   octx.fillText(ts, tx + tw / 2, g.padT + g.ph + 1 + (lh + 2 * dpr) / 2);
+}
 
-  // tooltip
+/** The tooltip beside the cursor (left of it near the right edge): the time, then bid, ask and
+ *  spread there, or what the gap is. */
+function showTooltip(tip, g, t, at) {
+  const { dpr } = chart;
+  const span = g.v1 - g.v0;
   const timeStr = span > 86400e3 ? fmtDateTime(t) : span > 3600e3 ? `${fmtDay(t)} ${fmtClock(t)}` : fmtClock(t, span <= 5 * 60e3);
   let html = `<div class="tt-time">${timeStr}</div>`;
-  if (gapHit) {
-    html += `<div class="tt-gap">${gapHit.kind === 'outage' ? 'Feed outage' : 'No data'}${gapHit.reason ? ': ' + escapeHtml(gapHit.reason) : ''}</div>`;
-  } else if (vb != null && va != null) {
+  if (at.gap) {
+    html += `<div class="tt-gap">${at.gap.kind === 'outage' ? 'Feed outage' : 'No data'}${at.gap.reason ? ': ' + escapeHtml(at.gap.reason) : ''}</div>`;
+  } else if (at.bid != null && at.ask != null) {
+    const vb = at.bid, va = at.ask;
     const sp = va - vb;
     const mid = (va + vb) / 2;
     html += `<div class="tt-bid"><span class="tt-k">Bid</span>${vb.toFixed(g.dec)}</div>` +
@@ -1196,13 +1878,44 @@ function escapeHtml(s) {
   return String(s).replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c]));
 }
 
-// --- view changes -------------------------------------------------------------
+// --- the view: timeframes, zoom, pan, and the input that changes it ---------------------------
+
+/** The canvases, and the timeframe: ?tf=, else the last one used, else the default. */
+function initChart() {
+  chart.canvas = $('chart');
+  chart.overlay = $('chart-overlay');
+  chart.ctx = chart.canvas.getContext('2d', { alpha: true });
+  chart.octx = chart.overlay.getContext('2d');
+  const tf = params.get('tf') || (() => { try { return localStorage.getItem('bbo.tf'); } catch { return null; } })();
+  chart.tf = TIMEFRAMES[tf] ? tf : DEFAULT_TF;
+  chart.view = { span: TIMEFRAMES[chart.tf], end: 0, follow: true };
+  buildTimeframeButtons();
+}
+
+/** One button #tf-<tf> per TIMEFRAMES key, in its order, before the Reset button. */
+function buildTimeframeButtons() {
+  $('zoom-reset').before(...Object.keys(TIMEFRAMES).map((tf) => {
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.className = 'tf';
+    b.id = `tf-${tf}`;
+    b.dataset.tf = tf;
+    b.textContent = tf;
+    b.addEventListener('click', () => setTimeframe(tf));
+    return b;
+  }));
+  markTimeframe(chart.tf);
+}
+
+function markTimeframe(tf) {
+  for (const b of document.querySelectorAll('.tf')) setAttr(b, 'aria-pressed', String(b.dataset.tf === tf));
+}
 
 function setTimeframe(tf) {
   if (!TIMEFRAMES[tf]) return;
   chart.tf = tf;
   chart.view = { span: TIMEFRAMES[tf], end: serverNow(), follow: true };
-  for (const b of document.querySelectorAll('.tf')) setAttr(b, 'aria-pressed', String(b.dataset.tf === tf));
+  markTimeframe(tf);
   try { localStorage.setItem('bbo.tf', tf); } catch { /* private mode */ }
   chart.dirty = true;
   scheduleBackfill(0);
@@ -1245,95 +1958,136 @@ function panBy(ms) {
 
 function initChartInput() {
   const cv = chart.canvas;
-  const rel = (e) => { const r = cv.getBoundingClientRect(); return { x: e.clientX - r.left, y: e.clientY - r.top }; };
-  const timeAtX = (x) => { const g = chart.geo; const [v0, v1] = viewRange(); const pw = g ? g.pw / g.dpr : chart.cssW - chart.axisW; return v0 + (x / pw) * (v1 - v0); };
-  const pxMs = () => { const [v0, v1] = viewRange(); const g = chart.geo; const pw = g ? g.pw / g.dpr : chart.cssW - chart.axisW; return (v1 - v0) / Math.max(1, pw); };
-
-  cv.addEventListener('wheel', (e) => {
-    e.preventDefault();
-    const unit = e.deltaMode === 1 ? 16 : e.deltaMode === 2 ? 400 : 1;
-    const dy = (Math.abs(e.deltaY) >= Math.abs(e.deltaX) ? e.deltaY : 0) * unit;
-    const dx = (Math.abs(e.deltaX) > Math.abs(e.deltaY) ? e.deltaX : 0) * unit;
-    if (dx) { panBy(dx * pxMs()); return; }
-    if (!dy) return;
-    const p = rel(e);
-    zoomAt(Math.exp(clamp(dy, -300, 300) * 0.0015), timeAtX(p.x));
-  }, { passive: false });
-
-  cv.addEventListener('pointerdown', (e) => {
-    if (e.button !== 0 && e.pointerType === 'mouse') return;
-    try { cv.setPointerCapture(e.pointerId); } catch { /* synthetic or already released pointer */ }
-    const p = rel(e);
-    chart.pointers.set(e.pointerId, p);
-    if (chart.pointers.size === 1) {
-      chart.drag = { x: p.x, moved: false, pointerType: e.pointerType };
-      if (e.pointerType !== 'mouse') { chart.hover = p; drawOverlay(); }
-    } else if (chart.pointers.size === 2) {
-      const [a, b] = [...chart.pointers.values()];
-      chart.drag = { pinch: Math.abs(a.x - b.x) || 1, mid: (a.x + b.x) / 2, moved: true };
-      chart.hover = null; drawOverlay();
-    }
-  });
-  cv.addEventListener('pointermove', (e) => {
-    const p = rel(e);
-    if (chart.pointers.has(e.pointerId)) chart.pointers.set(e.pointerId, p);
-    const d = chart.drag;
-    if (d && d.pinch != null && chart.pointers.size >= 2) {
-      const [a, b] = [...chart.pointers.values()];
-      const dist = Math.abs(a.x - b.x) || 1;
-      const mid = (a.x + b.x) / 2;
-      const ms = pxMs();
-      if (mid !== d.mid) panBy(-(mid - d.mid) * ms);
-      zoomAt(d.pinch / dist, timeAtX(mid));
-      d.pinch = dist; d.mid = mid;
-      return;
-    }
-    if (d && d.x != null && chart.pointers.size === 1) {
-      const dx = p.x - d.x;
-      if (!d.moved && Math.abs(dx) < 3) { if (e.pointerType === 'mouse') { chart.hover = p; drawOverlay(); } return; }
-      d.moved = true;
-      cv.classList.add('dragging');
-      panBy(-dx * pxMs());
-      d.x = p.x;
-      chart.hover = e.pointerType === 'mouse' ? p : null;
-      return;
-    }
-    if (e.pointerType === 'mouse') { chart.hover = p; drawOverlay(); }
-  });
-  const end = (e) => {
-    chart.pointers.delete(e.pointerId);
-    cv.classList.remove('dragging');
-    if (chart.pointers.size === 0) {
-      const d = chart.drag;
-      chart.drag = null;
-      if (e.pointerType !== 'mouse' && d && d.moved) { chart.hover = null; drawOverlay(); }
-    } else if (chart.pointers.size === 1) {
-      const [p] = [...chart.pointers.values()];
-      chart.drag = { x: p.x, moved: true };
-    }
-  };
-  cv.addEventListener('pointerup', end);
-  cv.addEventListener('pointercancel', end);
+  $('zoom-reset').addEventListener('click', resetZoom);
+  window.addEventListener('resize', () => { chartLayout(); requestFrame(); });
+  if (window.ResizeObserver) new ResizeObserver(() => { chartLayout(); requestFrame(); }).observe(cv.parentElement);
+  cv.addEventListener('wheel', onChartWheel, { passive: false });
+  cv.addEventListener('pointerdown', onChartPointerDown);
+  cv.addEventListener('pointermove', onChartPointerMove);
+  cv.addEventListener('pointerup', onChartPointerEnd);
+  cv.addEventListener('pointercancel', onChartPointerEnd);
   cv.addEventListener('pointerleave', (e) => {
     if (e.pointerType === 'mouse' && !chart.drag) { chart.hover = null; drawOverlay(); }
   });
   cv.addEventListener('dblclick', () => resetZoom());
-  cv.addEventListener('keydown', (e) => {
-    const [v0, v1] = viewRange();
-    const span = v1 - v0;
-    let handled = true;
-    switch (e.key) {
-      case 'ArrowLeft': panBy(-span * 0.1); break;
-      case 'ArrowRight': panBy(span * 0.1); break;
-      case '+': case '=': case 'ArrowUp': zoomAt(0.8); break;
-      case '-': case '_': case 'ArrowDown': zoomAt(1.25); break;
-      case '0': case 'Home': case 'Escape': resetZoom(); break;
-      case 'End': panBy(serverNow()); break;
-      default: handled = false;
-    }
-    if (handled) e.preventDefault();
-  });
+  cv.addEventListener('keydown', onChartKey);
   cv.addEventListener('blur', () => { if (!chart.hover) drawOverlay(); });
+}
+
+/** Pointer position in CSS px inside the chart canvas. */
+function canvasPoint(e) {
+  const r = chart.canvas.getBoundingClientRect();
+  return { x: e.clientX - r.left, y: e.clientY - r.top };
+}
+/** Plot width in CSS px: the last draw's, else the canvas less the axis. */
+function plotCssWidth() {
+  const g = chart.geo;
+  return g ? g.pw / g.dpr : chart.cssW - chart.axisW;
+}
+function timeAtCssX(x) {
+  const [v0, v1] = viewRange();
+  return v0 + (x / plotCssWidth()) * (v1 - v0);
+}
+function msPerCssPx() {
+  const [v0, v1] = viewRange();
+  return (v1 - v0) / Math.max(1, plotCssWidth());
+}
+
+/** Vertical wheel zooms about the time under the cursor, horizontal wheel pans. */
+function onChartWheel(e) {
+  e.preventDefault();
+  const unit = e.deltaMode === 1 ? 16 : e.deltaMode === 2 ? 400 : 1;
+  const dy = (Math.abs(e.deltaY) >= Math.abs(e.deltaX) ? e.deltaY : 0) * unit;
+  const dx = (Math.abs(e.deltaX) > Math.abs(e.deltaY) ? e.deltaX : 0) * unit;
+  if (dx) { panBy(dx * msPerCssPx()); return; }
+  if (!dy) return;
+  const p = canvasPoint(e);
+  zoomAt(Math.exp(clamp(dy, -300, 300) * 0.0015), timeAtCssX(p.x));
+}
+
+/** One pointer starts a drag (a touch also shows the crosshair), a second one a pinch. */
+function onChartPointerDown(e) {
+  if (e.button !== 0 && e.pointerType === 'mouse') return;
+  try { chart.canvas.setPointerCapture(e.pointerId); } catch { /* synthetic or already released pointer */ }
+  const p = canvasPoint(e);
+  chart.pointers.set(e.pointerId, p);
+  if (chart.pointers.size === 1) {
+    chart.drag = { x: p.x, moved: false, pointerType: e.pointerType };
+    if (e.pointerType !== 'mouse') { chart.hover = p; drawOverlay(); }
+  } else if (chart.pointers.size === 2) {
+    const [a, b] = [...chart.pointers.values()];
+    chart.drag = { pinch: Math.abs(a.x - b.x) || 1, mid: (a.x + b.x) / 2, moved: true };
+    chart.hover = null; drawOverlay();
+  }
+}
+
+/** Pinch: zoom and pan with the two pointers. Drag: pan once it moved 3 px (less is a click).
+ *  A mouse that is not dragging moves the crosshair. */
+function onChartPointerMove(e) {
+  const p = canvasPoint(e);
+  if (chart.pointers.has(e.pointerId)) chart.pointers.set(e.pointerId, p);
+  const d = chart.drag;
+  if (d && d.pinch != null && chart.pointers.size >= 2) {
+    const [a, b] = [...chart.pointers.values()];
+    const dist = Math.abs(a.x - b.x) || 1;
+    const mid = (a.x + b.x) / 2;
+    const ms = msPerCssPx();
+    if (mid !== d.mid) panBy(-(mid - d.mid) * ms);
+    zoomAt(d.pinch / dist, timeAtCssX(mid));
+    d.pinch = dist; d.mid = mid;
+    return;
+  }
+  if (d && d.x != null && chart.pointers.size === 1) {
+    const dx = p.x - d.x;
+    if (!d.moved && Math.abs(dx) < 3) { if (e.pointerType === 'mouse') { chart.hover = p; drawOverlay(); } return; }
+    d.moved = true;
+    chart.canvas.classList.add('dragging');
+    panBy(-dx * msPerCssPx());
+    d.x = p.x;
+    chart.hover = e.pointerType === 'mouse' ? p : null;
+    return;
+  }
+  if (e.pointerType === 'mouse') { chart.hover = p; drawOverlay(); }
+}
+
+/** Pointer up / cancel: the last one ends the drag (a touch drag also hides the crosshair); of a
+ *  pinch, the pointer left goes on dragging. */
+function onChartPointerEnd(e) {
+  chart.pointers.delete(e.pointerId);
+  chart.canvas.classList.remove('dragging');
+  if (chart.pointers.size === 0) {
+    const d = chart.drag;
+    chart.drag = null;
+    if (e.pointerType !== 'mouse' && d && d.moved) { chart.hover = null; drawOverlay(); }
+  } else if (chart.pointers.size === 1) {
+    const [p] = [...chart.pointers.values()];
+    chart.drag = { x: p.x, moved: true };
+  }
+}
+
+/** Arrow keys pan, + / - zoom, 0 (Home, Escape) resets, End jumps back to live data. */
+function onChartKey(e) {
+  const [v0, v1] = viewRange();
+  const span = v1 - v0;
+  let handled = true;
+  switch (e.key) {
+    case 'ArrowLeft': panBy(-span * 0.1); break;
+    case 'ArrowRight': panBy(span * 0.1); break;
+    case '+': case '=': case 'ArrowUp': zoomAt(0.8); break;
+    case '-': case '_': case 'ArrowDown': zoomAt(1.25); break;
+    case '0': case 'Home': case 'Escape': resetZoom(); break;
+    case 'End': panBy(serverNow()); break;
+    default: handled = false;
+  }
+  if (handled) e.preventDefault();
+}
+
+/** Another symbol is shown: its own backfill, no crosshair left over from the previous one. */
+function chartSymbolChanged() {
+  chart.dirty = true;
+  chart.hover = null;
+  if (chart.bfPending) { chart.bfPending.ctl.abort(); chart.bfPending = null; }
+  scheduleBackfill(0);
 }
 
 // --- backfill from /api/history/series -----------------------------------------
@@ -1351,8 +2105,7 @@ function ensureBackfill(force = false) {
   const [v0, v1raw] = viewRange();
   const now = serverNow();
   const v1 = Math.min(v1raw, now);
-  const sess = state.session[sym];
-  const liveFrom = sess && sess.start != null ? sess.start : Infinity;
+  const liveFrom = liveSince(sym);
   if (v0 >= liveFrom && !force) return;                 // the live session covers the whole view
   const plotW = Math.max(50, chart.cssW - chart.axisW);
   const msPerPx = (v1raw - v0) / plotW;
@@ -1401,371 +2154,29 @@ function ensureBackfill(force = false) {
 }
 
 // ###########################################################################
-// §5 UI updates
-// ###########################################################################
-
-const dirty = { bbo: true, tabs: true, status: true, symbols: true };
-let frameRequested = false;
-let wakeTimer = 0, wakeAt = Infinity;
-
-// Data-driven repaints (price texts, tabs and the chart, together in one frame so they always
-// agree) happen at most every PAINT_INTERVAL ms: 20 per second is smooth to the eye and keeps the
-// main thread free under a fast feed. Zoom / pan redraw the chart in the very next frame.
-// There is no free-running requestAnimationFrame loop: a frame is requested only when something
-// is due (dirty and allowed by the throttle, or the following view has moved >= 1 px); until then
-// one setTimeout waits for the earliest due time. Between repaints the page asks for no frames.
-const PAINT_INTERVAL = 50;
-let lastPaint = 0;
-
-/** Milliseconds until the next frame has work to do (<= 0: now; Infinity: nothing pending). */
-function frameDueIn(t) {
-  if (dirty.symbols || dirty.status) return 0;
-  const heavy = Math.min(250, chart.lastDrawMs * 4);   // a million-point chart throttles itself
-  let due = Infinity;
-  if (chart.interactive && chart.dirty) due = chart.lastDrawAt + heavy - t;
-  const paintAt = lastPaint + Math.max(PAINT_INTERVAL, heavy);
-  if (dirty.bbo || dirty.tabs || chart.dirty) due = Math.min(due, paintAt - t);
-  if (chart.view.follow) {
-    const pxMs = chart.view.span / Math.max(1, chart.cssW - chart.axisW);   // time per CSS pixel
-    due = Math.min(due, Math.max(paintAt, chart.lastDrawAt + pxMs) - t);
-  }
-  return due;
-}
-
-/** Something changed: get a frame as soon as the throttle allows (cheap to call per message). */
-function requestFrame() {
-  if (frameRequested) return;
-  const t = performance.now();
-  const wait = frameDueIn(t);
-  if (wait <= 0) {
-    if (wakeTimer) { clearTimeout(wakeTimer); wakeTimer = 0; wakeAt = Infinity; }
-    frameRequested = true;
-    requestAnimationFrame(frame);
-  } else if (wait < Infinity && t + wait < wakeAt - 1) {
-    if (wakeTimer) clearTimeout(wakeTimer);
-    wakeAt = t + wait;
-    wakeTimer = setTimeout(onWake, Math.max(1, Math.ceil(wait)));
-  }
-}
-function onWake() {
-  wakeTimer = 0; wakeAt = Infinity;
-  requestFrame();
-}
-
-/** One animation frame: apply everything that changed since the last one. */
-function frame() {
-  frameRequested = false;
-  const t = performance.now();
-  if (dirty.symbols) { dirty.symbols = false; renderSymbols(); }
-  if (dirty.status) { dirty.status = false; renderStatus(); }
-  const heavy = Math.min(250, chart.lastDrawMs * 4);
-  const pxMs = chart.view.span / Math.max(1, chart.cssW - chart.axisW);
-  // the view moved >= 1 px (1 ms of slack: timers and frames do not land on the exact ms)
-  const slid = chart.view.follow && t - chart.lastDrawAt >= pxMs - 1;
-  if (chart.interactive && chart.dirty && t - chart.lastDrawAt >= heavy) {
-    drawChart();
-  } else if (t - lastPaint >= Math.max(PAINT_INTERVAL, heavy) - 1 &&
-             (dirty.bbo || dirty.tabs || chart.dirty || slid)) {
-    lastPaint = t;
-    if (dirty.bbo) { dirty.bbo = false; renderBbo(); }
-    if (dirty.tabs) { dirty.tabs = false; renderTabs(); }
-    if (chart.dirty || slid) drawChart();
-  }
-  chart.interactive = false;
-  // schedule the next one: a frame now if due, else a timer for when it will be
-  requestFrame();
-}
-
-const el = {};
-function cacheElements() {
-  for (const id of ['bid-price', 'ask-price', 'bid-qty', 'ask-qty', 'spread', 'spread-bps', 'spread-fill',
-    'spread-indicator', 'mid-price', 'imbalance-bid', 'imbalance-bid-pct', 'imbalance-ask-pct', 'bbo-symbol',
-    'bbo-market', 'bbo-age', 'bbo-time', 'bbo-update-id', 'bbo-latency', 'bbo-card', 'symbol-select',
-    'symbol-tabs', 'feed-state', 'feed-state-text', 'conn-status', 'conn-text', 'transport', 'feed-banner',
-    'feed-banner-text', 'feed-banner-count', 'sr-status', 'rtt', 'backend-latency', 'backend-latency-avg',
-    'msg-count', 'msg-rate', 'conn-duration', 'stats-transport', 'conn-reconnects', 'fd-state', 'fd-market',
-    'fd-since', 'fd-age', 'fd-next', 'fd-messages', 'fd-reconnects', 'fd-duplicates', 'fd-crossed', 'fd-parse',
-    'fd-reason', 'foot-clock', 'spread-main']) {
-    el[id] = $(id);
-  }
-  el['spread-main'] = document.querySelector('.spread-main');
-}
-
-function renderSymbols() {
-  const sel = el['symbol-select'];
-  const want = state.symbols.join(',');
-  if (sel.dataset.list !== want) {
-    sel.dataset.list = want;
-    sel.replaceChildren(...state.symbols.map((s) => new Option(s, s)));
-    const tabs = el['symbol-tabs'];
-    tabs.replaceChildren(...state.symbols.map((s) => {
-      const b = document.createElement('button');
-      b.type = 'button';
-      b.className = 'sym-tab';
-      b.dataset.symbol = s;
-      b.setAttribute('role', 'tab');
-      b.setAttribute('aria-controls', 'bbo-card');
-      b.innerHTML = `<span class="sym-name"></span><span class="sym-px">—</span>`;
-      b.firstChild.textContent = s;
-      return b;
-    }));
-    tabs.hidden = state.symbols.length < 2;
-    const hs = $('hist-symbol');
-    const prev = hs.value;
-    hs.replaceChildren(...state.symbols.map((s) => new Option(s, s)));
-    hs.value = state.symbols.includes(prev) ? prev : state.current || state.symbols[0] || '';
-    dirty.tabs = true;
-  }
-  if (state.current && sel.value !== state.current) sel.value = state.current;
-  for (const b of el['symbol-tabs'].children) {
-    const on = b.dataset.symbol === state.current;
-    setAttr(b, 'aria-selected', String(on));
-    b.tabIndex = on ? 0 : -1;
-  }
-}
-
-function renderTabs() {
-  for (const b of el['symbol-tabs'].children) {
-    const p = state.bbo[b.dataset.symbol];
-    if (!p) continue;
-    const sm = spreadMid(p.bidPrice, p.askPrice);
-    setText(b.lastChild, sm ? sm.mid : p.bidPrice);
-    setAttr(b, 'data-live', String(isLive(b.dataset.symbol)));
-  }
-}
-
-const shown = { sym: null, bid: NaN, ask: NaN, anims: {} };
-function flash(node, up) {
-  if (reducedMotion || !node.animate) return;
-  const key = node.id;
-  const prev = shown.anims[key];
-  // a flash still running on this price is left to finish: restarting it on every 20 Hz repaint
-  // under a fast feed would keep the element animating (and its style recalculating) non-stop
-  if (prev && prev.playState === 'running') return;
-  const colour = up ? 'rgba(23,199,132,0.30)' : 'rgba(246,70,93,0.30)';
-  if (node.bboFlash !== colour) { node.bboFlash = colour; node.style.setProperty('--flash', colour); }
-  shown.anims[key] = node.animate([{ opacity: 1 }, { opacity: 0 }],
-    { duration: 600, easing: 'ease-out', pseudoElement: '::before' });
-}
-
-function renderBbo() {
-  const sym = state.current;
-  const p = sym && state.bbo[sym];
-  setText(el['bbo-symbol'], sym ? `${sym} best bid and offer` : 'Best bid and offer');
-  if (!p) {
-    for (const id of ['bid-price', 'ask-price', 'bid-qty', 'ask-qty', 'spread', 'mid-price', 'bbo-time', 'bbo-update-id', 'bbo-latency']) setText(el[id], '—');
-    setText(el['spread-bps'], '— bps');
-    setScaleX(el['spread-fill'], 0);
-    shown.sym = sym; shown.bid = NaN; shown.ask = NaN;
-    return;
-  }
-  const bid = Number(p.bidPrice), ask = Number(p.askPrice);
-  if (shown.sym === sym && isLive(sym)) {
-    if (bid !== shown.bid && Number.isFinite(shown.bid)) flash(el['bid-price'], bid > shown.bid);
-    if (ask !== shown.ask && Number.isFinite(shown.ask)) flash(el['ask-price'], ask > shown.ask);
-  }
-  shown.sym = sym; shown.bid = bid; shown.ask = ask;
-  setText(el['bid-price'], p.bidPrice);
-  setText(el['ask-price'], p.askPrice);
-  setText(el['bid-qty'], p.bidQty);
-  setText(el['ask-qty'], p.askQty);
-  const sm = spreadMid(p.bidPrice, p.askPrice);
-  if (sm) {
-    setText(el.spread, sm.spread);
-    setText(el['spread-bps'], fmtBps(sm.bps));
-    setText(el['mid-price'], sm.mid);
-    setAttr(el['spread-main'], 'data-crossed', String(sm.crossed));
-    // log scale 0.01 … 100 bps
-    const pos = Number.isFinite(sm.bps) && sm.bps > 0 ? clamp((Math.log10(sm.bps) + 2) / 4, 0.015, 1) : 0;
-    setScaleX(el['spread-fill'], pos);
-    setAttr(el['spread-fill'], 'data-level', sm.bps <= 5 ? 'good' : sm.bps <= 25 ? 'warn' : 'bad');
-    setAttr(el['spread-indicator'], 'aria-label', `Spread ${sm.spread} (${fmtBps(sm.bps)})`);
-  }
-  const bq = Number(p.bidQty), aq = Number(p.askQty);
-  if (bq + aq > 0) {
-    const f = bq / (bq + aq);
-    setScaleX(el['imbalance-bid'], f);
-    setText(el['imbalance-bid-pct'], `${Math.round(f * 100)}%`);
-    setText(el['imbalance-ask-pct'], `${100 - Math.round(f * 100)}%`);
-  }
-  setText(el['bbo-time'], fmtClock(p.timestamp, true));
-  setText(el['bbo-update-id'], String(p.updateId ?? '—'));
-  setText(el['bbo-latency'], p.backendLatency == null ? 'n/a' : fmtMs(p.backendLatency));
-  setAttr(el['bbo-latency'], 'data-level', level(p.backendLatency, ...LATENCY_LEVELS));
-}
-
-/** When the current feed state began (server ms). A stale feed is derived from the age of the
- *  last message, and its `since` is still the time the connection went live. */
-function feedStateStart(f) {
-  if (f.state === 'stale' && f.lastMessageAge != null) return state.feedAt + state.conn.clockOffset - f.lastMessageAge;
-  return f.since || serverNow();
-}
-
-const FEED_WORDS = { live: 'live', stale: 'stale', backoff: 'backing off', failed: 'failed',
-                     connecting: 'connecting', stopped: 'stopped', unknown: 'unknown' };
-let lastAnnounce = '';
-
-/** Status pills, banner, liveness of the prices, statistics. Runs on changes and every second. */
-function renderStatus() {
-  const c = state.conn;
-  const sock = socket;
-  const now = Date.now();
-  // --- server connection
-  let connText;
-  if (c.state === 'connected') connText = 'Connected';
-  else if (c.state === 'connecting') connText = 'Connecting…';
-  else if (c.state === 'offline') connText = 'Offline';
-  else connText = sock.reconnectAt && sock.reconnectAt > now ? `Reconnecting in ${Math.ceil((sock.reconnectAt - now) / 1000)} s` : 'Reconnecting…';
-  setAttr(el['conn-status'], 'data-state', c.state);
-  setText(el['conn-text'], connText);
-  const tname = sock.transport === 'websocket' ? 'WebSocket' : sock.transport === 'polling' ? 'Polling' : '—';
-  setText(el.transport, tname);
-  setText(el['stats-transport'], tname + (sock.wsFallbacks && sock.transport === 'polling' ? ' (fallback)' : ''));
-
-  // --- exchange feed
-  const f = state.feed;
-  const connected = c.state === 'connected';
-  let fstate = f ? f.state : 'unknown';
-  let fword = FEED_WORDS[fstate] || fstate;
-  const sNow = serverNow();
-  if (f && (fstate === 'backoff' || fstate === 'failed') && f.nextAttempt) {
-    const left = f.nextAttempt - sNow;
-    if (left > 0) fword += ` ${fmtCountdownShort(left)}`;
-  }
-  if (!connected) fword = 'unknown';   // without the server we cannot know: never show a stale "live"
-  setAttr(el['feed-state'], 'data-state', connected ? fstate : 'unknown');
-  setText(el['feed-state-text'], fword);
-  el['feed-state'].title = !f ? 'Exchange feed state not known yet'
-    : `Exchange feed: ${connected ? fstate : `unknown (last known: ${fstate})`}${f.reason ? ' — ' + f.reason : ''}`;
-
-  // --- liveness of the displayed prices
-  const sym = state.current;
-  const live = isLive(sym);
-  setAttr(el['bbo-card'], 'data-live', String(live));
-  const p = sym && state.bbo[sym];
-  if (p) {
-    const age = sNow - (p.serverTimestamp ?? p.timestamp);
-    setText(el['bbo-age'], live ? `updated ${fmtAge(age)} ago` : `frozen · last update ${fmtAge(age)} ago`);
-    setAttr(el['bbo-age'], 'data-level', !live ? 'bad' : age > 60000 ? 'bad' : age > 10000 ? 'warn' : 'ok');
-  } else setText(el['bbo-age'], connected ? 'no data yet' : 'not connected');
-  setText(el['bbo-market'], f && f.market ? f.market : '—');
-
-  // --- banner (the frozen-price warning) and the polite announcement
-  let msg = '', count = '', lvl = 'warn';
-  if (!connected) {
-    lvl = c.state === 'offline' ? 'error' : 'warn';
-    msg = c.state === 'connecting' ? 'Connecting to the BBO Stream server… Prices are not live yet.'
-      : c.state === 'offline' ? 'You are offline. Prices shown are frozen.'
-      : `${sock.everConnected ? 'Connection to the server lost' : 'Cannot reach the live stream'}` +
-        `${sock.lastReason ? ` (${sock.lastReason})` : ''}. Prices shown are frozen.`;
-    if (sock.reconnectAt && sock.reconnectAt > now) count = `Retrying in ${fmtCountdown(sock.reconnectAt - now)}`;
-  } else if (f && fstate !== 'live') {
-    const reason = f.reason ? ` (${f.reason})` : '';
-    if (fstate === 'stale') msg = `Exchange feed is stale${reason}. Prices shown are frozen.`;
-    else if (fstate === 'backoff') msg = `Exchange feed disconnected${reason}. Prices shown are frozen.`;
-    else if (fstate === 'failed') { msg = `Exchange feed failed${reason}. Prices shown are frozen.`; lvl = 'error'; }
-    else if (fstate === 'stopped') { msg = `Exchange feed stopped${reason}.`; lvl = 'error'; }
-    else if (fstate === 'connecting') msg = 'Connecting to the exchange feed… Prices are not live yet.';
-    else msg = `Exchange feed ${fstate}${reason}.`;
-    if (f.nextAttempt && f.nextAttempt > sNow) count = `Next attempt in ${fmtCountdown(f.nextAttempt - sNow)}`;
-    else count = `for ${fmtDuration(sNow - feedStateStart(f))}`;
-  } else if (connected && f && sym && !live && state.feed.symbols && state.feed.symbols[sym] &&
-             state.feed.symbols[sym].state !== 'live') {
-    msg = `${sym} is ${state.feed.symbols[sym].state}: no recent updates for this symbol. Its prices are not live.`;
-  }
-  const banner = el['feed-banner'];
-  banner.hidden = !msg;
-  setAttr(banner, 'data-level', lvl);
-  setText(el['feed-banner-text'], msg);
-  setText(el['feed-banner-count'], count);
-  const announce = !connected ? (c.state === 'connecting' ? '' : 'Server connection lost') :
-    fstate === 'live' ? (lastAnnounce ? 'Feed live' : '') : `Feed ${FEED_WORDS[fstate] || fstate}`;
-  if (announce !== lastAnnounce) { lastAnnounce = announce; setText(el['sr-status'], announce); }
-
-  // --- connection statistics
-  setText(el.rtt, !connected ? '—' : fmtMs(c.rtt) + (c.rttAvg != null && c.rtt != null ? ` · avg ${fmtMs(c.rttAvg)}` : ''));
-  setAttr(el.rtt, 'data-level', connected ? level(c.rttAvg ?? c.rtt, ...RTT_LEVELS) : 'none');
-  const st = state.stats;
-  setText(el['backend-latency'], st.lastLatency == null ? '—' : fmtMs(st.lastLatency));
-  setAttr(el['backend-latency'], 'data-level', level(st.lastLatency, ...LATENCY_LEVELS));
-  let lsum = 0, lcount = 0;
-  for (let i = 0; i < 10; i++) { lsum += st.latSum[i]; lcount += st.latCount[i]; }
-  const avg = lcount ? lsum / lcount : null;
-  setText(el['backend-latency-avg'], fmtMs(avg));
-  setAttr(el['backend-latency-avg'], 'data-level', level(avg, ...LATENCY_LEVELS));
-  setText(el['msg-count'], fmtInt(st.messages));
-  setText(el['msg-rate'], `${st.rate < 10 ? st.rate.toFixed(1) : Math.round(st.rate)} /s`);
-  setText(el['conn-duration'], sock.connectedAt ? fmtDuration(now - sock.connectedAt) : '—');
-  setText(el['conn-reconnects'], String(sock.reconnects));
-
-  // --- feed details
-  setAttr(el['fd-state'], 'data-state', connected ? fstate : 'unknown');
-  setText(el['fd-state'], !f ? '—' : connected ? (FEED_WORDS[fstate] || fstate) : `${FEED_WORDS[fstate] || fstate} (last known)`);
-  setText(el['fd-market'], f && f.market ? f.market : '—');
-  setText(el['fd-since'], f && f.since ? fmtDuration(sNow - feedStateStart(f)) : '—');
-  const lma = f && f.lastMessageAge != null ? f.lastMessageAge + (now - state.feedAt) : null;
-  const lastMsgAge = p && live ? Math.min(lma ?? Infinity, sNow - (p.serverTimestamp ?? p.timestamp)) : lma;
-  setText(el['fd-age'], lastMsgAge == null || !Number.isFinite(lastMsgAge) ? '—' : `${fmtAge(lastMsgAge)} ago`);
-  setText(el['fd-next'], f && f.nextAttempt ? (f.nextAttempt > sNow ? `in ${fmtCountdown(f.nextAttempt - sNow)}` : 'now') : '—');
-  setText(el['fd-messages'], f && f.messages != null ? fmtInt(f.messages) : '—');
-  setText(el['fd-reconnects'], f && f.reconnects != null ? fmtInt(f.reconnects) : '—');
-  setText(el['fd-duplicates'], f && f.duplicates != null ? fmtInt(f.duplicates) : '—');
-  setText(el['fd-crossed'], f && f.crossed != null ? fmtInt(f.crossed) : '—');
-  setText(el['fd-parse'], f && f.parseErrors != null ? fmtInt(f.parseErrors) : '—');
-  el['fd-reason'].hidden = !(f && f.reason);
-  if (f && f.reason) setText(el['fd-reason'], f.reason);
-  setText(el['foot-clock'], fmtDateTime(now));
-}
-
-function selectSymbol(sym, focusTab = false) {
-  if (!sym || sym === state.current) return;
-  state.current = sym;
-  try { localStorage.setItem('bbo.symbol', sym); } catch { /* ignore */ }
-  dirty.symbols = dirty.bbo = dirty.status = dirty.tabs = true;
-  chart.dirty = true;
-  chart.hover = null;
-  if (chart.bfPending) { chart.bfPending.ctl.abort(); chart.bfPending = null; }
-  scheduleBackfill(0);
-  if (focusTab) {
-    const b = el['symbol-tabs'].querySelector(`[data-symbol="${CSS.escape(sym)}"]`);
-    if (b) b.focus();
-  }
-  requestFrame();
-}
-
-function initUiInput() {
-  el['symbol-select'].addEventListener('change', (e) => selectSymbol(e.target.value));
-  el['symbol-tabs'].addEventListener('click', (e) => {
-    const b = e.target.closest('.sym-tab');
-    if (b) selectSymbol(b.dataset.symbol);
-  });
-  el['symbol-tabs'].addEventListener('keydown', (e) => {
-    const i = state.symbols.indexOf(state.current);
-    let j = -1;
-    if (e.key === 'ArrowRight') j = (i + 1) % state.symbols.length;
-    else if (e.key === 'ArrowLeft') j = (i - 1 + state.symbols.length) % state.symbols.length;
-    else if (e.key === 'Home') j = 0;
-    else if (e.key === 'End') j = state.symbols.length - 1;
-    if (j >= 0) { e.preventDefault(); selectSymbol(state.symbols[j], true); }
-  });
-  for (const b of document.querySelectorAll('.tf')) b.addEventListener('click', () => setTimeframe(b.dataset.tf));
-  $('zoom-reset').addEventListener('click', resetZoom);
-  window.addEventListener('resize', () => { chartLayout(); requestFrame(); });
-  if (window.ResizeObserver) new ResizeObserver(() => { chartLayout(); requestFrame(); }).observe(chart.canvas.parentElement);
-}
-
-// ###########################################################################
-// §6 Historical data view
+// §6 History: the historical data panel (latency statistics, paged updates, CSV link)
 // ###########################################################################
 
 const hist = {
-  symbol: null, start: 0, end: 0, limit: 50,
+  symbol: null,         // the range loaded: symbol, start and end (server ms, inclusive)
+  start: 0,
+  end: 0,
+  limit: 50,            // rows per page
   pages: [],            // stack of {end, exclude:Set<updateId>} — the page shown is the last one
   rows: [],             // rows of the page shown (chronological, as the API returns them)
   kind: 'updates',      // updates | bars
-  hasOlder: false,
-  seq: 0,
+  hasOlder: false,      // the page was full: there may be older rows
+  note: '',             // where the rows come from, when the table cannot say it ('' : nothing to say)
+  seq: 0,               // load generation: answers to an earlier load are dropped
 };
+
+/** The panel's symbol list follows the known symbols; the symbol chosen stays while it exists. */
+function renderHistSymbols() {
+  const hs = $('hist-symbol');
+  const prev = hs.value;
+  hs.replaceChildren(...state.symbols.map((s) => new Option(s, s)));
+  hs.value = state.symbols.includes(prev) ? prev : state.current || state.symbols[0] || '';
+}
 
 function histRangeFromForm() {
   const range = $('hist-range').value;
@@ -1835,14 +2246,23 @@ async function histFetchPage(page, seq) {
     hist.rows = rows;
     hist.kind = kind;
     hist.hasOlder = rows.length >= hist.limit;
-    hist.note = r.complete === false && r.rawFrom ? `Raw updates are kept from ${fmtDateTime(r.rawFrom)}; older ranges show 1 s bars.` : '';
+    hist.note = histNote(r, kind);
     renderHistTable();
   } catch (err) {
     if (seq !== hist.seq) return;
     showHistError(`Updates: ${err.message}`);
     hist.rows = [];
+    hist.note = '';
     renderHistTable();
   }
+}
+
+/** What the rows cannot say themselves: raw updates older than rawFrom are gone (so the range is
+ *  incomplete and older ranges come as 1 s bars), or the rows are 1-second bars. */
+function histNote(r, kind) {
+  if (kind === 'bars') return 'Raw updates of this range are no longer kept: the rows are 1-second bars (last bid and ask, mean latency).';
+  if (r.complete === false && r.rawFrom) return `Raw updates are kept from ${fmtDateTime(r.rawFrom)}; older ranges show 1 s bars.`;
+  return '';
 }
 
 const rowTime = (r) => (r.serverTimestamp ?? r.time);
@@ -1947,10 +2367,12 @@ function renderHistTable() {
     const a = rowTime(rows[rows.length - 1]), b = rowTime(rows[0]);
     label += ` · ${rows.length} ${hist.kind === 'bars' ? 'bars' : 'rows'} · ${fmtClock(a)} – ${fmtClock(b)}`;
   }
-  if (hist.note) label += ' · bars tier';
   setText($('hist-page'), label);
   $('hist-newer').disabled = pageNo < 2;
   $('hist-older').disabled = !hist.hasOlder;
+  const note = $('hist-note');
+  note.hidden = !hist.note;
+  setText(note, hist.note);
 }
 
 function initHistory() {
@@ -1969,204 +2391,97 @@ function initHistory() {
 }
 
 // ###########################################################################
-// §7 Boot, events, timers, localStorage, test hooks
+// §7 Controls and bootstrap: symbol selection, timers, boot, test hooks
 // ###########################################################################
 
-const STORE_KEY = 'bbo.points.v1';
-const STORE_MAX_POINTS = 2000;      // per symbol
-const STORE_MAX_AGE = 3600e3;
-const useStore = params.get('store') !== '0';
-
-function onBboUpdate(p) {
-  if (!p || typeof p !== 'object' || typeof p.symbol !== 'string') return;
-  const sym = p.symbol;
-  state.stats.bboMessages++;
-  if (addSymbol(sym)) {
-    dirty.symbols = true;
-    if (!state.current) selectSymbol(sym);
+function selectSymbol(sym, focusTab = false) {
+  if (!sym || sym === state.current) return;
+  state.current = sym;
+  try { localStorage.setItem('bbo.symbol', sym); } catch { /* ignore */ }
+  dirty.symbols = dirty.bbo = dirty.status = dirty.tabs = true;
+  chartSymbolChanged();
+  if (focusTab) {
+    const b = el['symbol-tabs'].querySelector(`[data-symbol="${CSS.escape(sym)}"]`);
+    if (b) b.focus();
   }
-  const prev = state.bbo[sym];
-  const t = p.serverTimestamp ?? p.timestamp;
-  if (prev && (prev.serverTimestamp ?? prev.timestamp) > t) return;   // older than what we show
-  state.bbo[sym] = p;
-  if (p.backendLatency != null) {
-    const st = state.stats;
-    st.lastLatency = p.backendLatency;
-    const i = st.latSecond % 10;
-    st.latSum[i] += p.backendLatency;
-    st.latCount[i]++;
-  }
-  state.lastRecv[sym] = Date.now();
-  const pb = pointsFor(sym);
-  const sess = state.session[sym] || (state.session[sym] = { start: null });
-  const bid = Number(p.bidPrice), ask = Number(p.askPrice);
-  if (pb.push(t, bid, ask)) {
-    if (sess.start == null) {
-      sess.start = t;
-      if (sess.gapFrom != null && t > sess.gapFrom) pb.gaps.push({ start: sess.gapFrom, end: t, kind: 'client', reason: sess.gapReason || 'no data' });
-      sess.gapFrom = null;
-      if (sym === state.current) scheduleBackfill(100);
-    }
-    if (sym === state.current && (chart.view.follow || t <= chart.view.end)) chart.dirty = true;
-  }
-  if (sym === state.current) dirty.bbo = true;
-  dirty.tabs = true;
   requestFrame();
 }
 
-function onFeedStatus(f) {
-  if (!f || typeof f !== 'object' || !f.state) return;
-  const prev = state.feed ? state.feed.state : null;
-  state.feed = f;
-  state.feedAt = Date.now();
-  // remember feed outages seen live so the chart shades them before the server's history has them
-  // (the outage starts at the last data message: `since` is the start of the shard state, which for a
-  // stale feed is still the time it went live)
-  const open = state.feedOutages.find((o) => o.end == null);
-  if (f.state !== 'live' && f.state !== 'connecting' && !open && state.stats.bboMessages > 0) {
-    const start = f.lastMessageAge != null ? serverNow() - f.lastMessageAge : (f.since || serverNow());
-    state.feedOutages.push({ start, end: null, reason: f.reason || f.state });
-  } else if (f.state === 'live' && open) {
-    open.end = Math.max(open.start, Math.min(serverNow(), f.since > open.start ? f.since : serverNow()));
-  }
-  if (prev !== f.state) chart.dirty = true;
-  dirty.status = dirty.bbo = dirty.tabs = true;
-  requestFrame();
-}
-
-function onConnect() {
-  state.conn.connectedAt = Date.now();
-  state.conn.disconnectedAt = null;
-  for (const sym of Object.keys(state.session)) state.session[sym].start = null;
-  socket.emit('ready');
-  socket.emit('request_initial_data');
-  measureRtt();
-  chart.dirty = true;
-  dirty.status = true;
-  requestFrame();
-}
-
-function onDisconnect(reason) {
-  const now = serverNow();
-  state.conn.disconnectedAt = now;
-  for (const sym of Object.keys(state.session)) {
-    const s = state.session[sym];
-    const pb = state.points[sym];
-    s.start = null;
-    s.gapFrom = pb && pb.n ? Math.max(pb.last(), now - 1) : now;
-    s.gapReason = `server connection lost (${reason})`;
-  }
-  // the feed state is unknown while we are disconnected
-  chart.dirty = true;
-  dirty.status = dirty.bbo = dirty.tabs = true;
-  requestFrame();
-}
-
-const socket = new SocketIoClient({
-  mode: ['polling', 'websocket'].includes(params.get('transport')) ? params.get('transport') : 'auto',
-  onState: (s) => { state.conn.state = s; state.conn.transport = socket.transport; dirty.status = dirty.tabs = true; requestFrame(); },
-  onConnect: () => { state.conn.transport = socket.transport; onConnect(); },
-  onDisconnect,
-  onEvent: (name, args) => {
-    state.stats.messages++;
-    const a = args[0];
-    switch (name) {
-      case 'bbo_update': onBboUpdate(a); break;
-      case 'feed_status': onFeedStatus(a); break;
-      case 'welcome': state.welcome = a && a.message; break;
-      case 'pong': break;                    // the RTT comes from the ping ack
-      default: break;
-    }
-  },
-});
-
-let rttInFlight = false;
-function measureRtt() {
-  if (rttInFlight || socket.state !== 'connected') return;
-  rttInFlight = true;
-  const t0 = Date.now(), p0 = performance.now();
-  socket.emit('ping', (err, res) => {
-    rttInFlight = false;
-    if (err) return;
-    const rtt = performance.now() - p0;
-    const c = state.conn;
-    c.rtt = rtt;
-    c.rttAvg = c.rttAvg == null ? rtt : c.rttAvg * 0.8 + rtt * 0.2;
-    if (res && Number.isFinite(res.time)) {
-      const offset = res.time - (t0 + rtt / 2);
-      // keep the estimate from the fastest round trips (least queueing)
-      if (!c.clockSynced || rtt <= (c.bestRtt ?? Infinity) * 1.5) {
-        c.clockOffset = c.clockSynced ? c.clockOffset * 0.7 + offset * 0.3 : offset;
-        c.bestRtt = Math.min(c.bestRtt ?? Infinity, rtt);
-        c.clockSynced = true;
-      }
-    }
-    dirty.status = true;
-    requestFrame();
+function initSymbolInput() {
+  el['symbol-select'].addEventListener('change', (e) => selectSymbol(e.target.value));
+  el['symbol-tabs'].addEventListener('click', (e) => {
+    const b = e.target.closest('.sym-tab');
+    if (b) selectSymbol(b.dataset.symbol);
+  });
+  el['symbol-tabs'].addEventListener('keydown', (e) => {
+    const i = state.symbols.indexOf(state.current);
+    let j = -1;
+    if (e.key === 'ArrowRight') j = (i + 1) % state.symbols.length;
+    else if (e.key === 'ArrowLeft') j = (i - 1 + state.symbols.length) % state.symbols.length;
+    else if (e.key === 'Home') j = 0;
+    else if (e.key === 'End') j = state.symbols.length - 1;
+    if (j >= 0) { e.preventDefault(); selectSymbol(state.symbols[j], true); }
   });
 }
 
-let rateLast = { t: performance.now(), n: 0 };
 function secondTick() {
-  const nowP = performance.now();
-  const dt = (nowP - rateLast.t) / 1000;
-  if (dt > 0) {
-    const inst = (state.stats.messages - rateLast.n) / dt;
-    state.stats.rate = state.stats.rate ? state.stats.rate * 0.6 + inst * 0.4 : inst;
-    rateLast = { t: nowP, n: state.stats.messages };
-  }
-  const st = state.stats;               // advance the 10 s latency ring by one second
-  st.latSecond++;
-  st.latSum[st.latSecond % 10] = 0;
-  st.latCount[st.latSecond % 10] = 0;
+  tickStats();
   dirty.status = dirty.tabs = true;
   // keep backfill fresh: long views slide, and after an outage the server's history fills holes
   if (!chart.bfPending) ensureBackfill();
-  const sym = state.current;
-  const p = sym && state.bbo[sym];
-  document.title = p ? `${p.bidPrice} / ${p.askPrice} ${sym}${isLive(sym) ? '' : ' (not live)'} · BBO Stream` : 'BBO Stream';
+  renderTitle();
   requestFrame();
 }
 
-function savePoints() {
-  if (!useStore) return;
-  try {
-    const out = { v: 1, savedAt: Date.now(), symbols: {} };
-    const cut = serverNow() - STORE_MAX_AGE;
-    for (const sym of state.symbols.slice(0, 12)) {
-      const pb = state.points[sym];
-      if (!pb || !pb.n) continue;
-      const a = Math.max(pb.lowerBound(cut), pb.n - STORE_MAX_POINTS);
-      if (a >= pb.n) continue;
-      const t0 = pb.t[a];
-      const dt = [], b = [], k = [];
-      let prev = t0;
-      for (let i = a; i < pb.n; i++) { dt.push(pb.t[i] - prev); prev = pb.t[i]; b.push(pb.bid[i]); k.push(pb.ask[i]); }
-      out.symbols[sym] = { t0, dt, bid: b, ask: k };
+async function boot() {
+  cacheElements();
+  initChart();
+  initChartInput();
+  initSymbolInput();
+  initHistory();
+  restorePoints();
+  chartLayout();
+
+  let preferred = params.get('symbol');
+  if (!preferred) { try { preferred = localStorage.getItem('bbo.symbol'); } catch { /* ignore */ } }
+  if (preferred) preferred = preferred.toUpperCase();
+
+  socket.connect();
+
+  const [syms, bbo, health] = await Promise.allSettled([
+    fetchJson('/api/history/symbols'), fetchJson('/api/bbo'), fetchJson('/healthz')]);
+  if (syms.status === 'fulfilled' && Array.isArray(syms.value.symbols)) for (const s of syms.value.symbols) addSymbol(s);
+  if (bbo.status === 'fulfilled' && bbo.value && bbo.value.symbols) {
+    for (const [s, p] of Object.entries(bbo.value.symbols)) {
+      addSymbol(s);
+      if (!state.bbo[s]) state.bbo[s] = p;
     }
-    localStorage.setItem(STORE_KEY, JSON.stringify(out));
-  } catch { /* quota or private mode: the store is optional */ }
+  }
+  if (health.status === 'fulfilled' && health.value && health.value.feed && !state.feed) onFeedStatus(health.value.feed);
+  if (!state.current) {
+    state.current = state.symbols.includes(preferred) ? preferred : state.symbols[0] || null;
+  } else if (preferred && state.symbols.includes(preferred) && state.current !== preferred && state.stats.bboMessages < 50) {
+    state.current = preferred;
+  }
+  dirty.symbols = dirty.bbo = dirty.status = dirty.tabs = true;
+  chart.dirty = true;
+  scheduleBackfill(0);
+  requestFrame();
+  if (state.current) {
+    renderSymbols();
+    $('hist-symbol').value = state.current;
+    histLoad();
+  }
 }
 
-function restorePoints() {
-  if (!useStore) return;
-  try {
-    const raw = localStorage.getItem(STORE_KEY);
-    if (!raw) return;
-    const s = JSON.parse(raw);
-    if (!s || s.v !== 1 || Date.now() - s.savedAt > STORE_MAX_AGE) return;
-    for (const [sym, d] of Object.entries(s.symbols || {})) {
-      if (!Array.isArray(d.dt) || d.dt.length !== d.bid.length || d.dt.length !== d.ask.length) continue;
-      const pb = pointsFor(sym);
-      let t = d.t0;
-      for (let i = 0; i < d.dt.length; i++) { t += d.dt[i]; pb.push(t, d.bid[i], d.ask[i]); }
-      const sess = state.session[sym] || (state.session[sym] = { start: null });
-      sess.gapFrom = pb.last();        // until the first live point: the page was closed
-      sess.gapReason = 'page was closed';
-      addSymbol(sym);
-    }
-  } catch { /* a corrupt store is ignored */ }
-}
+setInterval(secondTick, 1000);
+setInterval(measureRtt, 5000);
+setInterval(savePoints, 15000);
+window.addEventListener('pagehide', () => { savePoints(); });
+window.addEventListener('online', () => socket.retryNow());
+window.addEventListener('offline', () => { dirty.status = true; requestFrame(); });
+
+// --- test hooks (window.bboDebug, see the top of the file) -----------------------------------
 
 let probeCtx = null;
 /** Force the chart canvas to rasterise now (copy one pixel into a 1x1 read-back canvas). */
@@ -2203,7 +2518,7 @@ function loadSyntheticPoints(n) {
     pb.ask[i] = mid + half;
   }
   pb.n = n;
-  const sess = state.session[sym] || (state.session[sym] = {});
+  const sess = sessionFor(sym);
   sess.start = n ? v0 : null;        // the live buffer covers the view: no backfill
   drawChart();                       // warm-up
   const times = [];
@@ -2216,62 +2531,6 @@ function loadSyntheticPoints(n) {
   times.sort((a, b) => a - b);
   return times[2];                   // median of 5 full redraws (ms)
 }
-
-async function boot() {
-  cacheElements();
-  chart.canvas = $('chart');
-  chart.overlay = $('chart-overlay');
-  chart.ctx = chart.canvas.getContext('2d', { alpha: true });
-  chart.octx = chart.overlay.getContext('2d');
-  const tf = params.get('tf') || (() => { try { return localStorage.getItem('bbo.tf'); } catch { return null; } })();
-  chart.tf = TIMEFRAMES[tf] ? tf : '1m';
-  chart.view = { span: TIMEFRAMES[chart.tf], end: 0, follow: true };
-  for (const b of document.querySelectorAll('.tf')) setAttr(b, 'aria-pressed', String(b.dataset.tf === chart.tf));
-  initChartInput();
-  initUiInput();
-  initHistory();
-  restorePoints();
-  chartLayout();
-
-  let preferred = params.get('symbol');
-  if (!preferred) { try { preferred = localStorage.getItem('bbo.symbol'); } catch { /* ignore */ } }
-  if (preferred) preferred = preferred.toUpperCase();
-
-  socket.connect();
-
-  const [syms, bbo, health] = await Promise.allSettled([
-    fetchJson('/api/history/symbols'), fetchJson('/api/bbo'), fetchJson('/healthz')]);
-  if (syms.status === 'fulfilled' && Array.isArray(syms.value.symbols)) for (const s of syms.value.symbols) addSymbol(s);
-  if (bbo.status === 'fulfilled' && bbo.value && bbo.value.symbols) {
-    for (const [s, p] of Object.entries(bbo.value.symbols)) {
-      addSymbol(s);
-      if (!state.bbo[s]) state.bbo[s] = p;
-    }
-  }
-  if (health.status === 'fulfilled' && health.value && health.value.feed && !state.feed) onFeedStatus(health.value.feed);
-  if (!state.current) {
-    state.current = state.symbols.includes(preferred) ? preferred : state.symbols[0] || null;
-  } else if (preferred && state.symbols.includes(preferred) && state.current !== preferred && state.stats.bboMessages < 50) {
-    state.current = preferred;
-  }
-  dirty.symbols = dirty.bbo = dirty.status = dirty.tabs = true;
-  chart.dirty = true;
-  scheduleBackfill(0);
-  requestFrame();
-  if (state.current) {
-    $('hist-symbol').value = state.current;
-    renderSymbols();
-    $('hist-symbol').value = state.current;
-    histLoad();
-  }
-}
-
-setInterval(secondTick, 1000);
-setInterval(measureRtt, 5000);
-setInterval(savePoints, 15000);
-window.addEventListener('pagehide', () => { savePoints(); });
-window.addEventListener('online', () => socket.retryNow());
-window.addEventListener('offline', () => { dirty.status = true; requestFrame(); });
 
 window.bboDebug = {
   state,
