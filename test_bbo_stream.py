@@ -6732,6 +6732,39 @@ def test_dashboard_history_view_stats_table_paging_and_csv(dash_open: Any) -> No
         assert int(r["timestamp"]) == p["E"] or int(r["timestamp"]) == p["T"]
 
 
+def test_dashboard_bar_rows_show_the_symbols_decimals_and_an_exact_spread(dash_open: Any) -> None:
+    # A range older than the raw ring comes back as 1-second bars, whose prices are floats
+    # (30000.0, 30000.01): the table writes them as the exchange writes the symbol's prices
+    # (as many decimals as its live prices have) and the spread in exact decimals, never 0.009999999998.
+    pg = dash_open()
+    pg.wait_connected()
+    live_bid = pg.wait_js("() => bboDebug.state.bbo.BTCUSDT && bboDebug.state.bbo.BTCUSDT.bidPrice")
+    d = len(live_bid.partition(".")[2])
+
+    def bar(time_ms: int, bid: float, ask: float) -> dict:
+        return {"time": time_ms, "bidFirst": bid, "bidMin": bid, "bidMax": bid, "bidLast": bid, "askFirst": ask,
+                "askMin": ask, "askMax": ask, "askLast": ask, "count": 3, "latencyCount": 3, "latencyMin": 0.4,
+                "latencyMean": 0.7, "latencyMax": 1.0}
+    answer = {"symbol": "BTCUSDT", "count": 0, "tier": "bars", "updates": [],
+              "bars": [bar(1_000, 29999.9, 30000.0), bar(2_000, 30000.0, 30000.01)], "barsCount": 2}
+    pg.page.route(re.compile(r"/api/history/updates\?"), lambda route: route.fulfill(
+        status=200, content_type="application/json", body=json.dumps(answer)))
+    pg.page.select_option("#hist-symbol", "BTCUSDT")
+    pg.page.click("#hist-load")
+    pg.wait_js("() => document.querySelectorAll('#hist-table tbody tr[data-time]').length === 2")
+    cells = pg.js("() => [...document.querySelectorAll('#hist-table tbody tr')].map(r => [...r.cells].map(c => c.textContent))")
+    assert [row[1:6] for row in cells] == [[f"{30000:.{d}f}", "—", f"{30000.01:.{d}f}", "—", f"{0.01:.{d}f}"],
+                                           [f"{29999.9:.{d}f}", "—", f"{30000:.{d}f}", "—", f"{0.1:.{d}f}"]], cells
+    assert d == 2  # the fake exchange's BTCUSDT prices
+
+
+def test_dashboard_ignores_a_timeframe_that_is_no_timeframe(dash_open: Any) -> None:
+    pg = dash_open("/?store=0&tf=toString")
+    pg.wait_connected()
+    assert pg.js("bboDebug.chart.timeframe()") == "1m"
+    assert pg.js("(() => { const [a, b] = bboDebug.chart.viewRange(); return b - a; })()") == 60_000
+
+
 def test_dashboard_history_paging_when_one_millisecond_holds_more_than_a_page(dash_open: Any) -> None:
     """"Older" must show the next rows even when a whole page shares one receive millisecond (a burst:
     the server stamps each frame with now_ms() as it reads it, and a 150-frame burst lands in 2-4 ms).

@@ -1249,6 +1249,8 @@ function renderTitle() {
 
 // The one list of timeframes: a button each (key = label, in this order); the first is the default.
 const TIMEFRAMES = { '1m': 60e3, '5m': 300e3, '15m': 900e3, '1h': 3600e3, '12h': 43200e3, '1d': 86400e3 };
+/** Whether `tf` names a timeframe (an own key: "toString" from a URL is not one). */
+const isTimeframe = (tf) => typeof tf === 'string' && Object.hasOwn(TIMEFRAMES, tf);
 const MIN_SPAN = 2000;
 const MAX_SPAN = 7 * 86400e3;
 const COLORS = {
@@ -1887,7 +1889,7 @@ function initChart() {
   chart.ctx = chart.canvas.getContext('2d', { alpha: true });
   chart.octx = chart.overlay.getContext('2d');
   const tf = params.get('tf') || (() => { try { return localStorage.getItem('bbo.tf'); } catch { return null; } })();
-  chart.tf = TIMEFRAMES[tf] ? tf : DEFAULT_TF;
+  chart.tf = isTimeframe(tf) ? tf : DEFAULT_TF;
   chart.view = { span: TIMEFRAMES[chart.tf], end: 0, follow: true };
   buildTimeframeButtons();
 }
@@ -1912,7 +1914,7 @@ function markTimeframe(tf) {
 }
 
 function setTimeframe(tf) {
-  if (!TIMEFRAMES[tf]) return;
+  if (!isTimeframe(tf)) return;
   chart.tf = tf;
   chart.view = { span: TIMEFRAMES[tf], end: serverNow(), follow: true };
   markTimeframe(tf);
@@ -2332,16 +2334,19 @@ function renderHistTable() {
     const tr = document.createElement('tr');
     if (hist.kind === 'bars') {
       tr.dataset.time = r.time;
-      const bid = r.bidLast, ask = r.askLast;
+      // Bars carry floats: written with the symbol's decimals ("30000.00"), the spread in exact decimals.
+      const d = priceDecimals(hist.symbol, null);
+      const price = (v) => (v == null ? null : d == null ? String(v) : v.toFixed(d));
+      const bid = price(r.bidLast), ask = price(r.askLast);
       const lat = r.latencyMean;
-      const sp = bid != null && ask != null ? ask - bid : null;
+      const sp = bid != null && ask != null ? spreadMid(bid, ask) : null;
       const tc = document.createElement('td');
       const dpart = document.createElement('span');
       dpart.className = 'date';
       dpart.textContent = fmtDateTime(r.time).slice(0, 11);
       tc.append(dpart, fmtClock(r.time));
-      tr.append(tc, td(bid == null ? '—' : String(bid), 'r bid'), td('—', 'r opt'),
-        td(ask == null ? '—' : String(ask), 'r ask'), td('—', 'r opt'), td(sp == null ? '—' : String(+sp.toPrecision(10)), 'r opt3'),
+      tr.append(tc, td(bid ?? '—', 'r bid'), td('—', 'r opt'),
+        td(ask ?? '—', 'r ask'), td('—', 'r opt'), td(sp ? sp.spread : '—', 'r opt3'),
         td(fmtMs(lat), 'r'), td(`1 s bar · ${r.count}`, 'r opt2'));
     } else {
       tr.dataset.updateId = r.updateId;
