@@ -101,6 +101,7 @@ import contextlib
 import dataclasses
 import email.utils
 import enum
+import errno
 import gc
 import hashlib
 import ipaddress
@@ -181,7 +182,8 @@ MAX_SKEW_MS = 2**31 - 1              # |recv - E| and |E - T| fit the int32 colu
 
 # --- Persistence ------------------------------------------------------------
 SEGMENT_ROWS = 8_192                 # one compaction json.dumps of 8 k rows holds the GIL ~15 ms (< 50 ms goal)
-CACHE_SCHEMA_VERSION = 1             # bumped when the on-disk column layout changes
+CACHE_SCHEMA_VERSION = 1             # bumped when the on-disk column layout changes (older ones are migrated)
+CACHE_MAX_FILE_BYTES = 32 * 1024 * 1024  # a segment of SEGMENT_ROWS rows is ~1 MB: a larger file is not ours
 PERSIST_ERROR_LOG_INTERVAL_S = 60.0  # a full disk is logged once a minute, not once per flush
 
 # --- HTTP server --------------------------------------------------------------
@@ -1467,36 +1469,96 @@ def encode_columns(kind: str, symbol: str, cols: dict[str, np.ndarray]) -> str:
                       separators=(",", ":"))
 
 
-def decode_columns(text: str, kind: str) -> tuple[str, dict[str, np.ndarray]]:
-    """One JSON line → (symbol, columns).  Raises ValueError on anything inconsistent."""
-    doc = json.loads(text)
-    if type(doc) is not dict or doc.get("v") != CACHE_SCHEMA_VERSION or doc.get("kind") != kind:
-        raise ValueError("not a cache record of this kind/version")
-    n, raw, symbol = doc["n"], doc["cols"], doc["symbol"]
-    if type(n) is not int or type(symbol) is not str or not _SYMBOL_RE.match(symbol):
-        raise ValueError("bad header")
+class CacheFormatError(ValueError):
+    """A cache record that cannot be used as it is; ``newer`` when a later version wrote it."""
+
+    def __init__(self, message: str, newer: bool = False) -> None:
+        super().__init__(message)
+        self.newer = newer
+
+
+# Upgrades of an older record, by the version they upgrade from: each takes the decoded JSON
+# object of version v and returns it as version v + 1, so files written by any earlier release
+# load (never quarantined for their age).  Version 1 is the first: nothing to upgrade yet.
+CACHE_MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
+
+
+def _int_column(values: Any, dtype: Any, name: str) -> np.ndarray:
+    """A column of whole numbers, refused unless every value is one that fits ``dtype``
+    (a float, a string, a null or an overflow is a corrupt record, not something to round)."""
+    arr = np.array(values)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise CacheFormatError(f"{name}: not a list of integers")
+    info = np.iinfo(dtype)
+    if arr.size and (arr.min() < info.min or arr.max() > info.max):
+        raise CacheFormatError(f"{name}: out of range for {np.dtype(dtype).name}")
+    return arr.astype(dtype)
+
+
+def decode_columns(text: str, kind: str, symbol: str | None = None) -> tuple[str, dict[str, np.ndarray]]:
+    """One JSON line → (symbol, columns), migrated to CACHE_SCHEMA_VERSION.
+
+    Every column is checked: integers where integers belong, the same length ``n``, decimals
+    in range, times that never go back, and (given ``symbol``) the symbol of the folder.
+
+    Raises:
+        CacheFormatError: anything inconsistent; ``newer`` when a later version wrote it.
+    """
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise CacheFormatError(f"not JSON ({exc})") from None
+    if type(doc) is not dict or type(doc.get("v")) is not int or doc.get("kind") != kind:
+        raise CacheFormatError(f"not a {kind} cache record")
+    if doc["v"] > CACHE_SCHEMA_VERSION:
+        raise CacheFormatError(f"format version {doc['v']} is newer than this program's {CACHE_SCHEMA_VERSION}",
+                               newer=True)
+    while doc["v"] < CACHE_SCHEMA_VERSION:
+        upgrade = CACHE_MIGRATIONS.get(doc["v"])
+        if upgrade is None:
+            raise CacheFormatError(f"format version {doc['v']} has no upgrade")
+        doc = upgrade(doc)
+    n, raw, found = doc.get("n"), doc.get("cols"), doc.get("symbol")
+    if type(n) is not int or n < 0 or type(raw) is not dict or type(found) is not str or not _SYMBOL_RE.match(found):
+        raise CacheFormatError("bad header")
+    if symbol is not None and found != symbol:
+        raise CacheFormatError(f"a record of {found[:MAX_SYMBOL_CHARS]!r} in the folder of {symbol}")
     cols: dict[str, np.ndarray] = {}
-    if kind == "raw":
-        for key in ("recv_ms", "latency_ms", "e_minus_t_ms", "update_id"):
-            values = raw[_RAW_DISK_KEYS[key]]
-            if key in ("latency_ms", "e_minus_t_ms"):
-                values = [INT32_NULL if v is None else v for v in values]
-            cols[key] = np.array(values, RAW_COLUMNS[key])
-        for col, _ in _PRICE_FIELDS:
-            entry = raw[_RAW_DISK_KEYS[col]]
-            cols[col + "_m"] = np.array(entry["m"], np.int64)
-            d = entry["d"]
-            cols[col + "_d"] = np.full(n, d, np.uint8) if type(d) is int else np.array(d, np.uint8)
-    else:
-        for key, dtype in BAR_COLUMNS.items():
-            values = raw[key]
-            if np.dtype(dtype).kind == "f":
-                fill = np.inf if key == "lat_min" else -np.inf if key == "lat_max" else np.nan
-                values = [fill if v is None else v for v in values]
-            cols[key] = np.array(values, dtype)
-    if any(len(v) != n or v.ndim != 1 for v in cols.values()):
-        raise ValueError("column lengths differ from n")
-    return symbol, cols
+    try:
+        if kind == "raw":
+            for key in ("recv_ms", "latency_ms", "e_minus_t_ms", "update_id"):
+                values = raw[_RAW_DISK_KEYS[key]]
+                if key in ("latency_ms", "e_minus_t_ms") and type(values) is list:
+                    values = [INT32_NULL if v is None else v for v in values]
+                cols[key] = _int_column(values, RAW_COLUMNS[key], _RAW_DISK_KEYS[key])
+            for col, _ in _PRICE_FIELDS:
+                entry = raw[_RAW_DISK_KEYS[col]]
+                cols[col + "_m"] = _int_column(entry["m"], np.int64, _RAW_DISK_KEYS[col])
+                d = entry["d"]
+                cols[col + "_d"] = (np.full(n, d, np.uint8) if type(d) is int and 0 <= d <= MAX_DIGITS
+                                    else _int_column(d, np.uint8, _RAW_DISK_KEYS[col] + " decimals"))
+                if cols[col + "_d"].size and cols[col + "_d"].max() > MAX_DIGITS:
+                    raise CacheFormatError(f"{_RAW_DISK_KEYS[col]}: more than {MAX_DIGITS} decimals")
+            times = cols["recv_ms"]
+        else:
+            for key, dtype in BAR_COLUMNS.items():
+                values = raw[key]
+                if np.dtype(dtype).kind == "f":
+                    fill = np.inf if key == "lat_min" else -np.inf if key == "lat_max" else np.nan
+                    arr = np.array([fill if v is None else v for v in values])
+                    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iuf"):
+                        raise CacheFormatError(f"{key}: not a list of numbers")
+                    cols[key] = arr.astype(dtype)
+                else:
+                    cols[key] = _int_column(values, dtype, key)
+            times = cols["time_s"]
+    except (KeyError, TypeError) as exc:
+        raise CacheFormatError(f"missing or malformed column ({exc})") from None
+    if any(len(v) != n for v in cols.values()):
+        raise CacheFormatError("column lengths differ from n")
+    if n > 1 and bool(np.any(times[1:] < times[:-1])):
+        raise CacheFormatError("times go back")
+    return found, cols
 
 # ###########################################################################
 # §6 HTTP/1.1 and WebSocket frame codec
@@ -1776,6 +1838,8 @@ class ApiContext:
     feed_status: Callable[[int], dict]      # now_ms → the feed status object
     now_ms: int
     metrics: Callable[[int], list[MetricFamily]] | None = None  # now_ms → every metric of the server
+    persistence: dict[str, Any] = dataclasses.field(  # the cache on disk: ok / failing / off, with why
+        default_factory=lambda: {"state": "off", "reason": "CACHE_PERSIST=false"})
 
 
 def _param(req: HttpRequest, name: str) -> str | None:
@@ -1914,7 +1978,10 @@ def handle_bbo(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
 
 
 def handle_healthz(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
-    return json_response({"status": "ok", "version": __version__, "feed": ctx.feed_status(ctx.now_ms)})
+    """Liveness: 200 while the process serves.  The feed and the cache on disk say how they are
+    (a failing disk is reported here, not by /readyz, which is about the data flowing)."""
+    return json_response({"status": "ok", "version": __version__, "feed": ctx.feed_status(ctx.now_ms),
+                          "persistence": ctx.persistence})
 
 
 def handle_readyz(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
@@ -3203,6 +3270,8 @@ async def _close_conn(conn: _Conn) -> None:
 # replaced (crash between rename and unlink) are never both loaded.
 
 _CACHE_FILE_RE = re.compile(r"^(raw|bars)-(\d{8})(?:-(\d+))?\.(jsonl|json)$")
+CACHE_TMP_SUFFIX = ".tmp"              # atomic_write's temporary files: removed at start if a crash left one
+CACHE_HEARTBEAT_FILE = "last-run"      # touched at every flush: when the process was last known to run
 
 
 class _LogState:
@@ -3224,14 +3293,60 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old or the new file, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` so that a crash leaves the old or the new file, never half
+    (and a failed write, e.g. a full disk, leaves no temporary file behind)."""
+    tmp = path.with_name(path.name + CACHE_TMP_SUFFIX)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     _fsync_dir(path.parent)
+
+
+def append_whole(fd: int, data: bytes, write: Callable[[int, bytes], int] = os.write,
+                 truncate: Callable[[int, int], None] = os.ftruncate) -> None:
+    """Append ``data`` to the end of the file ``fd`` (opened O_APPEND) so that it lands whole or
+    not at all: a failed or short write (a full disk) is cut off again, so the next append
+    starts on a line boundary instead of gluing a whole line onto half of one.
+
+    Raises:
+        OSError: the write failed; the file is as it was.
+    """
+    size = os.fstat(fd).st_size
+    done = 0
+    try:
+        while done < len(data):
+            written = write(fd, data[done:])
+            if written <= 0:
+                raise OSError(errno.ENOSPC, "no bytes written")
+            done += written
+    except BaseException:
+        if done:
+            with contextlib.suppress(OSError):
+                truncate(fd, size)
+        raise
+
+
+def _cut_partial_tail(fd: int) -> None:
+    """Cut a journal back to its last newline: whatever follows one is a line whose write failed
+    and could not be cut off then (every line this program writes ends with a newline)."""
+    size = end = os.fstat(fd).st_size
+    while end > 0:
+        start = max(0, end - 65536)
+        chunk = os.pread(fd, end - start, start)
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            end = start + cut + 1
+            break
+        end = start
+    if end != size:
+        os.ftruncate(fd, end)
 
 
 class CacheLoaded(NamedTuple):
@@ -3239,31 +3354,46 @@ class CacheLoaded(NamedTuple):
     rows: dict[str, int]                          # symbol → raw rows restored
     logs: dict[tuple[str, str], _LogState]        # (symbol, kind) → the next journal to write
     outage_sigs: dict[str, tuple]                 # symbol → (count, last end) of outages.json
+    last_run_ms: int | None                       # the last moment the previous run is known to have run
+    skipped_lines: int                            # unusable journal lines left out (logged)
+    quarantined: list[str]                        # files moved aside (*.corrupt-<time>)
 
 
 class CacheLoader:
-    """Reads CACHE_DIR into the history at start (blocking: it runs before serving)."""
+    """Reads CACHE_DIR into the history at start (blocking: it runs before serving).
+
+    It trusts no file: each record is validated (CacheFormatError); a journal keeps every whole,
+    valid line and skips the others (counted, logged); a file with nothing usable, or larger
+    than any file this program writes, is moved aside; temporary files of a compaction cut
+    short by a crash are removed.
+    """
 
     def __init__(self, root: Path, history: BboHistory) -> None:
         self.root = root
         self.history = history
+        self._skipped = 0
+        self._quarantined: list[str] = []
 
     def load(self) -> CacheLoaded:
-        loaded = CacheLoaded({}, {}, {})
+        self._skipped, self._quarantined = 0, []
+        rows: dict[str, int] = {}
+        logs: dict[tuple[str, str], _LogState] = {}
+        sigs: dict[str, tuple] = {}
         if not self.root.exists():
-            return loaded
+            return CacheLoaded(rows, logs, sigs, None, 0, [])
+        self._remove_temporaries()
         for sym_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
             symbol = sym_dir.name.upper()
             if not _SYMBOL_RE.match(symbol):
                 continue
             hist = self.history.get(symbol)
-            raw_cols = self._load_kind(sym_dir, "raw")
-            bar_cols = self._load_kind(sym_dir, "bars")
+            raw_cols = self._load_kind(sym_dir, symbol, "raw")
+            bar_cols = self._load_kind(sym_dir, symbol, "bars")
             if raw_cols:
                 cols = {k: np.concatenate([c[k] for c in raw_cols]) for k in RAW_COLUMNS}
                 hist.raw.extend(cols)
                 hist.restore_last(cols)
-                loaded.rows[symbol] = len(cols["recv_ms"])
+                rows[symbol] = len(cols["recv_ms"])
             if bar_cols and hist.keep_bars:
                 hist.bars.extend({k: np.concatenate([c[k] for c in bar_cols]) for k in BAR_COLUMNS})
             if hist.keep_bars and hist.raw.total:
@@ -3273,20 +3403,41 @@ class CacheLoader:
                 if a < hist.raw.total:
                     hist._append_bars(columns_to_bars(hist.raw.take(a, hist.raw.total)))
             if self._load_outages(sym_dir, hist):
-                loaded.outage_sigs[symbol] = (len(hist.outages), hist.outages[-1][1] if hist.outages else None)
+                sigs[symbol] = (len(hist.outages), hist.outages[-1][1] if hist.outages else None)
             for kind, ring in (("raw", hist.raw), ("bars", hist.bars)):
                 seqs = [int(m.group(2)) for p in sym_dir.iterdir() if (m := _CACHE_FILE_RE.match(p.name)) and m.group(1) == kind]
                 persisted = ring.total - (1 if kind == "bars" and ring.total else 0)
-                loaded.logs[(symbol, kind)] = _LogState(max(seqs, default=0) + 1, persisted)
-        return loaded
+                logs[(symbol, kind)] = _LogState(max(seqs, default=0) + 1, persisted)
+        if self._skipped:
+            log.warning("cache: left out %d unusable journal line(s); every valid line was restored", self._skipped)
+        return CacheLoaded(rows, logs, sigs, self._last_run_ms(), self._skipped, self._quarantined)
 
-    def _load_kind(self, sym_dir: Path, kind: str) -> list[dict[str, np.ndarray]]:
+    def _remove_temporaries(self) -> None:
+        """A compaction or an outages write cut short by a crash leaves its temporary file."""
+        count = size = 0
+        for path in self.root.glob(f"*/*{CACHE_TMP_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                size += path.stat().st_size
+                path.unlink()
+                count += 1
+        if count:
+            log.info("cache: removed %d temporary file(s) (%d bytes) left by an interrupted write", count, size)
+
+    def _last_run_ms(self) -> int | None:
+        """When the previous run was last known to be running: the heartbeat it touches at every
+        flush, or else the newest file it wrote."""
+        stamps = [p.stat().st_mtime_ns for p in [self.root / CACHE_HEARTBEAT_FILE, *self.root.glob("*/*")]
+                  if p.is_file()]
+        return max(stamps) // 1_000_000 if stamps else None
+
+    def _load_kind(self, sym_dir: Path, symbol: str, kind: str) -> list[dict[str, np.ndarray]]:
         files: dict[int, dict[str, Path]] = {}
         for path in sym_dir.iterdir():
             m = _CACHE_FILE_RE.match(path.name)
             if m and m.group(1) == kind:
                 files.setdefault(int(m.group(2)), {})[m.group(4)] = path
-        out = []
+        out: list[dict[str, np.ndarray]] = []
+        time_col = "recv_ms" if kind == "raw" else "time_s"
         for seq in sorted(files):
             entry = files[seq]
             if "json" in entry:
@@ -3296,35 +3447,55 @@ class CacheLoader:
                 path = entry["json"]
             else:
                 path = entry["jsonl"]
-            out.extend(self._load_file(path, kind))
+            for cols in self._load_file(path, symbol, kind):
+                if out and len(cols[time_col]) and cols[time_col][0] < out[-1][time_col][-1]:
+                    self._skipped += 1  # older than what came before it: the ring must stay sorted
+                    log.warning("cache: %s has rows older than the file before it; left out", path)
+                    continue
+                if len(cols[time_col]):
+                    out.append(cols)
         return out
 
-    @staticmethod
-    def _load_file(path: Path, kind: str) -> list[dict[str, np.ndarray]]:
+    def _load_file(self, path: Path, symbol: str, kind: str) -> list[dict[str, np.ndarray]]:
         try:
+            size = path.stat().st_size
+            if size > CACHE_MAX_FILE_BYTES:
+                self._quarantine(path, f"{size} bytes, over the {CACHE_MAX_FILE_BYTES} this program writes at most")
+                return []
             lines = path.read_bytes().split(b"\n")
         except OSError as exc:
-            log.error("cache: cannot read %s (%s); skipping it", path, exc.strerror)
+            log.error("cache: cannot read %s (%s); skipping it", path, exc.strerror or exc)
             return []
-        out = []
+        out, bad, first_error = [], 0, ""
         for i, line in enumerate(lines):
             if not line.strip():
                 continue
             try:
-                _, cols = decode_columns(line.decode(), kind)
-            except (ValueError, KeyError, TypeError, OverflowError) as exc:
-                is_tail = all(not rest.strip() for rest in lines[i + 1:])
-                if is_tail and path.suffix == ".jsonl":
+                _, cols = decode_columns(line.decode("utf-8", "replace"), kind, symbol)
+            except CacheFormatError as exc:
+                if exc.newer:
+                    log.warning("cache: %s was written by a newer version of bbo_stream (%s); left as it is", path, exc)
+                    return out
+                if path.suffix == ".jsonl" and i == len(lines) - 1:  # no newline after it: a write cut short
                     log.info("cache: ignoring a torn last line in %s (the process stopped mid-write)", path)
                     break
-                aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-                log.error("cache: %s is corrupt (line %d: %s); moved aside to %s, starting without it",
-                          path, i + 1, str(exc)[:100], aside.name)
-                with contextlib.suppress(OSError):
-                    path.rename(aside)
-                return []
+                bad += 1
+                first_error = first_error or f"line {i + 1}: {str(exc)[:200]}"
+                continue
             out.append(cols)
+        if bad and not out:
+            self._quarantine(path, first_error)
+        elif bad:
+            self._skipped += bad
+            log.warning("cache: %s: left out %d unusable line(s) (first: %s), kept %d", path, bad, first_error, len(out))
         return out
+
+    def _quarantine(self, path: Path, reason: str) -> None:
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        log.error("cache: %s is unusable (%s); moved aside to %s, starting without it", path, reason, aside.name)
+        with contextlib.suppress(OSError):
+            path.rename(aside)
+            self._quarantined.append(str(aside))
 
     @staticmethod
     def _load_outages(sym_dir: Path, hist: SymbolHistory) -> bool:
@@ -3333,6 +3504,8 @@ class CacheLoader:
         if not path.exists():
             return False
         try:
+            if path.stat().st_size > CACHE_MAX_FILE_BYTES:
+                raise ValueError("larger than any outages file this program writes")
             doc = json.loads(path.read_text())
             items = [[int(o["start"]), None if o["end"] is None else int(o["end"]), str(o["reason"])]
                      for o in doc["outages"]]
@@ -3369,6 +3542,8 @@ class CacheWriter:
         self._last_error_log_s = -math.inf       # monotonic time of the last error line
         self._dirty_outages: set[str] = set()      # outage files whose last write failed
         self._outage_sigs: dict[str, tuple] = {}   # symbol → (count, last end) last written
+        self.failure: str | None = None          # why the last write pass failed; None: it wrote everything
+        self.last_write_ms: int | None = None    # when a write pass last wrote everything it had
 
     def resume(self, loaded: CacheLoaded) -> None:
         """Continue the file sequences that loading found."""
@@ -3422,6 +3597,7 @@ class CacheWriter:
         """In a thread: encode and write.  Returns the jobs that succeeded; after a failed
         job, the later jobs of the same journal are skipped (they would leave a hole)."""
         done, failed = [], set()
+        failure = None
         for job in jobs:
             if id(job.log_state) in failed:
                 continue
@@ -3437,6 +3613,7 @@ class CacheWriter:
                     self._append_line(job.path, encode_columns(job.kind, job.symbol, job.payload).encode() + b"\n")
             except OSError as exc:
                 self.errors += 1
+                failure = failure or f"cannot write {job.path} ({exc.strerror or exc})"
                 if job.log_state is not None:
                     failed.add(id(job.log_state))
                 now_s = time.monotonic()
@@ -3448,22 +3625,32 @@ class CacheWriter:
                     self._dirty_outages.add(job.symbol)
                 continue
             done.append(job)
+        self._touch_heartbeat()
+        self.failure = failure
+        if failure is None:
+            self.last_write_ms = now_ms()
         return done
+
+    def _touch_heartbeat(self) -> None:
+        """Mark this moment as one when the process ran (read at the next start: see CacheLoader)."""
+        path = self.root / CACHE_HEARTBEAT_FILE
+        with contextlib.suppress(OSError):
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                path.touch()
 
     @staticmethod
     def _append_line(path: Path, line: bytes) -> None:
+        """Append one whole line and fsync it, or raise with the journal as it was."""
         new = not path.exists()
-        with open(path, "ab") as fh:
-            size = fh.tell()
-            try:
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
-            except OSError:
-                # A half-written line would make every later line unreadable: cut it off.
-                with contextlib.suppress(OSError):
-                    fh.truncate(size)
-                raise
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            _cut_partial_tail(fd)
+            append_whole(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if new:
             _fsync_dir(path.parent)
 
@@ -3513,43 +3700,94 @@ class CacheWriter:
 
 class CachePersistence:
     """The history on disk over the process's life: load at start, a flush every
-    CACHE_FLUSH_SECONDS (planned in the loop, written in a thread), cleanup, the final flush."""
+    CACHE_FLUSH_SECONDS (planned in the loop, written in a thread), cleanup, the final flush.
+    When CACHE_DIR cannot be used at all, persistence is off (`off_reason`) and the server
+    serves from memory."""
 
     def __init__(self, cfg: Config, history: BboHistory) -> None:
-        root = Path(cfg.cache_dir)
+        self.root = Path(cfg.cache_dir)
         self.history = history
-        self.loader = CacheLoader(root, history)
-        self.writer = CacheWriter(root, history)
+        self.loader = CacheLoader(self.root, history)
+        self.writer = CacheWriter(self.root, history)
         self.flush_s = cfg.cache_flush_seconds
         self.cleanup_s = cfg.cache_cleanup_hours * 3600
         self.last_flush_ms: int | None = None    # when the last flush completed
+        self.off_reason: str | None = None       # why persistence is off; None: it is on
+        self.last_run_ms: int | None = None      # when the previous run was last known to run
+        self.skipped_lines = 0                   # unusable journal lines left out at load
+        self.quarantined: list[str] = []         # files moved aside at load
 
     def metrics(self) -> list[MetricFamily]:
         return [MetricFamily("persist_lag_seconds", "gauge", "Age of the oldest update not yet on disk at the last flush",
                              [("", self.writer.lag_ms / 1000)]),
-                MetricFamily("persist_errors_total", "counter", "Failed cache writes", [("", self.writer.errors)])]
+                MetricFamily("persist_errors_total", "counter", "Failed cache writes", [("", self.writer.errors)]),
+                MetricFamily("persist_ok", "gauge", "1 while every write succeeds, 0 while failing or off",
+                             [("", int(self.off_reason is None and self.writer.failure is None))])]
+
+    def status(self) -> dict[str, Any]:
+        """The `persistence` object of /healthz."""
+        if self.off_reason is not None:
+            return {"state": "off", "reason": self.off_reason}
+        return {"state": "failing" if self.writer.failure else "ok", "reason": self.writer.failure,
+                "lagSeconds": self.writer.lag_ms / 1000, "lastWrite": self.writer.last_write_ms,
+                "errors": self.writer.errors, "skippedLines": self.skipped_lines,
+                "quarantined": len(self.quarantined)}
+
+    def _unusable_dir(self) -> str | None:
+        """Why CACHE_DIR cannot hold the history, or None."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            return f"CACHE_DIR {self.root} is not a directory"
+        except OSError as exc:
+            return f"cannot create CACHE_DIR {self.root} ({exc.strerror or exc})"
+        if not self.root.is_dir():
+            return f"CACHE_DIR {self.root} is not a directory"
+        if not os.access(self.root, os.R_OK | os.W_OK | os.X_OK):
+            return f"CACHE_DIR {self.root} is not readable and writable by uid {os.getuid()}"
+        return None
 
     def load(self) -> dict[str, int]:
         """Read CACHE_DIR into the history (blocking; runs before serving).  Returns rows per symbol."""
-        loaded = self.loader.load()
+        self.off_reason = self._unusable_dir()
+        if self.off_reason is None:
+            try:
+                loaded = self.loader.load()
+            except OSError as exc:
+                self.off_reason = f"cannot read CACHE_DIR {self.root} ({exc.strerror or exc})"
+        if self.off_reason is not None:
+            log.error("cache: persistence is off: %s; serving from memory only", self.off_reason)
+            return {}
         self.writer.resume(loaded)
+        self.last_run_ms, self.skipped_lines, self.quarantined = (loaded.last_run_ms, loaded.skipped_lines,
+                                                                   loaded.quarantined)
         return loaded.rows
 
     def mark_restart_outages(self, now_ms: int) -> None:
-        """The time the server was not running is an outage of every restored symbol."""
+        """Close what the previous run left open at the last moment it is known to have run, and
+        record the time it was not running as one closed outage per symbol with a history."""
         for hist in self.history.symbols.values():
-            if hist.latest is not None:
-                hist.begin_outage(hist.latest.recv_ms, "bbo_stream was not running")
+            if hist.latest is None and not hist.outages:
+                continue
+            known = [t for t in (self.last_run_ms, hist.latest.recv_ms if hist.latest else None) if t is not None]
+            if not known:
+                continue
+            stopped = min(max(known), now_ms)
+            for outage in hist.outages:
+                if outage[1] is None:  # open when the last run stopped: it lasted until then
+                    outage[1] = max(outage[0], stopped)
+            hist.open_outage = None
+            hist.outages.append([stopped, now_ms, "bbo_stream was not running"])
 
     async def flush(self) -> None:
         jobs = self.writer.plan(now_ms())
-        if jobs:
-            self.writer.commit(await asyncio.to_thread(self.writer.write, jobs))
+        self.writer.commit(await asyncio.to_thread(self.writer.write, jobs))
         self.last_flush_ms = now_ms()
 
-    def flush_sync(self) -> None:
-        """Final flush at shutdown (the loop has nothing else left to do)."""
+    def flush_sync(self) -> str | None:
+        """Final flush at shutdown (the loop has nothing else left to do).  Returns why it failed, or None."""
         self.writer.commit(self.writer.write(self.writer.plan(now_ms())))
+        return self.writer.failure
 
     async def run(self) -> None:
         """Flush every CACHE_FLUSH_SECONDS and clean up every CACHE_CLEANUP_HOURS."""
@@ -3562,7 +3800,6 @@ class CachePersistence:
                 next_cleanup = loop.time() + self.cleanup_s
                 removed = await asyncio.to_thread(self.writer.cleanup)
                 log.info("cache: cleanup removed %d obsolete segment(s)", removed)
-
 
 # ###########################################################################
 # §13 Fan-out hub
@@ -5301,7 +5538,12 @@ class App:
         self.hub.publish_feed_status(self.feed.status(now_ms()))
 
     def api_context(self) -> ApiContext:
-        return ApiContext(self.history, self.feed.status, now_ms(), self.metrics)
+        ctx = ApiContext(self.history, self.feed.status, now_ms(), self.metrics)
+        if self.persistence is not None:
+            ctx.persistence = self.persistence.status()
+        elif not self.cfg.cache_enabled:
+            ctx.persistence = {"state": "off", "reason": "CACHE_ENABLED=false"}
+        return ctx
 
     def metrics(self, now_ms: int) -> list[MetricFamily]:
         """Every metric of the server, in the order /metrics lists them."""
@@ -5325,9 +5567,10 @@ class App:
         if self.persistence is not None:
             started = time.perf_counter()
             loaded = self.persistence.load()
-            self.persistence.mark_restart_outages(now_ms())
-            log.info("cache: restored %d update(s) of %d symbol(s) from %s in %.2f s", sum(loaded.values()),
-                     len(loaded), self.cfg.cache_dir, time.perf_counter() - started)
+            if self.persistence.off_reason is None:
+                self.persistence.mark_restart_outages(now_ms())
+                log.info("cache: restored %d update(s) of %d symbol(s) from %s in %.2f s", sum(loaded.values()),
+                         len(loaded), self.cfg.cache_dir, time.perf_counter() - started)
         # Everything alive now (modules, settings, the restored history) lives as long as the
         # process: keep it out of every later garbage collection, whose full passes would
         # otherwise rescan it and pause all clients' deliveries at once.
@@ -5335,7 +5578,7 @@ class App:
         gc.freeze()
         gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
         tasks = [asyncio.create_task(self.feed.run(), name="feed")]
-        if self.persistence is not None:
+        if self.persistence is not None and self.persistence.off_reason is None:
             tasks.append(asyncio.create_task(self.persistence.run(), name="persistence"))
         else:
             tasks.append(asyncio.create_task(self._flush_history(), name="history-flush"))
@@ -5388,9 +5631,13 @@ class App:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.hub.close()
-        if self.persistence is not None:
-            self.persistence.flush_sync()
-            log.info("cache: final flush written to %s", self.cfg.cache_dir)
+        if self.persistence is not None and self.persistence.off_reason is None:
+            failure = self.persistence.flush_sync()
+            if failure is None:
+                log.info("cache: final flush written to %s", self.cfg.cache_dir)
+            else:
+                log.error("cache: final flush FAILED: %s; updates of the last %.1f s are not on disk",
+                          failure, self.persistence.writer.lag_ms / 1000)
 
 
 # ###########################################################################

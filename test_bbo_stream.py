@@ -1916,8 +1916,13 @@ def test_latency_outages_bbo_stats_endpoints(ctx):
 
 def test_healthz_always_200_and_readyz_only_when_live():
     history = bs.BboHistory(10, 10)
-    assert api_json(make_ctx(history, "connecting"), "/healthz") == (200, {"status": "ok", "version": bs.__version__,
-                                                                            "feed": {"state": "connecting", "reason": "test", "messages": 0}})
+    assert api_json(make_ctx(history, "connecting"), "/healthz") == (200, {
+        "status": "ok", "version": bs.__version__, "feed": {"state": "connecting", "reason": "test", "messages": 0},
+        "persistence": {"state": "off", "reason": "CACHE_PERSIST=false"}})
+    failing = make_ctx(history, "live")
+    failing.persistence = {"state": "failing", "reason": "cannot write x (No space left on device)"}
+    status, body = api_json(failing, "/healthz")
+    assert status == 200 and body["persistence"] == failing.persistence
     status, body = api_json(make_ctx(history, "backoff"), "/readyz")
     assert status == 503 and body["status"] == "not ready" and body["feed"]["state"] == "backoff"
     status, body = api_json(make_ctx(history, "live"), "/readyz")
@@ -2781,8 +2786,12 @@ def test_torn_last_journal_line_is_ignored_and_the_next_run_continues(tmp_path):
 
 CORRUPTIONS = {
     "garbage segment": ("raw-00000000-1.json", b"\x00\x01 not json at all"),
-    "segment of a future schema": ("raw-00000000-1.json", json.dumps({"v": 99, "kind": "raw", "symbol": "BTCUSDT",
-                                                                       "n": 0, "cols": {}}).encode()),
+    "segment with float mantissas": ("raw-00000000-1.json", bs.encode_columns("raw", "BTCUSDT", bs.bbos_to_columns(
+        [make_bbo(90), make_bbo(91, T0 + 1)])).replace('"m":[', '"m":[0.5,').replace(',"d"', ',"d"').encode()),
+    "another symbol's segment": ("raw-00000000-1.json", bs.encode_columns("raw", "ETHUSDT", bs.bbos_to_columns(
+        [make_bbo(90, symbol="ETHUSDT"), make_bbo(91, T0 + 1, symbol="ETHUSDT")])).encode()),
+    "segment whose times go back": ("raw-00000000-1.json", bs.encode_columns("raw", "BTCUSDT", bs.bbos_to_columns(
+        [make_bbo(90, T0 + 5), make_bbo(91, T0 + 1)])).encode()),
     "truncated segment": ("raw-00000000-1.json", bs.encode_columns("raw", "BTCUSDT", bs.bbos_to_columns(
         [make_bbo(90), make_bbo(91, T0 + 1)])).encode()[:60]),
     "garbage in the middle of a journal": ("raw-00000000.jsonl", b"{\"v\":1}\nnot json\n{\"v\":1}\n"),
@@ -4287,30 +4296,39 @@ def test_corrupt_cache_file_is_moved_aside_and_the_server_still_starts(tmp_path)
         assert rows == [row_of(b) for b in sent]
         assert srv.events.logged("corrupt.*moved aside", logging.ERROR)
         assert not bad.exists() and list(bad.parent.glob("raw-00000000-1.json.corrupt*"))
-        [outage] = (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"]
-        assert outage["start"] == sent[-1].recv_ms and "not running" in outage["reason"]
+        outage = (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"][0]  # then: the feed's own
+        assert outage["start"] >= sent[-1].recv_ms and outage["end"] is not None and "not running" in outage["reason"]
     with_server(tmp_path, body, cache_persist=True)
 
 
-def test_unwritable_cache_dir_is_logged_and_the_server_serves_from_memory(tmp_path, fast_feed):
-    blocker = tmp_path / "blocker"
-    blocker.write_text("not a directory")
+@pytest.mark.parametrize("make_unusable, reason", [
+    (lambda d: d.write_text("a file, not a directory"), r"CACHE_DIR \S+ is not a directory"),
+    (lambda d: (d.parent / "blocker").write_text("x"), r"cannot create CACHE_DIR \S+ \(Not a directory\)"),
+], ids=["a file", "under a file"])
+def test_an_unusable_cache_dir_turns_persistence_off_with_one_line_and_the_server_serves_from_memory(
+        tmp_path, fast_feed, make_unusable, reason):
+    cache_dir = tmp_path / "cache"
+    make_unusable(cache_dir)
+    if not cache_dir.exists():
+        cache_dir = tmp_path / "blocker" / "cache"
 
     async def scenario() -> None:
         async with FakeBinance("futures") as fake:
-            cfg = make_cfg(tmp_path, fake.base_url, cache_persist=True, cache_dir=str(blocker / "cache"),
+            cfg = make_cfg(tmp_path, fake.base_url, cache_persist=True, cache_dir=str(cache_dir),
                            cache_flush_seconds=0.05)
             async with serving(cfg) as srv:
+                assert srv.events.logged(f"cache: persistence is off: {reason}; serving from memory only", logging.ERROR)
                 await fake.wait_for_subscribed("btcusdt")
                 sent = [fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1"), fake.send_bbo("btcusdt", "1.01", "1", "1.11", "1")]
                 await srv.wait_updates(2)
-                await srv.events.wait_for(lambda: srv.events.logged("cannot write", logging.ERROR), 3, "the write error")
                 rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
                 assert [_fields(r) for r in rows] == [_sent_fields(p) for p in sent]
-                metrics = (await srv.get("/metrics")).body.decode()
-                errors = re.search(r"^bbo_persist_errors_total (\d+)", metrics, re.M)
-                assert errors and int(errors.group(1)) >= 1
-                assert (await srv.get("/healthz")).status == 200
+                health = await srv.get("/healthz")
+                assert health.status == 200 and health.json()["persistence"]["state"] == "off"
+                assert re.fullmatch(reason, health.json()["persistence"]["reason"])
+                assert re.search(r"^bbo_persist_ok 0$", (await srv.get("/metrics")).body.decode(), re.M)
+                assert not [r for r in srv.events.records if r.exc_info], "a traceback was logged"
+                assert len(srv.events.logged("persistence is off")) == 1
     run(scenario())
 
 
@@ -4495,8 +4513,8 @@ def test_kill_9_then_restart_restores_every_update_older_than_a_second(tmp_path)
                 latest = (await request(port, "/api/bbo")).json()["symbols"]["BTCUSDT"]
                 assert latest == rows[-1]
                 outages = (await request(port, "/api/history/outages?symbol=BTCUSDT")).json()["outages"]
-                assert outages and outages[-1]["start"] == rows[-1]["serverTimestamp"]
-                assert "not running" in outages[-1]["reason"]
+                assert outages and outages[-1]["start"] >= rows[-1]["serverTimestamp"]
+                assert "not running" in outages[-1]["reason"] and outages[-1]["end"] is not None
                 assert await again.stop() == 0
             finally:
                 await again.kill()
