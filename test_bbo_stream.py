@@ -36,6 +36,7 @@ import base64
 import contextlib
 import dataclasses
 import email.utils
+import errno
 import gc
 import inspect
 import json
@@ -174,6 +175,22 @@ async def apoll_until(predicate: Callable[[], bool], timeout: float, interval: f
 async def fake_until(fake: FakeBinance, predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
     """Wait on the fake exchange's own change event (connections, subscriptions)."""
     await fake._wait_until(predicate, timeout, what)
+
+
+@contextlib.contextmanager
+def tmpfs_folder(path: Path, options: str) -> Iterator[None]:
+    """A tmpfs mounted at ``path`` with mount ``options`` (a small disk that fills, a read-only
+    one); the test is skipped, saying why, where it cannot be mounted (not root, no mount(8))."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount(8) for a tmpfs")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "bbo-test", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 # -- HTTP client on raw asyncio streams: the bytes on the wire are what is asserted ------
@@ -1628,14 +1645,39 @@ def test_disk_codec_round_trips_raw_columns_exactly():
 
 
 @pytest.mark.parametrize("mutate", [
-    lambda d: d.update(v=99), lambda d: d.update(kind="bars"), lambda d: d.update(n=5),
+    lambda d: d.update(kind="bars"), lambda d: d.update(n=5),
     lambda d: d["cols"].pop("updateId"), lambda d: d.update(symbol="BTC USDT"),
-], ids=["version", "kind", "length", "missing column", "bad symbol"])
+    lambda d: d["cols"]["bidPrice"]["m"].__setitem__(0, 12.5),          # a float mantissa: wrong prices
+    lambda d: d["cols"]["updateId"].__setitem__(0, "7"),
+    lambda d: d["cols"]["serverTimestamp"].__setitem__(0, None),
+    lambda d: d["cols"]["askQty"]["m"].__setitem__(0, 2**63),           # does not fit int64
+    lambda d: d["cols"]["askPrice"].update(d=18),                       # more decimals than exact
+    lambda d: d["cols"]["serverTimestamp"].reverse(),                   # times that go back
+    lambda d: d.update(symbol="ETHUSDT"),                               # not the folder's symbol
+], ids=["kind", "length", "missing column", "bad symbol", "float mantissa", "string id", "null time",
+        "overflow", "decimals", "times go back", "other symbol"])
 def test_disk_codec_rejects_inconsistent_records(mutate):
     doc = json.loads(bs.encode_columns("raw", "BTCUSDT", bs.bbos_to_columns([make_bbo(1), make_bbo(2, T0 + 1)])))
+    assert bs.decode_columns(json.dumps(doc), "raw", "BTCUSDT")[0] == "BTCUSDT"
     mutate(doc)
-    with pytest.raises((ValueError, KeyError, TypeError)):
+    with pytest.raises(bs.CacheFormatError) as info:
+        bs.decode_columns(json.dumps(doc), "raw", "BTCUSDT")
+    assert not info.value.newer
+
+
+def test_disk_codec_says_a_newer_version_and_upgrades_an_older_one(monkeypatch):
+    rows = [make_bbo(1), make_bbo(2, T0 + 1)]
+    doc = json.loads(bs.encode_columns("raw", "BTCUSDT", bs.bbos_to_columns(rows)))
+    with pytest.raises(bs.CacheFormatError) as info:
+        bs.decode_columns(json.dumps({**doc, "v": bs.CACHE_SCHEMA_VERSION + 1}), "raw")
+    assert info.value.newer
+    # A release with format 2 reads format-1 files through its upgrade of version 1, never refusing them.
+    monkeypatch.setattr(bs, "CACHE_SCHEMA_VERSION", 2)
+    with pytest.raises(bs.CacheFormatError, match="no upgrade"):
         bs.decode_columns(json.dumps(doc), "raw")
+    monkeypatch.setitem(bs.CACHE_MIGRATIONS, 1, lambda old: {**old, "v": 2, "symbol": old["symbol"].upper()})
+    symbol, cols = bs.decode_columns(json.dumps({**doc, "symbol": "btcusdt"}), "raw")
+    assert symbol == "BTCUSDT" and [json.loads(t) for t in bs.rows_to_json_objects(cols, symbol)] == [row_of(b) for b in rows]
 
 
 # ---- §6 HTTP/1.1 and WebSocket frame codec ---------------------------------------------------------------
@@ -2812,6 +2854,206 @@ def test_corrupt_cache_file_is_moved_aside_and_the_rest_loads(tmp_path, caplog, 
     aside = [p for p in bad.parent.iterdir() if p.name.startswith(name + ".corrupt")]
     assert len(aside) == 1 and aside[0].read_bytes() == content
     assert any(name in r.getMessage() and "moved aside" in r.getMessage() for r in caplog.records)
+
+
+def test_a_segment_of_a_newer_version_is_left_as_it_is_and_the_rest_loads(tmp_path, caplog):
+    history, store = new_store(tmp_path)
+    sent = fill(history, 3, first_u=100)
+    store.flush_sync()
+    newer = tmp_path / "cache" / "BTCUSDT" / "raw-00000000-1.json"
+    content = json.dumps({"v": bs.CACHE_SCHEMA_VERSION + 1, "kind": "raw", "symbol": "BTCUSDT", "n": 0, "cols": {}})
+    newer.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="bbo_stream"):
+        history2, _, _ = restart(tmp_path)
+    assert rest_rows(history2) == [row_of(b) for b in sent]
+    assert newer.read_text() == content and not list(newer.parent.glob("*.corrupt*"))
+    assert any("newer version" in r.getMessage() for r in caplog.records)
+
+
+def test_a_file_larger_than_any_the_program_writes_is_moved_aside_unread(tmp_path, monkeypatch):
+    history, store = new_store(tmp_path)
+    sent = fill(history, 3, first_u=100)
+    store.flush_sync()
+    huge = tmp_path / "cache" / "BTCUSDT" / "raw-00000000-1.json"
+    with open(huge, "wb") as fh:
+        fh.truncate(bs.CACHE_MAX_FILE_BYTES + 1)            # sparse: nothing to read, but over the bound
+    reads: list[Path] = []
+    real_read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or real_read_bytes(self))
+    history2, store2, _ = restart(tmp_path)
+    assert rest_rows(history2) == [row_of(b) for b in sent]
+    assert huge not in reads and not huge.exists()
+    assert [Path(p).name.split(".corrupt")[0] for p in store2.quarantined] == [huge.name]
+
+
+def test_a_journal_keeps_every_valid_line_around_a_bad_one_and_counts_it(tmp_path, caplog):
+    history, store = new_store(tmp_path)
+    first = fill(history, 2, first_u=1)
+    store.flush_sync()
+    second = fill(history, 2, start_ms=T0 + 10, first_u=3)
+    store.flush_sync()
+    journal = tmp_path / "cache" / "BTCUSDT" / "raw-00000001.jsonl"
+    good = journal.read_bytes().splitlines(keepends=True)
+    assert len(good) == 2
+    journal.write_bytes(good[0] + b'{"v":1,"kind":"raw","symbol":"BTCUSDT","n":1,"cols":{}}\n' + b"\x00junk\n" + good[1])
+    with caplog.at_level(logging.WARNING, logger="bbo_stream"):
+        history2, store2, _ = restart(tmp_path)
+    assert rest_rows(history2) == [row_of(b) for b in first + second]     # nothing valid was dropped
+    assert journal.exists() and not list(journal.parent.glob("*.corrupt*"))
+    assert store2.skipped_lines == 2 and store2.status()["skippedLines"] == 2
+    assert any("left out 2 unusable line(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_append_whole_leaves_the_file_as_it_was_when_a_write_fails_midway(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    path.write_bytes(b'{"line":1}\n')
+    calls: list[int] = []
+
+    def disk_fills_after_10_bytes(fd: int, data: bytes) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return os.write(fd, data[:10])                  # a short write: the disk had 10 bytes left
+        raise OSError(errno.ENOSPC, "No space left on device")
+    fd = os.open(path, os.O_RDWR | os.O_APPEND)
+    try:
+        with pytest.raises(OSError) as info:
+            bs.append_whole(fd, b'{"line":2,"padding":"xxxxxxxxxxxxxxxx"}\n', write=disk_fills_after_10_bytes)
+        assert info.value.errno == errno.ENOSPC and len(calls) == 2
+        assert path.read_bytes() == b'{"line":1}\n'          # the 10 bytes were cut off again
+        bs.append_whole(fd, b'{"line":3}\n')
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b'{"line":1}\n{"line":3}\n'
+
+
+def test_a_partial_tail_left_by_a_failed_cut_is_removed_before_the_next_append(tmp_path):
+    history, store = new_store(tmp_path)
+    first = fill(history, 2, first_u=1)
+    store.flush_sync()
+    journal = tmp_path / "cache" / "BTCUSDT" / "raw-00000001.jsonl"
+    with open(journal, "ab") as fh:
+        fh.write(b'{"v":1,"kind":"raw","sym')                 # a write whose cut-off failed too
+    second = fill(history, 2, start_ms=T0 + 10, first_u=3)
+    store.flush_sync()
+    assert journal.read_bytes().count(b"\n") == 2 and journal.read_bytes().endswith(b"}\n")
+    history2, store2, _ = restart(tmp_path)
+    assert rest_rows(history2) == [row_of(b) for b in first + second] and store2.skipped_lines == 0
+
+
+def test_leftover_temporary_files_are_removed_at_start(tmp_path, caplog):
+    history, store = new_store(tmp_path)
+    sent = fill(history, 3)
+    store.flush_sync()
+    sym_dir = tmp_path / "cache" / "BTCUSDT"
+    (sym_dir / "raw-00000001-5.json.tmp").write_bytes(b"x" * 1000)       # a compaction cut by a crash
+    (sym_dir / "outages.json.tmp").write_bytes(b"{")
+    with caplog.at_level(logging.INFO, logger="bbo_stream"):
+        history2, _, _ = restart(tmp_path)
+    assert rest_rows(history2) == [row_of(b) for b in sent]
+    assert not list(sym_dir.glob("*.tmp"))
+    assert any("removed 2 temporary file(s) (1001 bytes)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    target = tmp_path / "outages.json"
+
+    def fsync_fails(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(bs.os, "fsync", fsync_fails)
+    with pytest.raises(OSError):
+        bs.atomic_write(target, b"{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_outage_open_at_shutdown_is_closed_at_the_last_run_and_restarts_add_one_outage_each(tmp_path):
+    # Start with the exchange unreachable (an outage opens), stop, start again (twice): the open
+    # outage ends when the first run was last known to run, each downtime is one closed outage,
+    # and no outage is duplicated or left open.
+    history, store = new_store(tmp_path)
+    sent = fill(history, 2, start_ms=bs.now_ms() - 60_000)
+    history.symbols["BTCUSDT"].begin_outage(sent[-1].recv_ms + 5, "connection refused")
+    store.flush_sync()
+    heartbeat = tmp_path / "cache" / bs.CACHE_HEARTBEAT_FILE
+    assert heartbeat.exists()
+    last_run_1 = heartbeat.stat().st_mtime_ns // 1_000_000
+    history2, store2, _ = restart(tmp_path)
+    assert store2.last_run_ms == last_run_1
+    start_2 = bs.now_ms()
+    store2.mark_restart_outages(start_2)
+    outages = list(history2.symbols["BTCUSDT"].outages)
+    assert outages == [[sent[-1].recv_ms + 5, last_run_1, "connection refused"],
+                       [last_run_1, start_2, "bbo_stream was not running"]]
+    assert history2.symbols["BTCUSDT"].open_outage is None
+    store2.flush_sync()
+    last_run_2 = heartbeat.stat().st_mtime_ns // 1_000_000
+    history3, store3, _ = restart(tmp_path)
+    start_3 = bs.now_ms()
+    store3.mark_restart_outages(start_3)
+    outages3 = list(history3.symbols["BTCUSDT"].outages)
+    assert outages3 == outages + [[last_run_2, start_3, "bbo_stream was not running"]]
+    assert len({o[0] for o in outages3}) == len(outages3) and all(o[1] is not None for o in outages3)
+
+
+def test_the_heartbeat_is_touched_at_every_flush_even_without_new_rows(tmp_path):
+    history, store = new_store(tmp_path)
+    fill(history, 1)
+    run(store.flush())
+    heartbeat = tmp_path / "cache" / bs.CACHE_HEARTBEAT_FILE
+    os.utime(heartbeat, ns=(0, 0))
+    run(store.flush())                                       # nothing new to write
+    assert heartbeat.stat().st_mtime_ns > 0
+
+
+def test_persistence_status_is_ok_then_failing_with_the_reason_then_ok_again(tmp_path, monkeypatch):
+    history, store = new_store(tmp_path)
+    store.load()
+    fill(history, 2)
+    store.flush_sync()
+    ok = store.status()
+    assert ok["state"] == "ok" and ok["reason"] is None and ok["lastWrite"] is not None and ok["errors"] == 0
+    real_append = bs.CacheWriter._append_line
+
+    def disk_full(path: Path, line: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(bs.CacheWriter, "_append_line", staticmethod(disk_full))
+    more = fill(history, 2, start_ms=T0 + 10, first_u=3)
+    assert store.flush_sync() is not None
+    failing = store.status()
+    assert failing["state"] == "failing" and "No space left on device" in failing["reason"]
+    assert failing["lastWrite"] == ok["lastWrite"] and failing["errors"] == 1
+    monkeypatch.setattr(bs.CacheWriter, "_append_line", staticmethod(real_append))
+    assert store.flush_sync() is None and store.status()["state"] == "ok"
+    assert rest_rows(restart(tmp_path)[0]) == rest_rows(history) and len(rest_rows(history)) == 4
+    assert more[-1].update_id == 4
+
+
+def test_a_full_disk_loses_no_row_that_was_flushed_and_the_rows_after_it_land_once_space_is_back(tmp_path):
+    cache = tmp_path / "cache"
+    with tmpfs_folder(cache, "size=256k"):
+        history, store = new_store(tmp_path)
+        store.load()
+        before = fill(history, 200, first_u=1)
+        assert store.flush_sync() is None
+        ballast = cache / "ballast"
+        fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)         # fill the disk to the last byte
+        with contextlib.suppress(OSError):
+            while os.write(fd, b"\0" * 512):
+                pass
+        os.close(fd)
+        os.truncate(ballast, ballast.stat().st_size - 4096)     # one page left: the next line fits in part
+        during = fill(history, 200, start_ms=T0 + 1_000, first_u=201)
+        failure = store.flush_sync()
+        journal = cache / "BTCUSDT" / "raw-00000001.jsonl"
+        assert journal.read_bytes().endswith(b"\n")           # no half line left behind
+        status_while_full = store.status()
+        ballast.unlink()
+        after = fill(history, 200, start_ms=T0 + 2_000, first_u=401)
+        failure_after = store.flush_sync()
+        history2, store2, _ = restart(tmp_path)
+        assert rest_rows(history2) == [row_of(b) for b in before + during + after]
+        assert store2.skipped_lines == 0 and store2.quarantined == []
+        assert failure is not None and "No space left on device" in failure and status_while_full["state"] == "failing"
+        assert failure_after is None and store.status()["state"] == "ok"
 
 
 def test_corrupt_outages_file_is_moved_aside_and_the_rows_still_load(tmp_path, caplog):
@@ -4187,20 +4429,9 @@ def test_tls_falls_back_to_plain_http_when_openssl_is_missing(tmp_path, monkeypa
     with_server(tmp_path, body, use_ssl=True)
 
 
-@contextlib.contextmanager
-def read_only_folder(path: Path) -> Iterator[None]:
-    """A read-only tmpfs mounted at ``path`` (what a `:ro` bind mount gives a container)."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root and mount(8) for a read-only folder")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "bbo-test-ro", str(path)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.strip()}")
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
+def read_only_folder(path: Path) -> contextlib.AbstractContextManager[None]:
+    """A read-only folder at ``path`` (what a `:ro` bind mount gives a container)."""
+    return tmpfs_folder(path, "ro,size=64k")
 
 
 def test_a_certificate_folder_the_server_cannot_write_still_gets_https_for_the_run(tmp_path):
