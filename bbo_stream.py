@@ -1838,8 +1838,8 @@ class ApiContext:
     feed_status: Callable[[int], dict]      # now_ms → the feed status object
     now_ms: int
     metrics: Callable[[int], list[MetricFamily]] | None = None  # now_ms → every metric of the server
-    persistence: dict[str, Any] = dataclasses.field(  # the cache on disk: ok / failing / off, with why
-        default_factory=lambda: {"state": "off", "reason": "CACHE_PERSIST=false"})
+    persistence: dict[str, Any] = dataclasses.field(  # the cache on disk: ok / failing / off / disabled, with why
+        default_factory=lambda: {"state": "disabled", "reason": "CACHE_PERSIST=false"})
 
 
 def _param(req: HttpRequest, name: str) -> str | None:
@@ -5542,7 +5542,7 @@ class App:
         if self.persistence is not None:
             ctx.persistence = self.persistence.status()
         elif not self.cfg.cache_enabled:
-            ctx.persistence = {"state": "off", "reason": "CACHE_ENABLED=false"}
+            ctx.persistence = {"state": "disabled", "reason": "CACHE_ENABLED=false"}
         return ctx
 
     def metrics(self, now_ms: int) -> list[MetricFamily]:

@@ -1960,7 +1960,7 @@ def test_healthz_always_200_and_readyz_only_when_live():
     history = bs.BboHistory(10, 10)
     assert api_json(make_ctx(history, "connecting"), "/healthz") == (200, {
         "status": "ok", "version": bs.__version__, "feed": {"state": "connecting", "reason": "test", "messages": 0},
-        "persistence": {"state": "off", "reason": "CACHE_PERSIST=false"}})
+        "persistence": {"state": "disabled", "reason": "CACHE_PERSIST=false"}})
     failing = make_ctx(history, "live")
     failing.persistence = {"state": "failing", "reason": "cannot write x (No space left on device)"}
     status, body = api_json(failing, "/healthz")
@@ -7005,6 +7005,32 @@ def test_dashboard_bar_rows_show_the_symbols_decimals_and_an_exact_spread(dash_o
     assert [row[1:6] for row in cells] == [[f"{30000:.{d}f}", "—", f"{30000.01:.{d}f}", "—", f"{0.01:.{d}f}"],
                                            [f"{29999.9:.{d}f}", "—", f"{30000:.{d}f}", "—", f"{0.1:.{d}f}"]], cells
     assert d == 2  # the fake exchange's BTCUSDT prices
+
+
+def test_dashboard_warns_while_the_server_cannot_save_the_history(dash_open: Any) -> None:
+    pg = dash_open()
+    pg.wait_connected()
+    assert pg.page.is_hidden("#persist-banner")                 # the test server saves its history
+    health = pg.server.get_json("/healthz")
+    assert health["persistence"]["state"] == "ok", health["persistence"]
+    answers = {"persistence": {"state": "failing", "reason": "cannot write cache/BTCUSDT/raw-00000001.jsonl "
+                                                             "(No space left on device)"}}
+    pg.page.route(re.compile(r"/healthz$"), lambda route: route.fulfill(
+        status=200, content_type="application/json", body=json.dumps({**health, **answers})))
+    pg.js("bboDebug.checkHealth()")
+    pg.wait_js("() => !document.getElementById('persist-banner').hidden")
+    text = pg.text("#persist-banner")
+    assert "History is not being saved to disk" in text and "No space left on device" in text
+    answers["persistence"] = {"state": "disabled", "reason": "CACHE_PERSIST=false"}   # turned off on purpose
+    pg.js("bboDebug.checkHealth()")
+    pg.wait_js("() => document.getElementById('persist-banner').hidden")
+    answers["persistence"] = {"state": "off", "reason": "CACHE_DIR cache is not a directory"}
+    pg.js("bboDebug.checkHealth()")
+    pg.wait_js("() => !document.getElementById('persist-banner').hidden")
+    assert "CACHE_DIR cache is not a directory" in pg.text("#persist-banner")
+    answers["persistence"] = health["persistence"]
+    pg.js("bboDebug.checkHealth()")
+    pg.wait_js("() => document.getElementById('persist-banner').hidden")
 
 
 def test_dashboard_ignores_a_timeframe_that_is_no_timeframe(dash_open: Any) -> None:

@@ -69,6 +69,7 @@
  *                                spread over the visible range, redraw, return the redraw time (ms):
  *                                median of 5 redraws, each including a forced rasterisation
  *   socket                       the Socket.IO client (emit(event, ...args, ackFn))
+ *   checkHealth()                read /healthz now (it is read every HEALTH_CHECK_MS)
  * ======================================================================== */
 'use strict';
 
@@ -159,6 +160,7 @@ function level(ms, good, warn) {
   return ms <= good ? 'good' : ms <= warn ? 'warn' : 'bad';
 }
 const RTT_LEVELS = [80, 250];
+const HEALTH_CHECK_MS = 15000;   // how often /healthz is read for the persistence warning
 const LATENCY_LEVELS = [100, 300];
 
 /* Exact decimal arithmetic on the exchange's own digits ("104523.40"), so the
@@ -663,6 +665,7 @@ const state = {
   current: null,                       // selected symbol
   bbo: Object.create(null),            // symbol -> last bbo_update payload (exact strings)
   feed: null,                          // last feed_status object
+  persistence: null,                   // /healthz's persistence object: is the history being saved?
   feedAt: 0,                           // client ms when it arrived
   feedOutages: [],                     // [{start, end|null, reason}] seen live from feed_status (server ms)
   welcome: null,                       // the server's welcome message (for bboDebug.state)
@@ -976,7 +979,7 @@ function cacheElements() {
     'feed-banner-text', 'feed-banner-count', 'sr-status', 'rtt', 'backend-latency', 'backend-latency-avg',
     'msg-count', 'msg-rate', 'conn-duration', 'stats-transport', 'conn-reconnects', 'fd-state', 'fd-market',
     'fd-since', 'fd-age', 'fd-next', 'fd-messages', 'fd-reconnects', 'fd-duplicates', 'fd-crossed', 'fd-parse',
-    'fd-reason', 'foot-clock']) {
+    'fd-reason', 'foot-clock', 'persist-banner', 'persist-banner-text']) {
     el[id] = $(id);
   }
   el['spread-main'] = document.querySelector('.spread-main');
@@ -1234,6 +1237,17 @@ function renderFeedDetails({ connected, now, sNow, f, fstate, live, p }) {
   setText(el['fd-parse'], f && f.parseErrors != null ? fmtInt(f.parseErrors) : '—');
   el['fd-reason'].hidden = !(f && f.reason);
   if (f && f.reason) setText(el['fd-reason'], f.reason);
+}
+
+/** A small warning while the server cannot save the history ("failing" disk, or "off": an unusable
+ *  CACHE_DIR); nothing when it saves, or when saving was turned off on purpose ("disabled"). */
+function renderPersistence(pers) {
+  const failing = !!pers && (pers.state === 'failing' || pers.state === 'off');
+  el['persist-banner'].hidden = !failing;
+  if (failing) {
+    setText(el['persist-banner-text'], `History is not being saved to disk${pers.reason ? `: ${pers.reason}` : ''}. ` +
+      'Live prices are unaffected; what arrives meanwhile is lost if the server stops.');
+  }
 }
 
 /** The tab title carries the price, so a background tab still shows it (refreshed every second). */
@@ -2463,6 +2477,7 @@ async function boot() {
     }
   }
   if (health.status === 'fulfilled' && health.value && health.value.feed && !state.feed) onFeedStatus(health.value.feed);
+  if (health.status === 'fulfilled') onHealth(health.value);
   if (!state.current) {
     state.current = state.symbols.includes(preferred) ? preferred : state.symbols[0] || null;
   } else if (preferred && state.symbols.includes(preferred) && state.current !== preferred && state.stats.bboMessages < 50) {
@@ -2479,7 +2494,17 @@ async function boot() {
   }
 }
 
+/** /healthz again: the one place that says whether the history is being saved. */
+function checkHealth() {
+  fetchJson('/healthz').then(onHealth, () => { /* the socket's state already says the server is gone */ });
+}
+function onHealth(health) {
+  state.persistence = health && health.persistence ? health.persistence : null;
+  renderPersistence(state.persistence);
+}
+
 setInterval(secondTick, 1000);
+setInterval(checkHealth, HEALTH_CHECK_MS);
 setInterval(measureRtt, 5000);
 setInterval(savePoints, 15000);
 window.addEventListener('pagehide', () => { savePoints(); });
@@ -2555,6 +2580,7 @@ window.bboDebug = {
     drawCount: () => chart.drawCount,
   },
   loadSyntheticPoints,
+  checkHealth,
 };
 
 if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', boot);
