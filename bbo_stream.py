@@ -183,7 +183,7 @@ MAX_SKEW_MS = 2**31 - 1              # |recv - E| and |E - T| fit the int32 colu
 # --- Persistence ------------------------------------------------------------
 SEGMENT_ROWS = 8_192                 # one compaction json.dumps of 8 k rows holds the GIL ~15 ms (< 50 ms goal)
 CACHE_SCHEMA_VERSION = 1             # bumped when the on-disk column layout changes (older ones are migrated)
-CACHE_MAX_FILE_BYTES = 32 * 1024 * 1024  # a segment of SEGMENT_ROWS rows is ~1 MB: a larger file is not ours
+CACHE_MAX_FILE_BYTES = 8 * 1024 * 1024  # the largest file written, a segment of SEGMENT_ROWS bars, is ~1.8 MB
 PERSIST_ERROR_LOG_INTERVAL_S = 60.0  # a full disk is logged once a minute, not once per flush
 
 # --- HTTP server --------------------------------------------------------------
