@@ -1142,6 +1142,13 @@ def test_parse_combined_wrapper_gives_the_same_update_as_the_raw_payload():
     assert bs.parse_feed_message(wrapped.encode(), recv) == bs.parse_feed_message(FUTURES_RAW, recv)  # bytes too
 
 
+def test_parse_error_replies_are_exchange_errors_with_code_and_message_not_unknown_messages():
+    nested = '{"error":{"code":2,"msg":"Invalid request: unknown stream btcusdx@bookTicker"},"id":7}'
+    assert bs.parse_feed_message(nested, T0) == bs.FeedError(7, 2, "Invalid request: unknown stream btcusdx@bookTicker")
+    flat = '{"code":0,"msg":"Unknown property","id":3}'          # the market-stream docs' flat form
+    assert bs.parse_feed_message(flat, T0) == bs.FeedError(3, 0, "Unknown property")
+
+
 def test_parse_acks_and_server_shutdown():
     assert bs.parse_feed_message('{"result":null,"id":1}', T0) == bs.FeedAck(1, None)
     assert bs.parse_feed_message('{"result":["btcusdt@bookTicker"],"id":"x"}', T0) == bs.FeedAck("x", ["btcusdt@bookTicker"])
@@ -1210,7 +1217,6 @@ MALFORMED = {
     "E far in the future": _ticker(E=2**62, T=2**62),
     "E far in the past": _ticker(E=1, T=1),
     "T without E": _ticker(E=_DROP),
-    "exchange error": '{"code":2,"msg":"Invalid request: unknown variant"}',
     "unknown event": '{"e":"trade","E":1,"s":"BTCUSDT"}',
     "wrapper with non-object data": '{"stream":"btcusdt@bookTicker","data":[1]}',
     "invalid UTF-8 bytes": b"\xff\xfe{",
@@ -1273,15 +1279,15 @@ def test_backoff_doubles_with_full_jitter_and_a_floor():
     assert bs.backoff_delay_s(1, bs.Config(initial_backoff_s=0.1, max_retries=0), 1.0) == bs.FEED_MIN_RECONNECT_S
 
 
-def test_backoff_cap_is_300_s_from_the_extended_threshold_and_failed_retries_every_300_s():
+def test_backoff_cap_is_300_s_from_the_extended_threshold_and_failed_retries_every_60_s():
     cfg = bs.Config(initial_backoff_s=1.0, extended_backoff_threshold=3, max_retries=0)
     assert bs.backoff_delay_s(2, cfg, 1.0) == 2.0
     assert bs.backoff_delay_s(9, cfg, 1.0) == 256.0           # over 60: the extended cap applies
     assert bs.backoff_delay_s(10, cfg, 1.0) == bs.FEED_EXTENDED_BACKOFF_CAP_S == 300
     capped = bs.Config(initial_backoff_s=1.0, extended_backoff_threshold=3, max_retries=5)
     assert bs.backoff_delay_s(4, capped, 1.0) == 8.0
-    assert bs.backoff_delay_s(5, capped, 0.0) == bs.FEED_FAILED_RETRY_S == 300
-    assert bs.backoff_delay_s(6, capped, 0.3) == 300
+    assert bs.backoff_delay_s(5, capped, 0.0) == bs.FEED_FAILED_RETRY_S == 60   # a network back is seen within a minute
+    assert bs.backoff_delay_s(6, capped, 0.3) == 60
 
 
 def test_shard_health_connecting_live_backoff_failed():
@@ -1301,9 +1307,9 @@ def test_shard_health_connecting_live_backoff_failed():
     assert h.state is bs.FeedState.CONNECTING and h.next_attempt_ms is None
     assert h.closed(2_400, "handshake refused: HTTP 503", True, cfg, 1.0) == 2.0
     assert h.state is bs.FeedState.BACKOFF
-    assert h.closed(5_000, "handshake refused: HTTP 503", True, cfg, 1.0) == 300
-    assert (h.state, h.failures, h.next_attempt_ms) == (bs.FeedState.FAILED, 3, 305_000)
-    h.opened(305_000)
+    assert h.closed(5_000, "handshake refused: HTTP 503", True, cfg, 1.0) == 60
+    assert (h.state, h.failures, h.next_attempt_ms) == (bs.FeedState.FAILED, 3, 65_000)
+    h.opened(65_000)
     assert h.reconnects == 1  # connections opened after the first
 
 
@@ -2452,15 +2458,14 @@ def test_feed_counts_malformed_frames_logs_each_kind_once_and_keeps_going(tmp_pa
             fake.send_raw(_ticker(u="7"))
             fake.send_raw(_ticker(b="1e5"))
             fake.send_raw(_ticker(b="abc"))                    # the same kind again: counted, not logged
-            fake.send_raw('{"code":2,"msg":"Invalid request"}')
             good = fake.send_bbo("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
             await srv.wait_updates(1)
             rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
             assert [_fields(r) for r in rows] == [_sent_fields(good)]
             feed = (await srv.get_json("/healthz"))["feed"]
-            assert (feed["parseErrors"], feed["reconnects"], feed["state"]) == (5, 0, "live")
+            assert (feed["parseErrors"], feed["reconnects"], feed["state"]) == (4, 0, "live")
             assert fake.total_connections == 1
-            assert len(srv.events.logged("malformed", logging.WARNING)) == 4   # invalid JSON, u, b, exchange error
+            assert len(srv.events.logged("malformed", logging.WARNING)) == 3   # invalid JSON, u, b
     run(scenario())
 
 
