@@ -160,7 +160,8 @@ U_RESET_MIN_ADVANCE_MS = 1_000       # `u` going back while E moved on by this m
 U_RESET_MAX_KEPT_FRACTION = 0.5     # `u` below half the last one is a reset at once: a replay from overlapping
                                      # connections repeats seconds of updates, never half the id's range
 FEED_MAX_STREAMS_PER_CONNECTION = 1024  # Binance: the 1025th stream closes the whole connection (1008)
-FEED_CONNECT_SPACING_S = 1.0         # Binance (2026): one new connection per second per IP, across shards
+FEED_CONNECT_SPACING_S = 1.1         # Binance (2026): one new connection per second per IP, across shards;
+                                     # +0.1 s so that jitter in handshake arrival cannot make two look closer
 FEED_RETRY_AFTER_MAX_S = 86_400.0    # a Retry-After further out than a day is taken as a day (bad header)
 FEED_PING_INTERVAL_S = 20.0          # our own WebSocket pings: a dead TCP path is noticed within ~40 s
 FEED_PING_TIMEOUT_S = 20.0           # ...by a pong missing this long (Binance answers pings at once)
@@ -3165,6 +3166,7 @@ class BinanceFeed:
         rng = random.Random()
         opened_before = False
         while True:
+            await self._connect_slot()  # before `connecting`: a shard held back by Retry-After still reads backoff
             shard.connecting(now_ms())
             self._notify()
             try:
@@ -3224,7 +3226,6 @@ class BinanceFeed:
         self._notify()
 
     async def _open(self, shard: ShardHealth, url: str, reconnect: bool = False) -> _Conn:
-        await self._connect_slot()
         ws = await ws_connect(url, open_timeout=FEED_OPEN_TIMEOUT_S, max_size=FEED_MAX_MESSAGE_BYTES,
                               ping_interval=FEED_PING_INTERVAL_S, ping_timeout=FEED_PING_TIMEOUT_S,
                               close_timeout=FEED_CLOSE_TIMEOUT_S, max_queue=FEED_MAX_QUEUE_MESSAGES)
@@ -3311,6 +3312,7 @@ class BinanceFeed:
             log.info("feed %s: rotation postponed (Retry-After); keeping the current connection", shard_name(shard))
             return None
         try:
+            await self._connect_slot()
             new = await self._open(shard, url)
         except asyncio.CancelledError:
             raise
