@@ -158,7 +158,9 @@ FEED_MAX_MESSAGE_BYTES = 64 * 1024   # a bookTicker frame is ~180 B; acks and er
 FEED_WATCHDOG_TICK_S = 1.0           # how often silence is checked: 1 s granularity on FEED_STALE_SECONDS
 U_RESET_MIN_ADVANCE_MS = 1_000       # `u` going back while E moved on by this much is an exchange reset
 U_RESET_MAX_KEPT_FRACTION = 0.5     # `u` below half the last one is a reset at once: a replay from overlapping
-                                     # connections repeats seconds of updates, never half the id's range
+                                     # connections repeats seconds of updates, never half the id's range...
+U_RESET_MIN_FALL = 1_000             # ...and by at least this many ids: among small ids (a new listing) a replay of a
+                                     # few updates can reach below half
 FEED_MAX_STREAMS_PER_CONNECTION = 1024  # Binance: the 1025th stream closes the whole connection (1008)
 FEED_CONNECT_SPACING_S = 1.1         # Binance (2026): one new connection per second per IP, across shards;
                                      # +0.1 s so that jitter in handshake arrival cannot make two look closer
@@ -1321,13 +1323,14 @@ class SymbolHistory:
         `u` rising per symbol is observed on Binance, not documented by it: a `u` at or
         below the last one is a replay (overlapping connections during a rotation) and dropped —
         unless only an exchange-side reset of `u` explains it: `u` fell far (below
-        U_RESET_MAX_KEPT_FRACTION of the last), or fell at all in the symbol's first update on a
-        new connection after the old one was lost (``after_reconnect``: Binance replays nothing
-        then), or its exchange time is clearly newer.  A reset becomes
-        the new baseline at once instead of dropping everything after it as duplicates.
+        U_RESET_MAX_KEPT_FRACTION of the last, by U_RESET_MIN_FALL or more), or fell at all in
+        the symbol's first update on a new connection after the old one was lost
+        (``after_reconnect``: Binance replays nothing then), or its exchange time is clearly
+        newer.  A reset becomes the new baseline at once instead of dropping what follows.
         """
         if bbo.update_id <= self.last_u:
-            if bbo.update_id < self.last_u * U_RESET_MAX_KEPT_FRACTION:
+            fall = self.last_u - bbo.update_id
+            if bbo.update_id < self.last_u * U_RESET_MAX_KEPT_FRACTION and fall >= U_RESET_MIN_FALL:
                 self.u_resets += 1
             elif after_reconnect and bbo.update_id < self.last_u:
                 self.u_resets += 1

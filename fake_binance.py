@@ -560,7 +560,8 @@ class FakeBinanceThread:
 async def _main(args: argparse.Namespace) -> None:
     decimals = tuple(int(x) for x in args.decimals.split(","))
     async with FakeBinance(market=args.market, host=args.host, port=args.port, seed=args.seed,
-                           compression=None if args.no_compression else "deflate") as fake:
+                           compression=None if args.no_compression else "deflate",
+                           limit_connection_rate=args.limit_connection_rate) as fake:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -581,6 +582,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--decimals", default="2,3", help="price,quantity decimals")
     p.add_argument("--no-compression", action="store_true", help="refuse permessage-deflate")
+    p.add_argument("--limit-connection-rate", action="store_true",
+                   help="refuse a second connection from one host within 1 s with HTTP 429 (Binance's 2026 limit)")
     asyncio.run(_main(p.parse_args(argv)))
 
 

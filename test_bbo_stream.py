@@ -1433,14 +1433,15 @@ def test_u_reset_with_newer_event_time_becomes_the_new_baseline():
 
 def test_u_far_below_the_last_is_a_reset_at_once_while_replays_are_still_dropped():
     history = bs.BboHistory(100, 100)
-    for u in range(1_000, 1_005):
-        assert history.accept(make_bbo(u, T0 + u))
-    assert not history.accept(make_bbo(1_003, T0 + 1_010))     # overlapping connections: the same u again
-    assert history.accept(make_bbo(1, T0 + 1_011))             # same E second, u fell below half: a reset
-    assert history.accept(make_bbo(2, T0 + 1_012))             # and what follows is kept
-    assert not history.accept(make_bbo(2, T0 + 1_013))
+    for u in range(10_000, 10_005):
+        assert history.accept(make_bbo(u, T0 + u - 10_000))
+    assert not history.accept(make_bbo(10_003, T0 + 10))       # overlapping connections: the same u again
+    assert history.accept(make_bbo(1, T0 + 11))                # same E second, u fell far below half: a reset
+    assert history.accept(make_bbo(2, T0 + 12))                # and what follows is kept
+    assert not history.accept(make_bbo(2, T0 + 13))
+    assert not history.accept(make_bbo(1, T0 + 14))            # below half, but by fewer than U_RESET_MIN_FALL ids
     stats = history.symbols["BTCUSDT"].stats()
-    assert (stats["uResets"], stats["duplicates"], stats["accepted"]) == (1, 2, 7)
+    assert (stats["uResets"], stats["duplicates"], stats["accepted"]) == (1, 3, 7)
 
 
 def test_u_going_back_in_the_first_update_after_a_reconnect_is_a_reset():
