@@ -149,7 +149,7 @@ log = logging.getLogger("bbo_stream")
 # --- Binance feed -----------------------------------------------------------
 FEED_BACKOFF_CAP_S = 60.0            # exponential backoff is capped at one minute...
 FEED_EXTENDED_BACKOFF_CAP_S = 300.0  # ...and at five minutes after EXTENDED_BACKOFF_THRESHOLD failures
-FEED_FAILED_RETRY_S = 300.0          # a `failed` feed still retries, every 5 min: the server never gives up
+FEED_FAILED_RETRY_S = 60.0           # a `failed` feed still retries, every minute: a network that is back is seen soon
 FEED_MIN_RECONNECT_S = 1.0           # floor between attempts of one shard: full jitter can draw ~0 s
 FEED_HEALTHY_AFTER_S = 60.0          # a connection that delivered data this long resets the failure count
 FEED_OPEN_TIMEOUT_S = 10.0           # TCP+TLS+WS handshake; Binance answers in well under a second
@@ -158,6 +158,14 @@ FEED_ROTATE_RETRY_S = 60.0           # a failed rotation attempt is retried afte
 FEED_MAX_MESSAGE_BYTES = 64 * 1024   # a bookTicker frame is ~180 B; acks and errors are small too
 FEED_WATCHDOG_TICK_S = 1.0           # how often silence is checked: 1 s granularity on FEED_STALE_SECONDS
 U_RESET_MIN_ADVANCE_MS = 1_000       # `u` going back while E moved on by this much is an exchange reset
+U_RESET_MAX_KEPT_FRACTION = 0.5     # `u` below half the last one is a reset at once: a replay from overlapping
+                                     # connections repeats seconds of updates, never half the id's range...
+U_RESET_MIN_FALL = 1_000             # ...and by at least this many ids: among small ids (a new listing) a replay of a
+                                     # few updates can reach below half
+FEED_MAX_STREAMS_PER_CONNECTION = 1024  # Binance: the 1025th stream closes the whole connection (1008)
+FEED_CONNECT_SPACING_S = 1.1         # Binance (2026): one new connection per second per IP, across shards;
+                                     # +0.1 s so that jitter in handshake arrival cannot make two look closer
+FEED_RETRY_AFTER_MAX_S = 86_400.0    # a Retry-After further out than a day is taken as a day (bad header)
 FEED_PING_INTERVAL_S = 20.0          # our own WebSocket pings: a dead TCP path is noticed within ~40 s
 FEED_PING_TIMEOUT_S = 20.0           # ...by a pong missing this long (Binance answers pings at once)
 FEED_CLOSE_TIMEOUT_S = 2.0           # closing handshake with the exchange; a reconnect must not wait on it
@@ -283,18 +291,44 @@ class SioProtocolError(BboStreamError, ValueError):
     """An invalid Socket.IO packet; the connection is closed."""
 
 
-def describe_error(exc: BaseException) -> str:
-    """A short reason for a log line or a status object: what a network failure means, not its type."""
+def describe_error(exc: BaseException, url: str | None = None) -> str:
+    """A short reason for a log line or a status object: what a network failure means, not its type.
+
+    ``url`` is the address being connected to: DNS and connect errors name its host (and port).
+    """
     if isinstance(exc, websockets.exceptions.InvalidStatus):
-        return f"handshake refused: HTTP {exc.response.status_code}"
+        return handshake_reason(exc.response.status_code)
     if isinstance(exc, websockets.exceptions.ConnectionClosed):
-        rcvd = exc.rcvd
+        rcvd, sent = exc.rcvd, exc.sent
+        # We closed first (oversized message, missing pong): the exchange's echo, if any, is
+        # not the reason, and no close frame received does not mean the line was lost.
+        if sent is not None and (rcvd is None or exc.rcvd_then_sent is False):
+            return _our_close_reason(sent.code, sent.reason)
         return f"closed by exchange: {rcvd.code} {rcvd.reason}".rstrip() if rcvd else "connection lost (no close frame)"
+    where = None
+    if url is not None:
+        parts = urllib.parse.urlsplit(url)
+        with contextlib.suppress(ValueError):
+            where = (parts.hostname or "?", parts.port or (443 if parts.scheme == "wss" else 80))
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return "timed out"
+        return f"timed out connecting to {where[0]}:{where[1]}" if where else "timed out"
     if isinstance(exc, OSError):
-        return exc.strerror or str(exc) or type(exc).__name__
+        if isinstance(exc, socket.gaierror):  # its errno is resolver-specific: strerror is the text
+            text = exc.strerror or str(exc)
+            return f"cannot resolve {where[0]}: {text}" if where else text
+        # asyncio's strerror is "Connect call failed (addr)"; the errno says what happened
+        text = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc) or type(exc).__name__)
+        return f"cannot connect to {where[0]}:{where[1]}: {text}" if where else text
     return f"{type(exc).__name__}: {exc}"[:200]
+
+
+def _our_close_reason(code: int, reason: str) -> str:
+    """Why we closed the exchange connection, from the close frame websockets sent."""
+    if code == CloseCode.MESSAGE_TOO_BIG:
+        return f"message too big (over {FEED_MAX_MESSAGE_BYTES} bytes, close {code})"
+    if code == CloseCode.INTERNAL_ERROR and "keepalive" in reason:  # websockets' "keepalive ping timeout"
+        return f"no pong from the exchange within {FEED_PING_TIMEOUT_S:g} s (close {code})"
+    return f"closed by us: {code} {reason}".rstrip()
 
 # ###########################################################################
 # §3 Configuration
@@ -448,14 +482,14 @@ SETTINGS: tuple[Setting, ...] = (
             "coinm wss://dstream.binance.com/ws)"),
     Setting("AUTO_RECONNECT", "true", _parse_bool, "Reconnect to Binance after a failure"),
     Setting("MAX_RETRIES", "10", _int_in(0, 1_000_000), "Consecutive failures before the feed is marked failed "
-            "(then it retries every 300 s); 0 = no limit"),
+            "(then it retries every 60 s, or after a Retry-After); 0 = no limit"),
     Setting("INITIAL_BACKOFF", "1", _float_in(0.1, 300), "First reconnect backoff in seconds (doubles, full jitter, cap 60 s)",
             "s"),
     Setting("EXTENDED_BACKOFF_THRESHOLD", "3", _int_in(1, 1_000_000), "Consecutive failures after which the backoff cap becomes 300 s"),
     Setting("FEED_STALE_SECONDS", "60", _float_in(1, 86_400), "A connection silent this long is reconnected; a symbol silent "
             "this long after subscribing is reported"),
     Setting("FEED_ROTATE_HOURS", "23.5", _float_in(0.0003, 23.9), "Reconnect proactively (make-before-break) before Binance's 24 h cut"),
-    Setting("FEED_STREAMS_PER_CONNECTION", "200", _int_in(1, 1024), "Symbols per Binance connection; more symbols use more connections"),
+    Setting("FEED_STREAMS_PER_CONNECTION", "200", _int_in(1, FEED_MAX_STREAMS_PER_CONNECTION), "Symbols per Binance connection; more symbols use more connections"),
     Setting("DEBUG", "false", _parse_bool, "Debug logging"),
     Setting("LOG_TO_FILE", "false", _parse_bool, "Also log to rotating files in LOG_DIR"),
     Setting("LOG_DIR", "logs", _parse_text, "Directory for log files"),
@@ -655,6 +689,14 @@ class FeedAck(NamedTuple):
     result: Any
 
 
+class FeedError(NamedTuple):
+    """An error reply, ``{"error": {"code": n, "msg": "..."}, "id": n}`` (or the flat
+    ``{"code": n, "msg": "...", "id": n}`` of the market-stream docs): the exchange refused a request."""
+    request_id: Any
+    code: Any
+    msg: str
+
+
 class ServerShutdown(NamedTuple):
     """Spot's ``serverShutdown`` event: this connection is about to be closed; rotate now."""
     event_ms: int
@@ -750,15 +792,14 @@ def parse_book_ticker(payload: dict, recv_ms: int) -> Bbo:
 _json_scan = json.JSONDecoder().scan_once  # the C scanner json.loads uses
 
 
-def parse_feed_message(text: str | bytes, recv_ms: int) -> Bbo | FeedAck | ServerShutdown:
+def parse_feed_message(text: str | bytes, recv_ms: int) -> Bbo | FeedAck | FeedError | ServerShutdown:
     """One WebSocket message from Binance → a Bbo, an ack, or a shutdown notice.
 
     Accepts raw payloads (``/ws/<stream>``) and the combined-stream wrapper
     ``{"stream": "btcusdt@bookTicker", "data": {...}}``.
 
     Raises:
-        FeedMessageError: not JSON, an error reply (``{"code", "msg"}``), an unknown event, or
-        a malformed bookTicker.
+        FeedMessageError: not JSON, an unknown event, or a malformed bookTicker.
     """
     try:
         if type(text) is bytes:
@@ -783,8 +824,11 @@ def parse_feed_message(text: str | bytes, recv_ms: int) -> Bbo | FeedAck | Serve
     if event == "serverShutdown":
         event_ms = msg.get("E")
         return ServerShutdown(event_ms if type(event_ms) is int else recv_ms)
+    error = msg.get("error")
+    if type(error) is dict and "code" in error and "msg" in error:
+        return FeedError(msg.get("id"), error["code"], str(error["msg"])[:200])
     if "code" in msg and "msg" in msg:
-        raise FeedMessageError("exchange error", f"code {msg['code']}: {str(msg['msg'])[:200]}")
+        return FeedError(msg.get("id"), msg["code"], str(msg["msg"])[:200])
     raise FeedMessageError("unknown message", repr(text[:100]))
 
 
@@ -805,7 +849,50 @@ def feed_url(base_url: str, symbols: Sequence[str]) -> str:
 def shard_symbols(symbols: Sequence[str], per_connection: int) -> list[tuple[str, ...]]:
     """Split the symbols into connections of at most ``per_connection`` streams (Binance's
     advice: heavy fan-in on one connection degrades; it allows at most 1024 streams on one)."""
+    per_connection = min(per_connection, FEED_MAX_STREAMS_PER_CONNECTION)  # a Config built in code skips the parser
     return [tuple(symbols[i:i + per_connection]) for i in range(0, len(symbols), per_connection)]
+
+
+def retry_after_ms(value: str | None, now_ms: int) -> int | None:
+    """A ``Retry-After`` header (seconds, or an HTTP date) → the time before which no new
+    connection may be tried; None when absent, unreadable or already past."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        wait_s = float(value)
+    else:
+        parsed = email.utils.parsedate_tz(value)
+        if parsed is None:
+            return None
+        # RFC 9110 dates are GMT: a missing zone is UTC, not local time
+        wait_s = email.utils.mktime_tz((*parsed[:9], parsed[9] or 0)) - now_ms / 1000
+    if wait_s <= 0:
+        return None
+    return now_ms + math.ceil(min(wait_s, FEED_RETRY_AFTER_MAX_S) * 1000)
+
+
+def handshake_reason(status: int, now_ms: int | None = None, not_before_ms: int | None = None) -> str:
+    """Why the exchange refused the WebSocket handshake, for a person.  ``not_before_ms`` is
+    the Retry-After time (see retry_after_ms), named in the reason for 429 and 418."""
+    if status == 429:
+        if not_before_ms is None or now_ms is None:
+            return "rate limited (HTTP 429)"
+        return f"rate limited (HTTP 429), retrying after {math.ceil((not_before_ms - now_ms) / 1000)} s"
+    if status == 418:
+        if not_before_ms is None:
+            return "IP banned (HTTP 418)"
+        until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_before_ms / 1000))
+        return f"IP banned (HTTP 418) until {until}"
+    if status == 451:
+        return "Binance refuses this location (HTTP 451, geo-blocked)"
+    if status == 403:
+        return "refused by Binance's firewall (HTTP 403)"
+    if status == 404:
+        return "no such stream path (HTTP 404): check WEBSOCKET_BASE_URL"
+    if status >= 500:
+        return f"exchange unavailable (HTTP {status})"
+    return f"handshake refused (HTTP {status})"
 
 
 def backoff_delay_s(failures: int, cfg: Config, rand01: float) -> float:
@@ -813,7 +900,7 @@ def backoff_delay_s(failures: int, cfg: Config, rand01: float) -> float:
 
     Exponential from INITIAL_BACKOFF with full jitter (AWS "exponential backoff and jitter"),
     capped at 60 s, or at 300 s from EXTENDED_BACKOFF_THRESHOLD failures on; after MAX_RETRIES
-    failures (0 = never) the feed is `failed` and retries every 300 s.  Never below
+    failures (0 = never) the feed is `failed` and retries every 60 s.  Never below
     FEED_MIN_RECONNECT_S, so a jitter draw near 0 cannot start a reconnect storm.
     """
     if cfg.max_retries and failures >= cfg.max_retries:
@@ -889,10 +976,12 @@ class ShardHealth:
         ref = self.last_data_ms if self.first_data_ms is not None else self.connected_since_ms
         return ref is not None and now_ms - ref >= stale_s * 1000
 
-    def closed(self, now_ms: int, reason: str, failure: bool, cfg: Config, rand01: float) -> float | None:
+    def closed(self, now_ms: int, reason: str, failure: bool, cfg: Config, rand01: float,
+               not_before_ms: int | None = None) -> float | None:
         """The connection ended (or never opened).  ``failure`` is False for the watchdog's
         reconnect of a silent connection (state `stale`), which is not a failure (rotations
-        never close a shard: they hand over to a new connection).  Returns the delay before
+        never close a shard: they hand over to a new connection).  ``not_before_ms``: a
+        Retry-After the exchange gave; the delay never ends before it.  Returns the delay before
         reconnecting, or None when the feed must not reconnect (AUTO_RECONNECT=false)."""
         self.connected_since_ms = None
         self.first_data_ms = None
@@ -908,7 +997,9 @@ class ShardHealth:
             delay = backoff_delay_s(self.failures, cfg, rand01)
             failed = bool(cfg.max_retries) and self.failures >= cfg.max_retries
             self._set(FeedState.FAILED if failed else FeedState.BACKOFF, now_ms, reason)
-        self.next_attempt_ms = now_ms + int(delay * 1000)
+        if not_before_ms is not None:  # Binance bans IPs that reconnect before Retry-After
+            delay = max(delay, (not_before_ms - now_ms) / 1000)
+        self.next_attempt_ms = now_ms + math.ceil(delay * 1000)
         return delay
 
     def status(self, now_ms: int) -> dict:
@@ -1228,19 +1319,25 @@ class SymbolHistory:
         self.open_outage: list | None = None    # [start_ms, None, reason] until data resumes
 
     # -- ingest (hot path) -----------------------------------------------------
-    def accept(self, bbo: Bbo) -> bool:
+    def accept(self, bbo: Bbo, after_reconnect: bool = False) -> bool:
         """Keep ``bbo`` unless it is a duplicate or out of order; True when kept.
 
         `u` rising per symbol is observed on Binance, not documented by it: a `u` at or
-        below the last one is a replay (overlapping connections, a reconnect) and dropped —
-        unless its exchange time is clearly newer, which only an exchange-side reset of `u`
-        explains; then it becomes the new baseline instead of blocking everything after it.
+        below the last one is a replay (overlapping connections during a rotation) and dropped —
+        unless only an exchange-side reset of `u` explains it: `u` fell far (below
+        U_RESET_MAX_KEPT_FRACTION of the last, by U_RESET_MIN_FALL or more), or fell at all in
+        the symbol's first update on a new connection after the old one was lost
+        (``after_reconnect``: Binance replays nothing then), or its exchange time is clearly
+        newer.  A reset becomes the new baseline at once instead of dropping what follows.
         """
         if bbo.update_id <= self.last_u:
-            if bbo.latency_ms is not None and bbo.event_ms > self.last_event_ms + U_RESET_MIN_ADVANCE_MS:
+            fall = self.last_u - bbo.update_id
+            if bbo.update_id < self.last_u * U_RESET_MAX_KEPT_FRACTION and fall >= U_RESET_MIN_FALL:
                 self.u_resets += 1
-            elif bbo.latency_ms is None and bbo.update_id < self.last_u // 2:
-                self.u_resets += 1  # spot has no E: only a large fall can be told from a replay
+            elif after_reconnect and bbo.update_id < self.last_u:
+                self.u_resets += 1
+            elif bbo.latency_ms is not None and bbo.event_ms > self.last_event_ms + U_RESET_MIN_ADVANCE_MS:
+                self.u_resets += 1
             else:
                 self.duplicates += 1
                 return False
@@ -3010,6 +3107,7 @@ class _Conn:
         self.first_data = asyncio.Event()       # set by the first data message
         self.shutdown_notice = False            # spot serverShutdown seen: rotate now
         self.task: asyncio.Task | None = None   # the consumer
+        self.fresh: set[str] | None = None      # after a lost connection: symbols with no data on this one yet
 
 
 class BinanceFeed:
@@ -3029,6 +3127,10 @@ class BinanceFeed:
         self._silent_warned: set[str] = set()
         self._tasks: list[asyncio.Task] = []
         self._last_signature: Any = None
+        self._not_before_ms = 0                         # Retry-After: no connection (any shard) before this
+        self._last_connect_s = -math.inf                # loop time of the last connection attempt (any shard)
+        self._connect_lock = asyncio.Lock()             # one shard at a time takes the next connect slot
+        self.symbol_errors: dict[str, tuple[int, Any, str]] = {}  # symbol → (ms, code, msg) of an exchange error
         for symbol in cfg.symbols:
             history.get(symbol)
 
@@ -3051,6 +3153,9 @@ class BinanceFeed:
                 "state": "waiting" if last_sym is None else ("live" if now_ms - last_sym < self.stale_ms else "quiet"),
                 "lastMessage": last_sym, "messages": hist.accepted, "duplicates": hist.duplicates,
                 "crossed": hist.crossed, "uResets": hist.u_resets}
+            error = self.symbol_errors.get(symbol)
+            if error is not None and (last_sym is None or last_sym < error[0]):  # data since then: it works
+                symbols[symbol]["error"] = {"code": error[1], "msg": error[2], "at": error[0]}
         hists = [self.history.symbols[s] for s in self.cfg.symbols]
         return {
             "state": state, "reason": reason, "market": self.cfg.market,
@@ -3129,22 +3234,25 @@ class BinanceFeed:
     async def _run_shard(self, shard: ShardHealth) -> None:
         url = feed_url(self.cfg.feed_base_url, shard.symbols)
         rng = random.Random()
+        opened_before = False
         while True:
+            await self._connect_slot()  # before `connecting`: a shard held back by Retry-After still reads backoff
             shard.connecting(now_ms())
             self._notify()
             try:
-                conn = await self._open(shard, url)
+                conn = await self._open(shard, url, reconnect=opened_before)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # every connect failure is retried; never exits the server
-                reason, failure = describe_error(exc), True
+                reason, failure = self._connect_failure(exc, url), True
             else:
+                opened_before = True
                 reason, failure = await self._supervise(shard, conn, url)
             now = now_ms()
             for symbol in shard.symbols:
                 start = shard.last_data_ms if shard.last_data_ms is not None else now
                 self.history.symbols[symbol].begin_outage(start, reason)
-            delay = shard.closed(now, reason, failure, self.cfg, rng.random())
+            delay = shard.closed(now, reason, failure, self.cfg, rng.random(), self._not_before_ms or None)
             self._notify()
             if delay is None:
                 log.error("feed %s: %s; not reconnecting (AUTO_RECONNECT=false)", ",".join(shard.symbols[:3]), reason)
@@ -3154,7 +3262,40 @@ class BinanceFeed:
                     shard_name(shard), reason, delay, shard.state.value, shard.failures)
             await asyncio.sleep(delay)
 
-    async def _open(self, shard: ShardHealth, url: str) -> _Conn:
+    def _connect_failure(self, exc: Exception, url: str) -> str:
+        """The reason a connection attempt failed; a Retry-After (429, 418) holds back every shard."""
+        if isinstance(exc, websockets.exceptions.InvalidStatus):
+            now = now_ms()
+            not_before = retry_after_ms(exc.response.headers.get("Retry-After"), now)
+            if not_before is not None:
+                self._not_before_ms = max(self._not_before_ms, not_before)
+            return handshake_reason(exc.response.status_code, now, not_before)
+        return describe_error(exc, url)
+
+    async def _connect_slot(self) -> None:
+        """Wait until a new connection may be opened: FEED_CONNECT_SPACING_S after the last
+        attempt of any shard (Binance limits new connections per IP), and not before a
+        Retry-After.  Startup, reconnects and rotations all pass here."""
+        loop = asyncio.get_running_loop()
+        async with self._connect_lock:
+            while (wait_s := max(self._last_connect_s + FEED_CONNECT_SPACING_S - loop.time(),
+                                 (self._not_before_ms - now_ms()) / 1000)) > 0:
+                await asyncio.sleep(wait_s)
+            self._last_connect_s = loop.time()
+
+    def _exchange_error(self, shard: ShardHealth, error: FeedError, recv_ms: int) -> None:
+        """An error reply: logged with its code and message, and shown on the symbols it
+        concerns.  The feed sends no requests (its streams are in the URL), so an error names
+        its streams in ``msg`` or concerns every stream of its connection."""
+        text = error.msg.lower()
+        named = [s for s in shard.symbols if s.lower() in text]
+        for symbol in named or shard.symbols:
+            self.symbol_errors[symbol] = (recv_ms, error.code, error.msg)
+        self.log_once(f"exchange error {error.code}", "feed %s: exchange error %s: %s (request id %s)",
+                      ",".join(named) if named else shard_name(shard), error.code, error.msg, error.request_id)
+        self._notify()
+
+    async def _open(self, shard: ShardHealth, url: str, reconnect: bool = False) -> _Conn:
         ws = await ws_connect(url, open_timeout=FEED_OPEN_TIMEOUT_S, max_size=FEED_MAX_MESSAGE_BYTES,
                               ping_interval=FEED_PING_INTERVAL_S, ping_timeout=FEED_PING_TIMEOUT_S,
                               close_timeout=FEED_CLOSE_TIMEOUT_S, max_queue=FEED_MAX_QUEUE_MESSAGES)
@@ -3164,12 +3305,14 @@ class BinanceFeed:
             self.history.symbols[symbol].subscribed_ms = now
         log.info("feed %s: connected to %s", shard_name(shard), url if len(url) < 200 else url[:200] + "…")
         conn = _Conn(ws)
+        if reconnect:  # the old connection is gone: `u` going back on this one is an exchange reset
+            conn.fresh = set(shard.symbols)
         conn.task = asyncio.create_task(self._consume(shard, conn))
         return conn
 
     async def _consume(self, shard: ShardHealth, conn: _Conn) -> str:
         """Read one connection until it closes; returns why it closed."""
-        history, on_update = self.history, self.on_update
+        history, on_update, fresh = self.history, self.on_update, conn.fresh
         try:
             async for message in conn.ws:
                 recv = now_ms()
@@ -3185,7 +3328,12 @@ class BinanceFeed:
                     if not conn.first_data.is_set():
                         conn.first_data.set()
                     try:
-                        if history.accept(item):
+                        if fresh and item.symbol in fresh:
+                            fresh.discard(item.symbol)
+                            kept = history.symbols[item.symbol].accept(item, after_reconnect=True)
+                        else:
+                            kept = history.accept(item)
+                        if kept:
                             on_update(item)
                     except FeedMessageError as exc:  # e.g. more than MAX_SYMBOLS symbols
                         shard.parse_errors += 1
@@ -3195,6 +3343,8 @@ class BinanceFeed:
                 elif type(item) is ServerShutdown:
                     log.info("feed %s: exchange announced a server shutdown; rotating", shard_name(shard))
                     conn.shutdown_notice = True
+                elif type(item) is FeedError:
+                    self._exchange_error(shard, item, recv)
                 else:
                     log.debug("feed: ack %s", item)
         except websockets.exceptions.ConnectionClosed as exc:
@@ -3228,12 +3378,17 @@ class BinanceFeed:
     async def _rotate(self, shard: ShardHealth, old: _Conn, url: str) -> _Conn | None:
         """Open a new connection, wait for its first data, then close the old one.  Both feed
         the same dedupe (by `u`), so the history gets neither a hole nor a duplicate."""
+        if now_ms() < self._not_before_ms:  # a Retry-After is pending: the current connection stays
+            log.info("feed %s: rotation postponed (Retry-After); keeping the current connection", shard_name(shard))
+            return None
         try:
+            await self._connect_slot()
             new = await self._open(shard, url)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("feed %s: rotation failed (%s); keeping the current connection", shard_name(shard), describe_error(exc))
+            log.warning("feed %s: rotation failed (%s); keeping the current connection", shard_name(shard),
+                        self._connect_failure(exc, url))
             return None
         waiter = asyncio.create_task(new.first_data.wait())
         await asyncio.wait({waiter, new.task}, timeout=FEED_ROTATE_OVERLAP_S, return_when=asyncio.FIRST_COMPLETED)

@@ -9,8 +9,13 @@ documents them for spot, USD-M and COIN-M futures:
   any prefix is accepted (``/public/ws/...``, as on USD-M futures since 2026-04);
 * SUBSCRIBE / UNSUBSCRIBE / LIST_SUBSCRIPTIONS / SET_PROPERTY / GET_PROPERTY with Binance-style acks and errors;
 * the futures, spot and COIN-M bookTicker payload flavours, with the keys in Binance's order;
-* at most 1024 streams per connection, and server pings every 20 s (spot's interval; futures ping every 3 min);
-* failure modes: silent stall, abrupt TCP drop, clean close, refused connections (HTTP 503), serverShutdown.
+* at most 1024 streams per connection: more (in the URL or by SUBSCRIBE) closes the whole connection with 1008,
+  as Binance does since 2026; server pings every 20 s (spot's interval; futures ping every 3 min);
+* with ``limit_connection_rate=True``, Binance's 2026 per-IP limit of one new connection per second: a second
+  handshake from the same client host within CONNECT_INTERVAL_S is refused with HTTP 429 and ``Retry-After: 1``
+  (off by default: benchmarks and raw test clients open several connections at once);
+* failure modes: silent stall, frozen connections (no pongs), abrupt TCP drop, clean close, refused handshakes
+  (HTTP 503, or any status with a Retry-After, e.g. 429/418), serverShutdown, a `u` reset, error replies.
 
 Point the product at it through its base URL::
 
@@ -44,6 +49,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, Literal, TypeVar
 
+import websockets.http11
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -54,6 +60,8 @@ MARKETS: tuple[str, ...] = ("futures", "spot", "coinm")
 BOOK_TICKER_SUFFIX = "@bookTicker"
 SHUTDOWN_STREAM = "!serverShutdown"                 # combined-form stream name of the spot serverShutdown event
 MAX_STREAMS_PER_CONNECTION = 1024                   # Binance limit on every market
+CONNECT_INTERVAL_S = 1.0                            # Binance (2026): one new connection per second per IP
+POLICY_VIOLATION = 1008                             # the close code Binance uses for the 1025th stream
 MAX_SEND_RECORDS = 1_000_000                        # bound on sent_at so a long benchmark cannot exhaust memory
 GENERATOR_TICK_S = 0.005                            # generator batches one tick's messages; 5 ms keeps bursts small
 MAX_CATCHUP_S = 1.0                                 # a stalled event loop replays at most 1 s of backlog, not a flood
@@ -63,6 +71,10 @@ PING_TIMEOUT_S = 60.0
 METHODS = ("SUBSCRIBE", "UNSUBSCRIBE", "LIST_SUBSCRIPTIONS", "SET_PROPERTY", "GET_PROPERTY")
 # "<anything>/ws[/streams...]" or "<anything>/stream"; the non-greedy prefix picks the first /ws or /stream segment.
 PATH_RE = re.compile(r"^(?P<prefix>.*?)/(?P<kind>ws|stream)(?:/(?P<rest>.*))?$")
+# websockets refuses request lines over 8 KiB (HTTP 414); 1024 combined streams in the URL take ~25 KB, and the
+# 1024-stream limit must be reachable through the URL. Read by websockets at parse time; process-wide.
+MAX_REQUEST_LINE_BYTES = 64 * 1024
+websockets.http11.MAX_LINE_LENGTH = max(websockets.http11.MAX_LINE_LENGTH, MAX_REQUEST_LINE_BYTES)
 START_PRICES: dict[str, float] = {"btc": 30_000.0, "eth": 2_000.0, "bnb": 300.0, "sol": 100.0}
 
 
@@ -93,23 +105,32 @@ class FakeConnection:
 class FakeBinance:
     """Fake Binance market-stream server. Use ``async with FakeBinance(...) as fake``.
 
-    ``refuse``: while True, every new handshake is answered with HTTP 503 (the TCP connect succeeds, the
-    WebSocket upgrade fails, the client sees ``InvalidStatus``); open connections are not touched.
+    ``refuse``: while True, every new handshake is answered with HTTP ``refuse_status`` (503 unless
+    ``set_refuse`` chose another, with its ``Retry-After``); the TCP connect succeeds, the WebSocket upgrade
+    fails, the client sees ``InvalidStatus``; open connections are not touched. ``handshakes`` records every
+    attempt as (time.monotonic(), HTTP status answered, client host), so tests can check when a client retried.
     Stalling suppresses data frames only (bookTicker, send_raw); acks, pings/pongs and serverShutdown still flow.
     """
 
     def __init__(self, market: Market = "futures", host: str = "127.0.0.1", port: int = 0, seed: int = 0, *,
                  record_send_times: bool = False, compression: str | None = "deflate",
-                 ping_interval: float | None = PING_INTERVAL_S, ping_timeout: float | None = PING_TIMEOUT_S) -> None:
+                 ping_interval: float | None = PING_INTERVAL_S, ping_timeout: float | None = PING_TIMEOUT_S,
+                 limit_connection_rate: bool = False) -> None:
         if market not in MARKETS:
             raise ValueError(f"market must be one of {MARKETS}, not {market!r}")
         self.market: Market = market
         self.host, self.port, self.seed = host, port, seed
         self.record_send_times = record_send_times
         self.refuse = False
+        self.refuse_status = http.HTTPStatus.SERVICE_UNAVAILABLE
+        self.refuse_retry_after: str | None = None   # Retry-After header value sent with a refusal
+        self.limit_connection_rate = limit_connection_rate
+        self.subscribe_error: tuple[int, str] | None = None   # answer every SUBSCRIBE with this error
+        self.handshakes: list[tuple[float, int, str]] = []    # (monotonic time, status answered, client host)
+        self._last_accepted: dict[str, float] = {}            # client host -> monotonic time of its last handshake
         self.stalled = False
         self.total_connections = 0                   # handshakes ever accepted
-        self.refused_connections = 0                 # handshakes answered with 503 while refuse was set
+        self.refused_connections = 0                 # handshakes refused (refuse set, or over the connection rate)
         self.messages_sent = 0                       # bookTicker payloads delivered to at least one connection
         self.sent_at: dict[tuple[str, int], float] = {}   # (SYMBOL, u) -> perf_counter() just before the write
         self._sent_order: deque[tuple[str, int]] = deque()
@@ -129,6 +150,7 @@ class FakeBinance:
 
     async def stop(self) -> None:
         self.stop_generator()
+        self.thaw()                                  # a frozen connection could not read its closing handshake
         if self._server is not None:
             self._server.close()                     # closes open connections with 1001 (going away)
             await self._server.wait_closed()
@@ -151,9 +173,28 @@ class FakeBinance:
 
     # ---------------------------------------------------------------- connection handling
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
-        if self.refuse:
+        now = time.monotonic()
+        host = ws.remote_address[0] if ws.remote_address else "?"
+        response = self._refusal(ws, request, host, now)
+        self.handshakes.append((now, response.status_code if response else 101, host))
+        if response is None:
+            self._last_accepted[host] = now
+        elif response.status_code != http.HTTPStatus.NOT_FOUND:
             self.refused_connections += 1
-            return ws.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "Service Unavailable\n")
+        self._notify()
+        return response
+
+    def _refusal(self, ws: ServerConnection, request: Request, host: str, now: float) -> Response | None:
+        if self.refuse:
+            status = http.HTTPStatus(self.refuse_status)
+            response = ws.respond(status, f"{status.phrase}\n")
+            if self.refuse_retry_after is not None:
+                response.headers["Retry-After"] = self.refuse_retry_after
+            return response
+        if self.limit_connection_rate and now - self._last_accepted.get(host, -CONNECT_INTERVAL_S) < CONNECT_INTERVAL_S:
+            response = ws.respond(http.HTTPStatus.TOO_MANY_REQUESTS, "Too Many Requests\n")
+            response.headers["Retry-After"] = str(int(CONNECT_INTERVAL_S))
+            return response
         if PATH_RE.match(urllib.parse.urlsplit(request.path).path) is None:
             return ws.respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
         return None
@@ -173,24 +214,32 @@ class FakeBinance:
         self.total_connections += 1
         self._notify()
         try:
+            if len(conn.streams) > MAX_STREAMS_PER_CONNECTION:
+                await ws.close(POLICY_VIOLATION, f"too many streams (over {MAX_STREAMS_PER_CONNECTION})")
+                return
             async for message in ws:
                 text = message if isinstance(message, str) else message.decode(errors="replace")
                 conn.received.append(text)
-                await ws.send(dumps(self._control(conn, text)))
+                answer = self._control(conn, text)
+                if answer is None:                    # over the stream limit: the whole connection goes
+                    await ws.close(POLICY_VIOLATION, f"too many streams (over {MAX_STREAMS_PER_CONNECTION})")
+                    return
+                await ws.send(dumps(answer))
         except ConnectionClosed:
             pass                                      # drops and aborts are expected here
         finally:
             del self._conns[conn]
             self._notify()
 
-    def _control(self, conn: FakeConnection, text: str) -> dict[str, Any]:
-        """Answer one live-subscribing request the way Binance does.
+    def _control(self, conn: FakeConnection, text: str) -> dict[str, Any] | None:
+        """Answer one live-subscribing request the way Binance does; None: close the connection (1008).
 
         Success is ``{"result": null, "id": <id>}`` (LIST_SUBSCRIPTIONS and GET_PROPERTY put their answer in
         ``result``); an error is ``{"code": n, "msg": "...", "id": <id>}`` with Binance's codes and wording:
-        0 unknown property, 1 value of the wrong type, 2 invalid request (unknown method, bad id, too many
-        streams), 3 invalid JSON. A stream that does not exist is acknowledged like any other and then
-        never sends anything, as on Binance.
+        0 unknown property, 1 value of the wrong type, 2 invalid request (unknown method, bad id), 3 invalid
+        JSON. A SUBSCRIBE past 1024 streams closes the connection with 1008 (Binance, 2026). While
+        ``subscribe_error`` is set, every SUBSCRIBE is answered ``{"error": {"code", "msg"}, "id": <id>}``.
+        A stream that does not exist is acknowledged like any other and then never sends anything, as on Binance.
         """
         try:
             req = json.loads(text)
@@ -214,8 +263,11 @@ class FakeBinance:
             if not all(isinstance(p, str) for p in params):
                 return {"code": 2, "msg": "Invalid request: invalid type: expected a string", "id": rid}
             if method == "SUBSCRIBE":
+                if self.subscribe_error is not None:
+                    code, msg = self.subscribe_error
+                    return {"error": {"code": code, "msg": msg}, "id": rid}
                 if len(conn.streams.keys() | set(params)) > MAX_STREAMS_PER_CONNECTION:
-                    return {"code": 2, "msg": "Invalid request: too many parameters", "id": rid}
+                    return None
                 conn.streams.update(dict.fromkeys(params))   # unknown or upper-case names: ACKed, then silence
             else:
                 for p in params:
@@ -344,8 +396,30 @@ class FakeBinance:
     def resume(self) -> None:
         self.stalled = False
 
-    def set_refuse(self, refuse: bool = True) -> None:
+    def set_refuse(self, refuse: bool = True, status: int = 503, retry_after: str | int | None = None) -> None:
+        """Refuse (or accept again) new handshakes with HTTP ``status`` and, if given, ``Retry-After``
+        (seconds, or an HTTP date string), e.g. ``set_refuse(True, 429, 20)`` or ``set_refuse(True, 418, 120)``."""
         self.refuse = refuse
+        self.refuse_status = http.HTTPStatus(status)
+        self.refuse_retry_after = None if retry_after is None else str(retry_after)
+
+    def reset_u(self, symbol: str, to: int = 0) -> None:
+        """An exchange-side reset of ``symbol``'s update id: the next update has ``u`` = ``to`` + 1 (the
+        generator continues from there too)."""
+        self._last_u[symbol.upper()] = to
+
+    def freeze(self) -> None:
+        """Frozen connections: no data and no reading, so the client's pings get no pong (its keepalive times
+        out); the TCP connections stay open. New connections are not frozen."""
+        self.stalled = True
+        for c in self._conns:
+            c.ws.transport.pause_reading()
+
+    def thaw(self) -> None:
+        """Undo ``freeze``: read (and answer pings) again, send data again."""
+        self.stalled = False
+        for c in self._conns:
+            c.ws.transport.resume_reading()
 
     async def drop_all(self) -> None:
         """Abort every TCP connection: no close frame, the client sees an abnormal closure (1006)."""
@@ -486,7 +560,8 @@ class FakeBinanceThread:
 async def _main(args: argparse.Namespace) -> None:
     decimals = tuple(int(x) for x in args.decimals.split(","))
     async with FakeBinance(market=args.market, host=args.host, port=args.port, seed=args.seed,
-                           compression=None if args.no_compression else "deflate") as fake:
+                           compression=None if args.no_compression else "deflate",
+                           limit_connection_rate=args.limit_connection_rate) as fake:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -507,6 +582,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--decimals", default="2,3", help="price,quantity decimals")
     p.add_argument("--no-compression", action="store_true", help="refuse permessage-deflate")
+    p.add_argument("--limit-connection-rate", action="store_true",
+                   help="refuse a second connection from one host within 1 s with HTTP 429 (Binance's 2026 limit)")
     asyncio.run(_main(p.parse_args(argv)))
 
 

@@ -1159,6 +1159,13 @@ def test_parse_combined_wrapper_gives_the_same_update_as_the_raw_payload():
     assert bs.parse_feed_message(wrapped.encode(), recv) == bs.parse_feed_message(FUTURES_RAW, recv)  # bytes too
 
 
+def test_parse_error_replies_are_exchange_errors_with_code_and_message_not_unknown_messages():
+    nested = '{"error":{"code":2,"msg":"Invalid request: unknown stream btcusdx@bookTicker"},"id":7}'
+    assert bs.parse_feed_message(nested, T0) == bs.FeedError(7, 2, "Invalid request: unknown stream btcusdx@bookTicker")
+    flat = '{"code":0,"msg":"Unknown property","id":3}'          # the market-stream docs' flat form
+    assert bs.parse_feed_message(flat, T0) == bs.FeedError(3, 0, "Unknown property")
+
+
 def test_parse_acks_and_server_shutdown():
     assert bs.parse_feed_message('{"result":null,"id":1}', T0) == bs.FeedAck(1, None)
     assert bs.parse_feed_message('{"result":["btcusdt@bookTicker"],"id":"x"}', T0) == bs.FeedAck("x", ["btcusdt@bookTicker"])
@@ -1227,7 +1234,6 @@ MALFORMED = {
     "E far in the future": _ticker(E=2**62, T=2**62),
     "E far in the past": _ticker(E=1, T=1),
     "T without E": _ticker(E=_DROP),
-    "exchange error": '{"code":2,"msg":"Invalid request: unknown variant"}',
     "unknown event": '{"e":"trade","E":1,"s":"BTCUSDT"}',
     "wrapper with non-object data": '{"stream":"btcusdt@bookTicker","data":[1]}',
     "invalid UTF-8 bytes": b"\xff\xfe{",
@@ -1290,15 +1296,80 @@ def test_backoff_doubles_with_full_jitter_and_a_floor():
     assert bs.backoff_delay_s(1, bs.Config(initial_backoff_s=0.1, max_retries=0), 1.0) == bs.FEED_MIN_RECONNECT_S
 
 
-def test_backoff_cap_is_300_s_from_the_extended_threshold_and_failed_retries_every_300_s():
+def test_backoff_cap_is_300_s_from_the_extended_threshold_and_failed_retries_every_60_s():
     cfg = bs.Config(initial_backoff_s=1.0, extended_backoff_threshold=3, max_retries=0)
     assert bs.backoff_delay_s(2, cfg, 1.0) == 2.0
     assert bs.backoff_delay_s(9, cfg, 1.0) == 256.0           # over 60: the extended cap applies
     assert bs.backoff_delay_s(10, cfg, 1.0) == bs.FEED_EXTENDED_BACKOFF_CAP_S == 300
     capped = bs.Config(initial_backoff_s=1.0, extended_backoff_threshold=3, max_retries=5)
     assert bs.backoff_delay_s(4, capped, 1.0) == 8.0
-    assert bs.backoff_delay_s(5, capped, 0.0) == bs.FEED_FAILED_RETRY_S == 300
-    assert bs.backoff_delay_s(6, capped, 0.3) == 300
+    assert bs.backoff_delay_s(5, capped, 0.0) == bs.FEED_FAILED_RETRY_S == 60   # a network back is seen within a minute
+    assert bs.backoff_delay_s(6, capped, 0.3) == 60
+
+
+def test_shard_symbols_never_puts_more_than_1024_streams_on_a_connection():
+    symbols = [f"S{i}USDT" for i in range(2_100)]
+    shards = bs.shard_symbols(symbols, 5_000)                    # a Config built in code skips the 1..1024 parser
+    assert [len(s) for s in shards] == [1024, 1024, 52]
+    assert bs.shard_symbols(symbols[:1024], 1024) == [tuple(symbols[:1024])]   # the parser refuses 1025 (§3)
+
+
+def test_handshake_statuses_get_reasons_a_person_understands():
+    now = 1_796_376_000_000                                      # 2026-12-04 09:20:00 UTC
+    assert bs.handshake_reason(451) == "Binance refuses this location (HTTP 451, geo-blocked)"
+    assert bs.handshake_reason(403) == "refused by Binance's firewall (HTTP 403)"
+    assert bs.handshake_reason(429, now, now + 20_000) == "rate limited (HTTP 429), retrying after 20 s"
+    assert bs.handshake_reason(418, now, now + 600_000) == "IP banned (HTTP 418) until 2026-12-04 09:30:00 UTC"
+    assert bs.handshake_reason(429) == "rate limited (HTTP 429)" and bs.handshake_reason(418) == "IP banned (HTTP 418)"
+    assert bs.handshake_reason(503) == "exchange unavailable (HTTP 503)"
+    assert bs.handshake_reason(400) == "handshake refused (HTTP 400)"
+    from websockets.datastructures import Headers
+    from websockets.exceptions import InvalidStatus
+    from websockets.http11 import Response
+    refused = InvalidStatus(Response(451, "Unavailable For Legal Reasons", Headers()))
+    assert bs.describe_error(refused) == "Binance refuses this location (HTTP 451, geo-blocked)"
+
+
+def test_retry_after_is_seconds_or_an_http_date():
+    now = 1_796_376_000_000                                      # 2026-12-04 09:20:00 UTC
+    assert bs.retry_after_ms("20", now) == now + 20_000
+    assert bs.retry_after_ms("Fri, 04 Dec 2026 09:30:00 GMT", now) == now + 600_000
+    assert bs.retry_after_ms("Fri, 04 Dec 2026 09:00:00 GMT", now) is None   # already past
+    assert bs.retry_after_ms("soon", now) is None and bs.retry_after_ms(None, now) is None
+    assert bs.retry_after_ms("0", now) is None
+    assert bs.retry_after_ms("99999999", now) == now + bs.FEED_RETRY_AFTER_MAX_S * 1000
+
+
+def test_shard_health_never_schedules_an_attempt_before_retry_after_even_when_failed():
+    cfg = bs.Config(initial_backoff_s=1.0, extended_backoff_threshold=100, max_retries=2)
+    h = bs.ShardHealth(("BTCUSDT",), 0)
+    assert h.closed(1_000, "rate limited (HTTP 429), retrying after 20 s", True, cfg, 1.0, 21_000) == 20.0
+    assert (h.state, h.next_attempt_ms) == (bs.FeedState.BACKOFF, 21_000)
+    assert h.closed(30_000, "IP banned (HTTP 418)", True, cfg, 1.0, 150_000) == 120.0   # over the failed 60 s
+    assert (h.state, h.next_attempt_ms) == (bs.FeedState.FAILED, 150_000)
+    assert h.closed(200_000, "connection lost", True, cfg, 1.0, 150_000) == bs.FEED_FAILED_RETRY_S  # past: no effect
+
+
+def test_describe_error_names_the_host_for_dns_and_connect_errors():
+    url = "wss://fstream.binance.com/public/ws/btcusdt@bookTicker"
+    dns = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    assert bs.describe_error(dns, url) == "cannot resolve fstream.binance.com: Name or service not known"
+    refused = ConnectionRefusedError(111, "Connect call failed ('1.2.3.4', 443)")
+    assert bs.describe_error(refused, url) == f"cannot connect to fstream.binance.com:443: {os.strerror(111)}"
+    assert bs.describe_error(TimeoutError(), "ws://127.0.0.1:9/ws") == "timed out connecting to 127.0.0.1:9"
+
+
+def test_describe_error_tells_the_closes_we_send_from_a_lost_connection():
+    from websockets.exceptions import ConnectionClosedError as Closed
+    from websockets.frames import Close
+    too_big = Close(1009, "over size limit (70000 > 65536 bytes)")
+    assert bs.describe_error(Closed(None, too_big)) == "message too big (over 65536 bytes, close 1009)"
+    assert bs.describe_error(Closed(Close(1009, ""), too_big, False)) == "message too big (over 65536 bytes, close 1009)"
+    no_pong = Close(1011, "keepalive ping timeout")
+    assert bs.describe_error(Closed(None, no_pong)) == "no pong from the exchange within 20 s (close 1011)"
+    assert bs.describe_error(Closed(Close(1008, "too many"), Close(1008, "too many"), True)) == (
+        "closed by exchange: 1008 too many")                     # they closed first: their reason
+    assert bs.describe_error(Closed(None, None)) == "connection lost (no close frame)"
 
 
 def test_shard_health_connecting_live_backoff_failed():
@@ -1318,9 +1389,9 @@ def test_shard_health_connecting_live_backoff_failed():
     assert h.state is bs.FeedState.CONNECTING and h.next_attempt_ms is None
     assert h.closed(2_400, "handshake refused: HTTP 503", True, cfg, 1.0) == 2.0
     assert h.state is bs.FeedState.BACKOFF
-    assert h.closed(5_000, "handshake refused: HTTP 503", True, cfg, 1.0) == 300
-    assert (h.state, h.failures, h.next_attempt_ms) == (bs.FeedState.FAILED, 3, 305_000)
-    h.opened(305_000)
+    assert h.closed(5_000, "handshake refused: HTTP 503", True, cfg, 1.0) == 60
+    assert (h.state, h.failures, h.next_attempt_ms) == (bs.FeedState.FAILED, 3, 65_000)
+    h.opened(65_000)
     assert h.reconnects == 1  # connections opened after the first
 
 
@@ -1375,6 +1446,29 @@ def test_u_reset_with_newer_event_time_becomes_the_new_baseline():
     assert not history.accept(make_bbo(6, T0 + 5_002))
     stats = history.symbols["BTCUSDT"].stats()
     assert (stats["uResets"], stats["duplicates"], stats["accepted"]) == (1, 1, 3)
+
+
+def test_u_far_below_the_last_is_a_reset_at_once_while_replays_are_still_dropped():
+    history = bs.BboHistory(100, 100)
+    for u in range(10_000, 10_005):
+        assert history.accept(make_bbo(u, T0 + u - 10_000))
+    assert not history.accept(make_bbo(10_003, T0 + 10))       # overlapping connections: the same u again
+    assert history.accept(make_bbo(1, T0 + 11))                # same E second, u fell far below half: a reset
+    assert history.accept(make_bbo(2, T0 + 12))                # and what follows is kept
+    assert not history.accept(make_bbo(2, T0 + 13))
+    assert not history.accept(make_bbo(1, T0 + 14))            # below half, but by fewer than U_RESET_MIN_FALL ids
+    stats = history.symbols["BTCUSDT"].stats()
+    assert (stats["uResets"], stats["duplicates"], stats["accepted"]) == (1, 3, 7)
+
+
+def test_u_going_back_in_the_first_update_after_a_reconnect_is_a_reset():
+    history = bs.BboHistory(100, 100)
+    hist = history.get("BTCUSDT")
+    assert hist.accept(make_bbo(1_000, T0))
+    assert not hist.accept(make_bbo(1_000, T0 + 1), after_reconnect=True)  # the same update: still a duplicate
+    assert hist.accept(make_bbo(990, T0 + 2), after_reconnect=True)   # a small fall, but no replay after a reconnect
+    assert not hist.accept(make_bbo(985, T0 + 3))                     # later on the same connection: a replay
+    assert (hist.u_resets, hist.duplicates, hist.accepted) == (1, 2, 2)
 
 
 def test_spot_u_reset_is_taken_when_u_falls_far_back():
@@ -2499,15 +2593,14 @@ def test_feed_counts_malformed_frames_logs_each_kind_once_and_keeps_going(tmp_pa
             fake.send_raw(_ticker(u="7"))
             fake.send_raw(_ticker(b="1e5"))
             fake.send_raw(_ticker(b="abc"))                    # the same kind again: counted, not logged
-            fake.send_raw('{"code":2,"msg":"Invalid request"}')
             good = fake.send_bbo("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
             await srv.wait_updates(1)
             rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
             assert [_fields(r) for r in rows] == [_sent_fields(good)]
             feed = (await srv.get_json("/healthz"))["feed"]
-            assert (feed["parseErrors"], feed["reconnects"], feed["state"]) == (5, 0, "live")
+            assert (feed["parseErrors"], feed["reconnects"], feed["state"]) == (4, 0, "live")
             assert fake.total_connections == 1
-            assert len(srv.events.logged("malformed", logging.WARNING)) == 4   # invalid JSON, u, b, exchange error
+            assert len(srv.events.logged("malformed", logging.WARNING)) == 3   # invalid JSON, u, b
     run(scenario())
 
 
@@ -2739,6 +2832,174 @@ def test_feed_shards_five_symbols_two_per_connection_into_three(tmp_path, fast_f
                 for s in symbols:
                     assert (await srv.get_json(f"/api/history/updates?symbol={s}"))["count"] == 1
     run(scenario())
+
+
+def test_feed_never_reconnects_before_retry_after_on_any_shard(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            fake.set_refuse(True, 429, 2)                            # "Retry-After: 2" on every handshake
+            cfg = make_cfg(tmp_path, fake.base_url, symbol="BTCUSDT,ETHUSDT", feed_streams_per_connection=1)
+            async with serving(cfg) as srv:
+                status = await srv.wait_state("backoff")
+                assert status["reason"] == "rate limited (HTTP 429), retrying after 2 s"
+                await fake_until(fake, lambda: len(fake.handshakes) >= 3, "two attempts after the first 429")
+                fake.set_refuse(False)
+                await fake.wait_for_subscribed("btcusdt", timeout=8)
+                await fake.wait_for_subscribed("ethusdt", timeout=8)
+                times = [t for t, _, _ in fake.handshakes]
+                refused = [t for t, code, _ in fake.handshakes if code == 429]
+                for when in refused:                             # no shard came back before the 2 s were up
+                    assert all(t >= when + 2.0 or t <= when for t in times), (when, times)
+                assert srv.events.logged(r"rate limited \(HTTP 429\), retrying after 2 s; reconnecting in 2\.\d s",
+                                         logging.WARNING)
+                outage = (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"][0]
+                assert outage["reason"] == "rate limited (HTTP 429), retrying after 2 s"
+    run(scenario(), timeout=20)
+
+
+def test_feed_418_ban_waits_as_long_as_it_says_and_says_until_when(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            fake.set_refuse(True, 418, 120)
+            async with serving(make_cfg(tmp_path, fake.base_url, max_retries=1)) as srv:
+                status = await srv.wait_state("failed")
+                refused_ms = status["since"]                          # when the refusal was seen
+                assert re.fullmatch(r"IP banned \(HTTP 418\) until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", status["reason"])
+                assert status["nextAttempt"] - refused_ms >= 119_000     # over the failed state's 60 s
+                until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(status["nextAttempt"] / 1000))
+                assert status["reason"].endswith(until)
+                assert fake.refused_connections == 1
+    run(scenario())
+
+
+@pytest.mark.parametrize("code, reason", [
+    (451, "Binance refuses this location (HTTP 451, geo-blocked)"),
+    (403, "refused by Binance's firewall (HTTP 403)"),
+])
+def test_feed_handshake_refusals_say_what_they_mean(tmp_path, fast_feed, code, reason):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            fake.set_refuse(True, code)
+            async with serving(make_cfg(tmp_path, fake.base_url)) as srv:
+                assert (await srv.wait_state("backoff"))["reason"] == reason
+                assert srv.events.logged(re.escape(reason), logging.WARNING)
+    run(scenario())
+
+
+def test_feed_connect_error_names_the_host_and_port(tmp_path, fast_feed):
+    async def scenario():
+        port = free_port()                                       # nothing listens there
+        async with serving(make_cfg(tmp_path, f"ws://127.0.0.1:{port}/ws")) as srv:
+            status = await srv.wait_state("backoff")
+            assert status["reason"] == f"cannot connect to 127.0.0.1:{port}: Connection refused"
+    run(scenario())
+
+
+def test_feed_message_too_big_is_reported_as_such_not_as_a_lost_connection(tmp_path, fast_feed):
+    async def scenario():
+        async with fed_app(tmp_path) as (fake, srv):
+            fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
+            await srv.wait_updates(1)
+            fake.send_raw("x" * (bs.FEED_MAX_MESSAGE_BYTES + 1))
+            want = f"message too big (over {bs.FEED_MAX_MESSAGE_BYTES} bytes, close 1009)"
+            await srv.events.wait_for(lambda: srv.events.logged(re.escape(want), logging.WARNING), 3, "the 1009 close")
+            [outage] = (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"]
+            assert outage["reason"] == want
+    run(scenario())
+
+
+def test_feed_missing_pong_is_reported_as_such_not_as_a_lost_connection(tmp_path, fast_feed, monkeypatch):
+    monkeypatch.setattr(bs, "FEED_PING_INTERVAL_S", 0.2)
+    monkeypatch.setattr(bs, "FEED_PING_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(bs, "FEED_CLOSE_TIMEOUT_S", 0.2)
+
+    async def scenario():
+        async with fed_app(tmp_path) as (fake, srv):
+            fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
+            await srv.wait_updates(1)
+            fake.freeze()                                        # open, but pings get no pong
+            want = "no pong from the exchange within 0.2 s (close 1011)"
+            await srv.events.wait_for(lambda: srv.events.logged(re.escape(want), logging.WARNING), 3, "the 1011 close")
+            [outage] = (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"]
+            assert outage["reason"] == want
+            fake.thaw()
+    run(scenario())
+
+
+def test_feed_u_reset_mid_stream_keeps_every_update_and_counts_it(tmp_path, fast_feed):
+    async def scenario():
+        async with fed_app(tmp_path) as (fake, srv):
+            e = bs.now_ms()
+            before = [fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1", u=u, E=e)["u"] for u in range(5_000, 5_005)]
+            fake.reset_u("btcusdt")                              # the exchange restarts u at 1, same second
+            after = [fake.send_bbo("btcusdt", "1.01", "1", "1.11", "1", E=e + 1)["u"] for _ in range(5)]
+            fake.send_bbo("btcusdt", "1.02", "1", "1.12", "1", u=9_999, E=e + 2)   # a sentinel both versions keep
+            await srv.events.wait_for(lambda: srv.events.updates and srv.events.updates[-1].update_id == 9_999)
+            rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+            assert [r["updateId"] for r in rows] == before + after + [9_999] and after == [1, 2, 3, 4, 5]
+            feed = (await srv.get_json("/healthz"))["feed"]
+            assert (feed["uResets"], feed["duplicates"]) == (1, 0)
+            assert (feed["symbols"]["BTCUSDT"]["uResets"], feed["symbols"]["BTCUSDT"]["duplicates"]) == (1, 0)
+    run(scenario())
+
+
+def test_feed_u_going_back_after_a_reconnect_is_a_reset_not_a_duplicate(tmp_path, fast_feed):
+    async def scenario():
+        async with fed_app(tmp_path) as (fake, srv):
+            e = bs.now_ms()
+            fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1", u=1_000, E=e)
+            await srv.wait_updates(1)
+            await fake.drop_all()
+            await fake_until(fake, lambda: fake.total_connections == 2 and len(fake.subscribers("btcusdt")) == 1,
+                             "the reconnection")
+            fake.send_bbo("btcusdt", "1.01", "1", "1.11", "1", u=990, E=e + 1)    # a small fall: the exchange reset u
+            fake.send_bbo("btcusdt", "1.01", "1", "1.11", "1", u=990, E=e + 1)    # the same again: a duplicate
+            fake.send_bbo("btcusdt", "1.02", "1", "1.12", "1", u=9_999, E=e + 2)  # a sentinel both versions keep
+            await srv.events.wait_for(lambda: srv.events.updates and srv.events.updates[-1].update_id == 9_999)
+            rows = (await srv.get_json("/api/history/updates?symbol=BTCUSDT"))["updates"]
+            assert [r["updateId"] for r in rows] == [1_000, 990, 9_999]
+            feed = (await srv.get_json("/healthz"))["feed"]
+            assert (feed["uResets"], feed["duplicates"]) == (1, 1)
+    run(scenario())
+
+
+def test_feed_exchange_error_reply_is_logged_and_shown_on_its_symbol(tmp_path, fast_feed):
+    async def scenario():
+        async with fed_app(tmp_path, ("BTCUSDT", "ETHUSDT")) as (fake, srv):
+            fake.send_raw('{"error":{"code":-1121,"msg":"Invalid symbol: ethusdt@bookTicker"},"id":1}')
+            await srv.events.wait_for(lambda: srv.events.logged("exchange error", logging.WARNING), 3, "the error")
+            [line] = srv.events.logged("exchange error", logging.WARNING)
+            assert "ETHUSDT" in line and "-1121" in line and "Invalid symbol: ethusdt@bookTicker" in line
+            feed = (await srv.get_json("/healthz"))["feed"]
+            error = feed["symbols"]["ETHUSDT"]["error"]
+            assert (error["code"], error["msg"]) == (-1121, "Invalid symbol: ethusdt@bookTicker")
+            assert "error" not in feed["symbols"]["BTCUSDT"] and feed["parseErrors"] == 0
+            assert not srv.events.logged("unknown message")
+            fake.send_raw('{"code":2,"msg":"Invalid request","id":2}')   # names no stream: the whole connection
+            await srv.events.wait_for(lambda: "error" in srv.status()["symbols"]["BTCUSDT"], 3, "the second error")
+            fake.send_bbo("ethusdt", "2000.01", "1", "2000.02", "1")      # data again: the error is over
+            await srv.wait_updates(1)
+            assert "error" not in (await srv.get_json("/healthz"))["feed"]["symbols"]["ETHUSDT"]
+    run(scenario())
+
+
+def test_feed_shard_connections_are_at_least_a_second_apart(tmp_path, fast_feed):
+    async def scenario():
+        symbols = ["AAAUSDT", "BBBUSDT", "CCCUSDT"]
+        async with FakeBinance("futures", limit_connection_rate=True) as fake:   # 429 within 1 s, as Binance
+            cfg = make_cfg(tmp_path, fake.base_url, symbol=",".join(symbols), feed_streams_per_connection=1)
+            async with serving(cfg) as srv:
+                for s in symbols:
+                    await fake.wait_for_subscribed(s.lower(), timeout=6)
+                assert fake.refused_connections == 0
+                times = [t for t, _, _ in fake.handshakes]
+                assert all(b - a >= 1.0 for a, b in zip(times, times[1:])), times
+                await fake.drop_all()                            # all three reconnect at once: still spaced
+                await fake_until(fake, lambda: len(fake.connections) == 3, "the reconnections", timeout=8)
+                times = [t for t, _, _ in fake.handshakes]
+                assert fake.refused_connections == 0 and all(b - a >= 1.0 for a, b in zip(times, times[1:])), times
+                assert srv.status()["state"] in ("live", "connecting", "backoff")
+    run(scenario(), timeout=25)
 
 
 # ---- §12 Cache persistence (disk) -------------------------------------------------------------

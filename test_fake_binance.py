@@ -5,6 +5,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from typing import Any, Awaitable, Callable
 
 import pytest
@@ -141,6 +142,88 @@ def test_refuse_rejects_handshake_with_503() -> None:
             fake.set_refuse(False)
             async with connect(f"{fake.base_url}/btcusdt@bookTicker"):
                 await fake.wait_for_connections(1)
+    run(t)
+
+
+def test_refuse_with_a_chosen_status_and_retry_after_header() -> None:
+    async def t() -> None:
+        async with FakeBinance() as fake:
+            fake.set_refuse(True, 429, 20)
+            with pytest.raises(InvalidStatus) as info:
+                async with connect(f"{fake.base_url}/btcusdt@bookTicker"):
+                    pass
+            assert info.value.response.status_code == 429
+            assert info.value.response.headers["Retry-After"] == "20"
+            fake.set_refuse(True, 418, "Fri, 04 Dec 2026 10:00:00 GMT")     # an HTTP date works too
+            with pytest.raises(InvalidStatus) as info:
+                async with connect(f"{fake.base_url}/btcusdt@bookTicker"):
+                    pass
+            assert (info.value.response.status_code, info.value.response.headers["Retry-After"]) == (
+                418, "Fri, 04 Dec 2026 10:00:00 GMT")
+            assert [status for _, status, _ in fake.handshakes] == [429, 418] and fake.refused_connections == 2
+    run(t)
+
+
+def test_more_than_1024_streams_closes_the_connection_with_1008() -> None:
+    async def t() -> None:
+        streams = [f"s{i}usdt@bookTicker" for i in range(1025)]
+        async with FakeBinance() as fake:
+            async with connect(f"{fake.url_root}/stream?streams=" + "/".join(streams)) as ws:
+                with pytest.raises(ConnectionClosedError) as info:
+                    await asyncio.wait_for(ws.recv(), RECV_TIMEOUT_S)
+                assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+            async with connect(f"{fake.url_root}/stream?streams=" + "/".join(streams[:1024])) as ws:
+                await ws.send(json.dumps({"method": "LIST_SUBSCRIPTIONS", "id": 1}))
+                assert len((await recv_json(ws))["result"]) == 1024                 # exactly 1024 is fine
+                await ws.send(json.dumps({"method": "SUBSCRIBE", "params": [streams[1024]], "id": 2}))
+                with pytest.raises(ConnectionClosedError) as info:                  # the 1025th: the whole connection
+                    await asyncio.wait_for(ws.recv(), RECV_TIMEOUT_S)
+                assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    run(t)
+
+
+def test_connection_rate_limit_refuses_a_second_connection_within_a_second_with_429() -> None:
+    async def t() -> None:
+        async with FakeBinance(limit_connection_rate=True) as fake:
+            async with connect(f"{fake.base_url}/btcusdt@bookTicker"):
+                with pytest.raises(InvalidStatus) as info:
+                    async with connect(f"{fake.base_url}/ethusdt@bookTicker"):
+                        pass
+                assert info.value.response.status_code == 429
+                assert info.value.response.headers["Retry-After"] == "1"
+                await asyncio.sleep(1.0 - (time.monotonic() - fake.handshakes[0][0]) + 0.01)  # the limit is time itself
+                async with connect(f"{fake.base_url}/ethusdt@bookTicker"):
+                    await fake.wait_for_connections(2)
+            assert [status for _, status, _ in fake.handshakes] == [101, 429, 101]
+    run(t)
+
+
+def test_subscribe_error_reply_and_u_reset() -> None:
+    async def t() -> None:
+        async with FakeBinance() as fake:
+            async with connect(fake.base_url) as ws:
+                fake.subscribe_error = (-1121, "Invalid symbol.")
+                await ws.send(json.dumps({"method": "SUBSCRIBE", "params": ["btcusdx@bookTicker"], "id": 5}))
+                assert await recv_json(ws) == {"error": {"code": -1121, "msg": "Invalid symbol."}, "id": 5}
+                assert fake.subscribers("btcusdx") == []
+            async with connect(f"{fake.base_url}/btcusdt@bookTicker") as ws:
+                await fake.wait_for_subscribed("btcusdt")
+                fake.send_bbo("btcusdt", "1.00", "1", "1.01", "1", u=500)
+                fake.reset_u("btcusdt")
+                fake.send_bbo("btcusdt", "1.00", "1", "1.01", "1")
+                assert [(await recv_json(ws))["u"] for _ in range(2)] == [500, 1]
+    run(t)
+
+
+def test_freeze_leaves_pings_unanswered() -> None:
+    async def t() -> None:
+        async with FakeBinance() as fake:
+            async with connect(f"{fake.base_url}/btcusdt@bookTicker", ping_interval=None, close_timeout=0.1) as ws:
+                await fake.wait_for_connections(1)
+                fake.freeze()
+                pong = await ws.ping()
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(pong, 0.3)
     run(t)
 
 
