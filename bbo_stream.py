@@ -1836,13 +1836,22 @@ def error_response(exc: HttpError) -> HttpResponse:
     return json_response({"error": exc.message}, exc.status, exc.headers)
 
 
+def origin_allowed(origin: str | None, origins: tuple[str, ...]) -> bool:
+    """Whether a request with this Origin header may use the API: no Origin (not a browser's
+    cross-site request), any origin with `*`, else one of CORS_ORIGINS (`null` never is)."""
+    return origin is None or origins == ("*",) or origin.rstrip("/") in origins
+
+
 def cors_headers(req: HttpRequest, origins: tuple[str, ...]) -> list[tuple[str, str]]:
-    """CORS for the REST API and Engine.IO.  The request's Origin is echoed (with
-    credentials, which Socket.IO's `withCredentials` needs) when allowed; `*` allows all."""
+    """CORS for the REST API and Engine.IO.  With `*`, any page may read the public data, but
+    without credentials (no cookie or auth of the user's goes with it).  With a list, an
+    allowed Origin is echoed with credentials (Socket.IO's `withCredentials` needs them)."""
+    if origins == ("*",):
+        return [("Access-Control-Allow-Origin", "*")]
     origin = req.header("origin")
     if origin is None:
-        return [("Access-Control-Allow-Origin", "*")] if origins == ("*",) else []
-    if origins != ("*",) and origin.rstrip("/") not in origins:
+        return []
+    if not origin_allowed(origin, origins):
         return [("Vary", "Origin")]
     return [("Access-Control-Allow-Origin", origin), ("Access-Control-Allow-Credentials", "true"),
             ("Vary", "Origin")]
@@ -4792,17 +4801,20 @@ class EioServer:
     """
 
     def __init__(self, *, ping_interval_ms: int = 25000, ping_timeout_ms: int = 20000,
-                 max_payload_bytes: int = 1_000_000, max_clients: int = 10_000, handler: Any = None) -> None:
+                 max_payload_bytes: int = 1_000_000, max_clients: int = 10_000, handler: Any = None,
+                 cors_origins: tuple[str, ...] = ("*",)) -> None:
         self.ping_interval_s = ping_interval_ms / 1000
         self.ping_timeout_s = ping_timeout_ms / 1000
         self.max_payload_bytes = max_payload_bytes
         self.max_clients = max_clients
+        self.cors_origins = cors_origins             # browser origins that may open a session (CORS_ORIGINS)
         self.handler = handler                       # on_open / on_message / on_close
         self.connections: dict[str, EioConnection] = {}  # sid -> live (or closing) connection
         self.handshakes = 0                          # sessions opened
         self.upgrades = 0                            # polling sessions moved to WebSocket
         self.slow_disconnects = 0                    # clients cut off for not reading
         self.refused_full = 0                        # handshakes refused by max_clients
+        self.refused_origin = 0                      # requests refused for their Origin
         # Told the outcome of requests that end without an HttpResponse for the HTTP layer to
         # write: 101 (WebSocket accepted), websockets' own 4xx refusal, 499 (a parked GET
         # whose client went away, nginx's "client closed request").  The HTTP layer counts them.
@@ -4824,12 +4836,15 @@ class EioServer:
                          [("", self.slow_disconnects)]),
             MetricFamily("eio_refused_full_total", "counter", "Handshakes refused at max clients",
                          [("", self.refused_full)]),
+            MetricFamily("eio_refused_origin_total", "counter", "Requests refused for an Origin not in CORS_ORIGINS",
+                         [("", self.refused_origin)]),
         ]
 
     @classmethod
     def from_config(cls, cfg: Any, handler: Any = None) -> EioServer:
         return cls(ping_interval_ms=cfg.ping_interval_ms, ping_timeout_ms=cfg.ping_timeout_ms,
-                   max_payload_bytes=cfg.max_payload_bytes, max_clients=cfg.max_clients, handler=handler)
+                   max_payload_bytes=cfg.max_payload_bytes, max_clients=cfg.max_clients, handler=handler,
+                   cors_origins=cfg.cors_origins)
 
     @staticmethod
     def now_s() -> float:
@@ -4884,7 +4899,7 @@ class EioServer:
     def _error(self, code: int, upgrade: bool) -> HttpResponse:
         message = EIO_ERROR_MESSAGES[code]
         if upgrade:  # (ref: abortUpgrade answers 400, text/html, the bare message, then closes)
-            return HttpResponse(400, message.encode(), "text/html")
+            return HttpResponse(403 if code == 4 else 400, message.encode(), "text/html")
         return HttpResponse(403 if code == 4 else 400, _json_dumps({"code": code, "message": message}).encode())
 
     def _verify(self, req: HttpRequest, query: dict[str, str], upgrade: bool) -> HttpResponse | None:
@@ -4895,6 +4910,12 @@ class EioServer:
         origin = req.header("origin")
         if origin is not None and has_invalid_header_char(origin):
             return self._error(3, upgrade)
+        if not origin_allowed(origin, self.cors_origins):
+            # A page of another site must not open a session (cross-site WebSocket hijacking:
+            # browsers send cookies and never apply CORS to WebSocket).  Shaped like the
+            # reference's allowRequest refusal: 403, code 4.
+            self.refused_origin += 1
+            return self._error(4, upgrade)
         sid = query.get("sid") or None  # an empty sid counts as none, as in JS
         if sid is not None:
             conn = self._live(sid)

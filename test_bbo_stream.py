@@ -1896,10 +1896,15 @@ def test_cors_headers_and_preflight():
         return parse(head(f"{method} /api/bbo HTTP/1.1", "Host: t", *headers))
 
     assert bs.cors_headers(req(), ("*",)) == [("Access-Control-Allow-Origin", "*")]
-    echoed = dict(bs.cors_headers(req("Origin: https://a.example"), ("*",)))
-    assert echoed["Access-Control-Allow-Origin"] == "https://a.example"
+    # With *, any page reads the public data, but never with the user's credentials.
+    assert bs.cors_headers(req("Origin: https://a.example"), ("*",)) == [("Access-Control-Allow-Origin", "*")]
     allowed = dict(bs.cors_headers(req("Origin: https://a.example"), ("https://a.example",)))
     assert allowed["Access-Control-Allow-Origin"] == "https://a.example"
+    assert allowed["Access-Control-Allow-Credentials"] == "true"
+    assert bs.cors_headers(req(), ("https://a.example",)) == []
+    assert [bs.origin_allowed(o, ("https://a.example",)) for o in (None, "https://a.example", "https://a.example/",
+                                                                   "null", "https://evil.example")] == [
+        True, True, True, False, False]
     assert "Access-Control-Allow-Origin" not in dict(bs.cors_headers(req("Origin: https://evil.example"), ("https://a.example",)))
     pre = bs.preflight_response(req("Origin: https://a.example", "Access-Control-Request-Method: GET",
                                     "Access-Control-Request-Headers: x-foo", method="OPTIONS"), ("*",))
@@ -4335,6 +4340,30 @@ def test_engineio_sessions_by_transport_in_metrics(tmp_path):
         assert srv.metric("bbo_eio_handshakes_total") == 3
 
 
+@pytest.mark.parametrize("origin", ["https://evil.example", "null", "https://good.example.evil.example"])
+def test_a_session_from_an_origin_not_in_cors_origins_is_refused_403(tmp_path, origin):
+    # Cross-site WebSocket hijacking: a page of another site opens the socket with the user's
+    # browser (browsers apply no CORS to WebSocket) and reads the feed.  Refused before a session.
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+    with LiveServer(tmp_path, cors_origins=("https://good.example",)) as srv:
+        with pytest.raises(InvalidStatus) as info:
+            connect(f"ws://127.0.0.1:{srv.port}/socket.io/?EIO=4&transport=websocket", origin=origin, open_timeout=3)
+        assert info.value.response.status_code == 403
+        status, headers, body = srv.raw().request("GET", eio_path(), headers=(("Origin", origin),))
+        assert (status, json.loads(body)) == (403, {"code": 4, "message": "Forbidden"})
+        assert "access-control-allow-origin" not in headers
+        assert srv.call(lambda: len(srv.app.eio.connections)) == 0
+        assert srv.metric("bbo_eio_refused_origin_total") == 2
+        # the allowed origin, and a client that is no browser (no Origin), are served
+        with connect(f"ws://127.0.0.1:{srv.port}/socket.io/?EIO=4&transport=websocket",
+                     origin="https://good.example", open_timeout=3) as ws:
+            assert ws.recv(timeout=3).startswith("0{")
+        with ws_connect(srv.port, "EIO=4&transport=websocket") as ws:
+            assert ws.recv(timeout=3).startswith("0{")
+        assert srv.raw().request("GET", eio_path())[0] == 200
+
+
 def test_polling_cors_echoes_an_allowed_origin_with_credentials(tmp_path):
     with LiveServer(tmp_path, cors_origins=("https://dash.example",)) as srv:
         origin = (("Origin", "https://dash.example"),)
@@ -4346,8 +4375,8 @@ def test_polling_cors_echoes_an_allowed_origin_with_credentials(tmp_path):
             ("Access-Control-Request-Method", "POST"), ("Access-Control-Request-Headers", "content-type")))
         assert status == 204 and headers["access-control-allow-origin"] == "https://dash.example"
         assert "POST" in headers["access-control-allow-methods"]
-        _, headers, _ = srv.raw().request("GET", eio_path(), headers=(("Origin", "https://evil.example"),))
-        assert "access-control-allow-origin" not in headers
+        status, headers, _ = srv.raw().request("GET", eio_path(), headers=(("Origin", "https://evil.example"),))
+        assert status == 403 and "access-control-allow-origin" not in headers
 
 
 # ---- §17 WebSocket transport ------------------------------------------------------------------
@@ -4627,12 +4656,12 @@ def test_cors_headers_on_api_responses(tmp_path):
     async def body(srv: Server) -> None:
         plain = await srv.get("/api/history/symbols")
         assert plain.all("access-control-allow-origin") == ["*"]
-        echoed = await srv.get("/api/history/symbols", "Origin: https://a.example")
-        assert echoed.all("access-control-allow-origin") == ["https://a.example"]
+        cross = await srv.get("/api/history/symbols", "Origin: https://a.example")
+        assert cross.all("access-control-allow-origin") == ["*"] and cross.header("access-control-allow-credentials") is None
         for target in ("/api/history/updates?symbol=NOPE", "/api/history/updates?symbol=BTCUSDT&limit=x", "/api/nope"):
             error = await srv.get(target, "Origin: https://a.example")
             assert error.status in (400, 404)
-            assert error.all("access-control-allow-origin") == ["https://a.example"], target
+            assert error.all("access-control-allow-origin") == ["*"], target
     with_server(tmp_path, body)
 
 
@@ -4641,7 +4670,7 @@ def test_cors_preflight_has_exactly_one_allow_origin(tmp_path):
         resp = await srv.get("/api/history/updates", "Origin: https://a.example", "Access-Control-Request-Method: GET",
                              "Access-Control-Request-Headers: x-requested-with", method="OPTIONS")
         assert resp.status == 204 and resp.body == b""
-        assert resp.all("access-control-allow-origin") == ["https://a.example"]   # browsers reject two values
+        assert resp.all("access-control-allow-origin") == ["*"]   # browsers reject two values
         assert "GET" in resp.header("access-control-allow-methods")
         assert resp.header("access-control-allow-headers") == "x-requested-with"
     with_server(tmp_path, body)
