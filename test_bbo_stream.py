@@ -4665,6 +4665,24 @@ def test_cors_headers_on_api_responses(tmp_path):
     with_server(tmp_path, body)
 
 
+def test_every_response_carries_the_security_headers_and_the_dashboard_its_csp(tmp_path):
+    async def body(srv: Server) -> None:
+        answers = {target: await srv.get(target) for target in
+                   ("/", "/app.js", "/api/history/symbols", "/api/nope", "/api/history/updates?symbol=BTCUSDT&limit=x",
+                    "/socket.io/?EIO=4&transport=polling", "/nothing-here")}
+        answers["bad request"] = await srv.get("/api/bbo", "Content-Length: x")
+        for name, resp in answers.items():
+            assert resp.header("x-content-type-options") == "nosniff", name
+            assert resp.header("x-frame-options") == "DENY" and resp.header("referrer-policy") == "no-referrer", name
+            assert resp.header("strict-transport-security") is None, name     # plain HTTP: no HSTS
+        csp = answers["/"].header("content-security-policy")
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+        assert all(resp.header("content-security-policy") is None for name, resp in answers.items() if name != "/")
+        tls = await request(srv.port, "/healthz", ssl_ctx=client_ssl_context())
+        assert tls.status == 200 and tls.header("strict-transport-security") == "max-age=31536000"
+    with_server(tmp_path, body, timeout=30, use_ssl=True)
+
+
 def test_cors_preflight_has_exactly_one_allow_origin(tmp_path):
     async def body(srv: Server) -> None:
         resp = await srv.get("/api/history/updates", "Origin: https://a.example", "Access-Control-Request-Method: GET",
@@ -7321,6 +7339,21 @@ def test_dashboard_warns_while_the_server_cannot_save_the_history(dash_open: Any
     answers["persistence"] = health["persistence"]
     pg.js("bboDebug.checkHealth()")
     pg.wait_js("() => document.getElementById('persist-banner').hidden")
+
+
+def test_dashboard_runs_under_its_csp_which_blocks_injected_inline_script(dash_open: Any) -> None:
+    # The page works with script and style from its own origin only (every dashboard test fails
+    # on a CSP violation in the console); markup injected with an inline handler does not run.
+    pg = dash_open(allowed_console=(r"Content Security Policy",))
+    pg.wait_connected()
+    pg.wait_js("() => bboDebug.state.bbo.BTCUSDT")
+    ran = pg.js("""() => new Promise((resolve) => {
+        document.addEventListener('securitypolicyviolation',
+            (e) => resolve({injected: window.__injected === 1, violation: e.violatedDirective}));
+        document.body.insertAdjacentHTML('beforeend', '<img src="/favicon.ico" onload="window.__injected = 1">');
+        setTimeout(() => resolve({injected: window.__injected === 1, violation: null}), 5000);  // none came
+    })""")
+    assert ran == {"injected": False, "violation": "script-src-attr"}, ran
 
 
 def test_dashboard_ignores_a_timeframe_that_is_no_timeframe(dash_open: Any) -> None:
