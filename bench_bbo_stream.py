@@ -1432,8 +1432,9 @@ class _FaultFeed:
             due_done = due
             await asyncio.sleep(0.005)
 
-    def snapshot(self) -> list[tuple[int, tuple[str, str, str, str], float]]:
-        return self.feed.call(lambda: list(self.sent))
+    def snapshot(self, start: int = 0) -> list[tuple[int, tuple[str, str, str, str], float]]:
+        """``sent[start:]`` (``start``: an earlier ``len(snapshot())``, to see one scenario's rows)."""
+        return self.feed.call(lambda: self.sent[start:])
 
     def wait_subscribed(self, timeout: float = 20.0) -> None:
         self.feed.run(self.fake.wait_for_subscribed(FANOUT_SYMBOL, timeout), timeout + 5)
@@ -1582,6 +1583,7 @@ def _fault_full_disk(feed: _FaultFeed, tmp: Path, quick: bool) -> str:
         with open(ballast, "wb") as fh:
             fh.write(b"\0" * (st.f_bavail * st.f_frsize - free_left))
         cache = disk / "cache"
+        first = len(feed.snapshot())
         srv = _fault_server(feed, cache, tmp)
         feed.wait_subscribed()
         health_ok = health_fail = 0
@@ -1623,7 +1625,7 @@ def _fault_full_disk(feed: _FaultFeed, tmp: Path, quick: bool) -> str:
         rc = srv.stop()
         on_disk = _disk_rows(cache)                             # after the final flush
         feed.paused = True                                   # the restarted server only reads back
-        sent = {u for u, _, _ in feed.snapshot()}
+        sent = {u for u, _, _ in feed.snapshot(first)}
         srv = _fault_server(feed, cache, tmp)
         try:
             restored = {r["updateId"] for r in _read_history(srv.port)}
