@@ -7,6 +7,8 @@
     python bench_bbo_stream.py fanout --quick  # small sizes, short runs (smoke run)
     python bench_bbo_stream.py fanout --connections 10000 --only held   # just the held-connections run
     python bench_bbo_stream.py dashboard       # chart redraw, main-thread share, series size (Chromium)
+    python bench_bbo_stream.py faults          # kill -9 loop, full disk, refusing exchange (~3 min; root for the disk)
+    python bench_bbo_stream.py faults --quick  # 3 kills, shorter phases (smoke run, under a minute)
 
 Every figure is printed with its baseline from the same run, because these machines are
 noisy: ratios are what to compare across runs.
@@ -25,6 +27,22 @@ machine (load clients, fake exchange, other processes, interrupts): client and s
 cores. Each run measures 12 s; the whole benchmark takes about 4 minutes on a quiet machine, more on a
 shared one: before each run it waits for other processes to quieten (--quiet-cores, --max-wait) and
 repeats a disturbed load run (--retries), and every line says how busy the rest of the machine was.
+
+faults: the real server (`python bbo_stream.py`, a subprocess: CACHE_PERSIST=true, CACHE_FLUSH_SECONDS=1, plain
+HTTP on a free port) against the fake exchange sending a known sequence (200 updates/s, `u` strictly increasing,
+every price distinct). Scenarios, one line each with its goal ("goal missed" does not fail the exit status):
+- kill -9 loop: 20 times (--quick 3) the server records 1.5–4 s on one CACHE_DIR and is killed; a last start reads
+  the history back through /api/history/updates. Rows lost that were sent more than the flush interval (+0.2 s for
+  the write) before their kill (goal 0), rows lost within it (the documented loss window), duplicate, changed or
+  never-sent rows (goal 0), leftover *.tmp files, quarantined *.corrupt-* files.
+- full disk (root only, else skipped): CACHE_DIR on a 4 MiB tmpfs filled by a ballast file but 48 KiB; streams until
+  a write fails, stays full a few seconds, then the ballast goes and it streams on; SIGTERM, restart, read back.
+  Rows flushed before the disk filled and after space came back vs rows restored (goal: all), quarantined files,
+  bbo_persist_errors_total, whether the server stayed up and answered every /healthz poll.
+- refusing exchange: the fake refuses handshakes (429 with Retry-After where fake_binance's set_refuse takes a
+  status and Retry-After, else its plain 503) for 30 s (--quick 5 s) after dropping the connection, then accepts.
+  Handshake times and spacing as the fake saw them, attempts sooner than the Retry-After (goal 0), how long until
+  /healthz says live after the fake accepted again, the outage /api/history/outages recorded.
 """
 
 from __future__ import annotations
@@ -35,6 +53,7 @@ import asyncio
 import collections
 import errno
 import gc
+import inspect
 import json
 import math
 import os
@@ -51,6 +70,7 @@ import struct
 import time
 import tracemalloc
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -715,7 +735,8 @@ class _Scenario(NamedTuple):
 class _ServerProc:
     """One server under test as a subprocess, its log in a file."""
 
-    def __init__(self, kind: str, feed_base_url: str, logdir: Path) -> None:
+    def __init__(self, kind: str, feed_base_url: str, logdir: Path, settings: dict[str, str] | None = None) -> None:
+        """``settings`` (ours only): more settings by name, e.g. {"CACHE_DIR": ...}; they win over the defaults here."""
         self.kind = kind
         self.port = fake_binance.free_port()
         self.log_path = logdir / f"{kind}-{self.port}.log"
@@ -725,6 +746,8 @@ class _ServerProc:
                    "--web-host", "127.0.0.1", "--web-port", str(self.port), "--cache-persist", "false"]
             if kind == "ours-1t":                           # the event loop's thread writes alone
                 cmd += ["--fanout-threads", "0"]
+            for name, value in (settings or {}).items():     # a later flag wins
+                cmd += ["--" + name.lower().replace("_", "-"), value]
             env = {**os.environ, "WEBSOCKET_BASE_URL": feed_base_url}
         else:
             cmd = [sys.executable, str(Path(__file__).resolve()), "baseline-server", "--port", str(self.port),
@@ -749,13 +772,13 @@ class _ServerProc:
                 await asyncio.sleep(0.1)
         raise RuntimeError(f"{self.kind} server not listening after {timeout} s: {self.log_tail()}")
 
-    def metrics(self) -> dict[str, float]:
-        """Our /metrics counters (ours only)."""
+    def metrics(self, prefix: str = "sio_") -> dict[str, float]:
+        """Our /metrics samples whose name starts with ``prefix`` (ours only)."""
         import urllib.request
         out: dict[str, float] = {}
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
             for line in resp.read().decode().splitlines():
-                if line.startswith("sio_") and " " in line:
+                if line.startswith(prefix) and " " in line:
                     name, value = line.rsplit(" ", 1)
                     out[name] = float(value)
         return out
@@ -772,11 +795,11 @@ class _ServerProc:
         return [line for line in self.log_path.read_text(errors="replace").splitlines()
                 if any(w in line for w in ("WARNING", "ERROR", "Traceback", "Exception", "relay:"))]
 
-    def stop(self) -> int:
+    def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.log.closed:
             return self.proc.returncode
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
@@ -1356,9 +1379,365 @@ def bench_dashboard(quick: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ---- faults: kill -9 loop, full disk, refusing exchange (the real server as a subprocess) ----------
+
+FAULT_FLUSH_S = 1.0             # CACHE_FLUSH_SECONDS of the server under test: the documented loss window
+FAULT_WRITE_MARGIN_S = 0.2      # a flush's write + fsync and the timer's drift: a row this much older than the
+                                # flush interval before a kill must be on disk
+FAULT_RETRY_AFTER_S = 5         # Retry-After the refusing fake sends, where it can
+
+
+class _FaultFeed:
+    """The fake exchange (in a thread) sending a known sequence to FANOUT_SYMBOL at ``rate`` updates/s: ``u``
+    strictly increasing, every price and quantity distinct. ``sent`` holds what reached a subscriber:
+    (u, (bid, bidQty, ask, askQty) as the exact strings sent, wall time). ``handshakes``: (monotonic time,
+    HTTP status answered, host) of every WebSocket handshake, from the fake's own record where it keeps one."""
+
+    def __init__(self, rate: float) -> None:
+        self.feed = fake_binance.FakeBinanceThread(market="futures", name="bench-fake-exchange", timeout=30.0)
+        self.fake = self.feed.fake
+        self.rate = rate
+        self.paused = False
+        self.sent: list[tuple[int, tuple[str, str, str, str], float]] = []
+        self.handshakes_from = "the fake's handshake record"
+        if not hasattr(self.fake, "handshakes"):           # older fake_binance: wrap its handshake hook
+            self.handshakes_from = "handshakes recorded by the benchmark around the fake's process_request"
+            self.fake.handshakes = []
+            hook = self.fake._process_request
+
+            def recording(ws: Any, request: Any) -> Any:
+                response = hook(ws, request)
+                self.fake.handshakes.append((time.monotonic(), response.status_code if response else 101, "?"))
+                return response
+            self.feed.run(self.fake.stop())                # serve() took the hook at start: restart on the port
+            self.fake._process_request = recording
+            self.feed.run(self.fake.start())
+        self._task = self.feed.call(lambda: asyncio.get_running_loop().create_task(self._send()))
+
+    async def _send(self) -> None:
+        start, due_done, k = time.perf_counter(), 0, 0
+        while True:
+            due = int((time.perf_counter() - start) * self.rate)
+            due_done = max(due_done, due - int(self.rate))      # a stalled loop replays at most 1 s
+            for _ in range(due - due_done):
+                if self.paused or not self.fake.subscribers(FANOUT_SYMBOL):
+                    continue                                   # nobody would receive it: not part of the sequence
+                k += 1
+                bid = 2_000_000 + k                            # cents: 20000.01, 20000.02, ... never repeat
+                prices = (f"{bid // 100}.{bid % 100:02d}", f"{k / 1000:.3f}",
+                          f"{(bid + 7) // 100}.{(bid + 7) % 100:02d}", f"{k / 1000 + 1:.3f}")
+                u = 1_000_000 + 3 * k
+                self.fake.send_bbo(FANOUT_SYMBOL, *prices, u=u)
+                self.sent.append((u, prices, time.time()))
+            due_done = due
+            await asyncio.sleep(0.005)
+
+    def snapshot(self, start: int = 0) -> list[tuple[int, tuple[str, str, str, str], float]]:
+        """``sent[start:]`` (``start``: an earlier ``len(snapshot())``, to see one scenario's rows)."""
+        return self.feed.call(lambda: self.sent[start:])
+
+    def wait_subscribed(self, timeout: float = 20.0) -> None:
+        self.feed.run(self.fake.wait_for_subscribed(FANOUT_SYMBOL, timeout), timeout + 5)
+
+    def wait_unsubscribed(self, timeout: float = 10.0) -> None:
+        self.feed.run(self.fake.wait_for_connections(0, timeout), timeout + 5)
+
+    def close(self) -> None:
+        self.feed.call(self._task.cancel)
+        self.feed.close()
+
+
+def _get_json(port: int, path: str, timeout: float = 10.0) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _fault_server(feed: _FaultFeed, cache_dir: Path, logdir: Path) -> _ServerProc:
+    """``python bbo_stream.py`` on ``cache_dir`` (persisting, flushing every FAULT_FLUSH_S), listening."""
+    srv = _ServerProc("ours", feed.fake.base_url, logdir, {
+        "CACHE_PERSIST": "true", "CACHE_DIR": str(cache_dir), "CACHE_FLUSH_SECONDS": f"{FAULT_FLUSH_S:g}"})
+    try:
+        asyncio.run(srv.wait_listening())
+    except BaseException:
+        srv.stop(signal.SIGKILL)
+        raise
+    return srv
+
+
+def _read_history(port: int) -> list[dict[str, Any]]:
+    """Every raw row of FANOUT_SYMBOL through /api/history/updates, oldest first: pages of 10,000 back in time
+    by end_time (inclusive), so the rows of the boundary millisecond that the newer page has are cut off."""
+    rows: list[dict[str, Any]] = []
+    end, cut = 4_102_444_800_000, 0                          # 2100-01-01; rows of `end` already in `rows`
+    for _ in range(1000):
+        page = _get_json(port, f"/api/history/updates?symbol={FANOUT_SYMBOL.upper()}&start_time=0"
+                               f"&end_time={end}&limit=10000", 30)["updates"]
+        full = len(page) == 10_000
+        page = page[:len(page) - cut]
+        rows[:0] = page
+        if not full or not page:
+            return rows
+        end = page[0]["serverTimestamp"]
+        cut = sum(1 for r in rows if r["serverTimestamp"] == end)
+    raise RuntimeError("history paging did not end after 1000 pages")
+
+
+def _files(root: Path, pattern: str) -> tuple[int, int]:
+    found = [p for p in root.rglob(pattern) if p.is_file()]
+    return len(found), sum(p.stat().st_size for p in found)
+
+
+def _disk_rows(root: Path) -> set[int]:
+    """updateIds in the whole JSON lines of every raw cache file (what a loader could restore)."""
+    ids: set[int] = set()
+    for path in root.rglob("raw-*.json*"):
+        for line in path.read_bytes().splitlines():
+            try:
+                ids.update(json.loads(line)["cols"]["updateId"])
+            except (ValueError, KeyError, TypeError):
+                pass
+    return ids
+
+
+def _compare(sent: list[tuple[int, tuple[str, str, str, str], float]],
+             rows: list[dict[str, Any]]) -> tuple[set[int], int, int, int]:
+    """(u sent and not restored, duplicate rows, rows whose strings differ from what was sent, rows never sent)."""
+    by_u = {u: prices for u, prices, _ in sent}
+    seen: set[int] = set()
+    dup = changed = unknown = 0
+    for r in rows:
+        u = r["updateId"]
+        if u in seen:
+            dup += 1
+        seen.add(u)
+        if u not in by_u:
+            unknown += 1
+        elif (r["bidPrice"], r["bidQty"], r["askPrice"], r["askQty"]) != by_u[u]:
+            changed += 1
+    return set(by_u) - seen, dup, changed, unknown
+
+
+def _goal(ok: bool) -> str:
+    return "OK" if ok else "goal missed"
+
+
+def _fault_kill_loop(feed: _FaultFeed, tmp: Path, runs: int, rng: random.Random) -> str:
+    cache = tmp / "kill-cache"
+    kills: list[float] = []                                  # wall time of each kill -9
+    gone: list[float] = []                                   # ... and when the fake saw the connection close
+    for _ in range(runs):
+        srv = _fault_server(feed, cache, tmp)
+        try:
+            feed.wait_subscribed()
+            time.sleep(rng.uniform(1.5, 4.0))
+            kills.append(time.time())
+            srv.stop(signal.SIGKILL)
+        finally:
+            srv.stop(signal.SIGKILL)
+        feed.wait_unsubscribed()
+        gone.append(time.time())
+    feed.paused = True                                       # the last instance only reads back
+    sent = feed.snapshot()
+    tmp_files, tmp_bytes = _files(cache, "*.tmp")
+    srv = _fault_server(feed, cache, tmp)
+    try:
+        rows = _read_history(srv.port)
+    finally:
+        srv.stop()
+    feed.paused = False
+    lost, dup, changed, unknown = _compare(sent, rows)
+    window = FAULT_FLUSH_S + FAULT_WRITE_MARGIN_S
+    old = late = 0
+    for u, _, t in sent:
+        if u in lost:
+            kill = kills[next(i for i, g in enumerate(gone) if g >= t)]   # of the instance it was sent to
+            if kill - t > window:
+                old += 1
+            else:
+                late += 1
+    quarantined = _files(cache, "*.corrupt-*")[0]
+    bad = dup + changed + unknown
+    return (f"faults: kill -9 ×{runs} (each after 1.5–4 s of recording): {len(sent):,} rows sent, "
+            f"{len(rows):,} restored; lost older than {window:g} s before their kill (flush interval + "
+            f"{FAULT_WRITE_MARGIN_S:g} s write margin): {old} (goal 0) {_goal(old == 0)}; lost within the last "
+            f"{window:g} s: {late} (expected, the loss window; ≈{late / runs:.0f} per kill); duplicate/changed/"
+            f"never-sent rows: {dup}/{changed}/{unknown} (goal 0) {_goal(bad == 0)}; leftover *.tmp: {tmp_files} "
+            f"({tmp_bytes:,} B); quarantined *.corrupt-*: {quarantined} (goal 0) {_goal(quarantined == 0)}")
+
+
+def _fault_full_disk(feed: _FaultFeed, tmp: Path, quick: bool) -> str:
+    if os.geteuid() != 0:
+        return "faults: full disk: SKIPPED: not root (mounting a tmpfs needs root)"
+    disk = tmp / "disk"
+    disk.mkdir()
+    size_mib = 4
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "none", str(disk)],
+                             capture_output=True, text=True, timeout=30, check=False)
+    if mounted.returncode != 0:
+        return f"faults: full disk: SKIPPED: mount -t tmpfs failed: {mounted.stderr.strip() or mounted.returncode}"
+    srv: _ServerProc | None = None
+    try:
+        st = os.statvfs(disk)
+        free_left = 48 * 1024                                   # ~5 s of journal at 200 updates/s
+        ballast = disk / "ballast"
+        with open(ballast, "wb") as fh:
+            fh.write(b"\0" * (st.f_bavail * st.f_frsize - free_left))
+        cache = disk / "cache"
+        first = len(feed.snapshot())
+        srv = _fault_server(feed, cache, tmp)
+        feed.wait_subscribed()
+        health_ok = health_fail = 0
+
+        def health() -> bool:
+            nonlocal health_ok, health_fail
+            try:
+                _get_json(srv.port, "/healthz", 2)
+                health_ok += 1
+                return True
+            except (OSError, ValueError):
+                health_fail += 1
+                return False
+
+        def errors() -> float:
+            return srv.metrics("bbo_persist_errors_total").get("bbo_persist_errors_total", math.nan)
+
+        deadline = time.monotonic() + (30 if quick else 60)
+        while errors() == 0 and time.monotonic() < deadline and srv.proc.poll() is None:
+            health()
+            time.sleep(0.2)
+        if not errors() > 0:
+            raise RuntimeError(f"the disk did not fill within {30 if quick else 60} s (bbo_persist_errors_total "
+                               f"{errors()}, server {'running' if srv.proc.poll() is None else 'exited'})")
+        t_full = time.monotonic()
+        before = _disk_rows(cache)                              # whole lines on disk when the first write failed
+        full_s, after_s = (3, 4) if quick else (8, 8)
+        while time.monotonic() < t_full + full_s:
+            health()
+            time.sleep(0.2)
+        errors_full = errors()
+        ballast.unlink()
+        t_free = time.monotonic()
+        while time.monotonic() < t_free + after_s:
+            health()
+            time.sleep(0.2)
+        errors_total = errors()
+        alive = srv.proc.poll() is None
+        rc = srv.stop()
+        on_disk = _disk_rows(cache)                             # after the final flush
+        feed.paused = True                                   # the restarted server only reads back
+        sent = {u for u, _, _ in feed.snapshot(first)}
+        srv = _fault_server(feed, cache, tmp)
+        try:
+            restored = {r["updateId"] for r in _read_history(srv.port)}
+        finally:
+            srv.stop()
+            srv = None
+            feed.paused = False
+        quarantined, q_bytes = _files(cache, "*.corrupt-*")
+        after = on_disk - before
+        ok = before <= restored and after <= restored
+        return (f"faults: full disk (tmpfs {size_mib} MiB, {free_left // 1024} KiB left beside a ballast file; "
+                f"{feed.rate:g} updates/s; full for {full_s} s, then the ballast deleted and {after_s} s more; SIGTERM): "
+                f"rows flushed before the disk filled {len(before):,}, restored {len(before & restored):,}; rows "
+                f"on disk from after it ({len(after):,}), restored {len(after & restored):,}; of {len(sent):,} sent "
+                f"{len(restored & sent):,} restored (goal: every flushed row) {_goal(ok)}; quarantined *.corrupt-*: "
+                f"{quarantined} ({q_bytes:,} B); bbo_persist_errors_total {errors_full:g} while full, "
+                f"{errors_total:g} at the end; server {'stayed up' if alive else 'DIED'} (exit {rc} on SIGTERM), "
+                f"/healthz answered {health_ok}/{health_ok + health_fail} polls "
+                f"{_goal(alive and health_fail == 0 and rc == 0)}")
+    finally:
+        if srv is not None:
+            srv.stop(signal.SIGKILL)
+        for args in (["umount", str(disk)], ["umount", "-l", str(disk)]):
+            if subprocess.run(args, capture_output=True, timeout=30, check=False).returncode == 0:
+                break
+
+
+def _fault_refusing(feed: _FaultFeed, tmp: Path, quick: bool) -> str:
+    fake = feed.fake
+    params = inspect.signature(fake.set_refuse).parameters
+    if "status" in params and "retry_after" in params:
+        how, retry_after = f"HTTP 429 with Retry-After: {FAULT_RETRY_AFTER_S}", float(FAULT_RETRY_AFTER_S)
+        refuse: dict[str, Any] = {"status": 429, "retry_after": FAULT_RETRY_AFTER_S}
+    else:
+        how, retry_after, refuse = "HTTP 503 without Retry-After (this fake_binance cannot send 429/Retry-After)", \
+            None, {}
+    refuse_s = 5.0 if quick else 30.0
+    srv = _fault_server(feed, tmp / "refuse-cache", tmp)
+    try:
+        def state() -> str:
+            return _get_json(srv.port, "/healthz", 5)["feed"]["state"]
+        deadline = time.monotonic() + 20
+        while state() != "live":
+            if time.monotonic() > deadline:
+                raise RuntimeError("server not live within 20 s of starting")
+            time.sleep(0.1)
+        feed.feed.call(fake.set_refuse, True, **refuse)
+        t_refuse = time.monotonic()
+        feed.feed.run(fake.drop_all())
+        time.sleep(refuse_s)
+        feed.feed.call(fake.set_refuse, False)
+        t_accept = time.monotonic()
+        wait_s = 360.0                                        # longer than the backoff cap after repeated failures
+        live_after = None
+        while time.monotonic() < t_accept + wait_s:
+            if state() == "live":
+                live_after = time.monotonic() - t_accept
+                break
+            time.sleep(0.1)
+        hs = [h for h in feed.feed.call(lambda: list(fake.handshakes)) if h[0] >= t_refuse]
+        outages = _get_json(srv.port, f"/api/history/outages?symbol={FANOUT_SYMBOL.upper()}")["outages"]
+    finally:
+        srv.stop()
+    times = [h[0] - t_refuse for h in hs]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    refused = [h for h in hs if h[1] != 101]
+    early = (sum(1 for (a, b) in zip(hs, hs[1:]) if a[1] != 101 and b[0] - a[0] < retry_after - 0.05)
+             if retry_after is not None else None)
+    early_txt = (f"{early} sooner than the Retry-After (goal 0) {_goal(early == 0)}" if early is not None
+                 else "no Retry-After sent, so none can come too soon")
+    out = [f"{(o['end'] - o['start']) / 1000:.1f} s ({o['reason']})" if o["end"] else f"open ({o['reason']})"
+           for o in outages]
+    live_txt = f"{live_after:.1f} s" if live_after is not None else f"not within {wait_s:g} s (goal missed)"
+    down_txt = f"{refuse_s + live_after:.1f} s" if live_after is not None else "-"
+    return (f"faults: refusing exchange ({how}) for {refuse_s:g} s after dropping the connection: "
+            f"{len(refused)} refused handshake(s) then {len(hs) - len(refused)} accepted, at "
+            f"{', '.join(f'{t:.1f}' for t in times)} s; spacing {', '.join(f'{g:.1f}' for g in gaps) or '-'} s; "
+            f"{early_txt}; live {live_txt} after the fake accepted again; outages recorded: "
+            f"{'; '.join(out) or 'none (goal: one) goal missed'} (from the drop to live again: {down_txt})")
+
+
+def bench_faults(quick: bool) -> int:
+    """Faults against the real server: kill -9 loop, full disk, refusing exchange (see the module docstring)."""
+    runs = 3 if quick else 20
+    rate = 200.0
+    print(f"# faults: bbo_stream {bs.__version__} at {_git_state()}, Python {sys.version.split()[0]}; "
+          f"{Path(sys.executable).name} {' '.join(sys.argv)}; fake exchange {rate:g} updates/s of {FANOUT_SYMBOL} "
+          f"(u strictly increasing, distinct exact prices); CACHE_FLUSH_SECONDS={FAULT_FLUSH_S:g}", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bbo-bench-faults-"))
+    feed = _FaultFeed(rate)
+    scenarios: list[tuple[str, Callable[[], str]]] = [
+        ("kill -9 loop", lambda: _fault_kill_loop(feed, tmp, runs, random.Random(1))),
+        ("full disk", lambda: _fault_full_disk(feed, tmp, quick)),
+        ("refusing exchange", lambda: _fault_refusing(feed, tmp, quick))]
+    rc = 0
+    try:
+        for name, run in scenarios:
+            t = time.perf_counter()
+            try:
+                line = run()
+            except Exception as exc:  # a harness failure: say so, run the other scenarios, exit non-zero
+                line, rc = f"faults: {name}: HARNESS FAILURE: {type(exc).__name__}: {exc}", 1
+            print(f"{line} [{time.perf_counter() - t:.0f} s]", flush=True)
+    finally:
+        feed.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rc
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["data", "fanout", "dashboard", "baseline-server"],
+    parser.add_argument("what", choices=["data", "fanout", "dashboard", "faults", "baseline-server"],
                         help="which benchmarks (baseline-server: the python-socketio relay fanout starts)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     fan = parser.add_argument_group("fanout")
@@ -1388,6 +1767,8 @@ def main() -> int:
         return 0
     if args.what == "fanout":
         return bench_fanout(args)
+    if args.what == "faults":
+        return bench_faults(args.quick)
     rows = 100_000 if args.quick else 1_000_000
     print(f"# bbo_stream {bs.__version__}, Python {sys.version.split()[0]}, numpy {np.__version__}, "
           f"{os.cpu_count()} CPUs")
