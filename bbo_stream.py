@@ -512,6 +512,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_PAYLOAD", "1000000", _int_in(1024, 100_000_000), "Engine.IO max payload in bytes (HTTP body and "
             "WebSocket message)", "bytes"),
     Setting("MAX_CLIENTS", "10000", _int_in(1, 1_000_000), "Concurrent Socket.IO clients; more get HTTP 503"),
+    Setting("MAX_SESSIONS_PER_ADDRESS", "256", _int_in(1, 1_000_000), "Socket.IO sessions one client address may "
+            "hold (an office behind one NAT shares one); more get HTTP 429. Behind a proxy, set TRUSTED_PROXIES"),
     Setting("FANOUT_THREADS", "auto", _parse_thread_count, "Threads that help write each update to many WebSocket clients "
             f"(from {FANOUT_PARALLEL_MIN_LINKS}); auto = usable CPUs (cpuset, cgroup quota) - 1, at most {FANOUT_AUTO_MAX_THREADS}; "
             "0 = the event loop alone"),
@@ -556,6 +558,7 @@ class Config:
     ping_timeout_ms: int = 20_000
     max_payload_bytes: int = 1_000_000
     max_clients: int = 10_000
+    max_sessions_per_address: int = 256
     fanout_threads: int | None = None  # None = auto (see fanout_helper_threads)
     cors_origins: tuple[str, ...] = ("*",)
     trusted_proxies: tuple[str, ...] = ()
@@ -4817,12 +4820,14 @@ class EioServer:
 
     def __init__(self, *, ping_interval_ms: int = 25000, ping_timeout_ms: int = 20000,
                  max_payload_bytes: int = 1_000_000, max_clients: int = 10_000, handler: Any = None,
-                 cors_origins: tuple[str, ...] = ("*",)) -> None:
+                 cors_origins: tuple[str, ...] = ("*",), max_sessions_per_address: int = 256) -> None:
         self.ping_interval_s = ping_interval_ms / 1000
         self.ping_timeout_s = ping_timeout_ms / 1000
         self.max_payload_bytes = max_payload_bytes
         self.max_clients = max_clients
         self.cors_origins = cors_origins             # browser origins that may open a session (CORS_ORIGINS)
+        self.max_sessions_per_address = max_sessions_per_address  # one address cannot take every slot
+        self._sessions_of: collections.Counter[str] = collections.Counter()  # client address -> live sessions
         self.handler = handler                       # on_open / on_message / on_close
         self.connections: dict[str, EioConnection] = {}  # sid -> live (or closing) connection
         self.handshakes = 0                          # sessions opened
@@ -4830,6 +4835,7 @@ class EioServer:
         self.slow_disconnects = 0                    # clients cut off for not reading
         self.refused_full = 0                        # handshakes refused by max_clients
         self.refused_origin = 0                      # requests refused for their Origin
+        self.refused_address = 0                     # handshakes refused by max_sessions_per_address
         # Told the outcome of requests that end without an HttpResponse for the HTTP layer to
         # write: 101 (WebSocket accepted), websockets' own 4xx refusal, 499 (a parked GET
         # whose client went away, nginx's "client closed request").  The HTTP layer counts them.
@@ -4853,13 +4859,15 @@ class EioServer:
                          [("", self.refused_full)]),
             MetricFamily("eio_refused_origin_total", "counter", "Requests refused for an Origin not in CORS_ORIGINS",
                          [("", self.refused_origin)]),
+            MetricFamily("eio_refused_address_total", "counter", "Handshakes refused at MAX_SESSIONS_PER_ADDRESS",
+                         [("", self.refused_address)]),
         ]
 
     @classmethod
     def from_config(cls, cfg: Any, handler: Any = None) -> EioServer:
         return cls(ping_interval_ms=cfg.ping_interval_ms, ping_timeout_ms=cfg.ping_timeout_ms,
                    max_payload_bytes=cfg.max_payload_bytes, max_clients=cfg.max_clients, handler=handler,
-                   cors_origins=cfg.cors_origins)
+                   cors_origins=cfg.cors_origins, max_sessions_per_address=cfg.max_sessions_per_address)
 
     @staticmethod
     def now_s() -> float:
@@ -4879,6 +4887,9 @@ class EioServer:
     def _forget(self, conn: EioConnection) -> None:
         if self.connections.get(conn.sid) is conn:
             del self.connections[conn.sid]
+            self._sessions_of[conn.peer] -= 1
+            if not self._sessions_of[conn.peer]:
+                del self._sessions_of[conn.peer]
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -4950,11 +4961,21 @@ class EioServer:
             return self._error(5, upgrade)
         if len(self.connections) >= self.max_clients:
             self.refused_full += 1
-            # Not in the reference; shaped like its allowRequest refusals (code 4, own message).
-            if upgrade:
-                return HttpResponse(503, b"Too many clients", "text/html")
-            return HttpResponse(503, _json_dumps({"code": 4, "message": "Too many clients"}).encode())
+            return self._refuse_handshake(503, "Too many clients", upgrade)
+        if self._sessions_of[req.peer] >= self.max_sessions_per_address:
+            # One address (a script, a squatter) must not fill MAX_CLIENTS for everyone else.
+            self.refused_address += 1
+            _log_once("sessions-per-address", "eio: %s holds %d sessions (MAX_SESSIONS_PER_ADDRESS): refusing more",
+                      req.peer, self.max_sessions_per_address)
+            return self._refuse_handshake(429, "Too many sessions from this address", upgrade)
         return None
+
+    @staticmethod
+    def _refuse_handshake(status: int, message: str, upgrade: bool) -> HttpResponse:
+        """Not in the reference; shaped like its allowRequest refusals (code 4, own message)."""
+        if upgrade:
+            return HttpResponse(status, message.encode(), "text/html")
+        return HttpResponse(status, _json_dumps({"code": 4, "message": message}).encode())
 
     def _live(self, sid: str) -> EioConnection | None:
         """The connection for `sid` after applying its lapsed deadlines (a timer may be late)."""
@@ -4973,6 +4994,7 @@ class EioServer:
         conn = EioConnection(self, session, req.peer)
         conn.ws = link
         self.connections[sid] = conn
+        self._sessions_of[conn.peer] += 1
         self.handshakes += 1
         if self.handler is not None:
             self.handler.on_open(conn)

@@ -742,8 +742,10 @@ class _ServerProc:
         self.log_path = logdir / f"{kind}-{self.port}.log"
         here = Path(__file__).resolve().parent
         if kind.startswith("ours"):
+            # Every load client connects from 127.0.0.1: no per-address cap (MAX_CLIENTS still applies).
             cmd = [sys.executable, str(here / "bbo_stream.py"), "--symbol", FANOUT_SYMBOL, "--use-ssl", "false",
-                   "--web-host", "127.0.0.1", "--web-port", str(self.port), "--cache-persist", "false"]
+                   "--web-host", "127.0.0.1", "--web-port", str(self.port), "--cache-persist", "false",
+                   "--max-sessions-per-address", "1000000"]
             if kind == "ours-1t":                           # the event loop's thread writes alone
                 cmd += ["--fanout-threads", "0"]
             for name, value in (settings or {}).items():     # a later flag wins

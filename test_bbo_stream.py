@@ -4299,6 +4299,27 @@ def test_the_heartbeat_closes_silent_clients_on_both_transports(tmp_path):
         assert sid in dict(srv.fed.srv.events.closes)
 
 
+def test_one_address_holds_at_most_max_sessions_per_address(tmp_path):
+    # 200 bare handshakes from one address used to fill MAX_CLIENTS for everyone: now each
+    # address (the forwarded one behind a trusted proxy) has its own cap, and a freed slot is reused.
+    from websockets.exceptions import InvalidStatus
+    with LiveServer(tmp_path, max_sessions_per_address=3, trusted_proxies=("127.0.0.1/32",)) as srv:
+        sids = [srv.polling_handshake()[0] for _ in range(3)]
+        status, _, body = srv.raw().request("GET", eio_path())
+        assert (status, json.loads(body)) == (429, {"code": 4, "message": "Too many sessions from this address"})
+        with pytest.raises(InvalidStatus) as info:
+            with ws_connect(srv.port, "EIO=4&transport=websocket"):
+                pass
+        assert info.value.response.status_code == 429
+        behind_proxy = (("X-Forwarded-For", "203.0.113.7"),)      # another client, through the proxy
+        assert srv.raw().request("GET", eio_path(), headers=behind_proxy)[0] == 200
+        assert srv.metric("bbo_eio_refused_address_total") == 2
+        srv.raw().request("POST", eio_path(sids[0]), b"1")          # one session of the address ends
+        srv.wait_sessions(3)
+        assert srv.raw().request("GET", eio_path())[0] == 200
+        assert srv.get("/healthz").status == 200
+
+
 def test_max_clients_gives_503(tmp_path):
     with LiveServer(tmp_path, max_clients=2) as srv:
         srv.polling_handshake()
@@ -5519,7 +5540,7 @@ def test_writer_threads_never_write_to_a_socket_that_changed_hands(tmp_path, mon
 
 
 def test_a_thousand_abrupt_disconnects_leave_the_server_healthy(tmp_path):
-    with LiveServer(tmp_path) as srv:
+    with LiveServer(tmp_path, max_sessions_per_address=1001) as srv:     # 1,001 at once from one address
         srv.send("btcusdt", "1.00", "1", "1.10", "1")
         observer = srv.joined_ws()
         observer.recv_until('42["feed_status"')
