@@ -225,6 +225,8 @@ OUTBOX_MAX_UPDATE_BYTES = 64 * 1024    # pending updates (~250) before compactio
 WS_HIGH_WATER_BYTES = 64 * 1024  # unsent bytes at which a WebSocket client is backed up (asyncio's default mark)
 WS_WRITE_TIMEOUT_S = 10.0        # a backed-up client whose socket does not drain in this time is disconnected
 WS_READ_CHUNK_BYTES = 64 * 1024  # one read from a WebSocket peer; bounds the work done per read
+WS_MAX_UNSENT_BYTES = 1024 * 1024  # answers (pongs, acks) queued for a peer that sends but does not read:
+                                   # beyond this it is not read again until it takes them (or is cut)
 WS_CLOSE_TIMEOUT_S = 10.0        # the peer's time to finish the closing handshake (websockets' close_timeout)
 FANOUT_PARALLEL_MIN_LINKS = 128  # fewer WebSocket clients than this: a thread hand-off (~50 µs) costs more than it saves
 FANOUT_AUTO_MAX_THREADS = 3      # FANOUT_THREADS=auto uses CPUs - 1 up to this; beyond, the GIL-held part of each write dominates
@@ -5310,6 +5312,20 @@ class WsLink:
             self._abort_timer = None
 
 
+async def _drain_answers(link: WsLink) -> bool:
+    """Wait, reading nothing more, until a peer takes the answers queued for it; False (and the
+    connection aborted) if it does not within WS_WRITE_TIMEOUT_S.  Without this, a client that
+    sends pings or events and never reads makes every answer wait in memory without limit."""
+    try:
+        await asyncio.wait_for(link.writer.drain(), WS_WRITE_TIMEOUT_S)
+        return True
+    except (TimeoutError, ConnectionError, OSError):
+        _log_once("ws-unread", "ws %s: the peer sends but does not read (%d bytes of answers waiting); cut off",
+                  link.writer.get_extra_info("peername"), link.transport.get_write_buffer_size())
+        link.abort()
+        return False
+
+
 async def serve_ws_link(link: WsLink, on_message: Callable[[WsLink, str | bytes], None]) -> None:
     """Read until the connection ends, handing each complete message to `on_message`.
 
@@ -5327,6 +5343,8 @@ async def serve_ws_link(link: WsLink, on_message: Callable[[WsLink, str | bytes]
                 if link.writable:  # nothing more is handled once we started closing
                     on_message(link, message)
             if not data or proto.state is WsState.CLOSED:
+                return
+            if link.transport.get_write_buffer_size() > WS_MAX_UNSENT_BYTES and not await _drain_answers(link):
                 return
             if proto.close_expected():
                 # Keep feeding the protocol (the peer's close frame must still reach it), but not

@@ -5385,6 +5385,37 @@ def _ws_frames(texts: list[str]) -> bytes:
     return b"".join(_masked(0x1, text.encode()) for text in texts)
 
 
+def test_a_client_that_sends_pings_but_never_reads_costs_bounded_memory_and_is_cut(tmp_path, monkeypatch):
+    # Every WebSocket ping gets a pong: a client that pings and never reads made pongs queue
+    # without limit (hundreds of MiB).  The server stops reading it past WS_MAX_UNSENT_BYTES and
+    # cuts it when it does not take them within WS_WRITE_TIMEOUT_S; the others are served.
+    monkeypatch.setattr(bs, "WS_WRITE_TIMEOUT_S", 0.5)
+    with LiveServer(tmp_path) as srv:
+        other = srv.joined_ws()
+        other.recv_until('42["feed_status"')
+        pinger = srv.joined_ws(rcvbuf=4096)
+        sid = srv.call(lambda: list(srv.app.eio.connections)[-1])
+
+        def shrink() -> None:  # keep the kernel from absorbing the pongs on loopback
+            sock = srv.app.eio.connections[sid].ws.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        srv.call(shrink)
+        pings = b"".join(_masked(0x9, b"p" * 125) for _ in range(500))   # 500 pings of 125 bytes per write
+        peak = 0
+        with contextlib.suppress(OSError):                 # the server hangs up on us: that is the point
+            for _ in range(400):                           # up to ~26 MB of pongs if nothing bounded them
+                pinger.sock.sendall(pings)
+                conn = srv.call(lambda: srv.app.eio.connections.get(sid))
+                if conn is None:
+                    break
+                peak = max(peak, srv.call(lambda: conn.ws.transport.get_write_buffer_size() if conn.ws else 0))
+        assert peak <= bs.WS_MAX_UNSENT_BYTES + bs.WS_READ_CHUNK_BYTES * 2, peak
+        srv.wait_sessions(1)
+        update = srv.send("btcusdt", "1.01", "1", "1.10", "1")
+        assert_update_is(json.loads(other.recv_until('42["bbo_update"')[2:])[1], update)
+        pinger.reset()
+
+
 @pytest.mark.parametrize("writer_threads", [0, 2], ids=["event-loop-writes", "writer-threads"])
 def test_a_client_that_stops_reading_is_cut_off_while_others_get_every_update(tmp_path, monkeypatch, writer_threads):
     monkeypatch.setattr(bs, "WS_WRITE_TIMEOUT_S", 0.5)
