@@ -2275,7 +2275,8 @@ def decode_eio(text: str) -> EioPacket:
     """Decode one text packet (a WebSocket text frame or one polling segment).
 
     Raises:
-        EioProtocolError: empty text, an unknown type character or bad base64.
+        EioProtocolError: empty text, an unknown type character or bad base64 (any
+            character outside the base64 alphabet, non-ASCII ones included).
     """
     if not text:
         raise EioProtocolError("empty packet")
@@ -2283,7 +2284,7 @@ def decode_eio(text: str) -> EioPacket:
     if head == "b":
         try:
             return EioPacket(EioType.MESSAGE, base64.b64decode(text[1:], validate=True))
-        except binascii.Error:
+        except (binascii.Error, ValueError):  # ValueError: b64decode's answer to a non-ASCII character
             # node's Buffer.from(..., "base64") skips bad characters; refusing them is stricter.
             raise EioProtocolError("bad base64 in binary packet") from None
     kind = _EIO_TYPE_BY_CHAR.get(head)

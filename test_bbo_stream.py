@@ -2085,7 +2085,7 @@ def test_eio_decode_golden():
         bs.EioPacket(bs.EioType.MESSAGE, "hello"), bs.EioPacket(bs.EioType.PING, ""), bs.EioPacket(bs.EioType.MESSAGE, "world")]
 
 
-@pytest.mark.parametrize("text", ["", "9", "x", "b!!notbase64"])
+@pytest.mark.parametrize("text", ["", "9", "x", "b!!notbase64", "b\u00e9", "b\u00e9AAA", "bAQ\u0663="])
 def test_eio_decode_rejects(text):
     with pytest.raises(bs.EioProtocolError):
         bs.decode_eio(text)
@@ -4186,6 +4186,35 @@ def test_an_invalid_engineio_packet_in_a_post_closes_the_session(tmp_path):
         assert raw.request("POST", eio_path(sid), b"9xyz")[2] == b"ok"      # the reference says ok too
         assert raw.request("GET", eio_path(sid))[2] == b'{"code":1,"message":"Session ID unknown"}'
         srv.wait_sessions(0)
+
+
+def test_a_non_ascii_binary_packet_is_a_parse_error_on_both_transports(tmp_path):
+    # b64decode raises a plain ValueError (not binascii.Error) for non-ASCII text: it once escaped,
+    # the POST got no answer and the WebSocket was dropped without a close frame.  Now it ends the
+    # session like any invalid packet; LiveServer fails the test on any unhandled task exception.
+    with LiveServer(tmp_path) as srv:
+        sid, raw = srv.polling_handshake()
+        assert raw.request("POST", eio_path(sid), "b\u00e9".encode())[:3:2] == (200, b"ok")
+        assert raw.request("GET", eio_path(sid))[2] == b'{"code":1,"message":"Session ID unknown"}'
+        ws = srv.raw_ws()
+        assert ws.recv_text().startswith('0{"sid":')
+        ws.send_text("b\u00e9AAA")
+        assert ws.recv_close() == b""                       # closed like any parse error (1005)
+        srv.wait_sessions(0)
+        assert srv.call(lambda: len(srv.fed.srv.events.logged("Traceback|Task exception"))) == 0
+
+
+def test_an_unhandled_task_exception_fails_the_in_process_server_tests(tmp_path):
+    # The guard every end-to-end test relies on (see `serving`): a task whose exception nobody
+    # retrieves reaches the loop's exception handler, and the test fails.
+    async def body(srv: Server) -> None:
+        async def boom() -> None:
+            raise ValueError("boom")
+        task = asyncio.get_running_loop().create_task(boom())
+        await asyncio.wait((task,))
+        del task  # dropped unretrieved: "Task exception was never retrieved"
+    with pytest.raises(AssertionError, match=r"unhandled exceptions in the server.*boom"):
+        with_server(tmp_path, body)
 
 
 def test_the_client_close_releases_the_parked_get_with_a_noop(tmp_path):
