@@ -1820,6 +1820,9 @@ def http_date(epoch_s: float) -> str:
     return email.utils.formatdate(epoch_s, usegmt=True)
 
 
+_FIELD_VALUE_UNSAFE_RE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")  # the complement of _FIELD_VALUE_RE's set
+
+
 def render_response(resp: HttpResponse, keep_alive: bool, head_only: bool = False, date: str = "") -> bytes:
     """Status line, headers and body.  Always Content-Length framing, never chunked."""
     reason = HTTP_REASONS.get(resp.status, "Unknown")
@@ -1830,10 +1833,20 @@ def render_response(resp: HttpResponse, keep_alive: bool, head_only: bool = Fals
         if resp.content_type:  # engine.io sends its empty-bodied errors without one
             lines.append(f"Content-Type: {resp.content_type}")
         lines.append(f"Content-Length: {len(resp.body)}")
-    lines.extend(f"{k}: {v}" for k, v in resp.headers)
+    # Whatever a value holds, it stays one field: a character outside RFC 9110's field-value
+    # (CR, LF, NUL, other controls, or beyond Latin-1, which could not be encoded) becomes "?".
+    lines.extend(f"{k}: {_FIELD_VALUE_UNSAFE_RE.sub('?', str(v))}" for k, v in resp.headers)
     lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head if head_only or resp.status in (204, 304) else head + resp.body
+
+
+def content_disposition(filename: str) -> str:
+    """An attachment header any name fits in (RFC 6266): an ASCII `filename=` for old clients and
+    `filename*=UTF-8''...` with the exact name (a symbol can be any Unicode)."""
+    fallback = re.sub(r'[^\x20-\x7e]|["\\%]', "_", filename)
+    exact = urllib.parse.quote(filename, safe="")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{exact}"
 
 
 def json_response(obj: Any, status: int = 200, headers: Sequence[tuple[str, str]] = ()) -> HttpResponse:
@@ -2010,7 +2023,7 @@ def handle_updates(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
     if fmt == "csv":
         name = f"{hist.symbol}-{start}-{min(end, ctx.now_ms)}.csv"
         return HttpResponse(200, rows_to_csv(cols, hist.symbol).encode(), "text/csv; charset=utf-8",
-                            [("Content-Disposition", f'attachment; filename="{name}"')])
+                            [("Content-Disposition", content_disposition(name))])
     rows = rows_to_json_objects(cols, hist.symbol)
     complete = hist.raw_covers(start)
     extra = ""

@@ -1890,6 +1890,21 @@ def test_keep_alive_matrix(version, connection, keep):
     assert bs.wants_keep_alive(parse(head(f"GET / {version}", *headers))) is keep
 
 
+def test_no_header_value_can_break_rendering_or_add_a_field():
+    resp = bs.HttpResponse(200, b"{}", headers=[("X-A", "\u5e01\u20ac"), ("X-B", "a\r\nSet-Cookie: s=1"),
+                                              ("X-C", "nul\x00esc\x1b\tok\xe9")])
+    head = bs.render_response(resp, False).split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert b"X-A: ??" in head and b"X-B: a??Set-Cookie: s=1" in head and b"X-C: nul?esc?\tok\xe9" in head
+    assert not any(line.startswith(b"Set-Cookie") for line in head)
+
+
+def test_content_disposition_has_an_ascii_fallback_and_the_exact_utf8_name():
+    assert bs.content_disposition("BTCUSDT-1-2.csv") == (
+        "attachment; filename=\"BTCUSDT-1-2.csv\"; filename*=UTF-8''BTCUSDT-1-2.csv")
+    assert bs.content_disposition('\u5e01"\\%;.csv') == (
+        "attachment; filename=\"____;.csv\"; filename*=UTF-8''%E5%B8%81%22%5C%25%3B.csv")
+
+
 def test_render_response_bytes_and_head_only():
     resp = bs.HttpResponse(200, b'{"a":1}', "application/json", [("ETag", '"x"')])
     date = "Tue, 14 Nov 2023 22:13:20 GMT"
@@ -1991,6 +2006,17 @@ def test_updates_endpoint_json(ctx):
     assert status == 200
     assert body == {"symbol": "ETHUSDT", "count": 1, "tier": "raw", "updates": [row_of(
         make_bbo(1, T0, symbol="ETHUSDT", bid_price="2000.01", ask_price="2000.02", latency_ms=None))]}
+
+
+def test_updates_csv_of_a_non_latin1_symbol_renders_with_an_rfc_6266_filename(ctx):
+    symbol = "\u8fd9\u662f\u6d4b\u8bd5\u5e01456"  # 这是测试币456, on Binance's spot testnet
+    ctx.history.accept(make_bbo(1, T0, symbol=symbol))
+    resp = api(ctx, f"/api/history/updates?symbol={urllib.parse.quote(symbol)}&format=csv")
+    assert resp.status == 200 and symbol in resp.body.decode()
+    disposition = dict(resp.headers)["Content-Disposition"]
+    assert disposition == (f"attachment; filename=\"_____456-0-{ctx.now_ms}.csv\"; "
+                           f"filename*=UTF-8''{urllib.parse.quote(symbol)}-0-{ctx.now_ms}.csv")
+    bs.render_response(resp, True)  # once raised UnicodeEncodeError: the connection just closed
 
 
 def test_updates_endpoint_csv(ctx):
@@ -4528,6 +4554,17 @@ BAD_ON_THE_WIRE = {
 def test_malformed_requests_get_400_and_the_connection_closes(tmp_path, data):
     async def body(srv: Server) -> None:
         await expect_error(srv.port, data, 400)
+    with_server(tmp_path, body)
+
+
+def test_csv_download_of_a_non_latin1_symbol_is_answered_on_the_wire(tmp_path):
+    symbol = "\u8fd9\u662f\u6d4b\u8bd5\u5e01456"
+    async def body(srv: Server) -> None:
+        srv.app.history.accept(make_bbo(1, bs.now_ms(), symbol=symbol))
+        resp = await srv.get(f"/api/history/updates?symbol={urllib.parse.quote(symbol)}&format=csv")
+        assert resp.status == 200 and symbol in resp.body.decode()
+        assert re.fullmatch(r'attachment; filename="_____456-0-\d+\.csv"; filename\*=UTF-8\'\''
+                            + re.escape(urllib.parse.quote(symbol)) + r"-0-\d+\.csv", resp.header("content-disposition"))
     with_server(tmp_path, body)
 
 
