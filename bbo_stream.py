@@ -3119,6 +3119,20 @@ class LogOnce:
 
 _log_once = LogOnce(log)  # client-caused problems (Engine.IO / Socket.IO peers)
 
+LOG_SID_CHARS = 6  # of a 20-character sid: enough to tell sessions apart in a log, useless as a credential
+_SID_IN_QUERY_RE = re.compile(r"((?:^|[?&])sid=[^&]{0,%d})[^&]*" % LOG_SID_CHARS)
+
+
+def short_sid(sid: str) -> str:
+    """An Engine.IO sid for a log line: the sid is a polling session's only credential, so a log
+    reader must not be able to take the session over."""
+    return sid[:LOG_SID_CHARS] + "…"
+
+
+def loggable_target(target: str) -> str:
+    """A request target for a log line: its `sid` parameter cut to a short prefix (see short_sid)."""
+    return _SID_IN_QUERY_RE.sub(r"\1…", target[:200]) if "sid=" in target else target[:200]
+
 
 # ###########################################################################
 # §11 Binance feed
@@ -4199,13 +4213,13 @@ class BboApp:
         sio.on("unsubscribe")(self.on_unsubscribe)
 
     def on_connect(self, sock: SioSocket, auth: Any) -> None:
-        log.info("sio %s: client %s connected (%s)", sock.conn.sid, sock.conn.peer, sock.conn.transport)
+        log.info("sio %s: client %s connected (%s)", short_sid(sock.conn.sid), sock.conn.peer, sock.conn.transport)
         sock.emit("welcome", {"message": "Welcome to BBO Stream"})
         sock.emit("feed_status", self.feed_status())
         self.hub.attach(sock.conn)
 
     def on_disconnect(self, sock: SioSocket, reason: str) -> None:
-        log.info("sio %s: client %s disconnected (%s)", sock.conn.sid, sock.conn.peer, reason)
+        log.info("sio %s: client %s disconnected (%s)", short_sid(sock.conn.sid), sock.conn.peer, reason)
         self.hub.detach(sock.conn)
 
     def on_ready(self, sock: SioSocket, *args: Any) -> None:
@@ -4418,7 +4432,7 @@ class SioServer:
             # A CONNECT joins at once here, so an event in the same payload as its CONNECT is served;
             # the reference joins a tick later and closes on it (a race no official client triggers).
             self.protocol_errors += 1
-            _log_once("sio-parse", "sio %s: closing %s: %s", conn.sid, conn.peer, exc)
+            _log_once("sio-parse", "sio %s: closing %s: %s", short_sid(conn.sid), conn.peer, exc)
             conn.close("parse error")
             return
         if pkt is None:
@@ -4523,7 +4537,7 @@ class SioServer:
                 conn.send_binary(raw)
             return
         except (ValueError, RecursionError) as exc:  # NaN, or nesting too deep to encode
-            _log_once("sio-encode", "sio: cannot encode a packet for %s: %s", conn.sid, exc)
+            _log_once("sio-encode", "sio: cannot encode a packet for %s: %s", short_sid(conn.sid), exc)
             return
         conn.send(text)
 
@@ -4720,7 +4734,7 @@ class EioConnection:
         if self._close_notified:
             return
         self._close_notified = True
-        log.debug("eio %s closed: %s", self.sid, reason)
+        log.debug("eio %s closed: %s", short_sid(self.sid), reason)
         if self._post_transport is not None:  # (ref: polling doClose destroys the data request)
             self._post_transport.abort()
         if self.probe is not None:
@@ -4778,7 +4792,7 @@ class EioConnection:
         except TimeoutError:
             self.server.slow_disconnects += 1
             _log_once("slow", "eio %s: peer %s did not read for %.0f s, disconnecting",
-                      self.sid, self.peer, WS_WRITE_TIMEOUT_S)
+                      short_sid(self.sid), self.peer, WS_WRITE_TIMEOUT_S)
             self.abort("write timeout")
             link.abort()
         except (ConnectionError, OSError):
@@ -4791,7 +4805,7 @@ class EioConnection:
         try:
             pkt = decode_eio(message) if isinstance(message, str) else EioPacket(EioType.MESSAGE, message)
         except EioProtocolError as exc:
-            _log_once("eio-parse", "eio %s: invalid packet from %s: %s", self.sid, self.peer, exc)
+            _log_once("eio-parse", "eio %s: invalid packet from %s: %s", short_sid(self.sid), self.peer, exc)
             pkt = None
         if link is self.probe:
             self._apply(self.session.receive_probe_packet(pkt, now_s) if pkt else self.session.end_probe(now_s))
@@ -5389,7 +5403,7 @@ class HttpServer:
     def _count_outcome(self, req: HttpRequest, status: int) -> None:
         self.requests[(resolve_route(req.path).label, status)] += 1
         if log.isEnabledFor(logging.DEBUG):  # the access line of an upgrade or an aborted poll
-            log.debug("http %s %s %s → %d", req.peer, req.method, req.target[:200], status)
+            log.debug("http %s %s %s → %d", req.peer, req.method, loggable_target(req.target), status)
 
     async def start(self) -> int:
         infos = socket.getaddrinfo(self.cfg.web_host or None, self.cfg.web_port, type=socket.SOCK_STREAM,
@@ -5586,7 +5600,7 @@ class HttpServer:
         self.requests[(route.label, resp.status)] += 1
         await self._send(writer, resp, keep_alive, req.method == "HEAD")
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("http %s %s %s → %d (%.1f ms)", req.peer, req.method, req.target[:200],
+            log.debug("http %s %s %s → %d (%.1f ms)", req.peer, req.method, loggable_target(req.target),
                       resp.status, (time.perf_counter() - started) * 1000)
 
     async def dispatch(self, req: HttpRequest, route: Route, body: bytes, reader: asyncio.StreamReader,
@@ -5843,7 +5857,28 @@ class JsonLogFormatter(logging.Formatter):
         doc.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
+        return json.dumps(doc, default=str)  # escapes every control character: nothing to add
+
+
+# What a client sends (targets, headers, X-Forwarded-For, event names, reasons) reaches log lines:
+# C0/C1 controls (CR/LF forge lines, ESC and CSI drive terminals), DEL, the Unicode line separators
+# and the bidi overrides (they reorder what a reader sees) are written as escapes.  Tab is harmless.
+_LOG_UNSAFE_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_LOG_ESCAPES = {"\n": "\\n", "\r": "\\r"}
+
+
+def escape_log_text(text: str) -> str:
+    """``text`` with every character of _LOG_UNSAFE_RE escaped: "a\\nb" for a, LF, b."""
+    return _LOG_UNSAFE_RE.sub(lambda m: _LOG_ESCAPES.get(c := m.group(), f"\\x{ord(c):02x}" if ord(c) < 0x100
+                                                         else f"\\u{ord(c):04x}"), text)
+
+
+class TextLogFormatter(logging.Formatter):
+    """LOG_FORMAT=text: one line per record, whatever its arguments hold (escape_log_text); a
+    traceback, appended after the line by logging itself, keeps its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_log_text(super().formatMessage(record))
 
 
 def setup_logging(cfg: Config) -> None:
@@ -5852,7 +5887,7 @@ def setup_logging(cfg: Config) -> None:
         formatter = JsonLogFormatter()
         formatter.converter = time.gmtime
     else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        formatter = TextLogFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     file_error = None
     if cfg.log_to_file:

@@ -4980,6 +4980,29 @@ def test_json_log_format_is_one_object_per_line():
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", doc["timestamp"])
 
 
+def test_text_log_lines_escape_what_a_client_controls_and_keep_a_traceback_whole():
+    formatter = bs.TextLogFormatter("%(levelname)s %(message)s")
+    forged = "/x\r\nERROR forged line\x1b[2J\x07\x00\x7f\x9b31m\u2028\u202e\ttab"
+    record = logging.LogRecord("bbo_stream", logging.DEBUG, __file__, 1, "http %s GET %s", ("1.2.3.4", forged), None)
+    assert formatter.format(record) == (
+        "DEBUG http 1.2.3.4 GET /x\\r\\nERROR forged line\\x1b[2J\\x07\\x00\\x7f\\x9b31m\\u2028\\u202e\ttab")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("bbo_stream", logging.ERROR, __file__, 1, "a\nb", (), sys.exc_info())
+    first, *trace = formatter.format(record).split("\n")
+    assert first == "ERROR a\\nb" and trace[0] == "Traceback (most recent call last):" and trace[-1] == "ValueError: boom"
+
+
+def test_a_sid_is_logged_as_a_short_prefix_only():
+    sid = "AbCdEfGhIjKlMnOpQrSt"
+    assert bs.short_sid(sid) == "AbCdEf…"
+    assert bs.loggable_target(f"/socket.io/?EIO=4&transport=polling&sid={sid}&t=1") == (
+        "/socket.io/?EIO=4&transport=polling&sid=AbCdEf…&t=1")
+    assert bs.loggable_target(f"/socket.io/?sid={sid}") == "/socket.io/?sid=AbCdEf…"
+    assert bs.loggable_target("/api/bbo?consid=1") == "/api/bbo?consid=1"
+
+
 # ---- End to end: the real server ---------------------------------------------------------------
 
 def test_rest_api_end_to_end(tmp_path, fast_feed):
@@ -6655,6 +6678,35 @@ def test_log_format_json_writes_one_object_per_line(tmp_path):
     assert any(re.search(r"listening on 127\.0\.0\.1:\d+", e) for e in events)
     assert any("http 127.0.0.1 GET /api/bbo" in e for e in events)
     assert any("final flush" in e for e in events)
+
+
+def test_log_format_text_escapes_client_bytes_and_never_holds_a_whole_sid(tmp_path):
+    async def scenario() -> tuple[list[str], str]:
+        async with FakeBinance() as fake:
+            inst = await asyncio.to_thread(Instance, "t", tmp_path / "t" / "cache", fake.base_url,
+                                           LOG_FORMAT="text", DEBUG="true")
+            try:
+                await fake.wait_for_subscribed("btcusdt")
+                # C1 CSI and the UTF-8 bytes of U+202E (RIGHT-TO-LEFT OVERRIDE) in a raw target: a 404,
+                # whose DEBUG access line carries them.
+                [resp], _ = await exchange(inst.port, b"GET /\x9b2Jq\xe2\x80\xae HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                assert resp.status == 404
+                sid = json.loads((await request(inst.port, eio_path())).body[1:])["sid"]
+                assert (await request(inst.port, eio_path(sid), "Content-Length: 2", method="POST", body=b"40")).body == b"ok"
+                await asyncio.to_thread(inst.wait_line, r"sio \S+: client \S+ connected")
+                await asyncio.to_thread(inst.wait_line, r"POST /socket\.io/\S*sid=")
+                assert await asyncio.to_thread(inst.stop) == 0
+                return inst.lines, sid
+            finally:
+                inst.kill()
+
+    lines, sid = run(scenario(), OPS_TIMEOUT_S)
+    text = "\n".join(lines)
+    assert sid not in text and sid[:bs.LOG_SID_CHARS + 1] not in text
+    assert f"sid={sid[:bs.LOG_SID_CHARS]}…" in text and f"sio {sid[:bs.LOG_SID_CHARS]}…: client" in text
+    [access] = [line for line in lines if "GET /" in line and "2Jq" in line]
+    assert "GET /\\x9b2Jq\u00e2\\x80\u00ae → 404" in access, access
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", text)
 
 
 def test_an_unusable_log_dir_is_a_warning_not_a_crash(tmp_path):
