@@ -4780,6 +4780,26 @@ def test_tls_and_plain_http_on_the_same_port_with_a_generated_certificate(tmp_pa
     with_server(tmp_path, body, timeout=30, use_ssl=True)
 
 
+@pytest.mark.parametrize("cipher, accepted", [
+    ("ECDHE-RSA-AES128-SHA256", False), ("ECDHE-RSA-AES256-SHA384", False),           # CBC: refused
+    ("ECDHE-RSA-AES128-GCM-SHA256", True), ("ECDHE-RSA-AES256-GCM-SHA384", True),
+    ("ECDHE-RSA-CHACHA20-POLY1305", True)])
+def test_tls_1_2_accepts_only_aead_suites(tmp_path, cipher, accepted):
+    async def body(srv: Server) -> None:
+        tls12 = client_ssl_context()
+        tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+        tls12.set_ciphers(cipher)                                    # the client offers this suite only
+        if not accepted:
+            with pytest.raises((ssl.SSLError, ConnectionError)):   # an alert, or the server just closes
+                await request(srv.port, "/healthz", ssl_ctx=tls12)
+            return
+        async with connection(srv.port, tls12) as (reader, writer):
+            assert writer.get_extra_info("ssl_object").cipher()[:2] == (cipher, "TLSv1.2")
+            writer.write(head("GET /healthz HTTP/1.1", "Host: t", "Connection: close"))
+            assert (await read_response(reader)).status == 200
+    with_server(tmp_path, body, timeout=30, use_ssl=True)
+
+
 def test_tls_falls_back_to_plain_http_when_openssl_is_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
 
