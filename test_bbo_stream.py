@@ -61,6 +61,7 @@ from typing import Any, Awaitable, Callable, Iterator, NamedTuple, Self
 import numpy as np
 import pytest
 import socketio
+from hypothesis import given, settings, strategies as st
 
 import bbo_stream as bs
 from fake_binance import FakeBinance, FakeBinanceThread, free_port
@@ -2223,6 +2224,96 @@ def test_sio_deconstruct():
     data, buffers = bs.sio_deconstruct(["e", {"x": b"ab"}, b"c"])
     assert data == ["e", {"x": {"_placeholder": True, "num": 0}}, {"_placeholder": True, "num": 1}]
     assert buffers == [b"ab", b"c"]
+
+
+# ---- Fuzz: the parsers of §4, §6, §8 and §9 raise nothing but their documented errors ----------
+# Fixed examples (derandomize) and few of them: the whole block runs in a few seconds in CI.
+
+FUZZ = settings(max_examples=300, derandomize=True, deadline=None, database=None)
+_LATIN1 = st.characters(max_codepoint=0xFF)
+_HEAD_PIECES = st.sampled_from(["GET", "POST", "PUT", " ", "/", "/socket.io/", "?", "&", "=", "%", "%ff", "%0a",
+                                "sid", "HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "\r\n", "\n", "\r", ":", "\t", "\x00",
+                                "Host", "Content-Length", "Transfer-Encoding", "chunked", "1", "-1", "99999999999999999999",
+                                "\u0661", "\xe9", ","])
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+                     max_leaves=12)
+
+
+_FIELD_TEXT = st.lists(_HEAD_PIECES | st.text(_LATIN1, max_size=4), max_size=5).map("".join)
+_STRUCTURED_HEAD = st.tuples(
+    st.sampled_from(["GET", "POST", "PUT", "OPTIONS", "G\nET"]),
+    st.sampled_from(["/", "/api/bbo?limit=1", "/socket.io/?EIO=4&transport=polling"]) | _FIELD_TEXT.map(lambda t: "/" + t),
+    st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/1.1\n", "HTTP/3.0"]),
+    st.sampled_from(["t", "a\n", "a b", "\n"]) | _FIELD_TEXT,                 # the Host header's value
+    st.lists(st.tuples(st.sampled_from(["Content-Length", "Transfer-Encoding", "X", "X\n"]) | _FIELD_TEXT,
+                       st.sampled_from(["0", "5", "v\n", "chunked"]) | _FIELD_TEXT), max_size=3),
+).map(lambda h: f"{h[0]} {h[1]} {h[2]}\r\nHost: {h[3]}" + "".join(f"\r\n{name}: {value}" for name, value in h[4]))
+
+
+@FUZZ
+@given(st.one_of(_STRUCTURED_HEAD, st.lists(_HEAD_PIECES | st.text(_LATIN1, max_size=6), max_size=30).map("".join),
+                 st.text(_LATIN1, max_size=200)))
+def test_fuzz_request_head_parser_raises_only_http_errors(text):
+    raw = (text + "\r\n\r\n").encode()                      # the HTTP layer hands over heads ending so
+    try:
+        req = bs.parse_request_head(raw, "127.0.0.1:1")
+    except bs.HttpError as exc:
+        assert 400 <= exc.status < 600
+        return
+    assert not any(bad in value for _, value in req.headers for bad in "\r\n\x00")
+    assert not re.search(r"[\x00-\x1f\x7f]", req.target + req.path)
+    with contextlib.suppress(bs.HttpError):
+        assert 0 <= bs.body_length(req, 1000) <= 1000
+
+
+@FUZZ
+@given(st.one_of(st.text(), st.text().map(lambda t: "b" + t),
+                 st.lists(st.sampled_from("0123456b4\x1e") | st.text(max_size=3), max_size=12).map("".join)))
+def test_fuzz_engineio_decoders_raise_only_eio_protocol_errors(text):
+    with contextlib.suppress(bs.EioProtocolError):
+        bs.decode_eio(text)
+    with contextlib.suppress(bs.EioProtocolError):
+        for _ in bs.iter_eio_payload(text):
+            pass
+
+
+_SIO_TEXT = st.one_of(
+    st.text(),
+    st.tuples(st.sampled_from("01234567"), st.sampled_from(["", "1-", "0-", "11-", "9999-", "\u0661-"]),
+              st.sampled_from(["", "/", "/admin,", "/x", "/" + "n" * 300 + ","]), st.sampled_from(["", "12", "\u0661", "9" * 20]),
+              st.one_of(st.just(""), _JSON.map(json.dumps), st.text(max_size=10))).map("".join))
+
+
+@FUZZ
+@given(st.lists(st.one_of(_SIO_TEXT, st.binary(max_size=8)), min_size=1, max_size=6))
+def test_fuzz_socketio_decoders_raise_only_sio_protocol_errors(messages):
+    for message in messages:
+        if isinstance(message, str):
+            with contextlib.suppress(bs.SioProtocolError):
+                bs.decode_sio(message)
+    decoder = bs.SioDecoder()
+    for message in messages:
+        try:
+            decoder.feed(message)
+        except bs.SioProtocolError:
+            decoder = bs.SioDecoder()  # the server closes the connection; a new one starts afresh
+
+
+_TICKER_VALUE = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70), st.floats(),
+                          st.text(max_size=12), st.sampled_from(["1.5", "-1", "1e999", "0.00000001", "NaN", "", "1" * 30]))
+
+
+@FUZZ
+@given(st.one_of(
+    st.text(), st.binary(max_size=60),
+    st.dictionaries(st.sampled_from(["e", "u", "s", "b", "B", "a", "A", "E", "T", "ps", "id", "result", "stream",
+                                     "data", "code", "msg"]), _TICKER_VALUE, max_size=12).map(json.dumps),
+    st.dictionaries(st.sampled_from(["e", "u", "s", "b", "B", "a", "A", "E", "T"]), _TICKER_VALUE, max_size=9).map(
+        lambda d: json.dumps({"stream": "x@bookTicker", "data": d}))))
+def test_fuzz_feed_parser_raises_only_feed_message_errors(text):
+    with contextlib.suppress(bs.FeedMessageError):
+        bs.parse_feed_message(text, T0)
 
 
 # ---- §10 Sessions (Engine.IO and Socket.IO state machines) ----------------------------------
