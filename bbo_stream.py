@@ -244,6 +244,8 @@ SELF_SIGNED_CERT_DAYS = 825          # Apple platforms refuse TLS server certifi
 OPENSSL_TIMEOUT_S = 60.0             # generating an RSA-2048 key takes well under a second
 LOG_FILE_MAX_BYTES = 10 * 1024 * 1024  # LOG_TO_FILE: one file's size before it rotates...
 LOG_FILE_BACKUPS = 5                 # ...and the rotated files kept (60 MiB of logs at most)
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # TLS 1.2: forward secrecy and AEAD only (no CBC: Lucky13 and
+                                     # kin); TLS 1.3 suites, all AEAD, are set apart by OpenSSL and unaffected
 
 # ###########################################################################
 # §2 Errors
@@ -643,9 +645,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def make_server_ssl_context(cert_path: str, key_path: str) -> ssl.SSLContext:
-    """TLS 1.2+ server context from PEM files.  Raises OSError/ssl.SSLError if unusable."""
+    """TLS 1.2+ server context from PEM files, AEAD suites only.  Raises OSError/ssl.SSLError if unusable."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
     ctx.load_cert_chain(cert_path, key_path)
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
@@ -1675,9 +1678,13 @@ HTTP_REASONS = {200: "OK", 101: "Switching Protocols", 204: "No Content", 304: "
                 414: "URI Too Long", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
                 501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 ALLOWED_METHODS = ("GET", "HEAD", "POST", "OPTIONS")
-_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# \Z, not $: `$` also matches before a trailing "\n", which let a bare LF end a name or value.
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # Field values: visible ASCII, space and tab, and obs-text (RFC 9110 §5.5); no CR/LF/NUL.
-_FIELD_VALUE_RE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")
+_FIELD_VALUE_RE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*\Z")
+# C0 controls and DEL never belong in a request target, raw or percent-decoded in the path:
+# a 400 instead of a 404, and nothing of the kind reaches a route or a file name.
+_TARGET_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1714,7 +1721,8 @@ def parse_request_head(raw_head: bytes, peer: str = "") -> HttpRequest:
     """Bytes up to and including CRLFCRLF → HttpRequest.
 
     Raises:
-        HttpError: 400 malformed line/header, obs-fold, missing or repeated Host on 1.1;
+        HttpError: 400 malformed line/header (a bare LF included), obs-fold, missing or
+        repeated Host on 1.1, a control character in the target or its decoded path;
         414 target longer than MAX_TARGET_BYTES; 431 more than MAX_HEADERS headers;
         505 a version other than HTTP/1.0 and 1.1.  (Which methods a path takes is the
         route's business: see check_method.)
@@ -1730,8 +1738,10 @@ def parse_request_head(raw_head: bytes, peer: str = "") -> HttpRequest:
     method, target, version = parts
     if len(target) > MAX_TARGET_BYTES:
         raise HttpError(414, f"request target longer than {MAX_TARGET_BYTES} bytes")
+    if _TARGET_CONTROL_RE.search(target):
+        raise HttpError(400, "control character in the request target")
     if version not in ("HTTP/1.1", "HTTP/1.0"):
-        if re.match(r"^HTTP/\d\.\d$", version):
+        if re.fullmatch(r"HTTP/[0-9]\.[0-9]", version):
             raise HttpError(505, f"{version} is not supported; use HTTP/1.1")
         raise HttpError(400, "malformed request line")
     if len(lines) - 1 > MAX_HEADERS:
@@ -1762,6 +1772,8 @@ def parse_request_head(raw_head: bytes, peer: str = "") -> HttpRequest:
         path = urllib.parse.unquote(raw_path, errors="strict") if "%" in raw_path else raw_path
     except UnicodeDecodeError:
         raise HttpError(400, "invalid percent-encoding in the path") from None
+    if _TARGET_CONTROL_RE.search(path):
+        raise HttpError(400, "control character in the request path")
     try:
         query = urllib.parse.parse_qs(raw_query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS,
                                       errors="strict") if raw_query else {}
@@ -1829,6 +1841,9 @@ def http_date(epoch_s: float) -> str:
     return email.utils.formatdate(epoch_s, usegmt=True)
 
 
+_FIELD_VALUE_UNSAFE_RE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")  # the complement of _FIELD_VALUE_RE's set
+
+
 def render_response(resp: HttpResponse, keep_alive: bool, head_only: bool = False, date: str = "") -> bytes:
     """Status line, headers and body.  Always Content-Length framing, never chunked."""
     reason = HTTP_REASONS.get(resp.status, "Unknown")
@@ -1839,10 +1854,20 @@ def render_response(resp: HttpResponse, keep_alive: bool, head_only: bool = Fals
         if resp.content_type:  # engine.io sends its empty-bodied errors without one
             lines.append(f"Content-Type: {resp.content_type}")
         lines.append(f"Content-Length: {len(resp.body)}")
-    lines.extend(f"{k}: {v}" for k, v in resp.headers)
+    # Whatever a value holds, it stays one field: a character outside RFC 9110's field-value
+    # (CR, LF, NUL, other controls, or beyond Latin-1, which could not be encoded) becomes "?".
+    lines.extend(f"{k}: {_FIELD_VALUE_UNSAFE_RE.sub('?', str(v))}" for k, v in resp.headers)
     lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head if head_only or resp.status in (204, 304) else head + resp.body
+
+
+def content_disposition(filename: str) -> str:
+    """An attachment header any name fits in (RFC 6266): an ASCII `filename=` for old clients and
+    `filename*=UTF-8''...` with the exact name (a symbol can be any Unicode)."""
+    fallback = re.sub(r'[^\x20-\x7e]|["\\%]', "_", filename)
+    exact = urllib.parse.quote(filename, safe="")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{exact}"
 
 
 def json_response(obj: Any, status: int = 200, headers: Sequence[tuple[str, str]] = ()) -> HttpResponse:
@@ -1979,10 +2004,13 @@ def _int_param(req: HttpRequest, name: str, default: int, lo: int, hi: int) -> i
     raw = _param(req, name)
     if raw is None or raw == "":
         return default
+    # ASCII digits only: int() also takes "١٢٣", "1_000", "+5" and " 5", none of them a number here.
+    if not (raw.isascii() and raw.isdigit()):
+        raise HttpError(400, f"{name} must be an integer (digits 0-9), got {raw[:40]!r}")
     try:
         value = int(raw)
-    except ValueError:
-        raise HttpError(400, f"{name} must be an integer, got {raw[:40]!r}") from None
+    except ValueError:  # over sys.get_int_max_str_digits() digits
+        raise HttpError(400, f"{name} must be at most {hi}") from None
     if value < lo:
         raise HttpError(400, f"{name} must be at least {lo}")
     if value > hi:
@@ -2025,7 +2053,7 @@ def handle_updates(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
     if fmt == "csv":
         name = f"{hist.symbol}-{start}-{min(end, ctx.now_ms)}.csv"
         return HttpResponse(200, rows_to_csv(cols, hist.symbol).encode(), "text/csv; charset=utf-8",
-                            [("Content-Disposition", f'attachment; filename="{name}"')])
+                            [("Content-Disposition", content_disposition(name))])
     rows = rows_to_json_objects(cols, hist.symbol)
     complete = hist.raw_covers(start)
     extra = ""
@@ -2077,6 +2105,8 @@ def handle_series(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
         end = ctx.now_ms
     if start == 0:
         raise HttpError(400, "start_time is required for a series")
+    if start > end:  # a start_time in the future, with end_time defaulting to now
+        raise HttpError(400, "start_time must not be after end_time")
     buckets = _int_param(req, "buckets", DEFAULT_SERIES_BUCKETS, 1, MAX_SERIES_BUCKETS)
     return json_response(hist.series(start, end, buckets))
 
@@ -2304,7 +2334,8 @@ def decode_eio(text: str) -> EioPacket:
     """Decode one text packet (a WebSocket text frame or one polling segment).
 
     Raises:
-        EioProtocolError: empty text, an unknown type character or bad base64.
+        EioProtocolError: empty text, an unknown type character or bad base64 (any
+            character outside the base64 alphabet, non-ASCII ones included).
     """
     if not text:
         raise EioProtocolError("empty packet")
@@ -2312,7 +2343,7 @@ def decode_eio(text: str) -> EioPacket:
     if head == "b":
         try:
             return EioPacket(EioType.MESSAGE, base64.b64decode(text[1:], validate=True))
-        except binascii.Error:
+        except (binascii.Error, ValueError):  # ValueError: b64decode's answer to a non-ASCII character
             # node's Buffer.from(..., "base64") skips bad characters; refusing them is stricter.
             raise EioProtocolError("bad base64 in binary packet") from None
     kind = _EIO_TYPE_BY_CHAR.get(head)
@@ -3119,6 +3150,20 @@ class LogOnce:
 
 
 _log_once = LogOnce(log)  # client-caused problems (Engine.IO / Socket.IO peers)
+
+LOG_SID_CHARS = 6  # of a 20-character sid: enough to tell sessions apart in a log, useless as a credential
+_SID_IN_QUERY_RE = re.compile(r"((?:^|[?&])sid=[^&]{0,%d})[^&]*" % LOG_SID_CHARS)
+
+
+def short_sid(sid: str) -> str:
+    """An Engine.IO sid for a log line: the sid is a polling session's only credential, so a log
+    reader must not be able to take the session over."""
+    return sid[:LOG_SID_CHARS] + "…"
+
+
+def loggable_target(target: str) -> str:
+    """A request target for a log line: its `sid` parameter cut to a short prefix (see short_sid)."""
+    return _SID_IN_QUERY_RE.sub(r"\1…", target[:200]) if "sid=" in target else target[:200]
 
 
 # ###########################################################################
@@ -4200,13 +4245,13 @@ class BboApp:
         sio.on("unsubscribe")(self.on_unsubscribe)
 
     def on_connect(self, sock: SioSocket, auth: Any) -> None:
-        log.info("sio %s: client %s connected (%s)", sock.conn.sid, sock.conn.peer, sock.conn.transport)
+        log.info("sio %s: client %s connected (%s)", short_sid(sock.conn.sid), sock.conn.peer, sock.conn.transport)
         sock.emit("welcome", {"message": "Welcome to BBO Stream"})
         sock.emit("feed_status", self.feed_status())
         self.hub.attach(sock.conn)
 
     def on_disconnect(self, sock: SioSocket, reason: str) -> None:
-        log.info("sio %s: client %s disconnected (%s)", sock.conn.sid, sock.conn.peer, reason)
+        log.info("sio %s: client %s disconnected (%s)", short_sid(sock.conn.sid), sock.conn.peer, reason)
         self.hub.detach(sock.conn)
 
     def on_ready(self, sock: SioSocket, *args: Any) -> None:
@@ -4419,7 +4464,7 @@ class SioServer:
             # A CONNECT joins at once here, so an event in the same payload as its CONNECT is served;
             # the reference joins a tick later and closes on it (a race no official client triggers).
             self.protocol_errors += 1
-            _log_once("sio-parse", "sio %s: closing %s: %s", conn.sid, conn.peer, exc)
+            _log_once("sio-parse", "sio %s: closing %s: %s", short_sid(conn.sid), conn.peer, exc)
             conn.close("parse error")
             return
         if pkt is None:
@@ -4524,7 +4569,7 @@ class SioServer:
                 conn.send_binary(raw)
             return
         except (ValueError, RecursionError) as exc:  # NaN, or nesting too deep to encode
-            _log_once("sio-encode", "sio: cannot encode a packet for %s: %s", conn.sid, exc)
+            _log_once("sio-encode", "sio: cannot encode a packet for %s: %s", short_sid(conn.sid), exc)
             return
         conn.send(text)
 
@@ -4721,7 +4766,7 @@ class EioConnection:
         if self._close_notified:
             return
         self._close_notified = True
-        log.debug("eio %s closed: %s", self.sid, reason)
+        log.debug("eio %s closed: %s", short_sid(self.sid), reason)
         if self._post_transport is not None:  # (ref: polling doClose destroys the data request)
             self._post_transport.abort()
         if self.probe is not None:
@@ -4779,7 +4824,7 @@ class EioConnection:
         except TimeoutError:
             self.server.slow_disconnects += 1
             _log_once("slow", "eio %s: peer %s did not read for %.0f s, disconnecting",
-                      self.sid, self.peer, WS_WRITE_TIMEOUT_S)
+                      short_sid(self.sid), self.peer, WS_WRITE_TIMEOUT_S)
             self.abort("write timeout")
             link.abort()
         except (ConnectionError, OSError):
@@ -4792,7 +4837,7 @@ class EioConnection:
         try:
             pkt = decode_eio(message) if isinstance(message, str) else EioPacket(EioType.MESSAGE, message)
         except EioProtocolError as exc:
-            _log_once("eio-parse", "eio %s: invalid packet from %s: %s", self.sid, self.peer, exc)
+            _log_once("eio-parse", "eio %s: invalid packet from %s: %s", short_sid(self.sid), self.peer, exc)
             pkt = None
         if link is self.probe:
             self._apply(self.session.receive_probe_packet(pkt, now_s) if pkt else self.session.end_probe(now_s))
@@ -4922,7 +4967,10 @@ class EioServer:
             return await self.polling.get(req, conn, reader, writer)
         if req.method == "POST":
             return self.polling.post(conn, req, body)
-        return HttpResponse(500, b"", content_type="")  # (ref: PUT with a sid -> 500, empty body)
+        # Deliberate difference: the reference answers PUT, DELETE, HEAD... with a sid 500 (empty
+        # body), which reads as our failure; it is the client's, so it gets code 2 as without a sid.
+        # The session lives on, as in the reference.
+        return self._error(2, upgrade)
 
     def _error(self, code: int, upgrade: bool) -> HttpResponse:
         message = EIO_ERROR_MESSAGES[code]
@@ -5434,7 +5482,7 @@ class HttpServer:
     def _count_outcome(self, req: HttpRequest, status: int) -> None:
         self.requests[(resolve_route(req.path).label, status)] += 1
         if log.isEnabledFor(logging.DEBUG):  # the access line of an upgrade or an aborted poll
-            log.debug("http %s %s %s → %d", req.peer, req.method, req.target[:200], status)
+            log.debug("http %s %s %s → %d", req.peer, req.method, loggable_target(req.target), status)
 
     async def start(self) -> int:
         infos = socket.getaddrinfo(self.cfg.web_host or None, self.cfg.web_port, type=socket.SOCK_STREAM,
@@ -5634,7 +5682,7 @@ class HttpServer:
         self.requests[(route.label, resp.status)] += 1
         await self._send(writer, resp, keep_alive, req.method == "HEAD")
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("http %s %s %s → %d (%.1f ms)", req.peer, req.method, req.target[:200],
+            log.debug("http %s %s %s → %d (%.1f ms)", req.peer, req.method, loggable_target(req.target),
                       resp.status, (time.perf_counter() - started) * 1000)
 
     async def dispatch(self, req: HttpRequest, route: Route, body: bytes, reader: asyncio.StreamReader,
@@ -5891,7 +5939,28 @@ class JsonLogFormatter(logging.Formatter):
         doc.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
+        return json.dumps(doc, default=str)  # escapes every control character: nothing to add
+
+
+# What a client sends (targets, headers, X-Forwarded-For, event names, reasons) reaches log lines:
+# C0/C1 controls (CR/LF forge lines, ESC and CSI drive terminals), DEL, the Unicode line separators
+# and the bidi overrides (they reorder what a reader sees) are written as escapes.  Tab is harmless.
+_LOG_UNSAFE_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_LOG_ESCAPES = {"\n": "\\n", "\r": "\\r"}
+
+
+def escape_log_text(text: str) -> str:
+    """``text`` with every character of _LOG_UNSAFE_RE escaped: "a\\nb" for a, LF, b."""
+    return _LOG_UNSAFE_RE.sub(lambda m: _LOG_ESCAPES.get(c := m.group(), f"\\x{ord(c):02x}" if ord(c) < 0x100
+                                                         else f"\\u{ord(c):04x}"), text)
+
+
+class TextLogFormatter(logging.Formatter):
+    """LOG_FORMAT=text: one line per record, whatever its arguments hold (escape_log_text); a
+    traceback, appended after the line by logging itself, keeps its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_log_text(super().formatMessage(record))
 
 
 def setup_logging(cfg: Config) -> None:
@@ -5900,7 +5969,7 @@ def setup_logging(cfg: Config) -> None:
         formatter = JsonLogFormatter()
         formatter.converter = time.gmtime
     else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        formatter = TextLogFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     file_error = None
     if cfg.log_to_file:
