@@ -217,6 +217,9 @@ EIO_UPGRADE_TIMEOUT_S = 10.0     # engine.io `upgradeTimeout`: a probe not finis
 EIO_POLL_CLOSE_TIMEOUT_S = 30.0  # engine.io polling `closeTimeout`: a closing session waits this for the last GET
 SIO_CONNECT_TIMEOUT_S = 45.0     # socket.io `connectTimeout`: a client that joins no namespace by then is closed
 SIO_MAX_ATTACHMENTS = 10         # socket.io-parser `maxAttachments`: binary attachments per packet
+SIO_ATTACHMENT_TIMEOUT_S = 10.0  # a binary packet's attachments must all arrive within this, or the client is cut
+EIO_INBOUND_BURST_S = 2.0        # a client may send MAX_CLIENT_MESSAGES_PER_S × this at once (a page's start)
+WS_MESSAGES_PER_YIELD = 64       # the read loop lets other tasks run after this many messages of one client
 SIO_MAX_ACK_ID_DIGITS = 15       # ids below 10**15 stay exact in a JS Number (2**53 ~ 9.007e15); longer: refused
 SIO_MAX_NAMESPACE_CHARS = 256    # the reference has no cap; this bounds what a CONNECT_ERROR echoes back
 SIO_MAX_PENDING_ACKS = 256       # server->client acks awaiting an answer, per socket; the oldest is dropped beyond
@@ -516,6 +519,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_PAYLOAD", "1000000", _int_in(1024, 100_000_000), "Engine.IO max payload in bytes (HTTP body and "
             "WebSocket message)", "bytes"),
     Setting("MAX_CLIENTS", "10000", _int_in(1, 1_000_000), "Concurrent Socket.IO clients; more get HTTP 503"),
+    Setting("MAX_CLIENT_MESSAGES_PER_S", "100", _float_in(1, 1_000_000), "Socket.IO packets a client may send per "
+            "second (a burst of 2 s); beyond, it is disconnected and logged. The dashboard sends a few a minute"),
     Setting("MAX_SESSIONS_PER_ADDRESS", "256", _int_in(1, 1_000_000), "Socket.IO sessions one client address may "
             "hold (an office behind one NAT shares one); more get HTTP 429. Behind a proxy, set TRUSTED_PROXIES"),
     Setting("FANOUT_THREADS", "auto", _parse_thread_count, "Threads that help write each update to many WebSocket clients "
@@ -562,6 +567,7 @@ class Config:
     ping_timeout_ms: int = 20_000
     max_payload_bytes: int = 1_000_000
     max_clients: int = 10_000
+    max_client_messages_per_s: float = 100.0
     max_sessions_per_address: int = 256
     fanout_threads: int | None = None  # None = auto (see fanout_helper_threads)
     cors_origins: tuple[str, ...] = ("*",)
@@ -2545,39 +2551,53 @@ class SioDecoder:
     """Turns the Engine.IO messages of one client into complete Socket.IO packets.
 
     A BINARY_EVENT/BINARY_ACK text is held until its attachments (binary messages) arrive; the
-    result is an EVENT/ACK whose data holds bytes, as the reference's Decoder does. Memory is
-    bounded by SIO_MAX_ATTACHMENTS messages of at most maxPayload bytes each.
+    result is an EVENT/ACK whose data holds bytes, as the reference's Decoder does. The bytes
+    waiting for the rest of a packet are bounded by ``max_pending_bytes`` (a packet with its
+    attachments is held to the size of one message), and the shell times out a packet whose
+    attachments stop coming (see SioClientState.attachments_overdue).
     """
 
-    __slots__ = ("_pending", "_buffers", "max_attachments")
+    __slots__ = ("_pending", "_buffers", "_pending_bytes", "max_attachments", "max_pending_bytes", "pending_since_s")
 
-    def __init__(self, max_attachments: int = SIO_MAX_ATTACHMENTS) -> None:
+    def __init__(self, max_attachments: int = SIO_MAX_ATTACHMENTS, max_pending_bytes: int = 1_000_000) -> None:
         self._pending: SioPacket | None = None  # the binary packet being reassembled
         self._buffers: list[bytes] = []         # attachments received so far
+        self._pending_bytes = 0                 # their total size
         self.max_attachments = max_attachments  # refused beyond this many per packet
+        self.max_pending_bytes = max_pending_bytes  # refused beyond this many bytes of attachments
+        self.pending_since_s: float | None = None   # when the packet now being reassembled began
 
-    def feed(self, data: str | bytes) -> SioPacket | None:
-        """Add one Engine.IO message; return a packet once one is complete.
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    def feed(self, data: str | bytes, now_s: float = 0.0) -> SioPacket | None:
+        """Add one Engine.IO message (received at ``now_s``); return a packet once one is complete.
 
         Raises:
-            SioProtocolError: a malformed packet, text while attachments are expected, or
-                binary data nobody announced.
+            SioProtocolError: a malformed packet, text while attachments are expected, binary
+                data nobody announced, or attachments over ``max_pending_bytes``.
         """
         if isinstance(data, str):
             if self._pending is not None:
                 raise SioProtocolError("got plaintext data when reconstructing a packet")
             pkt = decode_sio(data, self.max_attachments)
             if pkt.kind in _SIO_BINARY:
-                self._pending, self._buffers = pkt, []
+                self._pending, self._buffers, self._pending_bytes = pkt, [], 0
+                self.pending_since_s = now_s
                 return None
             return pkt
         if self._pending is None:
             raise SioProtocolError("got binary data when not reconstructing a packet")
+        self._pending_bytes += len(data)
+        if self._pending_bytes > self.max_pending_bytes:
+            raise SioProtocolError(f"attachments over {self.max_pending_bytes} bytes")
         self._buffers.append(bytes(data))
         pending = self._pending
         if len(self._buffers) < pending.attachments:
             return None
-        buffers, self._pending, self._buffers = self._buffers, None, []
+        buffers, self._pending, self._buffers, self._pending_bytes = self._buffers, None, [], 0
+        self.pending_since_s = None
         kind = SioType.EVENT if pending.kind is SioType.BINARY_EVENT else SioType.ACK
         try:
             data = _sio_reconstruct(pending.data, buffers)
@@ -2740,6 +2760,31 @@ class EioOutbox:
         self.updates, self.update_bytes, self.held = [], 0, {}
 
 
+class InboundBudget:
+    """How many packets a client may still send: MAX_CLIENT_MESSAGES_PER_S, refilled continuously,
+    with a burst of EIO_INBOUND_BURST_S worth (a token bucket).  Pure: the caller passes now_s."""
+
+    __slots__ = ("rate_per_s", "capacity", "tokens", "at_s")
+
+    def __init__(self, rate_per_s: float, now_s: float) -> None:
+        self.rate_per_s = rate_per_s                    # refill per second
+        self.capacity = rate_per_s * EIO_INBOUND_BURST_S  # the most that can be spent at once
+        self.tokens = self.capacity                     # what may be spent now
+        self.at_s = now_s                               # when `tokens` was last brought up to date
+
+    def spend(self, now_s: float) -> bool:
+        """Take one packet's worth; False when the client is over its budget."""
+        self.tokens = min(self.capacity, self.tokens + (now_s - self.at_s) * self.rate_per_s)
+        self.at_s = now_s
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+INBOUND_RATE_REASON = "message rate limit"  # close reason of a client over MAX_CLIENT_MESSAGES_PER_S
+
+
 class EioState(Enum):
     """Where an Engine.IO session is (one state instead of engine.io's five booleans)."""
 
@@ -2781,13 +2826,14 @@ class EioSession:
 
     __slots__ = ("sid", "state", "outbox", "ping_interval_s", "ping_timeout_s", "next_ping_at",
                  "pong_deadline", "_ping_refreshed", "upgrade_deadline", "close_deadline",
-                 "close_reason", "poll_parked", "post_in_flight", "_poll_final")
+                 "close_reason", "poll_parked", "post_in_flight", "_poll_final", "inbound")
 
     def __init__(self, sid: str, *, websocket: bool, now_s: float, ping_interval_s: float,
-                 ping_timeout_s: float, max_payload_bytes: int) -> None:
+                 ping_timeout_s: float, max_payload_bytes: int, max_messages_per_s: float | None = None) -> None:
         self.sid = sid                                   # public session id (query `sid`)
         self.state = EioState.WEBSOCKET if websocket else EioState.POLLING
         self.outbox = EioOutbox()                        # what the client has yet to receive
+        self.inbound = None if max_messages_per_s is None else InboundBudget(max_messages_per_s, now_s)
         self.ping_interval_s = ping_interval_s           # server ping period
         self.ping_timeout_s = ping_timeout_s             # how long a pong may take
         self.next_ping_at: float | None = now_s + ping_interval_s  # None while a pong is awaited
@@ -2957,6 +3003,8 @@ class EioSession:
             self.pong_deadline, self._ping_refreshed = now_s + self.ping_timeout_s, True
         kind = pkt.kind
         if kind is EioType.MESSAGE:
+            if self.inbound is not None and not self.inbound.spend(now_s):
+                return self._abort(INBOUND_RATE_REASON, "1")  # one client's flood must not slow the others
             return [(Act.DELIVER, pkt.data)]
         if kind is EioType.PONG:
             # engine.io clears the timeout and restarts the interval from the pong.
@@ -3085,18 +3133,19 @@ class SioClientState:
 
     __slots__ = ("decoder", "namespaces", "connect_deadline")
 
-    def __init__(self, now_s: float, connect_timeout_s: float = SIO_CONNECT_TIMEOUT_S) -> None:
-        self.decoder = SioDecoder()                      # packet reassembly for this connection
+    def __init__(self, now_s: float, connect_timeout_s: float = SIO_CONNECT_TIMEOUT_S,
+                 max_pending_bytes: int = 1_000_000) -> None:
+        self.decoder = SioDecoder(max_pending_bytes=max_pending_bytes)  # packet reassembly for this connection
         self.namespaces: dict[str, Any] = {}             # joined namespace -> the layer above's socket
         self.connect_deadline: float | None = now_s + connect_timeout_s  # None once a namespace is joined
 
-    def receive(self, data: str | bytes) -> SioPacket | None:
+    def receive(self, data: str | bytes, now_s: float = 0.0) -> SioPacket | None:
         """Decode one Engine.IO message; a complete, allowed packet or None (attachments pending).
 
         Raises:
             SioProtocolError: malformed, or not allowed in the current state.
         """
-        pkt = self.decoder.feed(data)
+        pkt = self.decoder.feed(data, now_s)
         if pkt is None:
             return None
         joined = pkt.namespace in self.namespaces
@@ -3117,6 +3166,11 @@ class SioClientState:
 
     def connect_expired(self, now_s: float) -> bool:
         return self.connect_deadline is not None and now_s >= self.connect_deadline and not self.namespaces
+
+    def attachments_overdue(self, now_s: float) -> bool:
+        """A binary packet waits for attachments since SIO_ATTACHMENT_TIMEOUT_S or longer."""
+        since = self.decoder.pending_since_s
+        return since is not None and now_s - since >= SIO_ATTACHMENT_TIMEOUT_S
 
 
 # ===========================================================================
@@ -4451,13 +4505,18 @@ class SioServer:
 
     def on_open(self, conn: EioConnection) -> None:
         loop = asyncio.get_running_loop()
-        conn.upper = SioClientState(loop.time(), self.connect_timeout_s)
+        # A binary packet with its attachments is held to the size of one Engine.IO message.
+        conn.upper = SioClientState(loop.time(), self.connect_timeout_s, self.eio.max_payload_bytes)
         self._connect_timers[conn] = loop.call_later(self.connect_timeout_s, self._check_connected, conn)
 
     def on_message(self, conn: EioConnection, data: str | bytes) -> None:
         client: SioClientState = conn.upper
+        loop = asyncio.get_running_loop()
+        was_pending = client.decoder.pending
         try:
-            pkt = client.receive(data)
+            pkt = client.receive(data, loop.time())
+            if client.decoder.pending and not was_pending:  # attachments announced: they must come in time
+                loop.call_later(SIO_ATTACHMENT_TIMEOUT_S, self._check_attachments, conn)
         except SioProtocolError as exc:
             # socket.io client.ts: a decode error or a packet in the wrong state closes the connection
             # (ref: "42{}", "4abc", an event before CONNECT, a second CONNECT -> close; polling `6\x1e1`).
@@ -4491,6 +4550,14 @@ class SioServer:
             self._leave(sock, reason)
 
     # -- packets ------------------------------------------------------------------------------
+
+    def _check_attachments(self, conn: EioConnection) -> None:
+        client: SioClientState | None = conn.upper
+        if client is not None and not conn.closed and client.attachments_overdue(self.eio.now_s()):
+            self.protocol_errors += 1
+            _log_once("sio-attachments", "sio %s: closing %s: attachments not received within %g s",
+                      short_sid(conn.sid), conn.peer, SIO_ATTACHMENT_TIMEOUT_S)
+            conn.close("parse error")
 
     def _check_connected(self, conn: EioConnection) -> None:
         self._connect_timers.pop(conn, None)
@@ -4767,6 +4834,10 @@ class EioConnection:
             return
         self._close_notified = True
         log.debug("eio %s closed: %s", short_sid(self.sid), reason)
+        if reason == INBOUND_RATE_REASON:
+            self.server.rate_disconnects += 1
+            _log_once("inbound-rate", "eio %s: %s sent more than %g packets/s (MAX_CLIENT_MESSAGES_PER_S); disconnected",
+                      short_sid(self.sid), self.peer, self.server.max_messages_per_s)
         if self._post_transport is not None:  # (ref: polling doClose destroys the data request)
             self._post_transport.abort()
         if self.probe is not None:
@@ -4867,19 +4938,22 @@ class EioServer:
 
     def __init__(self, *, ping_interval_ms: int = 25000, ping_timeout_ms: int = 20000,
                  max_payload_bytes: int = 1_000_000, max_clients: int = 10_000, handler: Any = None,
-                 cors_origins: tuple[str, ...] = ("*",), max_sessions_per_address: int = 256) -> None:
+                 cors_origins: tuple[str, ...] = ("*",), max_sessions_per_address: int = 256,
+                 max_messages_per_s: float | None = None) -> None:
         self.ping_interval_s = ping_interval_ms / 1000
         self.ping_timeout_s = ping_timeout_ms / 1000
         self.max_payload_bytes = max_payload_bytes
         self.max_clients = max_clients
         self.cors_origins = cors_origins             # browser origins that may open a session (CORS_ORIGINS)
         self.max_sessions_per_address = max_sessions_per_address  # one address cannot take every slot
+        self.max_messages_per_s = max_messages_per_s  # packets a client may send per second (None: any)
         self._sessions_of: collections.Counter[str] = collections.Counter()  # client address -> live sessions
         self.handler = handler                       # on_open / on_message / on_close
         self.connections: dict[str, EioConnection] = {}  # sid -> live (or closing) connection
         self.handshakes = 0                          # sessions opened
         self.upgrades = 0                            # polling sessions moved to WebSocket
         self.slow_disconnects = 0                    # clients cut off for not reading
+        self.rate_disconnects = 0                    # clients cut off for sending too many packets
         self.refused_full = 0                        # handshakes refused by max_clients
         self.refused_origin = 0                      # requests refused for their Origin
         self.refused_address = 0                     # handshakes refused by max_sessions_per_address
@@ -4902,6 +4976,8 @@ class EioServer:
                          [("", self.upgrades)]),
             MetricFamily("eio_slow_disconnects_total", "counter", "Clients cut off for not reading",
                          [("", self.slow_disconnects)]),
+            MetricFamily("eio_rate_disconnects_total", "counter", "Clients cut off for sending over "
+                         "MAX_CLIENT_MESSAGES_PER_S", [("", self.rate_disconnects)]),
             MetricFamily("eio_refused_full_total", "counter", "Handshakes refused at max clients",
                          [("", self.refused_full)]),
             MetricFamily("eio_refused_origin_total", "counter", "Requests refused for an Origin not in CORS_ORIGINS",
@@ -4914,7 +4990,8 @@ class EioServer:
     def from_config(cls, cfg: Any, handler: Any = None) -> EioServer:
         return cls(ping_interval_ms=cfg.ping_interval_ms, ping_timeout_ms=cfg.ping_timeout_ms,
                    max_payload_bytes=cfg.max_payload_bytes, max_clients=cfg.max_clients, handler=handler,
-                   cors_origins=cfg.cors_origins, max_sessions_per_address=cfg.max_sessions_per_address)
+                   cors_origins=cfg.cors_origins, max_sessions_per_address=cfg.max_sessions_per_address,
+                   max_messages_per_s=cfg.max_client_messages_per_s)
 
     @staticmethod
     def now_s() -> float:
@@ -5040,7 +5117,8 @@ class EioServer:
     def _create(self, req: HttpRequest, now_s: float, link: WsLink | None) -> EioConnection:
         sid = secrets.token_urlsafe(EIO_SID_BYTES)
         session = EioSession(sid, websocket=link is not None, now_s=now_s, ping_interval_s=self.ping_interval_s,
-                             ping_timeout_s=self.ping_timeout_s, max_payload_bytes=self.max_payload_bytes)
+                             ping_timeout_s=self.ping_timeout_s, max_payload_bytes=self.max_payload_bytes,
+                             max_messages_per_s=self.max_messages_per_s)
         conn = EioConnection(self, session, req.peer)
         conn.ws = link
         self.connections[sid] = conn
@@ -5387,9 +5465,11 @@ async def serve_ws_link(link: WsLink, on_message: Callable[[WsLink, str | bytes]
                 data = await link.reader.read(WS_READ_CHUNK_BYTES)
             except (ConnectionError, OSError):
                 data = b""
-            for message in link.receive(data):
+            for count, message in enumerate(link.receive(data), 1):
                 if link.writable:  # nothing more is handled once we started closing
                     on_message(link, message)
+                if count % WS_MESSAGES_PER_YIELD == 0:
+                    await asyncio.sleep(0)  # a read of many small messages must not hold up other clients
             if not data or proto.state is WsState.CLOSED:
                 return
             if link.transport.get_write_buffer_size() > WS_MAX_UNSENT_BYTES and not await _drain_answers(link):

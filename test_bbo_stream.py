@@ -2213,6 +2213,30 @@ def test_sio_decoder_reassembles_attachments():
     assert dec.feed('2["after"]').data == ["after"]
 
 
+def test_sio_decoder_bounds_the_bytes_waiting_for_attachments_and_says_since_when():
+    announce = '52-["up",{"_placeholder":true,"num":0},{"_placeholder":true,"num":1}]'
+    dec = bs.SioDecoder(max_pending_bytes=1000)
+    assert dec.feed(announce, now_s=5.0) is None and dec.pending and dec.pending_since_s == 5.0
+    assert dec.feed(b"x" * 600) is None
+    with pytest.raises(bs.SioProtocolError, match="attachments over 1000 bytes"):
+        dec.feed(b"x" * 401)                                  # 9 × 1 MB used to be held without a bound
+    client = bs.SioClientState(now_s=0.0, max_pending_bytes=10_000)
+    client.receive(announce, 100.0)
+    assert not client.attachments_overdue(100.0 + bs.SIO_ATTACHMENT_TIMEOUT_S - 0.01)
+    assert client.attachments_overdue(100.0 + bs.SIO_ATTACHMENT_TIMEOUT_S)
+    client.decoder.feed(b"a")
+    client.decoder.feed(b"b")                                # complete: nothing is waiting any more
+    assert not client.decoder.pending and not client.attachments_overdue(1e9)
+
+
+def test_inbound_budget_allows_a_burst_then_the_rate_and_refills():
+    budget = bs.InboundBudget(10.0, now_s=0.0)
+    assert all(budget.spend(0.0) for _ in range(int(10 * bs.EIO_INBOUND_BURST_S)))
+    assert not budget.spend(0.0)
+    assert budget.spend(0.1) and not budget.spend(0.1)       # one more every 1/rate seconds
+    assert all(budget.spend(100.0) for _ in range(int(10 * bs.EIO_INBOUND_BURST_S)))   # refilled, capped
+
+
 @pytest.mark.parametrize("sequence", [
     [b"\x00"],                                                    # binary nobody announced
     ['51-["e",{"_placeholder":true,"num":0}]', '2["x"]'],         # text while reassembling
@@ -5865,7 +5889,7 @@ def test_malformed_packets_close_only_their_connection(tmp_path):
 
 
 def test_a_ping_flood_is_answered_in_order_without_delaying_others(tmp_path):
-    with LiveServer(tmp_path) as srv:
+    with LiveServer(tmp_path, max_client_messages_per_s=1_000_000) as srv:   # the budget is tested below
         srv.send("btcusdt", "1.00", "1", "1.10", "1")
         flooder, other = srv.joined_ws(), srv.joined_ws()
         flooder.recv_until('42["feed_status"')
@@ -5887,9 +5911,59 @@ def test_a_ping_flood_is_answered_in_order_without_delaying_others(tmp_path):
         assert srv.sessions() == 2 and srv.get("/healthz").status == 200
 
 
+def test_a_client_over_its_message_budget_is_disconnected_and_the_others_are_not(tmp_path):
+    # 10,000 events a second from one client used to slow every reader: a client gets
+    # MAX_CLIENT_MESSAGES_PER_S with a burst of EIO_INBOUND_BURST_S worth, then it is cut.
+    with LiveServer(tmp_path, max_client_messages_per_s=50) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        polite, flooder, other = srv.joined_ws(), srv.joined_ws(), srv.joined_ws()
+        for client in (polite, flooder, other):
+            client.recv_until('42["feed_status"')
+        flood_sid = srv.call(lambda: list(srv.app.eio.connections)[1])
+        burst = int(50 * bs.EIO_INBOUND_BURST_S)
+        polite.sock.sendall(_ws_frames([f'42{n}["ping"]' for n in range(burst - 10)]))   # within the burst
+        with contextlib.suppress(OSError):                   # the server hangs up on the flooder
+            flooder.sock.sendall(_ws_frames([f'42{n}["ping"]' for n in range(5_000)]))
+        srv.wait_sessions(2)
+        assert (flood_sid, bs.INBOUND_RATE_REASON) in srv.fed.srv.events.closes
+        assert srv.fed.srv.events.logged(r"sent more than 50 packets/s \(MAX_CLIENT_MESSAGES_PER_S\); disconnected")
+        answers = [polite.recv_text() for _ in range(2 * (burst - 10))]
+        assert [a[:a.index("[")] for a in answers[1::2]] == [f"43{n}" for n in range(burst - 10)]
+        update = srv.send("btcusdt", "1.01", "1", "1.10", "1")
+        assert_update_is(json.loads(other.recv_until('42["bbo_update"')[2:])[1], update)
+        assert srv.metric("bbo_eio_rate_disconnects_total") == 1
+
+
+def _bs_log_counts() -> dict[str, int]:
+    """How often each kind of client-caused problem was logged (first at WARNING, then DEBUG)."""
+    return dict(bs._log_once.counts)
+
+
+def test_attachments_that_stop_coming_or_grow_too_large_cut_the_client(tmp_path, monkeypatch):
+    monkeypatch.setattr(bs, "SIO_ATTACHMENT_TIMEOUT_S", 0.3)
+    with LiveServer(tmp_path, max_payload_bytes=4096) as srv:
+        silent, greedy, other = srv.joined_ws(), srv.joined_ws(), srv.joined_ws()
+        other.recv_until('42["feed_status"')
+        sids = srv.call(lambda: list(srv.app.eio.connections))
+        announce = '452-["up",{"_placeholder":true,"num":0},{"_placeholder":true,"num":1}]'
+        silent.send_text(announce)
+        silent.sock.sendall(b"\x82\x81" + b"\0\0\0\0" + b"a")     # one attachment of two, then silence
+        greedy.send_text(announce)
+        for _ in range(2):                                    # 2 × 3,000 bytes: over a message's 4,096
+            payload = b"y" * 3000
+            greedy.sock.sendall(bytes((0x82, 0xFE)) + len(payload).to_bytes(2, "big") + b"\0\0\0\0" + payload)
+        srv.wait_sessions(1)
+        closes = dict(srv.fed.srv.events.closes)
+        assert closes[sids[0]] == closes[sids[1]] == "parse error"
+        assert srv.call(lambda: srv.app.sio.protocol_errors) == 2
+        assert _bs_log_counts()["sio-attachments"] >= 1           # the time-out, not the bytes, cut `silent`
+        update = srv.send("btcusdt", "1.01", "1", "1.10", "1")
+        assert_update_is(json.loads(other.recv_until('42["bbo_update"')[2:])[1], update)
+
+
 def test_a_flooder_that_never_reads_is_disconnected(tmp_path, monkeypatch):
     monkeypatch.setattr(bs, "WS_WRITE_TIMEOUT_S", 0.3)
-    with LiveServer(tmp_path) as srv:
+    with LiveServer(tmp_path, max_client_messages_per_s=1_000_000) as srv:   # cut for not reading, not for sending
         srv.send("btcusdt", "1.00", "1", "1.10", "1")
         other = srv.joined_ws()
         other.recv_until('42["feed_status"')
@@ -5905,7 +5979,10 @@ def test_a_flooder_that_never_reads_is_disconnected(tmp_path, monkeypatch):
             for _ in range(400):
                 flooder.sock.sendall(burst)
         srv.wait_sessions(1)
-        assert srv.fed.srv.events.closes == [(sid, "outbox overflow")]  # its answers passed the bound
+        # Cut either when its answers passed the outbox's bound or when it took none in
+        # WS_WRITE_TIMEOUT_S, whichever comes first (the read loop yields to other clients).
+        [(closed_sid, reason)] = srv.fed.srv.events.closes
+        assert closed_sid == sid and reason in ("outbox overflow", "write timeout"), reason
         update = srv.send("btcusdt", "1.01", "1", "1.10", "1")
         assert_update_is(json.loads(other.recv_until('42["bbo_update"')[2:])[1], update)
         flooder.reset()
