@@ -1121,6 +1121,25 @@ def test_server_ssl_context_requires_tls_1_2(tmp_path):
     assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
 
 
+TOKEN = "s3cr3t-T0ken_for.tests~+/=="   # every character class a Bearer token may hold
+
+
+def test_auth_token_is_off_by_default_and_never_shown_in_a_repr_or_an_error():
+    cfg = bs.Config.from_sources([], {})
+    assert (cfg.auth_token, cfg.metrics_public) == ("", True)
+    cfg = bs.Config.from_sources(["--auth-token", f" {TOKEN} ", "--metrics-public", "false"], {})
+    assert (cfg.auth_token, cfg.metrics_public) == (TOKEN, False)
+    assert bs.Config.from_sources([], {"AUTH_TOKEN": TOKEN}).auth_token == TOKEN
+    assert TOKEN not in repr(cfg) and TOKEN not in str(cfg)
+    for bad in ("two words", "quote\"d", "é" * 3, "x" * (bs.AUTH_TOKEN_MAX_CHARS + 1), "==abc"):
+        for argv, env in ((["--auth-token", bad], {}), ([], {"AUTH_TOKEN": bad})):
+            with pytest.raises(bs.ConfigError) as info:
+                bs.Config.from_sources(argv, env)
+            assert "AUTH_TOKEN" in str(info.value) and "(hidden)" in str(info.value), str(info.value)
+            assert bad not in str(info.value)
+    assert bs.Config.from_sources(["--auth-token", "x" * bs.AUTH_TOKEN_MAX_CHARS], {}).auth_token
+
+
 # ---- §4 BBO model and feed parsing ------------------------------------------------------
 
 FUTURES_RAW = ('{"e":"bookTicker","u":400900217,"s":"BNBUSDT","b":"25.35190000","B":"31.21000000",'
@@ -2119,6 +2138,54 @@ def test_healthz_always_200_and_readyz_only_when_live():
     assert status == 503 and body["status"] == "not ready" and body["feed"]["state"] == "backoff"
     status, body = api_json(make_ctx(history, "live"), "/readyz")
     assert status == 200 and body["status"] == "ready"
+
+
+# -- authentication
+
+def test_token_matches_only_the_same_string_through_compare_digest_on_bytes(monkeypatch):
+    compared: list[tuple[Any, Any]] = []
+    real = bs.hmac.compare_digest
+    monkeypatch.setattr(bs.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    assert bs.token_matches(TOKEN, TOKEN)
+    assert compared and all(isinstance(a, bytes) and isinstance(b, bytes) for a, b in compared)
+    for other in (TOKEN[:-1], TOKEN + "x", TOKEN.upper(), "", " " + TOKEN, "\ud800", "?", "ü"):
+        assert not bs.token_matches(other, TOKEN), other
+    assert not bs.token_matches("\ud800", "?")               # a lone surrogate (JSON "\ud800") is not "?"
+    for not_text in (None, 5, [TOKEN], {"token": TOKEN}, True):
+        assert not bs.token_matches(not_text, TOKEN)
+    assert not bs.token_matches("", "")                      # no token configured: nothing "matches"
+
+
+@pytest.mark.parametrize("value, token", [
+    (f"Bearer {TOKEN}", TOKEN), (f"bearer  {TOKEN} ", TOKEN), (f"BEARER {TOKEN}", TOKEN),
+    (f"Basic {TOKEN}", None), ("Bearer", None), ("Bearer ", None), (TOKEN, None), (None, None),
+])
+def test_bearer_token_reads_the_authorization_header(value, token):
+    req = parse(head("GET /api/bbo HTTP/1.1", "Host: x", *([f"Authorization: {value}"] if value else [])))
+    assert bs.bearer_token(req) == token
+
+
+@pytest.mark.parametrize("path, metrics_public, needs", [
+    ("/api/bbo", True, True), ("/api/history/updates", True, True), ("/api/typo", True, True),
+    ("/healthz", True, False), ("/readyz", False, False), ("/", False, False), ("/app.js", False, False),
+    ("/metrics", True, False), ("/metrics", False, True),
+])
+def test_check_auth_follows_the_route_table(path, metrics_public, needs):
+    route = bs.resolve_route(path)
+    assert bs.route_needs_token(route, metrics_public) is needs
+
+    def outcome(token: str, *headers: str) -> tuple[int, str | None] | None:
+        req = parse(head(f"GET {path} HTTP/1.1", "Host: x", *headers))
+        try:
+            bs.check_auth(req, route, token, metrics_public)
+        except bs.HttpError as exc:
+            return exc.status, dict(exc.headers).get("WWW-Authenticate")
+        return None
+
+    assert outcome("") is None and outcome("", "Authorization: Bearer wrong") is None  # no AUTH_TOKEN: all open
+    assert outcome(TOKEN, f"Authorization: Bearer {TOKEN}") is None
+    assert outcome(TOKEN) == ((401, "Bearer") if needs else None)
+    assert outcome(TOKEN, "Authorization: Bearer wrong") == ((401, 'Bearer error="invalid_token"') if needs else None)
 
 
 # ---- §8 Engine.IO v4 codec -------------------------------------------------------------------
@@ -3724,6 +3791,24 @@ def test_connect_answer_then_welcome_then_the_feed_status(tmp_path):
         for changing in ("lastMessageAge",):
             feed.pop(changing), health.pop(changing)
         assert feed == health
+
+
+def test_with_auth_token_a_connect_needs_auth_token_else_connect_error_unauthorized(tmp_path):
+    with LiveServer(tmp_path, auth_token=TOKEN) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        ws = srv.raw_ws()
+        ws.recv_text()
+        # Refused as socket.io middleware `next(new Error("unauthorized"))` refuses; the Engine.IO
+        # connection stays, so the client may try again.
+        for connect in ("40", '40{"token":"wrong"}', '40{"token":5}', '40{"tok":"%s"}' % TOKEN, '40{"token":null}'):
+            ws.send_text(connect)
+            assert ws.recv_text() == '44{"message":"unauthorized"}', connect
+        assert srv.call(lambda: srv.app.hub.stats()["clients"]) == 0
+        ws.send_text(json.dumps({"token": TOKEN, "offset": "1-2"}).join(("40", "")))  # other keys are ignored
+        assert ws.recv_text().startswith('40{"sid":')
+        assert ws.recv_text() == '42["welcome",{"message":"Welcome to BBO Stream"}]'
+        srv.wait(lambda: srv.app.hub.stats()["clients"] == 1, "the client on the hub")
+        assert not srv.call(lambda: srv.fed.srv.events.logged(re.escape(TOKEN)))
 
 
 def test_request_initial_data_sends_the_current_bbo_of_every_symbol(tmp_path):
@@ -5335,8 +5420,8 @@ class PyClient:
     def _do(self, result: Any) -> Any:
         return result
 
-    def connect(self) -> None:
-        self._do(self.client.connect(self.url, transports=TRANSPORTS[self.mode], wait_timeout=5))
+    def connect(self, auth: Any = None) -> None:
+        self._do(self.client.connect(self.url, transports=TRANSPORTS[self.mode], wait_timeout=5, auth=auth))
 
     def call(self, event: str, data: Any = None) -> Any:
         return self._do(self.client.call(event, data, timeout=5))
@@ -5610,6 +5695,102 @@ def test_readme_javascript_example_runs_verbatim(tmp_path):
         assert not any("Error" in line for line in proc.lines()), proc.lines()
         proc.close()
         srv.wait_sessions(0)
+
+
+# ---- End to end: AUTH_TOKEN with the real App and the official clients -------------------------
+
+def _bearer(token: str) -> str:
+    return f"Authorization: Bearer {token}"
+
+
+@pytest.mark.parametrize("metrics_public", [True, False])
+def test_rest_needs_the_bearer_token_by_route_and_the_rest_stays_open(tmp_path, metrics_public):
+    with LiveServer(tmp_path, auth_token=TOKEN, metrics_public=metrics_public) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        guarded = ["/api/bbo", "/api/history/symbols", "/api/history/updates?symbol=BTCUSDT&format=csv",
+                   "/api/history/latency?symbol=BTCUSDT", "/api/history/stats", "/api/nope"]
+        if not metrics_public:
+            guarded.append("/metrics")
+        for target in guarded:
+            for headers in ((), (_bearer("wrong"),), (f"Authorization: Basic {TOKEN}",)):
+                for method in ("GET", "HEAD"):
+                    resp = srv.get(target, *headers, method=method)
+                    assert resp.status == 401, (target, headers, method, resp.status)
+                    assert (resp.header("www-authenticate") or "").startswith("Bearer"), resp.headers
+                    assert resp.header("access-control-allow-origin") == "*"   # a page of another origin reads why
+                    if method == "GET":
+                        assert set(resp.json()) == {"error"}
+            resp = srv.get(target, _bearer(TOKEN))
+            assert resp.status == (404 if target == "/api/nope" else 200), (target, resp.status, resp.body[:200])
+        assert srv.get("/api/bbo", _bearer(TOKEN)).json()["symbols"]["BTCUSDT"]["bidPrice"] == "1.00"
+        open_ = ["/healthz", "/readyz", "/", "/index.html", "/app.js", "/static/style.css", "/favicon.ico",
+                 bs.EIO_PATH + "?EIO=4&transport=polling"] + (["/metrics"] if metrics_public else [])
+        for target in open_:
+            assert srv.get(target).status == 200, target
+        # A browser's preflight for the header is answered without a token (it never carries one).
+        pre = srv.get("/api/bbo", "Origin: https://a.example", "Access-Control-Request-Method: GET",
+                      "Access-Control-Request-Headers: authorization", method="OPTIONS")
+        assert pre.status == 204 and pre.header("access-control-allow-headers") == "authorization"
+        assert not srv.call(lambda: srv.fed.srv.events.logged(re.escape(TOKEN)))
+
+
+def test_without_auth_token_no_route_asks_for_one(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        for target in ("/api/bbo", "/api/history/symbols", "/metrics", "/healthz"):
+            assert srv.get(target).status == 200 and srv.get(target, _bearer("anything")).status == 200
+
+
+@pytest.mark.parametrize("mode", list(TRANSPORTS))
+def test_python_client_is_refused_without_the_token_and_gets_updates_with_it(tmp_path, mode):
+    with LiveServer(tmp_path, auth_token=TOKEN) as srv:
+        srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
+        for auth in (None, {"token": "wrong"}, {"other": TOKEN}):
+            client = srv.keep(PyClient(srv.url, mode))
+            client.client.on("connect_error", lambda data: client.inbox.put("connect_error", data))
+            with pytest.raises(socketio.exceptions.ConnectionError, match="failed to connect"):
+                client.connect(auth=auth)
+            assert client.inbox.nth("connect_error") == {"message": "unauthorized"}, auth
+            assert not client.inbox.of("welcome")
+        client = srv.keep(PyClient(srv.url, mode))
+        client.connect(auth={"token": TOKEN})
+        assert client.inbox.nth("welcome") == {"message": "Welcome to BBO Stream"}
+        srv.wait(lambda: srv.app.hub.stats()["clients"] == 1, "the client on the hub")
+        sent = srv.send("btcusdt", "28750.11", "0.00000000", "28750.12", "7")
+        assert_update_is(client.inbox.nth("bbo_update"), sent)
+        client.disconnect()
+
+
+JS_AUTH_DRIVER = r"""
+// socket.io-client with io(url, {auth: {token}}): first no token, then a wrong one, then the right one.
+const { io } = require("socket.io-client");
+const [url, mode, token] = process.argv.slice(2);
+const transports = {websocket: ["websocket"], polling: ["polling"], upgrade: ["polling", "websocket"]}[mode];
+const out = (o) => process.stdout.write(JSON.stringify(o) + "\n");
+const attempt = (auth, next) => {
+  const socket = io(url, { transports, reconnection: false, timeout: 5000, forceNew: true, ...(auth ? {auth} : {}) });
+  socket.on("connect_error", (err) => { out({ev: "connect_error", d: err.message}); socket.close(); next(); });
+  socket.on("connect", () => out({ev: "connect", d: socket.io.engine.transport.name}));
+  socket.on("bbo_update", (u) => { out({ev: "bbo_update", d: u}); socket.close(); process.exit(0); });
+};
+attempt(null, () => attempt({token: "wrong"}, () => attempt({token}, () => process.exit(1))));
+"""
+
+
+@needs_node
+@pytest.mark.parametrize("mode", list(TRANSPORTS))
+def test_javascript_client_gets_connect_error_unauthorized_then_connects_with_the_token(tmp_path, mode):
+    with LiveServer(tmp_path, auth_token=TOKEN) as srv:
+        srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
+        script = tmp_path / "auth_driver.js"
+        script.write_text(JS_AUTH_DRIVER)
+        proc = srv.keep(OutputReader([NODE or "node", str(script), srv.url, mode, TOKEN], tmp_path,
+                                     {"NODE_PATH": str(JS_CLIENT.parent)}))
+        proc.inbox.wait(lambda: proc.inbox.of("connect") or proc.inbox.of("eof"), 10, "node to connect")
+        assert proc.inbox.of("connect_error") == ["unauthorized", "unauthorized"], proc.lines()
+        srv.wait(lambda: srv.app.hub.stats()["clients"] == 1, "the client on the hub")
+        sent = srv.send("btcusdt", "28750.11", "0.00000000", "28750.12", "7")
+        assert_update_is(proc.inbox.nth("bbo_update"), sent)
 
 
 # ---- End to end: faults against the real App fed by FakeBinance --------------------------------
