@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import urllib.parse
 import urllib.request
 import http.client
 import math
@@ -7375,7 +7376,7 @@ class DashExchange(FakeBinanceThread):
 # ---------------------------------------------------------------------------------------------
 
 class DashServer:
-    def __init__(self, exchange: DashExchange, cache_dir: Path) -> None:
+    def __init__(self, exchange: DashExchange, cache_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.exchange = exchange
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -7384,7 +7385,7 @@ class DashServer:
         self.proc = subprocess.Popen(
             [sys.executable, str(DASH_REPO / "bbo_stream.py"), "--symbol", "btcusdt,ethusdt", "--use-ssl", "false",
              "--web-host", "127.0.0.1", "--web-port", str(self.port), "--cache-dir", str(cache_dir),
-             "--websocket-base-url", exchange.fake.base_url, "--feed-stale-seconds", "2"],
+             "--websocket-base-url", exchange.fake.base_url, "--feed-stale-seconds", "2", *extra_args],
             cwd=DASH_REPO, stdout=self.log, stderr=subprocess.STDOUT)
 
     def log_tail(self, n: int = 30) -> str:
@@ -8056,3 +8057,54 @@ def test_dashboard_desktop_screenshot(dash_open: Any) -> None:
     assert o["scrollWidth"] <= o["innerWidth"], o
     pg.page.wait_for_timeout(700)     # let the price flash fade
     assert pg.screenshot("dashboard-desktop.png").stat().st_size > 50_000
+
+
+def test_dashboard_asks_for_the_token_once_then_shows_live_prices_and_downloads_csv_with_the_header(
+        dash_open: Any, dash_server: DashServer, tmp_path: Path) -> None:
+    ex = dash_server.exchange
+    server = DashServer(ex, tmp_path / "cache", ("--auth-token", TOKEN))   # the same fake exchange feeds it
+    try:
+        server.wait_feed("live")
+        # Chromium reports each refused REST fetch on the console ("...status of 401"): expected here.
+        pg = dash_open(base_url=server.url, allowed_console=(r"status of 401",))
+        urls: list[str] = []
+        pg.page.on("request", lambda req: urls.append(req.url))
+        pg.wait_js("() => document.getElementById('auth-dialog').open")
+        assert "needs an access token" in pg.text("#auth-message")
+        assert pg.js("bboDebug.connection().state") != "connected"
+
+        pg.page.fill("#auth-token", "wrong-token")
+        pg.page.click("#auth-submit")
+        pg.wait_js("() => document.getElementById('auth-dialog').open && "
+                   "document.getElementById('auth-message').textContent.includes('did not accept')")
+        refused = [p for p in pg.problems if p.startswith("HTTP 401")]
+        assert refused and all(re.match(r"HTTP 401 for GET \S+/api/", p) for p in refused), refused
+
+        pg.page.fill("#auth-token", TOKEN)
+        pg.page.click("#auth-submit")
+        pg.wait_connected("websocket")
+        assert not pg.js("document.getElementById('auth-dialog').open")
+        assert pg.js("sessionStorage.getItem('bbo.token')") == TOKEN
+        fresh = ("43299.10", "0.50000000", "43299.20", "0.25000000")
+        ex.send("BTCUSDT", *fresh)
+        pg.wait_bbo(*fresh)
+
+        # The CSV: a fetch carrying the header, saved from a blob: URL.
+        pg.wait_js("() => document.getElementById('hist-csv').getAttribute('aria-disabled') === 'false'")
+        with pg.page.expect_request(lambda r: "format=csv" in r.url) as csv_req, pg.page.expect_download() as dl:
+            pg.page.click("#hist-csv")
+        assert csv_req.value.all_headers().get("authorization") == f"Bearer {TOKEN}"
+        assert dl.value.url.startswith("blob:")
+        assert Path(dl.value.path()).read_text().startswith("symbol,"), "not the CSV of the updates"
+        assert [p for p in pg.problems if p.startswith("HTTP 401")] == refused, "a request with the token was refused"
+
+        # Asked once: a reload in the same tab connects with the kept token, without the dialog.
+        pg.page.reload()
+        pg.wait_connected("websocket")
+        pg.wait_js("() => document.getElementById('hist-table').querySelector('tbody tr[data-update-id]')")
+        assert not pg.js("document.getElementById('auth-dialog').open")
+
+        assert urls and not [u for u in urls if TOKEN in u or urllib.parse.quote(TOKEN, safe="") in u]
+        pg.problems[:] = [p for p in pg.problems if p not in refused]
+    finally:
+        server.stop()
