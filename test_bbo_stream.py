@@ -904,11 +904,13 @@ _JS_REASON = ("node not on PATH" if NODE is None else
 needs_node = pytest.mark.skipif(bool(_JS_REASON), reason=_JS_REASON or "-")
 
 
-def readme_example(language: str) -> str:
-    """The ```<language> block under README.md's "### Client example (<language>)" heading: what users copy."""
+def readme_example(language: str, heading: str = "") -> str:
+    """The ```<language> block under README.md's "### Client example (<language>)" heading (or
+    another `heading`, up to the next heading): what users copy."""
     readme = (HERE / "README.md").read_text()
-    section = re.search(rf"^### Client example \({language}\)\n(.*?)(?=^##)", readme, re.M | re.S)
-    assert section, f"README.md has no '### Client example ({language})' section"
+    heading = heading or f"### Client example ({language})"
+    section = re.search(rf"^{re.escape(heading)}\n(.*?)(?=^##)", readme, re.M | re.S)
+    assert section, f"README.md has no '{heading}' section"
     block = re.search(rf"^```{language.lower()}\n(.*?)^```", section[1], re.M | re.S)
     assert block, f"README.md's '### Client example ({language})' has no ```{language.lower()} block"
     return block[1]
@@ -5792,6 +5794,30 @@ def test_javascript_client_gets_connect_error_unauthorized_then_connects_with_th
         srv.wait(lambda: srv.app.hub.stats()["clients"] == 1, "the client on the hub")
         sent = srv.send("btcusdt", "28750.11", "0.00000000", "28750.12", "7")
         assert_update_is(proc.inbox.nth("bbo_update"), sent)
+
+
+@pytest.mark.parametrize("language", ["Python", "JavaScript"])
+def test_readme_authentication_examples_are_refused_with_a_wrong_token_and_stream_with_the_right_one(tmp_path, language):
+    if language == "JavaScript" and _JS_REASON:
+        pytest.skip(_JS_REASON)
+    code = readme_example(language, "## Authentication")
+    assert code.count("http://localhost:5000") == 1 and code.count("YOUR_TOKEN") == 1
+    argv = [sys.executable, "-u"] if language == "Python" else [NODE or "node"]
+    with LiveServer(tmp_path, auth_token=TOKEN) as srv:
+        srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
+        for token, expected in (("wrong", r"refused: .*"), (TOKEN, r"BTCUSDT 28750\.11 28750\.12")):
+            script = tmp_path / f"auth_example_{len(token)}.{'py' if language == 'Python' else 'js'}"
+            script.write_text(code.replace("http://localhost:5000", srv.url).replace("YOUR_TOKEN", token))
+            proc = srv.keep(OutputReader([*argv, str(script)], tmp_path, {"NODE_PATH": str(JS_CLIENT.parent)}))
+            if token == TOKEN:
+                srv.wait(lambda: srv.app.hub.stats()["clients"] == 1, "the example on the hub")
+                srv.send("btcusdt", "28750.11", "0.00000000", "28750.12", "7")
+            proc.wait_line(expected)
+            if token != TOKEN:                     # refused: the example ends by itself
+                proc.inbox.wait(lambda: proc.inbox.of("eof"), 10, "the refused example to exit")
+                if language == "JavaScript":
+                    assert "refused: unauthorized" in proc.lines(), proc.lines()
+            proc.close()
 
 
 # ---- End to end: faults against the real App fed by FakeBinance --------------------------------
