@@ -2302,8 +2302,11 @@ def token_matches(presented: Any, expected: str) -> bool:
     """
     if not expected or not isinstance(presented, str):
         return False
-    digest = lambda text: hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()  # noqa: E731
-    return hmac.compare_digest(digest(presented), digest(expected))
+    return hmac.compare_digest(_token_digest(presented), _token_digest(expected))
+
+
+def _token_digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 def bearer_token(req: HttpRequest) -> str | None:
@@ -4334,7 +4337,8 @@ class BboApp:
             if not token_matches(presented, self.auth_token):
                 log.info("sio %s: client %s refused: %s token", short_sid(sock.conn.sid), sock.conn.peer,
                          "no" if presented is None else "wrong")
-                # (ref: middleware `next(new Error("unauthorized"))` → 44{"message":"unauthorized"})
+                # (ref: io.use() calling `next(new Error("unauthorized"))` answered 40, 40{"token":"x"} and
+                # 40{"token":5} with 44{"message":"unauthorized"}; the connection stayed and took a next CONNECT.)
                 raise SioConnectRefused(AUTH_REFUSED)
         log.info("sio %s: client %s connected (%s)", short_sid(sock.conn.sid), sock.conn.peer, sock.conn.transport)
         sock.emit("welcome", {"message": "Welcome to BBO Stream"})
