@@ -104,6 +104,7 @@ import enum
 import errno
 import gc
 import hashlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -235,6 +236,12 @@ FANOUT_PARALLEL_MIN_LINKS = 128  # fewer WebSocket clients than this: a thread h
 FANOUT_AUTO_MAX_THREADS = 3      # FANOUT_THREADS=auto uses CPUs - 1 up to this; beyond, the GIL-held part of each write dominates
 BBO_MAX_RATE_PER_S = 1000.0      # highest `maxRate` a client may ask for (updates per second per symbol)
 BBO_MAX_SUBSCRIBE_SYMBOLS = 1000  # symbols in one subscription; bounds per-client state
+
+# --- Authentication (AUTH_TOKEN) ------------------------------------------------
+AUTH_TOKEN_MAX_CHARS = 512           # a 256-bit random token is 43 base64url characters; 512 leaves room for any
+                                     # generator and stays far below MAX_HEAD_BYTES (it travels in a header)
+AUTH_SCHEME = "Bearer"               # RFC 6750: `Authorization: Bearer <token>`, and the challenge of a 401
+AUTH_REFUSED = "unauthorized"        # the CONNECT_ERROR message, as socket.io's `next(new Error("unauthorized"))`
 
 # --- Garbage collection ---------------------------------------------------------
 GC_GEN0_THRESHOLD = 10_000          # CPython's 700 runs a young collection every few hundred deliveries
@@ -463,6 +470,21 @@ def _parse_text(text: str) -> str:
     return text.strip()
 
 
+# RFC 6750 §2.1 b64token: what `Authorization: Bearer` can carry unquoted, in any client.
+_BEARER_TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*\Z")
+
+
+def _parse_token(text: str) -> str:
+    """AUTH_TOKEN: empty (authentication off), or a Bearer token.  The error never repeats the value."""
+    value = text.strip()
+    if not value:
+        return ""
+    if len(value) > AUTH_TOKEN_MAX_CHARS or not _BEARER_TOKEN_RE.match(value):
+        raise ValueError(f"expected up to {AUTH_TOKEN_MAX_CHARS} characters of A-Z a-z 0-9 - . _ ~ + / "
+                         "(then = padding), as a Bearer token allows")
+    return value
+
+
 class Setting(NamedTuple):
     """One row of the settings table: env var NAME, CLI flag --name, Config field name."""
     name: str
@@ -470,6 +492,7 @@ class Setting(NamedTuple):
     parse: Callable[[str], Any]
     help: str
     unit: str = ""  # appended to the Config field when the name lacks it: PING_INTERVAL → ping_interval_ms
+    secret: bool = False  # its value is never echoed (errors name the setting only; Config's repr leaves it out)
 
     @property
     def field(self) -> str:
@@ -528,6 +551,9 @@ SETTINGS: tuple[Setting, ...] = (
             "0 = the event loop alone"),
     Setting("CORS_ORIGINS", "*", _parse_origins, "Allowed browser origins for the REST API and Socket.IO, comma-separated, or *"),
     Setting("TRUSTED_PROXIES", "", _parse_proxies, "Proxies (IPs or CIDRs) whose X-Forwarded-For is trusted in logs"),
+    Setting("AUTH_TOKEN", "", _parse_token, "Token that REST (Authorization: Bearer) and Socket.IO (auth.token) "
+            "require; empty = no authentication. Never logged", secret=True),
+    Setting("METRICS_PUBLIC", "true", _parse_bool, "/metrics without the token; false = it needs AUTH_TOKEN like the REST API"),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -572,6 +598,8 @@ class Config:
     fanout_threads: int | None = None  # None = auto (see fanout_helper_threads)
     cors_origins: tuple[str, ...] = ("*",)
     trusted_proxies: tuple[str, ...] = ()
+    auth_token: str = dataclasses.field(default="", repr=False)  # a secret: never in a repr, a log or an error
+    metrics_public: bool = True
 
     @property
     def symbols(self) -> tuple[str, ...]:
@@ -614,7 +642,8 @@ class Config:
             try:
                 values[setting.field] = setting.parse(raw)
             except ValueError as exc:
-                raise ConfigError(f"invalid {setting.name} ({source}) = {raw!r}: {exc}") from None
+                shown = "(hidden)" if setting.secret else repr(raw)
+                raise ConfigError(f"invalid {setting.name} ({source}) = {shown}: {exc}") from None
         return cls(**values)
 
 
@@ -2181,7 +2210,7 @@ class RouteKind(Enum):
 
 
 class RouteAuth(Enum):
-    """What a route will need when a token is configured (not enforced yet: no token setting)."""
+    """What a route needs when AUTH_TOKEN is set (check_auth, called by the HTTP handler)."""
 
     OPEN = "open"          # health probes and the dashboard's files: never a credential
     TOKEN = "token"        # the data: REST history and Socket.IO
@@ -2226,6 +2255,8 @@ ROUTES: dict[str, Route] = dict([
     ("/favicon.ico", Route("static", RouteKind.FAVICON)),
 ])
 # Prefixes, tried when no exact path matches.
+# Engine.IO's requests themselves stay open: as in socket.io, the token rides in the Socket.IO
+# CONNECT packet (`auth`), which BboApp.on_connect checks.
 EIO_ROUTE = Route(EIO_PATH, RouteKind.EIO, cors=True, auth=RouteAuth.TOKEN)
 STATIC_DIR_ROUTE = Route("static", RouteKind.STATIC)                       # /static/<file>
 UNKNOWN_API_ROUTE = Route("other", RouteKind.API, cors=True, auth=RouteAuth.TOKEN)  # /api/<typo>: JSON 404
@@ -2263,6 +2294,58 @@ def check_method(req: HttpRequest, route: Route) -> None:
     """
     if req.method not in ALLOWED_METHODS and route.kind is not RouteKind.EIO:
         raise HttpError(405, f"method {req.method} not allowed", [("Allow", ", ".join(ALLOWED_METHODS))])
+
+
+# -- authentication (AUTH_TOKEN) ------------------------------------------------------------
+
+def token_matches(presented: Any, expected: str) -> bool:
+    """Whether a client's token is AUTH_TOKEN, in a time that says nothing about either.
+
+    Both are hashed first, so that hmac.compare_digest compares equal-length bytes (on its own
+    it returns early on a length difference); `presented` comes from a client and may be any
+    JSON value or text: what is no string never matches, and surrogatepass encodes every str
+    (a lone surrogate from JSON too) to bytes no other string has.
+    """
+    if not expected or not isinstance(presented, str):
+        return False
+    return hmac.compare_digest(_token_digest(presented), _token_digest(expected))
+
+
+def _token_digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
+def bearer_token(req: HttpRequest) -> str | None:
+    """The token of `Authorization: Bearer <token>` (the scheme is case-insensitive, RFC 9110 §11.1)."""
+    scheme, _, token = (req.header("authorization") or "").strip().partition(" ")
+    if scheme.lower() != AUTH_SCHEME.lower():
+        return None
+    return token.strip() or None
+
+
+def route_needs_token(route: Route, metrics_public: bool) -> bool:
+    """Whether a route takes a token (once AUTH_TOKEN is set): TOKEN routes, and METRICS unless METRICS_PUBLIC."""
+    return route.auth is RouteAuth.TOKEN or (route.auth is RouteAuth.METRICS and not metrics_public)
+
+
+def check_auth(req: HttpRequest, route: Route, token: str, metrics_public: bool) -> None:
+    """Let a request of an API route through when no token is configured, the route is open, or it
+    carries the token.
+
+    Raises:
+        HttpError: 401 with `WWW-Authenticate: Bearer` (RFC 6750 §3; `error="invalid_token"`
+            when a token was sent but is not the one).
+    """
+    if not token or not route_needs_token(route, metrics_public):
+        return
+    presented = bearer_token(req)
+    if token_matches(presented, token):
+        return
+    if presented is None:
+        raise HttpError(401, f"this server needs a token: send Authorization: {AUTH_SCHEME} <token>",
+                        [("WWW-Authenticate", AUTH_SCHEME)])
+    raise HttpError(401, "the token is not the one this server takes",
+                    [("WWW-Authenticate", f'{AUTH_SCHEME} error="invalid_token"')])
 
 
 def handle_api(req: HttpRequest, ctx: ApiContext, route: Route | None = None) -> HttpResponse:
@@ -4280,12 +4363,15 @@ class BboApp:
         feed_status: returns the feed status object (the "feed" of /healthz), sent on connect.
         now_ms: wall clock in ms for `pong` (injectable for tests).
         symbols: the configured symbols (what "all symbols" means before each has sent data).
+        auth_token: AUTH_TOKEN; when set, a CONNECT must carry `auth: {"token": ...}` with it.
     """
 
     def __init__(self, sio: SioServer, hub: Hub, latest_bbos: Callable[[], Iterable[Bbo]],
                  feed_status: Callable[[], dict[str, Any]],
-                 now_ms: Callable[[], int] = now_ms, symbols: Callable[[], Iterable[str]] = tuple) -> None:
+                 now_ms: Callable[[], int] = now_ms, symbols: Callable[[], Iterable[str]] = tuple,
+                 auth_token: str = "") -> None:
         self.hub = hub
+        self.auth_token = auth_token
         self.latest_bbos = latest_bbos
         self.symbols = symbols          # the configured symbols, including those not heard from yet
         self.feed_status = feed_status
@@ -4299,6 +4385,15 @@ class BboApp:
         sio.on("unsubscribe")(self.on_unsubscribe)
 
     def on_connect(self, sock: SioSocket, auth: Any) -> None:
+        if self.auth_token:
+            # Only `token` is read: the auth object may carry other keys (replay, recovery).
+            presented = auth.get("token") if isinstance(auth, dict) else None
+            if not token_matches(presented, self.auth_token):
+                log.info("sio %s: client %s refused: %s token", short_sid(sock.conn.sid), sock.conn.peer,
+                         "no" if presented is None else "wrong")
+                # (ref: io.use() calling `next(new Error("unauthorized"))` answered 40, 40{"token":"x"} and
+                # 40{"token":5} with 44{"message":"unauthorized"}; the connection stayed and took a next CONNECT.)
+                raise SioConnectRefused(AUTH_REFUSED)
         log.info("sio %s: client %s connected (%s)", short_sid(sock.conn.sid), sock.conn.peer, sock.conn.transport)
         sock.emit("welcome", {"message": "Welcome to BBO Stream"})
         sock.emit("feed_status", self.feed_status())
@@ -5775,6 +5870,10 @@ class HttpServer:
             return error_response(HttpError(405, f"method POST not allowed on {req.path[:100]}",
                                             [("Allow", "GET, HEAD, OPTIONS")]))
         if route.kind is RouteKind.API:
+            try:  # the one place REST authentication happens: by the route table's `auth`
+                check_auth(req, route, self.cfg.auth_token, self.cfg.metrics_public)
+            except HttpError as exc:
+                return error_response(exc)
             return handle_api(req, self.app.api_context(), route)
         if route.kind is RouteKind.FAVICON:
             return HttpResponse(200, FAVICON_SVG, "image/svg+xml", [("Cache-Control", "max-age=86400")])
@@ -5887,7 +5986,8 @@ class App:
         self.eio = EioServer.from_config(cfg)               # Engine.IO endpoint (§16)
         self.sio = SioServer(self.eio)                       # Socket.IO on top of it (§15)
         self.bbo_app = BboApp(self.sio, self.hub, lambda: self.history.latest().values(),
-                              lambda: self.feed.status(now_ms()), symbols=lambda: cfg.symbols)
+                              lambda: self.feed.status(now_ms()), symbols=lambda: cfg.symbols,
+                              auth_token=cfg.auth_token)
         self.http: HttpServer | None = None
         self.stop_event = asyncio.Event()
         self.started_ms = now_ms()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import urllib.parse
 import urllib.request
 import http.client
 import math
@@ -903,11 +904,13 @@ _JS_REASON = ("node not on PATH" if NODE is None else
 needs_node = pytest.mark.skipif(bool(_JS_REASON), reason=_JS_REASON or "-")
 
 
-def readme_example(language: str) -> str:
-    """The ```<language> block under README.md's "### Client example (<language>)" heading: what users copy."""
+def readme_example(language: str, heading: str = "") -> str:
+    """The ```<language> block under README.md's "### Client example (<language>)" heading (or
+    another `heading`, up to the next heading): what users copy."""
     readme = (HERE / "README.md").read_text()
-    section = re.search(rf"^### Client example \({language}\)\n(.*?)(?=^##)", readme, re.M | re.S)
-    assert section, f"README.md has no '### Client example ({language})' section"
+    heading = heading or f"### Client example ({language})"
+    section = re.search(rf"^{re.escape(heading)}\n(.*?)(?=^##)", readme, re.M | re.S)
+    assert section, f"README.md has no '{heading}' section"
     block = re.search(rf"^```{language.lower()}\n(.*?)^```", section[1], re.M | re.S)
     assert block, f"README.md's '### Client example ({language})' has no ```{language.lower()} block"
     return block[1]
@@ -1119,6 +1122,25 @@ def test_server_ssl_context_requires_tls_1_2(tmp_path):
     assert bs.ensure_certificate(str(cert), str(key)) == (str(cert), str(key))
     ctx = bs.make_server_ssl_context(str(cert), str(key))
     assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+TOKEN = "s3cr3t-T0ken_for.tests~+/=="   # every character class a Bearer token may hold
+
+
+def test_auth_token_is_off_by_default_and_never_shown_in_a_repr_or_an_error():
+    cfg = bs.Config.from_sources([], {})
+    assert (cfg.auth_token, cfg.metrics_public) == ("", True)
+    cfg = bs.Config.from_sources(["--auth-token", f" {TOKEN} ", "--metrics-public", "false"], {})
+    assert (cfg.auth_token, cfg.metrics_public) == (TOKEN, False)
+    assert bs.Config.from_sources([], {"AUTH_TOKEN": TOKEN}).auth_token == TOKEN
+    assert TOKEN not in repr(cfg) and TOKEN not in str(cfg)
+    for bad in ("two words", "quote\"d", "é" * 3, "x" * (bs.AUTH_TOKEN_MAX_CHARS + 1), "==abc"):
+        for argv, env in ((["--auth-token", bad], {}), ([], {"AUTH_TOKEN": bad})):
+            with pytest.raises(bs.ConfigError) as info:
+                bs.Config.from_sources(argv, env)
+            assert "AUTH_TOKEN" in str(info.value) and "(hidden)" in str(info.value), str(info.value)
+            assert bad not in str(info.value)
+    assert bs.Config.from_sources(["--auth-token", "x" * bs.AUTH_TOKEN_MAX_CHARS], {}).auth_token
 
 
 # ---- §4 BBO model and feed parsing ------------------------------------------------------
@@ -2119,6 +2141,54 @@ def test_healthz_always_200_and_readyz_only_when_live():
     assert status == 503 and body["status"] == "not ready" and body["feed"]["state"] == "backoff"
     status, body = api_json(make_ctx(history, "live"), "/readyz")
     assert status == 200 and body["status"] == "ready"
+
+
+# -- authentication
+
+def test_token_matches_only_the_same_string_through_compare_digest_on_bytes(monkeypatch):
+    compared: list[tuple[Any, Any]] = []
+    real = bs.hmac.compare_digest
+    monkeypatch.setattr(bs.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    assert bs.token_matches(TOKEN, TOKEN)
+    assert compared and all(isinstance(a, bytes) and isinstance(b, bytes) for a, b in compared)
+    for other in (TOKEN[:-1], TOKEN + "x", TOKEN.upper(), "", " " + TOKEN, "\ud800", "?", "ü"):
+        assert not bs.token_matches(other, TOKEN), other
+    assert not bs.token_matches("\ud800", "?")               # a lone surrogate (JSON "\ud800") is not "?"
+    for not_text in (None, 5, [TOKEN], {"token": TOKEN}, True):
+        assert not bs.token_matches(not_text, TOKEN)
+    assert not bs.token_matches("", "")                      # no token configured: nothing "matches"
+
+
+@pytest.mark.parametrize("value, token", [
+    (f"Bearer {TOKEN}", TOKEN), (f"bearer  {TOKEN} ", TOKEN), (f"BEARER {TOKEN}", TOKEN),
+    (f"Basic {TOKEN}", None), ("Bearer", None), ("Bearer ", None), (TOKEN, None), (None, None),
+])
+def test_bearer_token_reads_the_authorization_header(value, token):
+    req = parse(head("GET /api/bbo HTTP/1.1", "Host: x", *([f"Authorization: {value}"] if value else [])))
+    assert bs.bearer_token(req) == token
+
+
+@pytest.mark.parametrize("path, metrics_public, needs", [
+    ("/api/bbo", True, True), ("/api/history/updates", True, True), ("/api/typo", True, True),
+    ("/healthz", True, False), ("/readyz", False, False), ("/", False, False), ("/app.js", False, False),
+    ("/metrics", True, False), ("/metrics", False, True),
+])
+def test_check_auth_follows_the_route_table(path, metrics_public, needs):
+    route = bs.resolve_route(path)
+    assert bs.route_needs_token(route, metrics_public) is needs
+
+    def outcome(token: str, *headers: str) -> tuple[int, str | None] | None:
+        req = parse(head(f"GET {path} HTTP/1.1", "Host: x", *headers))
+        try:
+            bs.check_auth(req, route, token, metrics_public)
+        except bs.HttpError as exc:
+            return exc.status, dict(exc.headers).get("WWW-Authenticate")
+        return None
+
+    assert outcome("") is None and outcome("", "Authorization: Bearer wrong") is None  # no AUTH_TOKEN: all open
+    assert outcome(TOKEN, f"Authorization: Bearer {TOKEN}") is None
+    assert outcome(TOKEN) == ((401, "Bearer") if needs else None)
+    assert outcome(TOKEN, "Authorization: Bearer wrong") == ((401, 'Bearer error="invalid_token"') if needs else None)
 
 
 # ---- §8 Engine.IO v4 codec -------------------------------------------------------------------
@@ -3750,6 +3820,24 @@ def test_connect_answer_then_welcome_then_the_feed_status(tmp_path):
         assert feed == health
 
 
+def test_with_auth_token_a_connect_needs_auth_token_else_connect_error_unauthorized(tmp_path):
+    with LiveServer(tmp_path, auth_token=TOKEN) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        ws = srv.raw_ws()
+        ws.recv_text()
+        # Refused as socket.io middleware `next(new Error("unauthorized"))` refuses; the Engine.IO
+        # connection stays, so the client may try again.
+        for connect in ("40", '40{"token":"wrong"}', '40{"token":5}', '40{"tok":"%s"}' % TOKEN, '40{"token":null}'):
+            ws.send_text(connect)
+            assert ws.recv_text() == '44{"message":"unauthorized"}', connect
+        assert srv.call(lambda: srv.app.hub.stats()["clients"]) == 0
+        ws.send_text(json.dumps({"token": TOKEN, "offset": "1-2"}).join(("40", "")))  # other keys are ignored
+        assert ws.recv_text().startswith('40{"sid":')
+        assert ws.recv_text() == '42["welcome",{"message":"Welcome to BBO Stream"}]'
+        srv.wait(lambda: srv.app.hub.stats()["clients"] == 1, "the client on the hub")
+        assert not srv.call(lambda: srv.fed.srv.events.logged(re.escape(TOKEN)))
+
+
 def test_request_initial_data_sends_the_current_bbo_of_every_symbol(tmp_path):
     with LiveServer(tmp_path, ("BTCUSDT", "ETHUSDT", "BNBUSDT")) as srv:
         srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
@@ -5359,8 +5447,8 @@ class PyClient:
     def _do(self, result: Any) -> Any:
         return result
 
-    def connect(self) -> None:
-        self._do(self.client.connect(self.url, transports=TRANSPORTS[self.mode], wait_timeout=5))
+    def connect(self, auth: Any = None) -> None:
+        self._do(self.client.connect(self.url, transports=TRANSPORTS[self.mode], wait_timeout=5, auth=auth))
 
     def call(self, event: str, data: Any = None) -> Any:
         return self._do(self.client.call(event, data, timeout=5))
@@ -5634,6 +5722,126 @@ def test_readme_javascript_example_runs_verbatim(tmp_path):
         assert not any("Error" in line for line in proc.lines()), proc.lines()
         proc.close()
         srv.wait_sessions(0)
+
+
+# ---- End to end: AUTH_TOKEN with the real App and the official clients -------------------------
+
+def _bearer(token: str) -> str:
+    return f"Authorization: Bearer {token}"
+
+
+@pytest.mark.parametrize("metrics_public", [True, False])
+def test_rest_needs_the_bearer_token_by_route_and_the_rest_stays_open(tmp_path, metrics_public):
+    with LiveServer(tmp_path, auth_token=TOKEN, metrics_public=metrics_public) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        guarded = ["/api/bbo", "/api/history/symbols", "/api/history/updates?symbol=BTCUSDT&format=csv",
+                   "/api/history/latency?symbol=BTCUSDT", "/api/history/stats", "/api/nope"]
+        if not metrics_public:
+            guarded.append("/metrics")
+        for target in guarded:
+            for headers in ((), (_bearer("wrong"),), (f"Authorization: Basic {TOKEN}",)):
+                for method in ("GET", "HEAD"):
+                    resp = srv.get(target, *headers, method=method)
+                    assert resp.status == 401, (target, headers, method, resp.status)
+                    assert (resp.header("www-authenticate") or "").startswith("Bearer"), resp.headers
+                    assert resp.header("access-control-allow-origin") == "*"   # a page of another origin reads why
+                    if method == "GET":
+                        assert set(resp.json()) == {"error"}
+            resp = srv.get(target, _bearer(TOKEN))
+            assert resp.status == (404 if target == "/api/nope" else 200), (target, resp.status, resp.body[:200])
+        assert srv.get("/api/bbo", _bearer(TOKEN)).json()["symbols"]["BTCUSDT"]["bidPrice"] == "1.00"
+        open_ = ["/healthz", "/readyz", "/", "/index.html", "/app.js", "/static/style.css", "/favicon.ico",
+                 bs.EIO_PATH + "?EIO=4&transport=polling"] + (["/metrics"] if metrics_public else [])
+        for target in open_:
+            assert srv.get(target).status == 200, target
+        # A browser's preflight for the header is answered without a token (it never carries one).
+        pre = srv.get("/api/bbo", "Origin: https://a.example", "Access-Control-Request-Method: GET",
+                      "Access-Control-Request-Headers: authorization", method="OPTIONS")
+        assert pre.status == 204 and pre.header("access-control-allow-headers") == "authorization"
+        assert not srv.call(lambda: srv.fed.srv.events.logged(re.escape(TOKEN)))
+
+
+def test_without_auth_token_no_route_asks_for_one(tmp_path):
+    with LiveServer(tmp_path) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        for target in ("/api/bbo", "/api/history/symbols", "/metrics", "/healthz"):
+            assert srv.get(target).status == 200 and srv.get(target, _bearer("anything")).status == 200
+
+
+@pytest.mark.parametrize("mode", list(TRANSPORTS))
+def test_python_client_is_refused_without_the_token_and_gets_updates_with_it(tmp_path, mode):
+    with LiveServer(tmp_path, auth_token=TOKEN) as srv:
+        srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
+        for auth in (None, {"token": "wrong"}, {"other": TOKEN}):
+            client = srv.keep(PyClient(srv.url, mode))
+            client.client.on("connect_error", lambda data: client.inbox.put("connect_error", data))
+            with pytest.raises(socketio.exceptions.ConnectionError, match="failed to connect"):
+                client.connect(auth=auth)
+            assert client.inbox.nth("connect_error") == {"message": "unauthorized"}, auth
+            assert not client.inbox.of("welcome")
+        client = srv.keep(PyClient(srv.url, mode))
+        client.connect(auth={"token": TOKEN})
+        assert client.inbox.nth("welcome") == {"message": "Welcome to BBO Stream"}
+        srv.wait(lambda: srv.app.hub.stats()["clients"] == 1, "the client on the hub")
+        sent = srv.send("btcusdt", "28750.11", "0.00000000", "28750.12", "7")
+        assert_update_is(client.inbox.nth("bbo_update"), sent)
+        client.disconnect()
+
+
+JS_AUTH_DRIVER = r"""
+// socket.io-client with io(url, {auth: {token}}): first no token, then a wrong one, then the right one.
+const { io } = require("socket.io-client");
+const [url, mode, token] = process.argv.slice(2);
+const transports = {websocket: ["websocket"], polling: ["polling"], upgrade: ["polling", "websocket"]}[mode];
+const out = (o) => process.stdout.write(JSON.stringify(o) + "\n");
+const attempt = (auth, next) => {
+  const socket = io(url, { transports, reconnection: false, timeout: 5000, forceNew: true, ...(auth ? {auth} : {}) });
+  socket.on("connect_error", (err) => { out({ev: "connect_error", d: err.message}); socket.close(); next(); });
+  socket.on("connect", () => out({ev: "connect", d: socket.io.engine.transport.name}));
+  socket.on("bbo_update", (u) => { out({ev: "bbo_update", d: u}); socket.close(); process.exit(0); });
+};
+attempt(null, () => attempt({token: "wrong"}, () => attempt({token}, () => process.exit(1))));
+"""
+
+
+@needs_node
+@pytest.mark.parametrize("mode", list(TRANSPORTS))
+def test_javascript_client_gets_connect_error_unauthorized_then_connects_with_the_token(tmp_path, mode):
+    with LiveServer(tmp_path, auth_token=TOKEN) as srv:
+        srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
+        script = tmp_path / "auth_driver.js"
+        script.write_text(JS_AUTH_DRIVER)
+        proc = srv.keep(OutputReader([NODE or "node", str(script), srv.url, mode, TOKEN], tmp_path,
+                                     {"NODE_PATH": str(JS_CLIENT.parent)}))
+        proc.inbox.wait(lambda: proc.inbox.of("connect") or proc.inbox.of("eof"), 10, "node to connect")
+        assert proc.inbox.of("connect_error") == ["unauthorized", "unauthorized"], proc.lines()
+        srv.wait(lambda: srv.app.hub.stats()["clients"] == 1, "the client on the hub")
+        sent = srv.send("btcusdt", "28750.11", "0.00000000", "28750.12", "7")
+        assert_update_is(proc.inbox.nth("bbo_update"), sent)
+
+
+@pytest.mark.parametrize("language", ["Python", "JavaScript"])
+def test_readme_authentication_examples_are_refused_with_a_wrong_token_and_stream_with_the_right_one(tmp_path, language):
+    if language == "JavaScript" and _JS_REASON:
+        pytest.skip(_JS_REASON)
+    code = readme_example(language, "## Authentication")
+    assert code.count("http://localhost:5000") == 1 and code.count("YOUR_TOKEN") == 1
+    argv = [sys.executable, "-u"] if language == "Python" else [NODE or "node"]
+    with LiveServer(tmp_path, auth_token=TOKEN) as srv:
+        srv.send("btcusdt", "28750.10", "1.500", "28750.20", "0.250")
+        for token, expected in (("wrong", r"refused: .*"), (TOKEN, r"BTCUSDT 28750\.11 28750\.12")):
+            script = tmp_path / f"auth_example_{len(token)}.{'py' if language == 'Python' else 'js'}"
+            script.write_text(code.replace("http://localhost:5000", srv.url).replace("YOUR_TOKEN", token))
+            proc = srv.keep(OutputReader([*argv, str(script)], tmp_path, {"NODE_PATH": str(JS_CLIENT.parent)}))
+            if token == TOKEN:
+                srv.wait(lambda: srv.app.hub.stats()["clients"] == 1, "the example on the hub")
+                srv.send("btcusdt", "28750.11", "0.00000000", "28750.12", "7")
+            proc.wait_line(expected)
+            if token != TOKEN:                     # refused: the example ends by itself
+                proc.inbox.wait(lambda: proc.inbox.of("eof"), 10, "the refused example to exit")
+                if language == "JavaScript":
+                    assert "refused: unauthorized" in proc.lines(), proc.lines()
+            proc.close()
 
 
 # ---- End to end: faults against the real App fed by FakeBinance --------------------------------
@@ -7271,7 +7479,7 @@ class DashExchange(FakeBinanceThread):
 # ---------------------------------------------------------------------------------------------
 
 class DashServer:
-    def __init__(self, exchange: DashExchange, cache_dir: Path) -> None:
+    def __init__(self, exchange: DashExchange, cache_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.exchange = exchange
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -7280,7 +7488,7 @@ class DashServer:
         self.proc = subprocess.Popen(
             [sys.executable, str(DASH_REPO / "bbo_stream.py"), "--symbol", "btcusdt,ethusdt", "--use-ssl", "false",
              "--web-host", "127.0.0.1", "--web-port", str(self.port), "--cache-dir", str(cache_dir),
-             "--websocket-base-url", exchange.fake.base_url, "--feed-stale-seconds", "2"],
+             "--websocket-base-url", exchange.fake.base_url, "--feed-stale-seconds", "2", *extra_args],
             cwd=DASH_REPO, stdout=self.log, stderr=subprocess.STDOUT)
 
     def log_tail(self, n: int = 30) -> str:
@@ -7952,3 +8160,54 @@ def test_dashboard_desktop_screenshot(dash_open: Any) -> None:
     assert o["scrollWidth"] <= o["innerWidth"], o
     pg.page.wait_for_timeout(700)     # let the price flash fade
     assert pg.screenshot("dashboard-desktop.png").stat().st_size > 50_000
+
+
+def test_dashboard_asks_for_the_token_once_then_shows_live_prices_and_downloads_csv_with_the_header(
+        dash_open: Any, dash_server: DashServer, tmp_path: Path) -> None:
+    ex = dash_server.exchange
+    server = DashServer(ex, tmp_path / "cache", ("--auth-token", TOKEN))   # the same fake exchange feeds it
+    try:
+        server.wait_feed("live")
+        # Chromium reports each refused REST fetch on the console ("...status of 401"): expected here.
+        pg = dash_open(base_url=server.url, allowed_console=(r"status of 401",))
+        urls: list[str] = []
+        pg.page.on("request", lambda req: urls.append(req.url))
+        pg.wait_js("() => document.getElementById('auth-dialog').open")
+        assert "needs an access token" in pg.text("#auth-message")
+        assert pg.js("bboDebug.connection().state") != "connected"
+
+        pg.page.fill("#auth-token", "wrong-token")
+        pg.page.click("#auth-submit")
+        pg.wait_js("() => document.getElementById('auth-dialog').open && "
+                   "document.getElementById('auth-message').textContent.includes('did not accept')")
+        refused = [p for p in pg.problems if p.startswith("HTTP 401")]
+        assert refused and all(re.match(r"HTTP 401 for GET \S+/api/", p) for p in refused), refused
+
+        pg.page.fill("#auth-token", TOKEN)
+        pg.page.click("#auth-submit")
+        pg.wait_connected("websocket")
+        assert not pg.js("document.getElementById('auth-dialog').open")
+        assert pg.js("sessionStorage.getItem('bbo.token')") == TOKEN
+        fresh = ("43299.10", "0.50000000", "43299.20", "0.25000000")
+        ex.send("BTCUSDT", *fresh)
+        pg.wait_bbo(*fresh)
+
+        # The CSV: a fetch carrying the header, saved from a blob: URL.
+        pg.wait_js("() => document.getElementById('hist-csv').getAttribute('aria-disabled') === 'false'")
+        with pg.page.expect_request(lambda r: "format=csv" in r.url) as csv_req, pg.page.expect_download() as dl:
+            pg.page.click("#hist-csv")
+        assert csv_req.value.all_headers().get("authorization") == f"Bearer {TOKEN}"
+        assert dl.value.url.startswith("blob:")
+        assert Path(dl.value.path()).read_text().startswith("symbol,"), "not the CSV of the updates"
+        assert [p for p in pg.problems if p.startswith("HTTP 401")] == refused, "a request with the token was refused"
+
+        # Asked once: a reload in the same tab connects with the kept token, without the dialog.
+        pg.page.reload()
+        pg.wait_connected("websocket")
+        pg.wait_js("() => document.getElementById('hist-table').querySelector('tbody tr[data-update-id]')")
+        assert not pg.js("document.getElementById('auth-dialog').open")
+
+        assert urls and not [u for u in urls if TOKEN in u or urllib.parse.quote(TOKEN, safe="") in u]
+        pg.problems[:] = [p for p in pg.problems if p not in refused]
+    finally:
+        server.stop()

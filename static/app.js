@@ -9,7 +9,8 @@
  *   §1  Helpers      DOM writes that skip no-ops, formatting, exact decimal arithmetic
  *   §2  Connection   all talk with the server: the Engine.IO v4 / Socket.IO v5 client (WebSocket,
  *                    long-polling fallback, reconnect with backoff + jitter, heartbeat, acks),
- *                    the dashboard's socket and its events, round trip + clock offset, REST fetches
+ *                    the access token (AUTH_TOKEN), the dashboard's socket and its events,
+ *                    round trip + clock offset, REST fetches
  *   §3  State        the per-symbol store (BBO, live points, sessions), feed status, statistics,
  *                    what each server event changes in it, its copy in localStorage
  *   §4  Rendering    the frame scheduler (what repaints when), prices, symbol tabs, status
@@ -48,6 +49,8 @@
  *              #msg-count #msg-rate #conn-duration #stats-transport #conn-reconnects
  *              #fd-state #fd-market #fd-since #fd-age #fd-next #fd-messages #fd-reconnects
  *              #fd-duplicates #fd-crossed #fd-parse #fd-reason
+ *   Token      #auth-dialog (a modal <dialog>, open while a token is asked for) #auth-form #auth-token
+ *              #auth-message (why it asks: none given, or the last one was refused)
  *   History    #hist-symbol #hist-range #hist-start #hist-end #hist-limit #hist-load #hist-csv
  *              #hist-stats (stat tiles [data-stat=count|min|mean|p50|p90|p99|max]) #hist-error
  *              #hist-table (tbody rows newest first, tr[data-update-id]) #hist-older #hist-newer #hist-page
@@ -214,13 +217,19 @@ function fmtBps(bps) {
 // any packet the connection is considered dead and we reconnect.
 
 class SocketIoClient {
-  constructor({ path = '/socket.io/', mode = 'auto', onEvent, onState, onConnect, onDisconnect }) {
+  constructor({ path = '/socket.io/', mode = 'auto', onEvent, onState, onConnect, onDisconnect, auth, onUnauthorized }) {
     this.path = path;
     this.mode = mode;                 // auto | polling | websocket
     this.onEvent = onEvent || (() => {});
     this.onState = onState || (() => {});
     this.onConnect = onConnect || (() => {});
     this.onDisconnect = onDisconnect || (() => {});
+    this.auth = auth || (() => null);  // the CONNECT packet's `auth` object (null: none is sent)
+    // CONNECT_ERROR "unauthorized": (the auth object sent) -> a promise resolved when it is worth
+    // trying again (a token was entered); meanwhile no reconnect is scheduled.
+    this.onUnauthorized = onUnauthorized || null;
+    this.waitingAuth = false;         // refused for its token: waiting for onUnauthorized
+    this._sentAuth = null;            // the auth object of the last CONNECT
     this.state = 'idle';              // connecting | connected | reconnecting | offline
     this.transport = null;            // websocket | polling (while an Engine.IO session is open)
     this.sid = null;                  // Engine.IO session id
@@ -454,7 +463,8 @@ class SocketIoClient {
         this.sid = o.sid || null;
         if (o.pingInterval > 0) this.pingInterval = o.pingInterval;
         if (o.pingTimeout > 0) this.pingTimeout = o.pingTimeout;
-        this._send('40');                       // Socket.IO CONNECT to "/"
+        this._sentAuth = this.auth();
+        this._send('40' + (this._sentAuth ? JSON.stringify(this._sentAuth) : ''));   // Socket.IO CONNECT to "/"
         clearTimeout(this._connectTimer);
         this._connectTimer = setTimeout(() => this._lost('connect timeout'), 10000);
         break;
@@ -512,9 +522,21 @@ class SocketIoClient {
         }
         break;
       }
-      case '4':
-        this._lost(`connect error: ${(data && data.message) || 'refused'}`);
+      case '4': {
+        const message = (data && data.message) || 'refused';
+        this._lost(`connect error: ${message}`);
+        if (message === 'unauthorized' && this.onUnauthorized) {
+          // The same token would be refused again: no backoff retry, but one at once when a token is entered.
+          clearTimeout(this._retryTimer);
+          this.reconnectAt = null;
+          this.waitingAuth = true;
+          this.onUnauthorized(this._sentAuth).then(() => {
+            this.waitingAuth = false;
+            this.retryNow();
+          });
+        }
         break;
+      }
       default: break;
     }
   }
@@ -546,8 +568,76 @@ class SocketIoClient {
   }
 }
 
+// --- the access token: asked for once, kept for the tab, sent with every request --------------
+// A server started with AUTH_TOKEN refuses the Socket.IO CONNECT ("unauthorized") and answers
+// the REST API 401. Either makes the page ask (a form, #auth-dialog); the token lives in
+// sessionStorage (this tab only, gone when it closes) and goes in the CONNECT's `auth` and in
+// `Authorization: Bearer` on every REST fetch, never in a URL (URLs reach logs and history).
+
+const AUTH_STORAGE_KEY = 'bbo.token';
+const auth = {
+  token: '',            // '' : none known (the server may not need one)
+  asking: false,        // the dialog is open
+  waiters: [],          // resolve functions of what waits for a token (refused fetches, the socket)
+};
+try { auth.token = sessionStorage.getItem(AUTH_STORAGE_KEY) || ''; } catch { /* storage blocked: ask each load */ }
+
+const authHeaders = () => (auth.token ? { Authorization: `Bearer ${auth.token}` } : {});
+
+/** The server refused `sent` ('' : no token was sent). Resolves once a token worth trying is known:
+ *  at once if another was entered since `sent` went out, else when the user enters one. */
+function needToken(sent) {
+  if (auth.token && auth.token !== sent) return Promise.resolve();
+  if (auth.token) {                         // the token kept is wrong: forget it
+    auth.token = '';
+    try { sessionStorage.removeItem(AUTH_STORAGE_KEY); } catch { /* ignore */ }
+  }
+  if (!auth.asking) askToken(sent ? 'The server did not accept that token. Enter it again.'
+                                  : 'This server needs an access token to show its data.');
+  return new Promise((resolve) => auth.waiters.push(resolve));
+}
+
+function askToken(message) {
+  auth.asking = true;
+  setText($('auth-message'), message);
+  const dialog = $('auth-dialog');
+  $('auth-token').value = '';
+  if (!dialog.open) dialog.showModal();
+  $('auth-token').focus();
+  dirty.status = true;
+  requestFrame();
+}
+
+function initAuth() {
+  // Escape would close the dialog and leave the page waiting for ever: the token is the way on.
+  $('auth-dialog').addEventListener('cancel', (e) => e.preventDefault());
+  $('auth-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const token = $('auth-token').value.trim();
+    if (!token) return;
+    auth.token = token;
+    try { sessionStorage.setItem(AUTH_STORAGE_KEY, token); } catch { /* kept in memory only */ }
+    auth.asking = false;
+    $('auth-dialog').close();
+    const waiters = auth.waiters;
+    auth.waiters = [];
+    for (const resolve of waiters) resolve();
+  });
+}
+
+/** fetch() of a REST URL with the token; a 401 asks for one, then tries again with it. */
+async function apiFetch(url, opts = {}) {
+  for (;;) {
+    const sent = auth.token;
+    const r = await fetch(url, { cache: 'no-store', ...opts, headers: { ...(opts.headers || {}), ...authHeaders() } });
+    if (r.status !== 401) return r;
+    await r.body?.cancel();
+    await needToken(sent);
+  }
+}
+
 async function fetchJson(url, opts = {}) {
-  const r = await fetch(url, { cache: 'no-store', ...opts });
+  const r = await apiFetch(url, opts);
   let body = null;
   try { body = await r.json(); } catch { /* not JSON */ }
   if (!r.ok) {
@@ -562,6 +652,9 @@ async function fetchJson(url, opts = {}) {
 
 const socket = new SocketIoClient({
   mode: ['polling', 'websocket'].includes(params.get('transport')) ? params.get('transport') : 'auto',
+  // Only `token` is ours in the auth object; a server without AUTH_TOKEN ignores it.
+  auth: () => (auth.token ? { token: auth.token } : null),
+  onUnauthorized: (sent) => needToken((sent && sent.token) || ''),
   onState: (s) => { state.conn.state = s; state.conn.transport = socket.transport; dirty.status = dirty.tabs = true; requestFrame(); },
   onConnect: () => { state.conn.transport = socket.transport; onConnect(); },
   onDisconnect,
@@ -1132,6 +1225,7 @@ function renderConnectionPill({ c, now }) {
   if (c.state === 'connected') connText = 'Connected';
   else if (c.state === 'connecting') connText = 'Connecting…';
   else if (c.state === 'offline') connText = 'Offline';
+  else if (socket.waitingAuth) connText = 'Token needed';
   else connText = socket.reconnectAt && socket.reconnectAt > now ? `Reconnecting in ${Math.ceil((socket.reconnectAt - now) / 1000)} s` : 'Reconnecting…';
   setAttr(el['conn-status'], 'data-state', c.state);
   setText(el['conn-text'], connText);
@@ -2224,7 +2318,8 @@ async function histLoad() {
   showHistError('');
   Object.assign(hist, { symbol: sym, start, end, limit: Number($('hist-limit').value) || 50, pages: [] });
   const csv = $('hist-csv');
-  csv.href = `/api/history/updates?symbol=${encodeURIComponent(sym)}&start_time=${start}&end_time=${end}&limit=10000&format=csv`;
+  // Fetched with the token header on click (histDownloadCsv): the link itself never leads to the API.
+  csv.dataset.url = `/api/history/updates?symbol=${encodeURIComponent(sym)}&start_time=${start}&end_time=${end}&limit=10000&format=csv`;
   csv.setAttribute('download', `${sym}-${start}-${end}.csv`);
   csv.setAttribute('aria-disabled', 'false');
   csv.title = 'Download the newest 10,000 updates of the range as CSV';
@@ -2283,6 +2378,39 @@ function histNote(r, kind) {
 
 const rowTime = (r) => (r.serverTimestamp ?? r.time);
 const rowKey = (r) => (r.updateId != null ? String(r.updateId) : `t${r.time}`);
+
+// A blob: URL handed to a download must outlive the click that starts it (revoking at once can
+// cancel the download); a minute is far longer than saving 10,000 rows (~1 MB) takes.
+const BLOB_URL_LIFETIME_MS = 60_000;
+
+/** The CSV: fetched with `Authorization` (a token must never go in a URL), saved from a blob: URL. */
+async function histDownloadCsv(e) {
+  e.preventDefault();
+  const link = $('hist-csv');
+  if (link.getAttribute('aria-disabled') === 'true' || !link.dataset.url || link.getAttribute('aria-busy') === 'true') return;
+  link.setAttribute('aria-busy', 'true');
+  try {
+    const r = await apiFetch(link.dataset.url);
+    if (!r.ok) {
+      let msg = `HTTP ${r.status}`;
+      try { msg = (await r.json()).error || msg; } catch { /* not JSON */ }
+      throw new Error(msg);
+    }
+    const href = URL.createObjectURL(await r.blob());
+    const a = document.createElement('a');
+    a.href = href;
+    a.download = link.getAttribute('download');
+    a.hidden = true;
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(href), BLOB_URL_LIFETIME_MS);
+  } catch (err) {
+    showHistError(`CSV: ${err.message}`);
+  } finally {
+    link.removeAttribute('aria-busy');
+  }
+}
 
 function histOlder() {
   if (!hist.rows.length) return;
@@ -2405,7 +2533,7 @@ function initHistory() {
   }
   $('hist-older').addEventListener('click', histOlder);
   $('hist-newer').addEventListener('click', histNewer);
-  $('hist-csv').addEventListener('click', (e) => { if ($('hist-csv').getAttribute('aria-disabled') === 'true') e.preventDefault(); });
+  $('hist-csv').addEventListener('click', histDownloadCsv);
   histRangeFromForm();
 }
 
@@ -2454,6 +2582,7 @@ function secondTick() {
 
 async function boot() {
   cacheElements();
+  initAuth();
   initChart();
   initChartInput();
   initSymbolInput();
