@@ -1708,7 +1708,8 @@ def decode_columns(text: str, kind: str, symbol: str | None = None) -> tuple[str
 # for every client.  Pure: raises HttpError(status) on bad input.
 
 HTTP_REASONS = {200: "OK", 101: "Switching Protocols", 204: "No Content", 304: "Not Modified",
-                400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+                400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+                405: "Method Not Allowed", 429: "Too Many Requests",
                 408: "Request Timeout", 411: "Length Required", 413: "Content Too Large",
                 414: "URI Too Long", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
                 501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
@@ -1914,10 +1915,17 @@ def error_response(exc: HttpError) -> HttpResponse:
     return json_response({"error": exc.message}, exc.status, exc.headers)
 
 
-def origin_allowed(origin: str | None, origins: tuple[str, ...]) -> bool:
+def origin_allowed(origin: str | None, origins: tuple[str, ...], host: str | None = None) -> bool:
     """Whether a request with this Origin header may use the API: no Origin (not a browser's
-    cross-site request), any origin with `*`, else one of CORS_ORIGINS (`null` never is)."""
-    return origin is None or origins == ("*",) or origin.rstrip("/") in origins
+    cross-site request), any origin with `*`, the server's own (the dashboard it serves, and
+    clients such as python-socketio that send their target as Origin: Origin's host is the
+    request's Host), else one of CORS_ORIGINS (`null` never is)."""
+    if origin is None or origins == ("*",) or origin.rstrip("/") in origins:
+        return True
+    if host:
+        with contextlib.suppress(ValueError):
+            return urllib.parse.urlsplit(origin).netloc.lower() == host.strip().lower()
+    return False
 
 
 def cors_headers(req: HttpRequest, origins: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -1929,7 +1937,7 @@ def cors_headers(req: HttpRequest, origins: tuple[str, ...]) -> list[tuple[str, 
     origin = req.header("origin")
     if origin is None:
         return []
-    if not origin_allowed(origin, origins):
+    if not origin_allowed(origin, origins, req.header("host")):
         return [("Vary", "Origin")]
     return [("Access-Control-Allow-Origin", origin), ("Access-Control-Allow-Credentials", "true"),
             ("Vary", "Origin")]
@@ -5158,7 +5166,7 @@ class EioServer:
         origin = req.header("origin")
         if origin is not None and has_invalid_header_char(origin):
             return self._error(3, upgrade)
-        if not origin_allowed(origin, self.cors_origins):
+        if not origin_allowed(origin, self.cors_origins, req.header("host")):
             # A page of another site must not open a session (cross-site WebSocket hijacking:
             # browsers send cookies and never apply CORS to WebSocket).  Shaped like the
             # reference's allowRequest refusal: 403, code 4.

@@ -4669,6 +4669,16 @@ def test_a_session_from_an_origin_not_in_cors_origins_is_refused_403(tmp_path, o
         with ws_connect(srv.port, "EIO=4&transport=websocket") as ws:
             assert ws.recv(timeout=3).startswith("0{")
         assert srv.raw().request("GET", eio_path())[0] == 200
+        # the server's own origin: its dashboard, and python-socketio, which sends its URL as Origin
+        assert srv.raw().request("GET", eio_path(), headers=(("Origin", "http://localhost"),))[0] == 200  # Host: localhost
+        client = socketio.Client(reconnection=False)
+        got = Inbox()
+        client.on("welcome", lambda data: got.put("welcome", data))
+        try:
+            client.connect(f"http://127.0.0.1:{srv.port}", transports=["websocket"], wait_timeout=5)
+            got.wait(lambda: got.of("welcome"), 5, "the welcome")
+        finally:
+            client.disconnect()
 
 
 def test_polling_cors_echoes_an_allowed_origin_with_credentials(tmp_path):
