@@ -49,7 +49,7 @@ every price distinct). Scenarios, one line each with its goal ("goal missed" doe
 hostile: the real server (as in faults) fed 100 updates/s by the fake exchange, 50 well-behaved WebSocket clients (the
 fanout load client: latency from the fake's send to the client's socket), first alone (quiet, the baseline of the same
 run), then beside 200 hostile clients (--quick: 20 good, 40 hostile, shorter windows) of one kind at a time, then of
-every kind at once: ping-no-read (WebSocket pings sent continuously, nothing read, SO_RCVBUF 4 KiB), partial-attachments
+every kind at once, then quiet again (how much the baseline itself moves; not in --quick): ping-no-read (WebSocket pings sent continuously, nothing read, SO_RCVBUF 4 KiB), partial-attachments
 (`4510-` binary event announcing 10 attachments, 9 binary frames of 1 MB, then silence), bad-post (polling sessions,
 each sent a 1 MB body of invalid packets, again and again), event-flood (joined "/", `42["subscribe",...]` up to
 10,000/s each), handshake-squat (bare polling handshakes, ≤ 20/s each, never a namespace). Per scenario: server RSS
@@ -1784,13 +1784,20 @@ class _HostileConn:
         self.port, self.rcvbuf = port, rcvbuf
         self.loop = asyncio.get_running_loop()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setblocking(False)
-        if rcvbuf:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.buf = bytearray()
 
     async def connect(self) -> None:
+        self.sock.setblocking(False)
+        if self.rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
         await self.loop.sock_connect(self.sock, ("127.0.0.1", self.port))
+
+    async def reconnect(self) -> None:
+        """A new connection in place of one the server closed."""
+        self.sock.close()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.buf.clear()
+        await self.connect()
 
     async def _more(self) -> None:
         data = await self.loop.sock_recv(self.sock, 65536)
@@ -1907,9 +1914,12 @@ async def _hostile_client(kind: str, port: int, deadline: float, stats: collecti
             placeholders = ",".join(f'{{"_placeholder":true,"num":{i}}}' for i in range(10))
             await c.send(_ws_frame(1, f'4510-["x",{placeholders}]'.encode()))
             blob = _ws_frame(2, b"\xab" * _MB)
-            for _ in range(9):
-                await asyncio.wait_for(c.send(blob), max(0.01, deadline - time.perf_counter()))
-                stats["1 MB attachments sent"] += 1
+            try:
+                for _ in range(9):
+                    await asyncio.wait_for(c.send(blob), max(0.01, deadline - time.perf_counter()))
+                    stats["1 MB attachments sent"] += 1
+            except (asyncio.TimeoutError, TimeoutError):
+                stats["send blocked at the end"] += 1
             cut = await c.discard_until(deadline) or await c.closed_by_server()
         elif kind == "event-flood":                   # joined "/", subscribe events as fast as it can
             await c.join()
@@ -1931,50 +1941,33 @@ async def _hostile_client(kind: str, port: int, deadline: float, stats: collecti
             stats["events sent"] += sent
             stats["_events_per_s_sum"] += round(sent / max(1e-3, time.perf_counter() - start))
             cut = await reader or cut or await c.closed_by_server()
-        elif kind == "bad-post":                      # polling sessions, each sent 1 MB of invalid packets
+        elif kind in ("bad-post", "handshake-squat"):  # polling: 1 MB of invalid packets / bare handshakes
             body = (b"9not-a-packet\x1e" * (_MB // 14 + 1))[:_MB]
-            host = f"Host: 127.0.0.1:{port}\r\n"
-            while deadline - time.perf_counter() > 0:
-                try:
-                    status, text = await asyncio.wait_for(c.request(f"GET {_EIO_PATH}polling HTTP/1.1\r\n{host}\r\n"),
-                                                          max(0.01, deadline - time.perf_counter()))
-                    stats[f"handshake {status}"] += 1
-                    if status != 200:
-                        await asyncio.sleep(0.1)
-                        continue
-                    stats["connected"] += 1
-                    sid = json.loads(text[1:])["sid"]
-                    status, _ = await asyncio.wait_for(c.request(
-                        f"POST {_EIO_PATH}polling&sid={sid} HTTP/1.1\r\n{host}Content-Type: text/plain;charset=UTF-8\r\n"
-                        f"Content-Length: {len(body)}\r\n\r\n", body), max(0.01, deadline - time.perf_counter()))
-                    stats[f"1 MB POST answered {status}"] += 1
-                except (asyncio.TimeoutError, TimeoutError):
-                    break
-                except (OSError, ValueError):
-                    stats["connections closed by the server"] += 1
-                    cut = True
-                    c.close()
-                    c = _HostileConn(port)
-                    await c.connect()
-        elif kind == "handshake-squat":               # bare polling handshakes, never a namespace
             host = f"Host: 127.0.0.1:{port}\r\n"
             while deadline - time.perf_counter() > 0:
                 t = time.perf_counter()
                 try:
-                    status, _ = await asyncio.wait_for(c.request(f"GET {_EIO_PATH}polling HTTP/1.1\r\n{host}\r\n"),
-                                                       max(0.01, deadline - t))
+                    status, text = await asyncio.wait_for(c.request(f"GET {_EIO_PATH}polling HTTP/1.1\r\n{host}\r\n"),
+                                                          max(0.01, deadline - t))
+                    stats[f"handshake {status}"] += 1
+                    stats["connected"] += status == 200
+                    if kind == "bad-post" and status == 200:
+                        sid = json.loads(text[1:])["sid"]
+                        status, _ = await asyncio.wait_for(c.request(
+                            f"POST {_EIO_PATH}polling&sid={sid} HTTP/1.1\r\n{host}Content-Type: text/plain;charset=UTF-8"
+                            f"\r\nContent-Length: {len(body)}\r\n\r\n", body), max(0.01, deadline - time.perf_counter()))
+                        stats[f"1 MB POST answered {status}"] += 1
+                        continue
                 except (asyncio.TimeoutError, TimeoutError):
+                    stats["request unanswered at the end"] += 1
                     break
                 except (OSError, ValueError):
                     stats["connections closed by the server"] += 1
                     cut = True
-                    c.close()
-                    c = _HostileConn(port)
-                    await c.connect()
+                    await c.reconnect()
                     continue
-                stats[f"handshake {status}"] += 1
-                stats["connected"] += status == 200
-                await asyncio.sleep(max(0.0, 0.05 - (time.perf_counter() - t)))   # ≤ 20 handshakes/s each
+                pause = 0.1 if kind == "bad-post" else 0.05   # bad-post: after a refusal; squat: ≤ 20/s each
+                await asyncio.sleep(max(0.0, pause - (time.perf_counter() - t)))
         else:
             raise ValueError(kind)
     except _CUT_ERRORS:
@@ -2072,6 +2065,7 @@ async def _hostile_run(kinds: list[str], good: int, per_kind: int, ramp_s: float
             if kinds:
                 hostile = _HostileProcs(kinds, per_kind, server.port, ramp_s + measure_s + 1.0)
             h_cpu0, srv0 = (hostile.cpu_s() if hostile else 0.0), _proc_cpu_s(server.pid)
+            busy0, pool0, self0 = _machine_busy_s(), pool.cpu_s(), time.process_time()
             t_ramp = time.perf_counter()
             t0 = t_ramp + ramp_s
             t1 = t0 + measure_s
@@ -2098,6 +2092,8 @@ async def _hostile_run(kinds: list[str], good: int, per_kind: int, ramp_s: float
             res["rss_peak_kb"] = max(peak, res["rss_end_kb"])
             res["server_cores"] = (_proc_cpu_s(server.pid) - srv0) / (t1 - t_ramp)
             res["hostile_cores"] = ((hostile.cpu_s() - h_cpu0) / (t1 - t_ramp)) if hostile else 0.0
+            res["others_cores"] = ((_machine_busy_s() - busy0 - (pool.cpu_s() - pool0) - (time.process_time() - self0))
+                                   / (t1 - t_ramp) - res["server_cores"] - res["hostile_cores"])
             await poller
             res["polls"] = polls
             try:                                              # can a new client still open a session now?
@@ -2116,7 +2112,10 @@ async def _hostile_run(kinds: list[str], good: int, per_kind: int, ramp_s: float
             res.update(held=out["held"], lost=out["lost"])
             res["hostile"] = await hostile.results() if hostile else {}
             res["server_alive"] = server.proc.poll() is None
-            metrics1 = await asyncio.to_thread(_eio_counters, server, 10.0)   # the hostile clients have stopped
+            for _ in range(3):                                # the hostile clients have stopped; a backlog may remain
+                metrics1 = await asyncio.to_thread(_eio_counters, server, 10.0)
+                if metrics1:
+                    break
             res["counters"] = ({k[4:]: metrics1[k] - metrics0.get(k, 0.0) for k in metrics1
                                 if k.endswith("_total") and metrics1[k] != metrics0.get(k, 0.0)}
                                if metrics1 else None)
@@ -2132,13 +2131,15 @@ def _hostile_line(name: str, r: dict[str, Any], quiet: dict[str, Any] | None, pe
     above = (r["rss_peak_kb"] - r["rss_idle_kb"]) / 1024
     s = (f"hostile: {name:<19} RSS idle {r['rss_idle_kb'] / 1024:.0f} MiB, peak {above:+.0f} MiB above idle "
          f"({(r['rss_end_kb'] - r['rss_idle_kb']) / 1024:+.0f} at the window's end)")
-    if name != "quiet":
+    if not name.startswith("quiet"):
         s += f" (goal < {HOSTILE_RSS_GOAL_MIB:.0f}) {_goal(above < HOSTILE_RSS_GOAL_MIB)}"
     s += (f"; good clients {r['held']}/{r['joined']} still connected, delivered {100 * r['delivered_frac']:.1f}%, "
           f"latency p50 {_ms(r['lat_p50'])} p99 {_ms(r['lat_p99'])}")
-    if quiet is not None and name != "quiet":
+    if quiet is not None and r is not quiet:
         ratio = r["lat_p99"] / quiet["lat_p99"] if quiet.get("lat_p99") else math.nan
-        s += f" = {ratio:.2f}× quiet (goal ≤ {HOSTILE_P99_GOAL_RATIO:g}×) {_goal(ratio <= HOSTILE_P99_GOAL_RATIO)}"
+        s += f" = {ratio:.2f}× quiet"
+        if not name.startswith("quiet"):
+            s += f" (goal ≤ {HOSTILE_P99_GOAL_RATIO:g}×) {_goal(ratio <= HOSTILE_P99_GOAL_RATIO)}"
     if r["lost"]:
         s += f", lost {r['lost']}"
     for kind, st in r["hostile"].items():
@@ -2155,7 +2156,8 @@ def _hostile_line(name: str, r: dict[str, Any], quiet: dict[str, Any] | None, pe
     s += (f"; server counters from before the hostile clients to after they stopped: {counters}; Engine.IO "
           f"sessions peak {polls['sessions_peak']:,.0f} (/metrics answered {polls['ok']}/{polls['ok'] + polls['failed']} "
           f"polls within 2 s); a new polling handshake at the window's end: {r['newcomer']}; server CPU "
-          f"{r['server_cores']:.2f} cores, hostile clients {r['hostile_cores']:.2f} cores; "
+          f"{r['server_cores']:.2f} cores, hostile clients {r['hostile_cores']:.2f} cores, other processes "
+          f"{r['others_cores']:.2f} cores; "
           f"server {'up' if r['server_alive'] else 'EXITED'}; {r['log_warnings']} warning lines in its log")
     return s
 
@@ -2179,7 +2181,7 @@ def bench_hostile(quick: bool) -> int:
           "handshake at the window's end is one of them)", flush=True)
     scenarios: list[tuple[str, list[str]]] = [("quiet", []), *((k, [k]) for k in HOSTILE_KINDS)]
     if not quick:
-        scenarios.append(("all-at-once", list(HOSTILE_KINDS)))
+        scenarios += [("all-at-once", list(HOSTILE_KINDS)), ("quiet-again", [])]   # the noise of the baseline
     rc, quiet = 0, None
     try:
         for name, kinds in scenarios:
