@@ -3111,6 +3111,16 @@ class EioSession:
             return self._abort("transport error", "1")
         return []  # OPEN, UPGRADE, NOOP (ref: `0`, `5`, `6`, `3probe` are ignored on a session)
 
+    def receive_pings(self, count: int, now_s: float) -> list[Action]:
+        """WebSocket ping frames (the transport answers them): they cost the client's budget like
+        packets, or a client that pings without end makes the server answer without end."""
+        if self.closed or self.inbound is None:
+            return []
+        for _ in range(count):
+            if not self.inbound.spend(now_s):
+                return self._abort(INBOUND_RATE_REASON, "1")
+        return []
+
     # -- upgrade (spec §Upgrade) ----------------------------------------------------
 
     def begin_upgrade(self, now_s: float) -> bool:
@@ -5018,6 +5028,10 @@ class EioConnection:
         elif link is self.ws:
             self._apply(self.session.receive_packet(pkt, now_s) if pkt else self.session.abort("parse error", now_s))
 
+    def on_ws_pings(self, link: WsLink, count: int) -> None:
+        if link is self.ws:
+            self._apply(self.session.receive_pings(count, self.server.now_s()))
+
     def on_ws_closed(self, link: WsLink) -> None:
         now_s = self.server.now_s()
         if link is self.ws:
@@ -5385,7 +5399,7 @@ class EioWebSocket:
         else:
             conn._flush(conflate=False)  # the open packet
         try:
-            await serve_ws_link(link, conn.on_ws_message)
+            await serve_ws_link(link, conn.on_ws_message, conn.on_ws_pings)
         finally:
             conn.on_ws_closed(link)
 
@@ -5426,7 +5440,7 @@ class WsLink:
     """One accepted WebSocket: the protocol object plus the streams it is driven over."""
 
     __slots__ = ("proto", "reader", "writer", "transport", "raw_fd", "writable", "backed_up", "_abort_timer",
-                 "_kind", "_parts")
+                 "_kind", "_parts", "pings")
 
     def __init__(self, proto: ServerProtocol, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
@@ -5442,6 +5456,7 @@ class WsLink:
         self._abort_timer: asyncio.TimerHandle | None = None  # ends a closing handshake the peer ignores
         self._kind = Opcode.TEXT            # opcode of the message being reassembled
         self._parts: list[bytes | bytearray | memoryview] = []  # its fragments so far
+        self.pings = 0                      # ping frames received and not yet reported
 
     def write(self, data: bytes) -> None:
         """Write whole frames; notes when the peer stops keeping up."""
@@ -5516,6 +5531,8 @@ class WsLink:
         self.write_pending()  # automatic pongs and close echoes
         messages: list[str | bytes] = []
         for frame in self.proto.events_received():
+            if isinstance(frame, Frame) and frame.opcode is Opcode.PING:
+                self.pings += 1  # answered by the protocol; counted against the client's budget
             if not isinstance(frame, Frame) or frame.opcode not in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
                 continue
             if frame.opcode is not Opcode.CONT:
@@ -5555,7 +5572,8 @@ async def _drain_answers(link: WsLink) -> bool:
         return False
 
 
-async def serve_ws_link(link: WsLink, on_message: Callable[[WsLink, str | bytes], None]) -> None:
+async def serve_ws_link(link: WsLink, on_message: Callable[[WsLink, str | bytes], None],
+                        on_pings: Callable[[WsLink, int], None] | None = None) -> None:
     """Read until the connection ends, handing each complete message to `on_message`.
 
     Text messages arrive as str, binary ones as bytes (Socket.IO attachments). Control frames
@@ -5573,6 +5591,10 @@ async def serve_ws_link(link: WsLink, on_message: Callable[[WsLink, str | bytes]
                     on_message(link, message)
                 if count % WS_MESSAGES_PER_YIELD == 0:
                     await asyncio.sleep(0)  # a read of many small messages must not hold up other clients
+            if link.pings:
+                pings, link.pings = link.pings, 0
+                if on_pings is not None and link.writable:
+                    on_pings(link, pings)
             if not data or proto.state is WsState.CLOSED:
                 return
             if link.transport.get_write_buffer_size() > WS_MAX_UNSENT_BYTES and not await _drain_answers(link):
