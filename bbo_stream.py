@@ -4960,6 +4960,8 @@ class EioConnection:
         if link is not None:
             if link.backed_up:
                 link.abort()  # it cannot take more bytes; nothing graceful is possible
+            elif reason == INBOUND_RATE_REASON:
+                link.abort()  # a flood: reading on while a closing handshake waits would serve it 10 s more
             else:
                 self._flush(conflate=True)
                 link.close(self._close_code)
