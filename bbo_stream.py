@@ -1716,8 +1716,11 @@ HTTP_REASONS = {200: "OK", 101: "Switching Protocols", 204: "No Content", 304: "
 ALLOWED_METHODS = ("GET", "HEAD", "POST", "OPTIONS")
 # \Z, not $: `$` also matches before a trailing "\n", which let a bare LF end a name or value.
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-# Field values: visible ASCII, space and tab, and obs-text (RFC 9110 §5.5); no CR/LF/NUL.
-_FIELD_VALUE_RE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*\Z")
+# Field values: visible ASCII, space and tab, and obs-text (RFC 9110 §5.5); no CR/LF/NUL.  The
+# same set is engine.io's checkInvalidHeaderChar (Origin) and what a response header may carry.
+_FIELD_VALUE_CHARS = r"\t\x20-\x7e\x80-\xff"
+_FIELD_VALUE_RE = re.compile(rf"^[{_FIELD_VALUE_CHARS}]*\Z")
+_FIELD_VALUE_UNSAFE_RE = re.compile(rf"[^{_FIELD_VALUE_CHARS}]")
 # C0 controls and DEL never belong in a request target, raw or percent-decoded in the path:
 # a 400 instead of a 404, and nothing of the kind reaches a route or a file name.
 _TARGET_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -1857,7 +1860,7 @@ def is_upgrade(req: HttpRequest) -> bool:
 
 def has_invalid_header_char(value: str) -> bool:
     """engine.io's checkInvalidHeaderChar on Origin: control characters, DEL or non-Latin-1."""
-    return any((ord(ch) < 32 and ch != "\t") or ord(ch) == 127 or ord(ch) > 255 for ch in value)
+    return _FIELD_VALUE_UNSAFE_RE.search(value) is not None
 
 
 # On every response: no MIME sniffing (a JSON error echoing input must never run as HTML), no
@@ -1875,9 +1878,6 @@ DASHBOARD_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-s
 
 def http_date(epoch_s: float) -> str:
     return email.utils.formatdate(epoch_s, usegmt=True)
-
-
-_FIELD_VALUE_UNSAFE_RE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")  # the complement of _FIELD_VALUE_RE's set
 
 
 def render_response(resp: HttpResponse, keep_alive: bool, head_only: bool = False, date: str = "") -> bytes:
@@ -2863,13 +2863,13 @@ class InboundBudget:
         self.tokens = self.capacity                     # what may be spent now
         self.at_s = now_s                               # when `tokens` was last brought up to date
 
-    def spend(self, now_s: float) -> bool:
-        """Take one packet's worth; False when the client is over its budget."""
+    def spend(self, now_s: float, count: int = 1) -> bool:
+        """Take ``count`` packets' worth; False when the client is over its budget."""
         self.tokens = min(self.capacity, self.tokens + (now_s - self.at_s) * self.rate_per_s)
         self.at_s = now_s
-        if self.tokens < 1.0:
+        if self.tokens < count:
             return False
-        self.tokens -= 1.0
+        self.tokens -= count
         return True
 
 
@@ -3114,12 +3114,9 @@ class EioSession:
     def receive_pings(self, count: int, now_s: float) -> list[Action]:
         """WebSocket ping frames (the transport answers them): they cost the client's budget like
         packets, or a client that pings without end makes the server answer without end."""
-        if self.closed or self.inbound is None:
+        if self.closed or self.inbound is None or self.inbound.spend(now_s, count):
             return []
-        for _ in range(count):
-            if not self.inbound.spend(now_s):
-                return self._abort(INBOUND_RATE_REASON, "1")
-        return []
+        return self._abort(INBOUND_RATE_REASON, "1")
 
     # -- upgrade (spec §Upgrade) ----------------------------------------------------
 
