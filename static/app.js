@@ -112,22 +112,46 @@ const pad2 = (n) => String(n).padStart(2, '0');
 const pad3 = (n) => String(n).padStart(3, '0');
 const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
 
-function fmtClock(ms, withMs = false) {
+/* Times are shown in one zone everywhere, UTC or the browser's local zone (the header's toggle,
+ * #tz-toggle, kept in localStorage): clocks, the chart's axis and crosshair, the history table
+ * and its From / To fields all read the zone through timeParts() and tzName(). */
+const tz = { utc: (() => { try { return localStorage.getItem('bbo.tz') !== 'local'; } catch { return true; } })() };
+/** {Y, M (0-11), D, h, m, s, ms} of epoch ms in the zone shown. */
+function timeParts(ms) {
   const d = new Date(ms);
-  return `${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}` +
-    (withMs ? '.' + pad3(d.getMilliseconds()) : '');
+  return tz.utc
+    ? { Y: d.getUTCFullYear(), M: d.getUTCMonth(), D: d.getUTCDate(), h: d.getUTCHours(), m: d.getUTCMinutes(), s: d.getUTCSeconds(), ms: d.getUTCMilliseconds() }
+    : { Y: d.getFullYear(), M: d.getMonth(), D: d.getDate(), h: d.getHours(), m: d.getMinutes(), s: d.getSeconds(), ms: d.getMilliseconds() };
+}
+/** Offset of the zone shown from UTC at `ms` (ms; local = UTC + offset). */
+const tzOffsetMs = (ms) => (tz.utc ? 0 : -new Date(ms).getTimezoneOffset() * 60e3);
+/** The zone's label: "UTC", or "local UTC+01:00". */
+function tzName(ms = Date.now()) {
+  if (tz.utc) return 'UTC';
+  const off = tzOffsetMs(ms) / 60e3, a = Math.abs(off);
+  return `local UTC${off < 0 ? '-' : '+'}${pad2(Math.floor(a / 60))}:${pad2(a % 60)}`;
+}
+function fmtClock(ms, withMs = false) {
+  const p = timeParts(ms);
+  return `${pad2(p.h)}:${pad2(p.m)}:${pad2(p.s)}` + (withMs ? '.' + pad3(p.ms) : '');
 }
 function fmtDay(ms) {
-  const d = new Date(ms);
-  return `${d.getDate()} ${MONTHS[d.getMonth()]}`;
+  const p = timeParts(ms);
+  return `${p.D} ${MONTHS[p.M]}`;
 }
 function fmtDateTime(ms, withMs = false) {
-  const d = new Date(ms);
-  return `${d.getFullYear()}-${pad2(d.getMonth() + 1)}-${pad2(d.getDate())} ${fmtClock(ms, withMs)}`;
+  const p = timeParts(ms);
+  return `${p.Y}-${pad2(p.M + 1)}-${pad2(p.D)} ${fmtClock(ms, withMs)}`;
 }
-/** Value for <input type="datetime-local" step="1"> in local time. */
-function toLocalInput(ms) {
-  return fmtDateTime(ms).replace(' ', 'T');
+/** "YYYY-MM-DD HH:MM[:SS]" (24-hour, in the zone shown; a "T" may join date and time) -> epoch ms,
+ *  or NaN when it is not such a time. */
+function parseDateTime(text) {
+  const m = /^\s*(\d{4})-(\d{1,2})-(\d{1,2})[ T](\d{1,2}):(\d{2})(?::(\d{2}))?\s*$/.exec(text || '');
+  if (!m) return NaN;
+  const [Y, M, D, h, mi, se] = m.slice(1).map((x) => Number(x || 0));
+  if (M < 1 || M > 12 || D < 1 || D > 31 || h > 23 || mi > 59 || se > 59) return NaN;
+  const ms = tz.utc ? Date.UTC(Y, M - 1, D, h, mi, se) : new Date(Y, M - 1, D, h, mi, se).getTime();
+  return timeParts(ms).D === D ? ms : NaN;      // 31 Feb is no date
 }
 function fmtDuration(ms) {
   const s = Math.max(0, Math.floor(ms / 1000));
@@ -141,6 +165,15 @@ function fmtAge(ms) {
   if (ms < 1000) return `${Math.max(0, ms) | 0} ms`;
   if (ms < 60000) return `${(ms / 1000).toFixed(ms < 10000 ? 1 : 0)} s`;
   return fmtDuration(ms);
+}
+/** A span of time in words: "1 min", "1 h 30 min", "2 days". */
+function fmtSpan(ms) {
+  const m = Math.round(ms / 60e3);
+  if (ms < 60e3) return `${Math.round(ms / 1000)} s`;
+  if (m < 60) return `${m} min`;
+  const h = Math.floor(m / 60), d = Math.floor(h / 24);
+  if (d >= 1 && h % 24 === 0) return `${d} ${d === 1 ? 'day' : 'days'}`;
+  return m % 60 ? `${h} h ${m % 60} min` : `${h} h`;
 }
 function fmtCountdown(ms) {
   const s = Math.max(0, Math.ceil(ms / 1000));
@@ -202,6 +235,30 @@ function decimalsOf(s) {
 function fmtBps(bps) {
   if (!Number.isFinite(bps)) return '— bps';
   return `${bps < 0.1 ? bps.toFixed(3) : bps < 10 ? bps.toFixed(2) : bps.toFixed(1)} bps`;
+}
+/** A signed bps figure: "+0.012 bps", "−1.25 bps". */
+function fmtSignedBps(bps) {
+  if (!Number.isFinite(bps)) return '— bps';
+  const a = Math.abs(bps);
+  return `${bps > 0 ? '+' : bps < 0 ? '−' : '±'}${fmtBps(a)}`;
+}
+/** Microprice (Pa·Qb + Pb·Qa) / (Qa + Qb) from the exchange's strings, in exact decimals rounded
+ *  half up to `digits` decimals (one more than the prices have: a computed value, shown with "≈"),
+ *  and its lean from the mid in bps (a float: a small number). null without a two-sided quote. */
+function microprice(bidStr, bidQtyStr, askStr, askQtyStr) {
+  const b = decParse(bidStr), a = decParse(askStr), qb = decParse(bidQtyStr), qa = decParse(askQtyStr);
+  if (!b || !a || !qb || !qa) return null;
+  const dp = Math.max(a.d, b.d), dq = Math.max(qa.d, qb.d), digits = dp + 1;
+  const up = (x, from, to) => x.m * 10n ** BigInt(to - from);
+  const pa = up(a, a.d, dp), pb = up(b, b.d, dp), Qa = up(qa, qa.d, dq), Qb = up(qb, qb.d, dq);
+  const den = Qa + Qb;
+  if (den <= 0n) return null;
+  // (pa·Qb + pb·Qa) / den is the price scaled by 10^dp; times 10 for `digits`, rounded half up
+  const num = (pa * Qb + pb * Qa) * 10n;
+  const r = (2n * num + den) / (2n * den);
+  const value = decFormat(r, digits);
+  const mid = (Number(bidStr) + Number(askStr)) / 2;
+  return { value, leanBps: mid > 0 ? (Number(value) - mid) / mid * 1e4 : NaN };
 }
 
 // ###########################################################################
@@ -655,7 +712,7 @@ const socket = new SocketIoClient({
   // Only `token` is ours in the auth object; a server without AUTH_TOKEN ignores it.
   auth: () => (auth.token ? { token: auth.token } : null),
   onUnauthorized: (sent) => needToken((sent && sent.token) || ''),
-  onState: (s) => { state.conn.state = s; state.conn.transport = socket.transport; dirty.status = dirty.tabs = true; requestFrame(); },
+  onState: (s) => { state.conn.state = s; state.conn.transport = socket.transport; dirty.status = dirty.tabs = dirty.feedEdit = true; requestFrame(); },
   onConnect: () => { state.conn.transport = socket.transport; onConnect(); },
   onDisconnect,
   onEvent: (name, args) => {
@@ -664,7 +721,7 @@ const socket = new SocketIoClient({
     switch (name) {
       case 'bbo_update': onBboUpdate(a); break;
       case 'feed_status': onFeedStatus(a); break;
-      case 'welcome': state.welcome = a && a.message; break;
+      case 'welcome': onWelcome(a); break;
       case 'pong': break;                    // the RTT comes from the ping ack
       default: break;
     }
@@ -761,8 +818,11 @@ const state = {
   persistence: null,                   // /healthz's persistence object: is the history being saved?
   feedAt: 0,                           // client ms when it arrived
   feedOutages: [],                     // [{start, end|null, reason}] seen live from feed_status (server ms)
-  welcome: null,                       // the server's welcome message (for bboDebug.state)
+  welcome: null,                       // the server's welcome payload ({message, feedEdit, maxFeedSymbols})
+  clock: null,                         // the server's clock check ({offsetMs, uncertaintyMs, source, measuredAt, warning})
   lastRecv: Object.create(null),       // symbol -> client ms of the last bbo_update received live
+  symRate: Object.create(null),        // symbol -> {counts: updates per second over the last 10 s (ring), rate}
+  browserLeg: Object.create(null),     // symbol -> server -> browser ms of its last update (server clock)
   conn: {
     state: 'connecting',               // connecting | connected | reconnecting | offline (the socket's)
     transport: null,                   // websocket | polling while connected
@@ -808,11 +868,33 @@ function feedState() {
 /** True when the price of `sym` is live: server connected, feed live, symbol live, data present. */
 function isLive(sym) {
   if (state.conn.state !== 'connected' || !state.feed || state.feed.state !== 'live') return false;
-  // Per-symbol states ride on feed_status, which the server sends only when the feed-level state
-  // changes: an update received after that status proves the symbol is flowing again.
-  const s = state.feed.symbols && state.feed.symbols[sym];
-  if (s && s.state && s.state !== 'live' && !(state.lastRecv[sym] > state.feedAt)) return false;
+  const st = symbolState(sym);
+  if (st && st !== 'live') return false;
   return !!state.bbo[sym];
+}
+
+/** Server ms of the last update of `sym` known here (received, or as the feed status says), or null. */
+function lastUpdateAt(sym) {
+  const p = state.bbo[sym];
+  const s = state.feed && state.feed.symbols && state.feed.symbols[sym];
+  const a = p ? (p.serverTimestamp ?? p.timestamp) : null, b = s && Number.isFinite(s.lastMessage) ? s.lastMessage : null;
+  return a == null ? b : b == null ? a : Math.max(a, b);
+}
+
+/** The state of `sym` as the server judges it ("waiting" | "live" | "suspect" | "quiet"; null: not
+ *  said), brought up to date between two feed statuses: an update received after the status proves
+ *  the symbol is flowing again, and a live symbol silent for longer than its suspectAfterMs is
+ *  suspect now (the server's next status will say so). */
+function symbolState(sym) {
+  const s = state.feed && state.feed.symbols && state.feed.symbols[sym];
+  if (!s || !s.state) return null;
+  let st = s.state;
+  if (st !== 'live' && state.lastRecv[sym] > state.feedAt) st = 'live';
+  if (st === 'live' && s.suspectAfterMs > 0) {
+    const last = lastUpdateAt(sym);
+    if (last != null && serverNow() - last > s.suspectAfterMs) st = 'suspect';
+  }
+  return st;
 }
 
 function sessionFor(sym) {
@@ -840,9 +922,17 @@ function tickStats() {
     st.rate = st.rate ? st.rate * 0.6 + inst * 0.4 : inst;
     rateLast = { t: nowP, n: st.messages };
   }
+  // per symbol: the last 10 whole seconds (fewer just after load)
+  const secs = Math.min(10, st.latSecond + 1);
+  for (const r of Object.values(state.symRate)) {
+    let n = 0;
+    for (let i = 0; i < 10; i++) n += r.counts[i];
+    r.rate = n / secs;
+  }
   st.latSecond++;
   st.latSum[st.latSecond % 10] = 0;
   st.latCount[st.latSecond % 10] = 0;
+  for (const r of Object.values(state.symRate)) r.counts[st.latSecond % 10] = 0;
 }
 
 // --- server events: each updates the store, marks what must repaint and asks for a frame ------
@@ -867,6 +957,10 @@ function onBboUpdate(p) {
     st.latCount[i]++;
   }
   state.lastRecv[sym] = Date.now();
+  const sr = state.symRate[sym] || (state.symRate[sym] = { counts: new Uint32Array(10), rate: 0 });
+  sr.counts[state.stats.latSecond % 10]++;
+  // server -> browser: received now (on the server's clock, as estimated from round trips) minus emitted
+  state.browserLeg[sym] = Number.isFinite(p.emitTimestamp) && state.conn.clockSynced ? serverNow() - p.emitTimestamp : null;
   const pb = pointsFor(sym);
   const sess = sessionFor(sym);
   const bid = Number(p.bidPrice), ask = Number(p.askPrice);
@@ -889,6 +983,8 @@ function onFeedStatus(f) {
   const prev = state.feed ? state.feed.state : null;
   state.feed = f;
   state.feedAt = Date.now();
+  if (f.clock) state.clock = f.clock;
+  dirty.feedEdit = true;
   // remember feed outages seen live so the chart shades them before the server's history has them
   // (the outage starts at the last data message: `since` is the start of the shard state, which for a
   // stale feed is still the time it went live)
@@ -901,6 +997,12 @@ function onFeedStatus(f) {
   }
   if (prev !== f.state) chart.dirty = true;
   dirty.status = dirty.bbo = dirty.tabs = true;
+  requestFrame();
+}
+
+function onWelcome(w) {
+  state.welcome = w && typeof w === 'object' ? w : null;
+  dirty.feedEdit = dirty.status = true;
   requestFrame();
 }
 
@@ -984,7 +1086,7 @@ function restorePoints() {
 // ###########################################################################
 
 // Which views are out of date: set by whatever changes what they show, cleared when they repaint.
-const dirty = { bbo: true, tabs: true, status: true, symbols: true };
+const dirty = { bbo: true, tabs: true, status: true, symbols: true, feedEdit: true };
 let frameRequested = false;
 let wakeTimer = 0, wakeAt = Infinity;
 
@@ -1008,7 +1110,7 @@ function followMsPerPx() {
 
 /** Milliseconds until the next frame has work to do (<= 0: now; Infinity: nothing pending). */
 function frameDueIn(t) {
-  if (dirty.symbols || dirty.status) return 0;
+  if (dirty.symbols || dirty.status || dirty.feedEdit) return 0;
   const heavy = drawThrottle();
   let due = Infinity;
   if (chart.interactive && chart.dirty) due = chart.lastDrawAt + heavy - t;
@@ -1046,6 +1148,7 @@ function frame() {
   const t = performance.now();
   if (dirty.symbols) { dirty.symbols = false; renderSymbols(); }
   if (dirty.status) { dirty.status = false; renderStatus(); }
+  if (dirty.feedEdit) { dirty.feedEdit = false; renderFeedEdit(); }
   const heavy = drawThrottle();
   // the view moved >= 1 px (1 ms of slack: timers and frames do not land on the exact ms)
   const slid = chart.view.follow && t - chart.lastDrawAt >= followMsPerPx() - 1;
@@ -1072,7 +1175,8 @@ function cacheElements() {
     'feed-banner-text', 'feed-banner-count', 'sr-status', 'rtt', 'backend-latency', 'backend-latency-avg',
     'msg-count', 'msg-rate', 'conn-duration', 'stats-transport', 'conn-reconnects', 'fd-state', 'fd-market',
     'fd-since', 'fd-age', 'fd-next', 'fd-messages', 'fd-reconnects', 'fd-duplicates', 'fd-crossed', 'fd-parse',
-    'fd-reason', 'foot-clock', 'persist-banner', 'persist-banner-text']) {
+    'fd-reason', 'foot-clock', 'persist-banner', 'persist-banner-text', 'micro-price', 'micro-lean', 'sym-rate',
+    'lat-exchange', 'lat-server', 'lat-browser', 'tz-text', 'clock-offset', 'clock-warning']) {
     el[id] = $(id);
   }
   el['spread-main'] = document.querySelector('.spread-main');
@@ -1092,7 +1196,7 @@ function renderSymbols() {
       b.dataset.symbol = s;
       b.setAttribute('role', 'tab');
       b.setAttribute('aria-controls', 'bbo-card');
-      b.innerHTML = `<span class="sym-name"></span><span class="sym-px">—</span>`;
+      b.innerHTML = `<span class="sym-name"></span><span class="sym-px"><span class="sym-px-k">mid </span><span>—</span></span>`;
       b.firstChild.textContent = s;
       return b;
     }));
@@ -1113,7 +1217,7 @@ function renderTabs() {
     const p = state.bbo[b.dataset.symbol];
     if (!p) continue;
     const sm = spreadMid(p.bidPrice, p.askPrice);
-    setText(b.lastChild, sm ? sm.mid : p.bidPrice);
+    setText(b.lastChild.lastChild, sm ? sm.mid : p.bidPrice);
     setAttr(b, 'data-live', String(isLive(b.dataset.symbol)));
   }
 }
@@ -1140,7 +1244,8 @@ function renderBbo() {
   const p = sym && state.bbo[sym];
   setText(el['bbo-symbol'], sym ? `${sym} best bid and offer` : 'Best bid and offer');
   if (!p) {
-    for (const id of ['bid-price', 'ask-price', 'bid-qty', 'ask-qty', 'spread', 'mid-price', 'bbo-time', 'bbo-update-id', 'bbo-latency']) setText(el[id], '—');
+    for (const id of ['bid-price', 'ask-price', 'bid-qty', 'ask-qty', 'spread', 'mid-price', 'bbo-time', 'bbo-update-id',
+      'bbo-latency', 'micro-price', 'micro-lean', 'lat-exchange', 'lat-server', 'lat-browser', 'sym-rate']) setText(el[id], '—');
     setText(el['spread-bps'], '— bps');
     setScaleX(el['spread-fill'], 0);
     shown.sym = sym; shown.bid = NaN; shown.ask = NaN;
@@ -1175,10 +1280,28 @@ function renderBbo() {
     setText(el['imbalance-bid-pct'], `${Math.round(f * 100)}%`);
     setText(el['imbalance-ask-pct'], `${100 - Math.round(f * 100)}%`);
   }
+  const mp = microprice(p.bidPrice, p.bidQty, p.askPrice, p.askQty);
+  setText(el['micro-price'], mp ? `≈ ${mp.value}` : '—');
+  setText(el['micro-lean'], mp ? `${fmtSignedBps(mp.leanBps)} vs mid` : '—');
   setText(el['bbo-time'], fmtClock(p.timestamp, true));
   setText(el['bbo-update-id'], String(p.updateId ?? '—'));
-  setText(el['bbo-latency'], p.backendLatency == null ? 'n/a' : fmtMs(p.backendLatency));
-  setAttr(el['bbo-latency'], 'data-level', level(p.backendLatency, ...LATENCY_LEVELS));
+  const sr = state.symRate[sym];
+  setText(el['sym-rate'], sr ? `${fmtRate(sr.rate)} /s` : '—');
+  renderLatencyLegs(p, state.browserLeg[sym]);
+}
+
+const fmtRate = (r) => (r < 10 ? r.toFixed(1) : fmtInt(Math.round(r)));
+
+/** The last update's latency in legs, each where the payload has what it needs ('n/a' otherwise). */
+function renderLatencyLegs(p, browserLeg) {
+  const leg = (id, ms, approx = false) => {
+    setText(el[id], ms == null || !Number.isFinite(ms) ? 'n/a' : (approx ? '≈' : '') + fmtMs(ms));
+    setAttr(el[id], 'data-level', level(ms, ...LATENCY_LEVELS));
+  };
+  leg('lat-exchange', p.transactionTime != null && p.timestamp != null ? p.timestamp - p.transactionTime : null);
+  leg('bbo-latency', p.backendLatency);
+  leg('lat-server', p.emitTimestamp != null && p.serverTimestamp != null ? p.emitTimestamp - p.serverTimestamp : null);
+  leg('lat-browser', browserLeg, true);
 }
 
 /** When the current feed state began (server ms). A stale feed is derived from the age of the
@@ -1189,7 +1312,8 @@ function feedStateStart(f) {
 }
 
 const FEED_WORDS = { live: 'live', stale: 'stale', backoff: 'backing off', failed: 'failed',
-                     connecting: 'connecting', stopped: 'stopped', unknown: 'unknown' };
+                     connecting: 'connecting', stopped: 'stopped', unknown: 'unknown',
+                     suspect: 'suspect', quiet: 'quiet', waiting: 'waiting' };
 let lastAnnounce = '';
 
 /** Status pills, banner, liveness of the prices, statistics. Runs on changes and every second. */
@@ -1201,7 +1325,20 @@ function renderStatus() {
   renderBanner(s);
   renderConnectionStats(s);
   renderFeedDetails(s);
-  setText(el['foot-clock'], fmtDateTime(s.now));
+  renderClockCheck(state.clock);
+  setText(el['tz-text'], tz.utc ? 'UTC' : 'Local');
+  setText(el['foot-clock'], `${fmtDateTime(s.now)} ${tzName(s.now)}`);
+}
+
+/** The server's own clock check: its offset from true time with the uncertainty, and its warning. */
+function renderClockCheck(ck) {
+  const ok = ck && Number.isFinite(ck.offsetMs);
+  setText(el['clock-offset'], !ok ? '—' : `${ck.offsetMs >= 0 ? '+' : '−'}${fmtMs(Math.abs(ck.offsetMs))}` +
+    (Number.isFinite(ck.uncertaintyMs) ? ` ± ${fmtMs(ck.uncertaintyMs)}` : '') + (ck.source ? ` · ${ck.source}` : ''));
+  setAttr(el['clock-offset'], 'data-level', !ok ? 'none' : ck.warning ? 'bad' : 'good');
+  el['clock-offset'].title = ok && ck.measuredAt ? `measured ${fmtDateTime(ck.measuredAt)} ${tzName(ck.measuredAt)}` : '';
+  el['clock-warning'].hidden = !(ck && ck.warning);
+  if (ck && ck.warning) setText(el['clock-warning'], `Server clock: ${ck.warning}`);
 }
 
 /** What the status views read, taken once so that they all agree. */
@@ -1234,17 +1371,21 @@ function renderConnectionPill({ c, now }) {
   setText(el['stats-transport'], tname + (socket.wsFallbacks && socket.transport === 'polling' ? ' (fallback)' : ''));
 }
 
-function renderFeedPill({ f, fstate, connected, sNow }) {
-  let fword = FEED_WORDS[fstate] || fstate;
-  if (f && (fstate === 'backoff' || fstate === 'failed') && f.nextAttempt) {
+function renderFeedPill({ f, fstate, connected, sNow, sym }) {
+  let shown = connected ? fstate : 'unknown';   // without the server we cannot know: never show a stale "live"
+  // a live feed whose selected symbol is not (suspect, quiet, waiting) must not read "live"
+  const sst = connected && fstate === 'live' && sym ? symbolState(sym) : null;
+  if (sst && sst !== 'live') shown = sst;
+  let fword = FEED_WORDS[shown] || shown;
+  if (f && connected && (fstate === 'backoff' || fstate === 'failed') && f.nextAttempt) {
     const left = f.nextAttempt - sNow;
     if (left > 0) fword += ` ${fmtCountdownShort(left)}`;
   }
-  if (!connected) fword = 'unknown';   // without the server we cannot know: never show a stale "live"
-  setAttr(el['feed-state'], 'data-state', connected ? fstate : 'unknown');
+  setAttr(el['feed-state'], 'data-state', shown);
   setText(el['feed-state-text'], fword);
   el['feed-state'].title = !f ? 'Exchange feed state not known yet'
-    : `Exchange feed: ${connected ? fstate : `unknown (last known: ${fstate})`}${f.reason ? ' — ' + f.reason : ''}`;
+    : sst && sst !== 'live' ? `Exchange feed live, but ${sym} is ${sst}: no update for ${fmtDuration(sNow - (lastUpdateAt(sym) ?? sNow))}`
+    : `Exchange feed: ${connected ? fstate : `unknown; last known: ${fstate}`}${f.reason ? ' — ' + f.reason : ''}`;
 }
 
 /** Whether the prices shown are live, and how old they are. */
@@ -1271,31 +1412,44 @@ function renderBanner(s) {
   if (announce !== lastAnnounce) { lastAnnounce = announce; setText(el['sr-status'], announce); }
 }
 
-/** {msg, count, lvl} of the banner: why the prices are not live ('' when they are). */
-function bannerMessage({ c, connected, now, sNow, f, fstate, sym, live }) {
-  let msg = '', count = '', lvl = 'warn';
+/** {msg, count, lvl} of the banner: why the prices are not live ('' when they are). One sentence
+ *  says why, one what the prices on screen are; the count says how long no data has come (from the
+ *  last update, so it does not restart with each retry) and when the next attempt is. */
+function bannerMessage({ c, connected, now, sNow, f, fstate, sym, live, p }) {
+  let msg = '', lvl = 'warn';
+  const counts = [];
+  const shown = p ? `The ${sym} prices shown are the last received, not live.` : 'No prices received yet.';
+  const noData = (lastMs, nowMs) => { if (lastMs != null && nowMs > lastMs) counts.push(`No data for ${fmtDuration(nowMs - lastMs)}`); };
   if (!connected) {
     lvl = c.state === 'offline' ? 'error' : 'warn';
-    msg = c.state === 'connecting' ? 'Connecting to the BBO Stream server… Prices are not live yet.'
-      : c.state === 'offline' ? 'You are offline. Prices shown are frozen.'
-      : `${socket.everConnected ? 'Connection to the server lost' : 'Cannot reach the live stream'}` +
-        `${socket.lastReason ? ` (${socket.lastReason})` : ''}. Prices shown are frozen.`;
-    if (socket.reconnectAt && socket.reconnectAt > now) count = `Retrying in ${fmtCountdown(socket.reconnectAt - now)}`;
+    msg = c.state === 'connecting' ? 'Connecting to the BBO Stream server…'
+      : c.state === 'offline' ? 'You are offline.'
+      : `${socket.everConnected ? 'Connection to the server lost' : 'Cannot reach the BBO Stream server'}` +
+        `${socket.lastReason ? `: ${socket.lastReason}` : ''}.`;
+    if (c.state !== 'connecting' || p) msg += ` ${shown}`;
+    if (sym && state.lastRecv[sym]) noData(state.lastRecv[sym], now);
+    if (socket.reconnectAt && socket.reconnectAt > now) counts.push(`Retrying in ${fmtCountdown(socket.reconnectAt - now)}`);
   } else if (f && fstate !== 'live') {
-    const reason = f.reason ? ` (${f.reason})` : '';
-    if (fstate === 'stale') msg = `Exchange feed is stale${reason}. Prices shown are frozen.`;
-    else if (fstate === 'backoff') msg = `Exchange feed disconnected${reason}. Prices shown are frozen.`;
-    else if (fstate === 'failed') { msg = `Exchange feed failed${reason}. Prices shown are frozen.`; lvl = 'error'; }
-    else if (fstate === 'stopped') { msg = `Exchange feed stopped${reason}.`; lvl = 'error'; }
-    else if (fstate === 'connecting') msg = 'Connecting to the exchange feed… Prices are not live yet.';
-    else msg = `Exchange feed ${fstate}${reason}.`;
-    if (f.nextAttempt && f.nextAttempt > sNow) count = `Next attempt in ${fmtCountdown(f.nextAttempt - sNow)}`;
-    else count = `for ${fmtDuration(sNow - feedStateStart(f))}`;
-  } else if (connected && f && sym && !live && state.feed.symbols && state.feed.symbols[sym] &&
-             state.feed.symbols[sym].state !== 'live') {
-    msg = `${sym} is ${state.feed.symbols[sym].state}: no recent updates for this symbol. Its prices are not live.`;
+    const why = f.reason ? `: ${f.reason}` : '';
+    if (fstate === 'stale') msg = `Exchange feed is stale${why}.`;
+    else if (fstate === 'backoff') msg = `Exchange feed disconnected${why}.`;
+    else if (fstate === 'failed') { msg = `Exchange feed failed${why}.`; lvl = 'error'; }
+    else if (fstate === 'stopped') { msg = `Exchange feed stopped${why}.`; lvl = 'error'; }
+    else if (fstate === 'connecting') msg = 'Connecting to the exchange feed…';
+    else msg = `Exchange feed ${fstate}${why}.`;
+    msg += ` ${shown}`;
+    const feedLast = f.lastMessageAge != null ? state.feedAt + state.conn.clockOffset - f.lastMessageAge : null;
+    const symLast = sym ? lastUpdateAt(sym) : null;
+    noData(feedLast == null ? symLast : symLast == null ? feedLast : Math.max(feedLast, symLast), sNow);
+    if (f.nextAttempt && f.nextAttempt > sNow) counts.push(`Next attempt in ${fmtCountdown(f.nextAttempt - sNow)}`);
+  } else if (f && sym && !live && symbolState(sym) && symbolState(sym) !== 'live') {
+    const st = symbolState(sym);
+    msg = st === 'waiting' ? `${sym}: no update received yet since the feed connected.`
+      : st === 'suspect' ? `${sym} is suspect: no update for longer than this symbol usually goes without one. ${shown}`
+      : `${sym} is ${st}: no recent updates. ${shown}`;
+    noData(lastUpdateAt(sym), sNow);
   }
-  return { msg, count, lvl };
+  return { msg, count: counts.join(' · '), lvl };
 }
 
 function renderConnectionStats({ c, connected, now }) {
@@ -1317,7 +1471,7 @@ function renderConnectionStats({ c, connected, now }) {
 
 function renderFeedDetails({ connected, now, sNow, f, fstate, live, p }) {
   setAttr(el['fd-state'], 'data-state', connected ? fstate : 'unknown');
-  setText(el['fd-state'], !f ? '—' : connected ? (FEED_WORDS[fstate] || fstate) : `${FEED_WORDS[fstate] || fstate} (last known)`);
+  setText(el['fd-state'], !f ? '—' : connected ? (FEED_WORDS[fstate] || fstate) : `${FEED_WORDS[fstate] || fstate}, last known`);
   setText(el['fd-market'], f && f.market ? f.market : '—');
   setText(el['fd-since'], f && f.since ? fmtDuration(sNow - feedStateStart(f)) : '—');
   const lma = f && f.lastMessageAge != null ? f.lastMessageAge + (now - state.feedAt) : null;
@@ -1366,6 +1520,7 @@ const COLORS = {
   outage: 'rgba(240,185,11,0.10)', outageHatch: 'rgba(240,185,11,0.22)', outageEdge: 'rgba(240,185,11,0.55)',
   clientGap: 'rgba(138,148,163,0.08)', clientHatch: 'rgba(138,148,163,0.16)',
   cross: 'rgba(181,189,200,0.55)', tagText: '#0b0e11', labelBg: '#2a323e', labelText: '#e7eaee',
+  mid: '#c9a3ff', spread: '#4c8dff', plotBg: '#0f1318',   // plotBg: the chart's background (--bg-2)
 };
 const X_STEPS = [1e3, 2e3, 5e3, 10e3, 15e3, 30e3, 60e3, 120e3, 300e3, 600e3, 900e3, 1800e3,
                  3600e3, 7200e3, 10800e3, 21600e3, 43200e3, 86400e3, 172800e3];
@@ -1379,6 +1534,7 @@ const chart = {
   cssW: 0, cssH: 0, dpr: 1,             // canvas size (CSS px) and the device pixel ratio it was sized for
   axisW: 64,                            // right axis width (CSS px), adapts to label widths
   tf: DEFAULT_TF,                       // the selected timeframe (a key of TIMEFRAMES)
+  showMid: false,                       // draw the mid price too (#show-mid, kept in localStorage)
   view: { span: TIMEFRAMES[DEFAULT_TF], end: 0, follow: true },   // span (ms), right edge (server ms) unless following now
   backfill: Object.create(null),        // symbol -> series from /api/history/series
   bfPending: null,                      // the backfill request in flight: {ctl, key, sym}
@@ -1409,15 +1565,21 @@ function allocCols(n) {
     has: new Uint8Array(n),
     bMin: new Float64Array(n), bMax: new Float64Array(n), bFirst: new Float64Array(n), bLast: new Float64Array(n),
     aMin: new Float64Array(n), aMax: new Float64Array(n), aFirst: new Float64Array(n), aLast: new Float64Array(n),
+    sMin: new Float64Array(n), sMax: new Float64Array(n), sLast: new Float64Array(n),   // spread in bps
+    mMin: new Float64Array(n), mMax: new Float64Array(n), mLast: new Float64Array(n),   // mid (midColumns)
     tFirst: new Float64Array(n), tLast: new Float64Array(n),
   };
   return chart.cols;
 }
 
-/** Per-pixel-column min/max/first/last of bid and ask over points [a, b) of typed arrays. */
+/** Spread in bps of one quote: (ask − bid) / mid. */
+const spreadBps = (b, a) => ((a - b) * 2e4) / (a + b);
+
+/** Per-pixel-column min/max/first/last of bid and ask (and min/max/last of the spread in bps) over
+ *  points [a, b) of typed arrays. */
 function decimateInto(C, T, B, A, a, b, t0, k, ncols) {
   let i = a;
-  const { has, bMin, bMax, bFirst, bLast, aMin, aMax, aFirst, aLast, tFirst, tLast } = C;
+  const { has, bMin, bMax, bFirst, bLast, aMin, aMax, aFirst, aLast, sMin, sMax, sLast, tFirst, tLast } = C;
   while (i < b) {
     const c = Math.floor((T[i] - t0) * k);
     if (c < 0) { i++; continue; }
@@ -1426,6 +1588,7 @@ function decimateInto(C, T, B, A, a, b, t0, k, ncols) {
     let bl = B[i], al = A[i];
     const bf = bl, af = al, tf = T[i];
     let bmin = bl, bmax = bl, amin = al, amax = al;
+    let sl = spreadBps(bl, al), smin = sl, smax = sl;
     let tl = tf;
     i++;
     while (i < b) {
@@ -1434,6 +1597,8 @@ function decimateInto(C, T, B, A, a, b, t0, k, ncols) {
       bl = B[i]; al = A[i]; tl = t;
       if (bl < bmin) bmin = bl; else if (bl > bmax) bmax = bl;
       if (al < amin) amin = al; else if (al > amax) amax = al;
+      sl = spreadBps(bl, al);
+      if (sl < smin) smin = sl; else if (sl > smax) smax = sl;
       i++;
     }
     if (has[c]) {
@@ -1441,34 +1606,52 @@ function decimateInto(C, T, B, A, a, b, t0, k, ncols) {
       if (bmax > bMax[c]) bMax[c] = bmax;
       if (amin < aMin[c]) aMin[c] = amin;
       if (amax > aMax[c]) aMax[c] = amax;
+      if (smin < sMin[c]) sMin[c] = smin;
+      if (smax > sMax[c]) sMax[c] = smax;
     } else {
       has[c] = 1;
-      bMin[c] = bmin; bMax[c] = bmax; aMin[c] = amin; aMax[c] = amax;
+      bMin[c] = bmin; bMax[c] = bmax; aMin[c] = amin; aMax[c] = amax; sMin[c] = smin; sMax[c] = smax;
       bFirst[c] = bf; aFirst[c] = af; tFirst[c] = tf;
     }
-    bLast[c] = bl; aLast[c] = al; tLast[c] = tl;
+    bLast[c] = bl; aLast[c] = al; sLast[c] = sl; tLast[c] = tl;
   }
 }
 
-/** Same for server buckets (already decimated: first/min/max/last per bucket). */
+/** Same for server buckets (already decimated: first/min/max/last per bucket). A bucket's spread
+ *  range is not known: its first and last quotes' spreads stand for it. */
 function decimateBuckets(C, bf, j0, j1, t0, k, ncols) {
-  const { has, bMin, bMax, bFirst, bLast, aMin, aMax, aFirst, aLast, tFirst, tLast } = C;
+  const { has, bMin, bMax, bFirst, bLast, aMin, aMax, aFirst, aLast, sMin, sMax, sLast, tFirst, tLast } = C;
   const T = bf.time;
   for (let j = j0; j < j1; j++) {
     const c = Math.floor((T[j] - t0) * k);
     if (c < 0) continue;
     if (c >= ncols) break;
+    const s0 = spreadBps(bf.bidFirst[j], bf.askFirst[j]), s1 = spreadBps(bf.bidLast[j], bf.askLast[j]);
+    const slo = s0 < s1 ? s0 : s1, shi = s0 < s1 ? s1 : s0;
     if (has[c]) {
       if (bf.bidMin[j] < bMin[c]) bMin[c] = bf.bidMin[j];
       if (bf.bidMax[j] > bMax[c]) bMax[c] = bf.bidMax[j];
       if (bf.askMin[j] < aMin[c]) aMin[c] = bf.askMin[j];
       if (bf.askMax[j] > aMax[c]) aMax[c] = bf.askMax[j];
+      if (slo < sMin[c]) sMin[c] = slo;
+      if (shi > sMax[c]) sMax[c] = shi;
     } else {
       has[c] = 1;
       bMin[c] = bf.bidMin[j]; bMax[c] = bf.bidMax[j]; aMin[c] = bf.askMin[j]; aMax[c] = bf.askMax[j];
+      sMin[c] = slo; sMax[c] = shi;
       bFirst[c] = bf.bidFirst[j]; aFirst[c] = bf.askFirst[j]; tFirst[c] = T[j];
     }
-    bLast[c] = bf.bidLast[j]; aLast[c] = bf.askLast[j]; tLast[c] = T[j];
+    bLast[c] = bf.bidLast[j]; aLast[c] = bf.askLast[j]; sLast[c] = s1; tLast[c] = T[j];
+  }
+}
+
+/** The mid per column, for its optional line: exact at each column's last quote; its range is
+ *  bounded by the bid's and ask's ranges (mid of the minima .. mid of the maxima). */
+function midColumns(C, ncols) {
+  const { has, bMin, bMax, bLast, aMin, aMax, aLast, mMin, mMax, mLast } = C;
+  for (let c = 0; c < ncols; c++) {
+    if (!has[c]) continue;
+    mMin[c] = (bMin[c] + aMin[c]) / 2; mMax[c] = (bMax[c] + aMax[c]) / 2; mLast[c] = (bLast[c] + aLast[c]) / 2;
   }
 }
 
@@ -1498,6 +1681,11 @@ function gapsInView(sym, t0, t1, bfFrom, bfTo) {
   if (state.conn.state !== 'connected' && state.conn.disconnectedAt != null) {
     raw.push({ start: state.conn.disconnectedAt, end: now, kind: 'client', reason: 'server connection lost' });
   }
+  const st = state.conn.state === 'connected' && state.feed && state.feed.state === 'live' ? symbolState(sym) : null;
+  const lastAt = lastUpdateAt(sym);
+  if ((st === 'suspect' || st === 'quiet') && lastAt != null) {
+    raw.push({ start: lastAt, end: now, kind: 'client', reason: `${sym} is ${st}: no update since ${fmtClock(lastAt)} ${tzName(lastAt)}` });
+  }
   const inView = raw.filter((g) => g.end >= t0 && g.start <= t1 && g.end > g.start).sort((a, b) => a.start - b.start);
   const out = [];
   for (const g of inView) {
@@ -1522,10 +1710,10 @@ function stepDecimals(step) {
 }
 
 function timeLabel(t, step) {
-  const d = new Date(t);
-  if (step >= 86400e3 || (step >= 3600e3 && d.getHours() === 0 && d.getMinutes() === 0)) return fmtDay(t);
+  const p = timeParts(t);
+  if (step >= 86400e3 || (step >= 3600e3 && p.h === 0 && p.m === 0)) return fmtDay(t);
   if (step < 60e3) return fmtClock(t);
-  return `${pad2(d.getHours())}:${pad2(d.getMinutes())}`;
+  return `${pad2(p.h)}:${pad2(p.m)}`;
 }
 
 function chartLayout() {
@@ -1558,18 +1746,26 @@ function drawChart() {
   const src = decimateSources(plot);
   const edges = seriesEdges(plot, src);
   const scale = priceScale(plot, src.C, edges.lead);
-  const ticks = axisTicks(plot, scale);
-  drawGrid(plot, scale, ticks);
+  const sScale = spreadScale(plot, src.C, edges.lead);
+  const ticks = axisTicks(plot, scale, sScale);
+  drawGrid(plot, scale, sScale, ticks);
   drawGaps(plot, edges.gaps);
-  const lastAsk = drawSeries(plot, scale, edges, src.C, 'ask');
-  const lastBid = drawSeries(plot, scale, edges, src.C, 'bid');
+  const { C } = src, lead = edges.lead;
+  if (chart.showMid) {
+    midColumns(C, plot.ncols);
+    drawSeries(plot, scale.yOf, edges, C.mMin, C.mMax, C.mLast, lead && (lead.bid + lead.ask) / 2, COLORS.mid);
+  }
+  const lastAsk = drawSeries(plot, scale.yOf, edges, C.aMin, C.aMax, C.aLast, lead && lead.ask, COLORS.ask);
+  const lastBid = drawSeries(plot, scale.yOf, edges, C.bMin, C.bMax, C.bLast, lead && lead.bid, COLORS.bid);
+  drawSeries(plot, sScale.yOf, edges, C.sMin, C.sMax, C.sLast, lead && spreadBps(lead.bid, lead.ask), COLORS.spread);
   const tags = priceTags(plot, scale, lastAsk, lastBid);
-  drawAxes(plot, scale, ticks, tags);
+  const labels = drawAxes(plot, scale, sScale, ticks, tags);
   const dec = priceDecimals(plot.sym, ticks.yDec);
   fitAxisWidth(Math.max(ticks.maxLabelW, drawPriceTags(plot, tags, dec)));
-  const { v0, v1, k, colW, ncols, pw, ph, padT, dpr, sym } = plot;
+  const { v0, v1, k, colW, ncols, pw, ph, priceH, spreadTop, spreadH, padT, dpr, sym } = plot;
   const { lo, hi, ys } = scale;
-  chart.geo = { v0, v1, k, colW, ncols, pw, ph, padT, lo, hi, ys, dpr, gaps: edges.gaps, lead: edges.lead, dec,
+  chart.geo = { v0, v1, k, colW, ncols, pw, ph, priceH, spreadTop, spreadH, padT, lo, hi, ys, sScale, dpr,
+                gaps: edges.gaps, lead: edges.lead, dec, labels,
                 xStep: ticks.xStep, livePts: src.livePts, bf: src.bf, sym, tailT: edges.tailT };
   finishDraw(started, src.livePts, scale.hasData);
   return chart.lastDrawMs;
@@ -1588,8 +1784,13 @@ function plotArea() {
   const colW = dpr;
   const ncols = Math.max(1, Math.floor(pw / colW));
   const k = ncols / (v1 - v0);              // columns per ms
+  // the spread panel under the prices: about a fifth of the plot, never under 40 CSS px
+  const spreadH = Math.round(clamp(ph * 0.22, Math.min(40 * dpr, ph * 0.3), 110 * dpr));
+  const gapH = Math.round(8 * dpr);
+  const priceH = ph - spreadH - gapH;
   return {
     sym, v0, v1, dpr, axisR, padT, pw, ph, colW, ncols, k,
+    priceH, spreadTop: padT + priceH + gapH, spreadH,   // price panel padT .. padT + priceH, spread panel below
     labelX: pw + 6 * dpr,                   // where the price labels start
     xOf: (t) => (t - v0) * k * colW,        // device px
   };
@@ -1637,8 +1838,12 @@ function seriesEdges({ sym, v0, v1 }, { pb, bf, bfFrom, bfTo }) {
   }
   // is there data after the right edge? (then the last value holds to the edge)
   const moreAfter = (pb && pb.n && pb.t[pb.n - 1] > v1) || (bf && bf.n && bf.time[bf.n - 1] > v1 && v1 < bfTo);
-  const liveEdge = state.conn.state === 'connected' ? serverNow()
+  let liveEdge = state.conn.state === 'connected' ? serverNow()
     : (state.conn.disconnectedAt != null ? state.conn.disconnectedAt : serverNow());
+  // a price that is not live holds only to its last update: a flat line on to "now" would read as a
+  // calm market when nothing is known
+  const lastAt = lastUpdateAt(sym);
+  if (!isLive(sym) && lastAt != null) liveEdge = Math.min(liveEdge, Math.max(lastAt, pb && pb.n ? pb.last() : lastAt));
   const gaps = gapsInView(sym, v0, v1, bfFrom, bfTo);
   const crosses = (ta, tb) => {   // does a gap lie between times ta and tb?
     for (const g of gaps) if (g.start < tb && g.end > ta) return true;
@@ -1650,7 +1855,7 @@ function seriesEdges({ sym, v0, v1 }, { pb, bf, bfFrom, bfTo }) {
 
 /** The price scale: the visible range plus 8 % on each side; a flat range is widened a little so
  *  that a constant price is a line in the middle, not on an edge. */
-function priceScale({ ncols, ph, padT }, C, lead) {
+function priceScale({ ncols, priceH: ph, padT }, C, lead) {
   let lo = Infinity, hi = -Infinity;
   for (let c = 0; c < ncols; c++) {
     if (!C.has[c]) continue;
@@ -1672,10 +1877,19 @@ function priceScale({ ncols, ph, padT }, C, lead) {
   return { lo, hi, ys, hasData, yOf: (p) => padT + (hi - p) * ys };
 }
 
-/** Ticks of both axes: prices at a round step about 44 CSS px apart; times on local-clock multiples,
- *  a label's width + 30 px apart at least. Sets the label font here, where widths are measured:
- *  the labels and tags drawn later use it. */
-function axisTicks({ v0, v1, k, colW, ph, dpr }, { lo, hi }) {
+/** The spread panel's scale: 0 bps at its foot up to the widest spread in view plus 10 %. */
+function spreadScale({ ncols, spreadTop, spreadH }, C, lead) {
+  let hi = lead ? spreadBps(lead.bid, lead.ask) : 0;
+  for (let c = 0; c < ncols; c++) if (C.has[c] && C.sMax[c] > hi) hi = C.sMax[c];
+  hi = Number.isFinite(hi) && hi > 0 ? hi * 1.1 : 1;
+  const ys = spreadH / hi;
+  return { lo: 0, hi, ys, yOf: (v) => spreadTop + (hi - v) * ys };
+}
+
+/** Ticks of the axes: prices at a round step about 44 CSS px apart; spread at one round step (two or
+ *  three labels); times on multiples in the zone shown, one label's width + 14 px apart at least.
+ *  Sets the label font here, where widths are measured: the labels and tags drawn later use it. */
+function axisTicks({ v0, v1, k, colW, priceH: ph, spreadH, dpr }, { lo, hi }, sScale) {
   const { ctx } = chart;
   const fontPx = Math.round(11 * dpr);
   ctx.font = `${fontPx}px ui-monospace, "SF Mono", "JetBrains Mono", "Cascadia Mono", "Roboto Mono", "DejaVu Sans Mono", Menlo, Consolas, monospace`;
@@ -1686,23 +1900,35 @@ function axisTicks({ v0, v1, k, colW, ph, dpr }, { lo, hi }) {
   for (let p = Math.ceil(lo / yStep) * yStep; p <= hi; p += yStep) yTicks.push(p);
   let maxLabelW = 0;
   const yLabels = yTicks.map((p) => { const s = p.toFixed(yDec); maxLabelW = Math.max(maxLabelW, ctx.measureText(s).width); return s; });
-  const minGapPx = ctx.measureText('00:00:00').width + 30 * dpr;
+  const sStep = niceStep(sScale.hi / Math.max(1.5, spreadH / (22 * dpr)));
+  const sDec = stepDecimals(sStep);
+  const sTicks = [];
+  for (let v = sStep; v <= sScale.hi; v += sStep) sTicks.push(v);
+  const sLabels = sTicks.map((v) => { const s = v.toFixed(sDec); maxLabelW = Math.max(maxLabelW, ctx.measureText(s).width); return s; });
+  // the step: the smallest whose labels (their width depends on it: 12:30:15, 12:30, 4 Dec) fit
   let xStep = X_STEPS[X_STEPS.length - 1];
-  for (const s of X_STEPS) if (s * k * colW >= minGapPx) { xStep = s; break; }
-  const off = -new Date(v0).getTimezoneOffset() * 60e3;   // local = UTC + off: ticks on local-time multiples
+  for (const s of X_STEPS) {
+    const w = ctx.measureText(s < 60e3 ? '00:00:00' : s < 86400e3 ? '00:00' : '30 Dec').width;
+    if (s * k * colW >= w + 14 * dpr) { xStep = s; break; }
+  }
+  const off = tzOffsetMs(v0);   // zone shown = UTC + off: ticks on multiples in that zone
   const xTicks = [];
   for (let t = Math.ceil((v0 + off) / xStep) * xStep - off; t <= v1; t += xStep) xTicks.push(t);
-  return { yTicks, yLabels, yDec, maxLabelW, xTicks, xStep };
+  return { yTicks, yLabels, yDec, maxLabelW, xTicks, xStep, sTicks, sLabels };
 }
 
-function drawGrid({ pw, ph, padT, xOf }, { yOf }, { yTicks, xTicks }) {
+function drawGrid({ pw, ph, padT, spreadTop, spreadH, xOf }, { yOf }, sScale, { yTicks, xTicks, sTicks }) {
   const { ctx } = chart;
   ctx.lineWidth = 1;
   ctx.strokeStyle = COLORS.grid;
   ctx.beginPath();
   for (const p of yTicks) { const y = Math.round(yOf(p)) + 0.5; ctx.moveTo(0, y); ctx.lineTo(pw, y); }
+  for (const v of sTicks) { const y = Math.round(sScale.yOf(v)) + 0.5; ctx.moveTo(0, y); ctx.lineTo(pw, y); }
   for (const t of xTicks) { const x = Math.round(xOf(t)) + 0.5; ctx.moveTo(x, padT); ctx.lineTo(x, padT + ph); }
   ctx.stroke();
+  ctx.fillStyle = COLORS.axisLine;   // the spread panel's frame: its top edge and its zero line
+  ctx.fillRect(0, spreadTop, pw, 1);
+  ctx.fillRect(0, spreadTop + spreadH, pw, 1);
 }
 
 /** Gaps as shaded, hatched bands (feed outages amber with edges, client gaps grey): no price is
@@ -1734,17 +1960,18 @@ function drawGaps({ pw, ph, padT, dpr, xOf }, gaps) {
   }
 }
 
-/** One side's line ('bid' | 'ask'): a step line with a min..max bar per column, never across a gap.
+/** One line (bid, ask, mid or spread: per column its min, max and last value, and the value holding
+ *  at the left edge, leadV): a step line with a min..max bar per column, never across a gap.
  *  A BBO price is a step function: every segment is horizontal or vertical, so it is drawn with
  *  axis-aligned fillRect calls (no path stroking: cheap to rasterise at any density).
  *  Returns the last value drawn (for its tag), or null. */
-function drawSeries({ pw, colW, ncols, dpr, xOf }, { yOf }, { lead, gaps, crosses, tailT }, C, side) {
+function drawSeries({ pw, colW, ncols, dpr, xOf }, yOf, { gaps, crosses, tailT, lead }, minA, maxA, lastA, leadV, color) {
   const { ctx } = chart;
-  const [minA, maxA, lastA] = side === 'bid' ? [C.bMin, C.bMax, C.bLast] : [C.aMin, C.aMax, C.aLast];
-  const leadV = lead ? lead[side] : null;
+  const C = chart.cols;
+  if (leadV == null || !Number.isFinite(leadV)) leadV = null;
   const lw = Math.max(1.5, dpr);
   const h = lw / 2;
-  ctx.fillStyle = COLORS[side];
+  ctx.fillStyle = color;
   let prevV = 0, prevT = 0, pen = false, px = 0, py = 0;
   if (leadV != null) { prevV = leadV; prevT = lead.t; pen = true; px = 0; py = yOf(leadV); }
   for (let c = 0; c < ncols; c++) {
@@ -1772,7 +1999,7 @@ function drawSeries({ pw, colW, ncols, dpr, xOf }, { yOf }, { lead, gaps, crosse
 
 /** Where the tags of the last visible ask and bid go on the price axis: at their price, ask above
  *  bid, pushed apart so they never overlap. Placed before the tick labels, which make way for them. */
-function priceTags({ padT, ph, dpr }, { yOf }, lastAsk, lastBid) {
+function priceTags({ padT, priceH: ph, dpr }, { yOf }, lastAsk, lastBid) {
   const tagH = TAG_H * dpr;
   const tags = [];
   if (lastAsk != null) tags.push({ v: lastAsk, color: COLORS.ask, y: 0 });
@@ -1786,9 +2013,13 @@ function priceTags({ padT, ph, dpr }, { yOf }, lastAsk, lastBid) {
   return tags;
 }
 
-/** Axis lines and tick labels; a price label that a tag would cover is left out. */
-function drawAxes({ pw, ph, padT, dpr, labelX, xOf }, { yOf }, { yTicks, yLabels, xTicks, xStep }, tags) {
+/** Axis lines and tick labels; a price label that a tag would cover is left out. Returns where the
+ *  labels went ({x: [{x, w}], y: [{y, w}]}, device px: centre x of a time label, centre y of a price
+ *  or spread label) so the crosshair's own labels can hide those they would half cover. */
+function drawAxes({ pw, ph, padT, priceH, spreadTop, spreadH, dpr, labelX, xOf }, { yOf }, sScale,
+                  { yTicks, yLabels, xTicks, xStep, sTicks, sLabels }, tags) {
   const { ctx } = chart;
+  const labels = { x: [], y: [] };
   ctx.fillStyle = COLORS.axisLine;
   ctx.fillRect(pw, padT, Math.max(1, Math.round(dpr)), ph);
   ctx.fillRect(0, padT + ph, pw, Math.max(1, Math.round(dpr)));
@@ -1797,18 +2028,32 @@ function drawAxes({ pw, ph, padT, dpr, labelX, xOf }, { yOf }, { yTicks, yLabels
   ctx.textAlign = 'left';
   yTicks.forEach((p, i) => {
     const y = yOf(p);
-    if (y < padT + 6 * dpr || y > padT + ph - 4 * dpr) return;
+    if (y < padT + 6 * dpr || y > padT + priceH - 4 * dpr) return;
     if (tags.some((tg) => Math.abs(tg.y - y) < tagH * 0.5 + 7 * dpr)) return;
     ctx.fillText(yLabels[i], labelX, y);
+    labels.y.push({ y, w: ctx.measureText(yLabels[i]).width });
   });
-  ctx.textAlign = 'center';
+  sTicks.forEach((v, i) => {
+    const y = sScale.yOf(v);
+    if (y < spreadTop + 5 * dpr) return;
+    ctx.fillText(sLabels[i], labelX, y);
+    labels.y.push({ y, w: ctx.measureText(sLabels[i]).width });
+  });
+  ctx.fillStyle = COLORS.spread;
   ctx.textBaseline = 'top';
+  ctx.fillText('spread bps', 4 * dpr, spreadTop + 3 * dpr);
+  ctx.fillStyle = COLORS.axis;
+  ctx.textAlign = 'center';
   const ly = padT + ph + 5 * dpr;
   for (const t of xTicks) {
     const x = xOf(t);
-    if (x < 24 * dpr || x > pw - 24 * dpr) continue;
-    ctx.fillText(timeLabel(t, xStep), x, ly);
+    const text = timeLabel(t, xStep);
+    const w = ctx.measureText(text).width;
+    if (x - w / 2 < 2 * dpr || x + w / 2 > pw - 2 * dpr) continue;   // a label is shown whole or not at all
+    ctx.fillText(text, x, ly);
+    labels.x.push({ x, w });
   }
+  return labels;
 }
 
 /** The price tags, on their line's colour. Returns the width of the widest. */
@@ -1856,10 +2101,10 @@ function finishDraw(started, livePts, hasData) {
   } else empty.hidden = true;
   const g = chart.geo;
   if (g) {
-    const bf = g.bf;
-    const src = bf ? ` · history ${bf.tier === 'bars' ? '1 s bars' : 'raw'}, ${fmtInt(bf.n)} buckets of ${fmtAge(bf.bucket_ms)}` : '';
-    setText($('chart-info'), `${g.sym} · ${chart.tf}${chart.view.follow ? ' · live' : ' · paused'} · ` +
-      `${fmtInt(livePts)} live pts${src}`);
+    // plain words: what is shown, whether it follows the market, where the data comes from
+    const src = g.bf && g.bf.n ? `; earlier: the server's stored ${g.bf.tier === 'bars' ? 'per-second summaries' : 'updates'}` : '';
+    setText($('chart-info'), `${g.sym} · ${fmtSpan(g.v1 - g.v0)} ${chart.view.follow ? 'to now, following live' : 'in the past, paused'} · ` +
+      `${fmtInt(livePts)} ${livePts === 1 ? 'update' : 'updates'} received live${src} · times ${tzName(g.v1)}`);
   }
   if (chart.hover) drawOverlay();
 }
@@ -1928,24 +2173,37 @@ function drawCrosshair(g, cx, cy, at) {
   }
 }
 
-/** The cursor's price on the price axis and its time on the time axis. */
+/** The cursor's price (or spread, in the spread panel) on the axis and its time on the time axis.
+ *  An axis label that a crosshair label would cover in part is painted over whole first: a label is
+ *  read whole or not at all. */
 function drawCrosshairLabels(g, cx, cy, y, t) {
   const { octx, dpr } = chart;
   const W = chart.overlay.width;
   octx.font = `${Math.round(11 * dpr)}px ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace`;
   octx.textBaseline = 'middle';
-  const price = g.hi - (y - g.padT) / g.ys;
-  const ps = price.toFixed(g.dec);
+  const inSpread = y >= g.spreadTop;
+  const ps = inSpread ? `${Math.max(0, g.sScale.hi - (y - g.spreadTop) / g.sScale.ys).toFixed(3)}`
+    : (g.hi - (y - g.padT) / g.ys).toFixed(g.dec);
   const lh = TAG_H * dpr;
+  const span = g.v1 - g.v0;
+  const ts = span > 86400e3 ? `${fmtDay(t)} ${fmtClock(t)}` : fmtClock(t, span <= 5 * 60e3);
+  const tw = octx.measureText(ts).width + 12 * dpr;
+  const tx = clamp(cx - tw / 2, 0, g.pw - tw);
+  // hide whole the axis labels these two boxes would overlap (glyphs are about lh tall, centred)
+  octx.fillStyle = COLORS.plotBg;
+  for (const l of g.labels.y) {
+    if (Math.abs(l.y - cy) < lh) octx.fillRect(g.pw + 2, l.y - lh / 2, W - g.pw - 2, lh);
+  }
+  for (const l of g.labels.x) {
+    if (l.x + l.w / 2 + 2 * dpr > tx && l.x - l.w / 2 - 2 * dpr < tx + tw) {
+      octx.fillRect(l.x - l.w / 2 - 2 * dpr, g.padT + g.ph + 2, l.w + 4 * dpr, lh + 2 * dpr);
+    }
+  }
   octx.fillStyle = COLORS.labelBg;
   octx.fillRect(g.pw + 1, cy - lh / 2, W - g.pw - 1, lh);
   octx.fillStyle = COLORS.labelText;
   octx.textAlign = 'left';
   octx.fillText(ps, g.pw + 6 * dpr, cy);
-  const span = g.v1 - g.v0;
-  const ts = span > 86400e3 ? `${fmtDay(t)} ${fmtClock(t)}` : fmtClock(t, span <= 5 * 60e3);
-  const tw = octx.measureText(ts).width + 12 * dpr;
-  const tx = clamp(cx - tw / 2, 0, g.pw - tw);
   octx.fillStyle = COLORS.labelBg;
   octx.fillRect(tx, g.padT + g.ph + 1, tw, lh + 2 * dpr);
   octx.fillStyle = COLORS.labelText;
@@ -2000,6 +2258,16 @@ function initChart() {
   chart.tf = isTimeframe(tf) ? tf : DEFAULT_TF;
   chart.view = { span: TIMEFRAMES[chart.tf], end: 0, follow: true };
   buildTimeframeButtons();
+  try { chart.showMid = localStorage.getItem('bbo.mid') === '1'; } catch { /* private mode */ }
+  const mid = $('show-mid');
+  setAttr(mid, 'aria-pressed', String(chart.showMid));
+  mid.addEventListener('click', () => {
+    chart.showMid = !chart.showMid;
+    setAttr(mid, 'aria-pressed', String(chart.showMid));
+    try { localStorage.setItem('bbo.mid', chart.showMid ? '1' : '0'); } catch { /* private mode */ }
+    chart.dirty = true;
+    requestFrame();
+  });
 }
 
 /** One button #tf-<tf> per TIMEFRAMES key, in its order, before the Reset button. */
@@ -2049,6 +2317,8 @@ function zoomAt(factor, anchor) {
   if (end > now) end = now;
   chart.view = { span, end, follow: follow && end >= now - 1 };
   if (chart.view.follow) chart.view.end = now;
+  // a zoomed view is no timeframe any more: no button stays pressed (Reset or a button brings one back)
+  markTimeframe(span === TIMEFRAMES[chart.tf] ? chart.tf : null);
   chart.dirty = chart.interactive = true;
   scheduleBackfill(250);
   requestFrame();
@@ -2278,6 +2548,7 @@ const hist = {
   hasOlder: false,      // the page was full: there may be older rows
   note: '',             // where the rows come from, when the table cannot say it ('' : nothing to say)
   seq: 0,               // load generation: answers to an earlier load are dropped
+  stats: null,          // [latency statistics, quote figures] shown (repainted when the time zone changes)
 };
 
 /** The panel's symbol list follows the known symbols; the symbol chosen stays while it exists. */
@@ -2293,13 +2564,12 @@ function histRangeFromForm() {
   if (range !== 'custom') {
     const end = serverNow();
     const start = end - Number(range);
-    $('hist-start').value = toLocalInput(start);
-    $('hist-end').value = toLocalInput(end);
+    $('hist-start').value = fmtDateTime(start);
+    $('hist-end').value = fmtDateTime(end);
     return [Math.floor(start), Math.ceil(end)];
   }
-  const s = $('hist-start').value, e = $('hist-end').value;
-  const start = s ? new Date(s).getTime() : NaN;
-  const end = e ? new Date(e).getTime() + 999 : NaN;   // inputs have 1 s resolution: include the whole second
+  const start = parseDateTime($('hist-start').value);
+  const end = parseDateTime($('hist-end').value) + 999;   // the fields have 1 s resolution: include the whole second
   return [start, end];
 }
 
@@ -2313,7 +2583,10 @@ async function histLoad() {
   const sym = $('hist-symbol').value;
   const [start, end] = histRangeFromForm();
   if (!sym) { showHistError('Choose a symbol.'); return; }
-  if (!Number.isFinite(start) || !Number.isFinite(end)) { showHistError('Enter a valid start and end time.'); return; }
+  if (!Number.isFinite(start) || !Number.isFinite(end)) {
+    showHistError(`Enter the start and end as YYYY-MM-DD HH:MM:SS (24-hour, ${tzName()}).`);
+    return;
+  }
   if (start > end) { showHistError('The start time must be before the end time.'); return; }
   showHistError('');
   Object.assign(hist, { symbol: sym, start, end, limit: Number($('hist-limit').value) || 50, pages: [] });
@@ -2327,8 +2600,11 @@ async function histLoad() {
   $('hist-load').disabled = true;
   const statsBox = $('hist-stats');
   statsBox.setAttribute('aria-busy', 'true');
-  const statsP = fetchJson(`/api/history/latency?symbol=${encodeURIComponent(sym)}&start_time=${start}&end_time=${end}`)
-    .then((s) => { if (seq === hist.seq) renderHistStats(s); })
+  const q = `symbol=${encodeURIComponent(sym)}&start_time=${start}&end_time=${end}`;
+  const statsP = Promise.all([
+    fetchJson(`/api/history/latency?${q}`),
+    histQuoteFigures(sym, start, end).catch(() => null),   // the latency figures stand without these
+  ]).then(([s, quotes]) => { if (seq === hist.seq) { hist.stats = [s, quotes]; renderHistStats(s, quotes); } })
     .catch((err) => { if (seq === hist.seq) { showHistError(`Latency statistics: ${err.message}`); statsBox.replaceChildren(); } });
   const pageP = histFetchPage({ end, exclude: new Set() }, seq);
   await Promise.allSettled([statsP, pageP]);
@@ -2366,6 +2642,31 @@ async function histFetchPage(page, seq) {
     hist.note = '';
     renderHistTable();
   }
+}
+
+/** The range's quote figures: updates per second, and the share of the time a two-sided quote was
+ *  live — from the symbol's first quote (none before it: asked as the newest update up to the start)
+ *  to the end of the range or now, less the feed outages the server recorded for the symbol. */
+async function histQuoteFigures(sym, start, end) {
+  const q = `symbol=${encodeURIComponent(sym)}`;
+  const [series, before] = await Promise.all([
+    fetchJson(`/api/history/series?${q}&start_time=${start}&end_time=${end}&buckets=1000`),
+    fetchJson(`/api/history/updates?${q}&end_time=${start}&limit=1`),
+  ]);
+  const to = Math.min(end, serverNow());
+  if (to <= start) return null;
+  const updates = (series.count || []).reduce((a, b) => a + b, 0);
+  const quotedBefore = (before.updates && before.updates.length) || (before.bars && before.bars.length);
+  const from = quotedBefore ? start : series.time && series.time.length ? Math.max(start, series.time[0]) : to;
+  const spans = (series.outages || []).map((o) => [Math.max(o.start, from), Math.min(o.end ?? to, to)])
+    .filter(([a, b]) => b > a).sort((a, b) => a[0] - b[0]);
+  let down = 0, reach = from;
+  for (const [a, b] of spans) {        // merged: overlapping outages count once
+    if (b <= reach) continue;
+    down += b - Math.max(a, reach);
+    reach = b;
+  }
+  return { rate: updates / ((to - start) / 1000), availability: Math.max(0, to - from - down) / (to - start) };
 }
 
 /** What the rows cannot say themselves: raw updates older than rawFrom are gone (so the range is
@@ -2432,16 +2733,23 @@ function histNewer() {
   histFetchPage(page, hist.seq);
 }
 
-function renderHistStats(s) {
+function renderHistStats(s, quotes) {
   const box = $('hist-stats');
   const items = [['count', 'Updates', s.count == null ? '—' : fmtInt(s.count), null]];
+  if (quotes) {
+    items.push(['rate', 'Updates / s', fmtRate(quotes.rate), null]);
+    const pct = quotes.availability * 100;
+    items.push(['avail', 'Quote live', `${pct >= 99.95 && pct < 100 ? pct.toFixed(2) : pct.toFixed(1)} %`,
+                pct >= 99.9 ? 'good' : pct >= 99 ? 'warn' : 'bad']);
+  }
   for (const [k, label] of [['min', 'Min'], ['mean', 'Mean'], ['p50', 'p50'], ['p90', 'p90'], ['p99', 'p99'], ['max', 'Max']]) {
     items.push([k, label, fmtMs(s[k]), level(s[k], ...LATENCY_LEVELS)]);
   }
   items.push(['tier', 'Source', s.tier === 'bars' ? '1 s bars' : s.tier === 'raw' ? 'raw' : (s.tier || '—'), null]);
   const cap = document.createElement('p');
   cap.className = 'stats-caption';
-  cap.textContent = `Backend latency (exchange → server) · ${hist.symbol} · ${fmtDateTime(s.start_time ?? hist.start)} – ${fmtDateTime(Math.min(s.end_time ?? hist.end, hist.end))}`;
+  cap.textContent = `${hist.symbol} · ${fmtDateTime(s.start_time ?? hist.start)} – ${fmtDateTime(Math.min(s.end_time ?? hist.end, hist.end))} ${tzName()} · ` +
+    'updates, share of time with a live two-sided quote, and latency exchange → server';
   box.replaceChildren(cap, ...items.map(([k, label, v, lvl]) => {
     const d = document.createElement('div');
     d.className = 'stat';
@@ -2459,6 +2767,9 @@ function renderHistStats(s) {
   if (s.approximate) box.title = 'Percentiles from 1-second bars are approximate';
 }
 
+/** The spread in bps for a table cell (the column head says "bps"). */
+const bpsCell = (sm) => (sm && Number.isFinite(sm.bps) ? fmtBps(sm.bps).slice(0, -4) : '—');
+
 function renderHistTable() {
   const tbody = $('hist-table').tBodies[0];
   const rows = hist.rows.slice().reverse();   // newest first
@@ -2467,7 +2778,7 @@ function renderHistTable() {
   if (!rows.length) {
     const tr = document.createElement('tr');
     const c = td('No updates in this range.', 'empty');
-    c.colSpan = 8;
+    c.colSpan = 9;
     tr.append(c);
     frag.append(tr);
   }
@@ -2488,7 +2799,7 @@ function renderHistTable() {
       dpart.textContent = fmtDateTime(r.time).slice(0, 11);
       tc.append(dpart, fmtClock(r.time));
       tr.append(tc, td(bid ?? '—', 'r bid'), td('—', 'r opt'),
-        td(ask ?? '—', 'r ask'), td('—', 'r opt'), td(sp ? sp.spread : '—', 'r opt3'),
+        td(ask ?? '—', 'r ask'), td('—', 'r opt'), td(sp ? sp.spread : '—', 'r opt3'), td(bpsCell(sp), 'r bps'),
         td(fmtMs(lat), 'r'), td(`1 s bar · ${r.count}`, 'r opt2'));
     } else {
       tr.dataset.updateId = r.updateId;
@@ -2503,7 +2814,7 @@ function renderHistTable() {
       const lat = td(r.backendLatency == null ? 'n/a' : fmtMs(r.backendLatency), 'r lat');
       lat.dataset.level = level(r.backendLatency, ...LATENCY_LEVELS);
       tr.append(tc, td(r.bidPrice, 'r bid'), td(r.bidQty, 'r opt'), td(r.askPrice, 'r ask'), td(r.askQty, 'r opt'),
-        td(sm ? sm.spread : '—', 'r opt3'), lat, td(String(r.updateId ?? '—'), 'r opt2'));
+        td(sm ? sm.spread : '—', 'r opt3'), td(bpsCell(sm), 'r bps'), lat, td(String(r.updateId ?? '—'), 'r opt2'));
     }
     frag.append(tr);
   }
@@ -2512,7 +2823,7 @@ function renderHistTable() {
   let label = `Page ${pageNo}`;
   if (rows.length) {
     const a = rowTime(rows[rows.length - 1]), b = rowTime(rows[0]);
-    label += ` · ${rows.length} ${hist.kind === 'bars' ? 'bars' : 'rows'} · ${fmtClock(a)} – ${fmtClock(b)}`;
+    label += ` · ${rows.length} ${hist.kind === 'bars' ? 'bars' : 'rows'} · ${fmtClock(a)} – ${fmtClock(b)} ${tzName(b)}`;
   }
   setText($('hist-page'), label);
   $('hist-newer').disabled = pageNo < 2;
@@ -2522,8 +2833,18 @@ function renderHistTable() {
   setText(note, hist.note);
 }
 
+/** The history panel follows the symbol selected above; a panel loaded once reloads for it. */
+function histFollow(sym) {
+  const hs = $('hist-symbol');
+  if (!sym || hs.value === sym || ![...hs.options].some((o) => o.value === sym)) return;
+  hs.value = sym;
+  if (hist.symbol) histLoad();
+}
+
 function initHistory() {
   const form = $('hist-form');
+  // the panel's own list selects the symbol above too (one symbol on the whole page), and loads
+  $('hist-symbol').addEventListener('change', () => { selectSymbol($('hist-symbol').value); histLoad(); });
   form.addEventListener('submit', (e) => { e.preventDefault(); histLoad(); });
   $('hist-range').addEventListener('change', () => {
     if ($('hist-range').value !== 'custom') histRangeFromForm();
@@ -2547,6 +2868,7 @@ function selectSymbol(sym, focusTab = false) {
   try { localStorage.setItem('bbo.symbol', sym); } catch { /* ignore */ }
   dirty.symbols = dirty.bbo = dirty.status = dirty.tabs = true;
   chartSymbolChanged();
+  histFollow(sym);
   if (focusTab) {
     const b = el['symbol-tabs'].querySelector(`[data-symbol="${CSS.escape(sym)}"]`);
     if (b) b.focus();
@@ -2571,9 +2893,118 @@ function initSymbolInput() {
   });
 }
 
+/** Show every time in UTC or in local time: the clocks, chart, history table and its From / To
+ *  fields (which keep the same instants, written in the new zone). */
+function setTimeZone(utc) {
+  if (tz.utc === utc) return;
+  const range = $('hist-range').value === 'custom' ? histRangeFromForm() : null;
+  tz.utc = utc;
+  try { localStorage.setItem('bbo.tz', utc ? 'utc' : 'local'); } catch { /* private mode */ }
+  renderTimeZone();
+  if (range) {
+    if (Number.isFinite(range[0])) $('hist-start').value = fmtDateTime(range[0]);
+    if (Number.isFinite(range[1])) $('hist-end').value = fmtDateTime(range[1] - 999);
+  } else histRangeFromForm();
+  if (hist.symbol) renderHistTable();
+  if (hist.stats) renderHistStats(...hist.stats);
+  chart.dirty = true;
+  dirty.status = dirty.bbo = true;
+  requestFrame();
+}
+function renderTimeZone() {
+  for (const n of document.querySelectorAll('.tz-name')) setText(n, tz.utc ? 'UTC' : 'local');
+  setText($('tz-text'), tz.utc ? 'UTC' : 'Local');
+  setAttr($('tz-toggle'), 'aria-label', `Times shown in ${tzName()}; switch to ${tz.utc ? 'local time' : 'UTC'}`);
+}
+
+// --- the feed's symbols, edited from the page (only when the server's welcome says feedEdit) ---
+
+const feedEdit = { symbols: null, busy: false };   // symbols: the feed's list from the last ack (null: from feed_status)
+
+/** The feed's symbols: the last add / remove ack's list, else feed_status's. */
+function feedSymbols() {
+  if (feedEdit.symbols) return feedEdit.symbols;
+  return state.feed && state.feed.symbols ? Object.keys(state.feed.symbols).sort() : [];
+}
+
+function renderFeedEdit() {
+  const w = state.welcome;
+  const on = !!(w && w.feedEdit) && state.conn.state === 'connected';
+  $('feed-edit').hidden = !on;
+  if (!on) return;
+  const syms = feedSymbols();
+  const list = $('feed-symbols');
+  if (list.dataset.list !== syms.join(',')) {
+    list.dataset.list = syms.join(',');
+    list.replaceChildren(...syms.map((sym) => {
+      const li = document.createElement('li');
+      const name = document.createElement('span');
+      name.textContent = sym;
+      const b = document.createElement('button');
+      b.type = 'button';
+      b.className = 'btn btn-ghost feed-remove';
+      b.dataset.remove = sym;
+      b.textContent = 'Remove';
+      b.setAttribute('aria-label', `Remove ${sym} from the feed`);
+      b.disabled = syms.length < 2;     // the feed keeps at least one symbol
+      li.append(name, b);
+      return li;
+    }));
+  }
+  const full = w.maxFeedSymbols > 0 && syms.length >= w.maxFeedSymbols;
+  $('feed-add-btn').disabled = feedEdit.busy || full;
+  $('feed-add-symbol').disabled = full;
+  $('feed-add-symbol').placeholder = full ? `at most ${w.maxFeedSymbols} symbols` : 'e.g. SOLUSDT';
+}
+
+function showFeedEditError(msg) {
+  const box = $('feed-edit-error');
+  box.hidden = !msg;
+  setText(box, msg || '');
+}
+
+/** feed_add_symbol / feed_remove_symbol; the ack is {ok, symbols} or {error}. */
+function editFeed(event, symbol) {
+  feedEdit.busy = true;
+  showFeedEditError('');
+  renderFeedEdit();
+  socket.emit(event, { symbol }, (err, res) => {
+    feedEdit.busy = false;
+    if (err || !res || res.error || !Array.isArray(res.symbols)) {
+      showFeedEditError(`${event === 'feed_add_symbol' ? 'Adding' : 'Removing'} ${symbol}: ${err ? err.message : (res && res.error) || 'no answer'}`);
+    } else {
+      feedEdit.symbols = res.symbols.slice().sort();
+      if (event === 'feed_add_symbol') {
+        $('feed-add-symbol').value = '';
+        if (addSymbol(symbol)) dirty.symbols = true;
+      } else {
+        state.symbols = state.symbols.filter((s) => s !== symbol);
+        dirty.symbols = true;
+        if (state.current === symbol) selectSymbol(state.symbols[0]);
+      }
+    }
+    renderFeedEdit();
+    requestFrame();
+  });
+}
+
+function initFeedEdit() {
+  $('feed-add-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const sym = $('feed-add-symbol').value.trim().toUpperCase();
+    if (!/^[A-Z0-9]{2,20}$/.test(sym)) { showFeedEditError('A symbol is 2 to 20 letters and digits, e.g. SOLUSDT.'); return; }
+    editFeed('feed_add_symbol', sym);
+  });
+  $('feed-symbols').addEventListener('click', (e) => {
+    const b = e.target.closest('[data-remove]');
+    if (b) editFeed('feed_remove_symbol', b.dataset.remove);
+  });
+}
+
 function secondTick() {
   tickStats();
-  dirty.status = dirty.tabs = true;
+  dirty.status = dirty.tabs = dirty.bbo = true;   // ages, rates, a symbol turning suspect
+  if (state.current && !isLive(state.current)) chart.dirty = true;
   // keep backfill fresh: long views slide, and after an outage the server's history fills holes
   if (!chart.bfPending) ensureBackfill();
   renderTitle();
@@ -2587,6 +3018,9 @@ async function boot() {
   initChartInput();
   initSymbolInput();
   initHistory();
+  initFeedEdit();
+  renderTimeZone();
+  $('tz-toggle').addEventListener('click', () => setTimeZone(!tz.utc));
   restorePoints();
   chartLayout();
 
@@ -2629,6 +3063,8 @@ function checkHealth() {
 }
 function onHealth(health) {
   state.persistence = health && health.persistence ? health.persistence : null;
+  const ck = health && (health.clock || (health.feed && health.feed.clock));
+  if (ck) { state.clock = ck; dirty.status = true; requestFrame(); }
   renderPersistence(state.persistence);
 }
 
