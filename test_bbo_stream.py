@@ -8244,3 +8244,293 @@ def test_dashboard_asks_for_the_token_once_then_shows_live_prices_and_downloads_
         pg.problems[:] = [p for p in pg.problems if p not in refused]
     finally:
         server.stop()
+
+
+# -- the numbers traders read, never looking live when it is not, the details ---------------------
+
+_DASH_COLOUR_IN_PANELS = """([rgb, tol]) => {
+  const cv = document.getElementById('chart');
+  const W = cv.width, H = cv.height, g = bboDebug.chart.geometry();
+  const d = cv.getContext('2d').getImageData(0, 0, W, H).data;
+  const out = {price: 0, spread: 0, priceY: 0, maxX: -1};
+  for (let y = 0; y < H; y++) for (let x = 0; x < g.pw; x++) {
+    const i = (y * W + x) * 4;
+    if (Math.abs(d[i] - rgb[0]) > tol || Math.abs(d[i + 1] - rgb[1]) > tol || Math.abs(d[i + 2] - rgb[2]) > tol || d[i + 3] < 200) continue;
+    if (y >= g.spreadTop) out.spread++;
+    else if (y < g.padT + g.priceH) { out.price++; out.priceY += y; if (x > out.maxX) out.maxX = x; }
+  }
+  out.priceY = out.price ? out.priceY / out.price : null;
+  out.pw = g.pw;
+  return out;
+}"""
+DASH_MID_RGB = (0xC9, 0xA3, 0xFF)      # COLORS.mid in static/app.js
+DASH_SPREAD_RGB = (0x4C, 0x8D, 0xFF)   # COLORS.spread
+
+
+def _dash_paren_depth(text: str) -> int:
+    depth = deepest = 0
+    for ch in text:
+        depth += ch == "("
+        deepest = max(deepest, depth)
+        depth -= ch == ")"
+    return deepest
+
+
+def _dash_first_row_cells(pg: DashPage) -> list[str]:
+    return pg.js("() => [...document.querySelector('#hist-table tbody tr').cells].map(c => c.textContent)")
+
+
+def test_dashboard_shows_the_microprice_its_lean_and_each_symbols_update_rate(dash_open: Any) -> None:
+    pg = dash_open()
+    ex = pg.exchange
+    pg.wait_connected()
+    ex.set_keep("BTCUSDT")
+    # (Pa·Qb + Pb·Qa) / (Qa + Qb) = (43210.20·3 + 43210.10·1) / 4 = 43210.175: exact, one decimal more than the prices
+    values = ("43210.10", "3.00000000", "43210.20", "1.00000000")
+    ex.send("BTCUSDT", *values)
+    pg.wait_bbo(*values)
+    pg.wait_js("() => document.getElementById('micro-price').textContent === '≈ 43210.175'")
+    lean = (43210.175 - 43210.15) / 43210.15 * 1e4
+    assert pg.text("#micro-lean") == f"+{lean:.3f} bps vs mid"
+    # (43210.20·0.001 + 43210.10·1.5) / 1.501 = 43210.10006…: rounded to 43210.100, leaning to the bid
+    values = ("43210.10", "0.00100000", "43210.20", "1.50000000")
+    ex.send("BTCUSDT", *values)
+    pg.wait_js("() => document.getElementById('micro-price').textContent === '≈ 43210.100'")
+    lean = (43210.100 - 43210.15) / 43210.15 * 1e4
+    assert pg.text("#micro-lean") == f"−{abs(lean):.3f} bps vs mid"
+
+    # per symbol: a burst of ETHUSDT (not kept) against BTCUSDT's steady 5 updates a second
+    ex.send_many([("ETHUSDT", f"{2300 + i * 0.01:.2f}", "1.00000000", f"{2300.05 + i * 0.01:.2f}", "1.00000000")
+                  for i in range(100)], group=5, gap_s=0.02)
+    n = pg.js("bboDebug.state.stats.latSecond")
+    pg.wait_js("(n) => bboDebug.state.stats.latSecond >= n + 1", n)   # a second's rates were taken since
+    rates = {}
+    for sym in ("ETHUSDT", "BTCUSDT"):
+        pg.page.click(f"#symbol-tabs [data-symbol={sym}]")
+        pg.wait_js("(s) => bboDebug.state.current === s && document.getElementById('sym-rate').textContent !== '—'", sym)
+        m = re.fullmatch(r"([\d,.]+) /s", pg.text("#sym-rate"))
+        assert m, pg.text("#sym-rate")
+        rates[sym] = float(m.group(1).replace(",", ""))
+    assert rates["ETHUSDT"] > 3 * rates["BTCUSDT"] > 0, rates
+
+
+def test_dashboard_history_follows_the_selected_symbol_with_bps_updates_per_second_and_quote_live(dash_open: Any) -> None:
+    pg = dash_open()
+    ex = pg.exchange
+    pg.wait_connected()
+    pg.wait_js("() => document.querySelectorAll('#hist-table tbody tr[data-update-id]').length > 0")
+    assert pg.page.input_value("#hist-symbol") == "BTCUSDT"
+    heads = pg.js("() => [...document.querySelectorAll('#hist-table thead th')].map(h => h.textContent)")
+    assert heads[5:7] == ["Spread", "bps"], heads
+    ex.set_keep("BTCUSDT")
+    sent = ex.send("ETHUSDT", "2345.60", "1.00000000", "2345.90", "2.00000000")
+    _dash_wait_stored(pg, "ETHUSDT", sent["u"])
+    pg.page.click("#symbol-tabs [data-symbol=ETHUSDT]")              # the panel follows the symbol above
+    pg.wait_js(_DASH_FIRST_ROW_IS, sent["u"])
+    assert pg.page.input_value("#hist-symbol") == "ETHUSDT"
+    cells = _dash_first_row_cells(pg)
+    # 0.30 on a mid of 2345.75 is 1.2789 bps
+    assert cells[1:7] == ["2345.60", "1.00000000", "2345.90", "2.00000000", "0.30", "1.28"], cells
+
+    # updates per second and quote-live share over the range: 600 updates in 5 min, one 30 s outage
+    def series(route: Any) -> None:
+        q = urllib.parse.parse_qs(urllib.parse.urlparse(route.request.url).query)
+        start = int(q["start_time"][0])
+        route.fulfill(status=200, content_type="application/json", body=json.dumps({
+            "symbol": "ETHUSDT", "tier": "raw", "start_time": start, "end_time": int(q["end_time"][0]), "bucket_ms": 1000,
+            "time": [start, start + 200_000], "count": [400, 200],
+            **{f"{side}{k}": [2345.6, 2345.6] if side == "bid" else [2345.9, 2345.9]
+               for side in ("bid", "ask") for k in ("First", "Min", "Max", "Last")},
+            "outages": [{"start": start + 60_000, "end": start + 90_000, "reason": "test"}]}))
+    pg.page.route(re.compile(r"/api/history/series\?"), series)
+    pg.page.select_option("#hist-range", "300000")
+    pg.page.click("#hist-load")
+    pg.wait_js("() => document.querySelector('#hist-stats [data-stat=avail]')")
+    stats = pg.js("() => Object.fromEntries([...document.querySelectorAll('#hist-stats .stat')].map(s => [s.dataset.stat, s.querySelector('.v').textContent]))")
+    assert stats["rate"] == "2.0" and stats["avail"] == "90.0 %", stats
+
+
+def test_dashboard_chart_draws_the_spread_in_bps_under_the_prices_and_the_mid_when_asked(dash_open: Any) -> None:
+    pg = dash_open()
+    ex = pg.exchange
+    pg.wait_connected()
+    pg.js("localStorage.removeItem('bbo.mid')")
+    for i in range(12):
+        bid = 43210.10 + (i % 4) * 0.40
+        ex.send("BTCUSDT", f"{bid:.2f}", "0.50000000", f"{bid + 1.00 + (i % 3) * 0.50:.2f}", "0.70000000")
+        time.sleep(0.08)
+    final = ("43210.10", "0.00100000", "43211.10", "1.50000000")
+    ex.send("BTCUSDT", *final)
+    pg.wait_bbo(*final)
+    n0 = pg.js("bboDebug.chart.drawCount()")
+    pg.wait_js("(n) => bboDebug.chart.drawCount() > n + 1", n0)
+    spread = pg.js(_DASH_COLOUR_IN_PANELS, [list(DASH_SPREAD_RGB), 30])
+    assert spread["spread"] >= 150 and spread["price"] == 0, spread
+    assert pg.page.get_attribute("#show-mid", "aria-pressed") == "false"
+    assert pg.js(_DASH_COLOUR_IN_PANELS, [list(DASH_MID_RGB), 30])["price"] == 0
+    pg.page.click("#show-mid")
+    assert pg.page.get_attribute("#show-mid", "aria-pressed") == "true"
+    pg.wait_js("(n) => bboDebug.chart.drawCount() > n", pg.js("bboDebug.chart.drawCount()"))
+    mid = pg.js(_DASH_COLOUR_IN_PANELS, [list(DASH_MID_RGB), 30])
+    bid = pg.js(_DASH_COLOUR_IN_PANELS, [list(DASH_BID_RGB), 40])
+    ask = pg.js(_DASH_COLOUR_IN_PANELS, [list(DASH_ASK_RGB), 40])
+    assert mid["price"] >= 150 and mid["spread"] == 0, mid
+    assert ask["priceY"] < mid["priceY"] < bid["priceY"], (ask, mid, bid)   # between the two sides
+    pg.page.click("#show-mid")
+    pg.wait_js("(n) => bboDebug.chart.drawCount() > n", pg.js("bboDebug.chart.drawCount()"))
+    assert pg.js(_DASH_COLOUR_IN_PANELS, [list(DASH_MID_RGB), 30])["price"] == 0
+
+
+def test_dashboard_banner_counts_the_outage_from_the_last_data_across_retries_in_plain_words(dash_open: Any) -> None:
+    pg = dash_open()
+    ex = pg.exchange
+    pg.wait_connected()
+    pg.wait_js("() => document.getElementById('feed-state').dataset.state === 'live'")
+    ex.stall()
+    pg.wait_js("() => document.getElementById('feed-state').dataset.state === 'stale'", timeout=8)
+    text = pg.text("#feed-banner-text")
+    assert "stale" in text and "not live" in text and _dash_paren_depth(text) <= 1, text
+    seen = []
+    deadline = time.monotonic() + 5                  # through two watchdog reconnects at FEED_STALE_SECONDS=2
+    while time.monotonic() < deadline:
+        m = re.search(r"No data for (\d+)s", pg.text("#feed-banner-count"))
+        assert m, pg.text("#feed-banner-count")
+        seen.append(int(m.group(1)))
+        time.sleep(0.25)
+    pg.screenshot("dashboard-stale.png", full_page=False)
+    ex.resume()
+    assert seen == sorted(seen) and seen[-1] >= seen[0] + 4, f"the no-data count restarted: {seen}"
+    pg.wait_js("() => document.getElementById('feed-banner').hidden", timeout=8)
+
+
+def test_dashboard_banner_does_not_speak_of_prices_shown_when_none_ever_were(dash_open: Any) -> None:
+    def close_at_once(ws: Any) -> None:
+        ws.close()
+    pg = dash_open("/?store=0&transport=websocket", ws_route=close_at_once)
+    pg.page.route(re.compile(r"/api/bbo$"), lambda route: route.fulfill(
+        status=200, content_type="application/json", body='{"symbols":{}}'))
+    pg.page.reload()
+    pg.wait_js("() => !document.getElementById('feed-banner').hidden && "
+               "document.getElementById('conn-status').dataset.state === 'reconnecting'")
+    text = pg.text("#feed-banner-text")
+    assert "No prices received yet." in text and "shown" not in text and "frozen" not in text, text
+    assert _dash_paren_depth(text) <= 1, text
+
+
+def test_dashboard_shows_every_time_in_utc_or_local_time_labelled_and_24_hour(dash_open: Any) -> None:
+    import zoneinfo
+    from datetime import datetime, timedelta, timezone
+    zone = zoneinfo.ZoneInfo("America/New_York")
+    pg = dash_open(timezone_id="America/New_York")
+    pg.js("localStorage.removeItem('bbo.tz')")
+    pg.page.reload()
+    pg.wait_connected()
+    pg.wait_js("() => document.querySelectorAll('#hist-table tbody tr[data-update-id]').length > 0")
+    assert pg.page.get_attribute("#hist-start", "type") == "text"      # no 12-hour AM/PM picker
+
+    def shown_times(tzinfo: Any) -> None:
+        label = "UTC" if tzinfo is timezone.utc else "local"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", pg.page.input_value("#hist-start"))
+        assert set(pg.js("() => [...document.querySelectorAll('.tz-name')].map(n => n.textContent)")) == {label}
+        start = datetime.strptime(pg.page.input_value("#hist-start"), "%Y-%m-%d %H:%M:%S").replace(tzinfo=tzinfo)
+        assert abs(time.time() - 900 - start.timestamp()) < 60, (start, label)    # "Last 15 min" in this zone
+        uid = pg.js("document.querySelector('#hist-table tbody tr').dataset.updateId")
+        rows = pg.server.get_json("/api/history/updates?symbol=BTCUSDT&limit=2000")["updates"]
+        ts = next(r["timestamp"] for r in rows if str(r["updateId"]) == uid)
+        want = datetime.fromtimestamp(ts / 1000, tzinfo)
+        assert pg.js("document.querySelector('#hist-table tbody tr').cells[0].textContent") == \
+            want.strftime("%Y-%m-%d ") + want.strftime("%H:%M:%S.%f")[:-3]
+        off = datetime.now(zone).strftime("%z")
+        name = "UTC" if label == "UTC" else f"local UTC{off[:3]}:{off[3:]}"
+        pg.wait_js("(z) => document.getElementById('foot-clock').textContent.endsWith(' ' + z) && "
+                   "document.getElementById('chart-info').textContent.endsWith('times ' + z)", name)
+
+    assert pg.text("#tz-text") == "UTC"
+    shown_times(timezone.utc)
+    pg.page.click("#tz-toggle")
+    assert pg.text("#tz-text") == "Local"
+    shown_times(zone)
+    # a custom range typed as 24-hour local times loads; a 12-hour one is refused with the format
+    now = datetime.now(zone)
+    pg.page.fill("#hist-start", (now - timedelta(minutes=10)).strftime("%Y-%m-%d %H:%M:%S"))
+    pg.page.fill("#hist-end", now.strftime("%Y-%m-%d %H:%M:%S"))
+    assert pg.page.input_value("#hist-range") == "custom"
+    pg.page.click("#hist-load")
+    pg.wait_js("() => document.querySelectorAll('#hist-table tbody tr[data-update-id]').length > 0 && "
+               "!document.getElementById('hist-load').disabled")
+    assert pg.js("document.getElementById('hist-error').hidden")
+    pg.page.fill("#hist-start", now.strftime("%m/%d/%Y %I:%M %p"))
+    pg.page.click("#hist-load")
+    pg.wait_js("() => !document.getElementById('hist-error').hidden")
+    assert "24-hour" in pg.text("#hist-error") and "local" in pg.text("#hist-error")
+    pg.js("localStorage.removeItem('bbo.tz')")
+
+
+def test_dashboard_details_plain_footer_distinct_rows_timeframe_released_by_zoom_and_labelled_tabs(dash_open: Any) -> None:
+    pg = dash_open()
+    pg.wait_connected()
+    pg.wait_js("() => document.getElementById('chart-info').textContent !== '—'")
+    info = pg.text("#chart-info")
+    assert not re.search(r"bucket|\braw\b|\bpts\b", info) and "updates received live" in info, info
+    names = pg.js("() => [...document.querySelectorAll('#conn-stats dt, #feed-details dt')].map(d => d.textContent)")
+    assert len(names) == len(set(names)), names
+    pg.wait_js("() => document.querySelector('#symbol-tabs [data-symbol=BTCUSDT] .sym-px').textContent.startsWith('mid ')")
+    pressed = "() => [...document.querySelectorAll('.tf')].filter(b => b.getAttribute('aria-pressed') === 'true').map(b => b.dataset.tf)"
+    assert pg.js(pressed) == ["1m"]
+    pg.js("bboDebug.chart.zoom(0.5)")
+    assert pg.js(pressed) == [], "a timeframe button stays pressed on a zoomed view"
+    pg.page.click("#zoom-reset")
+    assert pg.js(pressed) == ["1m"]
+
+
+def test_dashboard_crosshair_labels_never_cut_an_axis_label_in_part(dash_open: Any) -> None:
+    pg = dash_open()
+    pg.wait_connected()
+    pg.page.wait_for_selector("#chart-empty", state="hidden")
+    labels = pg.wait_js("() => { const l = bboDebug.chart.axisLabels(); return l && l.x.length >= 3 && l; }")
+    g = pg.js("bboDebug.chart.geometry()")
+    dpr = g["dpr"]
+    box = pg.page.locator("#chart").bounding_box()
+    # read in one task with the overlay: a following chart redraws (and moves its labels) every few frames
+    partial = """() => {
+      const {x: lx, y: ly} = bboDebug.chart.axisLabels(), g = bboDebug.chart.geometry();
+      const cv = document.getElementById('chart-overlay');
+      const d = cv.getContext('2d').getImageData(0, 0, cv.width, cv.height).data;
+      const cut = [];
+      const check = (x0, x1, y0, y1, what) => {
+        let on = 0, off = 0;
+        for (let y = Math.round(y0); y < y1; y++) for (let x = Math.round(x0); x < x1; x++) (d[(y * cv.width + x) * 4 + 3] ? on++ : off++);
+        if (on && off) cut.push([what, on, off]);
+      };
+      for (const l of lx) check(l.x - l.w / 2 + 1, l.x + l.w / 2 - 1, g.padT + g.ph + 6 * g.dpr, g.padT + g.ph + 14 * g.dpr, 'time ' + l.x);
+      for (const l of ly) check(g.pw + 7 * g.dpr, g.pw + 6 * g.dpr + l.w - 1, l.y - 3 * g.dpr, l.y + 3 * g.dpr, 'price ' + l.y);
+      return cut;
+    }"""
+    # the cursor right of a time label (its time box overlaps the label's right part) and a little below a price label
+    lab = labels["x"][1]
+    ylab = labels["y"][0]
+    x_css = (lab["x"] + lab["w"] * 0.9) / dpr
+    y_css = (ylab["y"] + 9 * dpr) / dpr
+    pg.page.mouse.move(box["x"] + x_css, box["y"] + y_css)
+    pg.page.wait_for_selector("#chart-tooltip", state="visible")
+    cut = pg.js(partial)
+    assert cut == [], f"axis labels partly covered by the crosshair's labels: {cut}"
+
+
+def test_dashboard_on_a_phone_keeps_the_feed_label_whole_range_fields_and_several_time_labels(dash_open: Any) -> None:
+    pg = dash_open(viewport={"width": 375, "height": 667}, device_scale_factor=2, is_mobile=True, has_touch=True)
+    pg.wait_connected()
+    pg.wait_bbo(*pg.exchange.call(lambda: pg.exchange.last["BTCUSDT"]))
+    pg.page.wait_for_selector("#chart-empty", state="hidden")
+    label = pg.page.locator("#feed-state .pill-label")
+    assert label.is_visible() and label.text_content() == "Feed"
+    for sel in ("#hist-start", "#hist-end"):
+        b = pg.page.locator(sel).bounding_box()
+        fits = pg.js("(s) => { const e = document.querySelector(s); return e.scrollWidth <= e.clientWidth; }", sel)
+        assert b["x"] >= 0 and b["x"] + b["width"] <= 375 and fits, (sel, b, fits)
+    n = pg.wait_js("() => { const l = bboDebug.chart.axisLabels(); return l && l.x.length; }")
+    assert n >= 3, f"only {n} time labels on a 375 px chart"
+    o = pg.js(_DASH_OVERFLOW)
+    assert o["scrollWidth"] <= o["innerWidth"] and not o["offenders"], o
+    pg.page.wait_for_timeout(700)
+    pg.screenshot("dashboard-phone-live.png", full_page=False)

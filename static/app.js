@@ -37,22 +37,29 @@
  * Stable element ids (for browser tests)
  *   Status     #conn-status[data-state=connecting|connected|reconnecting|offline] (#conn-text)
  *              #transport ("WebSocket" | "Polling" | "—")
- *              #feed-state[data-state=unknown|connecting|live|stale|backoff|failed|stopped]
+ *              #feed-state[data-state=unknown|connecting|live|stale|backoff|failed|stopped, or the
+ *              selected symbol's suspect|quiet|waiting while the feed is live]
  *              (#feed-state-text: the state word, plus a countdown while backing off)
- *              #feed-banner (shown whenever prices are not live), #sr-status (polite live region)
+ *              #feed-banner (shown whenever prices are not live: #feed-banner-text why,
+ *              #feed-banner-count how long no data has come), #sr-status (polite live region)
+ *              #tz-toggle (#tz-text "UTC" | "Local"), .tz-name (the zone beside times)
  *   BBO        #symbol-select, #symbol-tabs (buttons [data-symbol]), #bbo-card[data-live=true|false]
  *              #bid-price #bid-qty #ask-price #ask-qty  (exact strings from the last bbo_update)
- *              #spread #spread-bps #mid-price #spread-indicator #bbo-age #bbo-time #bbo-update-id #bbo-latency
+ *              #spread #spread-bps #mid-price #spread-indicator #bbo-age #bbo-time #bbo-update-id
+ *              #micro-price #micro-lean #sym-rate (the symbol's updates per second)
+ *              latency legs: #lat-exchange #bbo-latency (exchange -> server) #lat-server #lat-browser
  *   Chart      #chart (main canvas), #chart-overlay (crosshair), #chart-tooltip, #chart-empty, #chart-info
- *              #tf-<tf> for each key of TIMEFRAMES: #tf-1m … #tf-1d (aria-pressed), #zoom-reset
+ *              #tf-<tf> for each key of TIMEFRAMES: #tf-1m … #tf-1d (aria-pressed), #zoom-reset, #show-mid
  *   Stats      #rtt #backend-latency #backend-latency-avg (data-level=good|warn|bad|none)
  *              #msg-count #msg-rate #conn-duration #stats-transport #conn-reconnects
  *              #fd-state #fd-market #fd-since #fd-age #fd-next #fd-messages #fd-reconnects
- *              #fd-duplicates #fd-crossed #fd-parse #fd-reason
+ *              #fd-duplicates #fd-crossed #fd-parse #fd-reason #clock-offset #clock-warning
+ *   Feed edit  #feed-edit (shown when the welcome says feedEdit) #feed-symbols ([data-remove=SYM] buttons)
+ *              #feed-add-form #feed-add-symbol #feed-add-btn #feed-edit-error
  *   Token      #auth-dialog (a modal <dialog>, open while a token is asked for) #auth-form #auth-token
  *              #auth-message (why it asks: none given, or the last one was refused)
  *   History    #hist-symbol #hist-range #hist-start #hist-end #hist-limit #hist-load #hist-csv
- *              #hist-stats (stat tiles [data-stat=count|min|mean|p50|p90|p99|max]) #hist-error
+ *              #hist-stats (stat tiles [data-stat=count|rate|avail|min|mean|p50|p90|p99|max|tier]) #hist-error
  *              #hist-table (tbody rows newest first, tr[data-update-id]) #hist-older #hist-newer #hist-page
  *              #hist-note (where the rows come from, when the table cannot say it)
  *
@@ -68,6 +75,8 @@
  *   chart.setTimeframe(tf)       same as clicking #tf-<tf>
  *   chart.zoom(factor)           zoom about the centre (factor < 1 zooms in)
  *   chart.backfill()             the current backfill series (or null)
+ *   chart.axisLabels()           the axis labels of the last draw: {x: [{x, w}], y: [{y, w}]} (device px)
+ *   chart.geometry()             the last draw's plot: {pw, ph, padT, priceH, spreadTop, spreadH, dpr} (device px)
  *   loadSyntheticPoints(n)       replace the current symbol's live buffer with n synthetic points
  *                                spread over the visible range, redraw, return the redraw time (ms):
  *                                median of 5 redraws, each including a forced rasterisation
@@ -3143,6 +3152,9 @@ window.bboDebug = {
     zoom: (f) => zoomAt(f),
     backfill: () => chart.backfill[state.current] || null,
     drawCount: () => chart.drawCount,
+    axisLabels: () => (chart.geo ? chart.geo.labels : null),
+    geometry: () => (chart.geo ? { pw: chart.geo.pw, ph: chart.geo.ph, padT: chart.geo.padT, priceH: chart.geo.priceH,
+                                   spreadTop: chart.geo.spreadTop, spreadH: chart.geo.spreadH, dpr: chart.geo.dpr } : null),
   },
   loadSyntheticPoints,
   checkHealth,
