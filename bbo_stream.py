@@ -173,6 +173,10 @@ FEED_CLOSE_TIMEOUT_S = 2.0           # closing handshake with the exchange; a re
 FEED_MAX_QUEUE_MESSAGES = 256        # frames websockets buffers before it stops reading the socket
 MAX_SYMBOLS = 5_000                  # above Binance's 1024 streams/connection × a few shards; bounds maps
 MAX_SYMBOL_CHARS = 32                # Binance's longest symbols have under 20; bounds names on disk and per client
+SUSPECT_FLOOR_MS = 1_000             # a symbol is `suspect` after at least this much silence...
+SUSPECT_GAP_FACTOR = 5               # ...or this many times its median gap between updates, if longer
+SUSPECT_WINDOW_MS = 60_000           # the median gap is taken over the minute before the symbol's last update
+SUSPECT_RECOMPUTE_MS = 10_000        # a symbol's rate changes slowly: its median gap is recomputed at most this often
 
 # --- History cache ----------------------------------------------------------
 RING_INITIAL_ROWS = 64               # rings grow lazily: 500 symbols must not reserve 32 GB up front
@@ -188,10 +192,12 @@ MAX_DIGITS = 17                      # digits of a price/qty: mantissa·32+decim
 INT32_NULL = -(2**31)                # sentinel for a missing latency / transaction time in int32 columns
 INT64_MAX = 2**63 - 1                # update ids and times live in int64 columns
 MAX_SKEW_MS = 2**31 - 1              # |recv - E| and |E - T| fit the int32 columns (24.8 days)
+INT16_NULL = -(2**15)                # sentinel for a missing emit time in its int16 column (2 bytes a row:
+MAX_EMIT_DELAY_MS = 2**15 - 1        # the 64 B/update goal); a pass 32.767 s or more after receipt is stored as that
 
 # --- Persistence ------------------------------------------------------------
 SEGMENT_ROWS = 8_192                 # one compaction json.dumps of 8 k rows holds the GIL ~15 ms (< 50 ms goal)
-CACHE_SCHEMA_VERSION = 1             # bumped when the on-disk column layout changes (older ones are migrated)
+CACHE_SCHEMA_VERSION = 2             # bumped when the on-disk column layout changes (older ones are migrated)
 CACHE_MAX_FILE_BYTES = 8 * 1024 * 1024  # the largest file written, a segment of SEGMENT_ROWS bars, is ~1.8 MB
 PERSIST_ERROR_LOG_INTERVAL_S = 60.0  # a full disk is logged once a minute, not once per flush
 
@@ -707,23 +713,35 @@ class Bbo(NamedTuple):
     latency_ms: int | None      # "backendLatency" = recv_ms - E; None where there is no E
     transaction_ms: int | None  # "transactionTime" = T; None where there is no T
     update_id: int              # "updateId" = u
+    emit_ms: int | None = None  # "emitTimestamp": when the fan-out wrote it to clients; None until then
 
 
 # Public field names, in payload order: REST rows, Socket.IO bbo_update, CSV and disk use these.
 BBO_KEYS = ("symbol", "bidPrice", "bidQty", "askPrice", "askQty", "timestamp",
-            "serverTimestamp", "backendLatency", "updateId", "transactionTime")
+            "serverTimestamp", "backendLatency", "updateId", "transactionTime", "emitTimestamp")
 
 
 def _json_int(value: int | None) -> str:
     return "null" if value is None else str(value)
 
 
-def bbo_json(bbo: Bbo) -> str:
-    """Compact JSON object of an update with the public keys (encoded once, sent to all)."""
+def bbo_json_head(bbo: Bbo) -> str:
+    """bbo_json up to its last key: the fan-out encodes this once per update at publish and
+    appends the emit time, the same for the whole write pass, when it writes (emit_suffix)."""
     return (f'{{"symbol":"{bbo.symbol}","bidPrice":"{bbo.bid_price}","bidQty":"{bbo.bid_qty}",'
             f'"askPrice":"{bbo.ask_price}","askQty":"{bbo.ask_qty}","timestamp":{bbo.event_ms},'
             f'"serverTimestamp":{bbo.recv_ms},"backendLatency":{_json_int(bbo.latency_ms)},'
-            f'"updateId":{bbo.update_id},"transactionTime":{_json_int(bbo.transaction_ms)}}}')
+            f'"updateId":{bbo.update_id},"transactionTime":{_json_int(bbo.transaction_ms)}')
+
+
+def emit_suffix(emit_ms: int | None) -> str:
+    """The rest of bbo_json after bbo_json_head: the emit time and the closing brace."""
+    return f',"emitTimestamp":{_json_int(emit_ms)}}}'
+
+
+def bbo_json(bbo: Bbo) -> str:
+    """Compact JSON object of an update with the public keys (encoded once, sent to all)."""
+    return bbo_json_head(bbo) + emit_suffix(bbo.emit_ms)
 
 
 class FeedAck(NamedTuple):
@@ -820,7 +838,7 @@ def parse_book_ticker(payload: dict, recv_ms: int) -> Bbo:
     if event_ms is None:
         if transaction_ms is not None:
             raise FeedMessageError("bad field E", "T without E")
-        return _new_bbo(Bbo, (symbol, bid, bid_qty, ask, ask_qty, recv_ms, recv_ms, None, None, update_id))
+        return _new_bbo(Bbo, (symbol, bid, bid_qty, ask, ask_qty, recv_ms, recv_ms, None, None, update_id, None))
     if type(event_ms) is not int or not 0 <= event_ms <= INT64_MAX:
         raise _bad_int(payload, "E")
     if transaction_ms is not None and (type(transaction_ms) is not int or not 0 <= transaction_ms <= INT64_MAX):
@@ -829,7 +847,8 @@ def parse_book_ticker(payload: dict, recv_ms: int) -> Bbo:
     if latency > MAX_SKEW_MS or latency < -MAX_SKEW_MS or (
             transaction_ms is not None and abs(event_ms - transaction_ms) > MAX_SKEW_MS):
         raise FeedMessageError("bad field E", f"E={event_ms} T={transaction_ms} are over 24 days from the local clock")
-    return _new_bbo(Bbo, (symbol, bid, bid_qty, ask, ask_qty, event_ms, recv_ms, latency, transaction_ms, update_id))
+    return _new_bbo(Bbo, (symbol, bid, bid_qty, ask, ask_qty, event_ms, recv_ms, latency, transaction_ms, update_id,
+                          None))
 
 
 _json_scan = json.JSONDecoder().scan_once  # the C scanner json.loads uses
@@ -1055,6 +1074,17 @@ class ShardHealth:
         }
 
 
+def symbol_state(last_ms: int | None, now_ms: int, suspect_after_ms: int, stale_ms: int) -> str:
+    """A symbol's state in the feed status: `waiting` (no data yet), `live`, `suspect` (silent for
+    ``suspect_after_ms``: longer than its own rate explains) or `quiet` (silent for FEED_STALE_SECONDS)."""
+    if last_ms is None:
+        return "waiting"
+    age = now_ms - last_ms
+    if age >= stale_ms:
+        return "quiet"
+    return "suspect" if age >= suspect_after_ms else "live"
+
+
 # Order in which shard states summarise the whole feed: the best one wins.
 _STATE_RANK = {FeedState.LIVE: 0, FeedState.CONNECTING: 1, FeedState.STALE: 2,
                FeedState.BACKOFF: 3, FeedState.FAILED: 4, FeedState.STOPPED: 5}
@@ -1069,16 +1099,17 @@ def shard_name(shard: ShardHealth) -> str:
 # ###########################################################################
 # §5 History cache (numpy rings, 1-second bars, queries, on-disk codec)
 # ###########################################################################
-# Owns: per-symbol history: dedupe by `u`, a raw ring (60 B/update), a ring of 1 s bars,
+# Owns: per-symbol history: dedupe by `u`, a raw ring (62 B/update), a ring of 1 s bars,
 # outages, range queries and latency statistics, and the JSON column codec used on disk.
 # Pure: no clock, no files.  Appends are batched (PENDING_FLUSH_ROWS) into numpy.
 
-# Raw ring columns: 8+4+4+8+4×8+4×1 = 60 bytes per update (goal ≤ 64).  Prices are exact:
+# Raw ring columns: 8+4+4+2+8+4×8+4×1 = 62 bytes per update (goal ≤ 64).  Prices are exact:
 # an int64 mantissa plus a uint8 count of decimals rebuilds Binance's string digit for digit.
 RAW_COLUMNS: dict[str, Any] = {
     "recv_ms": np.int64,        # serverTimestamp; sorted (the ring is searched by it)
     "latency_ms": np.int32,     # recv_ms - E (backendLatency); INT32_NULL = none (spot)
     "e_minus_t_ms": np.int32,   # E - T; INT32_NULL = no T
+    "emit_minus_recv_ms": np.int16,  # emitTimestamp - serverTimestamp; INT16_NULL = never written to clients
     "update_id": np.int64,      # u
     "bid_m": np.int64, "bid_qty_m": np.int64, "ask_m": np.int64, "ask_qty_m": np.int64,
     "bid_d": np.uint8, "bid_qty_d": np.uint8, "ask_d": np.uint8, "ask_qty_d": np.uint8,
@@ -1209,10 +1240,18 @@ def format_decimal(mantissa: int, decimals: int) -> str:
     return f"{digits[:-decimals]}.{digits[-decimals:]}"
 
 
-def bbos_to_columns(bbos: Sequence[Bbo]) -> dict[str, np.ndarray]:
-    """Batch of Bbo → raw ring columns (one transpose, then one numpy array per column)."""
-    (_, bids, bid_qtys, asks, ask_qtys, events, recvs, lats, txns, uids) = zip(*bbos)
+def bbos_to_columns(bbos: Sequence[Bbo], emits: Sequence[int] = ()) -> dict[str, np.ndarray]:
+    """Batch of Bbo → raw ring columns (one transpose, then one numpy array per column).
+
+    ``emits``: the emit times (ms) of the first ``len(emits)`` updates; the others have none yet.
+    """
+    (_, bids, bid_qtys, asks, ask_qtys, events, recvs, lats, txns, uids, _) = zip(*bbos)
     out: dict[str, np.ndarray] = {"recv_ms": np.array(recvs, np.int64), "update_id": np.array(uids, np.int64)}
+    emit_minus_recv = np.full(len(recvs), INT16_NULL, np.int16)
+    if emits:
+        emitted = np.array(emits, np.int64) - out["recv_ms"][:len(emits)]
+        emit_minus_recv[:len(emits)] = np.clip(emitted, -MAX_EMIT_DELAY_MS, MAX_EMIT_DELAY_MS)
+    out["emit_minus_recv_ms"] = emit_minus_recv
     if None in lats:
         lats = [INT32_NULL if v is None else v for v in lats]
     out["latency_ms"] = np.array(lats, np.int32)
@@ -1273,6 +1312,7 @@ def rows_to_bbos(cols: dict[str, np.ndarray], symbol: str) -> list[Bbo]:
     recv = cols["recv_ms"].tolist()
     lat = cols["latency_ms"].tolist()
     emt = cols["e_minus_t_ms"].tolist()
+    emr = cols["emit_minus_recv_ms"].tolist()
     uid = cols["update_id"].tolist()
     prices = [[format_decimal(m, d) for m, d in zip(cols[c + "_m"].tolist(), cols[c + "_d"].tolist())]
               for c, _ in _PRICE_FIELDS]
@@ -1281,7 +1321,8 @@ def rows_to_bbos(cols: dict[str, np.ndarray], symbol: str) -> list[Bbo]:
         event = r if lat[i] == INT32_NULL else r - lat[i]
         out.append(Bbo(symbol, prices[0][i], prices[1][i], prices[2][i], prices[3][i], event, r,
                        None if lat[i] == INT32_NULL else lat[i],
-                       None if emt[i] == INT32_NULL else event - emt[i], uid[i]))
+                       None if emt[i] == INT32_NULL else event - emt[i], uid[i],
+                       None if emr[i] == INT16_NULL else r + emr[i]))
     return out
 
 
@@ -1295,7 +1336,7 @@ def rows_to_csv(cols: dict[str, np.ndarray], symbol: str) -> str:
     lines = [",".join(BBO_KEYS)]
     for b in rows_to_bbos(cols, symbol):
         values = (b.symbol, b.bid_price, b.bid_qty, b.ask_price, b.ask_qty, b.event_ms, b.recv_ms,
-                  b.latency_ms, b.update_id, b.transaction_ms)  # BBO_KEYS order
+                  b.latency_ms, b.update_id, b.transaction_ms, b.emit_ms)  # BBO_KEYS order
         lines.append(",".join("" if v is None else str(v) for v in values))
     return "\r\n".join(lines) + "\r\n"
 
@@ -1339,6 +1380,16 @@ def latency_stats(values: np.ndarray, weights: np.ndarray | None = None) -> Late
                         round(float(v[-1]), 3))
 
 
+def suspect_threshold_ms(recv_ms: np.ndarray) -> int:
+    """How long a symbol may be silent before it is `suspect`: SUSPECT_GAP_FACTOR times the median
+    gap between the receive times ``recv_ms`` (its updates in the minute before its last one), and
+    never less than SUSPECT_FLOOR_MS (also when fewer than two updates give no gap at all)."""
+    if len(recv_ms) < 2:
+        return SUSPECT_FLOOR_MS
+    median_gap = float(np.median(np.diff(recv_ms)))
+    return max(SUSPECT_FLOOR_MS, math.ceil(SUSPECT_GAP_FACTOR * median_gap))
+
+
 class SymbolHistory:
     """Everything kept for one symbol: dedupe state, raw ring, bars, outages, counters."""
 
@@ -1348,6 +1399,8 @@ class SymbolHistory:
         self.bars = ColumnRing(BAR_COLUMNS, max(1, bars_capacity))  # 1 s bars
         self.keep_bars = bars_capacity > 0
         self.pending: list[Bbo] = []            # accepted, not yet in the numpy ring
+        self.pending_emits: list[int] = []      # emit times of the first pending updates (the fan-out's passes)
+        self.unstamped_from: int | None = None  # first ring row (absolute) moved to numpy before its emit time came
         self.latest: Bbo | None = None          # newest accepted update
         self.last_u = -1                        # dedupe: highest `u` accepted (since the last reset)
         self.last_event_ms = -1                 # E of that update (tells a reset from a replay)
@@ -1360,6 +1413,7 @@ class SymbolHistory:
         self.subscribed_ms: int | None = None   # when a connection asked for this symbol
         self.outages: collections.deque[list] = collections.deque(maxlen=MAX_OUTAGES_PER_SYMBOL)
         self.open_outage: list | None = None    # [start_ms, None, reason] until data resumes
+        self._suspect: tuple[int, int, int] | None = None  # (accepted, computed at ms, threshold ms) last computed
 
     # -- ingest (hot path) -----------------------------------------------------
     def accept(self, bbo: Bbo, after_reconnect: bool = False) -> bool:
@@ -1401,10 +1455,15 @@ class SymbolHistory:
         if not self.pending:
             return
         batch, self.pending = self.pending, []
-        self.append_columns(bbos_to_columns(batch))
+        emits, self.pending_emits = self.pending_emits, []
+        if len(emits) < len(batch) and self.unstamped_from is None:  # the fan-out's pass is still to come
+            self.unstamped_from = self.raw.total + len(emits)
+        self.append_columns(bbos_to_columns(batch, emits))
 
     def append_columns(self, cols: dict[str, np.ndarray], count_crossed: bool = True) -> None:
         recv = cols["recv_ms"]
+        if "emit_minus_recv_ms" not in cols:  # rows built without emit times (benchmarks' synthetic rows)
+            cols["emit_minus_recv_ms"] = np.full(len(recv), INT16_NULL, np.int16)
         floor = self.raw.last_value("recv_ms")
         # The ring is binary-searched by recv_ms, so it must never go back, even if the
         # wall clock was stepped back between two runs (recv_ms is monotonic within a run).
@@ -1414,6 +1473,9 @@ class SymbolHistory:
             lat = cols["latency_ms"]
             shifted = np.clip(lat.astype(np.int64) + (clamped - recv), INT32_NULL + 1, 2**31 - 1).astype(np.int32)
             cols["latency_ms"] = np.where(lat == INT32_NULL, lat, shifted)
+            emr = cols["emit_minus_recv_ms"]  # and the emit time: it moves back by the same shift
+            unshifted = np.clip(emr.astype(np.int64) - (clamped - recv), -MAX_EMIT_DELAY_MS, MAX_EMIT_DELAY_MS)
+            cols["emit_minus_recv_ms"] = np.where(emr == INT16_NULL, emr, unshifted.astype(np.int16))
             cols["recv_ms"] = recv = clamped
         if count_crossed:  # live data (not rows restored from disk): crossed books, latency histogram
             self.crossed += int(np.count_nonzero(_price_floats(cols, "bid") >= _price_floats(cols, "ask")))
@@ -1440,6 +1502,41 @@ class SymbolHistory:
             return
         [self.latest] = rows_to_bbos({k: v[-1:] for k, v in cols.items()}, self.symbol)
         self.last_u, self.last_event_ms = self.latest.update_id, self.latest.event_ms
+
+    def stamp_emit(self, emit_ms: int) -> None:
+        """The fan-out wrote this symbol's updates accepted since the last stamp at ``emit_ms``.
+
+        Those are the newest rows: the last pending ones and, when a batch reached numpy first
+        (a read, or PENDING_FLUSH_ROWS within one loop pass), the newest rows of the ring.
+        """
+        if self.unstamped_from is not None:
+            ring = self.raw
+            for start, stop in ring._segments(max(self.unstamped_from, ring.first), ring.total):
+                emitted = emit_ms - ring.cols["recv_ms"][start:stop]
+                ring.cols["emit_minus_recv_ms"][start:stop] = np.clip(emitted, -MAX_EMIT_DELAY_MS, MAX_EMIT_DELAY_MS)
+            self.unstamped_from = None
+        missing = len(self.pending) - len(self.pending_emits)
+        if missing > 0:
+            self.pending_emits.extend([emit_ms] * missing)
+        latest = self.latest
+        if latest is not None and latest.emit_ms is None:
+            self.latest = latest._replace(emit_ms=emit_ms)
+
+    def suspect_after_ms(self, now_ms: int) -> int:
+        """The silence after which this symbol is `suspect` (suspect_threshold_ms over the minute
+        before its last update; that minute does not move while it is silent).  Recomputed at most
+        every SUSPECT_RECOMPUTE_MS, and only when updates came since."""
+        cached = self._suspect
+        if cached is not None and (cached[0] == self.accepted or now_ms - cached[1] < SUSPECT_RECOMPUTE_MS):
+            return cached[2]
+        self.flush()
+        threshold = SUSPECT_FLOOR_MS
+        if self.raw.total:
+            last = int(self.raw.last_value("recv_ms"))
+            a = self.raw.search("recv_ms", last - SUSPECT_WINDOW_MS, "left")
+            threshold = suspect_threshold_ms(self.raw.take(a, self.raw.total, ["recv_ms"])["recv_ms"])
+        self._suspect = (self.accepted, now_ms, threshold)
+        return threshold
 
     # -- outages ----------------------------------------------------------------
     def begin_outage(self, start_ms: int, reason: str) -> None:
@@ -1573,16 +1670,27 @@ class BboHistory:
         for hist in self.symbols.values():
             hist.flush()
 
+    def stamp_emit(self, emit_ms: int, symbols: Iterable[str]) -> None:
+        """The fan-out wrote the updates of ``symbols`` accepted since its last pass at ``emit_ms``
+        (Hub.on_emit)."""
+        for symbol in symbols:
+            hist = self.symbols.get(symbol)
+            if hist is not None:
+                hist.stamp_emit(emit_ms)
+
 
 # --- On-disk codec -------------------------------------------------------------------
 # A journal line and a segment are the same thing: one JSON object holding columns
-#   {"v":1,"kind":"raw","symbol":"BTCUSDT","n":2,"cols":{"serverTimestamp":[...],...}}
+#   {"v":2,"kind":"raw","symbol":"BTCUSDT","n":2,"cols":{"serverTimestamp":[...],...}}
 # Raw columns use the public keys; prices are {"m":[mantissas],"d":decimals} where `d` is a
 # number when all rows share it (always, on Binance) or a list.  Exact and fast to load.
 
 _RAW_DISK_KEYS = {"recv_ms": "serverTimestamp", "latency_ms": "backendLatency", "e_minus_t_ms": "eventMinusTransaction",
-                  "update_id": "updateId", "bid": "bidPrice", "bid_qty": "bidQty", "ask": "askPrice",
+                  "emit_minus_recv_ms": "emitMinusServerTimestamp", "update_id": "updateId", "bid": "bidPrice", "bid_qty": "bidQty", "ask": "askPrice",
                   "ask_qty": "askQty"}
+
+_RAW_INT_KEYS = ("recv_ms", "latency_ms", "e_minus_t_ms", "emit_minus_recv_ms", "update_id")
+_RAW_NULLS = {"latency_ms": INT32_NULL, "e_minus_t_ms": INT32_NULL, "emit_minus_recv_ms": INT16_NULL}  # ↔ JSON null
 
 
 def encode_columns(kind: str, symbol: str, cols: dict[str, np.ndarray]) -> str:
@@ -1590,10 +1698,11 @@ def encode_columns(kind: str, symbol: str, cols: dict[str, np.ndarray]) -> str:
     n = len(next(iter(cols.values())))
     out: dict[str, Any] = {}
     if kind == "raw":
-        for key in ("recv_ms", "latency_ms", "e_minus_t_ms", "update_id"):
+        for key in _RAW_INT_KEYS:
             values = cols[key].tolist()
-            if key in ("latency_ms", "e_minus_t_ms"):
-                values = [None if v == INT32_NULL else v for v in values]
+            if key in _RAW_NULLS:
+                null = _RAW_NULLS[key]
+                values = [None if v == null else v for v in values]
             out[_RAW_DISK_KEYS[key]] = values
         for col, _ in _PRICE_FIELDS:
             d = cols[col + "_d"]
@@ -1617,10 +1726,18 @@ class CacheFormatError(ValueError):
         self.newer = newer
 
 
+def _v1_to_v2(doc: dict) -> dict:
+    """Version 2 adds the emit time of raw rows: rows written by version 1 have none (null)."""
+    cols, n = doc.get("cols"), doc.get("n")
+    if doc.get("kind") == "raw" and type(cols) is dict and type(n) is int and 0 <= n <= CACHE_MAX_FILE_BYTES:
+        cols.setdefault(_RAW_DISK_KEYS["emit_minus_recv_ms"], [None] * n)
+    return {**doc, "v": 2}
+
+
 # Upgrades of an older record, by the version they upgrade from: each takes the decoded JSON
 # object of version v and returns it as version v + 1, so files written by any earlier release
-# load (never quarantined for their age).  Version 1 is the first: nothing to upgrade yet.
-CACHE_MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
+# load (never quarantined for their age).
+CACHE_MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2}
 
 
 def _int_column(values: Any, dtype: Any, name: str) -> np.ndarray:
@@ -1666,10 +1783,10 @@ def decode_columns(text: str, kind: str, symbol: str | None = None) -> tuple[str
     cols: dict[str, np.ndarray] = {}
     try:
         if kind == "raw":
-            for key in ("recv_ms", "latency_ms", "e_minus_t_ms", "update_id"):
+            for key in _RAW_INT_KEYS:
                 values = raw[_RAW_DISK_KEYS[key]]
-                if key in ("latency_ms", "e_minus_t_ms") and type(values) is list:
-                    values = [INT32_NULL if v is None else v for v in values]
+                if key in _RAW_NULLS and type(values) is list:
+                    values = [_RAW_NULLS[key] if v is None else v for v in values]
                 cols[key] = _int_column(values, RAW_COLUMNS[key], _RAW_DISK_KEYS[key])
             for col, _ in _PRICE_FIELDS:
                 entry = raw[_RAW_DISK_KEYS[col]]
@@ -3375,8 +3492,10 @@ class BinanceFeed:
         for symbol in self.cfg.symbols:
             hist = self.history.symbols[symbol]
             last_sym = hist.latest.recv_ms if hist.latest else None
+            suspect_after = min(self.stale_ms, hist.suspect_after_ms(now_ms))
             symbols[symbol] = {
-                "state": "waiting" if last_sym is None else ("live" if now_ms - last_sym < self.stale_ms else "quiet"),
+                "state": symbol_state(last_sym, now_ms, suspect_after, self.stale_ms),
+                "suspectAfterMs": suspect_after,
                 "lastMessage": last_sym, "messages": hist.accepted, "duplicates": hist.duplicates,
                 "crossed": hist.crossed, "uResets": hist.u_resets}
             error = self.symbol_errors.get(symbol)
@@ -3417,7 +3536,7 @@ class BinanceFeed:
     def _status_signature(self, now_ms: int) -> tuple:
         status = self.status(now_ms)
         return (status["state"], status["reason"], status["nextAttempt"],
-                tuple(s.state for s in self.shards))
+                tuple(s.state for s in self.shards), tuple(s["state"] for s in status["symbols"].values()))
 
     def _notify(self) -> None:
         signature = self._status_signature(now_ms())
@@ -4263,9 +4382,10 @@ FEED_STATUS_KEY = "\x00feed_status"  # conflation key of `feed_status` packets: 
 class Hub:
     """Fans BBO updates and feed status out to the attached Engine.IO connections.
 
-    `publish(bbo)` encodes the update once, as the `42["bbo_update",{...}]` packet and as its
-    WebSocket text frame, and queues it; once per event-loop pass every attached client gets
-    the pass's updates in one write (WebSocket clients that keep up: the same joined bytes;
+    `publish(bbo)` encodes the update once and queues it; once per event-loop pass the pass's
+    updates get their emit time (one clock read for the pass: `emitTimestamp`, the last key), are
+    finished as `42["bbo_update",{...}]` packets and their WebSocket text frames, and every
+    attached client gets them in one write (WebSocket clients that keep up: the same joined bytes;
     others: through their conflating outbox, see EioOutbox). Nothing here awaits, so a slow
     client never delays a publish or another client. With `writer_threads` and at least
     FANOUT_PARALLEL_MIN_LINKS clients, the plain-TCP clients that keep up are written by a
@@ -4277,7 +4397,9 @@ class Hub:
         self.writer_threads = writer_threads             # helpers of SocketWriterPool (0: loop thread only)
         self._pool: SocketWriterPool | None = None       # started by the first pass that needs it
         self._snapshot: tuple[EioConnection, ...] = ()   # `_conns` frozen for iteration
-        self._batch: list[EioUpdate] = []                # published since the last flush
+        self._batch: list[EioUpdate | tuple[str, str]] = []  # since the last flush: feed status, or
+                                                         # (symbol, update packet without its emit time)
+        self.on_emit: Callable[[int, set[str]], None] | None = None  # (emit ms, symbols) after each pass
         self._flush_handle: asyncio.Handle | None = None  # the pending flush callback
         self.published = 0                               # updates published
         self._gone_sent = 0                              # deliveries counted for detached clients
@@ -4297,24 +4419,35 @@ class Hub:
             self._gone_skipped += skipped - base[1]
 
     def publish(self, bbo: Bbo) -> None:
-        """Queue one BBO update for every attached client."""
-        self._queue(bbo.symbol, '42["bbo_update",' + bbo_json(bbo) + "]")
+        """Queue one BBO update for every attached client (finished with its emit time by the pass)."""
+        self._queue((bbo.symbol, '42["bbo_update",' + bbo_json_head(bbo)))
 
     def publish_feed_status(self, status: dict[str, Any]) -> None:
         """Queue a feed status change; like an update, only the newest one waits for a slow client."""
-        self._queue(FEED_STATUS_KEY, '42["feed_status",' + _json_dumps(status) + "]", always=True)
+        text = '42["feed_status",' + _json_dumps(status) + "]"
+        self._queue(EioUpdate(FEED_STATUS_KEY, text, encode_ws_frame(text.encode()), True))
 
-    def _queue(self, key: str, text: str, always: bool = False) -> None:
-        self._batch.append(EioUpdate(key, text, encode_ws_frame(text.encode()), always))
+    def _queue(self, item: EioUpdate | tuple[str, str]) -> None:
+        self._batch.append(item)
         self.published += 1
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_handle = None
-        batch, self._batch = self._batch, []
-        if not batch:
+        items, self._batch = self._batch, []
+        if not items:
             return
+        emit_ms = now_ms()
+        tail = emit_suffix(emit_ms) + "]"
+        symbols: set[str] = set()
+        batch: list[EioUpdate] = []
+        for item in items:
+            if type(item) is tuple:
+                key, text = item[0], item[1] + tail
+                symbols.add(key)
+                item = EioUpdate(key, text, encode_ws_frame(text.encode()))
+            batch.append(item)
         joined = batch[0].frame if len(batch) == 1 else b"".join(update.frame for update in batch)
         now_s = asyncio.get_running_loop().time()
         snapshot = self._snapshot
@@ -4324,6 +4457,8 @@ class Hub:
             conn.deliver(batch, joined, now_s, raw)
         if raw is not None:
             self._write_raw(raw, joined)
+        if symbols and self.on_emit is not None:
+            self.on_emit(emit_ms, symbols)
 
     def _write_raw(self, conns: list[EioConnection], frames: bytes) -> None:
         """Write the frames straight to the sockets of clients that keep up, on several threads."""
@@ -6012,6 +6147,7 @@ class App:
         self.persistence = CachePersistence(cfg, self.history) if cfg.cache_enabled and cfg.cache_persist else None
         self.feed = BinanceFeed(cfg, self.history, self._on_update, self._on_feed_status)
         self.hub = Hub(cfg.fanout_helper_threads(available_cpus()))  # fan-out to Socket.IO clients (§13)
+        self.hub.on_emit = self.history.stamp_emit           # each pass's emit time goes into the history
         self.eio = EioServer.from_config(cfg)               # Engine.IO endpoint (§16)
         self.sio = SioServer(self.eio)                       # Socket.IO on top of it (§15)
         self.bbo_app = BboApp(self.sio, self.hub, lambda: self.history.latest().values(),
