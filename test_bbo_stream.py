@@ -8379,14 +8379,18 @@ _DASH_COLOUR_IN_PANELS = """([rgb, tol]) => {
   const cv = document.getElementById('chart');
   const W = cv.width, H = cv.height, g = bboDebug.chart.geometry();
   const d = cv.getContext('2d').getImageData(0, 0, W, H).data;
-  const out = {price: 0, spread: 0, priceY: 0, maxX: -1};
+  const out = {price: 0, spread: 0, priceY: 0, maxX: -1, edgeY: 0, edge: 0};   // edge: the rightmost 6 px
   for (let y = 0; y < H; y++) for (let x = 0; x < g.pw; x++) {
     const i = (y * W + x) * 4;
     if (Math.abs(d[i] - rgb[0]) > tol || Math.abs(d[i + 1] - rgb[1]) > tol || Math.abs(d[i + 2] - rgb[2]) > tol || d[i + 3] < 200) continue;
     if (y >= g.spreadTop) out.spread++;
-    else if (y < g.padT + g.priceH) { out.price++; out.priceY += y; if (x > out.maxX) out.maxX = x; }
+    else if (y < g.padT + g.priceH) {
+      out.price++; out.priceY += y; if (x > out.maxX) out.maxX = x;
+      if (x >= g.pw - 6) { out.edge++; out.edgeY += y; }
+    }
   }
   out.priceY = out.price ? out.priceY / out.price : null;
+  out.edgeY = out.edge ? out.edgeY / out.edge : null;
   out.pw = g.pw;
   return out;
 }"""
@@ -8434,7 +8438,7 @@ def test_dashboard_shows_the_microprice_its_lean_and_each_symbols_update_rate(da
     rates = {}
     for sym in ("ETHUSDT", "BTCUSDT"):
         pg.page.click(f"#symbol-tabs [data-symbol={sym}]")
-        pg.wait_js("(s) => bboDebug.state.current === s && document.getElementById('sym-rate').textContent !== '—'", sym)
+        pg.wait_bbo(*ex.call(lambda: ex.last[sym]))          # the card shows this symbol now, its rate too
         m = re.fullmatch(r"([\d,.]+) /s", pg.text("#sym-rate"))
         assert m, pg.text("#sym-rate")
         rates[sym] = float(m.group(1).replace(",", ""))
@@ -8482,11 +8486,12 @@ def test_dashboard_chart_draws_the_spread_in_bps_under_the_prices_and_the_mid_wh
     ex = pg.exchange
     pg.wait_connected()
     pg.js("localStorage.removeItem('bbo.mid')")
+    # a wide spread: the mid line is well clear of both sides whatever earlier tests left in the minute shown
     for i in range(12):
         bid = 43210.10 + (i % 4) * 0.40
-        ex.send("BTCUSDT", f"{bid:.2f}", "0.50000000", f"{bid + 1.00 + (i % 3) * 0.50:.2f}", "0.70000000")
+        ex.send("BTCUSDT", f"{bid:.2f}", "0.50000000", f"{bid + 40.00 + (i % 3) * 0.50:.2f}", "0.70000000")
         time.sleep(0.08)
-    final = ("43210.10", "0.00100000", "43211.10", "1.50000000")
+    final = ("43210.10", "0.00100000", "43250.10", "1.50000000")
     ex.send("BTCUSDT", *final)
     pg.wait_bbo(*final)
     n0 = pg.js("bboDebug.chart.drawCount()")
@@ -8498,11 +8503,13 @@ def test_dashboard_chart_draws_the_spread_in_bps_under_the_prices_and_the_mid_wh
     pg.page.click("#show-mid")
     assert pg.page.get_attribute("#show-mid", "aria-pressed") == "true"
     pg.wait_js("(n) => bboDebug.chart.drawCount() > n", pg.js("bboDebug.chart.drawCount()"))
+    # its flat stretches grow as the view slides (the columns with movement are the bid's and ask's bars)
+    pg.wait_js(f"() => ({_DASH_COLOUR_IN_PANELS})([{list(DASH_MID_RGB)}, 30]).price >= 60")
     mid = pg.js(_DASH_COLOUR_IN_PANELS, [list(DASH_MID_RGB), 30])
     bid = pg.js(_DASH_COLOUR_IN_PANELS, [list(DASH_BID_RGB), 40])
     ask = pg.js(_DASH_COLOUR_IN_PANELS, [list(DASH_ASK_RGB), 40])
-    assert mid["price"] >= 150 and mid["spread"] == 0, mid
-    assert ask["priceY"] < mid["priceY"] < bid["priceY"], (ask, mid, bid)   # between the two sides
+    assert mid["spread"] == 0, mid
+    assert ask["edgeY"] < mid["edgeY"] < bid["edgeY"], (ask, mid, bid)   # between the two sides, at "now"
     pg.page.click("#show-mid")
     pg.wait_js("(n) => bboDebug.chart.drawCount() > n", pg.js("bboDebug.chart.drawCount()"))
     assert pg.js(_DASH_COLOUR_IN_PANELS, [list(DASH_MID_RGB), 30])["price"] == 0
@@ -8661,3 +8668,62 @@ def test_dashboard_on_a_phone_keeps_the_feed_label_whole_range_fields_and_severa
     assert o["scrollWidth"] <= o["innerWidth"] and not o["offenders"], o
     pg.page.wait_for_timeout(700)
     pg.screenshot("dashboard-phone-live.png", full_page=False)
+
+
+def _dash_fmt_ms(ms: float) -> str:
+    """fmtMs of static/app.js."""
+    return f"{ms:.1f} ms" if ms < 10 else f"{math.floor(ms + 0.5)} ms"
+
+
+def test_dashboard_shows_the_latency_of_the_last_update_in_legs(dash_open: Any) -> None:
+    pg = dash_open()
+    ex = pg.exchange
+    pg.wait_connected()
+    pg.wait_js("() => bboDebug.state.conn.clockSynced")
+    ex.set_keep("ETHUSDT")
+    values = ("43250.10", "0.10000000", "43250.20", "0.20000000")
+    sent = ex.send("BTCUSDT", *values)
+    pg.wait_bbo(*values)
+    p = pg.js("bboDebug.state.bbo.BTCUSDT")
+    assert p["updateId"] == sent["u"] and p["transactionTime"] == sent["T"] and p["timestamp"] == sent["E"], (p, sent)
+    assert isinstance(p["emitTimestamp"], int) and p["emitTimestamp"] >= p["serverTimestamp"], p
+    legs = pg.js("() => Object.fromEntries(['lat-exchange', 'bbo-latency', 'lat-server', 'lat-browser']"
+                 ".map(id => [id, document.getElementById(id).textContent]))")
+    assert legs["lat-exchange"] == _dash_fmt_ms(sent["E"] - sent["T"]), (legs, sent)
+    assert legs["bbo-latency"] == _dash_fmt_ms(p["backendLatency"]), (legs, p)
+    assert legs["lat-server"] == _dash_fmt_ms(p["emitTimestamp"] - p["serverTimestamp"]), (legs, p)
+    assert re.fullmatch(r"≈\d+(\.\d)? ms ± \d+(\.\d)? ms", legs["lat-browser"]), legs
+
+
+def test_dashboard_shows_a_silent_symbol_as_suspect_and_draws_no_line_past_its_last_update(dash_open: Any) -> None:
+    """The server calls a symbol `suspect` after max(1 s, 5 × its median gap) without an update (the keeper
+    sends every 0.2 s) while the feed as a whole stays live (BTCUSDT keeps flowing): the pill, the prices
+    and the chart must not read as a calm live market."""
+    pg = dash_open()
+    ex = pg.exchange
+    pg.wait_connected()
+    pg.page.click("#symbol-tabs [data-symbol=ETHUSDT]")
+    pg.wait_bbo(*ex.call(lambda: ex.last["ETHUSDT"]))
+    pg.wait_js("() => document.getElementById('feed-state').dataset.state === 'live' && "
+               "document.getElementById('bbo-card').dataset.live === 'true'")
+    ex.set_keep("BTCUSDT")
+    pg.wait_js("() => document.getElementById('feed-state').dataset.state === 'suspect'", timeout=5)
+    assert pg.page.get_attribute("#bbo-card", "data-live") == "false"
+    assert pg.text("#feed-state-text") == "suspect" and pg.text("#feed-state-label") == "ETHUSDT"
+    health = pg.server.get_json("/healthz")["feed"]
+    assert health["state"] == "live" and health["symbols"]["ETHUSDT"]["state"] in ("suspect", "quiet"), health
+    assert not pg.js("document.getElementById('feed-banner').hidden")
+    assert pg.text("#feed-banner-text").startswith("ETHUSDT is suspect"), pg.text("#feed-banner-text")
+    # the line stops at the last update: nothing of the bid's colour in the last ~1 s of a 1 min view
+    pg.page.wait_for_timeout(1500)
+    pg.wait_js("(n) => bboDebug.chart.drawCount() > n", pg.js("bboDebug.chart.drawCount()"))
+    bid = pg.js(_DASH_COLOUR_IN_PANELS, [list(DASH_BID_RGB), 40])
+    assert bid["price"] > 0 and bid["maxX"] < bid["pw"] - bid["pw"] * 1.0 / 60, bid
+    gaps = pg.js("bboDebug.chart.gaps()")
+    assert gaps and gaps[-1]["reason"].startswith("ETHUSDT is "), gaps           # the silence is shaded
+    pg.page.wait_for_timeout(700)
+    pg.screenshot("dashboard-suspect.png", full_page=False)
+    ex.set_keep(*DASH_SYMBOLS)
+    pg.wait_js("() => document.getElementById('feed-state').dataset.state === 'live' && "
+               "document.getElementById('bbo-card').dataset.live === 'true'", timeout=5)
+    pg.wait_js("() => document.getElementById('feed-banner').hidden")

@@ -39,7 +39,8 @@
  *              #transport ("WebSocket" | "Polling" | "—")
  *              #feed-state[data-state=unknown|connecting|live|stale|backoff|failed|stopped, or the
  *              selected symbol's suspect|quiet|waiting while the feed is live]
- *              (#feed-state-text: the state word, plus a countdown while backing off)
+ *              (#feed-state-text: the state word, plus a countdown while backing off;
+ *              #feed-state-label: "Feed", or the symbol whose state it shows)
  *              #feed-banner (shown whenever prices are not live: #feed-banner-text why,
  *              #feed-banner-count how long no data has come), #sr-status (polite live region)
  *              #tz-toggle (#tz-text "UTC" | "Local"), .tz-name (the zone beside times)
@@ -75,6 +76,7 @@
  *   chart.setTimeframe(tf)       same as clicking #tf-<tf>
  *   chart.zoom(factor)           zoom about the centre (factor < 1 zooms in)
  *   chart.backfill()             the current backfill series (or null)
+ *   chart.gaps()                 the shaded spans of the last draw: [{start, end, kind, reason}]
  *   chart.axisLabels()           the axis labels of the last draw: {x: [{x, w}], y: [{y, w}]} (device px)
  *   chart.geometry()             the last draw's plot: {pw, ph, padT, priceH, spreadTop, spreadH, dpr} (device px)
  *   loadSyntheticPoints(n)       replace the current symbol's live buffer with n synthetic points
@@ -968,8 +970,10 @@ function onBboUpdate(p) {
   state.lastRecv[sym] = Date.now();
   const sr = state.symRate[sym] || (state.symRate[sym] = { counts: new Uint32Array(10), rate: 0 });
   sr.counts[state.stats.latSecond % 10]++;
-  // server -> browser: received now (on the server's clock, as estimated from round trips) minus emitted
-  state.browserLeg[sym] = Number.isFinite(p.emitTimestamp) && state.conn.clockSynced ? serverNow() - p.emitTimestamp : null;
+  // server -> browser: received now (on the server's clock, as estimated from round trips) minus
+  // emitted; the estimate of the clock can be off by half the fastest round trip either way
+  state.browserLeg[sym] = Number.isFinite(p.emitTimestamp) && state.conn.clockSynced
+    ? { ms: serverNow() - p.emitTimestamp, uncertainty: state.conn.bestRtt / 2 } : null;
   const pb = pointsFor(sym);
   const sess = sessionFor(sym);
   const bid = Number(p.bidPrice), ask = Number(p.askPrice);
@@ -1185,7 +1189,7 @@ function cacheElements() {
     'msg-count', 'msg-rate', 'conn-duration', 'stats-transport', 'conn-reconnects', 'fd-state', 'fd-market',
     'fd-since', 'fd-age', 'fd-next', 'fd-messages', 'fd-reconnects', 'fd-duplicates', 'fd-crossed', 'fd-parse',
     'fd-reason', 'foot-clock', 'persist-banner', 'persist-banner-text', 'micro-price', 'micro-lean', 'sym-rate',
-    'lat-exchange', 'lat-server', 'lat-browser', 'tz-text', 'clock-offset', 'clock-warning']) {
+    'lat-exchange', 'lat-server', 'lat-browser', 'tz-text', 'clock-offset', 'clock-warning', 'feed-state-label']) {
     el[id] = $(id);
   }
   el['spread-main'] = document.querySelector('.spread-main');
@@ -1303,14 +1307,16 @@ const fmtRate = (r) => (r < 10 ? r.toFixed(1) : fmtInt(Math.round(r)));
 
 /** The last update's latency in legs, each where the payload has what it needs ('n/a' otherwise). */
 function renderLatencyLegs(p, browserLeg) {
-  const leg = (id, ms, approx = false) => {
-    setText(el[id], ms == null || !Number.isFinite(ms) ? 'n/a' : (approx ? '≈' : '') + fmtMs(ms));
+  const leg = (id, ms, text = null) => {
+    setText(el[id], ms == null || !Number.isFinite(ms) ? 'n/a' : text || fmtMs(ms));
     setAttr(el[id], 'data-level', level(ms, ...LATENCY_LEVELS));
   };
   leg('lat-exchange', p.transactionTime != null && p.timestamp != null ? p.timestamp - p.transactionTime : null);
   leg('bbo-latency', p.backendLatency);
   leg('lat-server', p.emitTimestamp != null && p.serverTimestamp != null ? p.emitTimestamp - p.serverTimestamp : null);
-  leg('lat-browser', browserLeg, true);
+  // measured across two clocks: never below 0, and shown with how far off the clock estimate may be
+  const b = browserLeg && Math.max(0, browserLeg.ms);
+  leg('lat-browser', b, browserLeg && `≈${fmtMs(b)} ± ${fmtMs(browserLeg.uncertainty)}`);
 }
 
 /** When the current feed state began (server ms). A stale feed is derived from the age of the
@@ -1391,6 +1397,7 @@ function renderFeedPill({ f, fstate, connected, sNow, sym }) {
     if (left > 0) fword += ` ${fmtCountdownShort(left)}`;
   }
   setAttr(el['feed-state'], 'data-state', shown);
+  setText(el['feed-state-label'], sst && sst !== 'live' ? sym : 'Feed');   // whose state the pill shows
   setText(el['feed-state-text'], fword);
   el['feed-state'].title = !f ? 'Exchange feed state not known yet'
     : sst && sst !== 'live' ? `Exchange feed live, but ${sym} is ${sst}: no update for ${fmtDuration(sNow - (lastUpdateAt(sym) ?? sNow))}`
@@ -3153,6 +3160,7 @@ window.bboDebug = {
     backfill: () => chart.backfill[state.current] || null,
     drawCount: () => chart.drawCount,
     axisLabels: () => (chart.geo ? chart.geo.labels : null),
+    gaps: () => (chart.geo ? chart.geo.gaps : null),
     geometry: () => (chart.geo ? { pw: chart.geo.pw, ph: chart.geo.ph, padT: chart.geo.padT, priceH: chart.geo.priceH,
                                    spreadTop: chart.geo.spreadTop, spreadH: chart.geo.spreadH, dpr: chart.geo.dpr } : null),
   },
