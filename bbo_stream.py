@@ -178,6 +178,20 @@ SUSPECT_GAP_FACTOR = 5               # ...or this many times its median gap betw
 SUSPECT_WINDOW_MS = 60_000           # the median gap is taken over the minute before the symbol's last update
 SUSPECT_RECOMPUTE_MS = 10_000        # a symbol's rate changes slowly: its median gap is recomputed at most this often
 
+# --- Exchange REST (clock offset, symbol validation) ------------------------
+CLOCK_SAMPLES_PER_ROUND = 5          # serverTime requests per check; the shortest round trip is kept (NTP's rule)
+CLOCK_RETRY_S = 30.0                 # a failed check is tried again after this, not after the whole interval
+CLOCK_TRUNCATION_MS = 1.0            # exchange times are whole ms, cut down: each reads up to 1 ms early
+CLOCK_FLOOR_WINDOW_MS = 300_000      # the floor of recv - E is the minimum over the last five minutes...
+CLOCK_FLOOR_BUCKET_MS = 10_000       # ...kept as one minimum per 10 s (30 numbers, whatever the rate)
+CLOCK_HISTORY_MAX = 10_000           # REST estimates kept to correct older rows (one per 5 min: 35 days)
+REST_TIMEOUT_S = 10.0                # one REST request: connect, TLS, answer (exchangeInfo is a few MB)
+REST_MAX_HEAD_BYTES = 64 * 1024      # a response head; Binance's are ~1 KB
+REST_MAX_BODY_BYTES = 32 * 1024 * 1024  # futures exchangeInfo (every symbol with its filters) is a few MB
+EXCHANGE_INFO_TTL_S = 300.0          # listings change rarely: exchangeInfo is fetched again after five minutes
+FEED_REQUEST_SPACING_S = 0.25        # SUBSCRIBE/UNSUBSCRIBE at most 4 a second: Binance answers only part of a
+                                     # burst (requests ≥ 200 ms apart are all answered)
+
 # --- History cache ----------------------------------------------------------
 RING_INITIAL_ROWS = 64               # rings grow lazily: 500 symbols must not reserve 32 GB up front
 PENDING_FLUSH_ROWS = 2_048           # appends are batched into numpy (fixed numpy costs amortised);
@@ -364,6 +378,11 @@ MARKET_DEFAULT_URLS = {
     "coinm": "wss://dstream.binance.com/ws",
 }
 
+# REST: serverTime (clock offset) and exchangeInfo (symbol checks) on each market's own host.
+MARKET_REST_URLS = {"futures": "https://fapi.binance.com", "spot": "https://api.binance.com",
+                    "coinm": "https://dapi.binance.com"}
+MARKET_REST_PREFIXES = {"futures": "/fapi/v1", "spot": "/api/v3", "coinm": "/dapi/v1"}
+
 _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 _FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 # Binance symbols are letters, digits and `_` (COIN-M "BTCUSD_PERP"); spot allows UTF-8
@@ -454,6 +473,16 @@ def _parse_ws_url(text: str) -> str:
     return value.rstrip("/")
 
 
+def _parse_http_url(text: str) -> str:
+    value = text.strip()
+    if not value:
+        return ""  # empty: the MARKET's default
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError("expected an http:// or https:// URL without a query")
+    return value.rstrip("/")
+
+
 def _parse_origins(text: str) -> tuple[str, ...]:
     origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
     if not origins:
@@ -526,6 +555,17 @@ SETTINGS: tuple[Setting, ...] = (
             "this long after subscribing is reported"),
     Setting("FEED_ROTATE_HOURS", "23.5", _float_in(0.0003, 23.9), "Reconnect proactively (make-before-break) before Binance's 24 h cut"),
     Setting("FEED_STREAMS_PER_CONNECTION", "200", _int_in(1, FEED_MAX_STREAMS_PER_CONNECTION), "Symbols per Binance connection; more symbols use more connections"),
+    Setting("FEED_EDIT_ALLOWED", "false", _parse_bool, "Let every dashboard add and remove feed symbols (Socket.IO "
+            "feed_add_symbol / feed_remove_symbol); with AUTH_TOKEN set, authenticated clients may anyway"),
+    Setting("FEED_MAX_SYMBOLS", "50", _int_in(1, MAX_SYMBOLS), "Symbols the feed may have once clients add some "
+            "(the SYMBOL list itself may be longer)"),
+    Setting("EXCHANGE_REST_URL", "", _parse_http_url, "Binance REST base URL, for serverTime (clock offset) and "
+            "exchangeInfo (symbols added from the dashboard); empty = the MARKET's default (futures "
+            "https://fapi.binance.com, spot https://api.binance.com, coinm https://dapi.binance.com)"),
+    Setting("CLOCK_CHECK_MINUTES", "5", _float_in(0, 1440), "Minutes between measurements of the local clock against "
+            "the exchange's (REST serverTime); 0 = never (then only the floor of recv - E estimates it)"),
+    Setting("CLOCK_MAX_OFFSET_MS", "100", _float_in(0, 86_400_000), "Warn (log, /healthz, dashboard) when the local "
+            "clock is off the exchange's by more than this many ms beyond the estimate's uncertainty"),
     Setting("DEBUG", "false", _parse_bool, "Debug logging"),
     Setting("LOG_TO_FILE", "false", _parse_bool, "Also log to rotating files in LOG_DIR"),
     Setting("LOG_DIR", "logs", _parse_text, "Directory for log files"),
@@ -578,6 +618,11 @@ class Config:
     feed_stale_seconds: float = 60.0
     feed_rotate_hours: float = 23.5
     feed_streams_per_connection: int = 200
+    feed_edit_allowed: bool = False
+    feed_max_symbols: int = 50
+    exchange_rest_url: str = ""
+    clock_check_minutes: float = 5.0
+    clock_max_offset_ms: float = 100.0
     debug: bool = False
     log_to_file: bool = False
     log_dir: str = "logs"
@@ -614,6 +659,10 @@ class Config:
     @property
     def feed_base_url(self) -> str:
         return self.websocket_base_url or MARKET_DEFAULT_URLS[self.market]
+
+    @property
+    def rest_base_url(self) -> str:
+        return self.exchange_rest_url or MARKET_REST_URLS[self.market]
 
     @property
     def bars_capacity(self) -> int:
@@ -1096,6 +1145,109 @@ def shard_name(shard: ShardHealth) -> str:
     return names + (f"+{len(shard.symbols) - 3}" if len(shard.symbols) > 3 else "")
 
 
+# -- clock offset: the local clock against the exchange's --------------------------------------
+
+class ClockEstimate(NamedTuple):
+    offset_ms: float        # local clock minus exchange clock: positive = the local clock is ahead
+    uncertainty_ms: float   # the true offset lies within offset_ms ± this
+    measured_at_ms: int     # local time of the measurement
+
+
+def rest_clock_sample(send_ms: float, recv_ms: float, server_ms: int) -> ClockEstimate:
+    """One answer of the exchange's REST serverTime → an offset estimate (Cristian's algorithm).
+
+    The exchange read its clock at some moment between our send and our receive (local ms, with
+    fractions): taking the middle errs by at most half the round trip, whatever the two directions'
+    share of it.  Its time is a whole ms, cut down: the true reading lies in [server_ms, server_ms + 1).
+    """
+    half_rtt = max(0.0, recv_ms - send_ms) / 2
+    offset = (send_ms + recv_ms) / 2 - (server_ms + CLOCK_TRUNCATION_MS / 2)
+    return ClockEstimate(offset, half_rtt + CLOCK_TRUNCATION_MS / 2, int(recv_ms))
+
+
+class ClockOffsetEstimator:
+    """The offset of the local clock against the exchange's, from two sources.
+
+    `rest`: rounds of REST serverTime requests (rest_clock_sample; of a round, the sample with the
+    shortest round trip).  `floor`: the minimum of recv - E over the last five minutes.  Every
+    update took some time ≥ 0 to arrive, so recv - E ≥ offset (less the 1 ms of truncation): the
+    floor bounds the offset from above, and is close to it when the fastest update's one-way trip
+    is short.  Subtracting half the WebSocket's ping round trip estimates that trip.
+
+    The REST estimate is published while the floor agrees with it; when the floor falls below what
+    the REST estimate allows (the local clock was stepped since the check), the floor's estimate is.
+    """
+
+    def __init__(self, max_offset_ms: float = 100.0) -> None:
+        self.max_offset_ms = max_offset_ms           # warn beyond this (CLOCK_MAX_OFFSET_MS)
+        self.rest: ClockEstimate | None = None       # the last REST round's best sample
+        self.rest_history: deque[tuple[int, float]] = deque(maxlen=CLOCK_HISTORY_MAX)  # (measured at, offset)
+        self.rest_error: str | None = None           # why the last REST round failed; None after a success
+        self.ws_rtt_ms: float | None = None          # the exchange WebSocket's last ping round trip
+        self._floor: deque[list[int]] = deque(maxlen=CLOCK_FLOOR_WINDOW_MS // CLOCK_FLOOR_BUCKET_MS + 1)
+
+    def add_rest_round(self, samples: Sequence[ClockEstimate]) -> ClockEstimate:
+        best = min(samples, key=lambda sample: sample.uncertainty_ms)
+        self.rest, self.rest_error = best, None
+        self.rest_history.append((best.measured_at_ms, best.offset_ms))
+        return best
+
+    def observe_floor(self, at_ms: int, min_latency_ms: int) -> None:
+        """The smallest recv - E of a batch of updates received up to ``at_ms``."""
+        bucket = at_ms - at_ms % CLOCK_FLOOR_BUCKET_MS
+        floor = self._floor
+        if floor and floor[-1][0] == bucket:
+            floor[-1][1] = min(floor[-1][1], min_latency_ms)
+        elif not floor or bucket > floor[-1][0]:
+            floor.append([bucket, min_latency_ms])
+
+    def floor_ms(self, now_ms: int) -> int | None:
+        """min(recv - E) over the last CLOCK_FLOOR_WINDOW_MS, or None without updates carrying E."""
+        since = now_ms - CLOCK_FLOOR_WINDOW_MS
+        values = [low for bucket, low in self._floor if bucket + CLOCK_FLOOR_BUCKET_MS > since]  # overlapping it
+        return min(values) if values else None
+
+    def current(self, now_ms: int) -> tuple[ClockEstimate | None, str | None]:
+        """The estimate to use and its source ("rest" or "floor"), or (None, None)."""
+        floor = self.floor_ms(now_ms)
+        rest = self.rest
+        if rest is not None and (floor is None or rest.offset_ms - rest.uncertainty_ms <= floor + CLOCK_TRUNCATION_MS):
+            return rest, "rest"
+        if floor is not None and self.ws_rtt_ms is not None:
+            half = self.ws_rtt_ms / 2
+            return ClockEstimate(floor - half, half + CLOCK_TRUNCATION_MS, now_ms), "floor"
+        return (rest, "rest") if rest is not None else (None, None)  # no one-way estimate to replace it with
+
+    def warning(self, estimate: ClockEstimate | None) -> str | None:
+        """A warning when the local clock is off by more than max_offset_ms for certain."""
+        if estimate is None or abs(estimate.offset_ms) - estimate.uncertainty_ms <= self.max_offset_ms:
+            return None
+        way = "ahead of" if estimate.offset_ms > 0 else "behind"
+        return (f"the local clock is {abs(estimate.offset_ms):.0f} ms (± {estimate.uncertainty_ms:.1f}) {way} the "
+                f"exchange's, more than CLOCK_MAX_OFFSET_MS ({self.max_offset_ms:g}); latencies are corrected by it, "
+                "but sync the clock (NTP)")
+
+    def status(self, now_ms: int) -> dict[str, Any]:
+        """The `clock` object of /healthz and feed_status (contract)."""
+        estimate, source = self.current(now_ms)
+        if estimate is None:
+            return {"offsetMs": None, "uncertaintyMs": None, "source": None, "measuredAt": None,
+                    "warning": None, "error": self.rest_error}
+        return {"offsetMs": round(estimate.offset_ms, 3), "uncertaintyMs": round(estimate.uncertainty_ms, 3),
+                "source": source, "measuredAt": estimate.measured_at_ms, "warning": self.warning(estimate),
+                "error": self.rest_error}
+
+    def offsets_at(self, times_ms: np.ndarray, now_ms: int) -> np.ndarray | None:
+        """The offset in effect at each of ``times_ms``: the REST estimate measured last before it
+        (the first one for older times); without any, the current estimate; None without that."""
+        if self.rest_history:
+            at = np.array([t for t, _ in self.rest_history], np.int64)
+            offsets = np.array([o for _, o in self.rest_history], np.float64)
+            return offsets[np.maximum(np.searchsorted(at, times_ms, "right") - 1, 0)]
+        estimate, _ = self.current(now_ms)
+        return None if estimate is None else np.full(len(times_ms), estimate.offset_ms)
+
+
 # ###########################################################################
 # §5 History cache (numpy rings, 1-second bars, queries, on-disk codec)
 # ###########################################################################
@@ -1130,6 +1282,15 @@ BAR_COLUMNS: dict[str, Any] = {
 _POW10 = 10.0 ** np.arange(MAX_DIGITS + 1)
 # Upper bounds (ms) of the exchange→server latency histogram on /metrics (Prometheus `le`).
 LATENCY_BUCKETS_MS = np.array([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000], np.float64)
+# Upper bounds (ms) of the latency legs' histograms (REST and /metrics): log-spaced, six a decade
+# (1, 1.5, 2, 3, 5, 7), from 1 ms to 60 s; the first bucket, ≤ 0, takes what a clock offset makes negative.
+LEG_BOUNDS_MS = np.array([0, 1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200, 300, 500, 700,
+                          1000, 1500, 2000, 3000, 5000, 7000, 10_000, 15_000, 20_000, 30_000, 60_000], np.float64)
+# The legs of an update's way, in the order it travels them: (JSON name, /metrics label).
+LATENCY_LEGS = (("exchangeInternal", "exchange_internal"),     # E - T: matching engine → push
+                ("exchangeToServer", "exchange_to_server"),    # serverTimestamp - E, as the two clocks read
+                ("exchangeToServerCorrected", "exchange_to_server_corrected"),  # the same minus the clock offset
+                ("serverInternal", "server_internal"))         # emitTimestamp - serverTimestamp
 
 
 class ColumnRing:
@@ -1380,6 +1541,27 @@ def latency_stats(values: np.ndarray, weights: np.ndarray | None = None) -> Late
                         round(float(v[-1]), 3))
 
 
+_LEG_BOUNDS_JSON = [int(b) if b == int(b) else b for b in LEG_BOUNDS_MS.tolist()]
+
+
+def leg_histogram(values: np.ndarray) -> np.ndarray:
+    """Counts of ``values`` (ms) per LEG_BOUNDS_MS bucket: ≤ bound, above the one before; the last
+    count is above the last bound."""
+    return np.bincount(np.searchsorted(LEG_BOUNDS_MS, values, "left"), minlength=len(LEG_BOUNDS_MS) + 1)
+
+
+def leg_summary(values: np.ndarray) -> dict[str, Any]:
+    """One latency leg of /api/history/latency: count, p50/p90/p99 (nearest rank), max and the
+    histogram (ms; nulls when there are no values)."""
+    out: dict[str, Any] = {"count": int(len(values)), "p50": None, "p90": None, "p99": None, "max": None}
+    if len(values):
+        p50, p90, p99 = np.percentile(values, [50, 90, 99], method="inverted_cdf").tolist()
+        out.update(p50=round(float(p50), 3), p90=round(float(p90), 3), p99=round(float(p99), 3),
+                   max=round(float(values.max()), 3))
+    out["histogram"] = {"bounds": _LEG_BOUNDS_JSON, "counts": leg_histogram(values).tolist()}
+    return out
+
+
 def suspect_threshold_ms(recv_ms: np.ndarray) -> int:
     """How long a symbol may be silent before it is `suspect`: SUSPECT_GAP_FACTOR times the median
     gap between the receive times ``recv_ms`` (its updates in the minute before its last one), and
@@ -1393,8 +1575,10 @@ def suspect_threshold_ms(recv_ms: np.ndarray) -> int:
 class SymbolHistory:
     """Everything kept for one symbol: dedupe state, raw ring, bars, outages, counters."""
 
-    def __init__(self, symbol: str, raw_capacity: int, bars_capacity: int) -> None:
+    def __init__(self, symbol: str, raw_capacity: int, bars_capacity: int,
+                 clock: ClockOffsetEstimator | None = None) -> None:
         self.symbol = symbol
+        self.clock = clock if clock is not None else ClockOffsetEstimator()  # shared by every symbol
         self.raw = ColumnRing(RAW_COLUMNS, raw_capacity)            # every accepted update
         self.bars = ColumnRing(BAR_COLUMNS, max(1, bars_capacity))  # 1 s bars
         self.keep_bars = bars_capacity > 0
@@ -1410,6 +1594,8 @@ class SymbolHistory:
         self.crossed = 0                        # kept although bid ≥ ask
         self.latency_hist = np.zeros(len(LATENCY_BUCKETS_MS) + 1, np.int64)  # per bucket, last = +Inf
         self.latency_sum_ms = 0                 # of every latency counted in latency_hist
+        self.leg_hist = {leg: np.zeros(len(LEG_BOUNDS_MS) + 1, np.int64) for leg, _ in LATENCY_LEGS}  # live updates
+        self.leg_sum_ms = dict.fromkeys(self.leg_hist, 0.0)  # of every value counted in leg_hist
         self.subscribed_ms: int | None = None   # when a connection asked for this symbol
         self.outages: collections.deque[list] = collections.deque(maxlen=MAX_OUTAGES_PER_SYMBOL)
         self.open_outage: list | None = None    # [start_ms, None, reason] until data resumes
@@ -1484,9 +1670,23 @@ class SymbolHistory:
                 self.latency_hist += np.bincount(np.searchsorted(LATENCY_BUCKETS_MS, lat, "left"),
                                                  minlength=len(self.latency_hist))
                 self.latency_sum_ms += int(lat.sum(dtype=np.int64))
+                self.clock.observe_floor(int(recv[-1]), int(lat.min()))
+            self._count_legs(cols, lat, int(recv[-1]))
         self.raw.extend(cols)
         if self.keep_bars:
             self._append_bars(columns_to_bars(cols))
+
+    def _count_legs(self, cols: dict[str, np.ndarray], lat: np.ndarray, now_ms: int) -> None:
+        """Add live rows to the legs' histograms (/metrics); the correction is the offset known now."""
+        e_minus_t, emitted = cols["e_minus_t_ms"], cols["emit_minus_recv_ms"]
+        estimate, _ = self.clock.current(now_ms)
+        legs = {"exchangeInternal": e_minus_t[e_minus_t != INT32_NULL], "exchangeToServer": lat,
+                "exchangeToServerCorrected": lat - estimate.offset_ms if estimate is not None else lat[:0],
+                "serverInternal": emitted[emitted != INT16_NULL]}
+        for leg, values in legs.items():
+            if len(values):
+                self.leg_hist[leg] += leg_histogram(values)
+                self.leg_sum_ms[leg] += float(values.sum(dtype=np.float64))
 
     def _append_bars(self, bars: dict[str, np.ndarray]) -> None:
         if self.bars.total and bars["time_s"][0] <= self.bars.last_value("time_s"):
@@ -1512,8 +1712,10 @@ class SymbolHistory:
         if self.unstamped_from is not None:
             ring = self.raw
             for start, stop in ring._segments(max(self.unstamped_from, ring.first), ring.total):
-                emitted = emit_ms - ring.cols["recv_ms"][start:stop]
-                ring.cols["emit_minus_recv_ms"][start:stop] = np.clip(emitted, -MAX_EMIT_DELAY_MS, MAX_EMIT_DELAY_MS)
+                emitted = np.clip(emit_ms - ring.cols["recv_ms"][start:stop], -MAX_EMIT_DELAY_MS, MAX_EMIT_DELAY_MS)
+                ring.cols["emit_minus_recv_ms"][start:stop] = emitted
+                self.leg_hist["serverInternal"] += leg_histogram(emitted)
+                self.leg_sum_ms["serverInternal"] += float(emitted.sum(dtype=np.float64))
             self.unstamped_from = None
         missing = len(self.pending) - len(self.pending_emits)
         if missing > 0:
@@ -1586,6 +1788,20 @@ class SymbolHistory:
                                    max=round(float(bars["lat_max"][n > 0].max()), 3))
         return "bars", stats
 
+    def latency_legs(self, start_ms: int, end_ms: int, now_ms: int) -> dict[str, dict[str, Any]]:
+        """The legs of the raw rows received in [start_ms, end_ms] (leg_summary each).  The corrected
+        leg subtracts from each row the clock offset in effect when it came (ClockOffsetEstimator.offsets_at)."""
+        a, b = self.raw_bounds(start_ms, end_ms)
+        cols = self.raw.take(a, b, ["recv_ms", "latency_ms", "e_minus_t_ms", "emit_minus_recv_ms"])
+        lat, e_minus_t, emitted = cols["latency_ms"], cols["e_minus_t_ms"], cols["emit_minus_recv_ms"]
+        has_lat = lat != INT32_NULL
+        lat = lat[has_lat]
+        offsets = self.clock.offsets_at(cols["recv_ms"][has_lat], now_ms)
+        return {"exchangeInternal": leg_summary(e_minus_t[e_minus_t != INT32_NULL]),
+                "exchangeToServer": leg_summary(lat),
+                "exchangeToServerCorrected": leg_summary(lat - offsets if offsets is not None else lat[:0]),
+                "serverInternal": leg_summary(emitted[emitted != INT16_NULL])}
+
     def series(self, start_ms: int, end_ms: int, buckets: int) -> dict:
         """Decimated bid/ask series: per bucket first/min/max/last, only non-empty buckets."""
         span = end_ms - start_ms + 1
@@ -1641,13 +1857,14 @@ class BboHistory:
         self.bars_capacity = bars_capacity
         self.symbols: dict[str, SymbolHistory] = {}
         self._accept: dict[str, Callable[[Bbo], bool]] = {}   # symbol → its SymbolHistory.accept
+        self.clock = ClockOffsetEstimator()                    # the local clock against the exchange's
 
     def get(self, symbol: str) -> SymbolHistory:
         hist = self.symbols.get(symbol)
         if hist is None:
             if len(self.symbols) >= MAX_SYMBOLS:
                 raise FeedMessageError("too many symbols", f"{symbol}: over {MAX_SYMBOLS} symbols")
-            hist = self.symbols[symbol] = SymbolHistory(symbol, self.raw_capacity, self.bars_capacity)
+            hist = self.symbols[symbol] = SymbolHistory(symbol, self.raw_capacity, self.bars_capacity, self.clock)
             self._accept[symbol] = hist.accept
         return hist
 
@@ -2125,7 +2342,22 @@ def history_metrics(history: BboHistory, now_ms: int) -> list[MetricFamily]:
         latency.extend((f'_bucket{{symbol="{s}",le="{le}"}}', count) for le, count in zip(bounds, cumulative))
         latency.append((f'_sum{{symbol="{s}"}}', f"{h.latency_sum_ms / 1000:g}"))
         latency.append((f'_count{{symbol="{s}"}}', cumulative[-1]))
-    return [
+    leg_bounds = [f"{b / 1000:g}" for b in LEG_BOUNDS_MS.tolist()] + ["+Inf"]
+    legs: list[tuple[str, float]] = []
+    for s, h in hists:
+        for leg, label in LATENCY_LEGS:
+            cumulative = np.cumsum(h.leg_hist[leg]).tolist()
+            tags = f'symbol="{s}",leg="{label}"'
+            legs.extend((f'_bucket{{{tags},le="{le}"}}', count) for le, count in zip(leg_bounds, cumulative))
+            legs.append((f'_sum{{{tags}}}', f"{h.leg_sum_ms[leg] / 1000:g}"))
+            legs.append((f'_count{{{tags}}}', cumulative[-1]))
+    estimate, source = history.clock.current(now_ms)
+    clock = [] if estimate is None else [
+        MetricFamily("clock_offset_seconds", "gauge", "Local clock minus the exchange's (positive: local is ahead), "
+                     "by source", [(f'{{source="{source}"}}', round(estimate.offset_ms / 1000, 6))]),
+        MetricFamily("clock_offset_uncertainty_seconds", "gauge", "The clock offset is within ± this",
+                     [(f'{{source="{source}"}}', round(estimate.uncertainty_ms / 1000, 6))])]
+    return clock + [
         MetricFamily("feed_duplicates_total", "counter", "Updates dropped as duplicate or out of order (by u)",
                      [(f'{{symbol="{s}"}}', h.duplicates) for s, h in hists]),
         MetricFamily("feed_crossed_total", "counter", "Updates kept although bid >= ask",
@@ -2134,6 +2366,9 @@ def history_metrics(history: BboHistory, now_ms: int) -> list[MetricFamily]:
                      [(f'{{symbol="{s}"}}', round((now_ms - h.latest.recv_ms) / 1000, 3)) for s, h in hists if h.latest]),
         MetricFamily("feed_latency_seconds", "histogram",
                      "Exchange→server latency (serverTimestamp - E) of received updates", latency),
+        MetricFamily("latency_leg_seconds", "histogram", "Each leg of an update's way: exchange_internal (E - T), "
+                     "exchange_to_server (serverTimestamp - E), exchange_to_server_corrected (the same minus the "
+                     "clock offset), server_internal (emitTimestamp - serverTimestamp)", legs),
         MetricFamily("cache_updates", "gauge", "Raw updates held per symbol",
                      [(f'{{symbol="{s}"}}', len(h.raw)) for s, h in hists]),
         MetricFamily("cache_memory_bytes", "gauge", "Memory of the history rings per symbol",
@@ -2255,7 +2490,9 @@ def handle_latency(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
     start, end = _range_params(req)
     tier, stats = hist.latency(start, end)
     return json_response({"symbol": hist.symbol, "tier": tier, "approximate": tier == "bars",
-                          "start_time": start, "end_time": end, **stats._asdict()})
+                          "start_time": start, "end_time": end, **stats._asdict(),
+                          "legs": hist.latency_legs(start, end, ctx.now_ms), "legsComplete": hist.raw_covers(start),
+                          "clock": ctx.history.clock.status(ctx.now_ms)})
 
 
 def handle_series(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
@@ -2295,7 +2532,7 @@ def handle_healthz(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
     """Liveness: 200 while the process serves.  The feed and the cache on disk say how they are
     (a failing disk is reported here, not by /readyz, which is about the data flowing)."""
     return json_response({"status": "ok", "version": __version__, "feed": ctx.feed_status(ctx.now_ms),
-                          "persistence": ctx.persistence})
+                          "persistence": ctx.persistence, "clock": ctx.history.clock.status(ctx.now_ms)})
 
 
 def handle_readyz(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
@@ -3402,6 +3639,11 @@ def now_ms() -> int:
     return (time.monotonic_ns() + _WALL_ANCHOR_NS) // 1_000_000
 
 
+def now_ms_fine() -> float:
+    """now_ms with the fraction: the same clock, for round trips shorter than a millisecond."""
+    return (time.monotonic_ns() + _WALL_ANCHOR_NS) / 1_000_000
+
+
 class LogOnce:
     """Log the first problem of each kind at WARNING, the rest at DEBUG; count all of them
     (a misbehaving peer must not flood the log: engineio's `_log_error_once` idea)."""
@@ -3474,6 +3716,7 @@ class BinanceFeed:
         self._last_connect_s = -math.inf                # loop time of the last connection attempt (any shard)
         self._connect_lock = asyncio.Lock()             # one shard at a time takes the next connect slot
         self.symbol_errors: dict[str, tuple[int, Any, str]] = {}  # symbol → (ms, code, msg) of an exchange error
+        self._clock_warning: str | None = None          # the clock warning last logged
         for symbol in cfg.symbols:
             history.get(symbol)
 
@@ -3514,6 +3757,7 @@ class BinanceFeed:
             "crossed": sum(h.crossed for h in hists), "uResets": sum(h.u_resets for h in hists),
             "connections": [s.status(now_ms) for s in self.shards] if len(self.shards) > 1 else None,
             "symbols": symbols,
+            "clock": self.history.clock.status(now_ms),
         }
 
     def metrics(self, now_ms: int) -> list[MetricFamily]:
@@ -3536,9 +3780,11 @@ class BinanceFeed:
     def _status_signature(self, now_ms: int) -> tuple:
         status = self.status(now_ms)
         return (status["state"], status["reason"], status["nextAttempt"],
-                tuple(s.state for s in self.shards), tuple(s["state"] for s in status["symbols"].values()))
+                tuple(s.state for s in self.shards), tuple(s["state"] for s in status["symbols"].values()),
+                status["clock"]["source"], status["clock"]["warning"], self.history.clock.rest)  # a REST round
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
+        """Send the feed status if it changed (the state, a symbol's state, the clock)."""
         signature = self._status_signature(now_ms())
         if signature != self._last_signature:
             self._last_signature = signature
@@ -3574,7 +3820,19 @@ class BinanceFeed:
                     log.warning("%s: no data %.0f s after subscribing — is the symbol spelled right and "
                                 "listed on %s? (Binance accepts unknown symbols silently)",
                                 symbol, self.cfg.feed_stale_seconds, self.cfg.market)
-            self._notify()
+            self._watch_clock(now)
+            self.notify()
+
+    def _watch_clock(self, now: int) -> None:
+        """Log the clock warning when it appears and when it ends."""
+        clock = self.history.clock
+        warning = clock.warning(clock.current(now)[0])
+        if warning != self._clock_warning:
+            if warning is not None:
+                log.warning("clock: %s", warning)
+            elif self._clock_warning is not None:
+                log.info("clock: the local clock is within CLOCK_MAX_OFFSET_MS of the exchange's again")
+            self._clock_warning = warning
 
     async def _run_shard(self, shard: ShardHealth) -> None:
         url = feed_url(self.cfg.feed_base_url, shard.symbols)
@@ -3583,7 +3841,7 @@ class BinanceFeed:
         while True:
             await self._connect_slot()  # before `connecting`: a shard held back by Retry-After still reads backoff
             shard.connecting(now_ms())
-            self._notify()
+            self.notify()
             try:
                 conn = await self._open(shard, url, reconnect=opened_before)
             except asyncio.CancelledError:
@@ -3598,7 +3856,7 @@ class BinanceFeed:
                 start = shard.last_data_ms if shard.last_data_ms is not None else now
                 self.history.symbols[symbol].begin_outage(start, reason)
             delay = shard.closed(now, reason, failure, self.cfg, rng.random(), self._not_before_ms or None)
-            self._notify()
+            self.notify()
             if delay is None:
                 log.error("feed %s: %s; not reconnecting (AUTO_RECONNECT=false)", ",".join(shard.symbols[:3]), reason)
                 return
@@ -3638,7 +3896,7 @@ class BinanceFeed:
             self.symbol_errors[symbol] = (recv_ms, error.code, error.msg)
         self.log_once(f"exchange error {error.code}", "feed %s: exchange error %s: %s (request id %s)",
                       ",".join(named) if named else shard_name(shard), error.code, error.msg, error.request_id)
-        self._notify()
+        self.notify()
 
     async def _open(self, shard: ShardHealth, url: str, reconnect: bool = False) -> _Conn:
         ws = await ws_connect(url, open_timeout=FEED_OPEN_TIMEOUT_S, max_size=FEED_MAX_MESSAGE_BYTES,
@@ -3684,7 +3942,7 @@ class BinanceFeed:
                         shard.parse_errors += 1
                         self.log_once(exc.kind, "feed: %s", exc.detail)
                     if not was_live:
-                        self._notify()
+                        self.notify()
                 elif type(item) is ServerShutdown:
                     log.info("feed %s: exchange announced a server shutdown; rotating", shard_name(shard))
                     conn.shutdown_notice = True
@@ -3707,6 +3965,8 @@ class BinanceFeed:
                 done, _ = await asyncio.wait({conn.task}, timeout=FEED_WATCHDOG_TICK_S)
                 if done:
                     return conn.task.result(), True
+                if conn.ws.latency:  # the last keepalive ping's round trip: the floor's estimate of one way
+                    self.history.clock.ws_rtt_ms = conn.ws.latency * 1000
                 if shard.silent(now_ms(), self.cfg.feed_stale_seconds):
                     reason = f"no data for {self.cfg.feed_stale_seconds:g} s (silent stall)"
                     return reason, False
@@ -3748,6 +4008,160 @@ class BinanceFeed:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+
+
+class RestError(BboStreamError):
+    """A REST request to the exchange failed; the message says why, for a person."""
+
+
+class ExchangeRest:
+    """A minimal HTTP/1.1 client for the exchange's REST API (asyncio streams and the standard
+    library's TLS): GET requests on one keep-alive connection, reopened when the server closes it.
+    Content-Length, chunked and read-until-close bodies, each bounded."""
+
+    def __init__(self, base_url: str) -> None:
+        parts = urllib.parse.urlsplit(base_url)
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.tls else 80)
+        self.prefix = parts.path.rstrip("/")
+        self.url = base_url
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def get(self, path: str) -> tuple[int, bytes, float, float]:
+        """GET ``path`` → (status, body, local ms just before the request was written, local ms when
+        the response head arrived).
+
+        Raises:
+            RestError: no connection, a timeout, or a response that is not HTTP/1.x within the bounds.
+        """
+        try:
+            return await asyncio.wait_for(self._get(path), REST_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ValueError, ssl.SSLError) as exc:
+            await self.close()
+            if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+                raise RestError(f"no answer from {self.host}:{self.port} within {REST_TIMEOUT_S:g} s") from None
+            if isinstance(exc, (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)):
+                raise RestError(f"unreadable answer from {self.host}:{self.port} ({type(exc).__name__})") from None
+            raise RestError(describe_error(exc, self.url)) from None
+
+    async def _get(self, path: str) -> tuple[int, bytes, float, float]:
+        if self._streams is None or self._streams[1].is_closing():
+            ctx = ssl.create_default_context() if self.tls else None
+            self._streams = await asyncio.open_connection(self.host, self.port, ssl=ctx, limit=REST_MAX_HEAD_BYTES,
+                                                          server_hostname=self.host if self.tls else None)
+        reader, writer = self._streams
+        request = (f"GET {self.prefix}{path} HTTP/1.1\r\nHost: {self.host}\r\nUser-Agent: {SERVER_NAME}\r\n"
+                   "Accept: application/json\r\nConnection: keep-alive\r\n\r\n")
+        sent_ms = now_ms_fine()
+        writer.write(request.encode("ascii"))
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        head_ms = now_ms_fine()
+        lines = head.decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
+            raise ValueError("not an HTTP/1.x response")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            body = await self._read_chunked(reader)
+        elif "content-length" in headers:
+            length = int(headers["content-length"])
+            if not 0 <= length <= REST_MAX_BODY_BYTES:
+                raise ValueError("body too large")
+            body = await reader.readexactly(length)
+        else:  # the body ends with the connection
+            body = await reader.read(REST_MAX_BODY_BYTES + 1)
+            while len(body) <= REST_MAX_BODY_BYTES and (more := await reader.read(REST_MAX_BODY_BYTES + 1 - len(body))):
+                body += more
+            headers["connection"] = "close"
+            if len(body) > REST_MAX_BODY_BYTES:
+                raise ValueError("body too large")
+        if "close" in headers.get("connection", "").lower():
+            await self.close()
+        return int(rest[:3]), body, sent_ms, head_ms
+
+    @staticmethod
+    async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                    pass
+                return b"".join(parts)
+            total += size
+            if total > REST_MAX_BODY_BYTES:
+                raise ValueError("body too large")
+            parts.append((await reader.readexactly(size + 2))[:-2])
+
+    async def get_json(self, path: str) -> tuple[int, Any]:
+        """GET ``path`` → (status, decoded JSON).  Raises RestError (also for a body that is not JSON)."""
+        status, body, _, _ = await self.get(path)
+        try:
+            return status, json.loads(body)
+        except (ValueError, RecursionError):
+            raise RestError(f"{self.host} answered HTTP {status} with something that is not JSON") from None
+
+    async def close(self) -> None:
+        streams, self._streams = self._streams, None
+        if streams is not None:
+            streams[1].close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(streams[1].wait_closed(), CONNECTION_CLOSE_WAIT_S)
+
+
+class ExchangeClock:
+    """Measures the local clock against the exchange's REST serverTime every CLOCK_CHECK_MINUTES
+    (CLOCK_SAMPLES_PER_ROUND requests on one connection; ClockOffsetEstimator keeps the best), on the
+    market's REST host; a failed round is retried after CLOCK_RETRY_S."""
+
+    def __init__(self, cfg: Config, clock: ClockOffsetEstimator, on_change: Callable[[], None] = lambda: None) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.on_change = on_change
+        self.path = MARKET_REST_PREFIXES[cfg.market] + "/time"
+        self.log_once = LogOnce(log)
+
+    async def measure(self) -> ClockEstimate:
+        """One round.  Raises RestError."""
+        rest = ExchangeRest(self.cfg.rest_base_url)
+        samples = []
+        try:
+            for _ in range(CLOCK_SAMPLES_PER_ROUND):
+                status, body, sent_ms, head_ms = await rest.get(self.path)
+                try:
+                    server_ms = json.loads(body)["serverTime"] if status == 200 else None
+                except (ValueError, KeyError, TypeError):
+                    server_ms = None
+                if type(server_ms) is not int:
+                    raise RestError(f"{rest.host}{rest.prefix}{self.path} answered HTTP {status} without a serverTime")
+                samples.append(rest_clock_sample(sent_ms, head_ms, server_ms))
+        finally:
+            await rest.close()
+        return self.clock.add_rest_round(samples)
+
+    async def run(self) -> None:
+        interval_s = self.cfg.clock_check_minutes * 60
+        while True:
+            try:
+                estimate = await self.measure()
+            except RestError as exc:
+                self.clock.rest_error = str(exc)
+                self.log_once("clock check", "clock: cannot read the exchange's time (%s); retrying in %g s",
+                              exc, min(CLOCK_RETRY_S, interval_s))
+                delay_s = min(CLOCK_RETRY_S, interval_s)
+            else:
+                log.info("clock: local clock %+.1f ms (± %.1f) against %s", estimate.offset_ms, estimate.uncertainty_ms,
+                         self.cfg.rest_base_url)
+                delay_s = interval_s
+            self.on_change()
+            await asyncio.sleep(delay_s)
 
 
 async def _close_conn(conn: _Conn) -> None:
@@ -6144,6 +6558,7 @@ class App:
         raw_capacity = cfg.cache_max_items if cfg.cache_enabled else 1
         bars_capacity = cfg.bars_capacity if cfg.cache_enabled else 0
         self.history = BboHistory(raw_capacity, bars_capacity)
+        self.history.clock.max_offset_ms = cfg.clock_max_offset_ms
         self.persistence = CachePersistence(cfg, self.history) if cfg.cache_enabled and cfg.cache_persist else None
         self.feed = BinanceFeed(cfg, self.history, self._on_update, self._on_feed_status)
         self.hub = Hub(cfg.fanout_helper_threads(available_cpus()))  # fan-out to Socket.IO clients (§13)
@@ -6205,6 +6620,9 @@ class App:
         gc.freeze()
         gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
         tasks = [asyncio.create_task(self.feed.run(), name="feed")]
+        if self.cfg.clock_check_minutes > 0:
+            clock = ExchangeClock(self.cfg, self.history.clock, self.feed.notify)
+            tasks.append(asyncio.create_task(clock.run(), name="clock"))
         if self.persistence is not None and self.persistence.off_reason is None:
             tasks.append(asyncio.create_task(self.persistence.run(), name="persistence"))
         else:

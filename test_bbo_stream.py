@@ -427,7 +427,8 @@ def make_cfg(tmp_path: Path, base_url: str = "ws://127.0.0.1:9/ws", **overrides:
                                   cache_persist=False, cache_dir=str(tmp_path / "cache"),
                                   ssl_cert_path=str(tmp_path / "certs" / "cert.pem"),
                                   ssl_key_path=str(tmp_path / "certs" / "key.pem"),
-                                  initial_backoff_s=0.05, feed_stale_seconds=30.0)
+                                  initial_backoff_s=0.05, feed_stale_seconds=30.0,
+                                  exchange_rest_url="http" + base_url[2:].rsplit("/", 1)[0], clock_check_minutes=0)
     values.update(overrides)
     if isinstance(values.get("symbol"), str):
         values["symbol"] = tuple(values["symbol"].split(","))
@@ -504,7 +505,7 @@ class ServerProcess:
 
 def server_env(tmp_path: Path, base_url: str, **settings: str) -> dict[str, str]:
     env = {"WEB_PORT": "0", "WEB_HOST": "127.0.0.1", "USE_SSL": "false", "CACHE_DIR": str(tmp_path / "cache"),
-           "WEBSOCKET_BASE_URL": base_url, "SYMBOL": "btcusdt", "INITIAL_BACKOFF": "0.1"}
+           "WEBSOCKET_BASE_URL": base_url, "SYMBOL": "btcusdt", "INITIAL_BACKOFF": "0.1", "CLOCK_CHECK_MINUTES": "0"}
     env.update(settings)
     return env
 
@@ -1469,6 +1470,53 @@ def test_a_symbol_whose_threshold_reaches_the_stale_time_goes_from_live_to_quiet
     assert bs.symbol_state(T0, T0 + 30_000, 30_000, 30_000) == "quiet"
 
 
+
+def test_rest_clock_sample_takes_the_middle_of_the_round_trip_and_the_middle_of_the_servers_ms():
+    # sent at 1000.0, answered at 1004.0 local; the exchange read 997 (whole ms: 997.0 to 997.999...)
+    sample = bs.rest_clock_sample(1000.0, 1004.0, 997)
+    assert sample == bs.ClockEstimate(1002.0 - 997.5, 2.5, 1004)
+    assert bs.rest_clock_sample(1000.0, 1000.0, 1000).offset_ms == -0.5   # the exchange is at most 1 ms ahead
+
+
+def test_clock_estimator_keeps_the_shortest_round_trip_of_a_round_and_corrects_older_rows_by_their_estimate():
+    clock = bs.ClockOffsetEstimator(max_offset_ms=100)
+    assert clock.current(T0) == (None, None) and clock.status(T0)["source"] is None
+    best = clock.add_rest_round([bs.rest_clock_sample(T0, T0 + 30, T0 - 235),       # 15 ms either way
+                                 bs.rest_clock_sample(T0 + 40, T0 + 42, T0 - 209),  # 1 ms either way: kept
+                                 bs.rest_clock_sample(T0 + 50, T0 + 60, T0 - 200)])
+    assert best.offset_ms == pytest.approx(T0 + 41 - (T0 - 209 + 0.5)) and best.uncertainty_ms == 1.5
+    assert clock.status(T0 + 100) == {"offsetMs": 249.5, "uncertaintyMs": 1.5, "source": "rest",
+                                      "measuredAt": T0 + 42, "warning": clock.warning(best), "error": None}
+    assert "250 ms (± 1.5) ahead of" in clock.status(T0 + 100)["warning"]
+    clock.add_rest_round([bs.rest_clock_sample(T0 + 300_000, T0 + 300_002, T0 + 300_001 - 20)])  # NTP fixed it
+    assert clock.status(T0 + 300_100)["warning"] is None
+    offsets = clock.offsets_at(np.array([T0 - 5000, T0 + 42, T0 + 299_999, T0 + 400_000]), T0 + 400_000)
+    assert offsets.tolist() == [249.5, 249.5, 249.5, 19.5]
+
+
+@pytest.mark.parametrize("offset, uncertainty, bound, warned", [
+    (100.0, 0.5, 100, False), (100.6, 0.5, 100, True), (-100.6, 0.5, 100, True), (150.0, 60.0, 100, False)])
+def test_the_clock_warning_needs_the_offset_beyond_the_bound_by_more_than_its_uncertainty(offset, uncertainty, bound, warned):
+    warning = bs.ClockOffsetEstimator(bound).warning(bs.ClockEstimate(offset, uncertainty, T0))
+    assert (warning is not None) == warned
+    if warned:
+        assert ("behind" if offset < 0 else "ahead of") in warning and "NTP" in warning
+
+
+def test_the_floor_of_recv_minus_e_replaces_a_rest_estimate_it_contradicts():
+    clock = bs.ClockOffsetEstimator()
+    clock.add_rest_round([bs.rest_clock_sample(T0, T0 + 2, T0 - 500)])    # offset 500.5 ± 1.5
+    clock.observe_floor(T0 + 1000, 520)                                   # consistent: updates took ≥ 20 ms
+    assert clock.current(T0 + 1000)[1] == "rest"
+    clock.observe_floor(T0 + 2000, 30)         # the local clock was stepped back: recv - E fell to 30 ms
+    assert clock.current(T0 + 2000) == (clock.rest, "rest")               # no one-way estimate yet
+    clock.ws_rtt_ms = 8.0
+    assert clock.current(T0 + 2000) == (bs.ClockEstimate(26.0, 5.0, T0 + 2000), "floor")
+    assert clock.floor_ms(T0 + 2000 + bs.CLOCK_FLOOR_WINDOW_MS) == 30
+    assert clock.floor_ms(T0 + 20_000 + bs.CLOCK_FLOOR_WINDOW_MS) is None  # minima older than five minutes go
+    assert clock.current(T0 + 20_000 + bs.CLOCK_FLOOR_WINDOW_MS)[1] == "rest"
+
+
 # ---- §5 History cache ---------------------------------------------------------------------
 
 def test_dedupe_drops_duplicates_and_out_of_order_and_counts_them():
@@ -1787,6 +1835,37 @@ def test_suspect_after_uses_the_minute_before_the_last_update_and_is_recomputed_
         hist.accept(make_bbo(100 + k, last + 100 + k * 100))
     assert hist.suspect_after_ms(last + 609_999) == 10_000              # ... seen once 10 s have passed
     assert hist.suspect_after_ms(last + 610_000) == bs.SUSPECT_FLOOR_MS
+
+
+def test_leg_histogram_buckets_are_at_most_their_bound_and_the_last_is_above_every_bound():
+    counts = bs.leg_histogram(np.array([-3.0, 0.0, 0.5, 1.0, 1.2, 60_000.0, 60_000.5]))
+    assert counts.tolist() == [2, 2, 1] + [0] * (len(bs.LEG_BOUNDS_MS) - 4) + [1, 1]
+    bounds = bs.LEG_BOUNDS_MS[1:]
+    assert np.all(bounds[1:] / bounds[:-1] <= 2.0) and np.all(bounds[1:] > bounds[:-1])   # log-spaced, rising
+
+
+def test_latency_legs_of_stored_rows_with_the_offset_of_their_time():
+    hist = bs.SymbolHistory("BTCUSDT", 1000, 0)
+    hist.clock.add_rest_round([bs.rest_clock_sample(T0 + 4_999, T0 + 5_001, T0 + 5_000 - 40)])  # 39.5 from T0 + 5.001 s
+    hist.clock.add_rest_round([bs.rest_clock_sample(T0 + 9_999, T0 + 10_001, T0 + 10_000 - 20)])  # 19.5 from T0 + 10.001 s
+    for k in range(15):       # one a second; recv - E = 50 + k, E - T = 1 + k % 3; emitted 0..2 ms after receipt
+        recv = T0 + k * 1000
+        hist.accept(make_bbo(k + 1, recv, 50 + k, transaction_ms=recv - 50 - k - 1 - k % 3))
+        hist.stamp_emit(recv + k % 3)
+    legs = hist.latency_legs(T0, T0 + 14_000, T0 + 20_000)
+    assert set(legs) == {"exchangeInternal", "exchangeToServer", "exchangeToServerCorrected", "serverInternal"}
+    assert {k: legs["exchangeToServer"][k] for k in ("count", "p50", "p90", "p99", "max")} == {
+        "count": 15, "p50": 57, "p90": 63, "p99": 64, "max": 64}
+    assert (legs["exchangeInternal"]["p50"], legs["exchangeInternal"]["max"]) == (2, 3)
+    assert (legs["serverInternal"]["count"], legs["serverInternal"]["max"]) == (15, 2)
+    corrected = sorted([50 + k - 39.5 for k in range(11)] + [50 + k - 19.5 for k in range(11, 15)])
+    assert legs["exchangeToServerCorrected"]["max"] == max(corrected)
+    assert legs["exchangeToServerCorrected"]["p50"] == corrected[7]
+    assert legs["exchangeToServerCorrected"]["histogram"]["counts"] == bs.leg_histogram(np.array(corrected)).tolist()
+    histogram = legs["exchangeToServer"]["histogram"]
+    assert histogram["bounds"][:4] == [0, 1, 1.5, 2] and sum(histogram["counts"]) == 15
+    empty = hist.latency_legs(T0 + 100_000, T0 + 200_000, T0 + 200_000)["serverInternal"]
+    assert (empty["count"], empty["p50"], empty["max"], sum(empty["histogram"]["counts"])) == (0, None, None, 0)
 
 
 def test_outages_in_a_range():
@@ -2226,11 +2305,40 @@ def test_latency_outages_bbo_stats_endpoints(ctx):
     assert stats["feed"]["state"] == "live"
 
 
+def test_latency_endpoint_has_the_legs_and_metrics_has_them_as_histograms():
+    history = bs.BboHistory(1000, 100)
+    for k in range(4):
+        history.accept(make_bbo(k + 1, T0 + k, 10 * (k + 1), transaction_ms=T0 + k - 10 * (k + 1) - 2))
+    history.stamp_emit(T0 + 5, ["BTCUSDT"])
+    _, body = api_json(make_ctx(history), "/api/history/latency?symbol=BTCUSDT")
+    assert (body["count"], body["p50"], body["max"]) == (4, 20, 40)               # the fields it had stay
+    legs = body["legs"]
+    assert (legs["exchangeToServer"]["p50"], legs["exchangeToServer"]["max"]) == (20, 40)
+    assert (legs["exchangeInternal"]["count"], legs["exchangeInternal"]["max"]) == (4, 2)
+    assert [legs["serverInternal"][k] for k in ("count", "p50", "max")] == [4, 3, 5]   # emitted at T0 + 5
+    assert legs["exchangeToServerCorrected"]["count"] == 0                         # no clock estimate yet
+    assert body["legsComplete"] is True and body["clock"]["source"] is None
+    text = bs.render_metrics(bs.history_metrics(history, T0 + 10))
+    assert "# TYPE bbo_latency_leg_seconds histogram" in text
+    assert 'bbo_latency_leg_seconds_bucket{symbol="BTCUSDT",leg="exchange_to_server",le="0.02"} 2' in text
+    assert 'bbo_latency_leg_seconds_count{symbol="BTCUSDT",leg="server_internal"} 4' in text
+    assert 'bbo_latency_leg_seconds_sum{symbol="BTCUSDT",leg="server_internal"} 0.014' in text
+    assert "bbo_clock_offset_seconds" not in text
+    history.clock.add_rest_round([bs.rest_clock_sample(T0, T0 + 2, T0 - 9)])   # local 9.5 ms ahead
+    text = bs.render_metrics(bs.history_metrics(history, T0 + 10))
+    assert 'bbo_clock_offset_seconds{source="rest"} 0.0095' in text
+    assert 'bbo_clock_offset_uncertainty_seconds{source="rest"} 0.0015' in text
+    corrected = api_json(make_ctx(history), "/api/history/latency?symbol=BTCUSDT")[1]["legs"]["exchangeToServerCorrected"]
+    assert (corrected["count"], corrected["p50"], corrected["max"]) == (4, 10.5, 30.5)
+
+
 def test_healthz_always_200_and_readyz_only_when_live():
     history = bs.BboHistory(10, 10)
     assert api_json(make_ctx(history, "connecting"), "/healthz") == (200, {
         "status": "ok", "version": bs.__version__, "feed": {"state": "connecting", "reason": "test", "messages": 0},
-        "persistence": {"state": "disabled", "reason": "CACHE_PERSIST=false"}})
+        "persistence": {"state": "disabled", "reason": "CACHE_PERSIST=false"},
+        "clock": {"offsetMs": None, "uncertaintyMs": None, "source": None, "measuredAt": None, "warning": None,
+                  "error": None}})
     failing = make_ctx(history, "live")
     failing.persistence = {"state": "failing", "reason": "cannot write x (No space left on device)"}
     status, body = api_json(failing, "/healthz")
@@ -3153,6 +3261,51 @@ def test_a_silent_symbol_is_suspect_in_healthz_and_feed_status_while_another_sta
             fake.stop_generator()
             fake.send_bbo("ethusdt", "2000.00", "1", "2000.10", "1")    # it speaks again: live at once
             await srv.events.wait_for(lambda: srv.status()["symbols"]["ETHUSDT"]["state"] == "live", 5, "ETHUSDT live")
+    run(scenario())
+
+
+def test_clock_offset_from_the_exchanges_server_time_is_within_2_ms_of_the_skew_and_corrects_latency(tmp_path):
+    async def scenario():
+        async with FakeBinance("futures", clock_skew_ms=-250.0) as fake:     # the exchange's clock 250 ms behind
+            cfg = make_cfg(tmp_path, fake.base_url, clock_check_minutes=5, clock_max_offset_ms=100)
+            async with serving(cfg) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                await srv.events.wait_for(lambda: srv.status()["clock"]["source"] == "rest", 5, "a clock estimate")
+                assert fake.rest_requests == ["/fapi/v1/time"] * bs.CLOCK_SAMPLES_PER_ROUND
+                body = await srv.get_json("/healthz")
+                clock = body["clock"]
+                assert abs(clock["offsetMs"] - 250) <= 2 and 0 < clock["uncertaintyMs"] <= 2
+                assert body["feed"]["clock"]["offsetMs"] == clock["offsetMs"]
+                assert "250 ms" in clock["warning"] and "ahead of" in clock["warning"]
+                await srv.events.wait_for(lambda: srv.events.logged(r"clock: the local clock is 2\d\d ms", logging.WARNING),
+                                          5, "the clock warning in the log")
+                assert any(s["clock"]["source"] == "rest" for s in srv.events.statuses)   # feed_status has it too
+                for k in range(20):
+                    fake.send_bbo("btcusdt", f"1.{k:02d}", "1", "2.00", "1")
+                await srv.wait_updates(20)
+                legs = (await srv.get_json("/api/history/latency?symbol=BTCUSDT"))["legs"]
+                assert legs["exchangeToServer"]["count"] == 20 and legs["exchangeToServer"]["p50"] >= 248
+                corrected = legs["exchangeToServerCorrected"]
+                assert corrected["count"] == 20 and -2 <= corrected["p50"] <= corrected["max"] < 100
+                metrics = (await srv.get("/metrics")).body.decode()
+                offset = float(re.search(r'bbo_clock_offset_seconds\{source="rest"\} (\S+)', metrics).group(1))
+                assert abs(offset * 1000 - clock["offsetMs"]) < 1e-3
+                assert 'leg="exchange_to_server_corrected",le="+Inf"} 20' in metrics
+    run(scenario())
+
+
+def test_an_unreachable_rest_host_is_reported_and_retried_without_touching_the_feed(tmp_path, monkeypatch):
+    monkeypatch.setattr(bs, "CLOCK_RETRY_S", 0.05)
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            cfg = make_cfg(tmp_path, fake.base_url, clock_check_minutes=5, exchange_rest_url=f"http://127.0.0.1:{free_port()}")
+            async with serving(cfg) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                await srv.events.wait_for(lambda: srv.status()["clock"]["error"], 5, "the clock error")
+                assert "cannot connect to 127.0.0.1" in srv.status()["clock"]["error"]
+                assert srv.status()["clock"]["source"] is None
+                assert len(srv.events.logged("clock: cannot read", logging.WARNING)) == 1   # once, then DEBUG
+                await Fed(fake, srv).send("btcusdt", "1.00", "1", "1.10", "1")
     run(scenario())
 
 
