@@ -8880,3 +8880,25 @@ def test_dashboard_shows_a_silent_symbol_as_suspect_and_draws_no_line_past_its_l
     pg.wait_js("() => document.getElementById('feed-state').dataset.state === 'live' && "
                "document.getElementById('bbo-card').dataset.live === 'true'", timeout=5)
     pg.wait_js("() => document.getElementById('feed-banner').hidden")
+
+
+def test_dashboard_shows_the_servers_clock_offset_and_its_warning(dash_open: Any) -> None:
+    pg = dash_open()
+    pg.wait_connected()
+    health = pg.server.get_json("/healthz")
+    assert set(health["clock"]) >= {"offsetMs", "uncertaintyMs", "source", "measuredAt", "warning"}, health["clock"]
+    clock = {"offsetMs": -5234.5, "uncertaintyMs": 2.25, "source": "rest", "measuredAt": health["clock"]["measuredAt"] or 1,
+             "warning": "the local clock is 5235 ms (± 2.2) behind the exchange's, more than CLOCK_MAX_OFFSET_MS (100); "
+                        "latencies are corrected by it, but sync the clock (NTP)", "error": None}
+    answer = {**health, "clock": clock}
+    pg.page.route(re.compile(r"/healthz$"), lambda route: route.fulfill(
+        status=200, content_type="application/json", body=json.dumps(answer)))
+    pg.js("bboDebug.checkHealth()")
+    pg.wait_js("() => !document.getElementById('clock-warning').hidden")
+    assert pg.text("#clock-offset") == "behind 5235 ms ± 2.3 ms · rest", pg.text("#clock-offset")
+    assert pg.page.get_attribute("#clock-offset", "data-level") == "bad"
+    assert pg.text("#clock-warning") == f"Server clock: {clock['warning']}"
+    answer["clock"] = {**clock, "offsetMs": 3.25, "uncertaintyMs": 1.5, "warning": None}
+    pg.js("bboDebug.checkHealth()")
+    pg.wait_js("() => document.getElementById('clock-warning').hidden")
+    assert pg.text("#clock-offset") == "ahead 3.3 ms ± 1.5 ms · rest", pg.text("#clock-offset")

@@ -1345,13 +1345,16 @@ function renderStatus() {
   setText(el['foot-clock'], `${fmtDateTime(s.now)} ${tzName(s.now)}`);
 }
 
-/** The server's own clock check: its offset from true time with the uncertainty, and its warning. */
+/** The server's clock against the exchange's (offsetMs > 0: the server's is ahead), with the
+ *  uncertainty of the measurement and how it was measured, and the server's warning when it is off. */
 function renderClockCheck(ck) {
   const ok = ck && Number.isFinite(ck.offsetMs);
-  setText(el['clock-offset'], !ok ? '—' : `${ck.offsetMs >= 0 ? '+' : '−'}${fmtMs(Math.abs(ck.offsetMs))}` +
-    (Number.isFinite(ck.uncertaintyMs) ? ` ± ${fmtMs(ck.uncertaintyMs)}` : '') + (ck.source ? ` · ${ck.source}` : ''));
+  setText(el['clock-offset'], !ok ? (ck && ck.error ? 'not measured' : '—')
+    : `${ck.offsetMs >= 0 ? 'ahead' : 'behind'} ${fmtMs(Math.abs(ck.offsetMs))}` +
+      (Number.isFinite(ck.uncertaintyMs) ? ` ± ${fmtMs(ck.uncertaintyMs)}` : '') + (ck.source ? ` · ${ck.source}` : ''));
   setAttr(el['clock-offset'], 'data-level', !ok ? 'none' : ck.warning ? 'bad' : 'good');
-  el['clock-offset'].title = ok && ck.measuredAt ? `measured ${fmtDateTime(ck.measuredAt)} ${tzName(ck.measuredAt)}` : '';
+  el['clock-offset'].title = ok && ck.measuredAt ? `Against the exchange's clock; measured ${fmtDateTime(ck.measuredAt)} ${tzName(ck.measuredAt)}`
+    : ck && ck.error ? `Not measured: ${ck.error}` : '';
   el['clock-warning'].hidden = !(ck && ck.warning);
   if (ck && ck.warning) setText(el['clock-warning'], `Server clock: ${ck.warning}`);
 }
