@@ -8668,10 +8668,15 @@ def test_dashboard_chart_draws_the_spread_in_bps_under_the_prices_and_the_mid_wh
     assert pg.js(_DASH_COLOUR_IN_PANELS, [list(DASH_MID_RGB), 30])["price"] == 0
 
 
+DASH_PHONE = {"viewport": {"width": 375, "height": 667}, "device_scale_factor": 2, "is_mobile": True, "has_touch": True}
+
+
 def test_dashboard_banner_counts_the_outage_from_the_last_data_across_retries_in_plain_words(dash_open: Any) -> None:
     pg = dash_open()
+    phone = dash_open(**DASH_PHONE)
     ex = pg.exchange
     pg.wait_connected()
+    phone.wait_connected()
     pg.wait_js("() => document.getElementById('feed-state').dataset.state === 'live'")
     ex.stall()
     pg.wait_js("() => document.getElementById('feed-state').dataset.state === 'stale'", timeout=8)
@@ -8685,6 +8690,7 @@ def test_dashboard_banner_counts_the_outage_from_the_last_data_across_retries_in
         seen.append(int(m.group(1)))
         time.sleep(0.25)
     pg.screenshot("dashboard-stale.png", full_page=False)
+    phone.screenshot("dashboard-phone-stale.png", full_page=False)
     ex.resume()
     assert seen == sorted(seen) and seen[-1] >= seen[0] + 4, f"the no-data count restarted: {seen}"
     pg.wait_js("() => document.getElementById('feed-banner').hidden", timeout=8)
@@ -8821,11 +8827,16 @@ def test_dashboard_on_a_phone_keeps_the_feed_label_whole_range_fields_and_severa
     assert o["scrollWidth"] <= o["innerWidth"] and not o["offenders"], o
     pg.page.wait_for_timeout(700)
     pg.screenshot("dashboard-phone-live.png", full_page=False)
+    pg.wait_js("() => document.querySelectorAll('#hist-table tbody tr[data-update-id]').length > 0 && "
+               "document.querySelector('#hist-stats [data-stat=avail]')")
+    DASH_ARTIFACTS.mkdir(exist_ok=True)
+    pg.page.locator(".hist-card").screenshot(path=str(DASH_ARTIFACTS / "dashboard-phone-history.png"))
 
 
 def _dash_fmt_ms(ms: float) -> str:
-    """fmtMs of static/app.js."""
-    return f"{ms:.1f} ms" if ms < 10 else f"{math.floor(ms + 0.5)} ms"
+    """fmtMs of static/app.js (toFixed rounds the double's exact value half up; Math.round half up)."""
+    from decimal import ROUND_HALF_UP, Decimal
+    return f"{Decimal(ms).quantize(Decimal('0.1'), ROUND_HALF_UP)} ms" if ms < 10 else f"{math.floor(ms + 0.5)} ms"
 
 
 def test_dashboard_shows_the_latency_of_the_last_update_in_legs(dash_open: Any) -> None:
@@ -8853,10 +8864,14 @@ def test_dashboard_shows_a_silent_symbol_as_suspect_and_draws_no_line_past_its_l
     sends every 0.2 s) while the feed as a whole stays live (BTCUSDT keeps flowing): the pill, the prices
     and the chart must not read as a calm live market."""
     pg = dash_open()
+    phone = dash_open(**DASH_PHONE)
     ex = pg.exchange
     pg.wait_connected()
     pg.page.click("#symbol-tabs [data-symbol=ETHUSDT]")
     pg.wait_bbo(*ex.call(lambda: ex.last["ETHUSDT"]))
+    phone.wait_connected()
+    phone.page.click("#symbol-tabs [data-symbol=ETHUSDT]")
+    phone.wait_bbo(*ex.call(lambda: ex.last["ETHUSDT"]))
     pg.wait_js("() => document.getElementById('feed-state').dataset.state === 'live' && "
                "document.getElementById('bbo-card').dataset.live === 'true'")
     ex.set_keep("BTCUSDT")
@@ -8876,6 +8891,8 @@ def test_dashboard_shows_a_silent_symbol_as_suspect_and_draws_no_line_past_its_l
     assert gaps and gaps[-1]["reason"].startswith("ETHUSDT is "), gaps           # the silence is shaded
     pg.page.wait_for_timeout(700)
     pg.screenshot("dashboard-suspect.png", full_page=False)
+    phone.wait_js("() => document.getElementById('bbo-card').dataset.live === 'false'")
+    phone.screenshot("dashboard-phone-suspect.png", full_page=False)
     ex.set_keep(*DASH_SYMBOLS)
     pg.wait_js("() => document.getElementById('feed-state').dataset.state === 'live' && "
                "document.getElementById('bbo-card').dataset.live === 'true'", timeout=5)
@@ -8902,3 +8919,20 @@ def test_dashboard_shows_the_servers_clock_offset_and_its_warning(dash_open: Any
     pg.js("bboDebug.checkHealth()")
     pg.wait_js("() => document.getElementById('clock-warning').hidden")
     assert pg.text("#clock-offset") == "ahead 3.3 ms ± 1.5 ms · rest", pg.text("#clock-offset")
+
+
+def test_dashboard_history_shows_the_latency_legs_of_the_range(dash_open: Any) -> None:
+    pg = dash_open()
+    pg.wait_connected()
+    pg.wait_js("() => document.querySelectorAll('#hist-legs tbody tr').length === 4")
+    url = pg.page.get_attribute("#hist-csv", "data-url")
+    q = urllib.parse.parse_qs(urllib.parse.urlparse(url).query)
+    legs = pg.server.get_json(f"/api/history/latency?symbol=BTCUSDT&start_time={q['start_time'][0]}"
+                              f"&end_time={q['end_time'][0]}")["legs"]
+    rows = pg.js("() => [...document.querySelectorAll('#hist-legs tbody tr')].map(r => [r.dataset.leg, [...r.cells].map(c => c.textContent)])")
+    assert [k for k, _ in rows] == ["exchangeInternal", "exchangeToServer", "exchangeToServerCorrected", "serverInternal"]
+    for key, cells in rows:
+        leg = legs[key]
+        want = [_dash_fmt_ms(leg[k]) if leg[k] is not None else "—" for k in ("p50", "p90", "p99", "max")]
+        assert cells[1:5] == want and cells[5] == f"{leg['count']:,}", (key, cells, leg)
+    assert legs["serverInternal"]["count"] > 0

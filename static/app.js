@@ -60,7 +60,8 @@
  *   Token      #auth-dialog (a modal <dialog>, open while a token is asked for) #auth-form #auth-token
  *              #auth-message (why it asks: none given, or the last one was refused)
  *   History    #hist-symbol #hist-range #hist-start #hist-end #hist-limit #hist-load #hist-csv
- *              #hist-stats (stat tiles [data-stat=count|rate|avail|min|mean|p50|p90|p99|max|tier]) #hist-error
+ *              #hist-stats (stat tiles [data-stat=count|rate|avail|min|mean|p50|p90|p99|max|tier];
+ *              #hist-legs: a row per latency leg, tr[data-leg]) #hist-error
  *              #hist-table (tbody rows newest first, tr[data-update-id]) #hist-older #hist-newer #hist-page
  *              #hist-note (where the rows come from, when the table cannot say it)
  *
@@ -2685,7 +2686,8 @@ async function histQuoteFigures(sym, start, end) {
     down += b - Math.max(a, reach);
     reach = b;
   }
-  return { rate: updates / ((to - start) / 1000), availability: Math.max(0, to - from - down) / (to - start) };
+  return { rate: updates / ((to - start) / 1000), availability: Math.max(0, to - from - down) / (to - start),
+           firstQuote: quotedBefore ? null : from < to ? from : null, outageMs: down };
 }
 
 /** What the rows cannot say themselves: raw updates older than rawFrom are gone (so the range is
@@ -2761,6 +2763,12 @@ function renderHistStats(s, quotes) {
     items.push(['avail', 'Quote live', `${pct >= 99.95 && pct < 100 ? pct.toFixed(2) : pct.toFixed(1)} %`,
                 pct >= 99.9 ? 'good' : pct >= 99 ? 'warn' : 'bad']);
   }
+  const why = !quotes ? {} : {
+    avail: `Share of the range with a live two-sided quote: none ${quotes.firstQuote != null
+      ? `before the first one, at ${fmtDateTime(quotes.firstQuote)} ${tzName(quotes.firstQuote)}` : 'missing at the start'}` +
+      `; feed outages ${fmtDuration(quotes.outageMs)}.`,
+    rate: 'Quote updates per second, averaged over the whole range.',
+  };
   for (const [k, label] of [['min', 'Min'], ['mean', 'Mean'], ['p50', 'p50'], ['p90', 'p90'], ['p99', 'p99'], ['max', 'Max']]) {
     items.push([k, label, fmtMs(s[k]), level(s[k], ...LATENCY_LEVELS)]);
   }
@@ -2780,10 +2788,50 @@ function renderHistStats(s, quotes) {
     vv.className = 'v';
     vv.textContent = v;
     if (lvl) vv.dataset.level = lvl;
+    if (why[k]) d.title = why[k];
     d.append(kk, vv);
     return d;
   }));
   if (s.approximate) box.title = 'Percentiles from 1-second bars are approximate';
+  if (s.legs) box.append(histLegsTable(s.legs, s.legsComplete));
+}
+
+// The legs of /api/history/latency, in the order an update travels.
+const LEG_ROWS = [
+  ['exchangeInternal', 'Exchange: event − transaction time'],
+  ['exchangeToServer', 'Exchange → server'],
+  ['exchangeToServerCorrected', 'Exchange → server, clock offset removed'],
+  ['serverInternal', 'Server: emit − receive'],
+];
+
+/** The range's latency legs: a row each (p50, p90, p99, max, count). */
+function histLegsTable(legs, complete) {
+  const t = document.createElement('table');
+  t.className = 'legs-table';
+  t.id = 'hist-legs';
+  const cap = t.createCaption();
+  cap.textContent = `Latency by leg${complete === false ? ' (raw updates of part of the range are no longer kept)' : ''}`;
+  const head = t.createTHead().insertRow();
+  for (const h of ['Leg', 'p50', 'p90', 'p99', 'Max', 'Updates']) {
+    const th = document.createElement('th');
+    th.scope = 'col';
+    th.textContent = h;
+    head.append(th);
+  }
+  const body = t.createTBody();
+  for (const [key, label] of LEG_ROWS) {
+    const leg = legs[key];
+    if (!leg) continue;
+    const tr = body.insertRow();
+    tr.dataset.leg = key;
+    const th = document.createElement('th');
+    th.scope = 'row';
+    th.textContent = label;
+    tr.append(th);
+    for (const k of ['p50', 'p90', 'p99', 'max']) tr.insertCell().textContent = fmtMs(leg[k]);
+    tr.insertCell().textContent = fmtInt(leg.count || 0);
+  }
+  return t;
 }
 
 /** The spread in bps for a table cell (the column head says "bps"). */
