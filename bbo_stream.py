@@ -61,7 +61,8 @@ plain functions, run on the event loop, that must not block::
     @sio.on("echo")                    # namespace="/" by default; any other name creates it
     def echo(sock, *args):             # sock: SioSocket; args: the event's JSON arguments
         return args                    # the return value is the ack: None -> [], tuple -> its items,
-                                       # anything else -> [value]; sent only if the client asked
+                                       # anything else -> [value]; sent only if the client asked;
+                                       # a coroutine runs as a task and its result is the ack
     @sio.on_connect()                  # handler(sock, auth); raise SioConnectRefused(msg, data)
     @sio.on_disconnect()               # handler(sock, reason)
 
@@ -3695,17 +3696,28 @@ class _Conn:
         self.fresh: set[str] | None = None      # after a lost connection: symbols with no data on this one yet
 
 
+class FeedEditError(BboStreamError):
+    """A symbol cannot be added to or removed from the feed; the message says why, for a person."""
+
+
 class BinanceFeed:
-    """Runs the exchange connections; calls ``on_update(bbo)`` for every new update."""
+    """Runs the exchange connections; calls ``on_update(bbo)`` for every new update.
+
+    ``symbols``: what to stream (default: SYMBOL); add_symbol/remove_symbol change it while running.
+    ``on_symbols``: called with the new list after each change (to remember it across restarts).
+    """
 
     def __init__(self, cfg: Config, history: BboHistory, on_update: Callable[[Bbo], None],
-                 on_status: Callable[[], None] = lambda: None) -> None:
+                 on_status: Callable[[], None] = lambda: None, symbols: Sequence[str] | None = None,
+                 on_symbols: Callable[[list[str]], Any] = lambda symbols: None) -> None:
         self.cfg = cfg
         self.history = history
         self.on_update = on_update                      # hub publish; must not block
         self.on_status = on_status                      # the feed state changed
+        self.on_symbols = on_symbols                    # the symbol list changed (may return an awaitable)
+        self.symbols: list[str] = list(cfg.symbols if symbols is None else symbols)  # streamed now, in order
         now = now_ms()
-        self.shards = [ShardHealth(s, now) for s in shard_symbols(cfg.symbols, cfg.feed_streams_per_connection)]
+        self.shards = [ShardHealth(s, now) for s in shard_symbols(self.symbols, cfg.feed_streams_per_connection)]
         self.stale_ms = int(cfg.feed_stale_seconds * 1000)
         self.rotate_s = cfg.feed_rotate_hours * 3600
         self.log_once = LogOnce(log)
@@ -3717,7 +3729,12 @@ class BinanceFeed:
         self._connect_lock = asyncio.Lock()             # one shard at a time takes the next connect slot
         self.symbol_errors: dict[str, tuple[int, Any, str]] = {}  # symbol → (ms, code, msg) of an exchange error
         self._clock_warning: str | None = None          # the clock warning last logged
-        for symbol in cfg.symbols:
+        self._conns: dict[ShardHealth, _Conn] = {}      # each shard's open connection (for SUBSCRIBE)
+        self._edit_lock = asyncio.Lock()                # one symbol change at a time
+        self._last_request_s = -math.inf                # loop time of the last SUBSCRIBE/UNSUBSCRIBE
+        self._request_id = 0
+        self._listed: tuple[float, dict[str, str]] | None = None  # (loop time, symbol → status) of exchangeInfo
+        for symbol in self.symbols:
             history.get(symbol)
 
     # -- status -------------------------------------------------------------------
@@ -3732,7 +3749,7 @@ class BinanceFeed:
         if state == FeedState.LIVE.value and age is not None and age >= self.stale_ms:
             state, reason, since = FeedState.STALE.value, f"no data for {age // 1000} s", last + self.stale_ms
         symbols = {}
-        for symbol in self.cfg.symbols:
+        for symbol in self.symbols:
             hist = self.history.symbols[symbol]
             last_sym = hist.latest.recv_ms if hist.latest else None
             suspect_after = min(self.stale_ms, hist.suspect_after_ms(now_ms))
@@ -3744,7 +3761,7 @@ class BinanceFeed:
             error = self.symbol_errors.get(symbol)
             if error is not None and (last_sym is None or last_sym < error[0]):  # data since then: it works
                 symbols[symbol]["error"] = {"code": error[1], "msg": error[2], "at": error[0]}
-        hists = [self.history.symbols[s] for s in self.cfg.symbols]
+        hists = [self.history.symbols[s] for s in self.symbols]
         return {
             "state": state, "reason": reason, "market": self.cfg.market,
             "since": since, "connectedSince": best.connected_since_ms,
@@ -3779,8 +3796,8 @@ class BinanceFeed:
 
     def _status_signature(self, now_ms: int) -> tuple:
         status = self.status(now_ms)
-        return (status["state"], status["reason"], status["nextAttempt"],
-                tuple(s.state for s in self.shards), tuple(s["state"] for s in status["symbols"].values()),
+        return (status["state"], status["reason"], status["nextAttempt"], tuple(s.state for s in self.shards),
+                tuple(status["symbols"]), tuple(s["state"] for s in status["symbols"].values()),
                 status["clock"]["source"], status["clock"]["warning"], self.history.clock.rest)  # a REST round
 
     def notify(self) -> None:
@@ -3812,7 +3829,7 @@ class BinanceFeed:
         while True:
             await asyncio.sleep(FEED_WATCHDOG_TICK_S)
             now = now_ms()
-            for symbol in self.cfg.symbols:
+            for symbol in self.symbols:
                 hist = self.history.symbols[symbol]
                 if (hist.latest is None and hist.subscribed_ms is not None and symbol not in self._silent_warned
                         and now - hist.subscribed_ms >= self.stale_ms):
@@ -3835,10 +3852,10 @@ class BinanceFeed:
             self._clock_warning = warning
 
     async def _run_shard(self, shard: ShardHealth) -> None:
-        url = feed_url(self.cfg.feed_base_url, shard.symbols)
         rng = random.Random()
         opened_before = False
-        while True:
+        while shard.symbols:  # a shard whose last symbol was removed ends here
+            url = feed_url(self.cfg.feed_base_url, shard.symbols)
             await self._connect_slot()  # before `connecting`: a shard held back by Retry-After still reads backoff
             shard.connecting(now_ms())
             self.notify()
@@ -3851,6 +3868,8 @@ class BinanceFeed:
             else:
                 opened_before = True
                 reason, failure = await self._supervise(shard, conn, url)
+            if not shard.symbols:
+                return
             now = now_ms()
             for symbol in shard.symbols:
                 start = shard.last_data_ms if shard.last_data_ms is not None else now
@@ -3888,8 +3907,8 @@ class BinanceFeed:
 
     def _exchange_error(self, shard: ShardHealth, error: FeedError, recv_ms: int) -> None:
         """An error reply: logged with its code and message, and shown on the symbols it
-        concerns.  The feed sends no requests (its streams are in the URL), so an error names
-        its streams in ``msg`` or concerns every stream of its connection."""
+        concerns: the streams its ``msg`` names, or else every stream of its connection (the
+        configured streams are in the URL; only symbols added by a client are requested)."""
         text = error.msg.lower()
         named = [s for s in shard.symbols if s.lower() in text]
         for symbol in named or shard.symbols:
@@ -3960,24 +3979,30 @@ class BinanceFeed:
         Returns (reason, failure) when the connection is gone."""
         loop = asyncio.get_running_loop()
         rotate_at = loop.time() + self.rotate_s
+        self._conns[shard] = conn
         try:
             while True:
                 done, _ = await asyncio.wait({conn.task}, timeout=FEED_WATCHDOG_TICK_S)
                 if done:
                     return conn.task.result(), True
+                if not shard.symbols:  # its last symbol was removed while it connected
+                    return "no symbols left", False
                 if conn.ws.latency:  # the last keepalive ping's round trip: the floor's estimate of one way
                     self.history.clock.ws_rtt_ms = conn.ws.latency * 1000
                 if shard.silent(now_ms(), self.cfg.feed_stale_seconds):
                     reason = f"no data for {self.cfg.feed_stale_seconds:g} s (silent stall)"
                     return reason, False
                 if loop.time() >= rotate_at or conn.shutdown_notice:
-                    successor = await self._rotate(shard, conn, url)
+                    successor = await self._rotate(shard, conn, feed_url(self.cfg.feed_base_url, shard.symbols))
                     if successor is None:
                         rotate_at = loop.time() + FEED_ROTATE_RETRY_S
                         conn.shutdown_notice = False
                     else:
                         conn, rotate_at = successor, loop.time() + self.rotate_s
+                        self._conns[shard] = conn
         finally:
+            if self._conns.get(shard) is conn:
+                del self._conns[shard]
             await _close_conn(conn)
 
     async def _rotate(self, shard: ShardHealth, old: _Conn, url: str) -> _Conn | None:
@@ -4008,6 +4033,124 @@ class BinanceFeed:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+
+    # -- symbols added and removed while running ---------------------------------------
+    async def add_symbol(self, symbol: str) -> list[str]:
+        """Stream ``symbol`` too: checked against the exchange's symbol list (exchangeInfo, status
+        TRADING), within FEED_MAX_SYMBOLS, then subscribed on a connection with room (a paced
+        SUBSCRIBE on its open connection; its URL has it from the next connect on), or on a new one.
+
+        Raises:
+            FeedEditError: already streamed, over the limit, not listed or not trading, or the
+            exchange's symbol list could not be read.
+        """
+        async with self._edit_lock:
+            if symbol in self.symbols:
+                raise FeedEditError(f"{symbol} is already streamed")
+            if len(self.symbols) >= self.cfg.feed_max_symbols:
+                raise FeedEditError(f"the feed has {len(self.symbols)} symbols, the most FEED_MAX_SYMBOLS allows")
+            await self._check_listed(symbol)
+            self.history.get(symbol)
+            self.symbols.append(symbol)
+            shard = next((s for s in self.shards if len(s.symbols) < self.cfg.feed_streams_per_connection), None)
+            if shard is None:
+                shard = ShardHealth((symbol,), now_ms())
+                self.shards.append(shard)
+                self._tasks.append(asyncio.create_task(self._run_shard(shard), name=f"feed-{len(self.shards) - 1}"))
+            else:
+                shard.symbols = (*shard.symbols, symbol)
+                await self._request(shard, "SUBSCRIBE", symbol)
+            log.info("feed: %s added (%d symbols)", symbol, len(self.symbols))
+            await self._changed()
+            return list(self.symbols)
+
+    async def remove_symbol(self, symbol: str) -> list[str]:
+        """Stop streaming ``symbol`` (a paced UNSUBSCRIBE; a connection left without symbols is
+        closed).  Its history stays.
+
+        Raises:
+            FeedEditError: not streamed, or the last symbol.
+        """
+        async with self._edit_lock:
+            if symbol not in self.symbols:
+                raise FeedEditError(f"{symbol} is not streamed")
+            if len(self.symbols) == 1:
+                raise FeedEditError("the feed needs at least one symbol")
+            self.symbols.remove(symbol)
+            shard = next(s for s in self.shards if symbol in s.symbols)
+            shard.symbols = tuple(s for s in shard.symbols if s != symbol)
+            if shard.symbols:
+                await self._request(shard, "UNSUBSCRIBE", symbol)
+            else:  # its task sees no symbols and ends once the connection is closed
+                self.shards.remove(shard)
+                conn = self._conns.get(shard)
+                if conn is not None:
+                    await _close_conn(conn)
+            self.history.symbols[symbol].subscribed_ms = None
+            self.symbol_errors.pop(symbol, None)
+            log.info("feed: %s removed (%d symbols)", symbol, len(self.symbols))
+            await self._changed()
+            return list(self.symbols)
+
+    async def _changed(self) -> None:
+        saved = self.on_symbols(list(self.symbols))
+        if saved is not None:
+            await saved
+        self.notify()
+
+    async def _request(self, shard: ShardHealth, method: str, symbol: str) -> None:
+        """SUBSCRIBE or UNSUBSCRIBE one stream on the shard's open connection, FEED_REQUEST_SPACING_S
+        after the previous request (Binance answers only part of a burst).  Without an open
+        connection there is nothing to send: the next connection's URL has the new symbol list."""
+        loop = asyncio.get_running_loop()
+        while (wait_s := self._last_request_s + FEED_REQUEST_SPACING_S - loop.time()) > 0:
+            await asyncio.sleep(wait_s)
+        conn = self._conns.get(shard)
+        if conn is None:
+            return
+        self._last_request_s = loop.time()
+        self._request_id += 1
+        request = {"method": method, "params": [f"{symbol.lower()}@bookTicker"], "id": self._request_id}
+        with contextlib.suppress(websockets.exceptions.ConnectionClosed):
+            await conn.ws.send(json.dumps(request))
+        if method == "SUBSCRIBE":
+            self.history.symbols[symbol].subscribed_ms = now_ms()
+
+    async def _check_listed(self, symbol: str) -> None:
+        """Raise FeedEditError unless the exchange lists ``symbol`` as TRADING (exchangeInfo on the
+        market's REST host: spot is asked for the one symbol, futures list them all, kept a while)."""
+        prefix, loop = MARKET_REST_PREFIXES[self.cfg.market], asyncio.get_running_loop()
+        rest = ExchangeRest(self.cfg.rest_base_url)
+        try:
+            if self.cfg.market == "spot":
+                status, doc = await rest.get_json(f"{prefix}/exchangeInfo?symbol={urllib.parse.quote(symbol)}")
+                if status == 400 and isinstance(doc, dict) and doc.get("code") == -1121:  # "Invalid symbol."
+                    raise FeedEditError(f"{symbol} is not listed on {self.cfg.market}")
+                listed = self._listed_symbols(status, doc)
+            elif self._listed is not None and loop.time() - self._listed[0] < EXCHANGE_INFO_TTL_S:
+                listed = self._listed[1]
+            else:
+                status, doc = await rest.get_json(f"{prefix}/exchangeInfo")
+                listed = self._listed_symbols(status, doc)
+                self._listed = (loop.time(), listed)
+        except RestError as exc:
+            raise FeedEditError(f"cannot check {symbol} against the exchange's symbol list ({exc})") from None
+        finally:
+            await rest.close()
+        state = listed.get(symbol)
+        if state is None:
+            raise FeedEditError(f"{symbol} is not listed on {self.cfg.market}")
+        if state != "TRADING":
+            raise FeedEditError(f"{symbol} is {state} on {self.cfg.market}, not TRADING")
+
+    def _listed_symbols(self, status: int, doc: Any) -> dict[str, str]:
+        """An exchangeInfo answer → symbol → status.  Raises RestError for anything else."""
+        try:
+            if status != 200:
+                raise ValueError
+            return {str(item["symbol"]): str(item["status"]) for item in doc["symbols"]}
+        except (ValueError, KeyError, TypeError):
+            raise RestError(f"exchangeInfo answered HTTP {status} without a symbol list") from None
 
 
 class RestError(BboStreamError):
@@ -4261,6 +4404,39 @@ def _cut_partial_tail(fd: int) -> None:
         end = start
     if end != size:
         os.ftruncate(fd, end)
+
+
+FEED_SYMBOLS_FILE = "feed-symbols.json"  # the feed's symbols as clients last changed them
+
+
+def load_feed_symbols(path: Path, configured: tuple[str, ...]) -> tuple[str, ...]:
+    """The feed's symbols at start: as clients last changed them (``path``), as long as SYMBOL is
+    still what it was then; when SYMBOL changed since, or without a usable file, SYMBOL."""
+    try:
+        if path.stat().st_size > CACHE_MAX_FILE_BYTES:
+            raise ValueError("too large")
+        doc = json.loads(path.read_text())
+        base, symbols = doc["base"], doc["symbols"]
+        if not (isinstance(symbols, list) and 0 < len(symbols) <= MAX_SYMBOLS
+                and all(isinstance(s, str) and _SYMBOL_RE.match(s) and s == s.upper() for s in symbols)):
+            raise ValueError("not a list of symbols")
+    except FileNotFoundError:
+        return configured
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("feed: %s is unusable (%s); streaming SYMBOL", path, str(exc)[:100])
+        return configured
+    if base != list(configured):
+        log.info("feed: SYMBOL changed since clients last changed the symbols; streaming SYMBOL")
+        return configured
+    if symbols != list(configured):
+        log.info("feed: streaming the symbols as clients last changed them: %s", ",".join(symbols[:20]))
+    return tuple(dict.fromkeys(symbols))
+
+
+def save_feed_symbols(path: Path, configured: tuple[str, ...], symbols: list[str]) -> None:
+    """Write the feed's symbols for load_feed_symbols, with the SYMBOL they were changed from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps({"base": list(configured), "symbols": symbols}, separators=(",", ":")).encode())
 
 
 class CacheLoaded(NamedTuple):
@@ -4928,14 +5104,21 @@ class BboApp:
         now_ms: wall clock in ms for `pong` (injectable for tests).
         symbols: the configured symbols (what "all symbols" means before each has sent data).
         auth_token: AUTH_TOKEN; when set, a CONNECT must carry `auth: {"token": ...}` with it.
+        feed: the feed whose symbols `feed_add_symbol` / `feed_remove_symbol` change; None = none.
+        feed_edit: whether clients may change them (AUTH_TOKEN set, so every client has it, or
+            FEED_EDIT_ALLOWED); max_feed_symbols: FEED_MAX_SYMBOLS, told to clients.
     """
 
     def __init__(self, sio: SioServer, hub: Hub, latest_bbos: Callable[[], Iterable[Bbo]],
                  feed_status: Callable[[], dict[str, Any]],
                  now_ms: Callable[[], int] = now_ms, symbols: Callable[[], Iterable[str]] = tuple,
-                 auth_token: str = "") -> None:
+                 auth_token: str = "", feed: BinanceFeed | None = None, feed_edit: bool = False,
+                 max_feed_symbols: int = 0) -> None:
         self.hub = hub
         self.auth_token = auth_token
+        self.feed = feed
+        self.feed_edit = feed_edit and feed is not None
+        self.max_feed_symbols = max_feed_symbols
         self.latest_bbos = latest_bbos
         self.symbols = symbols          # the configured symbols, including those not heard from yet
         self.feed_status = feed_status
@@ -4947,6 +5130,8 @@ class BboApp:
         sio.on("ping")(self.on_ping)
         sio.on("subscribe")(self.on_subscribe)
         sio.on("unsubscribe")(self.on_unsubscribe)
+        sio.on("feed_add_symbol")(self.on_feed_add_symbol)
+        sio.on("feed_remove_symbol")(self.on_feed_remove_symbol)
 
     def on_connect(self, sock: SioSocket, auth: Any) -> None:
         if self.auth_token:
@@ -4959,7 +5144,8 @@ class BboApp:
                 # 40{"token":5} with 44{"message":"unauthorized"}; the connection stayed and took a next CONNECT.)
                 raise SioConnectRefused(AUTH_REFUSED)
         log.info("sio %s: client %s connected (%s)", short_sid(sock.conn.sid), sock.conn.peer, sock.conn.transport)
-        sock.emit("welcome", {"message": "Welcome to BBO Stream"})
+        sock.emit("welcome", {"message": "Welcome to BBO Stream", "feedEdit": self.feed_edit,
+                              "maxFeedSymbols": self.max_feed_symbols})
         sock.emit("feed_status", self.feed_status())
         self.hub.attach(sock.conn)
 
@@ -5009,6 +5195,33 @@ class BboApp:
         current = conn.filter_keys if conn.filter_keys is not None else self._known_symbols()
         conn.set_filter(current - symbols, conn.max_rate)
         return self._subscription(sock)
+
+    def on_feed_add_symbol(self, sock: SioSocket, request: Any = None, *args: Any) -> Any:
+        """`{"symbol": "ETHUSDT"}`: the feed streams it too (BinanceFeed.add_symbol); ack
+        `{"ok": true, "symbols": [...]}` or `{"error": "..."}`."""
+        return self._edit_feed(sock, request, "add")
+
+    def on_feed_remove_symbol(self, sock: SioSocket, request: Any = None, *args: Any) -> Any:
+        """`{"symbol": "ETHUSDT"}`: the feed stops streaming it; the same acks."""
+        return self._edit_feed(sock, request, "remove")
+
+    def _edit_feed(self, sock: SioSocket, request: Any, action: str) -> Any:
+        if not self.feed_edit or self.feed is None:
+            return {"error": "changing the feed's symbols is off: it needs AUTH_TOKEN (clients then connect with it) "
+                             "or FEED_EDIT_ALLOWED=true"}
+        symbol = request.get("symbol") if isinstance(request, dict) else None
+        if not isinstance(symbol, str) or not _SYMBOL_RE.match(symbol):
+            return {"error": f'expected {{"symbol": "ETHUSDT"}}: 1 to {MAX_SYMBOL_CHARS} letters, digits or _'}
+        log.info("sio %s: client %s asks to %s %s", short_sid(sock.conn.sid), sock.conn.peer, action, symbol.upper())
+        change = self.feed.add_symbol if action == "add" else self.feed.remove_symbol
+        return self._feed_change(change, symbol.upper())
+
+    @staticmethod
+    async def _feed_change(change: Callable[[str], Any], symbol: str) -> dict[str, Any]:
+        try:
+            return {"ok": True, "symbols": await change(symbol)}
+        except FeedEditError as exc:
+            return {"error": str(exc)}
 
     def _known_symbols(self) -> frozenset[str]:
         return frozenset(self.symbols()) | {bbo.symbol for bbo in self.latest_bbos()}
@@ -5132,6 +5345,7 @@ class SioServer:
         self.connect_timeout_s = connect_timeout_s
         self.namespaces: dict[str, _SioNamespace] = {"/": _SioNamespace("/")}  # "/" always exists
         self._connect_timers: dict[EioConnection, asyncio.TimerHandle] = {}
+        self._pending: set[asyncio.Task] = set()  # handlers that returned a coroutine: their acks wait for it
         self.protocol_errors = 0
 
     # -- registration -----------------------------------------------------------------
@@ -5266,8 +5480,23 @@ class SioServer:
         except Exception:
             log.exception("handler for %r failed", event)
             return
+        if asyncio.iscoroutine(result):  # work that awaits (the exchange's REST API): ack when it is done
+            task = asyncio.get_running_loop().create_task(result)
+            self._pending.add(task)
+            task.add_done_callback(lambda done: self._ack_when_done(sock, pkt, event, done))
+            return
         if pkt.ack_id is not None and sock.connected:
             self._send(sock.conn, SioPacket(SioType.ACK, sock.namespace, ack_args(result), pkt.ack_id))
+
+    def _ack_when_done(self, sock: SioSocket, pkt: SioPacket, event: str, task: asyncio.Task) -> None:
+        self._pending.discard(task)
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.error("handler for %r failed", event, exc_info=task.exception())
+            return
+        if pkt.ack_id is not None and sock.connected:
+            self._send(sock.conn, SioPacket(SioType.ACK, sock.namespace, ack_args(task.result()), pkt.ack_id))
 
     def _leave(self, sock: SioSocket, reason: str) -> None:
         if not sock.connected:
@@ -6560,14 +6789,18 @@ class App:
         self.history = BboHistory(raw_capacity, bars_capacity)
         self.history.clock.max_offset_ms = cfg.clock_max_offset_ms
         self.persistence = CachePersistence(cfg, self.history) if cfg.cache_enabled and cfg.cache_persist else None
-        self.feed = BinanceFeed(cfg, self.history, self._on_update, self._on_feed_status)
+        self.symbols_file = Path(cfg.cache_dir) / FEED_SYMBOLS_FILE if cfg.cache_enabled and cfg.cache_persist else None
+        symbols = load_feed_symbols(self.symbols_file, cfg.symbols) if self.symbols_file else cfg.symbols
+        self.feed = BinanceFeed(cfg, self.history, self._on_update, self._on_feed_status, symbols, self._save_symbols)
         self.hub = Hub(cfg.fanout_helper_threads(available_cpus()))  # fan-out to Socket.IO clients (§13)
         self.hub.on_emit = self.history.stamp_emit           # each pass's emit time goes into the history
         self.eio = EioServer.from_config(cfg)               # Engine.IO endpoint (§16)
         self.sio = SioServer(self.eio)                       # Socket.IO on top of it (§15)
         self.bbo_app = BboApp(self.sio, self.hub, lambda: self.history.latest().values(),
-                              lambda: self.feed.status(now_ms()), symbols=lambda: cfg.symbols,
-                              auth_token=cfg.auth_token)
+                              lambda: self.feed.status(now_ms()), symbols=lambda: self.feed.symbols,
+                              auth_token=cfg.auth_token, feed=self.feed,
+                              feed_edit=bool(cfg.auth_token) or cfg.feed_edit_allowed,
+                              max_feed_symbols=cfg.feed_max_symbols)
         self.http: HttpServer | None = None
         self.stop_event = asyncio.Event()
         self.started_ms = now_ms()
@@ -6575,6 +6808,16 @@ class App:
 
     def _on_update(self, bbo: Bbo) -> None:
         self.hub.publish(bbo)
+
+    async def _save_symbols(self, symbols: list[str]) -> None:
+        """Remember the feed's symbols (changed by a client) for the next start."""
+        if self.symbols_file is None:
+            return
+        try:
+            await asyncio.to_thread(save_feed_symbols, self.symbols_file, self.cfg.symbols, symbols)
+        except OSError as exc:
+            log.error("feed: cannot remember the symbol list in %s (%s); it applies until the next start",
+                      self.symbols_file, exc.strerror or exc)
 
     def _on_feed_status(self) -> None:
         self.hub.publish_feed_status(self.feed.status(now_ms()))
@@ -6604,7 +6847,7 @@ class App:
         soft, hard = raise_nofile_limit()
         log.info("bbo_stream %s: %s %s, %d symbol(s) on %d connection(s); open-files limit %d (hard %d); "
                  "%d fan-out writer thread(s) beside the event loop", __version__, self.cfg.market,
-                 self.cfg.feed_base_url, len(self.cfg.symbols), len(self.feed.shards), soft, hard,
+                 self.cfg.feed_base_url, len(self.feed.symbols), len(self.feed.shards), soft, hard,
                  self.hub.writer_threads)
         if self.persistence is not None:
             started = time.perf_counter()

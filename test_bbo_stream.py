@@ -4089,7 +4089,7 @@ def test_connect_answer_then_welcome_then_the_feed_status(tmp_path):
         ws.recv_text()
         ws.send_text("40")
         assert re.fullmatch(r'40\{"sid":"[\w-]{20}"\}', ws.recv_text())
-        assert ws.recv_text() == '42["welcome",{"message":"Welcome to BBO Stream"}]'
+        assert ws.recv_text() == '42["welcome",{"message":"Welcome to BBO Stream","feedEdit":false,"maxFeedSymbols":50}]'
         status = ws.recv_text()
         assert status.startswith('42["feed_status",{"state":"live","reason":null,')
         feed = json.loads(status[2:])[1]
@@ -4112,7 +4112,7 @@ def test_with_auth_token_a_connect_needs_auth_token_else_connect_error_unauthori
         assert srv.call(lambda: srv.app.hub.stats()["clients"]) == 0
         ws.send_text(json.dumps({"token": TOKEN, "offset": "1-2"}).join(("40", "")))  # other keys are ignored
         assert ws.recv_text().startswith('40{"sid":')
-        assert ws.recv_text() == '42["welcome",{"message":"Welcome to BBO Stream"}]'
+        assert ws.recv_text() == '42["welcome",{"message":"Welcome to BBO Stream","feedEdit":true,"maxFeedSymbols":50}]'  # authenticated: it may change the feed
         srv.wait(lambda: srv.app.hub.stats()["clients"] == 1, "the client on the hub")
         assert not srv.call(lambda: srv.fed.srv.events.logged(re.escape(TOKEN)))
 
@@ -4275,6 +4275,130 @@ def test_a_frozen_feed_is_announced_as_stale_then_live_again(tmp_path, fast_feed
         while (status := json.loads(ws.recv_until('42["feed_status"')[2:])[1])["state"] != "live":
             pass
         assert status["reason"] is None
+
+
+@contextlib.asynccontextmanager
+async def sio_client(port: int, **connect_kw: Any):
+    """A python-socketio AsyncClient (SioEvents) connected over WebSocket to 127.0.0.1:port."""
+    sio = SioEvents(reconnection=False)
+    await sio.client.connect(f"http://127.0.0.1:{port}", transports=["websocket"], wait_timeout=5, **connect_kw)
+    try:
+        yield sio
+    finally:
+        await sio.client.disconnect()
+
+
+def sent_requests(fake: FakeBinance) -> list[tuple[str, list[str]]]:
+    """(method, params) of every request the product sent the fake exchange, in order."""
+    return [(r["method"], r["params"]) for c in fake.connections for r in map(json.loads, c.received)]
+
+
+def test_an_allowed_client_adds_and_removes_feed_symbols_checked_against_exchange_info(tmp_path, fast_feed, monkeypatch):
+    monkeypatch.setattr(bs, "FEED_REQUEST_SPACING_S", 0.05)
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            fake.listed["SOLUSDT"] = "BREAK"
+            cfg = make_cfg(tmp_path, fake.base_url, feed_edit_allowed=True, feed_max_symbols=3)
+            async with serving(cfg) as srv, sio_client(srv.port) as sio:
+                await fake.wait_for_subscribed("btcusdt")
+                assert await sio.next("welcome") == {"message": "Welcome to BBO Stream", "feedEdit": True,
+                                                     "maxFeedSymbols": 3}
+                add = lambda symbol: sio.client.call("feed_add_symbol", {"symbol": symbol}, timeout=5)
+                remove = lambda symbol: sio.client.call("feed_remove_symbol", {"symbol": symbol}, timeout=5)
+                assert await add("ethusdt") == {"ok": True, "symbols": ["BTCUSDT", "ETHUSDT"]}
+                assert sent_requests(fake) == [("SUBSCRIBE", ["ethusdt@bookTicker"])]   # on the open connection
+                assert fake.total_connections == 1
+                status = await sio.next("feed_status")
+                while "ETHUSDT" not in status["symbols"]:
+                    status = await sio.next("feed_status")
+                assert status["symbols"]["ETHUSDT"]["state"] == "waiting"
+                payload = fake.send_bbo("ethusdt", "2000.01", "3", "2000.02", "10.0")
+                while (update := await sio.next("bbo_update"))["symbol"] != "ETHUSDT":
+                    pass
+                assert_update_is(update, payload)
+                assert await add("NOPEUSDT") == {"error": "NOPEUSDT is not listed on futures"}
+                assert await add("solusdt") == {"error": "SOLUSDT is BREAK on futures, not TRADING"}
+                assert await add("ETHUSDT") == {"error": "ETHUSDT is already streamed"}
+                assert await add("bnbusdt") == {"ok": True, "symbols": ["BTCUSDT", "ETHUSDT", "BNBUSDT"]}
+                assert await add("xrpusdt") == {"error": "the feed has 3 symbols, the most FEED_MAX_SYMBOLS allows"}
+                assert fake.rest_requests == ["/fapi/v1/exchangeInfo"]                   # kept a while
+                assert await add("BTC USDT") == {"error": 'expected {"symbol": "ETHUSDT"}: 1 to 32 letters, digits or _'}
+                assert await remove("ethusdt") == {"ok": True, "symbols": ["BTCUSDT", "BNBUSDT"]}
+                assert await remove("ethusdt") == {"error": "ETHUSDT is not streamed"}
+                assert sent_requests(fake)[-1] == ("UNSUBSCRIBE", ["ethusdt@bookTicker"])
+                assert fake.subscribers("ethusdt") == [] and len(fake.subscribers("bnbusdt")) == 1
+                assert list((await srv.get_json("/healthz"))["feed"]["symbols"]) == ["BTCUSDT", "BNBUSDT"]
+                await fake.drop_all()                      # a reconnect asks for the new list in its URL
+                assert fake.connections == []
+                [conn] = await fake.wait_for_subscribed("bnbusdt")
+                assert conn.path == "/stream?streams=btcusdt@bookTicker/bnbusdt@bookTicker"
+    run(scenario(), 20)
+
+
+def test_feed_symbols_are_remembered_across_restarts_until_symbol_changes(tmp_path, fast_feed, monkeypatch):
+    monkeypatch.setattr(bs, "FEED_REQUEST_SPACING_S", 0.05)
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            cfg = make_cfg(tmp_path, fake.base_url, feed_edit_allowed=True, cache_persist=True)
+            async with serving(cfg) as srv, sio_client(srv.port) as sio:
+                await fake.wait_for_subscribed("btcusdt")
+                assert (await sio.client.call("feed_add_symbol", {"symbol": "ETHUSDT"}, timeout=5))["ok"]
+            saved = json.loads((tmp_path / "cache" / bs.FEED_SYMBOLS_FILE).read_text())
+            assert saved == {"base": ["BTCUSDT"], "symbols": ["BTCUSDT", "ETHUSDT"]}
+            async with serving(cfg) as srv:                          # the same SYMBOL: the list as changed
+                [conn] = await fake.wait_for_subscribed("ethusdt")
+                assert conn.path == "/stream?streams=btcusdt@bookTicker/ethusdt@bookTicker"
+                assert list(srv.status()["symbols"]) == ["BTCUSDT", "ETHUSDT"]
+            await fake.wait_for_connections(0)
+            async with serving(dataclasses.replace(cfg, symbol=("BNBUSDT",))) as srv:  # SYMBOL changed: it wins
+                [conn] = await fake.wait_for_subscribed("bnbusdt")
+                assert conn.path == "/ws/bnbusdt@bookTicker" and list(srv.status()["symbols"]) == ["BNBUSDT"]
+    run(scenario(), 20)
+
+
+def test_a_symbol_added_beyond_a_connections_share_opens_a_connection_and_removing_it_closes_it(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            cfg = make_cfg(tmp_path, fake.base_url, feed_edit_allowed=True, feed_streams_per_connection=1)
+            async with serving(cfg) as srv, sio_client(srv.port) as sio:
+                await fake.wait_for_subscribed("btcusdt")
+                assert (await sio.client.call("feed_add_symbol", {"symbol": "ETHUSDT"}, timeout=5))["ok"]
+                [conn] = await fake.wait_for_subscribed("ethusdt")
+                assert conn.path == "/ws/ethusdt@bookTicker" and len(fake.connections) == 2
+                await Fed(fake, srv).send("ethusdt", "2000.01", "3", "2000.02", "10.0")
+                assert (await sio.client.call("feed_remove_symbol", {"symbol": "ETHUSDT"}, timeout=5))["ok"]
+                [left] = await fake.wait_for_connections(1)
+                assert left.path == "/ws/btcusdt@bookTicker" and len(srv.app.feed.shards) == 1
+                assert (await sio.client.call("feed_remove_symbol", {"symbol": "BTCUSDT"}, timeout=5)) == {
+                    "error": "the feed needs at least one symbol"}
+    run(scenario(), 20)
+
+
+@pytest.mark.parametrize("settings, allowed", [({}, False), ({"feed_edit_allowed": True}, True),
+                                               ({"auth_token": "s3cret"}, True)])
+def test_feed_edit_needs_the_token_or_the_setting(tmp_path, settings, allowed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            async with serving(make_cfg(tmp_path, fake.base_url, **settings)) as srv:
+                auth = {"auth": {"token": settings["auth_token"]}} if "auth_token" in settings else {}
+                async with sio_client(srv.port, **auth) as sio:
+                    assert (await sio.next("welcome"))["feedEdit"] is allowed
+                    ack = await sio.client.call("feed_remove_symbol", {"symbol": "BTCUSDT"}, timeout=5)
+                    assert ack == ({"error": "the feed needs at least one symbol"} if allowed else {
+                        "error": "changing the feed's symbols is off: it needs AUTH_TOKEN (clients then connect "
+                                 "with it) or FEED_EDIT_ALLOWED=true"})
+    run(scenario())
+
+
+def test_remembered_symbols_load_only_when_whole_and_from_the_same_symbol_setting(tmp_path):
+    path = tmp_path / bs.FEED_SYMBOLS_FILE
+    assert bs.load_feed_symbols(path, ("BTCUSDT",)) == ("BTCUSDT",)                  # no file yet
+    bs.save_feed_symbols(path, ("BTCUSDT",), ["BTCUSDT", "ETHUSDT"])
+    assert bs.load_feed_symbols(path, ("BTCUSDT",)) == ("BTCUSDT", "ETHUSDT")
+    assert bs.load_feed_symbols(path, ("BNBUSDT",)) == ("BNBUSDT",)                  # SYMBOL changed since
+    for bad in ('{"base":["BTCUSDT"],"symbols":[]}', '{"base":["BTCUSDT"],"symbols":["eth usdt"]}', "{", "[]"):
+        path.write_text(bad)
+        assert bs.load_feed_symbols(path, ("BTCUSDT",)) == ("BTCUSDT",)
 
 
 # ---- §15 Socket.IO server -----------------------------------------------------------------------
@@ -4506,7 +4630,7 @@ const { Server } = require("socket.io");
 const http = require("http").createServer();
 const io = new Server(http, { pingInterval: 25000, pingTimeout: 20000, maxHttpBufferSize: 1e6, cors: { origin: "*" } });
 io.on("connection", (socket) => {
-  socket.emit("welcome", { message: "Welcome to BBO Stream" });
+  socket.emit("welcome", { message: "Welcome to BBO Stream", feedEdit: false, maxFeedSymbols: 50 });
   socket.emit("feed_status", { state: "live" });
   socket.on("ping", (...args) => {
     const pong = { time: Date.now() };
@@ -4673,7 +4797,7 @@ def test_polling_handshake_post_and_session_errors(tmp_path):
         status, _, body = raw.request("GET", eio_path(sid))
         connect, welcome, feed = body.decode().split("\x1e")
         assert re.fullmatch(r'40\{"sid":"[\w-]{20}"\}', connect) and connect[9:29] != sid
-        assert welcome == '42["welcome",{"message":"Welcome to BBO Stream"}]'
+        assert welcome == '42["welcome",{"message":"Welcome to BBO Stream","feedEdit":false,"maxFeedSymbols":50}]'
         assert feed.startswith('42["feed_status",{"state":')
         raw.request("POST", eio_path(sid), b'4212["ping"]')
         _, _, body = raw.request("GET", eio_path(sid))
@@ -5862,7 +5986,7 @@ def client_session(srv: LiveServer, client: Any) -> None:
     client.connect()
     expected = "polling" if client.mode == "polling" else "websocket"
     assert client.transport() == expected
-    assert client.inbox.nth("welcome") == {"message": "Welcome to BBO Stream"}
+    assert client.inbox.nth("welcome") == {"message": "Welcome to BBO Stream", "feedEdit": False, "maxFeedSymbols": 50}
     status = client.inbox.nth("feed_status")
     assert (status["state"], status["reason"], status["messages"]) == ("live", None, 2)
     assert set(status) == set(srv.get_json("/healthz")["feed"])
@@ -6076,7 +6200,7 @@ def test_python_client_is_refused_without_the_token_and_gets_updates_with_it(tmp
             assert not client.inbox.of("welcome")
         client = srv.keep(PyClient(srv.url, mode))
         client.connect(auth={"token": TOKEN})
-        assert client.inbox.nth("welcome") == {"message": "Welcome to BBO Stream"}
+        assert client.inbox.nth("welcome") == {"message": "Welcome to BBO Stream", "feedEdit": True, "maxFeedSymbols": 50}
         srv.wait(lambda: srv.app.hub.stats()["clients"] == 1, "the client on the hub")
         sent = srv.send("btcusdt", "28750.11", "0.00000000", "28750.12", "7")
         assert_update_is(client.inbox.nth("bbo_update"), sent)
@@ -6936,7 +7060,7 @@ def test_python_socketio_client_through_nginx(stack, mode, scheme):
         sio = SioEvents(reconnection=False, ssl_verify=False)
         await sio.client.connect(stack.url(scheme), transports=TRANSPORTS[mode], wait_timeout=5)
         try:
-            assert await sio.next("welcome") == {"message": "Welcome to BBO Stream"}
+            assert await sio.next("welcome") == {"message": "Welcome to BBO Stream", "feedEdit": False, "maxFeedSymbols": 50}
             assert (await sio.next("feed_status"))["state"] == "live"
             update = await sio.next("bbo_update")
             assert update["symbol"] in ("BTCUSDT", "ETHUSDT") and set(update) >= {"bidPrice", "askPrice", "updateId"}
