@@ -7823,7 +7823,7 @@ class DashExchange(FakeBinanceThread):
         delivered = not self.fake.stalled and bool(self.fake.subscribers(sym))
         payload = self.fake.send_bbo(sym, bid, bid_qty, ask, ask_qty)
         if delivered:
-            self.sent[sym].append(payload)
+            self.sent.setdefault(sym, []).append(payload)
         return payload if delivered else None
 
     def send(self, symbol: str, bid: str, bid_qty: str, ask: str, ask_qty: str) -> dict[str, Any]:
@@ -9060,3 +9060,41 @@ def test_dashboard_history_shows_the_latency_legs_of_the_range(dash_open: Any) -
         want = [_dash_fmt_ms(leg[k]) if leg[k] is not None else "—" for k in ("p50", "p90", "p99", "max")]
         assert cells[1:5] == want and cells[5] == f"{leg['count']:,}", (key, cells, leg)
     assert legs["serverInternal"]["count"] > 0
+
+
+def test_dashboard_adds_and_removes_feed_symbols_only_when_the_server_allows_it(
+        dash_open: Any, dash_server: DashServer, tmp_path: Path) -> None:
+    pg = dash_open()                                   # the shared server: FEED_EDIT_ALLOWED is off
+    pg.wait_connected()
+    pg.wait_js("() => bboDebug.state.welcome && bboDebug.state.welcome.feedEdit === false")
+    assert pg.page.is_hidden("#feed-edit")
+    ex = dash_server.exchange
+    server = DashServer(ex, tmp_path / "cache", ("--feed-edit-allowed", "true", "--exchange-rest-url", ex.fake.rest_url))
+    try:
+        server.wait_feed("live")
+        pg = dash_open(base_url=server.url)
+        pg.wait_connected()
+        pg.page.wait_for_selector("#feed-edit", state="visible")
+        listed = "() => [...document.querySelectorAll('#feed-symbols li span')].map(s => s.textContent).join(',')"
+        pg.wait_js(f"() => ({listed})() === 'BTCUSDT,ETHUSDT'")
+        pg.page.fill("#feed-add-symbol", "solusdt")
+        pg.page.click("#feed-add-btn")
+        pg.wait_js(f"() => ({listed})() === 'BTCUSDT,ETHUSDT,SOLUSDT'")
+        assert pg.page.input_value("#feed-add-symbol") == "" and pg.page.is_hidden("#feed-edit-error")
+        ex.run(ex.fake.wait_for_subscribed("solusdt", timeout=10))
+        sol = ("101.25", "3.00000000", "101.26", "4.00000000")
+        ex.send("SOLUSDT", *sol)
+        pg.page.click("#symbol-tabs [data-symbol=SOLUSDT]")
+        pg.wait_bbo(*sol)
+        # a symbol the exchange does not list: the server's reason, nothing changed
+        pg.page.fill("#feed-add-symbol", "NOPEUSDT")
+        pg.page.click("#feed-add-btn")
+        pg.wait_js("() => !document.getElementById('feed-edit-error').hidden")
+        assert pg.text("#feed-edit-error").startswith("Adding NOPEUSDT: "), pg.text("#feed-edit-error")
+        assert pg.js(listed) == "BTCUSDT,ETHUSDT,SOLUSDT"
+        pg.page.click("#feed-symbols [data-remove=SOLUSDT]")
+        pg.wait_js(f"() => ({listed})() === 'BTCUSDT,ETHUSDT'")
+        pg.wait_js("() => !document.querySelector('#symbol-tabs [data-symbol=SOLUSDT]')")
+        assert "SOLUSDT" not in server.get_json("/healthz")["feed"]["symbols"]
+    finally:
+        server.stop()
