@@ -9086,6 +9086,8 @@ def test_dashboard_adds_and_removes_feed_symbols_only_when_the_server_allows_it(
         ex.send("SOLUSDT", *sol)
         pg.page.click("#symbol-tabs [data-symbol=SOLUSDT]")
         pg.wait_bbo(*sol)
+        DASH_ARTIFACTS.mkdir(exist_ok=True)
+        pg.page.locator(".stats-card").screenshot(path=str(DASH_ARTIFACTS / "dashboard-feed-edit.png"))
         # a symbol the exchange does not list: the server's reason, nothing changed
         pg.page.fill("#feed-add-symbol", "NOPEUSDT")
         pg.page.click("#feed-add-btn")
