@@ -6211,6 +6211,31 @@ def test_a_client_over_its_message_budget_is_disconnected_and_the_others_are_not
         assert srv.metric("bbo_eio_rate_disconnects_total") == 1
 
 
+def test_a_flooder_is_cut_after_one_small_read_and_what_it_sent_after_is_never_parsed(tmp_path, monkeypatch):
+    # 200 ping flooders arriving together stalled the loop for seconds: each read parsed 64 KiB
+    # (~3,600 frames at ~4 µs), and after the cut the stream's buffered bytes were parsed too.
+    parsed: dict[int, int] = {}
+    receive = bs.WsLink.receive
+
+    def spy(self: bs.WsLink, data: bytes) -> list[str | bytes]:
+        parsed[id(self)] = parsed.get(id(self), 0) + len(data)
+        return receive(self, data)
+    monkeypatch.setattr(bs.WsLink, "receive", spy)
+    with LiveServer(tmp_path, max_client_messages_per_s=50) as srv:   # a burst of 100
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        other = srv.joined_ws()
+        other.recv_until('42["feed_status"')
+        flooder = srv.joined_ws()
+        link_id = srv.call(lambda: id(list(srv.app.eio.connections.values())[-1].ws))
+        before = parsed.get(link_id, 0)
+        with contextlib.suppress(OSError):                     # the server hangs up on us
+            flooder.sock.sendall(_masked(0x9, b"p" * 12) * 20_000)   # 360 KB of pings in one go
+        srv.wait_sessions(1)
+        assert parsed[link_id] - before <= 4096, parsed[link_id] - before   # one read (README: 4 KiB at a time)
+        update = srv.send("btcusdt", "1.01", "1", "1.10", "1")
+        assert_update_is(json.loads(other.recv_until('42["bbo_update"')[2:])[1], update)
+
+
 def test_attachments_that_stop_coming_or_grow_too_large_cut_the_client(tmp_path, monkeypatch):
     monkeypatch.setattr(bs, "SIO_ATTACHMENT_TIMEOUT_S", 0.3)
     with LiveServer(tmp_path, max_payload_bytes=4096) as srv:
