@@ -2230,6 +2230,21 @@ def test_eio_payload_yields_packets_before_the_bad_one():
     assert got == ["a", "b"]
 
 
+def test_a_bad_packet_first_in_a_large_body_costs_nothing_for_the_rest():
+    # A flood of 1 MB POSTs of tiny bad packets: each body was split into 70,000 strings before
+    # its first packet was found bad.
+    import tracemalloc
+    body = ("9bad\x1e" * 200_000)[:1_000_000]
+    tracemalloc.start()
+    try:
+        with pytest.raises(bs.EioProtocolError):
+            next(bs.iter_eio_payload(body))
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak_bytes < 64 * 1024, peak_bytes
+
+
 # ---- §9 Socket.IO v5 codec -------------------------------------------------------------------
 # Pure: golden strings as node's socket.io-parser writes them, and the reference's quirks.
 
