@@ -197,6 +197,8 @@ PERSIST_ERROR_LOG_INTERVAL_S = 60.0  # a full disk is logged once a minute, not 
 
 # --- HTTP server --------------------------------------------------------------
 MAX_HEAD_BYTES = 16 * 1024           # h11's default; node allows 16 KiB of headers too  → 431
+CONN_RECV_BYTES = 16 * 1024          # one recv on a plain connection: asyncio's 256 KiB let each sender park
+                                     # 256 KiB in its stream before reading paused (50 MB over 200 senders)
 MAX_TARGET_BYTES = 8 * 1024          # aiohttp's and nginx's request-line size             → 414
 MAX_HEADERS = 100                    # websockets and aiohttp allow 128; browsers send ~20  → 431
 MAX_QUERY_FIELDS = 100               # our endpoints take ≤ 6 parameters; bounds parse_qs work → 400
@@ -236,9 +238,11 @@ WS_CLOSE_TIMEOUT_S = 10.0        # the peer's time to finish the closing handsha
 WS_SNDBUF_BYTES = 128 * 1024     # a WebSocket client's kernel send buffer (Linux doubles it); left to autotune, it
                                  # grows to MiBs that hide a client that stopped reading for 30 s before
                                  # WS_WRITE_TIMEOUT_S starts counting; 256 KiB still carries 1 MB/s at 250 ms RTT
-HELD_BYTES_LIMIT = 32 * 1024 * 1024  # unfinished client messages (partial frames, waiting attachments, POST bodies
+HELD_BYTES_LIMIT = 16 * 1024 * 1024  # unfinished client messages (partial frames, waiting attachments, POST bodies
                                      # being read) held at once across all clients, beyond each one's free share:
                                      # MAX_PAYLOAD bounds one message, this bounds what many half-sent ones pin
+                                     # (each held MiB costs 3-4 MiB of RSS in copies on the way); clients of
+                                     # this server send small events, so 16 messages of 1 MB at once is plenty
 HELD_FREE_BYTES = 16 * 1024      # what one holder may hold without the shared budget: events, acks and polling
                                  # batches are far smaller, so only large messages ever wait on it
 FANOUT_PARALLEL_MIN_LINKS = 128  # fewer WebSocket clients than this: a thread hand-off (~50 µs) costs more than it saves
@@ -5856,6 +5860,8 @@ class HttpServer:
             transport, _ = await loop.connect_accepted_socket(
                 lambda: protocol, conn, ssl=self.ssl_ctx if use_tls else None,
                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S if use_tls else None)
+            if not use_tls and isinstance(getattr(transport, "max_size", None), int):
+                transport.max_size = CONN_RECV_BYTES
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             await self.serve_connection(reader, writer, peer, accepted_at)
         except (asyncio.TimeoutError, TimeoutError, ConnectionError, ssl.SSLError, OSError) as exc:
