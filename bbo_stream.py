@@ -61,7 +61,8 @@ plain functions, run on the event loop, that must not block::
     @sio.on("echo")                    # namespace="/" by default; any other name creates it
     def echo(sock, *args):             # sock: SioSocket; args: the event's JSON arguments
         return args                    # the return value is the ack: None -> [], tuple -> its items,
-                                       # anything else -> [value]; sent only if the client asked
+                                       # anything else -> [value]; sent only if the client asked;
+                                       # a coroutine runs as a task and its result is the ack
     @sio.on_connect()                  # handler(sock, auth); raise SioConnectRefused(msg, data)
     @sio.on_disconnect()               # handler(sock, reason)
 
@@ -173,6 +174,24 @@ FEED_CLOSE_TIMEOUT_S = 2.0           # closing handshake with the exchange; a re
 FEED_MAX_QUEUE_MESSAGES = 256        # frames websockets buffers before it stops reading the socket
 MAX_SYMBOLS = 5_000                  # above Binance's 1024 streams/connection × a few shards; bounds maps
 MAX_SYMBOL_CHARS = 32                # Binance's longest symbols have under 20; bounds names on disk and per client
+SUSPECT_FLOOR_MS = 1_000             # a symbol is `suspect` after at least this much silence...
+SUSPECT_GAP_FACTOR = 5               # ...or this many times its median gap between updates, if longer
+SUSPECT_WINDOW_MS = 60_000           # the median gap is taken over the minute before the symbol's last update
+SUSPECT_RECOMPUTE_MS = 10_000        # a symbol's rate changes slowly: its median gap is recomputed at most this often
+
+# --- Exchange REST (clock offset, symbol validation) ------------------------
+CLOCK_SAMPLES_PER_ROUND = 5          # serverTime requests per check; the shortest round trip is kept (NTP's rule)
+CLOCK_RETRY_S = 30.0                 # a failed check is tried again after this, not after the whole interval
+CLOCK_TRUNCATION_MS = 1.0            # exchange times are whole ms, cut down: each reads up to 1 ms early
+CLOCK_FLOOR_WINDOW_MS = 300_000      # the floor of recv - E is the minimum over the last five minutes...
+CLOCK_FLOOR_BUCKET_MS = 10_000       # ...kept as one minimum per 10 s (30 numbers, whatever the rate)
+CLOCK_HISTORY_MAX = 10_000           # REST estimates kept to correct older rows (one per 5 min: 35 days)
+REST_TIMEOUT_S = 10.0                # one REST request: connect, TLS, answer (exchangeInfo is a few MB)
+REST_MAX_HEAD_BYTES = 64 * 1024      # a response head; Binance's are ~1 KB
+REST_MAX_BODY_BYTES = 32 * 1024 * 1024  # futures exchangeInfo (every symbol with its filters) is a few MB
+EXCHANGE_INFO_TTL_S = 300.0          # listings change rarely: exchangeInfo is fetched again after five minutes
+FEED_REQUEST_SPACING_S = 0.25        # SUBSCRIBE/UNSUBSCRIBE at most 4 a second: Binance answers only part of a
+                                     # burst (requests ≥ 200 ms apart are all answered)
 
 # --- History cache ----------------------------------------------------------
 RING_INITIAL_ROWS = 64               # rings grow lazily: 500 symbols must not reserve 32 GB up front
@@ -188,10 +207,12 @@ MAX_DIGITS = 17                      # digits of a price/qty: mantissa·32+decim
 INT32_NULL = -(2**31)                # sentinel for a missing latency / transaction time in int32 columns
 INT64_MAX = 2**63 - 1                # update ids and times live in int64 columns
 MAX_SKEW_MS = 2**31 - 1              # |recv - E| and |E - T| fit the int32 columns (24.8 days)
+INT16_NULL = -(2**15)                # sentinel for a missing emit time in its int16 column (2 bytes a row:
+MAX_EMIT_DELAY_MS = 2**15 - 1        # the 64 B/update goal); a pass 32.767 s or more after receipt is stored as that
 
 # --- Persistence ------------------------------------------------------------
 SEGMENT_ROWS = 8_192                 # one compaction json.dumps of 8 k rows holds the GIL ~15 ms (< 50 ms goal)
-CACHE_SCHEMA_VERSION = 1             # bumped when the on-disk column layout changes (older ones are migrated)
+CACHE_SCHEMA_VERSION = 2             # bumped when the on-disk column layout changes (older ones are migrated)
 CACHE_MAX_FILE_BYTES = 8 * 1024 * 1024  # the largest file written, a segment of SEGMENT_ROWS bars, is ~1.8 MB
 PERSIST_ERROR_LOG_INTERVAL_S = 60.0  # a full disk is logged once a minute, not once per flush
 
@@ -375,6 +396,11 @@ MARKET_DEFAULT_URLS = {
     "coinm": "wss://dstream.binance.com/ws",
 }
 
+# REST: serverTime (clock offset) and exchangeInfo (symbol checks) on each market's own host.
+MARKET_REST_URLS = {"futures": "https://fapi.binance.com", "spot": "https://api.binance.com",
+                    "coinm": "https://dapi.binance.com"}
+MARKET_REST_PREFIXES = {"futures": "/fapi/v1", "spot": "/api/v3", "coinm": "/dapi/v1"}
+
 _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 _FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 # Binance symbols are letters, digits and `_` (COIN-M "BTCUSD_PERP"); spot allows UTF-8
@@ -465,6 +491,16 @@ def _parse_ws_url(text: str) -> str:
     return value.rstrip("/")
 
 
+def _parse_http_url(text: str) -> str:
+    value = text.strip()
+    if not value:
+        return ""  # empty: the MARKET's default
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError("expected an http:// or https:// URL without a query")
+    return value.rstrip("/")
+
+
 def _parse_origins(text: str) -> tuple[str, ...]:
     origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
     if not origins:
@@ -537,6 +573,17 @@ SETTINGS: tuple[Setting, ...] = (
             "this long after subscribing is reported"),
     Setting("FEED_ROTATE_HOURS", "23.5", _float_in(0.0003, 23.9), "Reconnect proactively (make-before-break) before Binance's 24 h cut"),
     Setting("FEED_STREAMS_PER_CONNECTION", "200", _int_in(1, FEED_MAX_STREAMS_PER_CONNECTION), "Symbols per Binance connection; more symbols use more connections"),
+    Setting("FEED_EDIT_ALLOWED", "false", _parse_bool, "Let every dashboard add and remove feed symbols (Socket.IO "
+            "feed_add_symbol / feed_remove_symbol); with AUTH_TOKEN set, authenticated clients may anyway"),
+    Setting("FEED_MAX_SYMBOLS", "50", _int_in(1, MAX_SYMBOLS), "Symbols the feed may have once clients add some "
+            "(the SYMBOL list itself may be longer)"),
+    Setting("EXCHANGE_REST_URL", "", _parse_http_url, "Binance REST base URL, for serverTime (clock offset) and "
+            "exchangeInfo (symbols added from the dashboard); empty = the MARKET's default (futures "
+            "https://fapi.binance.com, spot https://api.binance.com, coinm https://dapi.binance.com)"),
+    Setting("CLOCK_CHECK_MINUTES", "5", _float_in(0, 1440), "Minutes between measurements of the local clock against "
+            "the exchange's (REST serverTime); 0 = never (then only the floor of recv - E estimates it)"),
+    Setting("CLOCK_MAX_OFFSET_MS", "100", _float_in(0, 86_400_000), "Warn (log, /healthz, dashboard) when the local "
+            "clock is off the exchange's by more than this many ms beyond the estimate's uncertainty"),
     Setting("DEBUG", "false", _parse_bool, "Debug logging"),
     Setting("LOG_TO_FILE", "false", _parse_bool, "Also log to rotating files in LOG_DIR"),
     Setting("LOG_DIR", "logs", _parse_text, "Directory for log files"),
@@ -589,6 +636,11 @@ class Config:
     feed_stale_seconds: float = 60.0
     feed_rotate_hours: float = 23.5
     feed_streams_per_connection: int = 200
+    feed_edit_allowed: bool = False
+    feed_max_symbols: int = 50
+    exchange_rest_url: str = ""
+    clock_check_minutes: float = 5.0
+    clock_max_offset_ms: float = 100.0
     debug: bool = False
     log_to_file: bool = False
     log_dir: str = "logs"
@@ -625,6 +677,10 @@ class Config:
     @property
     def feed_base_url(self) -> str:
         return self.websocket_base_url or MARKET_DEFAULT_URLS[self.market]
+
+    @property
+    def rest_base_url(self) -> str:
+        return self.exchange_rest_url or MARKET_REST_URLS[self.market]
 
     @property
     def bars_capacity(self) -> int:
@@ -724,23 +780,35 @@ class Bbo(NamedTuple):
     latency_ms: int | None      # "backendLatency" = recv_ms - E; None where there is no E
     transaction_ms: int | None  # "transactionTime" = T; None where there is no T
     update_id: int              # "updateId" = u
+    emit_ms: int | None = None  # "emitTimestamp": when the fan-out wrote it to clients; None until then
 
 
 # Public field names, in payload order: REST rows, Socket.IO bbo_update, CSV and disk use these.
 BBO_KEYS = ("symbol", "bidPrice", "bidQty", "askPrice", "askQty", "timestamp",
-            "serverTimestamp", "backendLatency", "updateId", "transactionTime")
+            "serverTimestamp", "backendLatency", "updateId", "transactionTime", "emitTimestamp")
 
 
 def _json_int(value: int | None) -> str:
     return "null" if value is None else str(value)
 
 
-def bbo_json(bbo: Bbo) -> str:
-    """Compact JSON object of an update with the public keys (encoded once, sent to all)."""
+def bbo_json_head(bbo: Bbo) -> str:
+    """bbo_json up to its last key: the fan-out encodes this once per update at publish and
+    appends the emit time, the same for the whole write pass, when it writes (emit_suffix)."""
     return (f'{{"symbol":"{bbo.symbol}","bidPrice":"{bbo.bid_price}","bidQty":"{bbo.bid_qty}",'
             f'"askPrice":"{bbo.ask_price}","askQty":"{bbo.ask_qty}","timestamp":{bbo.event_ms},'
             f'"serverTimestamp":{bbo.recv_ms},"backendLatency":{_json_int(bbo.latency_ms)},'
-            f'"updateId":{bbo.update_id},"transactionTime":{_json_int(bbo.transaction_ms)}}}')
+            f'"updateId":{bbo.update_id},"transactionTime":{_json_int(bbo.transaction_ms)}')
+
+
+def emit_suffix(emit_ms: int | None) -> str:
+    """The rest of bbo_json after bbo_json_head: the emit time and the closing brace."""
+    return f',"emitTimestamp":{_json_int(emit_ms)}}}'
+
+
+def bbo_json(bbo: Bbo) -> str:
+    """Compact JSON object of an update with the public keys (encoded once, sent to all)."""
+    return bbo_json_head(bbo) + emit_suffix(bbo.emit_ms)
 
 
 class FeedAck(NamedTuple):
@@ -837,7 +905,7 @@ def parse_book_ticker(payload: dict, recv_ms: int) -> Bbo:
     if event_ms is None:
         if transaction_ms is not None:
             raise FeedMessageError("bad field E", "T without E")
-        return _new_bbo(Bbo, (symbol, bid, bid_qty, ask, ask_qty, recv_ms, recv_ms, None, None, update_id))
+        return _new_bbo(Bbo, (symbol, bid, bid_qty, ask, ask_qty, recv_ms, recv_ms, None, None, update_id, None))
     if type(event_ms) is not int or not 0 <= event_ms <= INT64_MAX:
         raise _bad_int(payload, "E")
     if transaction_ms is not None and (type(transaction_ms) is not int or not 0 <= transaction_ms <= INT64_MAX):
@@ -846,7 +914,8 @@ def parse_book_ticker(payload: dict, recv_ms: int) -> Bbo:
     if latency > MAX_SKEW_MS or latency < -MAX_SKEW_MS or (
             transaction_ms is not None and abs(event_ms - transaction_ms) > MAX_SKEW_MS):
         raise FeedMessageError("bad field E", f"E={event_ms} T={transaction_ms} are over 24 days from the local clock")
-    return _new_bbo(Bbo, (symbol, bid, bid_qty, ask, ask_qty, event_ms, recv_ms, latency, transaction_ms, update_id))
+    return _new_bbo(Bbo, (symbol, bid, bid_qty, ask, ask_qty, event_ms, recv_ms, latency, transaction_ms, update_id,
+                          None))
 
 
 _json_scan = json.JSONDecoder().scan_once  # the C scanner json.loads uses
@@ -1072,6 +1141,17 @@ class ShardHealth:
         }
 
 
+def symbol_state(last_ms: int | None, now_ms: int, suspect_after_ms: int, stale_ms: int) -> str:
+    """A symbol's state in the feed status: `waiting` (no data yet), `live`, `suspect` (silent for
+    ``suspect_after_ms``: longer than its own rate explains) or `quiet` (silent for FEED_STALE_SECONDS)."""
+    if last_ms is None:
+        return "waiting"
+    age = now_ms - last_ms
+    if age >= stale_ms:
+        return "quiet"
+    return "suspect" if age >= suspect_after_ms else "live"
+
+
 # Order in which shard states summarise the whole feed: the best one wins.
 _STATE_RANK = {FeedState.LIVE: 0, FeedState.CONNECTING: 1, FeedState.STALE: 2,
                FeedState.BACKOFF: 3, FeedState.FAILED: 4, FeedState.STOPPED: 5}
@@ -1083,19 +1163,123 @@ def shard_name(shard: ShardHealth) -> str:
     return names + (f"+{len(shard.symbols) - 3}" if len(shard.symbols) > 3 else "")
 
 
+# -- clock offset: the local clock against the exchange's --------------------------------------
+
+class ClockEstimate(NamedTuple):
+    offset_ms: float        # local clock minus exchange clock: positive = the local clock is ahead
+    uncertainty_ms: float   # the true offset lies within offset_ms ± this
+    measured_at_ms: int     # local time of the measurement
+
+
+def rest_clock_sample(send_ms: float, recv_ms: float, server_ms: int) -> ClockEstimate:
+    """One answer of the exchange's REST serverTime → an offset estimate (Cristian's algorithm).
+
+    The exchange read its clock at some moment between our send and our receive (local ms, with
+    fractions): taking the middle errs by at most half the round trip, whatever the two directions'
+    share of it.  Its time is a whole ms, cut down: the true reading lies in [server_ms, server_ms + 1).
+    """
+    half_rtt = max(0.0, recv_ms - send_ms) / 2
+    offset = (send_ms + recv_ms) / 2 - (server_ms + CLOCK_TRUNCATION_MS / 2)
+    return ClockEstimate(offset, half_rtt + CLOCK_TRUNCATION_MS / 2, int(recv_ms))
+
+
+class ClockOffsetEstimator:
+    """The offset of the local clock against the exchange's, from two sources.
+
+    `rest`: rounds of REST serverTime requests (rest_clock_sample; of a round, the sample with the
+    shortest round trip).  `floor`: the minimum of recv - E over the last five minutes.  Every
+    update took some time ≥ 0 to arrive, so recv - E ≥ offset (less the 1 ms of truncation): the
+    floor bounds the offset from above, and is close to it when the fastest update's one-way trip
+    is short.  Subtracting half the WebSocket's ping round trip estimates that trip.
+
+    The REST estimate is published while the floor agrees with it; when the floor falls below what
+    the REST estimate allows (the local clock was stepped since the check), the floor's estimate is.
+    """
+
+    def __init__(self, max_offset_ms: float = 100.0) -> None:
+        self.max_offset_ms = max_offset_ms           # warn beyond this (CLOCK_MAX_OFFSET_MS)
+        self.rest: ClockEstimate | None = None       # the last REST round's best sample
+        self.rest_history: deque[tuple[int, float]] = deque(maxlen=CLOCK_HISTORY_MAX)  # (measured at, offset)
+        self.rest_error: str | None = None           # why the last REST round failed; None after a success
+        self.ws_rtt_ms: float | None = None          # the exchange WebSocket's last ping round trip
+        self._floor: deque[list[int]] = deque(maxlen=CLOCK_FLOOR_WINDOW_MS // CLOCK_FLOOR_BUCKET_MS + 1)
+
+    def add_rest_round(self, samples: Sequence[ClockEstimate]) -> ClockEstimate:
+        best = min(samples, key=lambda sample: sample.uncertainty_ms)
+        self.rest, self.rest_error = best, None
+        self.rest_history.append((best.measured_at_ms, best.offset_ms))
+        return best
+
+    def observe_floor(self, at_ms: int, min_latency_ms: int) -> None:
+        """The smallest recv - E of a batch of updates received up to ``at_ms``."""
+        bucket = at_ms - at_ms % CLOCK_FLOOR_BUCKET_MS
+        floor = self._floor
+        if floor and floor[-1][0] == bucket:
+            floor[-1][1] = min(floor[-1][1], min_latency_ms)
+        elif not floor or bucket > floor[-1][0]:
+            floor.append([bucket, min_latency_ms])
+
+    def floor_ms(self, now_ms: int) -> int | None:
+        """min(recv - E) over the last CLOCK_FLOOR_WINDOW_MS, or None without updates carrying E."""
+        since = now_ms - CLOCK_FLOOR_WINDOW_MS
+        values = [low for bucket, low in self._floor if bucket + CLOCK_FLOOR_BUCKET_MS > since]  # overlapping it
+        return min(values) if values else None
+
+    def current(self, now_ms: int) -> tuple[ClockEstimate | None, str | None]:
+        """The estimate to use and its source ("rest" or "floor"), or (None, None)."""
+        floor = self.floor_ms(now_ms)
+        rest = self.rest
+        if rest is not None and (floor is None or rest.offset_ms - rest.uncertainty_ms <= floor + CLOCK_TRUNCATION_MS):
+            return rest, "rest"
+        if floor is not None and self.ws_rtt_ms is not None:
+            half = self.ws_rtt_ms / 2
+            return ClockEstimate(floor - half, half + CLOCK_TRUNCATION_MS, now_ms), "floor"
+        return (rest, "rest") if rest is not None else (None, None)  # no one-way estimate to replace it with
+
+    def warning(self, estimate: ClockEstimate | None) -> str | None:
+        """A warning when the local clock is off by more than max_offset_ms for certain."""
+        if estimate is None or abs(estimate.offset_ms) - estimate.uncertainty_ms <= self.max_offset_ms:
+            return None
+        way = "ahead of" if estimate.offset_ms > 0 else "behind"
+        return (f"the local clock is {abs(estimate.offset_ms):.0f} ms (± {estimate.uncertainty_ms:.1f}) {way} the "
+                f"exchange's, more than CLOCK_MAX_OFFSET_MS ({self.max_offset_ms:g}); latencies are corrected by it, "
+                "but sync the clock (NTP)")
+
+    def status(self, now_ms: int) -> dict[str, Any]:
+        """The `clock` object of /healthz and feed_status (contract)."""
+        estimate, source = self.current(now_ms)
+        if estimate is None:
+            return {"offsetMs": None, "uncertaintyMs": None, "source": None, "measuredAt": None,
+                    "warning": None, "error": self.rest_error}
+        return {"offsetMs": round(estimate.offset_ms, 3), "uncertaintyMs": round(estimate.uncertainty_ms, 3),
+                "source": source, "measuredAt": estimate.measured_at_ms, "warning": self.warning(estimate),
+                "error": self.rest_error}
+
+    def offsets_at(self, times_ms: np.ndarray, now_ms: int) -> np.ndarray | None:
+        """The offset in effect at each of ``times_ms``: the REST estimate measured last before it
+        (the first one for older times); without any, the current estimate; None without that."""
+        if self.rest_history:
+            at = np.array([t for t, _ in self.rest_history], np.int64)
+            offsets = np.array([o for _, o in self.rest_history], np.float64)
+            return offsets[np.maximum(np.searchsorted(at, times_ms, "right") - 1, 0)]
+        estimate, _ = self.current(now_ms)
+        return None if estimate is None else np.full(len(times_ms), estimate.offset_ms)
+
+
 # ###########################################################################
 # §5 History cache (numpy rings, 1-second bars, queries, on-disk codec)
 # ###########################################################################
-# Owns: per-symbol history: dedupe by `u`, a raw ring (60 B/update), a ring of 1 s bars,
+# Owns: per-symbol history: dedupe by `u`, a raw ring (62 B/update), a ring of 1 s bars,
 # outages, range queries and latency statistics, and the JSON column codec used on disk.
 # Pure: no clock, no files.  Appends are batched (PENDING_FLUSH_ROWS) into numpy.
 
-# Raw ring columns: 8+4+4+8+4×8+4×1 = 60 bytes per update (goal ≤ 64).  Prices are exact:
+# Raw ring columns: 8+4+4+2+8+4×8+4×1 = 62 bytes per update (goal ≤ 64).  Prices are exact:
 # an int64 mantissa plus a uint8 count of decimals rebuilds Binance's string digit for digit.
 RAW_COLUMNS: dict[str, Any] = {
     "recv_ms": np.int64,        # serverTimestamp; sorted (the ring is searched by it)
     "latency_ms": np.int32,     # recv_ms - E (backendLatency); INT32_NULL = none (spot)
     "e_minus_t_ms": np.int32,   # E - T; INT32_NULL = no T
+    "emit_minus_recv_ms": np.int16,  # emitTimestamp - serverTimestamp; INT16_NULL = never written to clients
     "update_id": np.int64,      # u
     "bid_m": np.int64, "bid_qty_m": np.int64, "ask_m": np.int64, "ask_qty_m": np.int64,
     "bid_d": np.uint8, "bid_qty_d": np.uint8, "ask_d": np.uint8, "ask_qty_d": np.uint8,
@@ -1116,6 +1300,15 @@ BAR_COLUMNS: dict[str, Any] = {
 _POW10 = 10.0 ** np.arange(MAX_DIGITS + 1)
 # Upper bounds (ms) of the exchange→server latency histogram on /metrics (Prometheus `le`).
 LATENCY_BUCKETS_MS = np.array([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000], np.float64)
+# Upper bounds (ms) of the latency legs' histograms (REST and /metrics): log-spaced, six a decade
+# (1, 1.5, 2, 3, 5, 7), from 1 ms to 60 s; the first bucket, ≤ 0, takes what a clock offset makes negative.
+LEG_BOUNDS_MS = np.array([0, 1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200, 300, 500, 700,
+                          1000, 1500, 2000, 3000, 5000, 7000, 10_000, 15_000, 20_000, 30_000, 60_000], np.float64)
+# The legs of an update's way, in the order it travels them: (JSON name, /metrics label).
+LATENCY_LEGS = (("exchangeInternal", "exchange_internal"),     # E - T: matching engine → push
+                ("exchangeToServer", "exchange_to_server"),    # serverTimestamp - E, as the two clocks read
+                ("exchangeToServerCorrected", "exchange_to_server_corrected"),  # the same minus the clock offset
+                ("serverInternal", "server_internal"))         # emitTimestamp - serverTimestamp
 
 
 class ColumnRing:
@@ -1226,10 +1419,18 @@ def format_decimal(mantissa: int, decimals: int) -> str:
     return f"{digits[:-decimals]}.{digits[-decimals:]}"
 
 
-def bbos_to_columns(bbos: Sequence[Bbo]) -> dict[str, np.ndarray]:
-    """Batch of Bbo → raw ring columns (one transpose, then one numpy array per column)."""
-    (_, bids, bid_qtys, asks, ask_qtys, events, recvs, lats, txns, uids) = zip(*bbos)
+def bbos_to_columns(bbos: Sequence[Bbo], emits: Sequence[int] = ()) -> dict[str, np.ndarray]:
+    """Batch of Bbo → raw ring columns (one transpose, then one numpy array per column).
+
+    ``emits``: the emit times (ms) of the first ``len(emits)`` updates; the others have none yet.
+    """
+    (_, bids, bid_qtys, asks, ask_qtys, events, recvs, lats, txns, uids, _) = zip(*bbos)
     out: dict[str, np.ndarray] = {"recv_ms": np.array(recvs, np.int64), "update_id": np.array(uids, np.int64)}
+    emit_minus_recv = np.full(len(recvs), INT16_NULL, np.int16)
+    if emits:
+        emitted = np.array(emits, np.int64) - out["recv_ms"][:len(emits)]
+        emit_minus_recv[:len(emits)] = np.clip(emitted, -MAX_EMIT_DELAY_MS, MAX_EMIT_DELAY_MS)
+    out["emit_minus_recv_ms"] = emit_minus_recv
     if None in lats:
         lats = [INT32_NULL if v is None else v for v in lats]
     out["latency_ms"] = np.array(lats, np.int32)
@@ -1290,6 +1491,7 @@ def rows_to_bbos(cols: dict[str, np.ndarray], symbol: str) -> list[Bbo]:
     recv = cols["recv_ms"].tolist()
     lat = cols["latency_ms"].tolist()
     emt = cols["e_minus_t_ms"].tolist()
+    emr = cols["emit_minus_recv_ms"].tolist()
     uid = cols["update_id"].tolist()
     prices = [[format_decimal(m, d) for m, d in zip(cols[c + "_m"].tolist(), cols[c + "_d"].tolist())]
               for c, _ in _PRICE_FIELDS]
@@ -1298,7 +1500,8 @@ def rows_to_bbos(cols: dict[str, np.ndarray], symbol: str) -> list[Bbo]:
         event = r if lat[i] == INT32_NULL else r - lat[i]
         out.append(Bbo(symbol, prices[0][i], prices[1][i], prices[2][i], prices[3][i], event, r,
                        None if lat[i] == INT32_NULL else lat[i],
-                       None if emt[i] == INT32_NULL else event - emt[i], uid[i]))
+                       None if emt[i] == INT32_NULL else event - emt[i], uid[i],
+                       None if emr[i] == INT16_NULL else r + emr[i]))
     return out
 
 
@@ -1312,7 +1515,7 @@ def rows_to_csv(cols: dict[str, np.ndarray], symbol: str) -> str:
     lines = [",".join(BBO_KEYS)]
     for b in rows_to_bbos(cols, symbol):
         values = (b.symbol, b.bid_price, b.bid_qty, b.ask_price, b.ask_qty, b.event_ms, b.recv_ms,
-                  b.latency_ms, b.update_id, b.transaction_ms)  # BBO_KEYS order
+                  b.latency_ms, b.update_id, b.transaction_ms, b.emit_ms)  # BBO_KEYS order
         lines.append(",".join("" if v is None else str(v) for v in values))
     return "\r\n".join(lines) + "\r\n"
 
@@ -1356,15 +1559,50 @@ def latency_stats(values: np.ndarray, weights: np.ndarray | None = None) -> Late
                         round(float(v[-1]), 3))
 
 
+_LEG_BOUNDS_JSON = [int(b) if b == int(b) else b for b in LEG_BOUNDS_MS.tolist()]
+
+
+def leg_histogram(values: np.ndarray) -> np.ndarray:
+    """Counts of ``values`` (ms) per LEG_BOUNDS_MS bucket: ≤ bound, above the one before; the last
+    count is above the last bound."""
+    return np.bincount(np.searchsorted(LEG_BOUNDS_MS, values, "left"), minlength=len(LEG_BOUNDS_MS) + 1)
+
+
+def leg_summary(values: np.ndarray) -> dict[str, Any]:
+    """One latency leg of /api/history/latency: count, p50/p90/p99 (nearest rank), max and the
+    histogram (ms; nulls when there are no values)."""
+    out: dict[str, Any] = {"count": int(len(values)), "p50": None, "p90": None, "p99": None, "max": None}
+    if len(values):
+        p50, p90, p99 = np.percentile(values, [50, 90, 99], method="inverted_cdf").tolist()
+        out.update(p50=round(float(p50), 3), p90=round(float(p90), 3), p99=round(float(p99), 3),
+                   max=round(float(values.max()), 3))
+    out["histogram"] = {"bounds": _LEG_BOUNDS_JSON, "counts": leg_histogram(values).tolist()}
+    return out
+
+
+def suspect_threshold_ms(recv_ms: np.ndarray) -> int:
+    """How long a symbol may be silent before it is `suspect`: SUSPECT_GAP_FACTOR times the median
+    gap between the receive times ``recv_ms`` (its updates in the minute before its last one), and
+    never less than SUSPECT_FLOOR_MS (also when fewer than two updates give no gap at all)."""
+    if len(recv_ms) < 2:
+        return SUSPECT_FLOOR_MS
+    median_gap = float(np.median(np.diff(recv_ms)))
+    return max(SUSPECT_FLOOR_MS, math.ceil(SUSPECT_GAP_FACTOR * median_gap))
+
+
 class SymbolHistory:
     """Everything kept for one symbol: dedupe state, raw ring, bars, outages, counters."""
 
-    def __init__(self, symbol: str, raw_capacity: int, bars_capacity: int) -> None:
+    def __init__(self, symbol: str, raw_capacity: int, bars_capacity: int,
+                 clock: ClockOffsetEstimator | None = None) -> None:
         self.symbol = symbol
+        self.clock = clock if clock is not None else ClockOffsetEstimator()  # shared by every symbol
         self.raw = ColumnRing(RAW_COLUMNS, raw_capacity)            # every accepted update
         self.bars = ColumnRing(BAR_COLUMNS, max(1, bars_capacity))  # 1 s bars
         self.keep_bars = bars_capacity > 0
         self.pending: list[Bbo] = []            # accepted, not yet in the numpy ring
+        self.pending_emits: list[int] = []      # emit times of the first pending updates (the fan-out's passes)
+        self.unstamped_from: int | None = None  # first ring row (absolute) moved to numpy before its emit time came
         self.latest: Bbo | None = None          # newest accepted update
         self.last_u = -1                        # dedupe: highest `u` accepted (since the last reset)
         self.last_event_ms = -1                 # E of that update (tells a reset from a replay)
@@ -1374,9 +1612,12 @@ class SymbolHistory:
         self.crossed = 0                        # kept although bid ≥ ask
         self.latency_hist = np.zeros(len(LATENCY_BUCKETS_MS) + 1, np.int64)  # per bucket, last = +Inf
         self.latency_sum_ms = 0                 # of every latency counted in latency_hist
+        self.leg_hist = {leg: np.zeros(len(LEG_BOUNDS_MS) + 1, np.int64) for leg, _ in LATENCY_LEGS}  # live updates
+        self.leg_sum_ms = dict.fromkeys(self.leg_hist, 0.0)  # of every value counted in leg_hist
         self.subscribed_ms: int | None = None   # when a connection asked for this symbol
         self.outages: collections.deque[list] = collections.deque(maxlen=MAX_OUTAGES_PER_SYMBOL)
         self.open_outage: list | None = None    # [start_ms, None, reason] until data resumes
+        self._suspect: tuple[int, int, int] | None = None  # (accepted, computed at ms, threshold ms) last computed
 
     # -- ingest (hot path) -----------------------------------------------------
     def accept(self, bbo: Bbo, after_reconnect: bool = False) -> bool:
@@ -1418,10 +1659,15 @@ class SymbolHistory:
         if not self.pending:
             return
         batch, self.pending = self.pending, []
-        self.append_columns(bbos_to_columns(batch))
+        emits, self.pending_emits = self.pending_emits, []
+        if len(emits) < len(batch) and self.unstamped_from is None:  # the fan-out's pass is still to come
+            self.unstamped_from = self.raw.total + len(emits)
+        self.append_columns(bbos_to_columns(batch, emits))
 
     def append_columns(self, cols: dict[str, np.ndarray], count_crossed: bool = True) -> None:
         recv = cols["recv_ms"]
+        if "emit_minus_recv_ms" not in cols:  # rows built without emit times (benchmarks' synthetic rows)
+            cols["emit_minus_recv_ms"] = np.full(len(recv), INT16_NULL, np.int16)
         floor = self.raw.last_value("recv_ms")
         # The ring is binary-searched by recv_ms, so it must never go back, even if the
         # wall clock was stepped back between two runs (recv_ms is monotonic within a run).
@@ -1431,6 +1677,9 @@ class SymbolHistory:
             lat = cols["latency_ms"]
             shifted = np.clip(lat.astype(np.int64) + (clamped - recv), INT32_NULL + 1, 2**31 - 1).astype(np.int32)
             cols["latency_ms"] = np.where(lat == INT32_NULL, lat, shifted)
+            emr = cols["emit_minus_recv_ms"]  # and the emit time: it moves back by the same shift
+            unshifted = np.clip(emr.astype(np.int64) - (clamped - recv), -MAX_EMIT_DELAY_MS, MAX_EMIT_DELAY_MS)
+            cols["emit_minus_recv_ms"] = np.where(emr == INT16_NULL, emr, unshifted.astype(np.int16))
             cols["recv_ms"] = recv = clamped
         if count_crossed:  # live data (not rows restored from disk): crossed books, latency histogram
             self.crossed += int(np.count_nonzero(_price_floats(cols, "bid") >= _price_floats(cols, "ask")))
@@ -1439,9 +1688,23 @@ class SymbolHistory:
                 self.latency_hist += np.bincount(np.searchsorted(LATENCY_BUCKETS_MS, lat, "left"),
                                                  minlength=len(self.latency_hist))
                 self.latency_sum_ms += int(lat.sum(dtype=np.int64))
+                self.clock.observe_floor(int(recv[-1]), int(lat.min()))
+            self._count_legs(cols, lat, int(recv[-1]))
         self.raw.extend(cols)
         if self.keep_bars:
             self._append_bars(columns_to_bars(cols))
+
+    def _count_legs(self, cols: dict[str, np.ndarray], lat: np.ndarray, now_ms: int) -> None:
+        """Add live rows to the legs' histograms (/metrics); the correction is the offset known now."""
+        e_minus_t, emitted = cols["e_minus_t_ms"], cols["emit_minus_recv_ms"]
+        estimate, _ = self.clock.current(now_ms)
+        legs = {"exchangeInternal": e_minus_t[e_minus_t != INT32_NULL], "exchangeToServer": lat,
+                "exchangeToServerCorrected": lat - estimate.offset_ms if estimate is not None else lat[:0],
+                "serverInternal": emitted[emitted != INT16_NULL]}
+        for leg, values in legs.items():
+            if len(values):
+                self.leg_hist[leg] += leg_histogram(values)
+                self.leg_sum_ms[leg] += float(values.sum(dtype=np.float64))
 
     def _append_bars(self, bars: dict[str, np.ndarray]) -> None:
         if self.bars.total and bars["time_s"][0] <= self.bars.last_value("time_s"):
@@ -1457,6 +1720,43 @@ class SymbolHistory:
             return
         [self.latest] = rows_to_bbos({k: v[-1:] for k, v in cols.items()}, self.symbol)
         self.last_u, self.last_event_ms = self.latest.update_id, self.latest.event_ms
+
+    def stamp_emit(self, emit_ms: int) -> None:
+        """The fan-out wrote this symbol's updates accepted since the last stamp at ``emit_ms``.
+
+        Those are the newest rows: the last pending ones and, when a batch reached numpy first
+        (a read, or PENDING_FLUSH_ROWS within one loop pass), the newest rows of the ring.
+        """
+        if self.unstamped_from is not None:
+            ring = self.raw
+            for start, stop in ring._segments(max(self.unstamped_from, ring.first), ring.total):
+                emitted = np.clip(emit_ms - ring.cols["recv_ms"][start:stop], -MAX_EMIT_DELAY_MS, MAX_EMIT_DELAY_MS)
+                ring.cols["emit_minus_recv_ms"][start:stop] = emitted
+                self.leg_hist["serverInternal"] += leg_histogram(emitted)
+                self.leg_sum_ms["serverInternal"] += float(emitted.sum(dtype=np.float64))
+            self.unstamped_from = None
+        missing = len(self.pending) - len(self.pending_emits)
+        if missing > 0:
+            self.pending_emits.extend([emit_ms] * missing)
+        latest = self.latest
+        if latest is not None and latest.emit_ms is None:
+            self.latest = latest._replace(emit_ms=emit_ms)
+
+    def suspect_after_ms(self, now_ms: int) -> int:
+        """The silence after which this symbol is `suspect` (suspect_threshold_ms over the minute
+        before its last update; that minute does not move while it is silent).  Recomputed at most
+        every SUSPECT_RECOMPUTE_MS, and only when updates came since."""
+        cached = self._suspect
+        if cached is not None and (cached[0] == self.accepted or now_ms - cached[1] < SUSPECT_RECOMPUTE_MS):
+            return cached[2]
+        self.flush()
+        threshold = SUSPECT_FLOOR_MS
+        if self.raw.total:
+            last = int(self.raw.last_value("recv_ms"))
+            a = self.raw.search("recv_ms", last - SUSPECT_WINDOW_MS, "left")
+            threshold = suspect_threshold_ms(self.raw.take(a, self.raw.total, ["recv_ms"])["recv_ms"])
+        self._suspect = (self.accepted, now_ms, threshold)
+        return threshold
 
     # -- outages ----------------------------------------------------------------
     def begin_outage(self, start_ms: int, reason: str) -> None:
@@ -1505,6 +1805,20 @@ class SymbolHistory:
             stats = stats._replace(min=round(float(bars["lat_min"][n > 0].min()), 3),
                                    max=round(float(bars["lat_max"][n > 0].max()), 3))
         return "bars", stats
+
+    def latency_legs(self, start_ms: int, end_ms: int, now_ms: int) -> dict[str, dict[str, Any]]:
+        """The legs of the raw rows received in [start_ms, end_ms] (leg_summary each).  The corrected
+        leg subtracts from each row the clock offset in effect when it came (ClockOffsetEstimator.offsets_at)."""
+        a, b = self.raw_bounds(start_ms, end_ms)
+        cols = self.raw.take(a, b, ["recv_ms", "latency_ms", "e_minus_t_ms", "emit_minus_recv_ms"])
+        lat, e_minus_t, emitted = cols["latency_ms"], cols["e_minus_t_ms"], cols["emit_minus_recv_ms"]
+        has_lat = lat != INT32_NULL
+        lat = lat[has_lat]
+        offsets = self.clock.offsets_at(cols["recv_ms"][has_lat], now_ms)
+        return {"exchangeInternal": leg_summary(e_minus_t[e_minus_t != INT32_NULL]),
+                "exchangeToServer": leg_summary(lat),
+                "exchangeToServerCorrected": leg_summary(lat - offsets if offsets is not None else lat[:0]),
+                "serverInternal": leg_summary(emitted[emitted != INT16_NULL])}
 
     def series(self, start_ms: int, end_ms: int, buckets: int) -> dict:
         """Decimated bid/ask series: per bucket first/min/max/last, only non-empty buckets."""
@@ -1561,13 +1875,14 @@ class BboHistory:
         self.bars_capacity = bars_capacity
         self.symbols: dict[str, SymbolHistory] = {}
         self._accept: dict[str, Callable[[Bbo], bool]] = {}   # symbol → its SymbolHistory.accept
+        self.clock = ClockOffsetEstimator()                    # the local clock against the exchange's
 
     def get(self, symbol: str) -> SymbolHistory:
         hist = self.symbols.get(symbol)
         if hist is None:
             if len(self.symbols) >= MAX_SYMBOLS:
                 raise FeedMessageError("too many symbols", f"{symbol}: over {MAX_SYMBOLS} symbols")
-            hist = self.symbols[symbol] = SymbolHistory(symbol, self.raw_capacity, self.bars_capacity)
+            hist = self.symbols[symbol] = SymbolHistory(symbol, self.raw_capacity, self.bars_capacity, self.clock)
             self._accept[symbol] = hist.accept
         return hist
 
@@ -1590,16 +1905,27 @@ class BboHistory:
         for hist in self.symbols.values():
             hist.flush()
 
+    def stamp_emit(self, emit_ms: int, symbols: Iterable[str]) -> None:
+        """The fan-out wrote the updates of ``symbols`` accepted since its last pass at ``emit_ms``
+        (Hub.on_emit)."""
+        for symbol in symbols:
+            hist = self.symbols.get(symbol)
+            if hist is not None:
+                hist.stamp_emit(emit_ms)
+
 
 # --- On-disk codec -------------------------------------------------------------------
 # A journal line and a segment are the same thing: one JSON object holding columns
-#   {"v":1,"kind":"raw","symbol":"BTCUSDT","n":2,"cols":{"serverTimestamp":[...],...}}
+#   {"v":2,"kind":"raw","symbol":"BTCUSDT","n":2,"cols":{"serverTimestamp":[...],...}}
 # Raw columns use the public keys; prices are {"m":[mantissas],"d":decimals} where `d` is a
 # number when all rows share it (always, on Binance) or a list.  Exact and fast to load.
 
 _RAW_DISK_KEYS = {"recv_ms": "serverTimestamp", "latency_ms": "backendLatency", "e_minus_t_ms": "eventMinusTransaction",
-                  "update_id": "updateId", "bid": "bidPrice", "bid_qty": "bidQty", "ask": "askPrice",
+                  "emit_minus_recv_ms": "emitMinusServerTimestamp", "update_id": "updateId", "bid": "bidPrice", "bid_qty": "bidQty", "ask": "askPrice",
                   "ask_qty": "askQty"}
+
+_RAW_INT_KEYS = ("recv_ms", "latency_ms", "e_minus_t_ms", "emit_minus_recv_ms", "update_id")
+_RAW_NULLS = {"latency_ms": INT32_NULL, "e_minus_t_ms": INT32_NULL, "emit_minus_recv_ms": INT16_NULL}  # ↔ JSON null
 
 
 def encode_columns(kind: str, symbol: str, cols: dict[str, np.ndarray]) -> str:
@@ -1607,10 +1933,11 @@ def encode_columns(kind: str, symbol: str, cols: dict[str, np.ndarray]) -> str:
     n = len(next(iter(cols.values())))
     out: dict[str, Any] = {}
     if kind == "raw":
-        for key in ("recv_ms", "latency_ms", "e_minus_t_ms", "update_id"):
+        for key in _RAW_INT_KEYS:
             values = cols[key].tolist()
-            if key in ("latency_ms", "e_minus_t_ms"):
-                values = [None if v == INT32_NULL else v for v in values]
+            if key in _RAW_NULLS:
+                null = _RAW_NULLS[key]
+                values = [None if v == null else v for v in values]
             out[_RAW_DISK_KEYS[key]] = values
         for col, _ in _PRICE_FIELDS:
             d = cols[col + "_d"]
@@ -1634,10 +1961,18 @@ class CacheFormatError(ValueError):
         self.newer = newer
 
 
+def _v1_to_v2(doc: dict) -> dict:
+    """Version 2 adds the emit time of raw rows: rows written by version 1 have none (null)."""
+    cols, n = doc.get("cols"), doc.get("n")
+    if doc.get("kind") == "raw" and type(cols) is dict and type(n) is int and 0 <= n <= CACHE_MAX_FILE_BYTES:
+        cols.setdefault(_RAW_DISK_KEYS["emit_minus_recv_ms"], [None] * n)
+    return {**doc, "v": 2}
+
+
 # Upgrades of an older record, by the version they upgrade from: each takes the decoded JSON
 # object of version v and returns it as version v + 1, so files written by any earlier release
-# load (never quarantined for their age).  Version 1 is the first: nothing to upgrade yet.
-CACHE_MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
+# load (never quarantined for their age).
+CACHE_MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2}
 
 
 def _int_column(values: Any, dtype: Any, name: str) -> np.ndarray:
@@ -1683,10 +2018,10 @@ def decode_columns(text: str, kind: str, symbol: str | None = None) -> tuple[str
     cols: dict[str, np.ndarray] = {}
     try:
         if kind == "raw":
-            for key in ("recv_ms", "latency_ms", "e_minus_t_ms", "update_id"):
+            for key in _RAW_INT_KEYS:
                 values = raw[_RAW_DISK_KEYS[key]]
-                if key in ("latency_ms", "e_minus_t_ms") and type(values) is list:
-                    values = [INT32_NULL if v is None else v for v in values]
+                if key in _RAW_NULLS and type(values) is list:
+                    values = [_RAW_NULLS[key] if v is None else v for v in values]
                 cols[key] = _int_column(values, RAW_COLUMNS[key], _RAW_DISK_KEYS[key])
             for col, _ in _PRICE_FIELDS:
                 entry = raw[_RAW_DISK_KEYS[col]]
@@ -2025,7 +2360,22 @@ def history_metrics(history: BboHistory, now_ms: int) -> list[MetricFamily]:
         latency.extend((f'_bucket{{symbol="{s}",le="{le}"}}', count) for le, count in zip(bounds, cumulative))
         latency.append((f'_sum{{symbol="{s}"}}', f"{h.latency_sum_ms / 1000:g}"))
         latency.append((f'_count{{symbol="{s}"}}', cumulative[-1]))
-    return [
+    leg_bounds = [f"{b / 1000:g}" for b in LEG_BOUNDS_MS.tolist()] + ["+Inf"]
+    legs: list[tuple[str, float]] = []
+    for s, h in hists:
+        for leg, label in LATENCY_LEGS:
+            cumulative = np.cumsum(h.leg_hist[leg]).tolist()
+            tags = f'symbol="{s}",leg="{label}"'
+            legs.extend((f'_bucket{{{tags},le="{le}"}}', count) for le, count in zip(leg_bounds, cumulative))
+            legs.append((f'_sum{{{tags}}}', f"{h.leg_sum_ms[leg] / 1000:g}"))
+            legs.append((f'_count{{{tags}}}', cumulative[-1]))
+    estimate, source = history.clock.current(now_ms)
+    clock = [] if estimate is None else [
+        MetricFamily("clock_offset_seconds", "gauge", "Local clock minus the exchange's (positive: local is ahead), "
+                     "by source", [(f'{{source="{source}"}}', round(estimate.offset_ms / 1000, 6))]),
+        MetricFamily("clock_offset_uncertainty_seconds", "gauge", "The clock offset is within ± this",
+                     [(f'{{source="{source}"}}', round(estimate.uncertainty_ms / 1000, 6))])]
+    return clock + [
         MetricFamily("feed_duplicates_total", "counter", "Updates dropped as duplicate or out of order (by u)",
                      [(f'{{symbol="{s}"}}', h.duplicates) for s, h in hists]),
         MetricFamily("feed_crossed_total", "counter", "Updates kept although bid >= ask",
@@ -2034,6 +2384,9 @@ def history_metrics(history: BboHistory, now_ms: int) -> list[MetricFamily]:
                      [(f'{{symbol="{s}"}}', round((now_ms - h.latest.recv_ms) / 1000, 3)) for s, h in hists if h.latest]),
         MetricFamily("feed_latency_seconds", "histogram",
                      "Exchange→server latency (serverTimestamp - E) of received updates", latency),
+        MetricFamily("latency_leg_seconds", "histogram", "Each leg of an update's way: exchange_internal (E - T), "
+                     "exchange_to_server (serverTimestamp - E), exchange_to_server_corrected (the same minus the "
+                     "clock offset), server_internal (emitTimestamp - serverTimestamp)", legs),
         MetricFamily("cache_updates", "gauge", "Raw updates held per symbol",
                      [(f'{{symbol="{s}"}}', len(h.raw)) for s, h in hists]),
         MetricFamily("cache_memory_bytes", "gauge", "Memory of the history rings per symbol",
@@ -2155,7 +2508,9 @@ def handle_latency(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
     start, end = _range_params(req)
     tier, stats = hist.latency(start, end)
     return json_response({"symbol": hist.symbol, "tier": tier, "approximate": tier == "bars",
-                          "start_time": start, "end_time": end, **stats._asdict()})
+                          "start_time": start, "end_time": end, **stats._asdict(),
+                          "legs": hist.latency_legs(start, end, ctx.now_ms), "legsComplete": hist.raw_covers(start),
+                          "clock": ctx.history.clock.status(ctx.now_ms)})
 
 
 def handle_series(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
@@ -2195,7 +2550,7 @@ def handle_healthz(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
     """Liveness: 200 while the process serves.  The feed and the cache on disk say how they are
     (a failing disk is reported here, not by /readyz, which is about the data flowing)."""
     return json_response({"status": "ok", "version": __version__, "feed": ctx.feed_status(ctx.now_ms),
-                          "persistence": ctx.persistence})
+                          "persistence": ctx.persistence, "clock": ctx.history.clock.status(ctx.now_ms)})
 
 
 def handle_readyz(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
@@ -3355,6 +3710,11 @@ def now_ms() -> int:
     return (time.monotonic_ns() + _WALL_ANCHOR_NS) // 1_000_000
 
 
+def now_ms_fine() -> float:
+    """now_ms with the fraction: the same clock, for round trips shorter than a millisecond."""
+    return (time.monotonic_ns() + _WALL_ANCHOR_NS) / 1_000_000
+
+
 class LogOnce:
     """Log the first problem of each kind at WARNING, the rest at DEBUG; count all of them
     (a misbehaving peer must not flood the log: engineio's `_log_error_once` idea)."""
@@ -3406,17 +3766,28 @@ class _Conn:
         self.fresh: set[str] | None = None      # after a lost connection: symbols with no data on this one yet
 
 
+class FeedEditError(BboStreamError):
+    """A symbol cannot be added to or removed from the feed; the message says why, for a person."""
+
+
 class BinanceFeed:
-    """Runs the exchange connections; calls ``on_update(bbo)`` for every new update."""
+    """Runs the exchange connections; calls ``on_update(bbo)`` for every new update.
+
+    ``symbols``: what to stream (default: SYMBOL); add_symbol/remove_symbol change it while running.
+    ``on_symbols``: called with the new list after each change (to remember it across restarts).
+    """
 
     def __init__(self, cfg: Config, history: BboHistory, on_update: Callable[[Bbo], None],
-                 on_status: Callable[[], None] = lambda: None) -> None:
+                 on_status: Callable[[], None] = lambda: None, symbols: Sequence[str] | None = None,
+                 on_symbols: Callable[[list[str]], Any] = lambda symbols: None) -> None:
         self.cfg = cfg
         self.history = history
         self.on_update = on_update                      # hub publish; must not block
         self.on_status = on_status                      # the feed state changed
+        self.on_symbols = on_symbols                    # the symbol list changed (may return an awaitable)
+        self.symbols: list[str] = list(cfg.symbols if symbols is None else symbols)  # streamed now, in order
         now = now_ms()
-        self.shards = [ShardHealth(s, now) for s in shard_symbols(cfg.symbols, cfg.feed_streams_per_connection)]
+        self.shards = [ShardHealth(s, now) for s in shard_symbols(self.symbols, cfg.feed_streams_per_connection)]
         self.stale_ms = int(cfg.feed_stale_seconds * 1000)
         self.rotate_s = cfg.feed_rotate_hours * 3600
         self.log_once = LogOnce(log)
@@ -3427,7 +3798,13 @@ class BinanceFeed:
         self._last_connect_s = -math.inf                # loop time of the last connection attempt (any shard)
         self._connect_lock = asyncio.Lock()             # one shard at a time takes the next connect slot
         self.symbol_errors: dict[str, tuple[int, Any, str]] = {}  # symbol → (ms, code, msg) of an exchange error
-        for symbol in cfg.symbols:
+        self._clock_warning: str | None = None          # the clock warning last logged
+        self._conns: dict[ShardHealth, _Conn] = {}      # each shard's open connection (for SUBSCRIBE)
+        self._edit_lock = asyncio.Lock()                # one symbol change at a time
+        self._last_request_s = -math.inf                # loop time of the last SUBSCRIBE/UNSUBSCRIBE
+        self._request_id = 0
+        self._listed: tuple[float, dict[str, str]] | None = None  # (loop time, symbol → status) of exchangeInfo
+        for symbol in self.symbols:
             history.get(symbol)
 
     # -- status -------------------------------------------------------------------
@@ -3442,17 +3819,19 @@ class BinanceFeed:
         if state == FeedState.LIVE.value and age is not None and age >= self.stale_ms:
             state, reason, since = FeedState.STALE.value, f"no data for {age // 1000} s", last + self.stale_ms
         symbols = {}
-        for symbol in self.cfg.symbols:
+        for symbol in self.symbols:
             hist = self.history.symbols[symbol]
             last_sym = hist.latest.recv_ms if hist.latest else None
+            suspect_after = min(self.stale_ms, hist.suspect_after_ms(now_ms))
             symbols[symbol] = {
-                "state": "waiting" if last_sym is None else ("live" if now_ms - last_sym < self.stale_ms else "quiet"),
+                "state": symbol_state(last_sym, now_ms, suspect_after, self.stale_ms),
+                "suspectAfterMs": suspect_after,
                 "lastMessage": last_sym, "messages": hist.accepted, "duplicates": hist.duplicates,
                 "crossed": hist.crossed, "uResets": hist.u_resets}
             error = self.symbol_errors.get(symbol)
             if error is not None and (last_sym is None or last_sym < error[0]):  # data since then: it works
                 symbols[symbol]["error"] = {"code": error[1], "msg": error[2], "at": error[0]}
-        hists = [self.history.symbols[s] for s in self.cfg.symbols]
+        hists = [self.history.symbols[s] for s in self.symbols]
         return {
             "state": state, "reason": reason, "market": self.cfg.market,
             "since": since, "connectedSince": best.connected_since_ms,
@@ -3465,6 +3844,7 @@ class BinanceFeed:
             "crossed": sum(h.crossed for h in hists), "uResets": sum(h.u_resets for h in hists),
             "connections": [s.status(now_ms) for s in self.shards] if len(self.shards) > 1 else None,
             "symbols": symbols,
+            "clock": self.history.clock.status(now_ms),
         }
 
     def metrics(self, now_ms: int) -> list[MetricFamily]:
@@ -3486,10 +3866,12 @@ class BinanceFeed:
 
     def _status_signature(self, now_ms: int) -> tuple:
         status = self.status(now_ms)
-        return (status["state"], status["reason"], status["nextAttempt"],
-                tuple(s.state for s in self.shards))
+        return (status["state"], status["reason"], status["nextAttempt"], tuple(s.state for s in self.shards),
+                tuple(status["symbols"]), tuple(s["state"] for s in status["symbols"].values()),
+                status["clock"]["source"], status["clock"]["warning"], self.history.clock.rest)  # a REST round
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
+        """Send the feed status if it changed (the state, a symbol's state, the clock)."""
         signature = self._status_signature(now_ms())
         if signature != self._last_signature:
             self._last_signature = signature
@@ -3517,7 +3899,7 @@ class BinanceFeed:
         while True:
             await asyncio.sleep(FEED_WATCHDOG_TICK_S)
             now = now_ms()
-            for symbol in self.cfg.symbols:
+            for symbol in self.symbols:
                 hist = self.history.symbols[symbol]
                 if (hist.latest is None and hist.subscribed_ms is not None and symbol not in self._silent_warned
                         and now - hist.subscribed_ms >= self.stale_ms):
@@ -3525,16 +3907,28 @@ class BinanceFeed:
                     log.warning("%s: no data %.0f s after subscribing — is the symbol spelled right and "
                                 "listed on %s? (Binance accepts unknown symbols silently)",
                                 symbol, self.cfg.feed_stale_seconds, self.cfg.market)
-            self._notify()
+            self._watch_clock(now)
+            self.notify()
+
+    def _watch_clock(self, now: int) -> None:
+        """Log the clock warning when it appears and when it ends."""
+        clock = self.history.clock
+        warning = clock.warning(clock.current(now)[0])
+        if warning != self._clock_warning:
+            if warning is not None:
+                log.warning("clock: %s", warning)
+            elif self._clock_warning is not None:
+                log.info("clock: the local clock is within CLOCK_MAX_OFFSET_MS of the exchange's again")
+            self._clock_warning = warning
 
     async def _run_shard(self, shard: ShardHealth) -> None:
-        url = feed_url(self.cfg.feed_base_url, shard.symbols)
         rng = random.Random()
         opened_before = False
-        while True:
+        while shard.symbols:  # a shard whose last symbol was removed ends here
+            url = feed_url(self.cfg.feed_base_url, shard.symbols)
             await self._connect_slot()  # before `connecting`: a shard held back by Retry-After still reads backoff
             shard.connecting(now_ms())
-            self._notify()
+            self.notify()
             try:
                 conn = await self._open(shard, url, reconnect=opened_before)
             except asyncio.CancelledError:
@@ -3544,12 +3938,14 @@ class BinanceFeed:
             else:
                 opened_before = True
                 reason, failure = await self._supervise(shard, conn, url)
+            if not shard.symbols:
+                return
             now = now_ms()
             for symbol in shard.symbols:
                 start = shard.last_data_ms if shard.last_data_ms is not None else now
                 self.history.symbols[symbol].begin_outage(start, reason)
             delay = shard.closed(now, reason, failure, self.cfg, rng.random(), self._not_before_ms or None)
-            self._notify()
+            self.notify()
             if delay is None:
                 log.error("feed %s: %s; not reconnecting (AUTO_RECONNECT=false)", ",".join(shard.symbols[:3]), reason)
                 return
@@ -3581,15 +3977,15 @@ class BinanceFeed:
 
     def _exchange_error(self, shard: ShardHealth, error: FeedError, recv_ms: int) -> None:
         """An error reply: logged with its code and message, and shown on the symbols it
-        concerns.  The feed sends no requests (its streams are in the URL), so an error names
-        its streams in ``msg`` or concerns every stream of its connection."""
+        concerns: the streams its ``msg`` names, or else every stream of its connection (the
+        configured streams are in the URL; only symbols added by a client are requested)."""
         text = error.msg.lower()
         named = [s for s in shard.symbols if s.lower() in text]
         for symbol in named or shard.symbols:
             self.symbol_errors[symbol] = (recv_ms, error.code, error.msg)
         self.log_once(f"exchange error {error.code}", "feed %s: exchange error %s: %s (request id %s)",
                       ",".join(named) if named else shard_name(shard), error.code, error.msg, error.request_id)
-        self._notify()
+        self.notify()
 
     async def _open(self, shard: ShardHealth, url: str, reconnect: bool = False) -> _Conn:
         ws = await ws_connect(url, open_timeout=FEED_OPEN_TIMEOUT_S, max_size=FEED_MAX_MESSAGE_BYTES,
@@ -3635,7 +4031,7 @@ class BinanceFeed:
                         shard.parse_errors += 1
                         self.log_once(exc.kind, "feed: %s", exc.detail)
                     if not was_live:
-                        self._notify()
+                        self.notify()
                 elif type(item) is ServerShutdown:
                     log.info("feed %s: exchange announced a server shutdown; rotating", shard_name(shard))
                     conn.shutdown_notice = True
@@ -3653,22 +4049,30 @@ class BinanceFeed:
         Returns (reason, failure) when the connection is gone."""
         loop = asyncio.get_running_loop()
         rotate_at = loop.time() + self.rotate_s
+        self._conns[shard] = conn
         try:
             while True:
                 done, _ = await asyncio.wait({conn.task}, timeout=FEED_WATCHDOG_TICK_S)
                 if done:
                     return conn.task.result(), True
+                if not shard.symbols:  # its last symbol was removed while it connected
+                    return "no symbols left", False
+                if conn.ws.latency:  # the last keepalive ping's round trip: the floor's estimate of one way
+                    self.history.clock.ws_rtt_ms = conn.ws.latency * 1000
                 if shard.silent(now_ms(), self.cfg.feed_stale_seconds):
                     reason = f"no data for {self.cfg.feed_stale_seconds:g} s (silent stall)"
                     return reason, False
                 if loop.time() >= rotate_at or conn.shutdown_notice:
-                    successor = await self._rotate(shard, conn, url)
+                    successor = await self._rotate(shard, conn, feed_url(self.cfg.feed_base_url, shard.symbols))
                     if successor is None:
                         rotate_at = loop.time() + FEED_ROTATE_RETRY_S
                         conn.shutdown_notice = False
                     else:
                         conn, rotate_at = successor, loop.time() + self.rotate_s
+                        self._conns[shard] = conn
         finally:
+            if self._conns.get(shard) is conn:
+                del self._conns[shard]
             await _close_conn(conn)
 
     async def _rotate(self, shard: ShardHealth, old: _Conn, url: str) -> _Conn | None:
@@ -3699,6 +4103,278 @@ class BinanceFeed:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+
+    # -- symbols added and removed while running ---------------------------------------
+    async def add_symbol(self, symbol: str) -> list[str]:
+        """Stream ``symbol`` too: checked against the exchange's symbol list (exchangeInfo, status
+        TRADING), within FEED_MAX_SYMBOLS, then subscribed on a connection with room (a paced
+        SUBSCRIBE on its open connection; its URL has it from the next connect on), or on a new one.
+
+        Raises:
+            FeedEditError: already streamed, over the limit, not listed or not trading, or the
+            exchange's symbol list could not be read.
+        """
+        async with self._edit_lock:
+            if symbol in self.symbols:
+                raise FeedEditError(f"{symbol} is already streamed")
+            if len(self.symbols) >= self.cfg.feed_max_symbols:
+                raise FeedEditError(f"the feed has {len(self.symbols)} symbols, the most FEED_MAX_SYMBOLS allows")
+            await self._check_listed(symbol)
+            self.history.get(symbol)
+            self.symbols.append(symbol)
+            shard = next((s for s in self.shards if len(s.symbols) < self.cfg.feed_streams_per_connection), None)
+            if shard is None:
+                shard = ShardHealth((symbol,), now_ms())
+                self.shards.append(shard)
+                self._tasks.append(asyncio.create_task(self._run_shard(shard), name=f"feed-{len(self.shards) - 1}"))
+            else:
+                shard.symbols = (*shard.symbols, symbol)
+                await self._request(shard, "SUBSCRIBE", symbol)
+            log.info("feed: %s added (%d symbols)", symbol, len(self.symbols))
+            await self._changed()
+            return list(self.symbols)
+
+    async def remove_symbol(self, symbol: str) -> list[str]:
+        """Stop streaming ``symbol`` (a paced UNSUBSCRIBE; a connection left without symbols is
+        closed).  Its history stays.
+
+        Raises:
+            FeedEditError: not streamed, or the last symbol.
+        """
+        async with self._edit_lock:
+            if symbol not in self.symbols:
+                raise FeedEditError(f"{symbol} is not streamed")
+            if len(self.symbols) == 1:
+                raise FeedEditError("the feed needs at least one symbol")
+            self.symbols.remove(symbol)
+            shard = next(s for s in self.shards if symbol in s.symbols)
+            shard.symbols = tuple(s for s in shard.symbols if s != symbol)
+            if shard.symbols:
+                await self._request(shard, "UNSUBSCRIBE", symbol)
+            else:  # its task sees no symbols and ends once the connection is closed
+                self.shards.remove(shard)
+                conn = self._conns.get(shard)
+                if conn is not None:
+                    await _close_conn(conn)
+            self.history.symbols[symbol].subscribed_ms = None
+            self.symbol_errors.pop(symbol, None)
+            log.info("feed: %s removed (%d symbols)", symbol, len(self.symbols))
+            await self._changed()
+            return list(self.symbols)
+
+    async def _changed(self) -> None:
+        saved = self.on_symbols(list(self.symbols))
+        if saved is not None:
+            await saved
+        self.notify()
+
+    async def _request(self, shard: ShardHealth, method: str, symbol: str) -> None:
+        """SUBSCRIBE or UNSUBSCRIBE one stream on the shard's open connection, FEED_REQUEST_SPACING_S
+        after the previous request (Binance answers only part of a burst).  Without an open
+        connection there is nothing to send: the next connection's URL has the new symbol list."""
+        loop = asyncio.get_running_loop()
+        while (wait_s := self._last_request_s + FEED_REQUEST_SPACING_S - loop.time()) > 0:
+            await asyncio.sleep(wait_s)
+        conn = self._conns.get(shard)
+        if conn is None:
+            return
+        self._last_request_s = loop.time()
+        self._request_id += 1
+        request = {"method": method, "params": [f"{symbol.lower()}@bookTicker"], "id": self._request_id}
+        with contextlib.suppress(websockets.exceptions.ConnectionClosed):
+            await conn.ws.send(json.dumps(request))
+        if method == "SUBSCRIBE":
+            self.history.symbols[symbol].subscribed_ms = now_ms()
+
+    async def _check_listed(self, symbol: str) -> None:
+        """Raise FeedEditError unless the exchange lists ``symbol`` as TRADING (exchangeInfo on the
+        market's REST host: spot is asked for the one symbol, futures list them all, kept a while)."""
+        prefix, loop = MARKET_REST_PREFIXES[self.cfg.market], asyncio.get_running_loop()
+        rest = ExchangeRest(self.cfg.rest_base_url)
+        try:
+            if self.cfg.market == "spot":
+                status, doc = await rest.get_json(f"{prefix}/exchangeInfo?symbol={urllib.parse.quote(symbol)}")
+                if status == 400 and isinstance(doc, dict) and doc.get("code") == -1121:  # "Invalid symbol."
+                    raise FeedEditError(f"{symbol} is not listed on {self.cfg.market}")
+                listed = self._listed_symbols(status, doc)
+            elif self._listed is not None and loop.time() - self._listed[0] < EXCHANGE_INFO_TTL_S:
+                listed = self._listed[1]
+            else:
+                status, doc = await rest.get_json(f"{prefix}/exchangeInfo")
+                listed = self._listed_symbols(status, doc)
+                self._listed = (loop.time(), listed)
+        except RestError as exc:
+            raise FeedEditError(f"cannot check {symbol} against the exchange's symbol list ({exc})") from None
+        finally:
+            await rest.close()
+        state = listed.get(symbol)
+        if state is None:
+            raise FeedEditError(f"{symbol} is not listed on {self.cfg.market}")
+        if state != "TRADING":
+            raise FeedEditError(f"{symbol} is {state} on {self.cfg.market}, not TRADING")
+
+    def _listed_symbols(self, status: int, doc: Any) -> dict[str, str]:
+        """An exchangeInfo answer → symbol → status.  Raises RestError for anything else."""
+        try:
+            if status != 200:
+                raise ValueError
+            return {str(item["symbol"]): str(item["status"]) for item in doc["symbols"]}
+        except (ValueError, KeyError, TypeError):
+            raise RestError(f"exchangeInfo answered HTTP {status} without a symbol list") from None
+
+
+class RestError(BboStreamError):
+    """A REST request to the exchange failed; the message says why, for a person."""
+
+
+class ExchangeRest:
+    """A minimal HTTP/1.1 client for the exchange's REST API (asyncio streams and the standard
+    library's TLS): GET requests on one keep-alive connection, reopened when the server closes it.
+    Content-Length, chunked and read-until-close bodies, each bounded."""
+
+    def __init__(self, base_url: str) -> None:
+        parts = urllib.parse.urlsplit(base_url)
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.tls else 80)
+        self.prefix = parts.path.rstrip("/")
+        self.url = base_url
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def get(self, path: str) -> tuple[int, bytes, float, float]:
+        """GET ``path`` → (status, body, local ms just before the request was written, local ms when
+        the response head arrived).
+
+        Raises:
+            RestError: no connection, a timeout, or a response that is not HTTP/1.x within the bounds.
+        """
+        try:
+            return await asyncio.wait_for(self._get(path), REST_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ValueError, ssl.SSLError) as exc:
+            await self.close()
+            if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+                raise RestError(f"no answer from {self.host}:{self.port} within {REST_TIMEOUT_S:g} s") from None
+            if isinstance(exc, (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)):
+                raise RestError(f"unreadable answer from {self.host}:{self.port} ({type(exc).__name__})") from None
+            raise RestError(describe_error(exc, self.url)) from None
+
+    async def _get(self, path: str) -> tuple[int, bytes, float, float]:
+        if self._streams is None or self._streams[1].is_closing():
+            ctx = ssl.create_default_context() if self.tls else None
+            self._streams = await asyncio.open_connection(self.host, self.port, ssl=ctx, limit=REST_MAX_HEAD_BYTES,
+                                                          server_hostname=self.host if self.tls else None)
+        reader, writer = self._streams
+        request = (f"GET {self.prefix}{path} HTTP/1.1\r\nHost: {self.host}\r\nUser-Agent: {SERVER_NAME}\r\n"
+                   "Accept: application/json\r\nConnection: keep-alive\r\n\r\n")
+        sent_ms = now_ms_fine()
+        writer.write(request.encode("ascii"))
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        head_ms = now_ms_fine()
+        lines = head.decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
+            raise ValueError("not an HTTP/1.x response")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            body = await self._read_chunked(reader)
+        elif "content-length" in headers:
+            length = int(headers["content-length"])
+            if not 0 <= length <= REST_MAX_BODY_BYTES:
+                raise ValueError("body too large")
+            body = await reader.readexactly(length)
+        else:  # the body ends with the connection
+            body = await reader.read(REST_MAX_BODY_BYTES + 1)
+            while len(body) <= REST_MAX_BODY_BYTES and (more := await reader.read(REST_MAX_BODY_BYTES + 1 - len(body))):
+                body += more
+            headers["connection"] = "close"
+            if len(body) > REST_MAX_BODY_BYTES:
+                raise ValueError("body too large")
+        if "close" in headers.get("connection", "").lower():
+            await self.close()
+        return int(rest[:3]), body, sent_ms, head_ms
+
+    @staticmethod
+    async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                    pass
+                return b"".join(parts)
+            total += size
+            if total > REST_MAX_BODY_BYTES:
+                raise ValueError("body too large")
+            parts.append((await reader.readexactly(size + 2))[:-2])
+
+    async def get_json(self, path: str) -> tuple[int, Any]:
+        """GET ``path`` → (status, decoded JSON).  Raises RestError (also for a body that is not JSON)."""
+        status, body, _, _ = await self.get(path)
+        try:
+            return status, json.loads(body)
+        except (ValueError, RecursionError):
+            raise RestError(f"{self.host} answered HTTP {status} with something that is not JSON") from None
+
+    async def close(self) -> None:
+        streams, self._streams = self._streams, None
+        if streams is not None:
+            streams[1].close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(streams[1].wait_closed(), CONNECTION_CLOSE_WAIT_S)
+
+
+class ExchangeClock:
+    """Measures the local clock against the exchange's REST serverTime every CLOCK_CHECK_MINUTES
+    (CLOCK_SAMPLES_PER_ROUND requests on one connection; ClockOffsetEstimator keeps the best), on the
+    market's REST host; a failed round is retried after CLOCK_RETRY_S."""
+
+    def __init__(self, cfg: Config, clock: ClockOffsetEstimator, on_change: Callable[[], None] = lambda: None) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.on_change = on_change
+        self.path = MARKET_REST_PREFIXES[cfg.market] + "/time"
+        self.log_once = LogOnce(log)
+
+    async def measure(self) -> ClockEstimate:
+        """One round.  Raises RestError."""
+        rest = ExchangeRest(self.cfg.rest_base_url)
+        samples = []
+        try:
+            for _ in range(CLOCK_SAMPLES_PER_ROUND):
+                status, body, sent_ms, head_ms = await rest.get(self.path)
+                try:
+                    server_ms = json.loads(body)["serverTime"] if status == 200 else None
+                except (ValueError, KeyError, TypeError):
+                    server_ms = None
+                if type(server_ms) is not int:
+                    raise RestError(f"{rest.host}{rest.prefix}{self.path} answered HTTP {status} without a serverTime")
+                samples.append(rest_clock_sample(sent_ms, head_ms, server_ms))
+        finally:
+            await rest.close()
+        return self.clock.add_rest_round(samples)
+
+    async def run(self) -> None:
+        interval_s = self.cfg.clock_check_minutes * 60
+        while True:
+            try:
+                estimate = await self.measure()
+            except RestError as exc:
+                self.clock.rest_error = str(exc)
+                self.log_once("clock check", "clock: cannot read the exchange's time (%s); retrying in %g s",
+                              exc, min(CLOCK_RETRY_S, interval_s))
+                delay_s = min(CLOCK_RETRY_S, interval_s)
+            else:
+                log.info("clock: local clock %+.1f ms (± %.1f) against %s", estimate.offset_ms, estimate.uncertainty_ms,
+                         self.cfg.rest_base_url)
+                delay_s = interval_s
+            self.on_change()
+            await asyncio.sleep(delay_s)
 
 
 async def _close_conn(conn: _Conn) -> None:
@@ -3798,6 +4474,39 @@ def _cut_partial_tail(fd: int) -> None:
         end = start
     if end != size:
         os.ftruncate(fd, end)
+
+
+FEED_SYMBOLS_FILE = "feed-symbols.json"  # the feed's symbols as clients last changed them
+
+
+def load_feed_symbols(path: Path, configured: tuple[str, ...]) -> tuple[str, ...]:
+    """The feed's symbols at start: as clients last changed them (``path``), as long as SYMBOL is
+    still what it was then; when SYMBOL changed since, or without a usable file, SYMBOL."""
+    try:
+        if path.stat().st_size > CACHE_MAX_FILE_BYTES:
+            raise ValueError("too large")
+        doc = json.loads(path.read_text())
+        base, symbols = doc["base"], doc["symbols"]
+        if not (isinstance(symbols, list) and 0 < len(symbols) <= MAX_SYMBOLS
+                and all(isinstance(s, str) and _SYMBOL_RE.match(s) and s == s.upper() for s in symbols)):
+            raise ValueError("not a list of symbols")
+    except FileNotFoundError:
+        return configured
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("feed: %s is unusable (%s); streaming SYMBOL", path, str(exc)[:100])
+        return configured
+    if base != list(configured):
+        log.info("feed: SYMBOL changed since clients last changed the symbols; streaming SYMBOL")
+        return configured
+    if symbols != list(configured):
+        log.info("feed: streaming the symbols as clients last changed them: %s", ",".join(symbols[:20]))
+    return tuple(dict.fromkeys(symbols))
+
+
+def save_feed_symbols(path: Path, configured: tuple[str, ...], symbols: list[str]) -> None:
+    """Write the feed's symbols for load_feed_symbols, with the SYMBOL they were changed from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps({"base": list(configured), "symbols": symbols}, separators=(",", ":")).encode())
 
 
 class CacheLoaded(NamedTuple):
@@ -4333,9 +5042,10 @@ FEED_STATUS_KEY = "\x00feed_status"  # conflation key of `feed_status` packets: 
 class Hub:
     """Fans BBO updates and feed status out to the attached Engine.IO connections.
 
-    `publish(bbo)` encodes the update once, as the `42["bbo_update",{...}]` packet and as its
-    WebSocket text frame, and queues it; once per event-loop pass every attached client gets
-    the pass's updates in one write (WebSocket clients that keep up: the same joined bytes;
+    `publish(bbo)` encodes the update once and queues it; once per event-loop pass the pass's
+    updates get their emit time (one clock read for the pass: `emitTimestamp`, the last key), are
+    finished as `42["bbo_update",{...}]` packets and their WebSocket text frames, and every
+    attached client gets them in one write (WebSocket clients that keep up: the same joined bytes;
     others: through their conflating outbox, see EioOutbox). Nothing here awaits, so a slow
     client never delays a publish or another client. With `writer_threads` and at least
     FANOUT_PARALLEL_MIN_LINKS clients, the plain-TCP clients that keep up are written by a
@@ -4347,7 +5057,9 @@ class Hub:
         self.writer_threads = writer_threads             # helpers of SocketWriterPool (0: loop thread only)
         self._pool: SocketWriterPool | None = None       # started by the first pass that needs it
         self._snapshot: tuple[EioConnection, ...] = ()   # `_conns` frozen for iteration
-        self._batch: list[EioUpdate] = []                # published since the last flush
+        self._batch: list[EioUpdate | tuple[str, str]] = []  # since the last flush: feed status, or
+                                                         # (symbol, update packet without its emit time)
+        self.on_emit: Callable[[int, set[str]], None] | None = None  # (emit ms, symbols) after each pass
         self._flush_handle: asyncio.Handle | None = None  # the pending flush callback
         self.published = 0                               # updates published
         self._gone_sent = 0                              # deliveries counted for detached clients
@@ -4367,24 +5079,35 @@ class Hub:
             self._gone_skipped += skipped - base[1]
 
     def publish(self, bbo: Bbo) -> None:
-        """Queue one BBO update for every attached client."""
-        self._queue(bbo.symbol, '42["bbo_update",' + bbo_json(bbo) + "]")
+        """Queue one BBO update for every attached client (finished with its emit time by the pass)."""
+        self._queue((bbo.symbol, '42["bbo_update",' + bbo_json_head(bbo)))
 
     def publish_feed_status(self, status: dict[str, Any]) -> None:
         """Queue a feed status change; like an update, only the newest one waits for a slow client."""
-        self._queue(FEED_STATUS_KEY, '42["feed_status",' + _json_dumps(status) + "]", always=True)
+        text = '42["feed_status",' + _json_dumps(status) + "]"
+        self._queue(EioUpdate(FEED_STATUS_KEY, text, encode_ws_frame(text.encode()), True))
 
-    def _queue(self, key: str, text: str, always: bool = False) -> None:
-        self._batch.append(EioUpdate(key, text, encode_ws_frame(text.encode()), always))
+    def _queue(self, item: EioUpdate | tuple[str, str]) -> None:
+        self._batch.append(item)
         self.published += 1
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_handle = None
-        batch, self._batch = self._batch, []
-        if not batch:
+        items, self._batch = self._batch, []
+        if not items:
             return
+        emit_ms = now_ms()
+        tail = emit_suffix(emit_ms) + "]"
+        symbols: set[str] = set()
+        batch: list[EioUpdate] = []
+        for item in items:
+            if type(item) is tuple:
+                key, text = item[0], item[1] + tail
+                symbols.add(key)
+                item = EioUpdate(key, text, encode_ws_frame(text.encode()))
+            batch.append(item)
         joined = batch[0].frame if len(batch) == 1 else b"".join(update.frame for update in batch)
         now_s = asyncio.get_running_loop().time()
         snapshot = self._snapshot
@@ -4394,6 +5117,8 @@ class Hub:
             conn.deliver(batch, joined, now_s, raw)
         if raw is not None:
             self._write_raw(raw, joined)
+        if symbols and self.on_emit is not None:
+            self.on_emit(emit_ms, symbols)
 
     def _write_raw(self, conns: list[EioConnection], frames: bytes) -> None:
         """Write the frames straight to the sockets of clients that keep up, on several threads."""
@@ -4449,14 +5174,21 @@ class BboApp:
         now_ms: wall clock in ms for `pong` (injectable for tests).
         symbols: the configured symbols (what "all symbols" means before each has sent data).
         auth_token: AUTH_TOKEN; when set, a CONNECT must carry `auth: {"token": ...}` with it.
+        feed: the feed whose symbols `feed_add_symbol` / `feed_remove_symbol` change; None = none.
+        feed_edit: whether clients may change them (AUTH_TOKEN set, so every client has it, or
+            FEED_EDIT_ALLOWED); max_feed_symbols: FEED_MAX_SYMBOLS, told to clients.
     """
 
     def __init__(self, sio: SioServer, hub: Hub, latest_bbos: Callable[[], Iterable[Bbo]],
                  feed_status: Callable[[], dict[str, Any]],
                  now_ms: Callable[[], int] = now_ms, symbols: Callable[[], Iterable[str]] = tuple,
-                 auth_token: str = "") -> None:
+                 auth_token: str = "", feed: BinanceFeed | None = None, feed_edit: bool = False,
+                 max_feed_symbols: int = 0) -> None:
         self.hub = hub
         self.auth_token = auth_token
+        self.feed = feed
+        self.feed_edit = feed_edit and feed is not None
+        self.max_feed_symbols = max_feed_symbols
         self.latest_bbos = latest_bbos
         self.symbols = symbols          # the configured symbols, including those not heard from yet
         self.feed_status = feed_status
@@ -4468,6 +5200,8 @@ class BboApp:
         sio.on("ping")(self.on_ping)
         sio.on("subscribe")(self.on_subscribe)
         sio.on("unsubscribe")(self.on_unsubscribe)
+        sio.on("feed_add_symbol")(self.on_feed_add_symbol)
+        sio.on("feed_remove_symbol")(self.on_feed_remove_symbol)
 
     def on_connect(self, sock: SioSocket, auth: Any) -> None:
         if self.auth_token:
@@ -4480,7 +5214,8 @@ class BboApp:
                 # 40{"token":5} with 44{"message":"unauthorized"}; the connection stayed and took a next CONNECT.)
                 raise SioConnectRefused(AUTH_REFUSED)
         log.info("sio %s: client %s connected (%s)", short_sid(sock.conn.sid), sock.conn.peer, sock.conn.transport)
-        sock.emit("welcome", {"message": "Welcome to BBO Stream"})
+        sock.emit("welcome", {"message": "Welcome to BBO Stream", "feedEdit": self.feed_edit,
+                              "maxFeedSymbols": self.max_feed_symbols})
         sock.emit("feed_status", self.feed_status())
         self.hub.attach(sock.conn)
 
@@ -4530,6 +5265,33 @@ class BboApp:
         current = conn.filter_keys if conn.filter_keys is not None else self._known_symbols()
         conn.set_filter(current - symbols, conn.max_rate)
         return self._subscription(sock)
+
+    def on_feed_add_symbol(self, sock: SioSocket, request: Any = None, *args: Any) -> Any:
+        """`{"symbol": "ETHUSDT"}`: the feed streams it too (BinanceFeed.add_symbol); ack
+        `{"ok": true, "symbols": [...]}` or `{"error": "..."}`."""
+        return self._edit_feed(sock, request, "add")
+
+    def on_feed_remove_symbol(self, sock: SioSocket, request: Any = None, *args: Any) -> Any:
+        """`{"symbol": "ETHUSDT"}`: the feed stops streaming it; the same acks."""
+        return self._edit_feed(sock, request, "remove")
+
+    def _edit_feed(self, sock: SioSocket, request: Any, action: str) -> Any:
+        if not self.feed_edit or self.feed is None:
+            return {"error": "changing the feed's symbols is off: it needs AUTH_TOKEN (clients then connect with it) "
+                             "or FEED_EDIT_ALLOWED=true"}
+        symbol = request.get("symbol") if isinstance(request, dict) else None
+        if not isinstance(symbol, str) or not _SYMBOL_RE.match(symbol):
+            return {"error": f'expected {{"symbol": "ETHUSDT"}}: 1 to {MAX_SYMBOL_CHARS} letters, digits or _'}
+        log.info("sio %s: client %s asks to %s %s", short_sid(sock.conn.sid), sock.conn.peer, action, symbol.upper())
+        change = self.feed.add_symbol if action == "add" else self.feed.remove_symbol
+        return self._feed_change(change, symbol.upper())
+
+    @staticmethod
+    async def _feed_change(change: Callable[[str], Any], symbol: str) -> dict[str, Any]:
+        try:
+            return {"ok": True, "symbols": await change(symbol)}
+        except FeedEditError as exc:
+            return {"error": str(exc)}
 
     def _known_symbols(self) -> frozenset[str]:
         return frozenset(self.symbols()) | {bbo.symbol for bbo in self.latest_bbos()}
@@ -4653,6 +5415,7 @@ class SioServer:
         self.connect_timeout_s = connect_timeout_s
         self.namespaces: dict[str, _SioNamespace] = {"/": _SioNamespace("/")}  # "/" always exists
         self._connect_timers: dict[EioConnection, asyncio.TimerHandle] = {}
+        self._pending: set[asyncio.Task] = set()  # handlers that returned a coroutine: their acks wait for it
         self.protocol_errors = 0
 
     # -- registration -----------------------------------------------------------------
@@ -4794,8 +5557,23 @@ class SioServer:
         except Exception:
             log.exception("handler for %r failed", event)
             return
+        if asyncio.iscoroutine(result):  # work that awaits (the exchange's REST API): ack when it is done
+            task = asyncio.get_running_loop().create_task(result)
+            self._pending.add(task)
+            task.add_done_callback(lambda done: self._ack_when_done(sock, pkt, event, done))
+            return
         if pkt.ack_id is not None and sock.connected:
             self._send(sock.conn, SioPacket(SioType.ACK, sock.namespace, ack_args(result), pkt.ack_id))
+
+    def _ack_when_done(self, sock: SioSocket, pkt: SioPacket, event: str, task: asyncio.Task) -> None:
+        self._pending.discard(task)
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.error("handler for %r failed", event, exc_info=task.exception())
+            return
+        if pkt.ack_id is not None and sock.connected:
+            self._send(sock.conn, SioPacket(SioType.ACK, sock.namespace, ack_args(task.result()), pkt.ack_id))
 
     def _leave(self, sock: SioSocket, reason: str) -> None:
         if not sock.connected:
@@ -6133,14 +6911,20 @@ class App:
         raw_capacity = cfg.cache_max_items if cfg.cache_enabled else 1
         bars_capacity = cfg.bars_capacity if cfg.cache_enabled else 0
         self.history = BboHistory(raw_capacity, bars_capacity)
+        self.history.clock.max_offset_ms = cfg.clock_max_offset_ms
         self.persistence = CachePersistence(cfg, self.history) if cfg.cache_enabled and cfg.cache_persist else None
-        self.feed = BinanceFeed(cfg, self.history, self._on_update, self._on_feed_status)
+        self.symbols_file = Path(cfg.cache_dir) / FEED_SYMBOLS_FILE if cfg.cache_enabled and cfg.cache_persist else None
+        symbols = load_feed_symbols(self.symbols_file, cfg.symbols) if self.symbols_file else cfg.symbols
+        self.feed = BinanceFeed(cfg, self.history, self._on_update, self._on_feed_status, symbols, self._save_symbols)
         self.hub = Hub(cfg.fanout_helper_threads(available_cpus()))  # fan-out to Socket.IO clients (§13)
+        self.hub.on_emit = self.history.stamp_emit           # each pass's emit time goes into the history
         self.eio = EioServer.from_config(cfg)               # Engine.IO endpoint (§16)
         self.sio = SioServer(self.eio)                       # Socket.IO on top of it (§15)
         self.bbo_app = BboApp(self.sio, self.hub, lambda: self.history.latest().values(),
-                              lambda: self.feed.status(now_ms()), symbols=lambda: cfg.symbols,
-                              auth_token=cfg.auth_token)
+                              lambda: self.feed.status(now_ms()), symbols=lambda: self.feed.symbols,
+                              auth_token=cfg.auth_token, feed=self.feed,
+                              feed_edit=bool(cfg.auth_token) or cfg.feed_edit_allowed,
+                              max_feed_symbols=cfg.feed_max_symbols)
         self.http: HttpServer | None = None
         self.stop_event = asyncio.Event()
         self.started_ms = now_ms()
@@ -6148,6 +6932,16 @@ class App:
 
     def _on_update(self, bbo: Bbo) -> None:
         self.hub.publish(bbo)
+
+    async def _save_symbols(self, symbols: list[str]) -> None:
+        """Remember the feed's symbols (changed by a client) for the next start."""
+        if self.symbols_file is None:
+            return
+        try:
+            await asyncio.to_thread(save_feed_symbols, self.symbols_file, self.cfg.symbols, symbols)
+        except OSError as exc:
+            log.error("feed: cannot remember the symbol list in %s (%s); it applies until the next start",
+                      self.symbols_file, exc.strerror or exc)
 
     def _on_feed_status(self) -> None:
         self.hub.publish_feed_status(self.feed.status(now_ms()))
@@ -6177,7 +6971,7 @@ class App:
         soft, hard = raise_nofile_limit()
         log.info("bbo_stream %s: %s %s, %d symbol(s) on %d connection(s); open-files limit %d (hard %d); "
                  "%d fan-out writer thread(s) beside the event loop", __version__, self.cfg.market,
-                 self.cfg.feed_base_url, len(self.cfg.symbols), len(self.feed.shards), soft, hard,
+                 self.cfg.feed_base_url, len(self.feed.symbols), len(self.feed.shards), soft, hard,
                  self.hub.writer_threads)
         if self.persistence is not None:
             started = time.perf_counter()
@@ -6193,6 +6987,9 @@ class App:
         gc.freeze()
         gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
         tasks = [asyncio.create_task(self.feed.run(), name="feed")]
+        if self.cfg.clock_check_minutes > 0:
+            clock = ExchangeClock(self.cfg, self.history.clock, self.feed.notify)
+            tasks.append(asyncio.create_task(clock.run(), name="clock"))
         if self.persistence is not None and self.persistence.off_reason is None:
             tasks.append(asyncio.create_task(self.persistence.run(), name="persistence"))
         else:

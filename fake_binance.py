@@ -15,7 +15,12 @@ documents them for spot, USD-M and COIN-M futures:
   handshake from the same client host within CONNECT_INTERVAL_S is refused with HTTP 429 and ``Retry-After: 1``
   (off by default: benchmarks and raw test clients open several connections at once);
 * failure modes: silent stall, frozen connections (no pongs), abrupt TCP drop, clean close, refused handshakes
-  (HTTP 503, or any status with a Retry-After, e.g. 429/418), serverShutdown, a `u` reset, error replies.
+  (HTTP 503, or any status with a Retry-After, e.g. 429/418), serverShutdown, a `u` reset, error replies;
+* on the same port, plain HTTP GETs of the REST API's ``serverTime`` (``/fapi/v1/time``, ``/api/v3/time``,
+  ``/dapi/v1/time``) and ``exchangeInfo`` (``/fapi/v1/exchangeInfo``, ``/dapi/v1/exchangeInfo``, spot's
+  ``/api/v3/exchangeInfo?symbol=X`` with Binance's -1121 "Invalid symbol." for an unlisted one), one request per
+  connection; ``clock_skew_ms`` sets how far the exchange's clock runs ahead of this machine's (negative: behind),
+  in serverTime and in the bookTickers' E and T alike.
 
 Point the product at it through its base URL::
 
@@ -76,6 +81,12 @@ PATH_RE = re.compile(r"^(?P<prefix>.*?)/(?P<kind>ws|stream)(?:/(?P<rest>.*))?$")
 MAX_REQUEST_LINE_BYTES = 64 * 1024
 websockets.http11.MAX_LINE_LENGTH = max(websockets.http11.MAX_LINE_LENGTH, MAX_REQUEST_LINE_BYTES)
 START_PRICES: dict[str, float] = {"btc": 30_000.0, "eth": 2_000.0, "bnb": 300.0, "sol": 100.0}
+REST_PREFIXES: dict[str, str] = {"futures": "/fapi/v1", "spot": "/api/v3", "coinm": "/dapi/v1"}
+# Symbols exchangeInfo lists as TRADING unless a test changes `listed`.
+DEFAULT_LISTED: dict[str, tuple[str, ...]] = {
+    "futures": ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT"),
+    "spot": ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT", "ETHBTC"),
+    "coinm": ("BTCUSD_PERP", "ETHUSD_PERP", "BNBUSD_PERP")}
 
 
 def now_ms() -> int:
@@ -115,7 +126,7 @@ class FakeBinance:
     def __init__(self, market: Market = "futures", host: str = "127.0.0.1", port: int = 0, seed: int = 0, *,
                  record_send_times: bool = False, compression: str | None = "deflate",
                  ping_interval: float | None = PING_INTERVAL_S, ping_timeout: float | None = PING_TIMEOUT_S,
-                 limit_connection_rate: bool = False) -> None:
+                 limit_connection_rate: bool = False, clock_skew_ms: float = 0.0) -> None:
         if market not in MARKETS:
             raise ValueError(f"market must be one of {MARKETS}, not {market!r}")
         self.market: Market = market
@@ -125,6 +136,9 @@ class FakeBinance:
         self.refuse_status = http.HTTPStatus.SERVICE_UNAVAILABLE
         self.refuse_retry_after: str | None = None   # Retry-After header value sent with a refusal
         self.limit_connection_rate = limit_connection_rate
+        self.clock_skew_ms = clock_skew_ms          # the exchange's clock minus this machine's (serverTime, E, T)
+        self.listed: dict[str, str] = dict.fromkeys(DEFAULT_LISTED[market], "TRADING")  # exchangeInfo: symbol → status
+        self.rest_requests: list[str] = []          # every REST request target, in order
         self.subscribe_error: tuple[int, str] | None = None   # answer every SUBSCRIBE with this error
         self.handshakes: list[tuple[float, int, str]] = []    # (monotonic time, status answered, client host)
         self._last_accepted: dict[str, float] = {}            # client host -> monotonic time of its last handshake
@@ -171,8 +185,19 @@ class FakeBinance:
     def base_url(self) -> str:
         return f"{self.url_root}/ws"
 
+    @property
+    def rest_url(self) -> str:
+        """The REST base URL (EXCHANGE_REST_URL): the same port, plain HTTP."""
+        return "http" + self.url_root[2:]
+
+    def exchange_ms(self) -> int:
+        """The exchange's clock in whole ms (cut down, as Binance's): this machine's plus clock_skew_ms."""
+        return (time.time_ns() + round(self.clock_skew_ms * 1_000_000)) // 1_000_000
+
     # ---------------------------------------------------------------- connection handling
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        if request.headers.get("Upgrade") is None:   # plain HTTP: the REST API, not a stream
+            return self._rest(ws, request)
         now = time.monotonic()
         host = ws.remote_address[0] if ws.remote_address else "?"
         response = self._refusal(ws, request, host, now)
@@ -198,6 +223,30 @@ class FakeBinance:
         if PATH_RE.match(urllib.parse.urlsplit(request.path).path) is None:
             return ws.respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
         return None
+
+    def _rest(self, ws: ServerConnection, request: Request) -> Response:
+        """Answer a REST GET as Binance does: serverTime, exchangeInfo; 404 for anything else."""
+        self.rest_requests.append(request.path)
+        parts = urllib.parse.urlsplit(request.path)
+        prefix = REST_PREFIXES[self.market]
+        status, body = http.HTTPStatus.NOT_FOUND, {"code": -1, "msg": "Not found"}
+        if parts.path == prefix + "/time":
+            status, body = http.HTTPStatus.OK, {"serverTime": self.exchange_ms()}
+        elif parts.path == prefix + "/exchangeInfo":
+            symbols = self.listed
+            wanted = urllib.parse.parse_qs(parts.query).get("symbol")
+            if wanted:                                 # spot's one-symbol form; an unlisted one is an error
+                symbols = {wanted[0]: self.listed[wanted[0]]} if wanted[0] in self.listed else {}
+            if wanted and not symbols:
+                status, body = http.HTTPStatus.BAD_REQUEST, {"code": -1121, "msg": "Invalid symbol."}
+            else:
+                status, body = http.HTTPStatus.OK, {
+                    "timezone": "UTC", "serverTime": self.exchange_ms(),
+                    "symbols": [{"symbol": sym, "status": state, "baseAsset": sym[:3], "quoteAsset": sym[3:]}
+                                for sym, state in symbols.items()]}
+        response = ws.respond(status, dumps(body))
+        response.headers["Content-Type"] = "application/json"
+        return response
 
     async def _handler(self, ws: ServerConnection) -> None:
         target = ws.request.path if ws.request else "/ws"
@@ -327,7 +376,7 @@ class FakeBinance:
         self._last_u[sym] = u                         # an explicit u lets a test script resets and duplicates
         if self.market == "spot":
             return {"u": u, "s": sym, "b": bid, "B": bid_qty, "a": ask, "A": ask_qty}
-        E = now_ms() if E is None else E
+        E = self.exchange_ms() if E is None else E
         T = E if T is None else T
         head: dict[str, Any] = {"e": "bookTicker", "u": u, "s": sym}
         if self.market == "coinm":
@@ -561,14 +610,14 @@ async def _main(args: argparse.Namespace) -> None:
     decimals = tuple(int(x) for x in args.decimals.split(","))
     async with FakeBinance(market=args.market, host=args.host, port=args.port, seed=args.seed,
                            compression=None if args.no_compression else "deflate",
-                           limit_connection_rate=args.limit_connection_rate) as fake:
+                           limit_connection_rate=args.limit_connection_rate, clock_skew_ms=args.clock_skew_ms) as fake:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         if args.symbols and args.rate > 0:
             fake.start_generator(args.symbols.split(","), args.rate, decimals=(decimals[0], decimals[1]))
-        print(f"WEBSOCKET_BASE_URL={fake.base_url}", flush=True)
+        print(f"WEBSOCKET_BASE_URL={fake.base_url} EXCHANGE_REST_URL={fake.rest_url}", flush=True)
         await stop.wait()
 
 
@@ -582,6 +631,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--decimals", default="2,3", help="price,quantity decimals")
     p.add_argument("--no-compression", action="store_true", help="refuse permessage-deflate")
+    p.add_argument("--clock-skew-ms", type=float, default=0.0,
+                   help="the exchange's clock runs this many ms ahead of this machine's (negative: behind)")
     p.add_argument("--limit-connection-rate", action="store_true",
                    help="refuse a second connection from one host within 1 s with HTTP 429 (Binance's 2026 limit)")
     asyncio.run(_main(p.parse_args(argv)))

@@ -427,7 +427,8 @@ def make_cfg(tmp_path: Path, base_url: str = "ws://127.0.0.1:9/ws", **overrides:
                                   cache_persist=False, cache_dir=str(tmp_path / "cache"),
                                   ssl_cert_path=str(tmp_path / "certs" / "cert.pem"),
                                   ssl_key_path=str(tmp_path / "certs" / "key.pem"),
-                                  initial_backoff_s=0.05, feed_stale_seconds=30.0)
+                                  initial_backoff_s=0.05, feed_stale_seconds=30.0,
+                                  exchange_rest_url="http" + base_url[2:].rsplit("/", 1)[0], clock_check_minutes=0)
     values.update(overrides)
     if isinstance(values.get("symbol"), str):
         values["symbol"] = tuple(values["symbol"].split(","))
@@ -504,7 +505,7 @@ class ServerProcess:
 
 def server_env(tmp_path: Path, base_url: str, **settings: str) -> dict[str, str]:
     env = {"WEB_PORT": "0", "WEB_HOST": "127.0.0.1", "USE_SSL": "false", "CACHE_DIR": str(tmp_path / "cache"),
-           "WEBSOCKET_BASE_URL": base_url, "SYMBOL": "btcusdt", "INITIAL_BACKOFF": "0.1"}
+           "WEBSOCKET_BASE_URL": base_url, "SYMBOL": "btcusdt", "INITIAL_BACKOFF": "0.1", "CLOCK_CHECK_MINUTES": "0"}
     env.update(settings)
     return env
 
@@ -564,13 +565,15 @@ async def fed_app(tmp_path: Path, symbols: tuple[str, ...] = ("BTCUSDT",), marke
 def expected_update(payload: dict, update: dict) -> dict:
     """The `bbo_update` a client must get for a fake bookTicker ``payload``: every exchange
     field exact (prices and quantities as the same strings, E, T, u), the keys in BBO_KEYS order,
-    and backendLatency = serverTimestamp - E.  serverTimestamp is the server's own: taken from
-    ``update`` after checking it is plausible."""
-    received = update["serverTimestamp"]
+    and backendLatency = serverTimestamp - E.  serverTimestamp and emitTimestamp are the server's
+    own: taken from ``update`` after checking they are plausible (emitted at or after receipt)."""
+    received, emitted = update["serverTimestamp"], update["emitTimestamp"]
     assert isinstance(received, int) and abs(received - payload["E"]) < 5000, update
+    assert isinstance(emitted, int) and 0 <= emitted - received < 5000, update
     return {"symbol": payload["s"], "bidPrice": payload["b"], "bidQty": payload["B"], "askPrice": payload["a"],
             "askQty": payload["A"], "timestamp": payload["E"], "serverTimestamp": received,
-            "backendLatency": received - payload["E"], "updateId": payload["u"], "transactionTime": payload["T"]}
+            "backendLatency": received - payload["E"], "updateId": payload["u"], "transactionTime": payload["T"],
+            "emitTimestamp": emitted}
 
 
 def assert_update_is(update: dict, payload: dict) -> None:
@@ -1171,7 +1174,7 @@ def test_parse_spot_payload_uses_receive_time_and_null_latency():
     assert json.loads(bs.bbo_json(bbo)) == {
         "symbol": "BNBUSDT", "bidPrice": "25.35190000", "bidQty": "31.21000000", "askPrice": "25.36520000",
         "askQty": "40.66000000", "timestamp": T0, "serverTimestamp": T0, "backendLatency": None,
-        "updateId": 400900217, "transactionTime": None}
+        "updateId": 400900217, "transactionTime": None, "emitTimestamp": None}
 
 
 def test_parse_coinm_payload_ignores_ps():
@@ -1207,11 +1210,15 @@ def test_bbo_json_has_the_public_keys_in_order():
     text = bs.bbo_json(make_bbo(7, T0, 5))
     assert text == ('{"symbol":"BTCUSDT","bidPrice":"28750.10","bidQty":"1.500","askPrice":"28750.20",'
                     f'"askQty":"0.250","timestamp":{T0 - 5},"serverTimestamp":{T0},"backendLatency":5,'
-                    f'"updateId":7,"transactionTime":{T0 - 6}}}')
+                    f'"updateId":7,"transactionTime":{T0 - 6},"emitTimestamp":null}}')
     assert tuple(json.loads(text)) == bs.BBO_KEYS
     spot = bs.bbo_json(make_bbo(8, T0, None, bid_qty="1.5"))  # no E or T on spot: nulls, not 0
     assert spot.endswith(f'"bidQty":"1.5","askPrice":"28750.20","askQty":"0.250","timestamp":{T0},'
-                         f'"serverTimestamp":{T0},"backendLatency":null,"updateId":8,"transactionTime":null}}')
+                         f'"serverTimestamp":{T0},"backendLatency":null,"updateId":8,"transactionTime":null,'
+                         '"emitTimestamp":null}')
+    emitted = make_bbo(9, T0, 5, emit_ms=T0 + 2)              # the emit time is the last key
+    assert bs.bbo_json(emitted).endswith(f'"transactionTime":{T0 - 6},"emitTimestamp":{T0 + 2}}}')
+    assert bs.bbo_json(emitted) == bs.bbo_json_head(emitted) + bs.emit_suffix(T0 + 2)
 
 
 def _ticker(**changes: Any) -> str:
@@ -1448,6 +1455,66 @@ def test_shard_health_without_auto_reconnect_stops():
     h.opened(0)
     assert h.closed(10, "connection lost", True, bs.Config(auto_reconnect=False), 0.5) is None
     assert h.state is bs.FeedState.STOPPED and "AUTO_RECONNECT" in h.reason
+
+
+
+@pytest.mark.parametrize("last, now, state", [
+    (None, T0, "waiting"), (T0, T0 + 999, "live"), (T0, T0 + 1000, "suspect"), (T0, T0 + 29_999, "suspect"),
+    (T0, T0 + 30_000, "quiet")])
+def test_symbol_state_is_waiting_live_suspect_then_quiet(last, now, state):
+    assert bs.symbol_state(last, now, 1000, 30_000) == state
+
+
+def test_a_symbol_whose_threshold_reaches_the_stale_time_goes_from_live_to_quiet():
+    assert bs.symbol_state(T0, T0 + 29_999, 30_000, 30_000) == "live"
+    assert bs.symbol_state(T0, T0 + 30_000, 30_000, 30_000) == "quiet"
+
+
+
+def test_rest_clock_sample_takes_the_middle_of_the_round_trip_and_the_middle_of_the_servers_ms():
+    # sent at 1000.0, answered at 1004.0 local; the exchange read 997 (whole ms: 997.0 to 997.999...)
+    sample = bs.rest_clock_sample(1000.0, 1004.0, 997)
+    assert sample == bs.ClockEstimate(1002.0 - 997.5, 2.5, 1004)
+    assert bs.rest_clock_sample(1000.0, 1000.0, 1000).offset_ms == -0.5   # the exchange is at most 1 ms ahead
+
+
+def test_clock_estimator_keeps_the_shortest_round_trip_of_a_round_and_corrects_older_rows_by_their_estimate():
+    clock = bs.ClockOffsetEstimator(max_offset_ms=100)
+    assert clock.current(T0) == (None, None) and clock.status(T0)["source"] is None
+    best = clock.add_rest_round([bs.rest_clock_sample(T0, T0 + 30, T0 - 235),       # 15 ms either way
+                                 bs.rest_clock_sample(T0 + 40, T0 + 42, T0 - 209),  # 1 ms either way: kept
+                                 bs.rest_clock_sample(T0 + 50, T0 + 60, T0 - 200)])
+    assert best.offset_ms == pytest.approx(T0 + 41 - (T0 - 209 + 0.5)) and best.uncertainty_ms == 1.5
+    assert clock.status(T0 + 100) == {"offsetMs": 249.5, "uncertaintyMs": 1.5, "source": "rest",
+                                      "measuredAt": T0 + 42, "warning": clock.warning(best), "error": None}
+    assert "250 ms (± 1.5) ahead of" in clock.status(T0 + 100)["warning"]
+    clock.add_rest_round([bs.rest_clock_sample(T0 + 300_000, T0 + 300_002, T0 + 300_001 - 20)])  # NTP fixed it
+    assert clock.status(T0 + 300_100)["warning"] is None
+    offsets = clock.offsets_at(np.array([T0 - 5000, T0 + 42, T0 + 299_999, T0 + 400_000]), T0 + 400_000)
+    assert offsets.tolist() == [249.5, 249.5, 249.5, 19.5]
+
+
+@pytest.mark.parametrize("offset, uncertainty, bound, warned", [
+    (100.0, 0.5, 100, False), (100.6, 0.5, 100, True), (-100.6, 0.5, 100, True), (150.0, 60.0, 100, False)])
+def test_the_clock_warning_needs_the_offset_beyond_the_bound_by_more_than_its_uncertainty(offset, uncertainty, bound, warned):
+    warning = bs.ClockOffsetEstimator(bound).warning(bs.ClockEstimate(offset, uncertainty, T0))
+    assert (warning is not None) == warned
+    if warned:
+        assert ("behind" if offset < 0 else "ahead of") in warning and "NTP" in warning
+
+
+def test_the_floor_of_recv_minus_e_replaces_a_rest_estimate_it_contradicts():
+    clock = bs.ClockOffsetEstimator()
+    clock.add_rest_round([bs.rest_clock_sample(T0, T0 + 2, T0 - 500)])    # offset 500.5 ± 1.5
+    clock.observe_floor(T0 + 1000, 520)                                   # consistent: updates took ≥ 20 ms
+    assert clock.current(T0 + 1000)[1] == "rest"
+    clock.observe_floor(T0 + 2000, 30)         # the local clock was stepped back: recv - E fell to 30 ms
+    assert clock.current(T0 + 2000) == (clock.rest, "rest")               # no one-way estimate yet
+    clock.ws_rtt_ms = 8.0
+    assert clock.current(T0 + 2000) == (bs.ClockEstimate(26.0, 5.0, T0 + 2000), "floor")
+    assert clock.floor_ms(T0 + 2000 + bs.CLOCK_FLOOR_WINDOW_MS) == 30
+    assert clock.floor_ms(T0 + 20_000 + bs.CLOCK_FLOOR_WINDOW_MS) is None  # minima older than five minutes go
+    assert clock.current(T0 + 20_000 + bs.CLOCK_FLOOR_WINDOW_MS)[1] == "rest"
 
 
 # ---- §5 History cache ---------------------------------------------------------------------
@@ -1742,6 +1809,65 @@ def test_series_raw_tier_buckets():
     assert (s["askMin"], s["askMax"]) == ([11.0, 13.0], [11.5, 21.0])
 
 
+@pytest.mark.parametrize("gaps, threshold", [
+    ([], 1000),                                  # one update: no gap, the floor
+    ([10] * 50, 1000),                           # 100 updates/s: 5 × 10 ms is below the 1 s floor
+    ([400, 400, 400, 10_000], 2000),             # the median ignores one long pause: 5 × 400 ms
+    ([3000, 5000, 7000], 25_000),                # a slow symbol: 5 × its median gap
+    ([0, 0, 0, 1], 1000),                        # bursts within one ms
+    ([201, 201], 1005),                          # rounded up to the next ms
+])
+def test_suspect_threshold_is_five_median_gaps_never_below_one_second(gaps, threshold):
+    recv = np.cumsum([T0, *gaps]).astype(np.int64)
+    assert bs.suspect_threshold_ms(recv) == threshold
+
+
+def test_suspect_after_uses_the_minute_before_the_last_update_and_is_recomputed_at_most_every_10_s():
+    hist = bs.SymbolHistory("BTCUSDT", 1000, 0)
+    assert hist.suspect_after_ms(T0) == bs.SUSPECT_FLOOR_MS              # nothing yet: the floor
+    for k in range(5):                                                  # a pause long ago, left out ...
+        hist.accept(make_bbo(k + 1, T0 + k * 50_000))
+    for k in range(20):                                                 # ... of the last minute: 2 s gaps
+        hist.accept(make_bbo(k + 10, T0 + 250_000 + k * 2000))
+    last = T0 + 250_000 + 19 * 2000
+    assert hist.suspect_after_ms(last + 600_000) == 10_000              # a silence does not move the window
+    for k in range(30):                                                 # faster now: 100 ms gaps ...
+        hist.accept(make_bbo(100 + k, last + 100 + k * 100))
+    assert hist.suspect_after_ms(last + 609_999) == 10_000              # ... seen once 10 s have passed
+    assert hist.suspect_after_ms(last + 610_000) == bs.SUSPECT_FLOOR_MS
+
+
+def test_leg_histogram_buckets_are_at_most_their_bound_and_the_last_is_above_every_bound():
+    counts = bs.leg_histogram(np.array([-3.0, 0.0, 0.5, 1.0, 1.2, 60_000.0, 60_000.5]))
+    assert counts.tolist() == [2, 2, 1] + [0] * (len(bs.LEG_BOUNDS_MS) - 4) + [1, 1]
+    bounds = bs.LEG_BOUNDS_MS[1:]
+    assert np.all(bounds[1:] / bounds[:-1] <= 2.0) and np.all(bounds[1:] > bounds[:-1])   # log-spaced, rising
+
+
+def test_latency_legs_of_stored_rows_with_the_offset_of_their_time():
+    hist = bs.SymbolHistory("BTCUSDT", 1000, 0)
+    hist.clock.add_rest_round([bs.rest_clock_sample(T0 + 4_999, T0 + 5_001, T0 + 5_000 - 40)])  # 39.5 from T0 + 5.001 s
+    hist.clock.add_rest_round([bs.rest_clock_sample(T0 + 9_999, T0 + 10_001, T0 + 10_000 - 20)])  # 19.5 from T0 + 10.001 s
+    for k in range(15):       # one a second; recv - E = 50 + k, E - T = 1 + k % 3; emitted 0..2 ms after receipt
+        recv = T0 + k * 1000
+        hist.accept(make_bbo(k + 1, recv, 50 + k, transaction_ms=recv - 50 - k - 1 - k % 3))
+        hist.stamp_emit(recv + k % 3)
+    legs = hist.latency_legs(T0, T0 + 14_000, T0 + 20_000)
+    assert set(legs) == {"exchangeInternal", "exchangeToServer", "exchangeToServerCorrected", "serverInternal"}
+    assert {k: legs["exchangeToServer"][k] for k in ("count", "p50", "p90", "p99", "max")} == {
+        "count": 15, "p50": 57, "p90": 63, "p99": 64, "max": 64}
+    assert (legs["exchangeInternal"]["p50"], legs["exchangeInternal"]["max"]) == (2, 3)
+    assert (legs["serverInternal"]["count"], legs["serverInternal"]["max"]) == (15, 2)
+    corrected = sorted([50 + k - 39.5 for k in range(11)] + [50 + k - 19.5 for k in range(11, 15)])
+    assert legs["exchangeToServerCorrected"]["max"] == max(corrected)
+    assert legs["exchangeToServerCorrected"]["p50"] == corrected[7]
+    assert legs["exchangeToServerCorrected"]["histogram"]["counts"] == bs.leg_histogram(np.array(corrected)).tolist()
+    histogram = legs["exchangeToServer"]["histogram"]
+    assert histogram["bounds"][:4] == [0, 1, 1.5, 2] and sum(histogram["counts"]) == 15
+    empty = hist.latency_legs(T0 + 100_000, T0 + 200_000, T0 + 200_000)["serverInternal"]
+    assert (empty["count"], empty["p50"], empty["max"], sum(empty["histogram"]["counts"])) == (0, None, None, 0)
+
+
 def test_outages_in_a_range():
     hist = bs.BboHistory(100, 100).get("BTCUSDT")
     hist.begin_outage(T0, "connection lost")
@@ -1758,7 +1884,8 @@ def test_disk_codec_round_trips_raw_columns_exactly():
     rows = [make_bbo(1, T0, bid_price="0.00000000", ask_price="0.018"),
             make_bbo(2, T0 + 1, latency_ms=None, bid_price="28750.10", ask_price="28750.2"),
             make_bbo(3, T0 + 2, latency_ms=-3, bid_price="1", ask_price="99999999.99999999")]
-    cols = bs.bbos_to_columns(rows)
+    rows[:2] = [rows[0]._replace(emit_ms=T0 + 1), rows[1]._replace(emit_ms=T0 + 1)]  # the third was never written
+    cols = bs.bbos_to_columns(rows, [T0 + 1, T0 + 1])
     line = bs.encode_columns("raw", "BTCUSDT", cols)
     assert "\n" not in line
     symbol, back = bs.decode_columns(line, "raw")
@@ -1793,13 +1920,58 @@ def test_disk_codec_says_a_newer_version_and_upgrades_an_older_one(monkeypatch):
     with pytest.raises(bs.CacheFormatError) as info:
         bs.decode_columns(json.dumps({**doc, "v": bs.CACHE_SCHEMA_VERSION + 1}), "raw")
     assert info.value.newer
-    # A release with format 2 reads format-1 files through its upgrade of version 1, never refusing them.
-    monkeypatch.setattr(bs, "CACHE_SCHEMA_VERSION", 2)
+    # A later release reads this format through its upgrade of this version, never refusing it.
+    current = bs.CACHE_SCHEMA_VERSION
+    monkeypatch.setattr(bs, "CACHE_SCHEMA_VERSION", current + 1)
     with pytest.raises(bs.CacheFormatError, match="no upgrade"):
         bs.decode_columns(json.dumps(doc), "raw")
-    monkeypatch.setitem(bs.CACHE_MIGRATIONS, 1, lambda old: {**old, "v": 2, "symbol": old["symbol"].upper()})
+    monkeypatch.setitem(bs.CACHE_MIGRATIONS, current,
+                        lambda old: {**old, "v": current + 1, "symbol": old["symbol"].upper()})
     symbol, cols = bs.decode_columns(json.dumps({**doc, "symbol": "btcusdt"}), "raw")
     assert symbol == "BTCUSDT" and [json.loads(t) for t in bs.rows_to_json_objects(cols, symbol)] == [row_of(b) for b in rows]
+
+
+# A journal line exactly as version 1 (before emit times) wrote it: two futures rows and a spot one.
+V1_RAW_LINE = ('{"v":1,"kind":"raw","symbol":"BTCUSDT","n":3,"cols":{"serverTimestamp":[1700000000000,1700000000001,'
+               '1700000000002],"backendLatency":[5,4,null],"eventMinusTransaction":[1,0,null],"updateId":[7,9,12],'
+               '"bidPrice":{"m":[2875010,2875000,2875000],"d":2},"bidQty":{"m":[1500,18,1],"d":3},'
+               '"askPrice":{"m":[2875020,2875030,2875030],"d":2},"askQty":{"m":[250,0,2],"d":[3,3,0]}}}')
+
+
+def test_a_version_1_record_loads_with_every_value_exact_and_no_emit_time():
+    symbol, cols = bs.decode_columns(V1_RAW_LINE, "raw", "BTCUSDT")
+    rows = [json.loads(t) for t in bs.rows_to_json_objects(cols, symbol)]
+    assert rows == [
+        {"symbol": "BTCUSDT", "bidPrice": "28750.10", "bidQty": "1.500", "askPrice": "28750.20", "askQty": "0.250",
+         "timestamp": T0 - 5, "serverTimestamp": T0, "backendLatency": 5, "updateId": 7, "transactionTime": T0 - 6,
+         "emitTimestamp": None},
+        {"symbol": "BTCUSDT", "bidPrice": "28750.00", "bidQty": "0.018", "askPrice": "28750.30", "askQty": "0.000",
+         "timestamp": T0 - 3, "serverTimestamp": T0 + 1, "backendLatency": 4, "updateId": 9, "transactionTime": T0 - 3,
+         "emitTimestamp": None},
+        {"symbol": "BTCUSDT", "bidPrice": "28750.00", "bidQty": "0.001", "askPrice": "28750.30", "askQty": "2",
+         "timestamp": T0 + 2, "serverTimestamp": T0 + 2, "backendLatency": None, "updateId": 12,
+         "transactionTime": None, "emitTimestamp": None}]
+    again = json.loads(bs.encode_columns("raw", symbol, cols))      # written back in the current format
+    assert again["v"] == bs.CACHE_SCHEMA_VERSION and again["cols"]["emitMinusServerTimestamp"] == [None] * 3
+
+
+def test_emit_times_reach_the_rows_whether_the_pass_comes_before_or_after_numpy():
+    hist = bs.SymbolHistory("BTCUSDT", 100, 0)
+    hist.accept(make_bbo(1, T0))
+    hist.accept(make_bbo(2, T0 + 1))
+    hist.stamp_emit(T0 + 3)                        # the fan-out's pass: both still pending
+    hist.accept(make_bbo(3, T0 + 2))
+    hist.flush()                                   # a read moved row 3 to numpy before its pass
+    hist.accept(make_bbo(4, T0 + 4))
+    assert hist.latest.emit_ms is None
+    hist.stamp_emit(T0 + 5)                        # row 3 (in the ring) and row 4 (pending)
+    assert hist.latest.emit_ms == T0 + 5
+    hist.accept(make_bbo(5, T0 + 6))               # never written to a client yet
+    hist.flush()
+    cols = hist.raw.take(0, hist.raw.total)
+    assert [b.emit_ms for b in bs.rows_to_bbos(cols, "BTCUSDT")] == [T0 + 3, T0 + 3, T0 + 5, T0 + 5, None]
+    symbol, back = bs.decode_columns(bs.encode_columns("raw", "BTCUSDT", cols), "raw")
+    assert [b.emit_ms for b in bs.rows_to_bbos(back, symbol)] == [T0 + 3, T0 + 3, T0 + 5, T0 + 5, None]
 
 
 # ---- §6 HTTP/1.1 and WebSocket frame codec ---------------------------------------------------------------
@@ -2057,10 +2229,10 @@ def test_updates_endpoint_csv(ctx):
     assert resp.status == 200 and resp.content_type.startswith("text/csv")
     lines = resp.body.decode().splitlines()
     assert lines[0] == ",".join(bs.BBO_KEYS)
-    assert lines[1:] == [f"BTCUSDT,28750.10,1.500,28750.20,0.250,{T0 + k * 1000 - 5},{T0 + k * 1000},5,{k + 1},{T0 + k * 1000 - 6}"
-                         for k in (3, 4)]
+    assert lines[1:] == [f"BTCUSDT,28750.10,1.500,28750.20,0.250,{T0 + k * 1000 - 5},{T0 + k * 1000},5,{k + 1},{T0 + k * 1000 - 6},"
+                         for k in (3, 4)]                                   # never emitted: no emit time
     spot = api(ctx, "/api/history/updates?symbol=ETHUSDT&format=csv").body.decode().splitlines()
-    assert spot[1] == f"ETHUSDT,2000.01,1.500,2000.02,0.250,{T0},{T0},,1,"     # null → empty cell
+    assert spot[1] == f"ETHUSDT,2000.01,1.500,2000.02,0.250,{T0},{T0},,1,,"     # null → empty cell
 
 
 @pytest.mark.parametrize("query, fragment", [
@@ -2133,11 +2305,40 @@ def test_latency_outages_bbo_stats_endpoints(ctx):
     assert stats["feed"]["state"] == "live"
 
 
+def test_latency_endpoint_has_the_legs_and_metrics_has_them_as_histograms():
+    history = bs.BboHistory(1000, 100)
+    for k in range(4):
+        history.accept(make_bbo(k + 1, T0 + k, 10 * (k + 1), transaction_ms=T0 + k - 10 * (k + 1) - 2))
+    history.stamp_emit(T0 + 5, ["BTCUSDT"])
+    _, body = api_json(make_ctx(history), "/api/history/latency?symbol=BTCUSDT")
+    assert (body["count"], body["p50"], body["max"]) == (4, 20, 40)               # the fields it had stay
+    legs = body["legs"]
+    assert (legs["exchangeToServer"]["p50"], legs["exchangeToServer"]["max"]) == (20, 40)
+    assert (legs["exchangeInternal"]["count"], legs["exchangeInternal"]["max"]) == (4, 2)
+    assert [legs["serverInternal"][k] for k in ("count", "p50", "max")] == [4, 3, 5]   # emitted at T0 + 5
+    assert legs["exchangeToServerCorrected"]["count"] == 0                         # no clock estimate yet
+    assert body["legsComplete"] is True and body["clock"]["source"] is None
+    text = bs.render_metrics(bs.history_metrics(history, T0 + 10))
+    assert "# TYPE bbo_latency_leg_seconds histogram" in text
+    assert 'bbo_latency_leg_seconds_bucket{symbol="BTCUSDT",leg="exchange_to_server",le="0.02"} 2' in text
+    assert 'bbo_latency_leg_seconds_count{symbol="BTCUSDT",leg="server_internal"} 4' in text
+    assert 'bbo_latency_leg_seconds_sum{symbol="BTCUSDT",leg="server_internal"} 0.014' in text
+    assert "bbo_clock_offset_seconds" not in text
+    history.clock.add_rest_round([bs.rest_clock_sample(T0, T0 + 2, T0 - 9)])   # local 9.5 ms ahead
+    text = bs.render_metrics(bs.history_metrics(history, T0 + 10))
+    assert 'bbo_clock_offset_seconds{source="rest"} 0.0095' in text
+    assert 'bbo_clock_offset_uncertainty_seconds{source="rest"} 0.0015' in text
+    corrected = api_json(make_ctx(history), "/api/history/latency?symbol=BTCUSDT")[1]["legs"]["exchangeToServerCorrected"]
+    assert (corrected["count"], corrected["p50"], corrected["max"]) == (4, 10.5, 30.5)
+
+
 def test_healthz_always_200_and_readyz_only_when_live():
     history = bs.BboHistory(10, 10)
     assert api_json(make_ctx(history, "connecting"), "/healthz") == (200, {
         "status": "ok", "version": bs.__version__, "feed": {"state": "connecting", "reason": "test", "messages": 0},
-        "persistence": {"state": "disabled", "reason": "CACHE_PERSIST=false"}})
+        "persistence": {"state": "disabled", "reason": "CACHE_PERSIST=false"},
+        "clock": {"offsetMs": None, "uncertaintyMs": None, "source": None, "measuredAt": None, "warning": None,
+                  "error": None}})
     failing = make_ctx(history, "live")
     failing.persistence = {"state": "failing", "reason": "cannot write x (No space left on device)"}
     status, body = api_json(failing, "/healthz")
@@ -3087,6 +3288,73 @@ def test_feed_without_auto_reconnect_stops(tmp_path, fast_feed):
     run(scenario())
 
 
+def test_a_silent_symbol_is_suspect_in_healthz_and_feed_status_while_another_stays_live(tmp_path, fast_feed):
+    async def scenario():
+        async with fed_app(tmp_path, ("BTCUSDT", "ETHUSDT")) as (fake, srv):
+            fake.start_generator(["btcusdt", "ethusdt"], 50)       # 20 ms gaps: suspect after the 1 s floor
+            await srv.events.wait_for(lambda: all(s["state"] == "live" for s in srv.status()["symbols"].values()),
+                                      5, "both symbols live")
+            fake.stop_generator()
+            fake.start_generator(["btcusdt"], 50)                  # ETHUSDT falls silent; the exchange stays up
+            pushed = len(srv.events.statuses)
+            await srv.events.wait_for(lambda: any(s["symbols"]["ETHUSDT"]["state"] == "suspect"
+                                                  for s in srv.events.statuses[pushed:]), 5, "ETHUSDT suspect")
+            body = await srv.get_json("/healthz")
+            eth, btc = body["feed"]["symbols"]["ETHUSDT"], body["feed"]["symbols"]["BTCUSDT"]
+            assert eth["state"] == "suspect" and eth["suspectAfterMs"] == bs.SUSPECT_FLOOR_MS
+            assert bs.now_ms() - eth["lastMessage"] >= eth["suspectAfterMs"]
+            assert btc["state"] == "live" and body["feed"]["state"] == "live"
+            fake.stop_generator()
+            fake.send_bbo("ethusdt", "2000.00", "1", "2000.10", "1")    # it speaks again: live at once
+            await srv.events.wait_for(lambda: srv.status()["symbols"]["ETHUSDT"]["state"] == "live", 5, "ETHUSDT live")
+    run(scenario())
+
+
+def test_clock_offset_from_the_exchanges_server_time_is_within_2_ms_of_the_skew_and_corrects_latency(tmp_path):
+    async def scenario():
+        async with FakeBinance("futures", clock_skew_ms=-250.0) as fake:     # the exchange's clock 250 ms behind
+            cfg = make_cfg(tmp_path, fake.base_url, clock_check_minutes=5, clock_max_offset_ms=100)
+            async with serving(cfg) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                await srv.events.wait_for(lambda: srv.status()["clock"]["source"] == "rest", 5, "a clock estimate")
+                assert fake.rest_requests == ["/fapi/v1/time"] * bs.CLOCK_SAMPLES_PER_ROUND
+                body = await srv.get_json("/healthz")
+                clock = body["clock"]
+                assert abs(clock["offsetMs"] - 250) <= 2 and 0 < clock["uncertaintyMs"] <= 2
+                assert body["feed"]["clock"]["offsetMs"] == clock["offsetMs"]
+                assert "250 ms" in clock["warning"] and "ahead of" in clock["warning"]
+                await srv.events.wait_for(lambda: srv.events.logged(r"clock: the local clock is 2\d\d ms", logging.WARNING),
+                                          5, "the clock warning in the log")
+                assert any(s["clock"]["source"] == "rest" for s in srv.events.statuses)   # feed_status has it too
+                for k in range(20):
+                    fake.send_bbo("btcusdt", f"1.{k:02d}", "1", "2.00", "1")
+                await srv.wait_updates(20)
+                legs = (await srv.get_json("/api/history/latency?symbol=BTCUSDT"))["legs"]
+                assert legs["exchangeToServer"]["count"] == 20 and legs["exchangeToServer"]["p50"] >= 248
+                corrected = legs["exchangeToServerCorrected"]
+                assert corrected["count"] == 20 and -2 <= corrected["p50"] <= corrected["max"] < 100
+                metrics = (await srv.get("/metrics")).body.decode()
+                offset = float(re.search(r'bbo_clock_offset_seconds\{source="rest"\} (\S+)', metrics).group(1))
+                assert abs(offset * 1000 - clock["offsetMs"]) < 1e-3
+                assert 'leg="exchange_to_server_corrected",le="+Inf"} 20' in metrics
+    run(scenario())
+
+
+def test_an_unreachable_rest_host_is_reported_and_retried_without_touching_the_feed(tmp_path, monkeypatch):
+    monkeypatch.setattr(bs, "CLOCK_RETRY_S", 0.05)
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            cfg = make_cfg(tmp_path, fake.base_url, clock_check_minutes=5, exchange_rest_url=f"http://127.0.0.1:{free_port()}")
+            async with serving(cfg) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                await srv.events.wait_for(lambda: srv.status()["clock"]["error"], 5, "the clock error")
+                assert "cannot connect to 127.0.0.1" in srv.status()["clock"]["error"]
+                assert srv.status()["clock"]["source"] is None
+                assert len(srv.events.logged("clock: cannot read", logging.WARNING)) == 1   # once, then DEBUG
+                await Fed(fake, srv).send("btcusdt", "1.00", "1", "1.10", "1")
+    run(scenario())
+
+
 def test_feed_warns_about_a_symbol_that_never_sends(tmp_path, fast_feed):
     async def scenario():
         async with FakeBinance("futures") as fake:
@@ -3746,6 +4014,8 @@ def test_hub_encodes_each_update_once_and_hands_every_client_the_same_bytes():
 
     async def scenario() -> None:
         hub, a, b = bs.Hub(), Conn(), Conn()
+        emitted: list[tuple[int, set[str]]] = []
+        hub.on_emit = lambda emit_ms, symbols: emitted.append((emit_ms, symbols))
         hub.attach(a)  # type: ignore[arg-type]  # a stand-in: what the hub uses of a connection
         hub.attach(b)  # type: ignore[arg-type]
         btc, eth = make_bbo(1), make_bbo(2, symbol="ETHUSDT")
@@ -3753,10 +4023,14 @@ def test_hub_encodes_each_update_once_and_hands_every_client_the_same_bytes():
         hub.publish(eth)
         hub.publish_feed_status({"state": "live"})
         assert a.batches == [] and b.batches == []          # delivered once per loop pass, not per publish
+        before = bs.now_ms()
         await asyncio.sleep(0)
         [(batch, joined)] = a.batches
         assert b.batches == [(batch, joined)] and b.batches[0][0] is batch and b.batches[0][1] is joined
-        texts = ['42["bbo_update",' + bs.bbo_json(btc) + "]", '42["bbo_update",' + bs.bbo_json(eth) + "]",
+        [(emit_ms, symbols)] = emitted                      # one emit time for the whole pass
+        assert before <= emit_ms <= bs.now_ms() and symbols == {"BTCUSDT", "ETHUSDT"}
+        texts = ['42["bbo_update",' + bs.bbo_json(btc._replace(emit_ms=emit_ms)) + "]",
+                 '42["bbo_update",' + bs.bbo_json(eth._replace(emit_ms=emit_ms)) + "]",
                  '42["feed_status",{"state":"live"}]']
         assert [(u.key, u.text, u.always) for u in batch] == list(zip(["BTCUSDT", "ETHUSDT", bs.FEED_STATUS_KEY],
                                                                       texts, [False, False, True]))
@@ -3861,7 +4135,7 @@ def test_connect_answer_then_welcome_then_the_feed_status(tmp_path):
         ws.recv_text()
         ws.send_text("40")
         assert re.fullmatch(r'40\{"sid":"[\w-]{20}"\}', ws.recv_text())
-        assert ws.recv_text() == '42["welcome",{"message":"Welcome to BBO Stream"}]'
+        assert ws.recv_text() == '42["welcome",{"message":"Welcome to BBO Stream","feedEdit":false,"maxFeedSymbols":50}]'
         status = ws.recv_text()
         assert status.startswith('42["feed_status",{"state":"live","reason":null,')
         feed = json.loads(status[2:])[1]
@@ -3884,7 +4158,7 @@ def test_with_auth_token_a_connect_needs_auth_token_else_connect_error_unauthori
         assert srv.call(lambda: srv.app.hub.stats()["clients"]) == 0
         ws.send_text(json.dumps({"token": TOKEN, "offset": "1-2"}).join(("40", "")))  # other keys are ignored
         assert ws.recv_text().startswith('40{"sid":')
-        assert ws.recv_text() == '42["welcome",{"message":"Welcome to BBO Stream"}]'
+        assert ws.recv_text() == '42["welcome",{"message":"Welcome to BBO Stream","feedEdit":true,"maxFeedSymbols":50}]'  # authenticated: it may change the feed
         srv.wait(lambda: srv.app.hub.stats()["clients"] == 1, "the client on the hub")
         assert not srv.call(lambda: srv.fed.srv.events.logged(re.escape(TOKEN)))
 
@@ -4005,13 +4279,19 @@ def test_feed_status_is_sent_whenever_the_feed_state_changes(tmp_path, fast_feed
         srv.send("btcusdt", "1.00", "1", "1.10", "1")
         ws = srv.joined_ws()
         states = [json.loads(ws.recv_until('42["feed_status"')[2:])[1]["state"]]
+
+        def next_state() -> None:  # a symbol's state changing (live, suspect) sends feed_status too
+            state = json.loads(ws.recv_until('42["feed_status"')[2:])[1]["state"]
+            if state != states[-1]:
+                states.append(state)
         srv.call(srv.fed.fake.drop_all)                      # the exchange drops the connection
         while states[-1] != "connecting":
-            states.append(json.loads(ws.recv_until('42["feed_status"')[2:])[1]["state"])
+            next_state()
         srv.call(srv.fed.fake.wait_for_subscribed, "btcusdt")
         srv.send("btcusdt", "1.01", "1", "1.10", "1")
         ws.recv_until('42["bbo_update"')
-        states.append(json.loads(ws.recv_until('42["feed_status"')[2:])[1]["state"])
+        while states[-1] != "live":
+            next_state()
         assert states == ["live", "backoff", "connecting", "live"]
 
 
@@ -4041,6 +4321,130 @@ def test_a_frozen_feed_is_announced_as_stale_then_live_again(tmp_path, fast_feed
         while (status := json.loads(ws.recv_until('42["feed_status"')[2:])[1])["state"] != "live":
             pass
         assert status["reason"] is None
+
+
+@contextlib.asynccontextmanager
+async def sio_client(port: int, **connect_kw: Any):
+    """A python-socketio AsyncClient (SioEvents) connected over WebSocket to 127.0.0.1:port."""
+    sio = SioEvents(reconnection=False)
+    await sio.client.connect(f"http://127.0.0.1:{port}", transports=["websocket"], wait_timeout=5, **connect_kw)
+    try:
+        yield sio
+    finally:
+        await sio.client.disconnect()
+
+
+def sent_requests(fake: FakeBinance) -> list[tuple[str, list[str]]]:
+    """(method, params) of every request the product sent the fake exchange, in order."""
+    return [(r["method"], r["params"]) for c in fake.connections for r in map(json.loads, c.received)]
+
+
+def test_an_allowed_client_adds_and_removes_feed_symbols_checked_against_exchange_info(tmp_path, fast_feed, monkeypatch):
+    monkeypatch.setattr(bs, "FEED_REQUEST_SPACING_S", 0.05)
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            fake.listed["SOLUSDT"] = "BREAK"
+            cfg = make_cfg(tmp_path, fake.base_url, feed_edit_allowed=True, feed_max_symbols=3)
+            async with serving(cfg) as srv, sio_client(srv.port) as sio:
+                await fake.wait_for_subscribed("btcusdt")
+                assert await sio.next("welcome") == {"message": "Welcome to BBO Stream", "feedEdit": True,
+                                                     "maxFeedSymbols": 3}
+                add = lambda symbol: sio.client.call("feed_add_symbol", {"symbol": symbol}, timeout=5)
+                remove = lambda symbol: sio.client.call("feed_remove_symbol", {"symbol": symbol}, timeout=5)
+                assert await add("ethusdt") == {"ok": True, "symbols": ["BTCUSDT", "ETHUSDT"]}
+                assert sent_requests(fake) == [("SUBSCRIBE", ["ethusdt@bookTicker"])]   # on the open connection
+                assert fake.total_connections == 1
+                status = await sio.next("feed_status")
+                while "ETHUSDT" not in status["symbols"]:
+                    status = await sio.next("feed_status")
+                assert status["symbols"]["ETHUSDT"]["state"] == "waiting"
+                payload = fake.send_bbo("ethusdt", "2000.01", "3", "2000.02", "10.0")
+                while (update := await sio.next("bbo_update"))["symbol"] != "ETHUSDT":
+                    pass
+                assert_update_is(update, payload)
+                assert await add("NOPEUSDT") == {"error": "NOPEUSDT is not listed on futures"}
+                assert await add("solusdt") == {"error": "SOLUSDT is BREAK on futures, not TRADING"}
+                assert await add("ETHUSDT") == {"error": "ETHUSDT is already streamed"}
+                assert await add("bnbusdt") == {"ok": True, "symbols": ["BTCUSDT", "ETHUSDT", "BNBUSDT"]}
+                assert await add("xrpusdt") == {"error": "the feed has 3 symbols, the most FEED_MAX_SYMBOLS allows"}
+                assert fake.rest_requests == ["/fapi/v1/exchangeInfo"]                   # kept a while
+                assert await add("BTC USDT") == {"error": 'expected {"symbol": "ETHUSDT"}: 1 to 32 letters, digits or _'}
+                assert await remove("ethusdt") == {"ok": True, "symbols": ["BTCUSDT", "BNBUSDT"]}
+                assert await remove("ethusdt") == {"error": "ETHUSDT is not streamed"}
+                assert sent_requests(fake)[-1] == ("UNSUBSCRIBE", ["ethusdt@bookTicker"])
+                assert fake.subscribers("ethusdt") == [] and len(fake.subscribers("bnbusdt")) == 1
+                assert list((await srv.get_json("/healthz"))["feed"]["symbols"]) == ["BTCUSDT", "BNBUSDT"]
+                await fake.drop_all()                      # a reconnect asks for the new list in its URL
+                assert fake.connections == []
+                [conn] = await fake.wait_for_subscribed("bnbusdt")
+                assert conn.path == "/stream?streams=btcusdt@bookTicker/bnbusdt@bookTicker"
+    run(scenario(), 20)
+
+
+def test_feed_symbols_are_remembered_across_restarts_until_symbol_changes(tmp_path, fast_feed, monkeypatch):
+    monkeypatch.setattr(bs, "FEED_REQUEST_SPACING_S", 0.05)
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            cfg = make_cfg(tmp_path, fake.base_url, feed_edit_allowed=True, cache_persist=True)
+            async with serving(cfg) as srv, sio_client(srv.port) as sio:
+                await fake.wait_for_subscribed("btcusdt")
+                assert (await sio.client.call("feed_add_symbol", {"symbol": "ETHUSDT"}, timeout=5))["ok"]
+            saved = json.loads((tmp_path / "cache" / bs.FEED_SYMBOLS_FILE).read_text())
+            assert saved == {"base": ["BTCUSDT"], "symbols": ["BTCUSDT", "ETHUSDT"]}
+            async with serving(cfg) as srv:                          # the same SYMBOL: the list as changed
+                [conn] = await fake.wait_for_subscribed("ethusdt")
+                assert conn.path == "/stream?streams=btcusdt@bookTicker/ethusdt@bookTicker"
+                assert list(srv.status()["symbols"]) == ["BTCUSDT", "ETHUSDT"]
+            await fake.wait_for_connections(0)
+            async with serving(dataclasses.replace(cfg, symbol=("BNBUSDT",))) as srv:  # SYMBOL changed: it wins
+                [conn] = await fake.wait_for_subscribed("bnbusdt")
+                assert conn.path == "/ws/bnbusdt@bookTicker" and list(srv.status()["symbols"]) == ["BNBUSDT"]
+    run(scenario(), 20)
+
+
+def test_a_symbol_added_beyond_a_connections_share_opens_a_connection_and_removing_it_closes_it(tmp_path, fast_feed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            cfg = make_cfg(tmp_path, fake.base_url, feed_edit_allowed=True, feed_streams_per_connection=1)
+            async with serving(cfg) as srv, sio_client(srv.port) as sio:
+                await fake.wait_for_subscribed("btcusdt")
+                assert (await sio.client.call("feed_add_symbol", {"symbol": "ETHUSDT"}, timeout=5))["ok"]
+                [conn] = await fake.wait_for_subscribed("ethusdt")
+                assert conn.path == "/ws/ethusdt@bookTicker" and len(fake.connections) == 2
+                await Fed(fake, srv).send("ethusdt", "2000.01", "3", "2000.02", "10.0")
+                assert (await sio.client.call("feed_remove_symbol", {"symbol": "ETHUSDT"}, timeout=5))["ok"]
+                [left] = await fake.wait_for_connections(1)
+                assert left.path == "/ws/btcusdt@bookTicker" and len(srv.app.feed.shards) == 1
+                assert (await sio.client.call("feed_remove_symbol", {"symbol": "BTCUSDT"}, timeout=5)) == {
+                    "error": "the feed needs at least one symbol"}
+    run(scenario(), 20)
+
+
+@pytest.mark.parametrize("settings, allowed", [({}, False), ({"feed_edit_allowed": True}, True),
+                                               ({"auth_token": "s3cret"}, True)])
+def test_feed_edit_needs_the_token_or_the_setting(tmp_path, settings, allowed):
+    async def scenario():
+        async with FakeBinance("futures") as fake:
+            async with serving(make_cfg(tmp_path, fake.base_url, **settings)) as srv:
+                auth = {"auth": {"token": settings["auth_token"]}} if "auth_token" in settings else {}
+                async with sio_client(srv.port, **auth) as sio:
+                    assert (await sio.next("welcome"))["feedEdit"] is allowed
+                    ack = await sio.client.call("feed_remove_symbol", {"symbol": "BTCUSDT"}, timeout=5)
+                    assert ack == ({"error": "the feed needs at least one symbol"} if allowed else {
+                        "error": "changing the feed's symbols is off: it needs AUTH_TOKEN (clients then connect "
+                                 "with it) or FEED_EDIT_ALLOWED=true"})
+    run(scenario())
+
+
+def test_remembered_symbols_load_only_when_whole_and_from_the_same_symbol_setting(tmp_path):
+    path = tmp_path / bs.FEED_SYMBOLS_FILE
+    assert bs.load_feed_symbols(path, ("BTCUSDT",)) == ("BTCUSDT",)                  # no file yet
+    bs.save_feed_symbols(path, ("BTCUSDT",), ["BTCUSDT", "ETHUSDT"])
+    assert bs.load_feed_symbols(path, ("BTCUSDT",)) == ("BTCUSDT", "ETHUSDT")
+    assert bs.load_feed_symbols(path, ("BNBUSDT",)) == ("BNBUSDT",)                  # SYMBOL changed since
+    for bad in ('{"base":["BTCUSDT"],"symbols":[]}', '{"base":["BTCUSDT"],"symbols":["eth usdt"]}', "{", "[]"):
+        path.write_text(bad)
+        assert bs.load_feed_symbols(path, ("BTCUSDT",)) == ("BTCUSDT",)
 
 
 # ---- §15 Socket.IO server -----------------------------------------------------------------------
@@ -4272,7 +4676,7 @@ const { Server } = require("socket.io");
 const http = require("http").createServer();
 const io = new Server(http, { pingInterval: 25000, pingTimeout: 20000, maxHttpBufferSize: 1e6, cors: { origin: "*" } });
 io.on("connection", (socket) => {
-  socket.emit("welcome", { message: "Welcome to BBO Stream" });
+  socket.emit("welcome", { message: "Welcome to BBO Stream", feedEdit: false, maxFeedSymbols: 50 });
   socket.emit("feed_status", { state: "live" });
   socket.on("ping", (...args) => {
     const pong = { time: Date.now() };
@@ -4439,7 +4843,7 @@ def test_polling_handshake_post_and_session_errors(tmp_path):
         status, _, body = raw.request("GET", eio_path(sid))
         connect, welcome, feed = body.decode().split("\x1e")
         assert re.fullmatch(r'40\{"sid":"[\w-]{20}"\}', connect) and connect[9:29] != sid
-        assert welcome == '42["welcome",{"message":"Welcome to BBO Stream"}]'
+        assert welcome == '42["welcome",{"message":"Welcome to BBO Stream","feedEdit":false,"maxFeedSymbols":50}]'
         assert feed.startswith('42["feed_status",{"state":')
         raw.request("POST", eio_path(sid), b'4212["ping"]')
         _, _, body = raw.request("GET", eio_path(sid))
@@ -5628,7 +6032,7 @@ def client_session(srv: LiveServer, client: Any) -> None:
     client.connect()
     expected = "polling" if client.mode == "polling" else "websocket"
     assert client.transport() == expected
-    assert client.inbox.nth("welcome") == {"message": "Welcome to BBO Stream"}
+    assert client.inbox.nth("welcome") == {"message": "Welcome to BBO Stream", "feedEdit": False, "maxFeedSymbols": 50}
     status = client.inbox.nth("feed_status")
     assert (status["state"], status["reason"], status["messages"]) == ("live", None, 2)
     assert set(status) == set(srv.get_json("/healthz")["feed"])
@@ -5842,7 +6246,7 @@ def test_python_client_is_refused_without_the_token_and_gets_updates_with_it(tmp
             assert not client.inbox.of("welcome")
         client = srv.keep(PyClient(srv.url, mode))
         client.connect(auth={"token": TOKEN})
-        assert client.inbox.nth("welcome") == {"message": "Welcome to BBO Stream"}
+        assert client.inbox.nth("welcome") == {"message": "Welcome to BBO Stream", "feedEdit": True, "maxFeedSymbols": 50}
         srv.wait(lambda: srv.app.hub.stats()["clients"] == 1, "the client on the hub")
         sent = srv.send("btcusdt", "28750.11", "0.00000000", "28750.12", "7")
         assert_update_is(client.inbox.nth("bbo_update"), sent)
@@ -6854,7 +7258,7 @@ def test_python_socketio_client_through_nginx(stack, mode, scheme):
         sio = SioEvents(reconnection=False, ssl_verify=False)
         await sio.client.connect(stack.url(scheme), transports=TRANSPORTS[mode], wait_timeout=5)
         try:
-            assert await sio.next("welcome") == {"message": "Welcome to BBO Stream"}
+            assert await sio.next("welcome") == {"message": "Welcome to BBO Stream", "feedEdit": False, "maxFeedSymbols": 50}
             assert (await sio.next("feed_status"))["state"] == "live"
             update = await sio.next("bbo_update")
             assert update["symbol"] in ("BTCUSDT", "ETHUSDT") and set(update) >= {"bidPrice", "askPrice", "updateId"}

@@ -279,3 +279,53 @@ def test_free_port_can_be_bound_by_a_server() -> None:
         async with FakeBinance(port=port) as fake:
             assert fake.port == port and fake.base_url == f"ws://127.0.0.1:{port}/ws"
     run(t)
+
+
+def _http_get(port: int, target: str) -> tuple[int, dict[str, str], Any]:
+    """A plain HTTP/1.1 GET (what a REST client sends) → (status, lower-case headers, JSON body)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=RECV_TIMEOUT_S)
+    try:
+        conn.request("GET", target)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("market, path", [("futures", "/fapi/v1/time"), ("spot", "/api/v3/time"),
+                                          ("coinm", "/dapi/v1/time")])
+def test_rest_server_time_runs_ahead_by_the_skew_on_each_markets_path(market: str, path: str) -> None:
+    async def t() -> None:
+        async with FakeBinance(market=market, clock_skew_ms=-8_000) as fake:
+            assert fake.rest_url == f"http://127.0.0.1:{fake.port}"
+            before = time.time_ns() // 1_000_000
+            status, headers, body = await asyncio.to_thread(_http_get, fake.port, path)
+            after = time.time_ns() // 1_000_000
+            assert status == 200 and headers["content-type"] == "application/json"
+            assert before - 8_000 <= body["serverTime"] <= after - 8_000      # 8 s behind this machine
+            fake.clock_skew_ms = 250.5
+            fake.start_generator(["btcusdt"], 200)
+            async with connect(f"{fake.base_url}/btcusdt@bookTicker") as ws:
+                update = await recv_json(ws)
+                received = time.time_ns() // 1_000_000
+                if market != "spot":                                       # E and T follow the exchange's clock
+                    assert 0 <= update["E"] - received - 250 <= 50 and update["T"] == update["E"]
+            assert fake.rest_requests == [path] and fake.total_connections == 1   # REST is not a stream connection
+            assert (await asyncio.to_thread(_http_get, fake.port, "/api/v3/klines"))[0] == 404
+    run(t)
+
+
+def test_rest_exchange_info_lists_the_listed_symbols_and_spot_refuses_an_unlisted_one() -> None:
+    async def t() -> None:
+        async with FakeBinance(market="futures") as fake:
+            fake.listed = {"BTCUSDT": "TRADING", "ETHUSDT": "SETTLING"}
+            status, _, body = await asyncio.to_thread(_http_get, fake.port, "/fapi/v1/exchangeInfo")
+            assert status == 200 and [(s["symbol"], s["status"]) for s in body["symbols"]] == [
+                ("BTCUSDT", "TRADING"), ("ETHUSDT", "SETTLING")]
+        async with FakeBinance(market="spot") as fake:
+            status, _, body = await asyncio.to_thread(_http_get, fake.port, "/api/v3/exchangeInfo?symbol=ETHBTC")
+            assert status == 200 and [s["symbol"] for s in body["symbols"]] == ["ETHBTC"]
+            status, _, body = await asyncio.to_thread(_http_get, fake.port, "/api/v3/exchangeInfo?symbol=NOPEUSDT")
+            assert (status, body) == (400, {"code": -1121, "msg": "Invalid symbol."})
+    run(t)
