@@ -218,6 +218,8 @@ PERSIST_ERROR_LOG_INTERVAL_S = 60.0  # a full disk is logged once a minute, not 
 
 # --- HTTP server --------------------------------------------------------------
 MAX_HEAD_BYTES = 16 * 1024           # h11's default; node allows 16 KiB of headers too  → 431
+CONN_RECV_BYTES = 16 * 1024          # one recv on a plain connection: asyncio's 256 KiB let each sender park
+                                     # 256 KiB in its stream before reading paused (50 MB over 200 senders)
 MAX_TARGET_BYTES = 8 * 1024          # aiohttp's and nginx's request-line size             → 414
 MAX_HEADERS = 100                    # websockets and aiohttp allow 128; browsers send ~20  → 431
 MAX_QUERY_FIELDS = 100               # our endpoints take ≤ 6 parameters; bounds parse_qs work → 400
@@ -249,10 +251,21 @@ OUTBOX_MAX_CONTROL_BYTES = 512 * 1024  # non-update packets queued for a client 
 OUTBOX_MAX_UPDATE_BYTES = 64 * 1024    # pending updates (~250) before compaction to the newest per symbol
 WS_HIGH_WATER_BYTES = 64 * 1024  # unsent bytes at which a WebSocket client is backed up (asyncio's default mark)
 WS_WRITE_TIMEOUT_S = 10.0        # a backed-up client whose socket does not drain in this time is disconnected
-WS_READ_CHUNK_BYTES = 64 * 1024  # one read from a WebSocket peer; bounds the work done per read
+WS_READ_CHUNK_BYTES = 4 * 1024   # one read from a WebSocket peer: at most 682 frames (websockets parses one in
+                                 # ~4 µs) before the message budget is checked and other clients get a turn
 WS_MAX_UNSENT_BYTES = 1024 * 1024  # answers (pongs, acks) queued for a peer that sends but does not read:
                                    # beyond this it is not read again until it takes them (or is cut)
 WS_CLOSE_TIMEOUT_S = 10.0        # the peer's time to finish the closing handshake (websockets' close_timeout)
+WS_SNDBUF_BYTES = 128 * 1024     # a WebSocket client's kernel send buffer (Linux doubles it); left to autotune, it
+                                 # grows to MiBs that hide a client that stopped reading for 30 s before
+                                 # WS_WRITE_TIMEOUT_S starts counting; 256 KiB still carries 1 MB/s at 250 ms RTT
+HELD_BYTES_LIMIT = 16 * 1024 * 1024  # unfinished client messages (partial frames, waiting attachments, POST bodies
+                                     # being read) held at once across all clients, beyond each one's free share:
+                                     # MAX_PAYLOAD bounds one message, this bounds what many half-sent ones pin
+                                     # (each held MiB costs 3-4 MiB of RSS in copies on the way); clients of
+                                     # this server send small events, so 16 messages of 1 MB at once is plenty
+HELD_FREE_BYTES = 16 * 1024      # what one holder may hold without the shared budget: events, acks and polling
+                                 # batches are far smaller, so only large messages ever wait on it
 FANOUT_PARALLEL_MIN_LINKS = 128  # fewer WebSocket clients than this: a thread hand-off (~50 µs) costs more than it saves
 FANOUT_AUTO_MAX_THREADS = 3      # FANOUT_THREADS=auto uses CPUs - 1 up to this; beyond, the GIL-held part of each write dominates
 BBO_MAX_RATE_PER_S = 1000.0      # highest `maxRate` a client may ask for (updates per second per symbol)
@@ -320,6 +333,10 @@ class HttpError(BboStreamError):
 
 class EioProtocolError(BboStreamError, ValueError):
     """An invalid Engine.IO packet or request; the session is closed."""
+
+
+class HeldBytesRefused(BboStreamError):
+    """A client's unfinished message does not fit in the server's HELD_BYTES_LIMIT."""
 
 
 class SioProtocolError(BboStreamError, ValueError):
@@ -2818,8 +2835,11 @@ def iter_eio_payload(body: str) -> Iterator[EioPacket]:
     Raises:
         EioProtocolError: at the first invalid packet.
     """
-    for segment in body.split(EIO_SEPARATOR):
-        yield decode_eio(segment)
+    start = 0  # (not str.split: a 1 MB body of tiny bad packets would make 70,000 strings for one error)
+    while (end := body.find(EIO_SEPARATOR, start)) >= 0:
+        yield decode_eio(body[start:end])
+        start = end + 1
+    yield decode_eio(body[start:])
 
 
 # ###########################################################################
@@ -3016,6 +3036,11 @@ class SioDecoder:
     @property
     def pending(self) -> bool:
         return self._pending is not None
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of attachments held for the packet being reassembled."""
+        return self._pending_bytes
 
     def feed(self, data: str | bytes, now_s: float = 0.0) -> SioPacket | None:
         """Add one Engine.IO message (received at ``now_s``); return a packet once one is complete.
@@ -3229,6 +3254,47 @@ class InboundBudget:
 
 
 INBOUND_RATE_REASON = "message rate limit"  # close reason of a client over MAX_CLIENT_MESSAGES_PER_S
+HELD_BYTES_REASON = "server busy"           # close reason of a client whose large message found HELD_BYTES_LIMIT spent
+
+
+class HeldBytesBudget:
+    """Bytes of unfinished client messages the whole server holds (see HELD_BYTES_LIMIT).
+
+    Each holder (a WebSocket's partial frame, a packet's attachments, a POST body) keeps a
+    HeldBytes share; its first HELD_FREE_BYTES are free, so ordinary traffic never touches the
+    budget and only large messages can be refused.  Pure bookkeeping."""
+
+    __slots__ = ("limit_bytes", "used_bytes", "refusals")
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes  # the most counted at once
+        self.used_bytes = 0             # counted now, over all holders
+        self.refusals = 0               # holders refused because the budget was spent
+
+
+class HeldBytes:
+    """One holder's share of a HeldBytesBudget."""
+
+    __slots__ = ("budget", "counted_bytes")
+
+    def __init__(self, budget: HeldBytesBudget) -> None:
+        self.budget = budget
+        self.counted_bytes = 0  # what this holder has counted in the budget (beyond its free share)
+
+    def hold(self, nbytes: int) -> bool:
+        """This holder now holds ``nbytes``; False, with nothing changed, when the budget cannot
+        take them (the caller then drops what it holds and calls release())."""
+        want = max(0, nbytes - HELD_FREE_BYTES)
+        budget = self.budget
+        if want > self.counted_bytes and budget.used_bytes + want - self.counted_bytes > budget.limit_bytes:
+            budget.refusals += 1
+            return False
+        budget.used_bytes += want - self.counted_bytes
+        self.counted_bytes = want
+        return True
+
+    def release(self) -> None:
+        self.hold(0)
 
 
 class EioState(Enum):
@@ -3584,13 +3650,14 @@ class SioClientState:
     a client; a violation is a protocol error that closes the connection.
     """
 
-    __slots__ = ("decoder", "namespaces", "connect_deadline")
+    __slots__ = ("decoder", "namespaces", "connect_deadline", "held")
 
     def __init__(self, now_s: float, connect_timeout_s: float = SIO_CONNECT_TIMEOUT_S,
-                 max_pending_bytes: int = 1_000_000) -> None:
+                 max_pending_bytes: int = 1_000_000, held: HeldBytes | None = None) -> None:
         self.decoder = SioDecoder(max_pending_bytes=max_pending_bytes)  # packet reassembly for this connection
         self.namespaces: dict[str, Any] = {}             # joined namespace -> the layer above's socket
         self.connect_deadline: float | None = now_s + connect_timeout_s  # None once a namespace is joined
+        self.held = held                                 # the attachments' share of the server's held bytes
 
     def receive(self, data: str | bytes, now_s: float = 0.0) -> SioPacket | None:
         """Decode one Engine.IO message; a complete, allowed packet or None (attachments pending).
@@ -3599,6 +3666,9 @@ class SioClientState:
             SioProtocolError: malformed, or not allowed in the current state.
         """
         pkt = self.decoder.feed(data, now_s)
+        if self.held is not None and not self.held.hold(self.decoder.pending_bytes):
+            raise HeldBytesRefused(f"attachments of {self.decoder.pending_bytes} bytes while the server holds "
+                                   f"{self.held.budget.used_bytes} bytes of unfinished messages")
         if pkt is None:
             return None
         joined = pkt.namespace in self.namespaces
@@ -5379,7 +5449,8 @@ class SioServer:
     def on_open(self, conn: EioConnection) -> None:
         loop = asyncio.get_running_loop()
         # A binary packet with its attachments is held to the size of one Engine.IO message.
-        conn.upper = SioClientState(loop.time(), self.connect_timeout_s, self.eio.max_payload_bytes)
+        conn.upper = SioClientState(loop.time(), self.connect_timeout_s, self.eio.max_payload_bytes,
+                                    HeldBytes(self.eio.held_budget))
         self._connect_timers[conn] = loop.call_later(self.connect_timeout_s, self._check_connected, conn)
 
     def on_message(self, conn: EioConnection, data: str | bytes) -> None:
@@ -5390,6 +5461,10 @@ class SioServer:
             pkt = client.receive(data, loop.time())
             if client.decoder.pending and not was_pending:  # attachments announced: they must come in time
                 loop.call_later(SIO_ATTACHMENT_TIMEOUT_S, self._check_attachments, conn)
+        except HeldBytesRefused as exc:
+            log.debug("sio %s: closing %s: %s", short_sid(conn.sid), conn.peer, exc)
+            conn.close(HELD_BYTES_REASON)
+            return
         except SioProtocolError as exc:
             # socket.io client.ts: a decode error or a packet in the wrong state closes the connection
             # (ref: "42{}", "4abc", an event before CONNECT, a second CONNECT -> close; polling `6\x1e1`).
@@ -5419,6 +5494,8 @@ class SioServer:
         client: SioClientState | None = conn.upper
         if client is None:
             return
+        if client.held is not None:
+            client.held.release()
         for sock in list(client.namespaces.values()):
             self._leave(sock, reason)
 
@@ -5547,6 +5624,11 @@ EIO_ERROR_MESSAGES = {
 }
 _POLL_HEADERS = (("Cache-Control", "no-store"),)  # engine.io sets it on every polling answer
 _WS_LOG = logging.getLogger("bbo_stream.ws")        # websockets' per-connection log lines
+
+
+def _log_held_refusal(budget: HeldBytesBudget, peer: str) -> None:
+    _log_once("held-bytes", "%s sent a large message while %d bytes of unfinished messages were held "
+              "(server-wide limit %d); disconnected", peer, budget.used_bytes, budget.limit_bytes)
 
 
 class EioConnection:
@@ -5726,6 +5808,8 @@ class EioConnection:
             self.server.rate_disconnects += 1
             _log_once("inbound-rate", "eio %s: %s sent more than %g packets/s (MAX_CLIENT_MESSAGES_PER_S); disconnected",
                       short_sid(self.sid), self.peer, self.server.max_messages_per_s)
+        elif reason == HELD_BYTES_REASON:
+            _log_held_refusal(self.server.held_budget, self.peer)
         if self._post_transport is not None:  # (ref: polling doClose destroys the data request)
             self._post_transport.abort()
         if self.probe is not None:
@@ -5735,7 +5819,7 @@ class EioConnection:
         if link is not None:
             if link.backed_up:
                 link.abort()  # it cannot take more bytes; nothing graceful is possible
-            elif reason == INBOUND_RATE_REASON:
+            elif reason in (INBOUND_RATE_REASON, HELD_BYTES_REASON):
                 link.abort()  # a flood: reading on while a closing handshake waits would serve it 10 s more
             else:
                 self._flush(conflate=True)
@@ -5851,6 +5935,8 @@ class EioServer:
         self.refused_full = 0                        # handshakes refused by max_clients
         self.refused_origin = 0                      # requests refused for their Origin
         self.refused_address = 0                     # handshakes refused by max_sessions_per_address
+        # Unfinished client messages (frames, attachments, POST bodies) held at once, all clients together.
+        self.held_budget = HeldBytesBudget(max(HELD_BYTES_LIMIT, 2 * max_payload_bytes))
         # Told the outcome of requests that end without an HttpResponse for the HTTP layer to
         # write: 101 (WebSocket accepted), websockets' own 4xx refusal, 499 (a parked GET
         # whose client went away, nginx's "client closed request").  The HTTP layer counts them.
@@ -5878,6 +5964,10 @@ class EioServer:
                          [("", self.refused_origin)]),
             MetricFamily("eio_refused_address_total", "counter", "Handshakes refused at MAX_SESSIONS_PER_ADDRESS",
                          [("", self.refused_address)]),
+            MetricFamily("eio_held_bytes", "gauge", "Bytes of unfinished client messages counted against "
+                         "the server-wide limit", [("", self.held_budget.used_bytes)]),
+            MetricFamily("eio_held_refusals_total", "counter", "Large client messages refused because the "
+                         "server-wide limit on unfinished messages was reached", [("", self.held_budget.refusals)]),
         ]
 
     @classmethod
@@ -6188,7 +6278,7 @@ class EioWebSocket:
         proto = ServerProtocol(max_size=self.server.max_payload_bytes, logger=_WS_LOG)
         proto.receive_data(req.raw_head)
         events = proto.events_received()
-        link = WsLink(proto, reader, writer)
+        link = WsLink(proto, reader, writer, HeldBytes(self.server.held_budget))
         status = 400  # a head websockets cannot parse: it queues a 400 itself
         if events and isinstance(events[0], WsRequest):
             response = proto.accept(events[0])
@@ -6201,6 +6291,10 @@ class EioWebSocket:
             writer.close()
             return None
         writer.transport.set_write_buffer_limits(high=WS_HIGH_WATER_BYTES)  # drain() resumes at a quarter
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WS_SNDBUF_BYTES)
         return link
 
 
@@ -6217,10 +6311,10 @@ class WsLink:
     """One accepted WebSocket: the protocol object plus the streams it is driven over."""
 
     __slots__ = ("proto", "reader", "writer", "transport", "raw_fd", "writable", "backed_up", "_abort_timer",
-                 "_kind", "_parts", "pings")
+                 "_kind", "_parts", "pings", "held")
 
     def __init__(self, proto: ServerProtocol, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+                 writer: asyncio.StreamWriter, held: HeldBytes | None = None) -> None:
         self.proto = proto                  # websockets' sans-I/O state machine
         self.reader = reader                # bytes from the peer
         self.writer = writer                # only for drain() and close(); writes go to `transport`
@@ -6234,6 +6328,7 @@ class WsLink:
         self._kind = Opcode.TEXT            # opcode of the message being reassembled
         self._parts: list[bytes | bytearray | memoryview] = []  # its fragments so far
         self.pings = 0                      # ping frames received and not yet reported
+        self.held = held                    # the unfinished message's share of the server's held bytes
 
     def write(self, data: bytes) -> None:
         """Write whole frames; notes when the peer stops keeping up."""
@@ -6329,7 +6424,14 @@ class WsLink:
                 break
         return messages
 
+    def unfinished_bytes(self) -> int:
+        """Bytes of the message under way: the frame websockets is still reading, and the
+        fragments already joined here."""
+        return len(self.proto.reader.buffer) + sum(map(len, self._parts))
+
     def finished(self) -> None:
+        if self.held is not None:
+            self.held.release()
         if self._abort_timer is not None:
             self._abort_timer.cancel()
             self._abort_timer = None
@@ -6363,7 +6465,13 @@ async def serve_ws_link(link: WsLink, on_message: Callable[[WsLink, str | bytes]
                 data = await link.reader.read(WS_READ_CHUNK_BYTES)
             except (ConnectionError, OSError):
                 data = b""
-            for count, message in enumerate(link.receive(data), 1):
+            messages = link.receive(data)
+            many = len(messages) + link.pings >= WS_MESSAGES_PER_YIELD
+            if link.held is not None and not link.held.hold(link.unfinished_bytes()):
+                _log_held_refusal(link.held.budget, str(link.writer.get_extra_info("peername")))
+                link.abort()  # (no close frame: the peer may not be reading, and nothing more is read)
+                data = b""
+            for count, message in enumerate(messages, 1):
                 if link.writable:  # nothing more is handled once we started closing
                     on_message(link, message)
                 if count % WS_MESSAGES_PER_YIELD == 0:
@@ -6372,8 +6480,10 @@ async def serve_ws_link(link: WsLink, on_message: Callable[[WsLink, str | bytes]
                 pings, link.pings = link.pings, 0
                 if on_pings is not None and link.writable:
                     on_pings(link, pings)
-            if not data or proto.state is WsState.CLOSED:
-                return
+            if not data or proto.state is WsState.CLOSED or link.transport.is_closing():
+                return  # (aborted: what the stream still holds would only be parsed for nothing)
+            if many:  # (a read returns at once while the stream holds data: no turn for others otherwise)
+                await asyncio.sleep(0)
             if link.transport.get_write_buffer_size() > WS_MAX_UNSENT_BYTES and not await _drain_answers(link):
                 return
             if proto.close_expected():
@@ -6528,6 +6638,8 @@ class HttpServer:
             transport, _ = await loop.connect_accepted_socket(
                 lambda: protocol, conn, ssl=self.ssl_ctx if use_tls else None,
                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S if use_tls else None)
+            if not use_tls and isinstance(getattr(transport, "max_size", None), int):
+                transport.max_size = CONN_RECV_BYTES
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             await self.serve_connection(reader, writer, peer, accepted_at)
         except (asyncio.TimeoutError, TimeoutError, ConnectionError, ssl.SSLError, OSError) as exc:
@@ -6605,42 +6717,54 @@ class HttpServer:
             if raw_head is None:
                 return
             deadline = None
-            started = time.perf_counter()
+            held = HeldBytes(self.app.eio.held_budget)  # the body's share of the server's held bytes
             try:
-                req = parse_request_head(raw_head, peer)
-                req = dataclasses.replace(req, peer=self.client_ip(req))  # the client, decided once
-                route = resolve_route(req.path)
-                check_method(req, route)
-                is_eio = route.kind is RouteKind.EIO
-                limit = self.cfg.max_payload_bytes if is_eio else MAX_API_BODY_BYTES
-                try:
-                    length = body_length(req, limit)
-                except HttpError as exc:
-                    if exc.status != 413 or not is_eio:
-                        raise
-                    # Engine.IO answers an oversized POST itself (413, no body; the session lives on).
-                    resp = await self.app.eio.handle_request(req, None, reader, writer)
-                    await self._finish(writer, req, route, resp or error_response(exc), False, started)
+                if not await self._serve_request(raw_head, peer, held, reader, writer):
                     return
-                body = await self._read_body(req, length, reader, writer, is_eio)
-                if body is None:  # Engine.IO refused a POST overlapping another of its session
-                    return
+            finally:
+                held.release()
+
+    async def _serve_request(self, raw_head: bytes, peer: str, held: HeldBytes, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> bool:
+        """Read one request's body, answer it; True when the connection may carry another request."""
+        started = time.perf_counter()
+        try:
+            req = parse_request_head(raw_head, peer)
+            req = dataclasses.replace(req, peer=self.client_ip(req))  # the client, decided once
+            route = resolve_route(req.path)
+            check_method(req, route)
+            is_eio = route.kind is RouteKind.EIO
+            limit = self.cfg.max_payload_bytes if is_eio else MAX_API_BODY_BYTES
+            try:
+                length = body_length(req, limit)
             except HttpError as exc:
-                self.requests[("bad-request", exc.status)] += 1
-                await self._send(writer, error_response(exc), False)
-                return
-            except (asyncio.IncompleteReadError, asyncio.TimeoutError, TimeoutError):
-                return
-            # An upgrade answered with a plain response was refused: (ref: engine.io's abortUpgrade
-            # and socket.io's destroyUpgrade) the connection closes after it.
-            keep_alive = wants_keep_alive(req) and not is_upgrade(req)
-            resp = await self.dispatch(req, route, body, reader, writer)
-            if resp is None:  # Engine.IO took the connection (and reported its outcome)
-                return
-            keep_alive = keep_alive and not self.closing  # says `Connection: close` during shutdown
-            await self._finish(writer, req, route, resp, keep_alive, started)
-            if not keep_alive:
-                return
+                if exc.status != 413 or not is_eio:
+                    raise
+                # Engine.IO answers an oversized POST itself (413, no body; the session lives on).
+                resp = await self.app.eio.handle_request(req, None, reader, writer)
+                await self._finish(writer, req, route, resp or error_response(exc), False, started)
+                return False
+            if not held.hold(length):  # refused unread: reading it is the cost a flood of them imposes
+                _log_held_refusal(held.budget, req.peer)
+                raise HttpError(503, "server busy: too many large request bodies under way", [("Retry-After", "1")])
+            body = await self._read_body(req, length, reader, writer, is_eio)
+            if body is None:  # Engine.IO refused a POST overlapping another of its session
+                return False
+        except HttpError as exc:
+            self.requests[("bad-request", exc.status)] += 1
+            await self._send(writer, error_response(exc), False)
+            return False
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, TimeoutError):
+            return False
+        # An upgrade answered with a plain response was refused: (ref: engine.io's abortUpgrade
+        # and socket.io's destroyUpgrade) the connection closes after it.
+        keep_alive = wants_keep_alive(req) and not is_upgrade(req)
+        resp = await self.dispatch(req, route, body, reader, writer)
+        if resp is None:  # Engine.IO took the connection (and reported its outcome)
+            return False
+        keep_alive = keep_alive and not self.closing  # says `Connection: close` during shutdown
+        await self._finish(writer, req, route, resp, keep_alive, started)
+        return keep_alive
 
     async def _read_body(self, req: HttpRequest, length: int, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter, is_eio: bool) -> bytes | None:

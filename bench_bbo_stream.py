@@ -1764,6 +1764,7 @@ HOSTILE_RATE = 100.0              # updates/s from the fake exchange
 _MB = 1_000_000                   # "1 MB": MAX_PAYLOAD's default, the largest message the server accepts
 _EIO_PATH = "/socket.io/?EIO=4&transport="
 _CUT_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+_DEFAULT_PER_ADDRESS = next(st.default for st in bs.SETTINGS if st.name == "MAX_SESSIONS_PER_ADDRESS")
 
 
 def _ws_frame(opcode: int, payload: bytes) -> bytes:
@@ -1780,8 +1781,8 @@ def _ws_frame(opcode: int, payload: bytes) -> bytes:
 class _HostileConn:
     """One raw client socket of a hostile client: HTTP requests, the WebSocket upgrade, server frames."""
 
-    def __init__(self, port: int, rcvbuf: int = 0) -> None:
-        self.port, self.rcvbuf = port, rcvbuf
+    def __init__(self, port: int, rcvbuf: int = 0, source: str = "127.0.0.1") -> None:
+        self.port, self.rcvbuf, self.source = port, rcvbuf, source
         self.loop = asyncio.get_running_loop()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.buf = bytearray()
@@ -1790,6 +1791,7 @@ class _HostileConn:
         self.sock.setblocking(False)
         if self.rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+        self.sock.bind((self.source, 0))
         await self.loop.sock_connect(self.sock, ("127.0.0.1", self.port))
 
     async def reconnect(self) -> None:
@@ -1887,9 +1889,15 @@ class _HostileConn:
         self.sock.close()
 
 
+def _hostile_source(kind: str) -> str:
+    """Each hostile kind is one attacker: its own loopback address (127.0.0.2, .3, ...), apart from the
+    well-behaved clients on 127.0.0.1, so that MAX_SESSIONS_PER_ADDRESS applies as it would on a network."""
+    return f"127.0.0.{2 + HOSTILE_KINDS.index(kind)}"
+
+
 async def _hostile_client(kind: str, port: int, deadline: float, stats: collections.Counter) -> None:
     """One hostile client of `kind` until `deadline`; counts what happened in `stats`."""
-    c = _HostileConn(port, rcvbuf=4096 if kind == "ping-no-read" else 0)
+    c = _HostileConn(port, rcvbuf=4096 if kind == "ping-no-read" else 0, source=_hostile_source(kind))
     cut = False
     try:
         await c.connect()
@@ -2051,7 +2059,8 @@ async def _hostile_run(kinds: list[str], good: int, per_kind: int, ramp_s: float
     from fake_binance import FakeBinance
     res: dict[str, Any] = {}
     async with FakeBinance(market="futures", port=0, record_send_times=True) as fake:
-        server = _ServerProc("ours", fake.base_url, logdir)   # passes --max-sessions-per-address 1000000
+        # The default per-address cap: the hostile kinds come from addresses of their own.
+        server = _ServerProc("ours", fake.base_url, logdir, {"MAX_SESSIONS_PER_ADDRESS": _DEFAULT_PER_ADDRESS})
         hostile: _HostileProcs | None = None
         try:
             await server.wait_listening()
@@ -2166,7 +2175,7 @@ def _hostile_line(name: str, r: dict[str, Any], quiet: dict[str, Any] | None, pe
     return s
 
 
-def bench_hostile(quick: bool) -> int:
+def bench_hostile(quick: bool, kinds: list[str]) -> int:
     """Hostile clients beside well-behaved ones (see `python bench_bbo_stream.py hostile`); exit 1 on a harness failure."""
     _raise_nofile()
     good, per_kind = (20, 40) if quick else (50, 200)
@@ -2176,16 +2185,20 @@ def bench_hostile(quick: bool) -> int:
     print(f"# hostile: bbo_stream {bs.__version__} at {_git_state()}, Python {sys.version.split()[0]}; "
           f"{Path(sys.executable).name} {' '.join(sys.argv)}; {os.cpu_count()} CPUs shared by the server, load "
           f"clients, hostile clients and the fake exchange ({HOSTILE_RATE:g} updates/s of {FANOUT_SYMBOL}); "
-          f"server with --max-sessions-per-address 1000000; {good} well-behaved WebSocket clients; {per_kind} hostile "
-          f"clients per kind; each scenario a fresh server; hostile clients start 1 s after the feed, "
+          f"server with its default settings (MAX_SESSIONS_PER_ADDRESS {_DEFAULT_PER_ADDRESS}); {good} well-behaved "
+          f"WebSocket clients on 127.0.0.1; {per_kind} hostile clients per kind, each kind from an address of its own "
+          f"(127.0.0.2 ...); each scenario a fresh server; hostile clients start 1 s after the feed, "
           f"{ramp_s:g} s ramp, then {measure_s:g} s measured; server logs in {logdir}", flush=True)
     print("# RSS = server VmRSS peak (sampled every 0.25 s) − its RSS before any client; latency = fake send → "
           "good client's socket (kernel timestamp); cut = hostile clients that saw EOF, a reset or a close frame; "
           "counters = /metrics bbo_eio_*_total from before the hostile clients start to after they stop (the probe "
           "handshake at the window's end is one of them)", flush=True)
-    scenarios: list[tuple[str, list[str]]] = [("quiet", []), *((k, [k]) for k in HOSTILE_KINDS)]
-    if not quick:
-        scenarios += [("all-at-once", list(HOSTILE_KINDS)), ("quiet-again", [])]   # the noise of the baseline
+    unknown = set(kinds) - set(HOSTILE_KINDS)
+    if unknown:
+        raise SystemExit(f"unknown hostile kinds: {', '.join(sorted(unknown))} (known: {', '.join(HOSTILE_KINDS)})")
+    scenarios: list[tuple[str, list[str]]] = [("quiet", []), *((k, [k]) for k in kinds)]
+    if not quick and len(kinds) > 1:
+        scenarios += [("all-at-once", kinds), ("quiet-again", [])]   # the noise of the baseline
     rc, runs = 0, []
     try:
         for name, kinds in scenarios:
@@ -2233,6 +2246,9 @@ def main() -> int:
     fan.add_argument("--max-wait", type=float, default=60.0, help="longest wait for that, in seconds")
     fan.add_argument("--retries", type=int, default=2,
                      help="repeat a load run whose window saw more than twice that other load (best kept)")
+    hostile = parser.add_argument_group("hostile")
+    hostile.add_argument("--kinds", default=",".join(HOSTILE_KINDS),
+                         help="comma-separated hostile kinds, each run alone (all-at-once: all of them together)")
     fan.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     fan.add_argument("--feed", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -2247,7 +2263,7 @@ def main() -> int:
     if args.what == "faults":
         return bench_faults(args.quick)
     if args.what == "hostile":
-        return bench_hostile(args.quick)
+        return bench_hostile(args.quick, [k for k in args.kinds.split(",") if k])
     rows = 100_000 if args.quick else 1_000_000
     print(f"# bbo_stream {bs.__version__}, Python {sys.version.split()[0]}, numpy {np.__version__}, "
           f"{os.cpu_count()} CPUs")

@@ -2431,6 +2431,21 @@ def test_eio_payload_yields_packets_before_the_bad_one():
     assert got == ["a", "b"]
 
 
+def test_a_bad_packet_first_in_a_large_body_costs_nothing_for_the_rest():
+    # A flood of 1 MB POSTs of tiny bad packets: each body was split into 70,000 strings before
+    # its first packet was found bad.
+    import tracemalloc
+    body = ("9bad\x1e" * 200_000)[:1_000_000]
+    tracemalloc.start()
+    try:
+        with pytest.raises(bs.EioProtocolError):
+            next(bs.iter_eio_payload(body))
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak_bytes < 64 * 1024, peak_bytes
+
+
 # ---- §9 Socket.IO v5 codec -------------------------------------------------------------------
 # Pure: golden strings as node's socket.io-parser writes them, and the reference's quirks.
 
@@ -2511,6 +2526,37 @@ def test_inbound_budget_allows_a_burst_then_the_rate_and_refills():
     assert not budget.spend(0.0)
     assert budget.spend(0.1) and not budget.spend(0.1)       # one more every 1/rate seconds
     assert all(budget.spend(100.0) for _ in range(int(10 * bs.EIO_INBOUND_BURST_S)))   # refilled, capped
+
+
+def test_held_bytes_are_free_up_to_a_share_then_counted_against_the_server_wide_budget():
+    free = bs.HELD_FREE_BYTES
+    budget = bs.HeldBytesBudget(limit_bytes=1000)
+    a, b = bs.HeldBytes(budget), bs.HeldBytes(budget)
+    assert a.hold(free) and budget.used_bytes == 0               # ordinary messages never touch it
+    assert a.hold(free + 600) and budget.used_bytes == 600
+    assert not b.hold(free + 401)                                # 600 + 401 > 1000: refused...
+    assert (budget.used_bytes, b.counted_bytes, budget.refusals) == (600, 0, 1)   # ...with nothing counted
+    assert b.hold(free + 400) and budget.used_bytes == 1000      # exactly full is allowed
+    assert a.hold(free + 100) and budget.used_bytes == 500       # holding less gives back
+    a.release()
+    b.release()
+    assert budget.used_bytes == 0
+
+
+def test_attachments_are_counted_while_held_and_refused_when_the_budget_is_spent():
+    budget = bs.HeldBytesBudget(limit_bytes=100)
+    client = bs.SioClientState(0.0, held=bs.HeldBytes(budget))
+    other = bs.HeldBytes(budget)
+    assert other.hold(bs.HELD_FREE_BYTES + 60)
+    client.joined("/", object())
+    client.receive('52-["e",{"_placeholder":true,"num":0},{"_placeholder":true,"num":1}]')
+    client.receive(b"a" * bs.HELD_FREE_BYTES)                     # the free share
+    assert budget.used_bytes == 60
+    client.receive(b"b" * 40)                                      # complete: the packet, nothing held
+    assert budget.used_bytes == 60
+    client.receive('52-["e",{"_placeholder":true,"num":0},{"_placeholder":true,"num":1}]')
+    with pytest.raises(bs.HeldBytesRefused):
+        client.receive(b"c" * (bs.HELD_FREE_BYTES + 41))          # 60 + 41 > 100
 
 
 @pytest.mark.parametrize("sequence", [
@@ -6584,6 +6630,31 @@ def test_a_client_over_its_message_budget_is_disconnected_and_the_others_are_not
         assert srv.metric("bbo_eio_rate_disconnects_total") == 1
 
 
+def test_a_flooder_is_cut_after_one_small_read_and_what_it_sent_after_is_never_parsed(tmp_path, monkeypatch):
+    # 200 ping flooders arriving together stalled the loop for seconds: each read parsed 64 KiB
+    # (~3,600 frames at ~4 µs), and after the cut the stream's buffered bytes were parsed too.
+    parsed: dict[int, int] = {}
+    receive = bs.WsLink.receive
+
+    def spy(self: bs.WsLink, data: bytes) -> list[str | bytes]:
+        parsed[id(self)] = parsed.get(id(self), 0) + len(data)
+        return receive(self, data)
+    monkeypatch.setattr(bs.WsLink, "receive", spy)
+    with LiveServer(tmp_path, max_client_messages_per_s=50) as srv:   # a burst of 100
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        other = srv.joined_ws()
+        other.recv_until('42["feed_status"')
+        flooder = srv.joined_ws()
+        link_id = srv.call(lambda: id(list(srv.app.eio.connections.values())[-1].ws))
+        before = parsed.get(link_id, 0)
+        with contextlib.suppress(OSError):                     # the server hangs up on us
+            flooder.sock.sendall(_masked(0x9, b"p" * 12) * 20_000)   # 360 KB of pings in one go
+        srv.wait_sessions(1)
+        assert parsed[link_id] - before <= 4096, parsed[link_id] - before   # one read (README: 4 KiB at a time)
+        update = srv.send("btcusdt", "1.01", "1", "1.10", "1")
+        assert_update_is(json.loads(other.recv_until('42["bbo_update"')[2:])[1], update)
+
+
 def test_attachments_that_stop_coming_or_grow_too_large_cut_the_client(tmp_path, monkeypatch):
     monkeypatch.setattr(bs, "SIO_ATTACHMENT_TIMEOUT_S", 0.3)
     with LiveServer(tmp_path, max_payload_bytes=4096) as srv:
@@ -6604,6 +6675,133 @@ def test_attachments_that_stop_coming_or_grow_too_large_cut_the_client(tmp_path,
         assert log_once_counts()["sio-attachments"] >= 1           # the time-out, not the bytes, cut `silent`
         update = srv.send("btcusdt", "1.01", "1", "1.10", "1")
         assert_update_is(json.loads(other.recv_until('42["bbo_update"')[2:])[1], update)
+
+
+def _partial_frame(total: int, sent: int) -> bytes:
+    """The head of a masked binary frame announcing `total` payload bytes, and `sent` of them."""
+    return bytes((0x82, 0xFF)) + total.to_bytes(8, "big") + b"\0\0\0\0" + b"p" * sent
+
+
+def test_half_sent_large_messages_are_bounded_server_wide(tmp_path, monkeypatch):
+    # 200 clients each half-sending a 1 MB message pinned 600 MB: MAX_PAYLOAD bounds one message,
+    # HELD_BYTES_LIMIT their sum.  Here: 2 × 90 KB fit in 200 KB; the third is refused.
+    monkeypatch.setattr(bs, "HELD_BYTES_LIMIT", 200_000)
+    with LiveServer(tmp_path, max_payload_bytes=100_000) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        other = srv.joined_ws()
+        other.recv_until('42["feed_status"')
+        hogs = [srv.joined_ws() for _ in range(3)]
+        for hog in hogs[:2]:
+            hog.sock.sendall(_partial_frame(99_000, 90_000))
+        counted = 2 * (90_000 - bs.HELD_FREE_BYTES)
+        srv.wait(lambda: srv.app.eio.held_budget.used_bytes == counted, "two partial frames counted")
+        refused_before = log_once_counts().get("held-bytes", 0)
+        with contextlib.suppress(OSError):                      # the server hangs up on the third
+            hogs[2].sock.sendall(_partial_frame(99_000, 90_000))
+        srv.wait_sessions(3)                                    # `other` and the first two hogs
+        assert log_once_counts().get("held-bytes", 0) > refused_before
+        assert srv.metric("bbo_eio_held_refusals_total") == 1
+        assert srv.metric("bbo_eio_held_bytes") == counted
+        # A polling POST of a large body is refused unread (503) while the budget is spent;
+        # an ordinary one is served.
+        sid, raw = srv.polling_handshake()
+        raw.request("POST", eio_path(sid), b"40")
+        status, headers, body = raw.request("POST", eio_path(sid), b'42["ping","' + b"x" * 80_000 + b'"]')
+        assert status == 503 and headers["retry-after"] == "1", (status, body)
+        assert json.loads(body)["error"].startswith("server busy")
+        assert raw.at_eof()
+        update = srv.send("btcusdt", "1.01", "1", "1.10", "1")
+        assert_update_is(json.loads(other.recv_until('42["bbo_update"')[2:])[1], update)
+        for hog in hogs[:2]:
+            hog.reset()
+        srv.wait(lambda: srv.app.eio.held_budget.used_bytes == 0, "the hogs' bytes given back")
+        sid, raw = srv.polling_handshake()                      # room again: a large body is read
+        raw.request("POST", eio_path(sid), b"40")
+        status, _, body = raw.request("POST", eio_path(sid), b'42["ping","' + b"x" * 80_000 + b'"]')
+        assert (status, body) == (200, b"ok")
+        assert srv.metric("bbo_eio_held_refusals_total") == 2     # the one POST, no more
+
+
+def test_waiting_attachments_are_bounded_server_wide(tmp_path, monkeypatch):
+    # Over polling (a POST delivers each attachment whole): two packets each waiting with one
+    # 70 KB attachment of two fit in 200 KB; the third does not and its session is closed.
+    monkeypatch.setattr(bs, "HELD_BYTES_LIMIT", 200_000)
+    with LiveServer(tmp_path, max_payload_bytes=100_000) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        other = srv.joined_ws()
+        other.recv_until('42["feed_status"')
+        announce = '452-["up",{"_placeholder":true,"num":0},{"_placeholder":true,"num":1}]'
+        body = bs.encode_eio_payload([announce, bs.encode_eio_binary(b"a" * 70_000)]).encode()
+        answers, sids = [], []
+        for _ in range(3):
+            sid, raw = srv.polling_handshake()
+            assert raw.request("POST", eio_path(sid), b"40")[0] == 200
+            answers.append(raw.request("POST", eio_path(sid), body)[:3:2])
+            sids.append(sid)
+        assert answers == [(200, b"ok")] * 3, answers
+        status, _, last = raw.request("GET", eio_path(sids[2]))   # the third is told it is closed
+        assert (status, last.split(b"\x1e")[-1]) == (200, b"1"), (status, last)
+        srv.wait_sessions(3)                                   # `other` and the first two
+        assert dict(srv.fed.srv.events.closes) == {sids[2]: bs.HELD_BYTES_REASON}
+        assert srv.metric("bbo_eio_held_bytes") == 2 * (70_000 - bs.HELD_FREE_BYTES)
+        update = srv.send("btcusdt", "1.01", "1", "1.10", "1")
+        assert_update_is(json.loads(other.recv_until('42["bbo_update"')[2:])[1], update)
+
+
+def test_a_client_that_stops_reading_is_cut_before_the_kernel_absorbs_seconds_of_updates(tmp_path, monkeypatch):
+    # WS_WRITE_TIMEOUT_S counts once the kernel stops taking bytes.  Left to autotune, a client that
+    # had been reading fast got a send buffer of MiBs (30 s of a busy feed) before that clock started;
+    # WS_SNDBUF_BYTES bounds what the kernel takes for a client that stopped.
+    monkeypatch.setattr(bs, "WS_WRITE_TIMEOUT_S", 0.5)
+    taken_at_cut: dict[str, int] = {}
+    on_closed = bs.EioConnection._on_session_closed
+
+    def spy(self: bs.EioConnection, reason: str) -> None:
+        taken_at_cut.setdefault(self.sid, self.counters[0])
+        on_closed(self, reason)
+    monkeypatch.setattr(bs.EioConnection, "_on_session_closed", spy)
+    rcvbuf = 64 * 1024
+    with LiveServer(tmp_path, max_client_messages_per_s=1_000_000) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        client = srv.joined_ws(rcvbuf=rcvbuf)
+        [sid] = srv.call(lambda: list(srv.app.eio.connections))
+        client.recv_until('42["feed_status"')
+        reading, frame_bytes = threading.Event(), []
+        reading.set()
+
+        def read_while_told() -> None:
+            with contextlib.suppress(OSError, AssertionError):
+                while reading.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        text = client.recv_text(timeout=0.05)
+                        if text.startswith('42["bbo_update"'):
+                            frame_bytes.append(len(text) + 4)
+        reader = threading.Thread(target=read_while_told, daemon=True)
+        reader.start()
+
+        async def feed(count: int) -> None:
+            fake, sent = srv.fed.fake, len(srv.fed.srv.events.updates)
+            for n in range(count):
+                fake.send_bbo("btcusdt", f"{n % 1000}.{n % 100:02d}", "1.500", f"{n % 1000 + 1}.00", "0.250")
+                if n % 50 == 49:
+                    await srv.fed.srv.wait_updates(sent + n + 1)
+        srv.call(feed, 5_000, timeout=30)           # while it reads: the connection's buffers grow
+        srv.wait(lambda: srv.app.eio.connections[sid].counters[0] >= 5_000, "5,000 updates taken")
+        reading.clear()
+        reader.join(5)
+        taken_before = srv.call(lambda: srv.app.eio.connections[sid].counters[0])
+
+        async def feed_until_cut() -> None:
+            while sid in srv.app.eio.connections:
+                await feed(50)
+                await asyncio.sleep(0.001)
+        srv.call(feed_until_cut, timeout=30)
+        frame = max(frame_bytes)
+        kernel_bytes = 2 * bs.WS_SNDBUF_BYTES + 2 * rcvbuf   # Linux doubles both settings
+        bound = (kernel_bytes + bs.WS_HIGH_WATER_BYTES) * 5 // 4 // frame   # + a quarter: TCP's own rounding
+        assert taken_at_cut[sid] - taken_before <= bound, (taken_at_cut[sid] - taken_before, bound)
+        assert srv.metric("bbo_eio_slow_disconnects_total") == 1
+        client.reset()
 
 
 def test_a_flooder_that_never_reads_is_disconnected(tmp_path, monkeypatch):
