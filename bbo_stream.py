@@ -283,6 +283,7 @@ GC_GEN0_THRESHOLD = 10_000          # CPython's 700 runs a young collection ever
 
 # --- Shutdown, TLS, logs ---------------------------------------------------------
 SHUTDOWN_GRACE_S = 5.0               # SIGTERM → exit 0 within a few seconds (Docker waits 10 s)
+CANCEL_RETRY_S = 0.1                 # at shutdown, a task still running this long after cancel() is cancelled again
 CONNECTION_CLOSE_WAIT_S = 1.0        # a closing socket's last bytes; a vanished peer must not hold the task
 SELF_SIGNED_CERT_DAYS = 825          # Apple platforms refuse TLS server certificates valid any longer
 OPENSSL_TIMEOUT_S = 60.0             # generating an RSA-2048 key takes well under a second
@@ -7036,12 +7037,8 @@ class App:
             for task in list(self.http.idle):  # between requests: nothing is lost by ending them now
                 task.cancel()
             _, pending = await asyncio.wait(set(self.http.connections), timeout=SHUTDOWN_GRACE_S / 2)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_tasks(pending)
+        await cancel_tasks(tasks)
         self.hub.close()
         if self.persistence is not None and self.persistence.off_reason is None:
             failure = self.persistence.flush_sync()
@@ -7050,6 +7047,24 @@ class App:
             else:
                 log.error("cache: final flush FAILED: %s; updates of the last %.1f s are not on disk",
                           failure, self.persistence.writer.lag_ms / 1000)
+
+
+async def cancel_tasks(tasks: Iterable[asyncio.Task], timeout_s: float = SHUTDOWN_GRACE_S / 2) -> None:
+    """Cancel tasks and wait until they end, cancelling again any that is still running: Python
+    3.11's asyncio.wait_for loses a cancellation that races with its inner await finishing, and the
+    task then went on (into a 30 s sleep) while shutdown waited for it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    pending = set(tasks)
+    while pending and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        done, pending = await asyncio.wait(pending, timeout=CANCEL_RETRY_S)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:  # (retrieved: ending anyway)
+                log.debug("shutdown: task %s ended with %r", task.get_name(), task.exception())
+    for task in pending:
+        log.warning("shutdown: task %s did not end within %g s of being cancelled", task.get_name(), timeout_s)
 
 
 # ###########################################################################

@@ -5695,6 +5695,27 @@ def test_shutdown_writes_the_final_flush(tmp_path, fast_feed):
     run(scenario())
 
 
+def test_shutdown_cancels_again_a_task_that_swallowed_its_cancellation():
+    # Python 3.11's asyncio.wait_for can lose a cancellation that races with its inner await; the
+    # clock task then slept 30 s more and SIGTERM took that long (seen as a flaky shutdown test).
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass                                           # the lost cancellation
+        await asyncio.sleep(30)
+
+    async def scenario() -> tuple[bool, float]:
+        loop = asyncio.get_running_loop()
+        task = asyncio.create_task(stubborn())
+        await asyncio.sleep(0)
+        started = loop.time()
+        await bs.cancel_tasks([task], timeout_s=5)
+        return task.cancelled(), loop.time() - started
+    cancelled, took_s = asyncio.run(scenario())
+    assert cancelled and took_s < 5 * bs.CANCEL_RETRY_S, took_s
+
+
 # ---- §20 CLI ----------------------------------------------------------------------------------
 
 def test_main_returns_2_with_one_line_for_an_invalid_value(capsys):
