@@ -9025,6 +9025,7 @@ def test_dashboard_banner_counts_the_outage_from_the_last_data_across_retries_in
     pg.wait_js("() => document.getElementById('feed-state').dataset.state === 'stale'", timeout=8)
     text = pg.text("#feed-banner-text")
     assert "stale" in text and "not live" in text and _dash_paren_depth(text) <= 1, text
+    assert not re.search(r"\d+ ?s\b", text), text    # one duration on the banner: the count's, which grows
     seen = []
     deadline = time.monotonic() + 5                  # through two watchdog reconnects at FEED_STALE_SECONDS=2
     while time.monotonic() < deadline:

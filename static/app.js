@@ -1451,7 +1451,8 @@ function bannerMessage({ c, connected, now, sNow, f, fstate, sym, live, p }) {
     if (socket.reconnectAt && socket.reconnectAt > now) counts.push(`Retrying in ${fmtCountdown(socket.reconnectAt - now)}`);
   } else if (f && fstate !== 'live') {
     const why = f.reason ? `: ${f.reason}` : '';
-    if (fstate === 'stale') msg = `Exchange feed is stale${why}.`;
+    // (not the server's reason: "no data for 2 s" is the threshold it waited, not how long; the count says that)
+    if (fstate === 'stale') msg = 'Exchange feed is stale: the exchange has stopped sending data.';
     else if (fstate === 'backoff') msg = `Exchange feed disconnected${why}.`;
     else if (fstate === 'failed') { msg = `Exchange feed failed${why}.`; lvl = 'error'; }
     else if (fstate === 'stopped') { msg = `Exchange feed stopped${why}.`; lvl = 'error'; }
