@@ -8972,7 +8972,8 @@ def test_dashboard_history_follows_the_selected_symbol_with_bps_updates_per_seco
     pg.page.route(re.compile(r"/api/history/series\?"), series)
     pg.page.select_option("#hist-range", "300000")
     pg.page.click("#hist-load")
-    pg.wait_js("() => document.querySelector('#hist-stats [data-stat=avail]')")
+    # (the tiles of the previous range are there until the new one is answered: wait for this one's)
+    pg.wait_js("() => document.querySelector('#hist-stats [data-stat=avail] .v')?.textContent === '90.0 %'")
     stats = pg.js("() => Object.fromEntries([...document.querySelectorAll('#hist-stats .stat')].map(s => [s.dataset.stat, s.querySelector('.v').textContent]))")
     assert stats["rate"] == "2.0" and stats["avail"] == "90.0 %", stats
 
