@@ -4980,44 +4980,46 @@ class SocketWriterPool:
 
     def __init__(self, helpers: int) -> None:
         self._done: queue.SimpleQueue[list[tuple[int, int]] | BaseException] = queue.SimpleQueue()
-        self._jobs: list[queue.SimpleQueue[tuple[list[int], bytes, int, int] | None]] = []
+        self._jobs: list[queue.SimpleQueue[tuple[list[int], list[bytes], int, int] | None]] = []
         self._threads: list[threading.Thread] = []
         for i in range(helpers):
-            jobs: queue.SimpleQueue[tuple[list[int], bytes, int, int] | None] = queue.SimpleQueue()
+            jobs: queue.SimpleQueue[tuple[list[int], list[bytes], int, int] | None] = queue.SimpleQueue()
             thread = threading.Thread(target=self._serve, args=(jobs,), name=f"bbo-fanout-{i + 1}", daemon=True)
             thread.start()
             self._jobs.append(jobs)
             self._threads.append(thread)
 
     @staticmethod
-    def write_each(fds: list[int], data: bytes, start: int, stop: int) -> list[tuple[int, int]]:
-        """Write data to fds[start:stop]; (index, bytes written) of each one not written whole."""
+    def write_each(fds: list[int], datas: list[bytes], start: int, stop: int) -> list[tuple[int, int]]:
+        """Write datas[i] to fds[i] for i in [start, stop); (index, bytes written) of each not written whole."""
         short: list[tuple[int, int]] = []
-        size, write = len(data), os.write
+        write = os.write
         for i in range(start, stop):
+            data = datas[i]
             try:
                 sent = write(fds[i], data)
             except OSError:  # full (EAGAIN) or gone: the transport retries it and reports a loss
                 sent = 0
-            if sent != size:
+            if sent != len(data):
                 short.append((i, sent))
         return short
 
-    def _serve(self, jobs: queue.SimpleQueue[tuple[list[int], bytes, int, int] | None]) -> None:
+    def _serve(self, jobs: queue.SimpleQueue[tuple[list[int], list[bytes], int, int] | None]) -> None:
         while (job := jobs.get()) is not None:
             try:
                 self._done.put(self.write_each(*job))
             except BaseException as exc:  # noqa: BLE001 - the waiting loop thread re-raises it
                 self._done.put(exc)
 
-    def write(self, fds: list[int], data: bytes) -> list[tuple[int, int]]:
-        """Write data to every fd; (index, bytes written) of those not written whole."""
+    def write(self, fds: list[int], datas: list[bytes]) -> list[tuple[int, int]]:
+        """Write datas[i] to fds[i] (often the same bytes object for all); (index, bytes written) of
+        those not written whole."""
         share = -(-len(fds) // (len(self._jobs) + 1))
         for k, jobs in enumerate(self._jobs, 1):
-            jobs.put((fds, data, min(len(fds), k * share), min(len(fds), (k + 1) * share)))
+            jobs.put((fds, datas, min(len(fds), k * share), min(len(fds), (k + 1) * share)))
         failure: BaseException | None = None
         try:
-            short = self.write_each(fds, data, 0, min(len(fds), share))
+            short = self.write_each(fds, datas, 0, min(len(fds), share))
         except BaseException as exc:  # noqa: BLE001 - raised once the helpers are done with these fds
             short, failure = [], exc
         for _ in self._jobs:  # always collect every helper's answer, so none is read by a later pass
@@ -5051,13 +5053,20 @@ class Hub:
     client never delays a publish or another client. With `writer_threads` and at least
     FANOUT_PARALLEL_MIN_LINKS clients, the plain-TCP clients that keep up are written by a
     SocketWriterPool, the pass split across threads. Call from the event loop's thread.
+
+    Clients are routed by what they asked for: a pass visits the clients that take every key,
+    and of the others only those subscribed to a key in the pass (node's rooms do the same);
+    clients with the same keys share their part of the pass, encoded once for all of them.
     """
 
     def __init__(self, writer_threads: int = 0) -> None:
         self._conns: dict[EioConnection, tuple[int, int]] = {}  # attached → (sent, skipped) at attach
         self.writer_threads = writer_threads             # helpers of SocketWriterPool (0: loop thread only)
         self._pool: SocketWriterPool | None = None       # started by the first pass that needs it
-        self._snapshot: tuple[EioConnection, ...] = ()   # `_conns` frozen for iteration
+        self._everyone: dict[EioConnection, None] = {}   # attached clients that take every key
+        self._everyone_snapshot: tuple[EioConnection, ...] | None = ()  # frozen for a pass; None: stale
+        self._keys_of: dict[EioConnection, frozenset[str]] = {}  # the other attached clients → their keys
+        self._by_key: dict[str, dict[EioConnection, None]] = {}   # key → those of them that asked for it
         self._batch: list[EioUpdate | tuple[str, str]] = []  # since the last flush: feed status, or
                                                          # (symbol, update packet without its emit time)
         self.on_emit: Callable[[int, set[str]], None] | None = None  # (emit ms, symbols) after each pass
@@ -5069,15 +5078,44 @@ class Hub:
     def attach(self, conn: EioConnection) -> None:
         if conn not in self._conns:  # counters from here on: a client may leave "/" and rejoin
             self._conns[conn] = conn.counters
-            self._snapshot = tuple(self._conns)
+            self._route(conn)
+            conn.on_filter = self.refilter
 
     def detach(self, conn: EioConnection) -> None:
         base = self._conns.pop(conn, None)
         if base is not None:
-            self._snapshot = tuple(self._conns)
+            conn.on_filter = None
+            self._unroute(conn)
             sent, skipped = conn.counters
             self._gone_sent += sent - base[0]
             self._gone_skipped += skipped - base[1]
+
+    def refilter(self, conn: EioConnection) -> None:
+        """Route a client by its new filter (EioConnection.set_filter calls this): O(its keys)."""
+        if conn in self._conns:
+            self._unroute(conn)
+            self._route(conn)
+
+    def _route(self, conn: EioConnection) -> None:
+        keys = conn.filter_keys
+        if keys is None:
+            self._everyone[conn] = None
+            self._everyone_snapshot = None
+            return
+        self._keys_of[conn] = keys
+        for key in keys:
+            self._by_key.setdefault(key, {})[conn] = None
+
+    def _unroute(self, conn: EioConnection) -> None:
+        if conn in self._everyone:
+            del self._everyone[conn]
+            self._everyone_snapshot = None
+        for key in self._keys_of.pop(conn, ()):
+            members = self._by_key.get(key)
+            if members is not None:
+                members.pop(conn, None)
+                if not members:
+                    del self._by_key[key]
 
     def publish(self, bbo: Bbo) -> None:
         """Queue one BBO update for every attached client (finished with its emit time by the pass)."""
@@ -5111,26 +5149,57 @@ class Hub:
             batch.append(item)
         joined = batch[0].frame if len(batch) == 1 else b"".join(update.frame for update in batch)
         now_s = asyncio.get_running_loop().time()
-        snapshot = self._snapshot
+        everyone = self._everyone_snapshot
+        if everyone is None:
+            everyone = self._everyone_snapshot = tuple(self._everyone)
         raw: list[EioConnection] | None = (
-            [] if self.writer_threads and len(snapshot) >= FANOUT_PARALLEL_MIN_LINKS else None)
-        for conn in snapshot:
+            [] if self.writer_threads and len(self._conns) >= FANOUT_PARALLEL_MIN_LINKS else None)
+        for conn in everyone:
             conn.deliver(batch, joined, now_s, raw)
-        if raw is not None:
-            self._write_raw(raw, joined)
+        raw_frames = None if raw is None else [joined] * len(raw)
+        if self._keys_of:
+            self._deliver_filtered(batch, now_s, raw, raw_frames)
+        if raw:
+            self._write_raw(raw, raw_frames)
         if symbols and self.on_emit is not None:
             self.on_emit(emit_ms, symbols)
 
-    def _write_raw(self, conns: list[EioConnection], frames: bytes) -> None:
-        """Write the frames straight to the sockets of clients that keep up, on several threads."""
+    def _deliver_filtered(self, batch: list[EioUpdate], now_s: float, raw: list[EioConnection] | None,
+                          raw_frames: list[bytes] | None) -> None:
+        """The pass for clients with a filter: only those with a key in it, each group of clients
+        with the same keys getting one share of the pass (its updates and their joined frames)."""
+        if any(update.always for update in batch):  # feed status: for every client
+            targets = dict.fromkeys(self._keys_of)
+        else:
+            targets = {}
+            for key in {update.key for update in batch}:
+                members = self._by_key.get(key)
+                if members:
+                    targets.update(members)  # (a copy: a delivery may detach a client meanwhile)
+        shares: dict[frozenset[str], tuple[list[EioUpdate], bytes]] = {}
+        for conn in targets:
+            keys = self._keys_of.get(conn)
+            if keys is None:  # detached by an earlier delivery of this pass
+                continue
+            share = shares.get(keys)
+            if share is None:
+                part = [update for update in batch if update.always or update.key in keys]
+                share = shares[keys] = (part, part[0].frame if len(part) == 1 else b"".join(u.frame for u in part))
+            taken = len(raw) if raw is not None else 0
+            conn.deliver(share[0], share[1], now_s, raw, filtered=True)
+            if raw is not None and len(raw) > taken:
+                raw_frames.append(share[1])  # type: ignore[union-attr]
+
+    def _write_raw(self, conns: list[EioConnection], frames: list[bytes]) -> None:
+        """Write each client's frames straight to its socket (clients that keep up), on several threads."""
         if len(conns) < FANOUT_PARALLEL_MIN_LINKS:
-            for conn in conns:
-                conn.write_frames(frames)
+            for conn, data in zip(conns, frames):
+                conn.write_frames(data)
             return
         if self._pool is None:
             self._pool = SocketWriterPool(self.writer_threads)
         for i, sent in self._pool.write([conn.raw_fd for conn in conns], frames):
-            conns[i].write_frames(frames[sent:])  # the rest through the transport, which keeps order
+            conns[i].write_frames(frames[i][sent:])  # the rest through the transport, which keeps order
 
     def close(self) -> None:
         """Stop the writer threads."""
@@ -5641,7 +5710,7 @@ class EioConnection:
     """
 
     __slots__ = ("server", "session", "sid", "peer", "upper", "ws", "probe", "_poll_waiter", "_post_transport",
-                 "_timer", "_timer_at", "_drain_task", "_close_notified", "_close_code")
+                 "_timer", "_timer_at", "_drain_task", "_close_notified", "_close_code", "on_filter")
 
     def __init__(self, server: EioServer, session: EioSession, peer: str) -> None:
         self.server = server                 # owner: registry, handler, settings
@@ -5658,6 +5727,7 @@ class EioConnection:
         self._drain_task: asyncio.Task[None] | None = None    # owns writing while the WebSocket is backed up
         self._close_notified = False         # on_close was called
         self._close_code: int | None = None  # WebSocket close code to use (None -> empty close frame)
+        self.on_filter: Callable[[EioConnection], None] | None = None  # told of set_filter (the hub's routing)
 
     # -- API for the layer above -------------------------------------------------------
 
@@ -5708,6 +5778,8 @@ class EioConnection:
     def set_filter(self, keys: frozenset[str] | None, max_rate: float | None) -> None:
         """Choose the updates this client gets; what waits and is now due goes out at once."""
         self.session.outbox.set_filter(keys, max_rate)
+        if self.on_filter is not None:
+            self.on_filter(self)
         self.flush()
 
     @property
@@ -5719,17 +5791,19 @@ class EioConnection:
     # -- the Hub's hot path --------------------------------------------------------------
 
     def deliver(self, batch: list[EioUpdate], joined_frames: bytes, now_s: float,
-                raw: list[EioConnection] | None = None) -> None:
+                raw: list[EioConnection] | None = None, filtered: bool = False) -> None:
         """Hand a batch of updates to this client.
 
         Fast path: a WebSocket client that keeps up, has nothing queued and takes every update
-        gets the batch's pre-built frames, the same bytes as every other client, in one write;
+        of `batch` (all of them, or `filtered`: the hub picked those it asked for, and it has no
+        rate limit) gets the batch's pre-built frames, the same bytes as its peers, in one write;
         given a `raw` list, a plain-TCP one whose transport holds nothing unsent is appended to
         it instead, for the hub to write to its socket directly (see SocketWriterPool).
         Everyone else goes through the conflating outbox.
         """
         link, outbox = self.ws, self.session.outbox
-        if (link is not None and link.writable and not link.backed_up and outbox.passthrough
+        if (link is not None and link.writable and not link.backed_up
+                and (outbox.passthrough or (filtered and outbox.interval_s is None))
                 and not outbox.control and not outbox.updates):
             outbox.sent += len(batch)
             if (raw is not None and link.raw_fd >= 0 and not link.transport.get_write_buffer_size()

@@ -4003,17 +4003,27 @@ def test_atomic_write_replaces_the_whole_file(tmp_path):
 # ---- §13 Fan-out hub ---------------------------------------------------------------------------
 # The hub alone with stand-in connections, then the real App fed by FakeBinance (LiveServer).
 
+class HubConn:
+    """What the hub uses of an EioConnection: a stand-in that records its deliveries."""
+
+    def __init__(self, keys: frozenset[str] | None = None) -> None:
+        self.counters = (0, 0)
+        self.filter_keys = keys
+        self.on_filter: Callable[[Any], None] | None = None
+        self.batches: list[tuple[list, bytes]] = []
+
+    def deliver(self, batch: list, joined: bytes, now: float, raw: list | None = None, filtered: bool = False) -> None:
+        self.batches.append((batch, joined))
+
+    def set_filter(self, keys: frozenset[str] | None) -> None:
+        self.filter_keys = keys
+        if self.on_filter is not None:
+            self.on_filter(self)
+
+
 def test_hub_encodes_each_update_once_and_hands_every_client_the_same_bytes():
-    class Conn:  # what the hub uses of an EioConnection
-        def __init__(self) -> None:
-            self.counters = (0, 0)
-            self.batches: list[tuple[list, bytes]] = []
-
-        def deliver(self, batch: list, joined: bytes, now: float, raw: list | None = None) -> None:
-            self.batches.append((batch, joined))
-
     async def scenario() -> None:
-        hub, a, b = bs.Hub(), Conn(), Conn()
+        hub, a, b = bs.Hub(), HubConn(), HubConn()
         emitted: list[tuple[int, set[str]]] = []
         hub.on_emit = lambda emit_ms, symbols: emitted.append((emit_ms, symbols))
         hub.attach(a)  # type: ignore[arg-type]  # a stand-in: what the hub uses of a connection
@@ -4041,6 +4051,44 @@ def test_hub_encodes_each_update_once_and_hands_every_client_the_same_bytes():
         await asyncio.sleep(0)
         assert len(a.batches) == 2 and len(b.batches) == 1
         assert hub.stats() == {"clients": 1, "published": 4, "delivered": 0, "skipped": 0}
+    run(scenario())
+
+
+def test_hub_visits_only_the_clients_that_asked_for_a_key_of_the_pass_and_encodes_each_share_once():
+    async def scenario() -> None:
+        hub = bs.Hub()
+        every = HubConn()
+        btc_a, btc_b = HubConn(frozenset({"BTCUSDT"})), HubConn(frozenset({"BTCUSDT"}))
+        eth = HubConn(frozenset({"ETHUSDT"}))
+        both = HubConn(frozenset({"BTCUSDT", "SOLUSDT"}))
+        for conn in (every, btc_a, btc_b, eth, both):
+            hub.attach(conn)  # type: ignore[arg-type]
+        hub.publish(make_bbo(1))                               # BTCUSDT only: ETH's client is not visited
+        await asyncio.sleep(0)
+        assert eth.batches == [] and all(len(c.batches) == 1 for c in (every, btc_a, btc_b, both))
+        assert btc_a.batches[0][1] is btc_b.batches[0][1]     # one share for the same keys, encoded once
+        assert [u.key for u in btc_a.batches[0][0]] == ["BTCUSDT"]
+        hub.publish(make_bbo(2))
+        hub.publish(make_bbo(3, symbol="ETHUSDT"))
+        await asyncio.sleep(0)
+        assert [u.key for u in every.batches[1][0]] == ["BTCUSDT", "ETHUSDT"]
+        assert [u.key for u in btc_a.batches[1][0]] == ["BTCUSDT"] and [u.key for u in eth.batches[0][0]] == ["ETHUSDT"]
+        assert eth.batches[0][1] == eth.batches[0][0][0].frame
+        hub.publish_feed_status({"state": "live"})            # feed status: every client
+        await asyncio.sleep(0)
+        assert all(c.batches[-1][0][-1].key == bs.FEED_STATUS_KEY for c in (every, btc_a, btc_b, eth, both))
+        counts = [len(c.batches) for c in (every, btc_a, btc_b, eth, both)]
+        eth.set_filter(frozenset({"SOLUSDT"}))                 # re-routed by its new keys
+        every.set_filter(frozenset({"XRPUSDT"}))
+        hub.publish(make_bbo(4, symbol="SOLUSDT"))
+        await asyncio.sleep(0)
+        assert [len(c.batches) for c in (every, btc_a, btc_b, eth, both)] == [
+            counts[0], counts[1], counts[2], counts[3] + 1, counts[4] + 1]
+        hub.detach(both)  # type: ignore[arg-type]
+        assert both.on_filter is None
+        hub.publish(make_bbo(5, symbol="SOLUSDT"))
+        await asyncio.sleep(0)
+        assert len(both.batches) == counts[4] + 1 and len(eth.batches) == counts[3] + 2
     run(scenario())
 
 
@@ -4075,15 +4123,16 @@ def test_socket_writer_pool_writes_the_same_bytes_to_every_socket_and_reports_th
     pool = bs.SocketWriterPool(helpers)
     try:
         frames = bs.encode_ws_frame(b'42["bbo_update",{"symbol":"BTCUSDT"}]') * 3
-        short = pool.write([ours.fileno() for ours, _ in pairs], frames)
+        short = pool.write([ours.fileno() for ours, _ in pairs], [frames] * len(pairs))
         assert sorted(short) == [(full_i, 0), (gone_i, 0)]
         for i, (_, peer) in enumerate(pairs):
             if i not in (full_i, gone_i):
                 assert _read_exactly(peer, len(frames)) == frames, i
         with pytest.raises(TypeError):                    # a helper's failure reaches the caller
-            pool.write([ours.fileno() for ours, _ in pairs], None)  # type: ignore[arg-type]
-        assert pool.write([ours.fileno() for ours, _ in pairs[:3]], b"ok") == []  # still serving
-        assert [_read_exactly(peer, 2) for _, peer in pairs[:3]] == [b"ok"] * 3
+            pool.write([ours.fileno() for ours, _ in pairs], [None] * len(pairs))  # type: ignore[list-item]
+        datas = [b"ok", b"yes", b"ok"]                    # still serving, with bytes of each socket's own
+        assert pool.write([ours.fileno() for ours, _ in pairs[:3]], datas) == []
+        assert [_read_exactly(peer, len(d)) for (_, peer), d in zip(pairs[:3], datas)] == datas
     finally:
         pool.close()
         for pair in pairs:
@@ -4225,6 +4274,42 @@ def test_subscribe_and_unsubscribe_answer_the_subscription_in_the_ack(tmp_path):
         ws.send_text('42["subscribe",{"symbols":["ETHUSDT"]}]')
         eth = srv.send("ethusdt", "1.01", "1", "1.10", "1")
         assert_update_is(json.loads(ws.recv_until("42[")[2:])[1], eth)   # not the BTC update before it
+
+
+@pytest.mark.parametrize("writer_threads", [0, 2], ids=["event-loop-writes", "writer-threads"])
+def test_clients_subscribed_to_a_few_symbols_get_exactly_theirs_in_order(tmp_path, monkeypatch, writer_threads):
+    # The hub routes by symbol (a pass visits only the clients that asked for one of its symbols);
+    # each client must still get every update of its symbols, in order, and nothing else.
+    monkeypatch.setattr(bs, "FANOUT_PARALLEL_MIN_LINKS", 1)   # the threads' path with a few clients
+    raw_writes = spy_raw_writes(monkeypatch)
+    symbols = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT")
+    wanted = [None, ("BTCUSDT",), ("BTCUSDT",), ("ETHUSDT", "SOLUSDT"), ("BNBUSDT",)]
+    with LiveServer(tmp_path, symbols, fanout_threads=writer_threads) as srv:
+        clients = []
+        for n, keys in enumerate(wanted):
+            ws = srv.joined_ws()
+            if keys is not None:
+                ws.send_text(f'42{n}["subscribe",{{"symbols":{json.dumps(list(keys))}}}]')
+                ws.recv_until(f"43{n}[")
+            clients.append(ws)
+        sent = []
+
+        async def feed() -> None:
+            for n in range(300):
+                sent.append(srv.fed.fake.send_bbo(symbols[n % 7 % 4], f"{n}.00", "1", f"{n}.10", "1"))
+                if n % 20 == 19:
+                    await srv.fed.srv.wait_updates(n + 1)
+            await srv.fed.srv.wait_updates(len(sent))
+        srv.call(feed, timeout=20)
+        for ws, keys in zip(clients, wanted):
+            expected = [p["u"] for p in sent if keys is None or p["s"] in keys]
+            got: list[int] = []
+            while len(got) < len(expected):
+                text = ws.recv_text()
+                if text.startswith('42["bbo_update"'):
+                    got.append(json.loads(text[2:])[1]["updateId"])
+            assert got == expected, keys
+        assert bool(raw_writes) == bool(writer_threads)
 
 
 def test_unsubscribing_one_symbol_keeps_the_configured_symbols_that_have_not_sent_yet(tmp_path):
@@ -6460,8 +6545,8 @@ def spy_raw_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[int], lis
     calls: list[tuple[list[int], list[tuple[int, int]]]] = []
     original = bs.SocketWriterPool.write
 
-    def write(self: bs.SocketWriterPool, fds: list[int], data: bytes) -> list[tuple[int, int]]:
-        short = original(self, fds, data)
+    def write(self: bs.SocketWriterPool, fds: list[int], datas: list[bytes]) -> list[tuple[int, int]]:
+        short = original(self, fds, datas)
         calls.append((list(fds), list(short)))
         return short
     monkeypatch.setattr(bs.SocketWriterPool, "write", write)
