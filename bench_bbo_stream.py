@@ -3,9 +3,10 @@
 
     python bench_bbo_stream.py data            # ingest, memory, queries, restart, loop stall
     python bench_bbo_stream.py data --quick    # smaller sizes, for a smoke run
-    python bench_bbo_stream.py fanout          # Socket.IO fan-out vs python-socketio (a few minutes)
+    python bench_bbo_stream.py fanout          # Socket.IO fan-out vs python-socketio and node socket.io (~15 min)
     python bench_bbo_stream.py fanout --quick  # small sizes, short runs (smoke run)
     python bench_bbo_stream.py fanout --connections 10000 --only held   # just the held-connections run
+    python bench_bbo_stream.py fanout --only tls-1000x100,sym50-1000x3 --compare-rev main   # + the code at main
     python bench_bbo_stream.py dashboard       # chart redraw, main-thread share, series size (Chromium)
     python bench_bbo_stream.py faults          # kill -9 loop, full disk, refusing exchange (~3 min; root for the disk)
     python bench_bbo_stream.py faults --quick  # 3 kills, shorter phases (smoke run, under a minute)
@@ -15,20 +16,30 @@
 Every figure is printed with its baseline from the same run, because these machines are
 noisy: ratios are what to compare across runs.
 
-fanout: the fake exchange (fake_binance.py, in this process) feeds one symbol to the server under
-test (a subprocess: the baseline, a python-socketio 5 AsyncServer on aiohttp that relays the same
-feed with `await sio.emit("bbo_update", ...)`, then bbo_stream.py with FANOUT_THREADS=0 ("ours-1t",
-only where writer threads would be used) and as configured by default ("ours")), which fans it out over plain
-loopback WebSockets to N Socket.IO clients held by a pool of load-client processes. Scenarios:
-100 clients × 100 updates/s, 1,000 × 100/s, 100 × 2,000/s (saturation), 2,000 idle connections,
-and 10,000 held connections (`--connections`), which also get SIGTERM while connected. Per run:
-deliveries/s, the fraction of published updates delivered, exchange→client latency p50/p99
-(matched by `u` against the fake's send time), how fresh the newest price is, server CPU per
-1,000 deliveries and RSS per idle connection (from /proc), and the CPU of everything else on the
-machine (load clients, fake exchange, other processes, interrupts): client and server share the
-cores. Each run measures 12 s; the whole benchmark takes about 4 minutes on a quiet machine, more on a
-shared one: before each run it waits for other processes to quieten (--quiet-cores, --max-wait) and
-repeats a disturbed load run (--retries), and every line says how busy the rest of the machine was.
+fanout: the fake exchange (fake_binance.py, in this process) feeds the server under test (a subprocess each:
+the baseline, a python-socketio 5 AsyncServer on aiohttp that relays the same feed with `await sio.emit(...)`;
+node socket.io 4.8 relaying it likewise (a script embedded below, run with the repository's node_modules, skipped
+with its reason where `npm ci` has not installed them); with --compare-rev REV, bbo_stream.py as it was at REV
+("ours@REV"); bbo_stream.py with FANOUT_THREADS=0 ("ours-1t", only where writer threads would be used); and
+bbo_stream.py as configured by default ("ours")), which fans it out over loopback to N Socket.IO clients held by a
+pool of load-client processes. Scenarios (--only picks some):
+  100x100, 1000x100    100 or 1,000 WebSocket clients × 100 updates/s of one symbol
+  tls-1000x100         the same over TLS (wss://, a self-signed certificate made with openssl)
+  sym50-1000x3         50 symbols × 20 updates/s, each of 1,000 clients subscribed to 3 (the `subscribe` event;
+                       rooms in node and python-socketio), counting only its own symbols
+  poll-100x100         100 long-polling clients × 100 updates/s
+  100x2000             100 clients × 2,000/s (saturation)
+  idle, held           2,000 idle connections, and 10,000 held connections (`--connections`), which also
+                       get SIGTERM while connected.
+Per run: deliveries/s, the fraction of published updates delivered (of each client's own symbols),
+exchange→client latency p50/p99 (matched by symbol and `u` against the fake's send time), how fresh the newest
+price is, server CPU per 1,000 deliveries and RSS per connected client (from /proc, after the clients joined
+minus before), the feed's own receive latency (the serverTimestamp of each update minus the fake's send time:
+exchange → server read, apart from the fan-out) beside the load generators' CPU, and the CPU of everything else
+on the machine (load clients, fake exchange, other processes, interrupts): client and server share the cores.
+Each run measures 12 s; before each run the benchmark waits for other processes to quieten (--quiet-cores,
+--max-wait) and repeats a disturbed load run (--retries), and every line says how busy the rest of the machine
+was. The goals are printed at the end as ratios against the baselines of the same run.
 
 faults: the real server (`python bbo_stream.py`, a subprocess: CACHE_PERSIST=true, CACHE_FLUSH_SECONDS=1, plain
 HTTP on a free port) against the fake exchange sending a known sequence (200 updates/s, `u` strictly increasing,
@@ -67,6 +78,7 @@ import collections
 import errno
 import gc
 import inspect
+import io
 import json
 import math
 import os
@@ -75,11 +87,13 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import statistics
 import struct
+import tarfile
 import time
 import tracemalloc
 import urllib.error
@@ -288,27 +302,37 @@ def bench_stall(rows: int, rate: int, seconds: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# fanout: fake exchange → server → N Socket.IO clients over plain loopback WebSockets
+# fanout: fake exchange → server → N Socket.IO clients over loopback (WebSocket or long-polling, plain or TLS)
 # ---------------------------------------------------------------------------------------------
-# Each server runs as its own subprocess (so /proc gives its CPU and RSS alone); the fake exchange
-# runs in this process (its `sent_at` is the send time of every update, by `u`); the load clients
-# run in a pool of client processes, each holding many connections on one event loop.
+# Each server runs as its own subprocess (so /proc gives its CPU and RSS alone): BBO Stream, the
+# python-socketio relay below, and node socket.io relaying the same feed (a script embedded here,
+# run with the repository's node_modules). The fake exchange runs in this process (its `sent_at`
+# is the send time of every update, by symbol and `u`); the load clients run in a pool of client
+# processes, each holding many connections on one epoll loop.
 #
 # The load client is deliberately minimal: websockets' sans-I/O ClientProtocol does the opening
 # handshake and frames (masks) what the client sends, then server frames are split by hand and an
 # update is recognised by its `42["bbo_update",` prefix and its "updateId" digits, without JSON.
 # With websockets' asyncio client instead, the clients alone would need more CPU than this
 # machine has at 100,000 messages/s; a plain epoll loop needs less than an asyncio Protocol.
+# TLS runs through memory BIOs (ssl.SSLObject), so reads still come from recvmsg; long-polling
+# clients hold one keep-alive connection for their GETs and one for their POSTs.
 # Latency is taken at the client's socket: the kernel stamps each received segment
 # (SO_TIMESTAMPNS, CLOCK_REALTIME, converted to perf_counter() at each poll), so the figure does
 # not include how long the load-client process, which shares the cores, waited for the CPU; the
 # time at which the process read the bytes is reported beside it. perf_counter() is
 # CLOCK_MONOTONIC on Linux, shared by all processes, so client times and the fake's send times
-# are on the same clock.
+# are on the same clock. The feed's own receive latency (exchange send → server read) comes from
+# the serverTimestamp each server puts in its updates, read by a few clients per process.
 
 FANOUT_SYMBOL = "btcusdt"
 _BBO_PREFIX = b'42["bbo_update"'
 _UID_KEY = b'"updateId":'
+_SYMBOL_KEY = b'"symbol":'
+_STAMP_KEY = b'"serverTimestamp":'
+_STAMP_ROUND_S = 0.0005                # serverTimestamp is whole ms of the wall clock, floored: +½ ms centres it
+_WARMUP_CLIENTS = 20                   # joined and closed before RSS is read: first-connection allocations are not per client
+_JOIN_CONCURRENCY = 100                # clients of one process handshaking at once
 _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's value; Python's socket module lacks the name
 _TIMESPEC = struct.Struct("qq")                         # struct timespec of the SCM_TIMESTAMPNS message
 _ANC_BYTES = socket.CMSG_SPACE(_TIMESPEC.size)
@@ -374,78 +398,225 @@ def _proc_rss_kb(pid: int) -> int:
     return 0
 
 
-class _LoadClient:
-    """One Socket.IO client on a non-blocking WebSocket, driven by `_client_session`'s epoll loop.
+class _Stream:
+    """One non-blocking loopback TCP connection of a load client; each read carries the kernel's receive time.
 
-    Records, for each update, its updateId, when its bytes reached the client's socket (the
-    kernel's receive timestamp, SO_TIMESTAMPNS: independent of how soon this process got the
-    CPU) and when this process read them.
+    With a TLS context the bytes go through memory BIOs (ssl.SSLObject): reads still come from recvmsg, so
+    the receive time is the ciphertext's arrival. ``on_ready`` is called once the connection (and its TLS
+    handshake) is up. Failures raise OSError (ConnectionError at EOF) for the client to record.
     """
 
-    def __init__(self, url: str) -> None:
-        from websockets.client import ClientProtocol
-        from websockets.uri import parse_uri
-        self.ws = ClientProtocol(parse_uri(url))  # handshake, then only used to frame what we send
+    def __init__(self, tls: ssl.SSLContext | None, on_ready: Callable[[], None]) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setblocking(False)
         self.sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
         self.fd = self.sock.fileno()
         self.connecting = True                    # waiting for the TCP connect (EPOLLOUT)
-        self.raw = False                          # past the handshake and the Engine.IO open packet
-        self.buf = b""
-        self.us = array.array("q")                # updateId of each bbo_update, in arrival order
-        self.t_sock = array.array("d")            # perf_counter() domain: kernel receive time of the read
-        self.t_read = array.array("d")            # perf_counter() when the read returned
-        self.joined = False                       # Socket.IO CONNECT answered (`40{...}`)
-        self.closed = False
-        self.error = ""
-        self.others = 0                           # non-update messages (welcome, feed_status, ...)
-        self.pings = 0
+        self.on_ready = on_ready
+        self.tls: ssl.SSLObject | None = None
+        if tls is not None:
+            self.tls_in, self.tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self.tls = tls.wrap_bio(self.tls_in, self.tls_out, server_hostname="localhost")
+        self.handshaken = tls is None
 
     def start(self, addr: tuple[str, int]) -> None:
         err = self.sock.connect_ex(addr)
         if err not in (0, errno.EINPROGRESS):
-            self.fail(f"ConnectionError: {os.strerror(err)}")
+            raise ConnectionError(os.strerror(err))
 
     def connected(self) -> None:
         """The socket became writable: the TCP connect finished (or failed)."""
         self.connecting = False
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self.fail(f"ConnectionError: {os.strerror(err)}")
-            return
-        self.ws.send_request(self.ws.connect())
-        self._send_pending()
+            raise ConnectionError(os.strerror(err))
+        if self.tls is None:
+            self.on_ready()
+        else:
+            self._tls_handshake()
 
-    def fail(self, error: str) -> None:
-        self.error = self.error or error
-        self.closed = True
+    def recv(self, clock_offset_s: float) -> tuple[bytes, float, float]:
+        """(bytes read, kernel receive time, read time), times in perf_counter() s; b"" when nothing (yet).
 
-    def readable(self, clock_offset_s: float) -> None:
-        """Read what arrived; clock_offset_s = time.time() - perf_counter(), to convert the kernel stamp."""
+        clock_offset_s = time.time() - perf_counter(), to convert the kernel's CLOCK_REALTIME stamp.
+        """
         try:
             data, anc, _, _ = self.sock.recvmsg(_RECV_BYTES, _ANC_BYTES)
         except BlockingIOError:
-            return
-        except OSError as exc:
-            self.fail(f"{type(exc).__name__}: {exc}")
-            return
+            return b"", 0.0, 0.0
         t_read = time.perf_counter()
         if not data:
-            self.fail(self.error or "EOF")
-            return
+            raise ConnectionError("EOF")
         t_sock = t_read
         for level, kind, stamp in anc:
             if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
                 sec, ns = _TIMESPEC.unpack(stamp)
                 t_sock = sec + ns * 1e-9 - clock_offset_s
+        tls = self.tls
+        if tls is None:
+            return data, t_sock, t_read
+        self.tls_in.write(data)
+        if not self.handshaken:
+            self._tls_handshake()
+            if not self.handshaken:
+                return b"", t_sock, t_read
+        parts = []
+        while True:                               # one record per read(); stop without an exception when drained
+            try:
+                part = tls.read(_RECV_BYTES)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                raise ConnectionError("EOF (TLS close_notify)") from None
+            if not part:
+                break
+            parts.append(part)
+            if not self.tls_in.pending and not tls.pending():
+                break
+        if self.tls_out.pending:                  # e.g. an answer to a key update
+            self._send_raw(self.tls_out.read())
+        return b"".join(parts), t_sock, time.perf_counter()
+
+    def send(self, data: bytes) -> None:
+        if self.tls is not None:
+            self.tls.write(data)
+            data = self.tls_out.read()
+        self._send_raw(data)
+
+    def _send_raw(self, data: bytes) -> None:
+        if data and self.sock.send(data) != len(data):   # a few bytes into an idle socket: all or nothing
+            raise ConnectionError("send buffer full")
+
+    def _tls_handshake(self) -> None:
+        assert self.tls is not None
+        try:
+            self.tls.do_handshake()
+            self.handshaken = True
+        except ssl.SSLWantReadError:
+            pass
+        self._send_raw(self.tls_out.read())
+        if self.handshaken:
+            self.on_ready()
+
+
+class _SioClient:
+    """The Socket.IO side of a load client, whichever its transport: answers pings, joins "/", subscribes
+    when told to, and records each bbo_update: its updateId, symbol (with several symbols), when its bytes
+    reached the socket and when this process read them, and (``stamp``) the server's serverTimestamp.
+
+    Args:
+        symbol_index: symbol name (bytes, upper case) → number, when the run has several symbols; else None.
+        wanted: the numbers of the symbols this client should get (updates of others are counted apart).
+        subscribe: the `subscribe` event to send once joined (its ack then completes the join), or b"".
+        stamp: keep (symbol, updateId, serverTimestamp) of every update, for the feed's receive latency.
+    """
+
+    streams: tuple[_Stream, ...]
+    # set by the session: swap a stream for a new one (the epoll registration and the connect follow)
+    replace_stream: Callable[[_SioClient, _Stream, _Stream], None]
+
+    def __init__(self, symbol_index: dict[bytes, int] | None, wanted: tuple[int, ...], subscribe: bytes,
+                 stamp: bool) -> None:
+        self.symbol_index, self.wanted, self.subscribe, self.stamp = symbol_index, wanted, subscribe, stamp
+        self.detail = symbol_index is not None or stamp   # the full parse instead of updateId alone
+        self.us = array.array("q")                # updateId of each bbo_update, in arrival order
+        self.syms = array.array("h")              # its symbol's number (only with symbol_index)
+        self.t_sock = array.array("d")            # perf_counter() domain: kernel receive time of the read
+        self.t_read = array.array("d")            # perf_counter() when the read returned
+        self.stamps = array.array("q")            # (symbol, updateId, serverTimestamp ms) triples, with stamp
+        self.joined = False                       # Socket.IO CONNECT answered (and the subscription acked)
+        self.closed = False
+        self.error = ""
+        self.others = 0                           # non-update messages (welcome, feed_status, ...)
+        self.foreign = 0                          # updates of symbols this client did not subscribe to
+        self.pings = 0
+
+    def start(self, addr: tuple[str, int]) -> None:
+        for stream in self.streams:
+            stream.start(addr)
+
+    def fail(self, error: str) -> None:
+        self.error = self.error or error
+        self.closed = True
+
+    def _send_packet(self, packet: bytes) -> None:
+        raise NotImplementedError
+
+    def _on_open(self, packet: bytes) -> None:
+        raise NotImplementedError
+
+    def _record(self, data: bytes, start: int, end: int, t_sock: float, t_read: float) -> None:
+        """One bbo_update packet at data[start:end] (keys in the order every server here sends them)."""
+        i = data.find(_UID_KEY, start, end) + len(_UID_KEY)
+        u = int(data[i:data.find(b",", i, end)])
+        k = 0
+        if self.symbol_index is not None:
+            i = data.index(b'"', data.find(_SYMBOL_KEY, start, end) + len(_SYMBOL_KEY), end) + 1
+            k = self.symbol_index.get(data[i:data.index(b'"', i, end)], -1)
+            if k not in self.wanted:
+                self.foreign += 1
+                return
+            self.syms.append(k)
+        self.us.append(u)
+        self.t_sock.append(t_sock)
+        self.t_read.append(t_read)
+        if self.stamp:
+            i = data.find(_STAMP_KEY, start, end) + len(_STAMP_KEY)
+            self.stamps.extend((k, u, int(data[i:data.find(b",", i, end)])))
+
+    def _packet(self, packet: bytes, t_sock: float, t_read: float) -> None:
+        """One Engine.IO text packet."""
+        if packet == b"2":                        # Engine.IO ping
+            self.pings += 1
+            self._send_packet(b"3")
+        elif packet.startswith(_BBO_PREFIX):
+            self._record(packet, 0, len(packet), t_sock, t_read)
+        elif packet[:1] == b"0":                  # Engine.IO open
+            self._on_open(packet)
+        elif packet[:2] == b"40":                 # namespace joined
+            if self.subscribe:
+                self._send_packet(self.subscribe)
+            else:
+                self.joined = True
+        elif packet[:3] == b"430":                # the subscription's ack
+            if b'"error"' in packet:
+                self.fail(f"subscribe refused: {packet[:120]!r}")
+            self.joined = True
+        elif packet[:2] == b"41" or packet[:1] == b"1":
+            self.error = f"closed by server: {packet[:40]!r}"
+            self.others += 1
+        elif packet != b"6":                      # 6: noop
+            self.others += 1
+
+
+class _LoadClient(_SioClient):
+    """A Socket.IO client on a non-blocking WebSocket (ws:// or wss://), driven by `_client_session`'s epoll loop."""
+
+    def __init__(self, url: str, tls: ssl.SSLContext | None, **sio: Any) -> None:
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+        super().__init__(**sio)
+        self.ws = ClientProtocol(parse_uri(url))  # handshake, then only used to frame what we send
+        self.stream = _Stream(tls, self._ready)
+        self.streams = (self.stream,)
+        self.raw = False                          # past the handshake and the Engine.IO open packet
+        self.buf = b""
+
+    def _ready(self) -> None:
+        self.ws.send_request(self.ws.connect())
+        self._send_pending()
+
+    def readable(self, stream: _Stream, clock_offset_s: float) -> None:
+        data, t_sock, t_read = stream.recv(clock_offset_s)
+        if not data:
+            return
         if not self.raw:
             self._handshake_data(data, t_sock, t_read)
             return
         if self.buf:
             data = self.buf + data
         n, pos = len(data), 0
-        us, ts, tr = self.us, self.t_sock, self.t_read
+        us, ts, tr, detail = self.us, self.t_sock, self.t_read, self.detail
         while n - pos >= 2:
             length = data[pos + 1] & 0x7F
             if length < 126:
@@ -464,10 +635,13 @@ class _LoadClient:
             opcode = data[pos] & 0x0F
             pos = end
             if opcode == 1 and data.startswith(_BBO_PREFIX, start):
-                i = data.find(_UID_KEY, start, end) + 11
-                us.append(int(data[i:data.find(b",", i, end)]))
-                ts.append(t_sock)
-                tr.append(t_read)
+                if detail:
+                    self._record(data, start, end, t_sock, t_read)
+                else:                             # the common case inline: updateId only
+                    i = data.find(_UID_KEY, start, end) + 11
+                    us.append(int(data[i:data.find(b",", i, end)]))
+                    ts.append(t_sock)
+                    tr.append(t_read)
             else:
                 self._control(opcode, data[start:end], t_sock, t_read)
         self.buf = data[pos:] if pos < n else b""
@@ -476,15 +650,15 @@ class _LoadClient:
     def _send_pending(self) -> None:
         data = b"".join(self.ws.data_to_send())
         if data and not self.closed:
-            try:
-                if self.sock.send(data) != len(data):  # a few bytes into an idle socket: all or nothing
-                    self.fail("send buffer full")
-            except OSError as exc:
-                self.fail(f"{type(exc).__name__}: {exc}")
+            self.stream.send(data)
 
-    def _send_text(self, text: bytes) -> None:
-        self.ws.send_text(text)
+    def _send_packet(self, packet: bytes) -> None:
+        self.ws.send_text(packet)
         self._send_pending()
+
+    def _on_open(self, packet: bytes) -> None:
+        self._send_packet(b"40")                  # join namespace "/"
+        self.raw = True                           # the server sends nothing more until it answers 40
 
     def _handshake_data(self, data: bytes, t_sock: float, t_read: float) -> None:
         from websockets.frames import Frame
@@ -503,24 +677,7 @@ class _LoadClient:
 
     def _control(self, opcode: int, payload: bytes, t_sock: float, t_read: float) -> None:
         if opcode == 1:
-            if payload == b"2":                   # Engine.IO ping
-                self.pings += 1
-                self._send_text(b"3")
-            elif payload[:1] == b"0":             # Engine.IO open: join namespace "/"
-                self._send_text(b"40")
-                self.raw = True                   # the server sends nothing more until it answers 40
-            elif payload[:2] == b"40":
-                self.joined = True
-            elif payload[:2] == b"41" or payload[:1] == b"1":
-                self.error = f"closed by server: {payload[:40]!r}"
-                self.others += 1
-            elif payload.startswith(_BBO_PREFIX):  # during the handshake path only
-                i = payload.find(_UID_KEY) + 11
-                self.us.append(int(payload[i:payload.find(b",", i)]))
-                self.t_sock.append(t_sock)
-                self.t_read.append(t_read)
-            else:
-                self.others += 1
+            self._packet(payload, t_sock, t_read)
         elif opcode == 9:                         # WebSocket ping
             self.ws.send_pong(payload)
             self._send_pending()
@@ -528,52 +685,211 @@ class _LoadClient:
             self.fail(f"close frame {payload[:2].hex()}")
 
 
-def _client_session(pipe: Any, host: str, port: int, n: int, concurrency: int, timeout: float) -> None:
+def _http_response(buf: bytes) -> tuple[int, bytes, bytes] | None:
+    """(status, body, what follows) of the first complete HTTP/1.1 response in buf, or None if incomplete.
+
+    Only Content-Length framing: every server measured here frames its polling answers that way.
+    """
+    head_end = buf.find(b"\r\n\r\n")
+    if head_end < 0:
+        return None
+    head = buf[:head_end].lower()
+    i = head.find(b"\r\ncontent-length:")
+    if i < 0:
+        raise ValueError(f"response without Content-Length: {buf[:200]!r}")
+    j = head.find(b"\r\n", i + 2)
+    length = int(head[i + 17:j if j >= 0 else len(head)])
+    end = head_end + 4 + length
+    if len(buf) < end:
+        return None
+    return int(buf[9:12]), buf[head_end + 4:end], buf[end:]
+
+
+class _PollClient(_SioClient):
+    """A Socket.IO client over Engine.IO long-polling: one keep-alive connection carries its GETs (each
+    answered when the server has packets; the next GET goes out as soon as the answer is read) and one its
+    POSTs (join, subscription, pongs), as a browser's client does."""
+
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None, **sio: Any) -> None:
+        super().__init__(**sio)
+        self.tls = tls
+        self.host_header = f"{host}:{port}".encode()
+        self.get = _Stream(tls, self._get_ready)
+        self.post = _Stream(tls, self._post_ready)
+        self.streams = (self.get, self.post)
+        self.sid = b""
+        self.get_buf = self.post_buf = b""
+        self.post_queue: list[bytes] = []
+        self.post_up = self.post_busy = False
+
+    def _request(self, stream: _Stream, method: bytes, body: bytes = b"") -> None:
+        target = b"/socket.io/?EIO=4&transport=polling" + (b"&sid=" + self.sid if self.sid else b"")
+        head = method + b" " + target + b" HTTP/1.1\r\nHost: " + self.host_header + b"\r\n"
+        if method == b"POST":
+            head += b"Content-Type: text/plain;charset=UTF-8\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
+        stream.send(head + b"\r\n" + body)
+
+    def _get_ready(self) -> None:
+        self._request(self.get, b"GET")           # the handshake: no sid yet
+
+    def _post_ready(self) -> None:
+        self.post_up = True
+        self._flush_posts()
+
+    def _send_packet(self, packet: bytes) -> None:
+        self.post_queue.append(packet)
+        self._flush_posts()
+
+    def _flush_posts(self) -> None:
+        if self.post_up and self.sid and not self.post_busy and self.post_queue and not self.closed:
+            body = b"\x1e".join(self.post_queue)
+            self.post_queue.clear()
+            self.post_busy = True
+            self._request(self.post, b"POST", body)
+
+    def _on_open(self, packet: bytes) -> None:
+        self.sid = json.loads(packet[1:])["sid"].encode()
+        self._send_packet(b"40")
+
+    def readable(self, stream: _Stream, clock_offset_s: float) -> None:
+        try:
+            data, t_sock, t_read = stream.recv(clock_offset_s)
+        except ConnectionError:
+            if stream is not self.post or self.post_busy:
+                raise
+            # an idle keep-alive connection closed by the server (node's HTTP server does after 5 s):
+            # the next POST goes on a new one, as a browser's would
+            self.post, self.post_up = _Stream(self.tls, self._post_ready), False
+            self.streams = (self.get, self.post)
+            self.replace_stream(self, stream, self.post)
+            return
+        if not data:
+            return
+        if stream is self.post:
+            self.post_buf += data
+            while (resp := _http_response(self.post_buf)) is not None:
+                status, body, self.post_buf = resp
+                if status != 200:
+                    self.fail(f"POST answered HTTP {status} {body[:80]!r}")
+                    return
+                self.post_busy = False
+                self._flush_posts()
+            return
+        self.get_buf += data
+        while (resp := _http_response(self.get_buf)) is not None:
+            status, body, self.get_buf = resp
+            if status != 200:
+                self.fail(f"GET answered HTTP {status} {body[:80]!r}")
+                return
+            for packet in body.split(b"\x1e"):
+                self._packet(packet, t_sock, t_read)
+            if self.closed or self.error:
+                self.closed = True
+                return
+            self._request(self.get, b"GET")
+
+
+def _subscribe_packet(symbols: list[str]) -> bytes:
+    """`subscribe` as BBO Stream documents it, with ack id 0."""
+    return b'420["subscribe",' + json.dumps({"symbols": symbols}, separators=(",", ":")).encode() + b"]"
+
+
+def _make_load_client(spec: dict[str, Any], host: str, port: int, i: int, tls: ssl.SSLContext | None) -> _SioClient:
+    """Client number i of a process (``spec["first"] + i`` in the run): which symbols it wants follows from that."""
+    names = spec.get("symbols") or ()
+    per = spec.get("per_client", 0)
+    g = spec.get("first", 0) + i
+    # consecutive clients take consecutive symbols, so each symbol gets the same number of clients when
+    # the number of symbols and per_client have no common factor (50 and 3)
+    wanted = tuple((g * per + k) % len(names) for k in range(per)) if per else tuple(range(max(1, len(names))))
+    # the first few clients of each process keep serverTimestamps; together they cover every symbol
+    stampers = -(-len(names) // per) if per else 1
+    sio = dict(symbol_index={n.encode(): k for k, n in enumerate(names)} if len(names) > 1 else None,
+               wanted=wanted, subscribe=_subscribe_packet([names[k] for k in wanted]) if per else b"",
+               stamp=i < stampers)
+    if spec.get("transport", "websocket") == "polling":
+        return _PollClient(host, port, tls, **sio)
+    url = f"{'wss' if tls else 'ws'}://{host}:{port}/socket.io/?EIO=4&transport=websocket"
+    return _LoadClient(url, tls, **sio)
+
+
+def _client_session(pipe: Any, host: str, port: int, n: int, concurrency: int, timeout: float,
+                    spec: dict[str, Any] | None = None) -> None:
     """Open n clients (at most `concurrency` joining at once), report, then read until "stop".
+
+    ``spec``: transport ("websocket" or "polling"), tls, symbols (names, when several), per_client (symbols
+    each client subscribes to; 0: none, it gets everything), first (this process's first client in the run).
 
     A plain epoll loop rather than asyncio: at 100,000 messages/s the load clients share the
     cores with the server under test, and every microsecond they spend per read is taken from it.
     """
-    url = f"ws://{host}:{port}/socket.io/?EIO=4&transport=websocket"
+    spec = spec or {}
+    tls = None
+    if spec.get("tls"):
+        tls = ssl.create_default_context()
+        tls.check_hostname = False                # the servers' certificate is self-signed
+        tls.verify_mode = ssl.CERT_NONE
     ep = select.epoll()
-    by_fd: dict[int, _LoadClient] = {}
-    waiting = collections.deque(_LoadClient(url) for _ in range(n))
-    clients = list(waiting)
-    joining: dict[_LoadClient, float] = {}        # client → deadline (perf_counter s)
+    by_fd: dict[int, tuple[_SioClient, _Stream]] = {}
+    clients = [_make_load_client(spec, host, port, i, tls) for i in range(n)]
+    waiting = collections.deque(clients)
+    joining: dict[_SioClient, float] = {}         # client → deadline (perf_counter s)
     started = time.perf_counter()
 
-    def drop(c: _LoadClient) -> None:
-        if c.fd in by_fd:
-            del by_fd[c.fd]
-            ep.unregister(c.fd)
-        c.sock.close()
+    def close_stream(s: _Stream) -> None:
+        if s.fd in by_fd:
+            del by_fd[s.fd]
+            ep.unregister(s.fd)
+        s.sock.close()
 
-    def handle(c: _LoadClient, events: int, clock_offset_s: float) -> None:
-        if c.connecting:
-            if events & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
-                c.connected()
-                if not c.closed:
-                    ep.modify(c.fd, select.EPOLLIN)
-        else:
-            c.readable(clock_offset_s)
+    def drop(c: _SioClient) -> None:
+        for s in c.streams:
+            close_stream(s)
+
+    def replace_stream(c: _SioClient, old: _Stream, new: _Stream) -> None:
+        close_stream(old)
+        by_fd[new.fd] = (c, new)
+        ep.register(new.fd, select.EPOLLOUT)
+        new.start((host, port))
+
+    for c in clients:
+        c.replace_stream = replace_stream
+
+    def handle(c: _SioClient, s: _Stream, events: int, clock_offset_s: float) -> None:
+        try:
+            if s.connecting:
+                if events & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
+                    s.connected()
+                    if not c.closed:
+                        ep.modify(s.fd, select.EPOLLIN)
+            else:
+                c.readable(s, clock_offset_s)
+        except ConnectionError as exc:
+            c.fail(str(exc) or type(exc).__name__)
+        except (OSError, ValueError) as exc:
+            c.fail(f"{type(exc).__name__}: {exc}")
         if c.closed:
             drop(c)
 
     while waiting or joining:
         while waiting and len(joining) < concurrency:
             c = waiting.popleft()
-            by_fd[c.fd] = c
-            ep.register(c.fd, select.EPOLLOUT)
+            for s in c.streams:
+                by_fd[s.fd] = (c, s)
+                ep.register(s.fd, select.EPOLLOUT)
             joining[c] = time.perf_counter() + timeout
-            c.start((host, port))
+            try:
+                c.start((host, port))
+            except OSError as exc:
+                c.fail(f"{type(exc).__name__}: {exc}")
             if c.closed:
                 drop(c)
         events = ep.poll(0.1)
         offset = time.time() - time.perf_counter()
         for fd, ev in events:
-            c = by_fd.get(fd)
-            if c is not None:
-                handle(c, ev, offset)
+            found = by_fd.get(fd)
+            if found is not None:
+                handle(*found, ev, offset)
         now = time.perf_counter()
         for c, deadline in list(joining.items()):
             if c.joined or c.closed:
@@ -599,16 +915,20 @@ def _client_session(pipe: Any, host: str, port: int, n: int, concurrency: int, t
                 pipe.send(("status", sum(1 for c in joined if not c.closed and not c.error),
                            sum(c.pings for c in joined)))
                 continue
-            c = by_fd.get(fd)
-            if c is not None:
-                handle(c, ev, offset)
+            found = by_fd.get(fd)
+            if found is not None:
+                handle(*found, ev, offset)
     held = sum(1 for c in joined if not c.closed and not c.error)
-    result = [(c.us.tobytes(), c.t_sock.tobytes(), c.t_read.tobytes()) for c in joined]
+    # every client, joined or not: one that never joined counts as having received nothing
+    result = [(c.wanted, c.syms.tobytes(), c.us.tobytes(), c.t_sock.tobytes(), c.t_read.tobytes()) for c in clients]
     lost = collections.Counter(c.error.split(":")[0][:60] or "closed" for c in joined if c.closed or c.error)
+    stamps = b"".join(c.stamps.tobytes() for c in clients)
+    foreign = sum(c.foreign for c in clients)
     for c in clients:
-        c.sock.close()
+        for s in c.streams:
+            s.sock.close()
     ep.close()
-    pipe.send(("result", result, held, dict(lost), sum(c.pings for c in joined)))
+    pipe.send(("result", result, held, dict(lost), sum(c.pings for c in joined), stamps, foreign))
 
 
 def _client_worker(pipe: Any) -> None:
@@ -618,8 +938,7 @@ def _client_worker(pipe: Any) -> None:
         cmd = pipe.recv()
         if cmd[0] == "exit":
             return
-        _, host, port, n, concurrency, timeout = cmd
-        _client_session(pipe, host, port, n, concurrency, timeout)
+        _client_session(pipe, *cmd[1:])
 
 
 class _ClientPool:
@@ -629,6 +948,7 @@ class _ClientPool:
         import multiprocessing
         ctx = multiprocessing.get_context("spawn")
         self.pipes, self.procs = [], []
+        self.active: list[Any] = []
         for _ in range(procs):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_client_worker, args=(child,), daemon=True)
@@ -642,17 +962,20 @@ class _ClientPool:
     def cpu_s(self) -> float:
         return sum(_proc_cpu_s(pid) for pid in self.pids())
 
-    async def _ask(self, command: Callable[[int], tuple[Any, ...]]) -> list[Any]:
-        """Send each active process ``command(its number of clients)``; await every reply off the loop."""
-        for pipe, k in self.active:
-            pipe.send(command(k))
-        return await asyncio.gather(*(asyncio.to_thread(pipe.recv) for pipe, _ in self.active))
+    async def _ask(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send each active process its command; await every reply off the loop."""
+        for pipe, command in zip(self.active, commands):
+            pipe.send(command)
+        return await asyncio.gather(*(asyncio.to_thread(pipe.recv) for pipe in self.active))
 
-    async def start(self, host: str, port: int, n: int, timeout: float) -> dict[str, Any]:
-        """Open n connections spread over the processes; wait until each process reports."""
+    async def start(self, host: str, port: int, n: int, timeout: float,
+                    spec: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Open n connections spread over the processes (``spec``: see _client_session); wait until each reports."""
         shares = [n // len(self.pipes) + (i < n % len(self.pipes)) for i in range(len(self.pipes))]
-        self.active = [(pipe, k) for pipe, k in zip(self.pipes, shares) if k]
-        replies = await self._ask(lambda k: ("run", host, port, k, 100, timeout))
+        self.active = [pipe for pipe, k in zip(self.pipes, shares) if k]
+        firsts = [sum(shares[:i]) for i in range(len(shares))]
+        replies = await self._ask([("run", host, port, k, _JOIN_CONCURRENCY, timeout, {**(spec or {}), "first": first})
+                                   for k, first in zip(shares, firsts) if k])
         errors: collections.Counter[str] = collections.Counter()
         for r in replies:
             errors.update(r[3])
@@ -661,18 +984,21 @@ class _ClientPool:
 
     async def status(self) -> tuple[int, int]:
         """(connections still open, Engine.IO pings answered) across the processes."""
-        replies = await self._ask(lambda k: ("status",))
+        replies = await self._ask([("status",)] * len(self.active))
         return sum(r[1] for r in replies), sum(r[2] for r in replies)
 
     async def stop(self) -> dict[str, Any]:
-        replies = await self._ask(lambda k: ("stop",))
+        """What the clients received: ``received`` is one (wanted symbol numbers, symbol numbers, updateIds,
+        socket times, read times) per client; ``stamps`` rows of (symbol, updateId, serverTimestamp ms)."""
+        replies = await self._ask([("stop",)] * len(self.active))
         lost: collections.Counter[str] = collections.Counter()
         for r in replies:
             lost.update(r[3])
-        received = [(np.frombuffer(u, np.int64), np.frombuffer(ts, np.float64), np.frombuffer(tr, np.float64))
-                    for r in replies for u, ts, tr in r[1]]
+        received = [(wanted, np.frombuffer(s, np.int16), np.frombuffer(u, np.int64), np.frombuffer(ts, np.float64),
+                     np.frombuffer(tr, np.float64)) for r in replies for wanted, s, u, ts, tr in r[1]]
+        stamps = np.frombuffer(b"".join(r[5] for r in replies), np.int64).reshape(-1, 3)
         return {"received": received, "held": sum(r[2] for r in replies), "lost": dict(lost),
-                "pings": sum(r[4] for r in replies)}
+                "pings": sum(r[4] for r in replies), "stamps": stamps, "foreign": sum(r[6] for r in replies)}
 
     def close(self) -> None:
         for pipe in self.pipes:
@@ -686,9 +1012,11 @@ class _ClientPool:
                 proc.terminate()
 
 
-# -- the baseline: python-socketio AsyncServer on aiohttp, relaying the fake feed ------------------
+# -- the baselines: python-socketio AsyncServer on aiohttp, and node socket.io, relaying the fake feed ------
 
-async def _baseline_server(port: int, feed_url: str) -> None:
+async def _baseline_server(port: int, feed_url: str, rooms: bool = False, certfile: str = "", keyfile: str = "") -> None:
+    """The python-socketio relay. ``rooms``: a client gets only the symbols it subscribed to (a room per
+    symbol, as python-socketio does per-topic delivery); else every client gets every update."""
     import socketio
     import websockets
     from aiohttp import web
@@ -701,6 +1029,13 @@ async def _baseline_server(port: int, feed_url: str) -> None:
     @sio.event
     async def connect(sid: str, environ: dict, auth: Any = None) -> None:
         await sio.emit("welcome", {"message": "Welcome to BBO Stream"}, to=sid)
+
+    @sio.event
+    async def subscribe(sid: str, request: Any = None) -> dict[str, Any]:
+        symbols = sorted({str(s).upper() for s in (request or {}).get("symbols") or []})
+        for symbol in symbols:
+            await sio.enter_room(sid, symbol)
+        return {"symbols": symbols, "maxRate": None}
 
     async def relay() -> None:
         loads = json.loads
@@ -716,16 +1051,21 @@ async def _baseline_server(port: int, feed_url: str) -> None:
                         await sio.emit("bbo_update", {
                             "symbol": d["s"], "bidPrice": d["b"], "bidQty": d["B"], "askPrice": d["a"],
                             "askQty": d["A"], "timestamp": d["E"], "serverTimestamp": recv,
-                            "backendLatency": recv - d["E"], "updateId": d["u"], "transactionTime": d["T"]})
+                            "backendLatency": recv - d["E"], "updateId": d["u"], "transactionTime": d["T"]},
+                            to=d["s"] if rooms else None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep relaying, as a server would
                 print(f"baseline relay: {exc!r}", file=sys.stderr, flush=True)
                 await asyncio.sleep(0.5)
 
+    tls = None
+    if certfile:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(certfile, keyfile)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024, ssl_context=tls).start()
     print(f"listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
     task = asyncio.create_task(relay())
     stop = asyncio.Event()
@@ -737,40 +1077,159 @@ async def _baseline_server(port: int, feed_url: str) -> None:
     await runner.cleanup()
 
 
+# node socket.io 4.8 relaying the same feed, with the same payload; `ws` (a dependency of engine.io) reads the
+# exchange. Arguments: node_modules folder, port, feed URL, "rooms" or "all", and for TLS the certificate and key.
+# With "rooms" a client gets only the symbols it subscribed to (socket.join per symbol, io.to(symbol).emit),
+# the way socket.io delivers per topic; with "all", io.emit to every client.
+_NODE_RELAY_JS = r"""
+"use strict";
+const [modules, port, feedUrl, mode, certPath, keyPath] = process.argv.slice(2);
+const fromModules = require("module").createRequire(modules + "/");
+const { Server } = fromModules("socket.io");
+const WebSocket = fromModules("ws");
+const fs = require("fs");
+const server = certPath
+  ? require("https").createServer({ cert: fs.readFileSync(certPath), key: fs.readFileSync(keyPath) })
+  : require("http").createServer();
+const io = new Server(server, { cors: { origin: "*" } });
+const rooms = mode === "rooms";
+io.on("connection", (socket) => {
+  socket.emit("welcome", { message: "Welcome to BBO Stream" });
+  socket.on("subscribe", (request, ack) => {
+    const symbols = request && Array.isArray(request.symbols) ? [...new Set(request.symbols.map((s) => String(s).toUpperCase()))].sort() : [];
+    socket.join(symbols);
+    if (typeof ack === "function") ack({ symbols, maxRate: null });
+  });
+});
+function relay() {
+  const ws = new WebSocket(feedUrl);
+  ws.on("message", (data) => {
+    const recv = Date.now();
+    const d = JSON.parse(data);
+    if (d.u === undefined) return;
+    const update = { symbol: d.s, bidPrice: d.b, bidQty: d.B, askPrice: d.a, askQty: d.A, timestamp: d.E,
+                     serverTimestamp: recv, backendLatency: recv - d.E, updateId: d.u, transactionTime: d.T };
+    (rooms ? io.to(d.s) : io).emit("bbo_update", update);
+  });
+  ws.on("error", (err) => console.error("node relay:", err.message));
+  ws.on("close", () => setTimeout(relay, 500));
+}
+server.listen(Number(port), "127.0.0.1", 1024, () => {
+  console.error(`listening on 127.0.0.1:${port}`);
+  relay();
+});
+for (const sig of ["SIGTERM", "SIGINT"]) process.on(sig, () => process.exit(0));
+"""
+_NODE: dict[str, Path] = {}      # "script" and "modules" once _fanout has found node and written the relay
+_REV_DIRS: dict[str, Path] = {}  # "ours@REV" → a folder holding bbo_stream.py as it was at REV (--compare-rev)
+
+
+def _node_relay(logdir: Path) -> str:
+    """Write the node relay next to the logs and remember it; "" when usable, else why node is skipped."""
+    modules = Path(__file__).resolve().parent / "node_modules"
+    if shutil.which("node") is None:
+        return "no node command on PATH"
+    missing = [m for m in ("socket.io", "ws") if not (modules / m / "package.json").exists()]
+    if missing:
+        return f"{', '.join(missing)} missing from {modules.name}/ (run npm ci)"
+    script = logdir / "node_relay.js"
+    script.write_text(_NODE_RELAY_JS)
+    _NODE.update(script=script, modules=modules)
+    return ""
+
+
+def _node_versions() -> str:
+    try:
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+        sio = json.loads((_NODE["modules"] / "socket.io" / "package.json").read_text())["version"]
+    except (OSError, KeyError, ValueError, subprocess.SubprocessError):
+        return "node socket.io ?"
+    return f"node socket.io {sio} (node {node})"
+
+
+def _checkout_rev(rev: str, into: Path) -> str:
+    """The repository's tree at git revision rev, extracted into `into`; returns the revision's short name."""
+    here = Path(__file__).resolve().parent
+    short = subprocess.run(["git", "rev-parse", "--short", rev], cwd=here, capture_output=True, text=True,
+                           timeout=30, check=True).stdout.strip()
+    tar = subprocess.run(["git", "archive", "--format=tar", short], cwd=here, capture_output=True, timeout=120,
+                         check=True).stdout
+    into.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        archive.extractall(into, filter="data")
+    if not (into / "bbo_stream.py").exists():
+        raise RuntimeError(f"{rev} has no bbo_stream.py")
+    return short
+
+
+def _make_certificate(folder: Path) -> tuple[str, str]:
+    """A self-signed RSA-2048 certificate for localhost and its key (the openssl command, as BBO Stream makes its own)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
 # -- orchestration ------------------------------------------------------------------------------------
 
 class _Scenario(NamedTuple):
     name: str
     clients: int
-    rate: float          # updates per second (0: idle connections)
+    rate: float          # updates per second of each symbol (0: idle connections)
     hold_s: float = 0.0  # idle scenarios: how long to hold the connections
+    tls: bool = False    # wss:// (https for polling), with a self-signed certificate
+    transport: str = "websocket"  # or "polling"
+    symbols: int = 1     # symbols the fake exchange sends
+    per_client: int = 0  # symbols each client subscribes to (0: none; it gets every update)
+
+
+def _symbols_of(sc: _Scenario) -> tuple[str, ...]:
+    return (FANOUT_SYMBOL,) if sc.symbols == 1 else tuple(f"sym{i:02d}usdt" for i in range(sc.symbols))
 
 
 class _ServerProc:
     """One server under test as a subprocess, its log in a file."""
 
-    def __init__(self, kind: str, feed_base_url: str, logdir: Path, settings: dict[str, str] | None = None) -> None:
-        """``settings`` (ours only): more settings by name, e.g. {"CACHE_DIR": ...}; they win over the defaults here."""
+    def __init__(self, kind: str, feed_base_url: str, logdir: Path, settings: dict[str, str] | None = None, *,
+                 symbols: tuple[str, ...] = (FANOUT_SYMBOL,), tls: tuple[str, str] | None = None,
+                 rooms: bool = False) -> None:
+        """``kind``: "ours" (this bbo_stream.py), "ours-1t" (FANOUT_THREADS=0), "ours@REV" (--compare-rev),
+        "node" or "baseline" (python-socketio). ``settings`` (ours only): more settings by name, e.g.
+        {"CACHE_DIR": ...}; they win over the defaults here. ``tls``: (certificate, key) to serve TLS with;
+        ``rooms`` (relays): per-symbol delivery to the clients that subscribed."""
         self.kind = kind
         self.port = fake_binance.free_port()
         self.log_path = logdir / f"{kind}-{self.port}.log"
         here = Path(__file__).resolve().parent
+        feed_url = f"{feed_base_url}/" + "/".join(f"{s}@bookTicker" for s in symbols)
+        env = dict(os.environ)
+        cwd = here
         if kind.startswith("ours"):
+            cwd = _REV_DIRS.get(kind, here)
             # Every load client connects from 127.0.0.1: no per-address cap (MAX_CLIENTS still applies).
-            cmd = [sys.executable, str(here / "bbo_stream.py"), "--symbol", FANOUT_SYMBOL, "--use-ssl", "false",
-                   "--web-host", "127.0.0.1", "--web-port", str(self.port), "--cache-persist", "false",
-                   "--max-sessions-per-address", "1000000"]
+            cmd = [sys.executable, str(cwd / "bbo_stream.py"), "--symbol", ",".join(symbols),
+                   "--use-ssl", "true" if tls else "false", "--web-host", "127.0.0.1", "--web-port", str(self.port),
+                   "--cache-persist", "false", "--max-sessions-per-address", "1000000"]
+            if tls:
+                cmd += ["--ssl-cert-path", tls[0], "--ssl-key-path", tls[1]]
             if kind == "ours-1t":                           # the event loop's thread writes alone
                 cmd += ["--fanout-threads", "0"]
             for name, value in (settings or {}).items():     # a later flag wins
                 cmd += ["--" + name.lower().replace("_", "-"), value]
-            env = {**os.environ, "WEBSOCKET_BASE_URL": feed_base_url}
+            env["WEBSOCKET_BASE_URL"] = feed_base_url
+        elif kind == "node":
+            cmd = ["node", str(_NODE["script"]), str(_NODE["modules"]), str(self.port), feed_url,
+                   "rooms" if rooms else "all", *(tls or ())]
         else:
             cmd = [sys.executable, str(Path(__file__).resolve()), "baseline-server", "--port", str(self.port),
-                   "--feed", f"{feed_base_url}/{FANOUT_SYMBOL}@bookTicker"]
-            env = dict(os.environ)
+                   "--feed", feed_url]
+            if rooms:
+                cmd.append("--rooms")
+            if tls:
+                cmd += ["--certfile", tls[0], "--keyfile", tls[1]]
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - the subprocess writes to it until stop()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=here)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         self.pid = self.proc.pid
         if _PIN["server"]:
             os.sched_setaffinity(self.pid, _PIN["server"])
@@ -831,57 +1290,70 @@ def _nearest_rank(sorted_values: np.ndarray, q: float) -> float:
     return float(sorted_values[min(len(sorted_values) - 1, max(0, int(np.ceil(q * len(sorted_values))) - 1))])
 
 
-def _analyse(received: list[tuple[np.ndarray, np.ndarray, np.ndarray]], sent_at: dict[tuple[str, int], float],
-             n_clients: int, t0: float, t1: float, t_end: float) -> dict[str, float]:
-    """Figures from the clients' (u, socket time, read time) records and the fake's send times.
+def _analyse(received: list[tuple[Any, ...]], sent_at: dict[tuple[str, int], float], n_clients: int,
+             t0: float, t1: float, t_end: float, symbols: tuple[str, ...] = (FANOUT_SYMBOL,)) -> dict[str, float]:
+    """Figures from the clients' records (see _ClientPool.stop) and the fake's send times.
 
-    - deliveries: updates that reached a client's socket in [t0, t1] (any u), per second;
+    - deliveries: updates of a client's own symbols that reached its socket in [t0, t1] (any u), per second;
     - latency p50/p99: socket time - send time of those deliveries (a backlog shows up here);
       read latency: the same to when the load-client process read them (adds its own CPU waits);
-    - delivered: of the updates published in [t0, t1], the fraction every requested client got by t_end;
-    - fresh p50/p99: for each client and each update published in [t0, t1], the time until the client
-      held that price or a newer one (what "sees the newest price" means when updates are conflated);
-      never by t_end counts as infinite.
+    - delivered: of the updates of each client's symbols published in [t0, t1], the fraction it got by t_end;
+    - fresh p50/p99: for each client, each of its symbols and each update published in [t0, t1], the time
+      until the client held that price or a newer one (what "sees the newest price" means when updates
+      are conflated); never by t_end counts as infinite.
     """
-    sym = FANOUT_SYMBOL.upper()
-    items = sorted((u, s) for (k, u), s in sent_at.items() if k == sym)
-    pub_u = np.fromiter((u for u, _ in items), np.int64, len(items))
-    pub_s = np.fromiter((s for _, s in items), np.float64, len(items))
-    window = (pub_s >= t0) & (pub_s <= t1)
-    win_u, win_s = pub_u[window], pub_s[window]
+    by_symbol: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
+    for (name, u), s in sent_at.items():
+        by_symbol[name].append((u, s))
+    pubs = []                                     # per symbol number: (pub_u, pub_s, win_u, win_s)
+    for name in symbols:
+        items = sorted(by_symbol.get(name.upper(), ()))
+        pub_u = np.fromiter((u for u, _ in items), np.int64, len(items))
+        pub_s = np.fromiter((s for _, s in items), np.float64, len(items))
+        window = (pub_s >= t0) & (pub_s <= t1)
+        pubs.append((pub_u, pub_s, pub_u[window], pub_s[window]))
     lat_parts, read_parts, fresh_parts = [], [], []
-    deliveries = delivered_pairs = unmatched = 0
-    for ru, rt, rr in received:
-        if len(ru) == 0:
-            fresh_parts.append(np.full(len(win_u), _NOT_SEEN))
-            continue
-        idx = np.minimum(np.searchsorted(pub_u, ru), len(pub_u) - 1)
-        matched = pub_u[idx] == ru
-        unmatched += int((~matched).sum())
-        in_win = (rt >= t0) & (rt <= t1)
-        deliveries += int(in_win.sum())
-        sel = in_win & matched
-        lat_parts.append(rt[sel] - pub_s[idx[sel]])
-        read_parts.append(rr[sel] - pub_s[idx[sel]])
-        ok = rt <= t_end
-        delivered_pairs += int(np.isin(ru[ok], win_u).sum())
-        seen_u = np.maximum.accumulate(ru)
-        j = np.searchsorted(seen_u, win_u, side="left")
-        has = j < len(seen_u)
-        fresh = np.full(len(win_u), _NOT_SEEN)
-        fresh[has] = rt[j[has]] - win_s[has]
-        fresh[has & (rt[np.minimum(j, len(rt) - 1)] > t_end)] = _NOT_SEEN
-        fresh_parts.append(fresh)
-    for _ in range(n_clients - len(received)):  # clients that never joined got nothing
-        fresh_parts.append(np.full(len(win_u), _NOT_SEEN))
+    deliveries = delivered_pairs = unmatched = expected = 0
+    for wanted, syms, ru_all, rt_all, rr_all in received:
+        for k in wanted:
+            pub_u, pub_s, win_u, win_s = pubs[k]
+            expected += len(win_u)
+            if len(symbols) > 1:
+                mine = syms == k
+                ru, rt, rr = ru_all[mine], rt_all[mine], rr_all[mine]
+            else:
+                ru, rt, rr = ru_all, rt_all, rr_all
+            if len(ru) == 0:
+                fresh_parts.append(np.full(len(win_u), _NOT_SEEN))
+                continue
+            idx = np.minimum(np.searchsorted(pub_u, ru), max(0, len(pub_u) - 1))
+            matched = pub_u[idx] == ru if len(pub_u) else np.zeros(len(ru), bool)
+            unmatched += int((~matched).sum())
+            in_win = (rt >= t0) & (rt <= t1)
+            deliveries += int(in_win.sum())
+            sel = in_win & matched
+            lat_parts.append(rt[sel] - pub_s[idx[sel]])
+            read_parts.append(rr[sel] - pub_s[idx[sel]])
+            ok = rt <= t_end
+            delivered_pairs += int(np.isin(ru[ok], win_u).sum())
+            seen_u = np.maximum.accumulate(ru)
+            j = np.searchsorted(seen_u, win_u, side="left")
+            has = j < len(seen_u)
+            fresh = np.full(len(win_u), _NOT_SEEN)
+            fresh[has] = rt[j[has]] - win_s[has]
+            fresh[has & (rt[np.minimum(j, len(rt) - 1)] > t_end)] = _NOT_SEEN
+            fresh_parts.append(fresh)
+    for _ in range(n_clients - len(received)):  # clients that reported nothing (every client reports now)
+        expected += len(pubs[0][2])
+        fresh_parts.append(np.full(len(pubs[0][2]), _NOT_SEEN))
     lat = np.sort(np.concatenate(lat_parts)) if lat_parts else np.array([])
     read = np.sort(np.concatenate(read_parts)) if read_parts else np.array([])
     fresh = np.sort(np.concatenate(fresh_parts)) if fresh_parts else np.array([])
-    expected = len(win_u) * n_clients
-    return {"published": float(len(win_u)), "published_per_s": len(win_u) / (t1 - t0),
+    published = sum(len(p[2]) for p in pubs)
+    return {"published": float(published), "published_per_s": published / (t1 - t0),
             "deliveries": float(deliveries), "deliveries_per_s": deliveries / (t1 - t0),
             "delivered_frac": delivered_pairs / expected if expected else float("nan"),
-            "missed": float(expected - delivered_pairs),
+            "missed": float(expected - delivered_pairs), "expected": float(expected),
             "lat_p50": _nearest_rank(lat, 0.50), "lat_p99": _nearest_rank(lat, 0.99),
             "lat_max": float(lat[-1]) if len(lat) else float("nan"),
             "read_p50": _nearest_rank(read, 0.50), "read_p99": _nearest_rank(read, 0.99),
@@ -889,23 +1361,48 @@ def _analyse(received: list[tuple[np.ndarray, np.ndarray, np.ndarray]], sent_at:
             "unmatched": float(unmatched)}
 
 
+def _feed_latency(stamps: np.ndarray, sent_at: dict[tuple[str, int], float], symbols: tuple[str, ...],
+                  t0: float, t1: float) -> dict[str, float]:
+    """The server's receive latency, apart from the fan-out: serverTimestamp (when it read the update from
+    the exchange; whole ms of the wall clock) minus the fake's send time of the same update, for the
+    updates sent in [t0, t1]. ``stamps``: (symbol number, updateId, serverTimestamp ms) rows, as several
+    clients saw them."""
+    names = [s.upper() for s in symbols]
+    offset = time.time() - time.perf_counter()    # wall clock → perf_counter(); both tick system-wide
+    lat = []
+    for k, u, ms in np.unique(stamps, axis=0) if len(stamps) else ():
+        sent = sent_at.get((names[k], int(u)))
+        if sent is not None and t0 <= sent <= t1:
+            lat.append(ms / 1000 + _STAMP_ROUND_S - offset - sent)
+    lat_sorted = np.sort(np.array(lat))
+    return {"feed_p50": _nearest_rank(lat_sorted, 0.50), "feed_p99": _nearest_rank(lat_sorted, 0.99),
+            "feed_n": float(len(lat_sorted))}
+
+
 async def _run_one(kind: str, sc: _Scenario, pool: _ClientPool, measure_s: float, logdir: Path,
-                   problems: list[str], quiet_cores: float, max_wait_s: float) -> dict[str, Any]:
+                   problems: list[str], quiet_cores: float, max_wait_s: float,
+                   tls_pair: tuple[str, str] | None = None) -> dict[str, Any]:
     from fake_binance import FakeBinance
     res: dict[str, Any] = {"kind": kind}
+    symbols = _symbols_of(sc)
+    spec = {"transport": sc.transport, "tls": sc.tls, "per_client": sc.per_client,
+            "symbols": [s.upper() for s in symbols] if len(symbols) > 1 else []}
     res["waited_s"], res["others_before"] = await _wait_quiet(pool, quiet_cores, max_wait_s)
     async with FakeBinance(market="futures", port=0, record_send_times=True) as fake:
-        server = _ServerProc(kind, fake.base_url, logdir)
+        server = _ServerProc(kind, fake.base_url, logdir, symbols=symbols, tls=tls_pair if sc.tls else None,
+                             rooms=sc.per_client > 0)
         try:
             await server.wait_listening()
-            await fake.wait_for_subscribed(FANOUT_SYMBOL, timeout=20)
+            for symbol in symbols:
+                await fake.wait_for_subscribed(symbol, timeout=20)
             await asyncio.sleep(0.5)
+            # warm-up: first-connection allocations (and TLS's), then RSS with no client connected
+            await pool.start("127.0.0.1", server.port, _WARMUP_CLIENTS, 30, spec)
+            await pool.stop()
+            await asyncio.sleep(1.0)
+            rss0 = _proc_rss_kb(server.pid)
             if sc.rate == 0:                              # idle: RSS before/after connecting
-                await pool.start("127.0.0.1", server.port, 20, 30)   # warm-up: first-connection allocations
-                await pool.stop()
-                await asyncio.sleep(1.0)
-                rss0 = _proc_rss_kb(server.pid)
-                conn = await pool.start("127.0.0.1", server.port, sc.clients, 120)
+                conn = await pool.start("127.0.0.1", server.port, sc.clients, 120, spec)
                 await asyncio.sleep(1.0)                  # settle: handshakes and welcome messages done
                 rss1 = _proc_rss_kb(server.pid)
                 cpu0, t0 = _proc_cpu_s(server.pid), time.perf_counter()
@@ -923,10 +1420,12 @@ async def _run_one(kind: str, sc: _Scenario, pool: _ClientPool, measure_s: float
                            rss1_kb=rss1, rss2_kb=rss2, kb_per_conn=(rss1 - rss0) / max(1, conn["joined"]),
                            idle_cpu_cores=(cpu1 - cpu0) / (t1 - t0))
             else:
-                conn = await pool.start("127.0.0.1", server.port, sc.clients, 60)
-                res.update(conn)
+                conn = await pool.start("127.0.0.1", server.port, sc.clients, 60, spec)
+                await asyncio.sleep(1.0)                  # settle: handshakes and welcome messages done
+                rss1 = _proc_rss_kb(server.pid)
+                res.update(conn, rss0_kb=rss0, kb_per_conn=(rss1 - rss0) / max(1, conn["joined"]))
                 metrics0 = server.metrics() if kind.startswith("ours") else {}
-                fake.start_generator([FANOUT_SYMBOL], sc.rate)
+                fake.start_generator(list(symbols), sc.rate)
                 await asyncio.sleep(1.0)                  # warm-up
                 self_cpu0, busy0, irq0 = time.process_time(), _machine_busy_s(), _softirq_s()
                 srv0, cli0, t0 = _proc_cpu_s(server.pid), pool.cpu_s(), time.perf_counter()
@@ -938,8 +1437,9 @@ async def _run_one(kind: str, sc: _Scenario, pool: _ClientPool, measure_s: float
                 t_end = time.perf_counter()
                 fake.stop_generator()
                 out = await pool.stop()
-                res.update(_analyse(out["received"], fake.sent_at, sc.clients, t0, t1, t_end))
-                res.update(held=out["held"], lost=out["lost"], server_cpu_s=srv1 - srv0,
+                res.update(_analyse(out["received"], fake.sent_at, sc.clients, t0, t1, t_end, symbols))
+                res.update(_feed_latency(out["stamps"], fake.sent_at, symbols, t0, t1))
+                res.update(held=out["held"], lost=out["lost"], server_cpu_s=srv1 - srv0, foreign=out["foreign"],
                            client_cpu_cores=(cli1 - cli0) / (t1 - t0), fake_cpu_cores=(self_cpu1 - self_cpu0) / (t1 - t0),
                            server_cpu_cores=(srv1 - srv0) / (t1 - t0), rss_kb=_proc_rss_kb(server.pid),
                            others_cores=((busy1 - busy0) - (srv1 - srv0) - (cli1 - cli0) - (self_cpu1 - self_cpu0))
@@ -951,6 +1451,9 @@ async def _run_one(kind: str, sc: _Scenario, pool: _ClientPool, measure_s: float
                                                - metrics0.get("sio_updates_published_total", 0))
                 if res["unmatched"]:
                     problems.append(f"{sc.name} {kind}: {res['unmatched']:.0f} received updateIds the fake never sent")
+                if res["foreign"]:
+                    problems.append(f"{sc.name} {kind}: {res['foreign']:,} updates of symbols the clients did not "
+                                    "subscribe to")
             if server.proc.poll() is not None and "sigterm_s" not in res:
                 problems.append(f"{sc.name} {kind}: server exited with {server.proc.returncode}")
         finally:
@@ -973,11 +1476,18 @@ def _ms(seconds: float) -> str:
 
 
 def _fmt_rate(sc: _Scenario) -> str:
-    return f"{sc.clients:,} clients × {sc.rate:,.0f}/s" if sc.rate else f"{sc.clients:,} idle connections"
+    if not sc.rate:
+        return f"{sc.clients:,} idle connections"
+    how = {(False, "websocket"): "", (True, "websocket"): " wss", (False, "polling"): " polling",
+           (True, "polling"): " polling https"}[sc.tls, sc.transport]
+    if sc.per_client:
+        return f"{sc.clients:,} clients × {sc.per_client} of {sc.symbols} symbols × {sc.rate:,.0f}/s{how}"
+    return f"{sc.clients:,} clients × {sc.rate:,.0f}/s{how}"
 
 
-def _line(sc: _Scenario, r: dict[str, Any], base: dict[str, Any] | None) -> str:
-    head = f"{sc.name:<9} {_fmt_rate(sc):<24} {r['kind']:<8}"
+def _line(sc: _Scenario, r: dict[str, Any], refs: dict[str, dict[str, Any]]) -> str:
+    """One run's figures; ``refs``: the baselines' results of the same scenario, for ours/baseline ratios."""
+    head = f"{sc.name:<12} {_fmt_rate(sc):<26} {r['kind']:<8}"
     joined = f"{r['joined']:,}/{sc.clients:,} joined"
     if r.get("failed"):
         joined += f" ({r['failed']:,} failed: {r['errors']})"
@@ -985,6 +1495,7 @@ def _line(sc: _Scenario, r: dict[str, Any], base: dict[str, Any] | None) -> str:
         s = (f"{head} {joined} in {r['connect_s']:.1f} s, {r['held']:,} still open after {sc.hold_s:.0f} s "
              f"({r['pings']:,} Engine.IO pings answered); RSS {r['rss0_kb'] / 1024:.1f} → {r['rss1_kb'] / 1024:.1f} MB "
              f"= {r['kb_per_conn']:.1f} KB per connection")
+        base = refs.get("baseline")
         if base and base.get("kb_per_conn"):
             s += f" (ratio ours/baseline {r['kb_per_conn'] / base['kb_per_conn']:.2f})"
         s += f", {r['rss2_kb'] / 1024:.1f} MB at the end; server CPU while idle {r['idle_cpu_cores']:.3f} cores"
@@ -996,17 +1507,22 @@ def _line(sc: _Scenario, r: dict[str, Any], base: dict[str, Any] | None) -> str:
             s += f"; SIGTERM with them connected: {how}, clients saw {r['lost']}"
         return s + _quiet_note(r)
     s = (f"{head} {joined}; {r['deliveries_per_s']:,.0f} deliveries/s; delivered {100 * r['delivered_frac']:.1f}% "
-         f"of {r['published']:,.0f} updates; latency p50 {_ms(r['lat_p50'])} p99 {_ms(r['lat_p99'])} "
-         f"(max {_ms(r['lat_max'])}), as read by the load client p50 {_ms(r['read_p50'])} p99 {_ms(r['read_p99'])}; newest price p50 {_ms(r['fresh_p50'])} p99 {_ms(r['fresh_p99'])}; "
+         f"of {r['expected']:,.0f} ({r['published']:,.0f} updates published); latency p50 {_ms(r['lat_p50'])} "
+         f"p99 {_ms(r['lat_p99'])} (max {_ms(r['lat_max'])}), as read by the load client p50 {_ms(r['read_p50'])} "
+         f"p99 {_ms(r['read_p99'])}; newest price p50 {_ms(r['fresh_p50'])} p99 {_ms(r['fresh_p99'])}; "
          f"skipped {r['missed']:,.0f}")
     if "server_skipped" in r:
         s += f" (server counted {r['server_skipped']:,.0f})"
     s += f"; server CPU {r['cpu_ms_per_1000']:.1f} ms per 1,000 deliveries ({r['server_cpu_cores']:.2f} cores)"
-    if base and base.get("cpu_ms_per_1000"):
-        s += f", ratio ours/baseline {r['cpu_ms_per_1000'] / base['cpu_ms_per_1000']:.2f}"
-    s += (f"; server RSS {r['rss_kb'] / 1024:.0f} MB at the end; load clients {r['client_cpu_cores']:.2f} cores, "
-          f"fake exchange {r['fake_cpu_cores']:.2f} cores, other processes {r['others_cores']:.2f} cores, "
-          f"interrupts {r['irq_cores']:.2f} cores")
+    for ref in ("baseline", "node"):
+        base = refs.get(ref)
+        if base and base.get("cpu_ms_per_1000") and not math.isnan(base["cpu_ms_per_1000"]):
+            s += f", ratio {r['kind']}/{ref} {r['cpu_ms_per_1000'] / base['cpu_ms_per_1000']:.2f}"
+    s += (f"; server RSS {r['rss_kb'] / 1024:.0f} MB at the end, {r['kb_per_conn']:.1f} KiB per connected client; "
+          f"feed receive latency (exchange send → server read, serverTimestamp) p50 {_ms(r['feed_p50'])} "
+          f"p99 {_ms(r['feed_p99'])} of {r['feed_n']:,.0f} updates, with the load generators at: fake exchange "
+          f"{r['fake_cpu_cores']:.2f} cores, load clients {r['client_cpu_cores']:.2f} cores; other processes "
+          f"{r['others_cores']:.2f} cores, interrupts {r['irq_cores']:.2f} cores")
     if r["held"] < r["joined"]:
         s += f"; {r['joined'] - r['held']:,} connection(s) lost: {r['lost']}"
     return s + _quiet_note(r)
@@ -1027,8 +1543,28 @@ def _verdict(ok: bool) -> str:
 
 # The fan-out goals were set from measurements made earlier on this kind of 2-core machine: server CPU per
 # 1,000 deliveries of node socket.io (13–15 ms at 100 clients × 100/s, 9.8 ms at 1,000 × 100/s) and of
-# python-socketio (40 ms at 100 × 100/s).
+# python-socketio (40 ms at 100 × 100/s). Node now also runs beside them (where node_modules is installed).
 _GOAL_BASELINE_CPU_MS = {"100x100": 40.0}  # python-socketio's CPU per 1,000 deliveries when the goals were set
+_FULL_DELIVERY = 0.9995                    # "100 % delivered": at most 1 in 2,000 missed (a window's edge)
+_TLS_KIB_PER_CLIENT = 64                   # goal: memory per TLS WebSocket client (node: 61 KiB)
+
+
+def _cpu(r: dict[str, Any] | None) -> float:
+    return r["cpu_ms_per_1000"] if r and "cpu_ms_per_1000" in r else float("nan")
+
+
+def _ratio_goal(what: str, ours: float, ref: float, limit: float) -> tuple[str, bool | None]:
+    """"what 0.42× (goal ≤ 0.6×)" and whether it holds (None when the reference was not measured)."""
+    if math.isnan(ours) or math.isnan(ref) or not ref:
+        return f"{what} not measured", None
+    ratio = ours / ref
+    return f"{what} {ratio:.2f}× (goal ≤ {limit:g}×)", ratio <= limit
+
+
+def _goal_line(name: str, parts: list[tuple[str, bool | None]]) -> str:
+    measured = [ok for _, ok in parts if ok is not None]
+    verdict = _verdict(all(measured)) if measured else "not judged"
+    return f"  {name}: " + "; ".join(text for text, _ in parts) + f" → {verdict}"
 
 
 def _goals(results: dict[str, dict[str, dict[str, Any]]], scenarios: dict[str, _Scenario], quick: bool) -> list[str]:
@@ -1050,10 +1586,13 @@ def _goals(results: dict[str, dict[str, dict[str, Any]]], scenarios: dict[str, _
             line += (f"; {ratio:.2f}× python-socketio in this run, node {node_lo / _GOAL_BASELINE_CPU_MS[name]:.2f}–"
                      f"{node_hi_ratio:.2f}× when the goals were set")
             ok = ratio <= node_hi_ratio
+        node_now = results.get(name, {}).get("node")
+        if node_now:
+            line += f" (node in this run: {_cpu(node_now):.1f} ms, ours {cpu / _cpu(node_now):.2f}×)"
         out.append(f"{line} → {_verdict(ok)}")
     r = results.get("1000x100", {}).get("ours")
     if r:
-        full = r["delivered_frac"] >= 0.9995
+        full = r["delivered_frac"] >= _FULL_DELIVERY
         out.append(f"  1000x100: delivered {100 * r['delivered_frac']:.2f}% (goal 100%), p99 {_ms(r['lat_p99'])} "
                    f"(goal ≤ 20 ms) → {_verdict(full and r['lat_p99'] <= 0.020)}")
     r = results.get("100x2000", {}).get("ours")
@@ -1061,6 +1600,61 @@ def _goals(results: dict[str, dict[str, dict[str, Any]]], scenarios: dict[str, _
         out.append(f"  100x2000 (saturation): newest price p99 {_ms(r['fresh_p99'])}, latency p99 {_ms(r['lat_p99'])} "
                    f"(goal ≤ 50 ms, no backlog), {r['missed']:,.0f} skipped of {r['published'] * scenarios['100x2000'].clients:,.0f} "
                    f"→ {_verdict(r['fresh_p99'] <= 0.050 and r['lat_p99'] <= 0.050)}")
+    sym = results.get("sym50-1000x3", {})
+    if sym.get("ours"):
+        r = sym["ours"]
+        out.append(_goal_line("sym50-1000x3", [
+            (f"CPU {_cpu(r):.1f} ms per 1,000 deliveries", None),
+            _ratio_goal("vs node socket.io (rooms)", _cpu(r), _cpu(sym.get("node")), 0.6),
+            _ratio_goal("vs python-socketio", _cpu(r), _cpu(sym.get("baseline")), 0.15),
+            (f"delivered {100 * r['delivered_frac']:.2f}% (goal 100%)", r["delivered_frac"] >= _FULL_DELIVERY)]))
+    tls = results.get("tls-1000x100", {})
+    if tls.get("ours"):
+        r, node = tls["ours"], tls.get("node")
+        plain = results.get("1000x100", {}).get("ours")
+        parts = [(f"CPU {_cpu(r):.1f} ms per 1,000 deliveries", None),
+                 _ratio_goal("vs ours over plain WebSocket (1000x100) in this run", _cpu(r), _cpu(plain), 1.3)]
+        if node:
+            parts.append((f"latency p50 {_ms(r['lat_p50'])} vs node's {_ms(node['lat_p50'])} (goal ≤ node's)",
+                          r["lat_p50"] <= node["lat_p50"]))
+        else:
+            parts.append((f"latency p50 {_ms(r['lat_p50'])}, node not measured", None))
+        parts.append((f"{r['kb_per_conn']:.1f} KiB per TLS client (goal ≤ {_TLS_KIB_PER_CLIENT}"
+                      + (f"; node {node['kb_per_conn']:.1f}" if node else "") + ")",
+                      r["kb_per_conn"] <= _TLS_KIB_PER_CLIENT))
+        out.append(_goal_line("tls-1000x100", parts))
+    poll = results.get("poll-100x100", {})
+    if poll.get("ours"):
+        r, node = poll["ours"], poll.get("node")
+        parts = [(f"CPU {_cpu(r):.1f} ms per 1,000 deliveries", None),
+                 _ratio_goal("vs node socket.io", _cpu(r), _cpu(node), 0.8)]
+        if node:
+            parts.append((f"latency p50 {_ms(r['lat_p50'])} vs node's {_ms(node['lat_p50'])} (goal ≤ node's)",
+                          r["lat_p50"] <= node["lat_p50"]))
+        out.append(_goal_line("poll-100x100", parts))
+    plain = results.get("1000x100", {})
+    if plain.get("ours"):
+        r = plain["ours"]
+        rev = next((k for k in plain if k.startswith("ours@")), "")
+        load = (f" (fake exchange {r['fake_cpu_cores']:.2f} cores, load clients {r['client_cpu_cores']:.2f} cores)")
+        if rev:
+            text, ok = _ratio_goal(f"vs {rev}'s {_ms(plain[rev]['feed_p99'])}", r["feed_p99"], plain[rev]["feed_p99"], 0.25)
+        else:
+            text, ok = "no --compare-rev to judge it against (goal ≤ 0.25× the earlier code's, measured in the same run)", None
+        out.append(_goal_line("1000x100 feed receive latency", [(f"p99 {_ms(r['feed_p99'])}{load}", None), (text, ok)]))
+    for name, by_kind in results.items():          # the earlier code beside the new, where both ran
+        rev = next((k for k in by_kind if k.startswith("ours@")), "")
+        r, old = by_kind.get("ours"), by_kind.get(rev)
+        if not (rev and r and old):
+            continue
+        if scenarios[name].rate == 0:
+            out.append(f"  {name} vs {rev}: {r['kb_per_conn']:.1f} vs {old['kb_per_conn']:.1f} KB per connection")
+            continue
+        out.append(f"  {name} vs {rev}: CPU {_cpu(r):.1f} vs {_cpu(old):.1f} ms per 1,000 deliveries "
+                   f"({_cpu(r) / _cpu(old):.2f}×); delivered {100 * r['delivered_frac']:.1f} vs "
+                   f"{100 * old['delivered_frac']:.1f}%; p50 {_ms(r['lat_p50'])} vs {_ms(old['lat_p50'])}, "
+                   f"p99 {_ms(r['lat_p99'])} vs {_ms(old['lat_p99'])}; feed p99 {_ms(r['feed_p99'])} vs "
+                   f"{_ms(old['feed_p99'])}; {r['kb_per_conn']:.1f} vs {old['kb_per_conn']:.1f} KiB per client")
     r = results.get("idle", {}).get("ours")
     if r:
         out.append(f"  idle {r['joined']:,}: {r['kb_per_conn']:.1f} KB per idle connection (goal ≤ 25 KB) → "
@@ -1080,6 +1674,9 @@ async def _fanout(args: argparse.Namespace, pool: _ClientPool, out: Any) -> int:
     scenarios = {
         "100x100": _Scenario("100x100", 20 if quick else 100, 50 if quick else 100),
         "1000x100": _Scenario("1000x100", 200 if quick else 1000, 50 if quick else 100),
+        "tls-1000x100": _Scenario("tls-1000x100", 200 if quick else 1000, 50 if quick else 100, tls=True),
+        "sym50-1000x3": _Scenario("sym50-1000x3", 200 if quick else 1000, 10 if quick else 20, symbols=50, per_client=3),
+        "poll-100x100": _Scenario("poll-100x100", 20 if quick else 100, 50 if quick else 100, transport="polling"),
         "100x2000": _Scenario("100x2000", 20 if quick else 100, 500 if quick else 2000),
         "idle": _Scenario("idle", 200 if quick else 2000, 0, 3.0),
         "held": _Scenario("held", args.connections or (1000 if quick else 10_000), 0, 3.0 if quick else 30.0),
@@ -1087,40 +1684,69 @@ async def _fanout(args: argparse.Namespace, pool: _ClientPool, out: Any) -> int:
     if args.connections == 0:
         del scenarios["held"]
     if args.only:
-        scenarios = {k: v for k, v in scenarios.items() if k in args.only.split(",")}
-    kinds = [k for k in ("baseline", "ours-1t", "ours") if k in args.servers.split(",")]
+        wanted = args.only.split(",")
+        unknown = [name for name in wanted if name not in scenarios]
+        if unknown:
+            print(f"fanout: unknown scenario(s) {', '.join(unknown)}; known: {', '.join(scenarios)}", file=sys.stderr)
+            return 2
+        scenarios = {k: v for k, v in scenarios.items() if k in wanted}
     logdir = Path(tempfile.mkdtemp(prefix="bbo-fanout-"))
+    asked = args.servers.split(",")
+    notes = []
+    if "node" in asked:
+        why = _node_relay(logdir)
+        if why:
+            asked.remove("node")
+            notes.append(f"# node socket.io: skipped: {why}")
+    rev_kinds = []
+    if args.compare_rev:
+        short = _checkout_rev(args.compare_rev, logdir / "rev")
+        _REV_DIRS[f"ours@{short}"] = logdir / "rev"
+        rev_kinds.append(f"ours@{short}")
+    kinds = [k for k in ("baseline", "node") if k in asked] + rev_kinds + [k for k in ("ours-1t", "ours") if k in asked]
+    tls_pair = _make_certificate(logdir) if any(sc.tls for sc in scenarios.values()) else None
+
     def say(text: str) -> None:
         print(text, flush=True)
         if out is not None:
             out.write(text + "\n")
             out.flush()
     say(f"# fanout: bbo_stream {bs.__version__} vs python-socketio {_version('python-socketio')} "
-        f"(python-engineio {_version('python-engineio')}, aiohttp {_version('aiohttp')}); Python "
+        f"(python-engineio {_version('python-engineio')}, aiohttp {_version('aiohttp')})"
+        + (f" and {_node_versions()}" if "node" in kinds else "") + f"; Python "
         f"{sys.version.split()[0]}, websockets {_version('websockets')}; {os.cpu_count()} CPUs shared by server, "
-        f"{len(pool.procs)} load-client processes and the fake exchange; plain loopback; "
+        f"{len(pool.procs)} load-client processes and the fake exchange; loopback; "
         f"{measure_s:.0f} s measured per run after 1 s warm-up; server logs in {logdir}")
+    for note in notes:
+        say(note)
     if _PIN["server"]:
         say(f"# --pin: server on CPU {sorted(_PIN['server'])}, load clients and fake exchange on the other CPU(s)")
-    say(f"# bbo_stream.py at {_git_state()}; before each run, waits (≤ {args.max_wait:.0f} s) until the rest of "
-        f"the machine uses ≤ {args.quiet_cores:.2f} cores")
-    say("# deliveries = bbo_update messages received by clients in the window; latency = arrival at the client's "
-        "socket (kernel receive timestamp) − fake send (same u), and to when the load client read it; newest price = time until a client holds a price at least as new as each published one; "
-        "skipped = published×clients − delivered; CPU = server process utime+stime from /proc; ours-1t = "
-        "bbo_stream.py with FANOUT_THREADS=0 (the event loop's thread writes alone)")
+    say(f"# bbo_stream.py at {_git_state()}"
+        + (f"; {', '.join(rev_kinds)} = bbo_stream.py at that revision (git archive)" if rev_kinds else "")
+        + f"; before each run, waits (≤ {args.max_wait:.0f} s) until the rest of the machine uses "
+        f"≤ {args.quiet_cores:.2f} cores")
+    say("# deliveries = bbo_update messages received by clients in the window (of their own symbols); latency = "
+        "arrival at the client's socket (kernel receive timestamp) − fake send (same symbol and u), and to when the "
+        "load client read it; newest price = time until a client holds a price at least as new as each published one; "
+        "skipped = expected − delivered; CPU = server process utime+stime from /proc; KiB per connected client = "
+        "server RSS after the clients joined − before (after 20 warm-up clients had come and gone); feed receive "
+        "latency = serverTimestamp − fake send (1 ms resolution); ours-1t = bbo_stream.py with FANOUT_THREADS=0 "
+        "(the event loop's thread writes alone); baseline = python-socketio; node relays with rooms where clients "
+        "subscribe, python-socketio too")
     results: dict[str, dict[str, dict[str, Any]]] = {}
     problems: list[str] = []
     for name, sc in scenarios.items():
         results[name] = {}
         for kind in kinds:
-            if kind == "ours-1t" and (sc.rate == 0 or sc.clients < bs.FANOUT_PARALLEL_MIN_LINKS):
-                continue                                    # too few clients for writer threads: same as ours
+            if kind == "ours-1t" and (sc.rate == 0 or sc.clients < bs.FANOUT_PARALLEL_MIN_LINKS or sc.tls
+                                      or sc.transport != "websocket"):
+                continue                                    # no writer threads there: same as ours
             try:
                 # On a shared machine, a run that other processes disturbed is repeated (best kept).
                 attempts = 1 if quick or sc.rate == 0 else 1 + args.retries
                 for attempt in range(1, attempts + 1):
                     r = await _run_one(kind, sc, pool, measure_s, logdir, problems,
-                                       args.quiet_cores, 0.0 if quick else args.max_wait)
+                                       args.quiet_cores, 0.0 if quick else args.max_wait, tls_pair)
                     r["attempt"] = attempt
                     best = results[name].get(kind)
                     if best is None or r.get("others_cores", 0) < best.get("others_cores", 0):
@@ -1130,9 +1756,10 @@ async def _fanout(args: argparse.Namespace, pool: _ClientPool, out: Any) -> int:
             except Exception as exc:  # noqa: BLE001 - report, go on with the next run
                 problems.append(f"{name} {kind}: run failed: {type(exc).__name__}: {exc}")
                 if kind not in results[name]:
-                    say(f"{name:<9} {_fmt_rate(sc):<24} {kind:<8} FAILED: {type(exc).__name__}: {exc}")
+                    say(f"{name:<12} {_fmt_rate(sc):<26} {kind:<8} FAILED: {type(exc).__name__}: {exc}")
                     continue
-            say(_line(sc, results[name][kind], results[name].get("baseline") if kind.startswith("ours") else None))
+            refs = {k: v for k, v in results[name].items() if k in ("baseline", "node")} if kind.startswith("ours") else {}
+            say(_line(sc, results[name][kind], refs))
     for line in _goals(results, scenarios, quick):
         say(line)
     if problems:
@@ -2233,9 +2860,13 @@ def main() -> int:
     fan = parser.add_argument_group("fanout")
     fan.add_argument("--connections", type=int, default=None,
                      help="connections of the 'held' scenario (default 10000; --quick 1000; 0 skips it)")
-    fan.add_argument("--only", default="", help="comma-separated scenarios: 100x100,1000x100,100x2000,idle,held")
-    fan.add_argument("--servers", default="baseline,ours-1t,ours",
-                     help="which servers to run: baseline, ours-1t (FANOUT_THREADS=0), ours")
+    fan.add_argument("--only", default="", help="comma-separated scenarios: 100x100,1000x100,tls-1000x100,"
+                     "sym50-1000x3,poll-100x100,100x2000,idle,held")
+    fan.add_argument("--servers", default="baseline,node,ours-1t,ours",
+                     help="which servers to run: baseline (python-socketio), node (node socket.io, where npm ci "
+                     "installed it), ours-1t (FANOUT_THREADS=0), ours")
+    fan.add_argument("--compare-rev", default="", metavar="REV",
+                     help="also run bbo_stream.py as it was at git revision REV (column ours@REV)")
     fan.add_argument("--seconds", type=float, default=12.0, help="measured seconds per run (default 12)")
     fan.add_argument("--client-procs", type=int, default=0, help="load-client processes (default: one per CPU)")
     fan.add_argument("--pin", action="store_true",
@@ -2251,9 +2882,12 @@ def main() -> int:
                          help="comma-separated hostile kinds, each run alone (all-at-once: all of them together)")
     fan.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     fan.add_argument("--feed", default="", help=argparse.SUPPRESS)
+    fan.add_argument("--rooms", action="store_true", help=argparse.SUPPRESS)
+    fan.add_argument("--certfile", default="", help=argparse.SUPPRESS)
+    fan.add_argument("--keyfile", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.what == "baseline-server":
-        asyncio.run(_baseline_server(args.port, args.feed))
+        asyncio.run(_baseline_server(args.port, args.feed, args.rooms, args.certfile, args.keyfile))
         return 0
     if args.what == "dashboard":
         bench_dashboard(args.quick)
