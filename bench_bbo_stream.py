@@ -1218,6 +1218,8 @@ class _ServerProc:
             for name, value in (settings or {}).items():     # a later flag wins
                 cmd += ["--" + name.lower().replace("_", "-"), value]
             env["WEBSOCKET_BASE_URL"] = feed_base_url
+            # The fake serves serverTime on the same port (the clock check; older revisions ignore it).
+            env["EXCHANGE_REST_URL"] = "http://" + feed_base_url.split("://", 1)[1].split("/", 1)[0]
         elif kind == "node":
             cmd = ["node", str(_NODE["script"]), str(_NODE["modules"]), str(self.port), feed_url,
                    "rooms" if rooms else "all", *(tls or ())]
