@@ -94,6 +94,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import asyncio.sslproto  # SSLProtocol.max_size: the read buffer of each TLS connection (TLS_READ_BUFFER_BYTES)
 import atexit
 import base64
 import binascii
@@ -289,6 +290,8 @@ SELF_SIGNED_CERT_DAYS = 825          # Apple platforms refuse TLS server certifi
 OPENSSL_TIMEOUT_S = 60.0             # generating an RSA-2048 key takes well under a second
 LOG_FILE_MAX_BYTES = 10 * 1024 * 1024  # LOG_TO_FILE: one file's size before it rotates...
 LOG_FILE_BACKUPS = 5                 # ...and the rotated files kept (60 MiB of logs at most)
+TLS_READ_BUFFER_BYTES = 16 * 1024    # asyncio gives every TLS connection a 256 KiB read buffer (SSLProtocol.max_size),
+                                     # most of a TLS client's memory; one TLS record carries at most 16 KiB
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # TLS 1.2: forward secrecy and AEAD only (no CBC: Lucky13 and
                                      # kin); TLS 1.3 suites, all AEAD, are set apart by OpenSSL and unaffected
 
@@ -7088,6 +7091,8 @@ class App:
     async def _start_http(self) -> None:
         ssl_ctx = None
         if self.cfg.use_ssl:
+            # (asyncio has no per-connection setting: the class's buffer size, for TLS connections from now on)
+            asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER_BYTES
             pair = ensure_certificate(self.cfg.ssl_cert_path, self.cfg.ssl_key_path)
             if pair is not None:
                 try:

@@ -6581,6 +6581,31 @@ def test_writer_threads_give_plain_and_tls_clients_every_update_exactly(tmp_path
         assert raw_writes and all(set(fds) == plain_fds for fds, _ in raw_writes)
 
 
+def test_a_tls_connection_does_not_hold_a_quarter_mebibyte_read_buffer(tmp_path, tls_cert):
+    # asyncio gave each TLS connection a 256 KiB read buffer: 290 KiB per TLS WebSocket client
+    # against node's 61 KiB.  Python allocations of the server per held TLS connection:
+    import tracemalloc
+    cert, key = tls_cert
+    with LiveServer(tmp_path, use_ssl=True, ssl_cert_path=cert, ssl_key_path=key) as srv:
+        ctx = client_ssl_context()
+        conns = []
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(20):
+                sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port), timeout=5),
+                                       server_hostname="localhost")
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")   # kept alive after the answer
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+                conns.append(sock)
+            per_connection = (tracemalloc.get_traced_memory()[0] - before) / len(conns)
+        finally:
+            tracemalloc.stop()
+            for sock in conns:
+                sock.close()
+        assert per_connection < 64 * 1024, per_connection
+
+
 def test_writer_threads_never_write_to_a_socket_that_changed_hands(tmp_path, monkeypatch):
     # The helper threads write to raw fds.  Clients that vanish free their fd numbers while
     # updates flow, and the kernel hands the same numbers to the next accepted sockets: a write
