@@ -139,6 +139,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import websockets
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request as WsRequest
@@ -268,6 +269,8 @@ HELD_BYTES_LIMIT = 16 * 1024 * 1024  # unfinished client messages (partial frame
 HELD_FREE_BYTES = 16 * 1024      # what one holder may hold without the shared budget: events, acks and polling
                                  # batches are far smaller, so only large messages ever wait on it
 FANOUT_PARALLEL_MIN_LINKS = 128  # fewer WebSocket clients than this: a thread hand-off (~50 µs) costs more than it saves
+FANOUT_SLICE_CLIENTS = 256       # a write pass gives the loop a turn after this many clients (~1 ms): the exchange
+                                 # feed is read between slices, not after a whole pass over 1,000 clients
 FANOUT_AUTO_MAX_THREADS = 3      # FANOUT_THREADS=auto uses CPUs - 1 up to this; beyond, the GIL-held part of each write dominates
 BBO_MAX_RATE_PER_S = 1000.0      # highest `maxRate` a client may ask for (updates per second per symbol)
 BBO_MAX_SUBSCRIBE_SYMBOLS = 1000  # symbols in one subscription; bounds per-client state
@@ -3759,6 +3762,31 @@ def loggable_target(target: str) -> str:
 # rotation (make-before-break), reconnect backoff, outage recording and the feed status.
 
 
+class FeedConnection(ClientConnection):
+    """An exchange WebSocket that notes when each message was read from the socket.
+
+    The receive time (`serverTimestamp`) is the moment the loop read the frame, not the later
+    moment the consumer task got to the message: between the two, a fan-out slice may run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.read_ms: deque[int] = deque()  # read time of each message not yet taken, in order
+        self._chunk_ms = 0                  # read time of the bytes being parsed
+
+    def data_received(self, data: bytes) -> None:
+        self._chunk_ms = now_ms()
+        super().data_received(data)
+
+    def process_event(self, event: Any) -> None:
+        if isinstance(event, Frame) and event.fin and event.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+            self.read_ms.append(self._chunk_ms)
+        super().process_event(event)
+
+    def take_read_ms(self) -> int:
+        """The read time of the message just received (now if none was noted)."""
+        return self.read_ms.popleft() if self.read_ms else now_ms()
+
+
 class _Conn:
     """One open exchange connection and its consumer task."""
 
@@ -3992,7 +4020,8 @@ class BinanceFeed:
         self.notify()
 
     async def _open(self, shard: ShardHealth, url: str, reconnect: bool = False) -> _Conn:
-        ws = await ws_connect(url, open_timeout=FEED_OPEN_TIMEOUT_S, max_size=FEED_MAX_MESSAGE_BYTES,
+        ws = await ws_connect(url, create_connection=FeedConnection, open_timeout=FEED_OPEN_TIMEOUT_S,
+                              max_size=FEED_MAX_MESSAGE_BYTES,
                               ping_interval=FEED_PING_INTERVAL_S, ping_timeout=FEED_PING_TIMEOUT_S,
                               close_timeout=FEED_CLOSE_TIMEOUT_S, max_queue=FEED_MAX_QUEUE_MESSAGES)
         now = now_ms()
@@ -4011,7 +4040,7 @@ class BinanceFeed:
         history, on_update, fresh = self.history, self.on_update, conn.fresh
         try:
             async for message in conn.ws:
-                recv = now_ms()
+                recv = conn.ws.take_read_ms()
                 try:
                     item = parse_feed_message(message, recv)
                 except FeedMessageError as exc:
@@ -5070,6 +5099,7 @@ class Hub:
         self._everyone_snapshot: tuple[EioConnection, ...] | None = ()  # frozen for a pass; None: stale
         self._keys_of: dict[EioConnection, frozenset[str]] = {}  # the other attached clients → their keys
         self._by_key: dict[str, dict[EioConnection, None]] = {}   # key → those of them that asked for it
+        self._pass: Iterator[None] | None = None          # the write pass under way, run a slice at a time
         self._batch: list[EioUpdate | tuple[str, str]] = []  # since the last flush: feed status, or
                                                          # (symbol, update packet without its emit time)
         self.on_emit: Callable[[int, set[str]], None] | None = None  # (emit ms, symbols) after each pass
@@ -5137,9 +5167,9 @@ class Hub:
 
     def _flush(self) -> None:
         self._flush_handle = None
+        if self._pass is not None or not self._batch:
+            return  # (a pass under way takes the next batch when it ends: each client gets the passes in order)
         items, self._batch = self._batch, []
-        if not items:
-            return
         emit_ms = now_ms()
         tail = emit_suffix(emit_ms) + "]"
         symbols: set[str] = set()
@@ -5150,48 +5180,73 @@ class Hub:
                 symbols.add(key)
                 item = EioUpdate(key, text, encode_ws_frame(text.encode()))
             batch.append(item)
-        joined = batch[0].frame if len(batch) == 1 else b"".join(update.frame for update in batch)
+        if symbols and self.on_emit is not None:
+            self.on_emit(emit_ms, symbols)
+        self._pass = self._deliver_pass(batch)
+        self._step()
+
+    def _step(self) -> None:
+        """Run the pass under way to its next slice; between slices the loop reads the exchange feed
+        (and the clients), so a frame from the exchange never waits for a whole pass to be read."""
+        assert self._pass is not None
+        try:
+            next(self._pass)
+        except StopIteration:
+            self._pass = None
+            self._flush()  # what was published meanwhile
+            return
+        asyncio.get_running_loop().call_soon(self._step)
+
+    def _deliver_pass(self, batch: list[EioUpdate]) -> Iterator[None]:
+        """Hand the batch to every client that wants part of it, FANOUT_SLICE_CLIENTS at a time.
+        Clients taking every key get the whole batch; clients with a filter are visited only for
+        a key in it, and each group with the same keys gets one share (its part and joined frames)."""
         now_s = asyncio.get_running_loop().time()
+        joined = batch[0].frame if len(batch) == 1 else b"".join(update.frame for update in batch)
+        threads = bool(self.writer_threads) and len(self._conns) >= FANOUT_PARALLEL_MIN_LINKS
+        raw: list[EioConnection] | None = [] if threads else None
+        raw_frames: list[bytes] = []
+        attached = self._conns
         everyone = self._everyone_snapshot
         if everyone is None:
             everyone = self._everyone_snapshot = tuple(self._everyone)
-        raw: list[EioConnection] | None = (
-            [] if self.writer_threads and len(self._conns) >= FANOUT_PARALLEL_MIN_LINKS else None)
-        for conn in everyone:
-            conn.deliver(batch, joined, now_s, raw)
-        raw_frames = None if raw is None else [joined] * len(raw)
-        if self._keys_of:
-            self._deliver_filtered(batch, now_s, raw, raw_frames)
-        if raw:
-            self._write_raw(raw, raw_frames)
-        if symbols and self.on_emit is not None:
-            self.on_emit(emit_ms, symbols)
-
-    def _deliver_filtered(self, batch: list[EioUpdate], now_s: float, raw: list[EioConnection] | None,
-                          raw_frames: list[bytes] | None) -> None:
-        """The pass for clients with a filter: only those with a key in it, each group of clients
-        with the same keys getting one share of the pass (its updates and their joined frames)."""
-        if any(update.always for update in batch):  # feed status: for every client
-            targets = dict.fromkeys(self._keys_of)
-        else:
-            targets = {}
-            for key in {update.key for update in batch}:
-                members = self._by_key.get(key)
-                if members:
-                    targets.update(members)  # (a copy: a delivery may detach a client meanwhile)
-        shares: dict[frozenset[str], tuple[list[EioUpdate], bytes]] = {}
-        for conn in targets:
-            keys = self._keys_of.get(conn)
-            if keys is None:  # detached by an earlier delivery of this pass
+        shares: dict[frozenset[str] | None, tuple[list[EioUpdate], bytes]] = {None: (batch, joined)}
+        visited = 0
+        for conn, keys in self._targets(batch, everyone):
+            if conn not in attached:  # gone since the pass began
                 continue
             share = shares.get(keys)
             if share is None:
-                part = [update for update in batch if update.always or update.key in keys]
+                part = [update for update in batch if update.always or update.key in keys]  # type: ignore[operator]
                 share = shares[keys] = (part, part[0].frame if len(part) == 1 else b"".join(u.frame for u in part))
             taken = len(raw) if raw is not None else 0
-            conn.deliver(share[0], share[1], now_s, raw, filtered=True)
+            conn.deliver(share[0], share[1], now_s, raw, filtered=keys is not None)
             if raw is not None and len(raw) > taken:
-                raw_frames.append(share[1])  # type: ignore[union-attr]
+                raw_frames.append(share[1])
+            visited += 1
+            if visited % FANOUT_SLICE_CLIENTS == 0:
+                if raw:  # written before the turn: a socket closed meanwhile could see its fd reused
+                    self._write_raw(raw, raw_frames)
+                    raw, raw_frames = [], []
+                yield
+        if raw:
+            self._write_raw(raw, raw_frames)
+
+    def _targets(self, batch: list[EioUpdate], everyone: tuple[EioConnection, ...]
+                 ) -> Iterator[tuple[EioConnection, frozenset[str] | None]]:
+        """(client, its keys or None for every key) of each client this batch concerns."""
+        for conn in everyone:
+            yield conn, None
+        if not self._keys_of:
+            return
+        if any(update.always for update in batch):  # feed status: for every client
+            targets = dict(self._keys_of)
+        else:
+            targets = {}
+            for key in {update.key for update in batch}:
+                for conn in self._by_key.get(key, ()):
+                    targets[conn] = self._keys_of[conn]  # (a copy: clients may come and go meanwhile)
+        yield from targets.items()
 
     def _write_raw(self, conns: list[EioConnection], frames: list[bytes]) -> None:
         """Write each client's frames straight to its socket (clients that keep up), on several threads."""

@@ -3561,6 +3561,27 @@ def test_feed_shard_connections_are_at_least_a_second_apart(tmp_path, fast_feed)
     run(scenario(), timeout=25)
 
 
+def test_the_receive_time_is_when_the_frame_was_read_not_when_the_consumer_got_to_it():
+    # serverTimestamp was stamped when the consumer task took the message; a write pass over 1,000
+    # clients could run in between, and the exchange → server latency grew by it.
+    async def scenario() -> tuple[int, int, int]:
+        async with FakeBinance() as fake:
+            ws = await bs.ws_connect(f"{fake.base_url}/btcusdt@bookTicker", create_connection=bs.FeedConnection)
+            try:
+                await fake.wait_for_subscribed("BTCUSDT")
+                fake.send_bbo("btcusdt", "1.00", "1", "1.10", "1")
+                while not ws.read_ms:                  # the loop reads the frame...
+                    await asyncio.sleep(0.001)
+                read_at = bs.now_ms()
+                time.sleep(0.2)                        # ...then is busy (a long pass) before the consumer runs
+                message = await ws.recv()
+                return ws.take_read_ms(), read_at, json.loads(message)["u"]
+            finally:
+                await ws.close()
+    stamped, read_at, u = run(scenario())
+    assert u >= 1 and read_at - 50 <= stamped <= read_at, (stamped, read_at)
+
+
 # ---- §12 Cache persistence (disk) -------------------------------------------------------------
 # CachePersistence driven synchronously (flush_sync / load), as the App does at shutdown and
 # start; the files in tmp_path are what is asserted, and what a restart reads back.
@@ -4092,6 +4113,27 @@ def test_hub_visits_only_the_clients_that_asked_for_a_key_of_the_pass_and_encode
     run(scenario())
 
 
+def test_a_write_pass_gives_the_loop_a_turn_between_slices_and_passes_stay_in_order(monkeypatch):
+    monkeypatch.setattr(bs, "FANOUT_SLICE_CLIENTS", 2)
+    async def scenario() -> None:
+        hub = bs.Hub()
+        conns = [HubConn() for _ in range(5)]
+        for conn in conns:
+            hub.attach(conn)  # type: ignore[arg-type]
+        hub.publish(make_bbo(1))
+        await asyncio.sleep(0)                                  # the first slice only
+        assert [len(c.batches) for c in conns] == [1, 1, 0, 0, 0]
+        hub.publish(make_bbo(2))                                # mid-pass: waits for the next pass
+        for _ in range(6):
+            await asyncio.sleep(0)
+
+        def update_ids(conn: HubConn) -> list[int]:
+            return [json.loads(u.text[len('42["bbo_update",'):-1])["updateId"] for batch, _ in conn.batches for u in batch]
+        assert [update_ids(c) for c in conns] == [[make_bbo(1).update_id, make_bbo(2).update_id]] * 5
+        assert all(len(c.batches) == 2 for c in conns)          # one delivery per pass each
+    run(scenario())
+
+
 def _socket_pairs(n: int) -> list[tuple[socket.socket, socket.socket]]:
     pairs = [socket.socketpair() for _ in range(n)]
     for ours, _ in pairs:
@@ -4281,6 +4323,7 @@ def test_clients_subscribed_to_a_few_symbols_get_exactly_theirs_in_order(tmp_pat
     # The hub routes by symbol (a pass visits only the clients that asked for one of its symbols);
     # each client must still get every update of its symbols, in order, and nothing else.
     monkeypatch.setattr(bs, "FANOUT_PARALLEL_MIN_LINKS", 1)   # the threads' path with a few clients
+    monkeypatch.setattr(bs, "FANOUT_SLICE_CLIENTS", 2)        # and passes of several slices
     raw_writes = spy_raw_writes(monkeypatch)
     symbols = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT")
     wanted = [None, ("BTCUSDT",), ("BTCUSDT",), ("ETHUSDT", "SOLUSDT"), ("BNBUSDT",)]
