@@ -104,9 +104,11 @@ import dataclasses
 import email.utils
 import enum
 import errno
+import fcntl
 import gc
 import hashlib
 import hmac
+import io
 import ipaddress
 import json
 import logging
@@ -130,6 +132,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -233,6 +236,8 @@ KEEPALIVE_IDLE_S = 30.0              # idle keep-alive connections are closed af
 TLS_HANDSHAKE_TIMEOUT_S = 10.0       # a stalled ClientHello must not hold a connection slot
 WRITE_TIMEOUT_S = 10.0               # a response that cannot be written in this time closes the socket
 STATIC_MAX_BYTES = 8 * 1024 * 1024   # static files are read into memory; the dashboard is ~100 KB
+STREAM_CHUNK_ROWS = 4_096            # rows rendered per chunk of a streamed export (format=binance/ndjson): ~1 MB,
+                                     # ~10 ms of the loop, then the client must take it before the next is made
 SERVER_NAME = f"bbo-stream/{__version__}"
 
 # --- Engine.IO / Socket.IO and fan-out -------------------------------------------
@@ -274,6 +279,16 @@ FANOUT_SLICE_CLIENTS = 256       # a write pass gives the loop a turn after this
 FANOUT_AUTO_MAX_THREADS = 3      # FANOUT_THREADS=auto uses CPUs - 1 up to this; beyond, the GIL-held part of each write dominates
 BBO_MAX_RATE_PER_S = 1000.0      # highest `maxRate` a client may ask for (updates per second per symbol)
 BBO_MAX_SUBSCRIBE_SYMBOLS = 1000  # symbols in one subscription; bounds per-client state
+REPLAY_NAMESPACE = "/replay"     # recorded ranges played back through the same events as live updates
+REPLAY_MAX_SYMBOLS = 100         # symbols merged in one replay: each costs a cursor and a chunk per step
+REPLAY_MAX_SPEED = 1_000_000.0   # a day in under a tenth of a second: beyond that, speed 0 (as fast as read)
+REPLAY_CHUNK_ROWS = 1_024        # rows rendered per step (~250 KB): under OUTBOX_MAX_CONTROL_BYTES for a polling
+                                 # client, and a few ms of the loop, so live clients are not held up
+REPLAY_HIGH_WATER_BYTES = 64 * 1024  # queued for a replay client beyond this, the next step waits until it drains
+REPLAY_POLLING_ROWS = 12         # rows per step to a long-polling client, sent once its queue is empty: one GET
+                                 # then carries at most ~16 packets, all python-engineio's client decodes in one
+REPLAY_EXCHANGE_SLACK_MS = 60_000  # clock "exchange" selects by T/E but the rings are sorted by receive time:
+                                   # rows are looked for this far outside the range (receipt lags E by ms)
 
 # --- Authentication (AUTH_TOKEN) ------------------------------------------------
 AUTH_TOKEN_MAX_CHARS = 512           # a 256-bit random token is 43 base64url characters; 512 leaves room for any
@@ -1493,6 +1508,17 @@ def _merge_bar(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def decimal_strings(mantissas: np.ndarray, decimals: np.ndarray) -> list[str]:
+    """Columns of mantissas and decimals → the exact strings (format_decimal), each distinct value
+    formatted once: a price repeats from one update to the next."""
+    if not len(mantissas):
+        return []
+    codes = (mantissas.astype(np.int64) << 5) | decimals.astype(np.int64)
+    distinct, inverse = np.unique(codes, return_inverse=True)
+    texts = np.array([format_decimal(c >> 5, c & 31) for c in distinct.tolist()], dtype=object)
+    return texts[inverse].tolist()
+
+
 def rows_to_bbos(cols: dict[str, np.ndarray], symbol: str) -> list[Bbo]:
     """Raw ring columns → Bbo records with the exchange's exact strings, oldest first."""
     recv = cols["recv_ms"].tolist()
@@ -1500,8 +1526,7 @@ def rows_to_bbos(cols: dict[str, np.ndarray], symbol: str) -> list[Bbo]:
     emt = cols["e_minus_t_ms"].tolist()
     emr = cols["emit_minus_recv_ms"].tolist()
     uid = cols["update_id"].tolist()
-    prices = [[format_decimal(m, d) for m, d in zip(cols[c + "_m"].tolist(), cols[c + "_d"].tolist())]
-              for c, _ in _PRICE_FIELDS]
+    prices = [decimal_strings(cols[c + "_m"], cols[c + "_d"]) for c, _ in _PRICE_FIELDS]
     out = []
     for i, r in enumerate(recv):
         event = r if lat[i] == INT32_NULL else r - lat[i]
@@ -1512,9 +1537,28 @@ def rows_to_bbos(cols: dict[str, np.ndarray], symbol: str) -> list[Bbo]:
     return out
 
 
-def rows_to_json_objects(cols: dict[str, np.ndarray], symbol: str) -> list[str]:
-    """Raw ring columns → compact JSON objects (bbo_json's keys), oldest first."""
-    return [bbo_json(bbo) for bbo in rows_to_bbos(cols, symbol)]
+def _json_ints_or_null(values: np.ndarray, present: np.ndarray) -> list[str]:
+    return [str(v) if ok else "null" for v, ok in zip(values.tolist(), present.tolist())]
+
+
+def rows_to_json_objects(cols: dict[str, np.ndarray], symbol: str, tail: str = "}") -> list[str]:
+    """Raw ring columns → compact JSON objects, bbo_json's text exactly, oldest first; ``tail`` ends
+    each (replay adds a key there).  Column by column: replay renders 200,000 rows a second with it."""
+    n = len(cols["recv_ms"])
+    if not n:
+        return []
+    recv_arr, lat, emt, emr = cols["recv_ms"], cols["latency_ms"], cols["e_minus_t_ms"], cols["emit_minus_recv_ms"]
+    has_lat = lat != INT32_NULL
+    event_arr = np.where(has_lat, recv_arr - lat.astype(np.int64), recv_arr)
+    recv, event, uid = recv_arr.tolist(), event_arr.tolist(), cols["update_id"].tolist()
+    lats = _json_ints_or_null(lat, has_lat)
+    txns = _json_ints_or_null(event_arr - emt.astype(np.int64), emt != INT32_NULL)
+    emits = _json_ints_or_null(recv_arr + emr.astype(np.int64), emr != INT16_NULL)
+    bid, bid_qty, ask, ask_qty = (decimal_strings(cols[c + "_m"], cols[c + "_d"]) for c, _ in _PRICE_FIELDS)
+    start = f'{{"symbol":"{symbol}","bidPrice":"'
+    return [f'{start}{bid[i]}","bidQty":"{bid_qty[i]}","askPrice":"{ask[i]}","askQty":"{ask_qty[i]}",'
+            f'"timestamp":{event[i]},"serverTimestamp":{recv[i]},"backendLatency":{lats[i]},"updateId":{uid[i]},'
+            f'"transactionTime":{txns[i]},"emitTimestamp":{emits[i]}{tail}' for i in range(n)]
 
 
 def rows_to_csv(cols: dict[str, np.ndarray], symbol: str) -> str:
@@ -1525,6 +1569,145 @@ def rows_to_csv(cols: dict[str, np.ndarray], symbol: str) -> str:
                   b.latency_ms, b.update_id, b.transaction_ms, b.emit_ms)  # BBO_KEYS order
         lines.append(",".join("" if v is None else str(v) for v in values))
     return "\r\n".join(lines) + "\r\n"
+
+
+# --- Binance's bookTicker CSV: its public data dumps' schema, for import and export -------------
+# Binance published daily USD-M and COIN-M bookTicker dumps (data.binance.vision) in this schema until
+# 2024-03-31; spot never had any.  Rows carry no receive time: an imported row's serverTimestamp is
+# its event_time (backendLatency unknown, null), and a row without times (a spot export) gets the
+# time of the import.
+BINANCE_CSV_HEADER = "update_id,best_bid_price,best_bid_qty,best_ask_price,best_ask_qty,transaction_time,event_time"
+IMPORT_MAX_BAD_LISTED = 20           # bad rows listed by line number; the rest are only counted
+
+
+def _null_or(values: np.ndarray, null: int) -> list[str]:
+    """Integers as text, the empty string where ``null`` marks none (CSV's empty cell)."""
+    return ["" if v == null else str(v) for v in values.tolist()]
+
+
+def exchange_times(cols: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(E, T, has_e) of raw rows: E = serverTimestamp - backendLatency, or the receive time itself for
+    a row that knows T but no latency (imported: its receive time was set to E); T = E - (E - T).
+    ``has_e`` is False for rows without exchange times (spot), whose E and T are meaningless."""
+    recv, lat, emt = cols["recv_ms"], cols["latency_ms"], cols["e_minus_t_ms"]
+    has_lat = lat != INT32_NULL
+    event = np.where(has_lat, recv - lat.astype(np.int64), recv)
+    has_t = emt != INT32_NULL
+    return event, np.where(has_t, event - emt.astype(np.int64), event), has_lat | has_t
+
+
+def rows_to_binance_csv(cols: dict[str, np.ndarray]) -> str:
+    """Raw ring columns → lines of BINANCE_CSV_HEADER's schema (no header), oldest first; spot rows
+    leave both times empty."""
+    n = len(cols["recv_ms"])
+    if not n:
+        return ""
+    event, txn, has_e = exchange_times(cols)
+    has_t = has_e & (cols["e_minus_t_ms"] != INT32_NULL)
+    events = _null_or(np.where(has_e, event, -1), -1)
+    txns = _null_or(np.where(has_t, txn, -1), -1)
+    uid = cols["update_id"].tolist()
+    bid, bid_qty, ask, ask_qty = (decimal_strings(cols[c + "_m"], cols[c + "_d"]) for c, _ in _PRICE_FIELDS)
+    return "".join([f"{uid[i]},{bid[i]},{bid_qty[i]},{ask[i]},{ask_qty[i]},{txns[i]},{events[i]}\n"
+                    for i in range(n)])
+
+
+def rows_to_ndjson(cols: dict[str, np.ndarray], symbol: str) -> str:
+    """Raw ring columns → one compact JSON update per line (bbo_json), oldest first."""
+    return "".join([text + "\n" for text in rows_to_json_objects(cols, symbol)])
+
+
+class CsvImport(NamedTuple):
+    """What parse_binance_csv made of a file."""
+    cols: dict[str, np.ndarray]   # ring columns (RAW_COLUMNS), sorted by receive time, one row per update id
+    rows: int                     # data rows read (the header and empty lines not counted)
+    duplicates: int               # rows whose update_id an earlier row of the file had
+    untimed: int                  # rows without times, given the time of the import
+    bad: int                      # rows refused
+    bad_lines: list[str]          # "line N: why", the first IMPORT_MAX_BAD_LISTED
+
+
+def _csv_int(text: str, name: str) -> int:
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > INT64_MAX:
+        raise ValueError(f"{name} {text[:30]!r} is not an integer from 0 to 2**63-1")
+    return int(text)
+
+
+def parse_binance_csv(lines: Iterable[str], import_ms: int) -> CsvImport:
+    """Rows of Binance's bookTicker CSV (with or without the header line, in any order) → ring columns.
+
+    Prices and quantities are validated like the feed's and kept digit for digit. A row with
+    event_time but no transaction_time is taken; transaction_time without event_time is not.
+    Rows are sorted by (receive time, update_id) and deduplicated by update_id (the first kept).
+
+    Raises:
+        ValueError: the first line is a header, but not this schema's.
+    """
+    uids: list[int] = []
+    codes: list[list[int]] = [[], [], [], []]
+    events: list[int] = []
+    txns: list[int] = []
+    bad_lines: list[str] = []
+    rows = bad = untimed = 0
+    cache_get = _DECIMAL_CACHE.get
+    names = ("best_bid_price", "best_bid_qty", "best_ask_price", "best_ask_qty")
+    for lineno, line in enumerate(lines, 1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if lineno == 1 and not line[:1].isdigit():
+            if line.replace(" ", "").lstrip("\ufeff") != BINANCE_CSV_HEADER:
+                raise ValueError(f"line 1 is not Binance's bookTicker header {BINANCE_CSV_HEADER!r}: {line[:120]!r}")
+            continue
+        rows += 1
+        fields = line.split(",")
+        try:
+            if len(fields) != 7:
+                raise ValueError(f"{len(fields)} fields, expected 7")
+            u, b, bq, a, aq, t, e = fields
+            uid = _csv_int(u, "update_id")
+            values = [cache_get(v) for v in (b, bq, a, aq)]
+            if None in values:
+                try:
+                    values = [decimal_code(v, name) for v, name in zip((b, bq, a, aq), names)]
+                except FeedMessageError as exc:
+                    raise ValueError(exc.detail) from None
+            if e:
+                event = _csv_int(e, "event_time")
+                txn = _csv_int(t, "transaction_time") if t else -1
+                if txn >= 0 and abs(event - txn) > MAX_SKEW_MS:
+                    raise ValueError("event_time and transaction_time are over 24 days apart")
+            elif t:
+                raise ValueError("transaction_time without event_time")
+            else:
+                event = txn = -1
+                untimed += 1
+        except ValueError as exc:
+            bad += 1
+            if len(bad_lines) < IMPORT_MAX_BAD_LISTED:
+                bad_lines.append(f"line {lineno}: {exc}")
+            continue
+        uids.append(uid)
+        for column, value in zip(codes, values):
+            column.append(value)
+        events.append(event)
+        txns.append(txn)
+    uid_arr = np.array(uids, np.int64)
+    event_arr, txn_arr = np.array(events, np.int64), np.array(txns, np.int64)
+    recv = np.where(event_arr >= 0, event_arr, import_ms)
+    order = np.lexsort((uid_arr, recv))
+    _, first = np.unique(uid_arr[order], return_index=True)
+    keep = order[np.sort(first)]
+    cols: dict[str, np.ndarray] = {
+        "recv_ms": recv[keep],
+        "latency_ms": np.full(len(keep), INT32_NULL, np.int32),
+        "e_minus_t_ms": np.where(txn_arr[keep] >= 0, event_arr[keep] - txn_arr[keep], INT32_NULL).astype(np.int32),
+        "emit_minus_recv_ms": np.full(len(keep), INT16_NULL, np.int16),
+        "update_id": uid_arr[keep]}
+    for (col, _), column in zip(_PRICE_FIELDS, codes):
+        arr = np.array(column, np.int64)[keep]
+        cols[col + "_m"], cols[col + "_d"] = arr >> 5, (arr & 31).astype(np.uint8)
+    return CsvImport(cols, rows, len(uids) - len(keep), untimed, bad, bad_lines)
 
 
 class LatencyStats(NamedTuple):
@@ -2113,6 +2296,13 @@ class HttpResponse:
     body: bytes = b""
     content_type: str = "application/json"
     headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    stream: Iterator[bytes] | None = None  # a body of any size, made chunk by chunk as it is sent
+                                           # (chunked transfer); raises HttpStreamCut when it cannot go on
+
+
+class HttpStreamCut(BboStreamError):
+    """A streamed body cannot be finished (its rows left the ring meanwhile): the connection is cut
+    so that the client sees an incomplete body, never a short one that looks whole."""
 
 
 def parse_request_head(raw_head: bytes, peer: str = "") -> HttpRequest:
@@ -2239,8 +2429,11 @@ def http_date(epoch_s: float) -> str:
     return email.utils.formatdate(epoch_s, usegmt=True)
 
 
-def render_response(resp: HttpResponse, keep_alive: bool, head_only: bool = False, date: str = "") -> bytes:
-    """Status line, headers and body.  Always Content-Length framing, never chunked."""
+def render_response(resp: HttpResponse, keep_alive: bool, head_only: bool = False, date: str = "",
+                    chunked: bool = True) -> bytes:
+    """Status line, headers and body.  Content-Length framing; a streamed response (``resp.stream``)
+    gets only its head here, announcing chunked transfer (or, with ``chunked`` False for an HTTP/1.0
+    client, a body that ends when the connection closes)."""
     reason = HTTP_REASONS.get(resp.status, "Unknown")
     lines = [f"HTTP/1.1 {resp.status} {reason}", f"Server: {SERVER_NAME}"]
     if date:
@@ -2248,13 +2441,21 @@ def render_response(resp: HttpResponse, keep_alive: bool, head_only: bool = Fals
     if resp.status not in (204, 304):
         if resp.content_type:  # engine.io sends its empty-bodied errors without one
             lines.append(f"Content-Type: {resp.content_type}")
-        lines.append(f"Content-Length: {len(resp.body)}")
+        if resp.stream is None:
+            lines.append(f"Content-Length: {len(resp.body)}")
+        elif chunked:
+            lines.append("Transfer-Encoding: chunked")
     # Whatever a value holds, it stays one field: a character outside RFC 9110's field-value
     # (CR, LF, NUL, other controls, or beyond Latin-1, which could not be encoded) becomes "?".
     lines.extend(f"{k}: {_FIELD_VALUE_UNSAFE_RE.sub('?', str(v))}" for k, v in resp.headers)
     lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head if head_only or resp.status in (204, 304) else head + resp.body
+    return head if head_only or resp.status in (204, 304) or resp.stream is not None else head + resp.body
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (RFC 9112 §7.1); b"" is the last chunk."""
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b"0\r\n\r\n"
 
 
 def content_disposition(filename: str) -> str:
@@ -2461,13 +2662,43 @@ def handle_symbols(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
     return json_response({"symbols": sorted(ctx.history.symbols)})
 
 
+def stream_rows(hist: SymbolHistory, a: int, b: int, render: Callable[[dict[str, np.ndarray]], str],
+                header: str = "") -> Iterator[bytes]:
+    """Raw rows [a, b) rendered STREAM_CHUNK_ROWS at a time: memory stays constant in the range.
+
+    Raises:
+        HttpStreamCut: rows not sent yet left the ring (a slow reader of a busy symbol).
+    """
+    if header:
+        yield header.encode()
+    while a < b:
+        hist.flush()  # what is pending may overwrite the next rows: the check below must see it
+        if a < hist.raw.first:
+            raise HttpStreamCut(f"{hist.symbol}: rows from {a} left the ring before they were sent")
+        stop = min(b, a + STREAM_CHUNK_ROWS)
+        yield render(hist.raw.take(a, stop)).encode()
+        a = stop
+
+
 def handle_updates(req: HttpRequest, ctx: ApiContext) -> HttpResponse:
     hist = _symbol_param(req, ctx)
     start, end = _range_params(req)
-    limit = _int_param(req, "limit", DEFAULT_HISTORY_LIMIT, 1, MAX_HISTORY_LIMIT)
     fmt = _param(req, "format") or "json"
-    if fmt not in ("json", "csv"):
-        raise HttpError(400, "format must be json or csv")
+    if fmt not in ("json", "csv", "binance", "ndjson"):
+        raise HttpError(400, "format must be json, csv, binance or ndjson")
+    if fmt in ("binance", "ndjson"):  # streamed: the whole range, or its newest `limit` rows
+        limit = _int_param(req, "limit", MAX_TIME_MS, 1, MAX_TIME_MS)
+        a, b = hist.raw_bounds(start, end)
+        a = max(a, b - limit, hist.raw.first)
+        symbol = hist.symbol
+        if fmt == "ndjson":
+            return HttpResponse(200, content_type="application/x-ndjson",
+                                stream=stream_rows(hist, a, b, lambda cols: rows_to_ndjson(cols, symbol)))
+        name = f"{symbol}-bookTicker-{start}-{min(end, ctx.now_ms)}.csv"
+        return HttpResponse(200, content_type="text/csv; charset=utf-8",
+                            headers=[("Content-Disposition", content_disposition(name))],
+                            stream=stream_rows(hist, a, b, rows_to_binance_csv, BINANCE_CSV_HEADER + "\n"))
+    limit = _int_param(req, "limit", DEFAULT_HISTORY_LIMIT, 1, MAX_HISTORY_LIMIT)
     a, b = hist.raw_bounds(start, end)
     cols = hist.raw.take(max(a, b - limit), b)
     if fmt == "csv":
@@ -3433,6 +3664,15 @@ class EioSession:
             return self._abort("outbox overflow", "1")
         return [_FLUSH] if self.can_transmit() else []
 
+    def send_many(self, items: list[str]) -> list[Action]:
+        """Queue several encoded packets at once (one FLUSH for all)."""
+        if self.closed:
+            return []
+        for item in items:
+            if not self.outbox.push_control(item):
+                return self._abort("outbox overflow", "1")
+        return [_FLUSH] if self.can_transmit() else []
+
     def push_updates(self, updates: list[EioUpdate], now_s: float) -> list[Action]:
         """Offer a batch of conflatable updates (the Hub's slow path); at most one FLUSH."""
         if self.closed:
@@ -3701,6 +3941,211 @@ class SioClientState:
         """A binary packet waits for attachments since SIO_ATTACHMENT_TIMEOUT_S or longer."""
         since = self.decoder.pending_since_s
         return since is not None and now_s - since >= SIO_ATTACHMENT_TIMEOUT_S
+
+
+# -- replay: which recorded rows a /replay client gets next, and when ---------------------------------
+
+
+class ReplayRequest(NamedTuple):
+    """A /replay client's CONNECT `auth` (parse_replay_auth)."""
+    symbols: tuple[str, ...]
+    from_ms: int
+    to_ms: int
+    speed: float           # replay ms per wall ms; 0 = as fast as the client reads
+    clock: str             # "server": paced by serverTimestamp; "exchange": by T, else E
+
+
+def _replay_number(auth: dict, key: str, default: Any, lo: float, hi: float, integer: bool) -> Any:
+    value = auth.get(key, default)
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (integer and value != int(value)) or not lo <= value <= hi:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{key} must be {kind} from {lo:g} to {hi:g}")
+    return int(value) if integer else float(value)
+
+
+def parse_replay_auth(auth: Any, history: BboHistory) -> ReplayRequest:
+    """The replay a client asks for: ``{"symbols": [...], "from": ms, "to": ms, "speed": 10,
+    "clock": "server"}`` (speed 1 and clock "server" by default; other keys, e.g. `token`, ignored).
+
+    Raises:
+        ValueError: with the message the client gets in its CONNECT_ERROR.
+    """
+    if not isinstance(auth, dict):
+        raise ValueError("auth must be an object")
+    raw = auth.get("symbols")
+    if not isinstance(raw, list) or not 1 <= len(raw) <= REPLAY_MAX_SYMBOLS or \
+            not all(isinstance(name, str) and _SYMBOL_RE.match(name) for name in raw):
+        raise ValueError(f"symbols must be a list of 1 to {REPLAY_MAX_SYMBOLS} symbol names")
+    symbols = tuple(dict.fromkeys(name.upper() for name in raw))
+    unknown = [name for name in symbols if name not in history.symbols]
+    if unknown:
+        raise ValueError(f"no recorded data for {', '.join(unknown[:5])}")
+    start = _replay_number(auth, "from", None, 0, MAX_TIME_MS, True)
+    end = _replay_number(auth, "to", None, 0, MAX_TIME_MS, True)
+    if start > end:
+        raise ValueError("from must not be after to")
+    speed = _replay_number(auth, "speed", 1, 0, REPLAY_MAX_SPEED, False)
+    clock = auth.get("clock", "server")
+    if clock not in ("server", "exchange"):
+        raise ValueError('clock must be "server" or "exchange"')
+    if clock == "exchange":
+        for name in symbols:
+            hist = history.symbols[name]
+            a, b = hist.raw_bounds(start - REPLAY_EXCHANGE_SLACK_MS, end + REPLAY_EXCHANGE_SLACK_MS)
+            probe = {k: v for k, v in hist.raw.take(a, min(b, a + 1)).items()}
+            latest = hist.latest
+            if (len(probe["recv_ms"]) and not exchange_times(probe)[2][0]) or (
+                    latest is not None and latest.latency_ms is None and latest.transaction_ms is None):
+                raise ValueError(f'clock "exchange" needs exchange times: {name} has none (spot sends no E or T)')
+    return ReplayRequest(symbols, start, end, speed, clock)
+
+
+class ReplayChunk(NamedTuple):
+    """Rows of several symbols merged in time order, not yet sent."""
+    keys: np.ndarray        # each row's replay time (ms), non-decreasing
+    texts: list[str]        # each row's Engine.IO packet: 42/replay,["bbo_update",{...,"replay":true}]
+    symbols: np.ndarray     # each row's symbol, as an index into ReplayCursor.symbols
+
+
+class ReplayCursor:
+    """Where a replay stands in each symbol's raw ring, and the next rows of all of them merged by
+    time.  Pure: reads the rings (absolute row indices stay valid while they grow), never the clock.
+
+    Keys: clock "server" is serverTimestamp (the rings' order); clock "exchange" is T (else E), made
+    non-decreasing per symbol by a running maximum, so that a symbol's rows keep their recorded
+    order and pacing never goes back.
+    """
+
+    def __init__(self, history: BboHistory, request: ReplayRequest, prefix: str) -> None:
+        self.hists = [history.symbols[name] for name in request.symbols]
+        self.symbols = request.symbols
+        self.request = request
+        self.prefix = prefix                       # the packet's start, up to the update object
+        self.pos: list[int] = []                   # per symbol: the next ring row
+        self.end: list[int] = []                   # per symbol: the row after the range's last
+        self.floor: list[int] = []                 # per symbol: the running maximum of its keys so far
+        self.seek(request.from_ms)
+
+    def seek(self, time_ms: int) -> None:
+        """Start again at the first row at or after ``time_ms`` (within the range)."""
+        req = self.request
+        slack = REPLAY_EXCHANGE_SLACK_MS if req.clock == "exchange" else 0
+        start = self.start_ms = max(req.from_ms, time_ms)  # clock "exchange": rows keyed before it are skipped
+        self.pos, self.end, self.floor = [], [], []
+        for hist in self.hists:
+            a, b = hist.raw_bounds(start - slack, req.to_ms + slack)
+            self.pos.append(a)
+            self.end.append(b)
+            self.floor.append(-INT64_MAX)
+
+    def _keys(self, i: int, cols: dict[str, np.ndarray]) -> np.ndarray:
+        if self.request.clock == "server":
+            return cols["recv_ms"]
+        _, txn, _ = exchange_times(cols)
+        return np.maximum.accumulate(np.maximum(txn, self.floor[i]))
+
+    def peek(self, max_rows: int = REPLAY_CHUNK_ROWS) -> ReplayChunk | None:
+        """The next rows (at most about ``max_rows``), merged; None when the range is done."""
+        req = self.request
+        parts: list[tuple[int, np.ndarray, dict[str, np.ndarray]]] = []
+        bound, bounding = math.inf, -1
+        per_symbol = max(1, max_rows // max(1, len(self.hists)))
+        for i, hist in enumerate(self.hists):
+            self.pos[i] = max(self.pos[i], hist.raw.first)  # rows that left the ring meanwhile are gone
+            a, b = self.pos[i], min(self.end[i], self.pos[i] + per_symbol)
+            if a >= b:
+                continue
+            cols = hist.raw.take(a, b)
+            keys = self._keys(i, cols)
+            if req.clock == "exchange":  # the slack brought rows outside the range: skip or stop at them
+                skip = int(np.searchsorted(keys, self.start_ms, "left"))
+                stop = int(np.searchsorted(keys, req.to_ms, "right"))
+                if stop < len(keys):
+                    self.end[i] = a + stop
+                if skip:
+                    self.pos[i] = a + skip
+                    return self.peek(max_rows)
+                keys, cols = keys[:stop], {k: v[:stop] for k, v in cols.items()}
+                if not len(keys):
+                    continue
+            if a + len(keys) < self.end[i] and int(keys[-1]) < bound:
+                bound, bounding = int(keys[-1]), i  # this symbol has more: nothing later may go first
+            parts.append((i, keys, cols))
+        if not parts:
+            return None
+        all_keys, texts, owners = [], [], []
+        for i, keys, cols in parts:
+            # Rows of one ms go in the order the symbols were asked for: a later symbol's rows at the
+            # bound wait, the bounding symbol may have more of them beyond its chunk.
+            n = len(keys) if bound == math.inf else int(np.searchsorted(keys, bound, "right" if i <= bounding else "left"))
+            all_keys.append(keys[:n])
+            texts.extend(self.prefix + obj for obj in rows_to_json_objects(
+                {k: v[:n] for k, v in cols.items()}, self.symbols[i], ',"replay":true}]'))
+            owners.append(np.full(n, i, np.int32))
+        keys = np.concatenate(all_keys)
+        owner = np.concatenate(owners)
+        order = np.argsort(keys, kind="stable")
+        return ReplayChunk(keys[order], [texts[j] for j in order.tolist()], owner[order])
+
+    def advance(self, chunk: ReplayChunk, count: int) -> None:
+        """The first ``count`` rows of ``chunk`` were sent."""
+        for i, n in enumerate(np.bincount(chunk.symbols[:count], minlength=len(self.hists)).tolist()):
+            self.pos[i] += n
+        if count:
+            last = int(chunk.keys[count - 1])
+            self.floor = [max(f, last) if self.request.clock == "exchange" else f for f in self.floor]
+
+    def outages(self) -> list[tuple[int, dict[str, Any]]]:
+        """(start, outage with its symbol) of every recorded outage that begins in the range, by start."""
+        req = self.request
+        found = [(o["start"], {"symbol": hist.symbol, **o}) for hist in self.hists
+                 for o in hist.outages_in(req.from_ms, req.to_ms) if o["start"] >= req.from_ms]
+        return sorted(found, key=lambda item: item[0])
+
+
+class ReplayPacer:
+    """Replay time against wall time: the position moves at ``speed`` while playing (speed 0: it is
+    where the last row sent was).  Pure: every call takes the monotonic ``now_s``."""
+
+    def __init__(self, position_ms: float, speed: float, now_s: float) -> None:
+        self.speed = speed
+        self.paused = False
+        self._anchor_ms = position_ms   # the position at...
+        self._anchor_s = now_s          # ...this wall time
+
+    def position(self, now_s: float) -> float:
+        if self.paused or not self.speed:
+            return self._anchor_ms
+        return self._anchor_ms + (now_s - self._anchor_s) * 1000.0 * self.speed
+
+    def wall_at(self, position_ms: float) -> float:
+        """When (monotonic s) the position reaches ``position_ms``; now for speed 0."""
+        if not self.speed:
+            return self._anchor_s
+        return self._anchor_s + (position_ms - self._anchor_ms) / 1000.0 / self.speed
+
+    def reached(self, position_ms: float, now_s: float) -> None:
+        """Speed 0: the last row sent was at ``position_ms``."""
+        self._anchor_ms, self._anchor_s = position_ms, now_s
+
+    def _rebase(self, now_s: float) -> None:
+        self._anchor_ms, self._anchor_s = self.position(now_s), now_s
+
+    def pause(self, now_s: float) -> None:
+        self._rebase(now_s)
+        self.paused = True
+
+    def resume(self, now_s: float) -> None:
+        self._rebase(now_s)
+        self.paused = False
+
+    def seek(self, position_ms: float, now_s: float) -> None:
+        self._anchor_ms, self._anchor_s = position_ms, now_s
+
+    def set_speed(self, speed: float, now_s: float) -> None:
+        self._rebase(now_s)
+        self.speed = speed
 
 
 # ===========================================================================
@@ -4432,6 +4877,9 @@ async def _close_conn(conn: _Conn) -> None:
 _CACHE_FILE_RE = re.compile(r"^(raw|bars)-(\d{8})(?:-(\d+))?\.(jsonl|json)$")
 CACHE_TMP_SUFFIX = ".tmp"              # atomic_write's temporary files: removed at start if a crash left one
 CACHE_HEARTBEAT_FILE = "last-run"      # touched at every flush: when the process was last known to run
+CACHE_LOCK_FILE = "lock"               # flock()ed by the server (persistence on) and by an import: one at a time
+IMPORT_NEW_PREFIX = ".import-new-"     # a symbol's folder as an import builds it, beside the one it replaces...
+IMPORT_OLD_PREFIX = ".import-old-"     # ...and the replaced one, until the swap is complete
 
 
 class _LogState:
@@ -4574,14 +5022,15 @@ class CacheLoader:
         sigs: dict[str, tuple] = {}
         if not self.root.exists():
             return CacheLoaded(rows, logs, sigs, None, 0, [])
+        finish_interrupted_imports(self.root)
         self._remove_temporaries()
         for sym_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
             symbol = sym_dir.name.upper()
             if not _SYMBOL_RE.match(symbol):
                 continue
             hist = self.history.get(symbol)
-            raw_cols = self._load_kind(sym_dir, symbol, "raw")
-            bar_cols = self._load_kind(sym_dir, symbol, "bars")
+            raw_cols = self.load_kind(sym_dir, symbol, "raw")
+            bar_cols = self.load_kind(sym_dir, symbol, "bars")
             if raw_cols:
                 cols = {k: np.concatenate([c[k] for c in raw_cols]) for k in RAW_COLUMNS}
                 hist.raw.extend(cols)
@@ -4623,7 +5072,7 @@ class CacheLoader:
                   if p.is_file()]
         return max(stamps) // 1_000_000 if stamps else None
 
-    def _load_kind(self, sym_dir: Path, symbol: str, kind: str) -> list[dict[str, np.ndarray]]:
+    def load_kind(self, sym_dir: Path, symbol: str, kind: str) -> list[dict[str, np.ndarray]]:
         files: dict[int, dict[str, Path]] = {}
         for path in sym_dir.iterdir():
             m = _CACHE_FILE_RE.match(path.name)
@@ -4710,6 +5159,175 @@ class CacheLoader:
             return False
         hist.outages.extend(items)
         return True
+
+
+def lock_cache_dir(root: Path) -> int | None:
+    """Take the cache's lock (CACHE_LOCK_FILE): the open descriptor holding it, or None when another
+    process (or another open of it) holds it.  The lock goes with the process, however it ends."""
+    fd = os.open(root / CACHE_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def finish_interrupted_imports(root: Path) -> None:
+    """An import cut short leaves its folders: a new one half built (removed), or a replaced one
+    whose successor is in place (removed) or is not (put back: the import did not happen)."""
+    for path in sorted(root.glob(".import-*")):
+        if path.name.startswith(IMPORT_OLD_PREFIX) and path.is_dir():
+            symbol_dir = root / path.name[len(IMPORT_OLD_PREFIX):]
+            if symbol_dir.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.rename(symbol_dir)
+                log.warning("cache: an import into %s was cut short; its previous data is back", symbol_dir.name)
+        elif path.name.startswith(IMPORT_NEW_PREFIX):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class ImportRefused(BboStreamError):
+    """An import that changed nothing, and why."""
+
+
+class ImportReport(NamedTuple):
+    symbol: str
+    parsed: CsvImport
+    imported: int          # rows that were not in the cache yet
+    known: int             # rows whose update_id the cache already had
+    dropped: int           # older rows beyond CACHE_MAX_ITEMS, not kept
+    cached: int            # rows of the symbol in the cache now
+
+
+def _segment_files(kind: str, cols: dict[str, np.ndarray]) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """Columns cut into segment files of SEGMENT_ROWS rows, named as CacheWriter names them."""
+    n = len(cols["recv_ms" if kind == "raw" else "time_s"])
+    for seq, start in enumerate(range(0, n, SEGMENT_ROWS), 1):
+        part = {k: v[start:start + SEGMENT_ROWS] for k, v in cols.items()}
+        last = int(part["recv_ms"][-1]) if kind == "raw" else int(part["time_s"][-1]) * 1000
+        yield f"{kind}-{seq:08d}-{last}.json", part
+
+
+def import_binance_csv(cfg: Config, source: Path, symbol: str, skip_bad: bool, import_ms: int) -> ImportReport:
+    """Load a bookTicker CSV (or the one inside its .zip) into CACHE_DIR/<symbol>: rows merged with
+    what is there in time order, deduplicated by update_id, bars of the seconds they touch rebuilt;
+    the symbol's folder is rebuilt aside and swapped in, so an import either happened or did not.
+
+    Raises:
+        ImportRefused: the cache is in use (lock), the file has bad rows (without ``skip_bad``), or
+            nothing could be read; the cache is then as it was.
+    """
+    root = Path(cfg.cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = lock_cache_dir(root)
+    if lock is None:
+        raise ImportRefused(f"CACHE_DIR {root} is in use (a running bbo_stream, or another import, holds "
+                            f"{root / CACHE_LOCK_FILE}): stop it first")
+    try:
+        finish_interrupted_imports(root)
+        try:
+            parsed = _read_binance_csv(source, import_ms)
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise ImportRefused(f"cannot read {source}: {exc}") from None
+        if parsed.bad and not skip_bad:
+            raise ImportRefused(f"{parsed.bad} bad row(s) of {parsed.rows} in {source}; nothing imported "
+                                "(--skip-bad imports the others):\n  " + "\n  ".join(parsed.bad_lines)
+                                + ("\n  ..." if parsed.bad > len(parsed.bad_lines) else ""))
+        symbol_dir = root / symbol
+        loader = CacheLoader(root, BboHistory(1, 0))
+        old_raw = loader.load_kind(symbol_dir, symbol, "raw") if symbol_dir.is_dir() else []
+        old_bars = loader.load_kind(symbol_dir, symbol, "bars") if symbol_dir.is_dir() else []
+        new = parsed.cols
+        known = 0
+        if old_raw:
+            old = {k: np.concatenate([c[k] for c in old_raw]) for k in RAW_COLUMNS}
+            fresh = ~np.isin(new["update_id"], old["update_id"])
+            known = int(len(fresh) - fresh.sum())
+            new = {k: v[fresh] for k, v in new.items()}
+            merged = {k: np.concatenate([old[k], new[k]]) for k in RAW_COLUMNS}
+            order = np.argsort(merged["recv_ms"], kind="stable")  # the cache's rows first within a ms
+            merged = {k: v[order] for k, v in merged.items()}
+        else:
+            merged = new
+        total = len(merged["recv_ms"])
+        dropped = max(0, total - cfg.cache_max_items)
+        if dropped:
+            merged = {k: v[dropped:] for k, v in merged.items()}
+        bars = _bars_after_import(merged, new["recv_ms"], old_bars, cfg.bars_capacity)
+        _swap_in_symbol_dir(root, symbol, merged, bars)
+        return ImportReport(symbol, parsed, len(new["recv_ms"]), known, dropped, len(merged["recv_ms"]))
+    finally:
+        os.close(lock)
+
+
+def _read_binance_csv(source: Path, import_ms: int) -> CsvImport:
+    """The CSV itself, or the first .csv member of a .zip (Binance ships each day's file zipped)."""
+    if zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as archive:
+            members = [m for m in archive.namelist() if m.lower().endswith(".csv")]
+            if not members:
+                raise ValueError("the .zip holds no .csv file")
+            with archive.open(members[0]) as raw, io.TextIOWrapper(raw, "utf-8", newline="") as text:
+                return parse_binance_csv(text, import_ms)
+    with open(source, encoding="utf-8", newline="") as text:
+        return parse_binance_csv(text, import_ms)
+
+
+def _bars_after_import(merged: dict[str, np.ndarray], imported_recv: np.ndarray,
+                       old_bars: list[dict[str, np.ndarray]], capacity: int) -> dict[str, np.ndarray] | None:
+    """The 1 s bars once rows were imported: the seconds the imported rows fall in, rebuilt from the
+    raw rows; every other second as it was.  None when bars are off."""
+    if capacity <= 0:
+        return None
+    touched = np.unique(imported_recv // 1000)
+    secs = merged["recv_ms"] // 1000
+    rebuilt = columns_to_bars({k: v[np.isin(secs, touched)] for k, v in merged.items()}) if len(touched) else None
+    parts = []
+    if old_bars:
+        old = {k: np.concatenate([c[k] for c in old_bars]) for k in BAR_COLUMNS}
+        keep = ~np.isin(old["time_s"], touched)
+        parts.append({k: v[keep] for k, v in old.items()})
+    if rebuilt is not None:
+        parts.append(rebuilt)
+    if not parts:
+        return None
+    bars = {k: np.concatenate([p[k] for p in parts]).astype(BAR_COLUMNS[k]) for k in BAR_COLUMNS}
+    order = np.argsort(bars["time_s"], kind="stable")
+    return {k: v[order][-capacity:] for k, v in bars.items()}
+
+
+def _swap_in_symbol_dir(root: Path, symbol: str, raw: dict[str, np.ndarray],
+                        bars: dict[str, np.ndarray] | None) -> None:
+    """Write the symbol's folder anew beside the old one, then swap them (two renames; a cut between
+    them is undone at the next start by finish_interrupted_imports)."""
+    symbol_dir = root / symbol
+    staging = root / f"{IMPORT_NEW_PREFIX}{symbol}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        files = list(_segment_files("raw", raw))
+        if bars is not None:
+            files += _segment_files("bars", bars)
+        for name, cols in files:
+            with open(staging / name, "wb") as fh:
+                fh.write(encode_columns(name.split("-")[0], symbol, cols).encode() + b"\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        outages = symbol_dir / "outages.json"
+        if outages.exists():
+            shutil.copy2(outages, staging / "outages.json")
+        _fsync_dir(staging)
+        old = root / f"{IMPORT_OLD_PREFIX}{symbol}"
+        if symbol_dir.exists():
+            symbol_dir.rename(old)
+        staging.rename(symbol_dir)
+        _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 class WriteJob(NamedTuple):
@@ -4909,6 +5527,7 @@ class CachePersistence:
         self.last_run_ms: int | None = None      # when the previous run was last known to run
         self.skipped_lines = 0                   # unusable journal lines left out at load
         self.quarantined: list[str] = []         # files moved aside at load
+        self.lock_fd: int | None = None          # holds CACHE_DIR's lock (the server's load), None: not held
 
     def metrics(self) -> list[MetricFamily]:
         return [MetricFamily("persist_lag_seconds", "gauge", "Age of the oldest update not yet on disk at the last flush",
@@ -4940,9 +5559,16 @@ class CachePersistence:
             return f"CACHE_DIR {self.root} is not readable and writable by uid {os.getuid()}"
         return None
 
-    def load(self) -> dict[str, int]:
-        """Read CACHE_DIR into the history (blocking; runs before serving).  Returns rows per symbol."""
+    def load(self, lock: bool = False) -> dict[str, int]:
+        """Read CACHE_DIR into the history (blocking; runs before serving).  Returns rows per symbol.
+        With ``lock`` (the server), CACHE_DIR's lock is taken first and held until ``unlock``: while
+        another process holds it (an import), persistence is off."""
         self.off_reason = self._unusable_dir()
+        if self.off_reason is None and lock:
+            self.lock_fd = lock_cache_dir(self.root)
+            if self.lock_fd is None:
+                self.off_reason = (f"CACHE_DIR {self.root} is in use by another process (an import, or another "
+                                   f"bbo_stream: {self.root / CACHE_LOCK_FILE} is locked)")
         if self.off_reason is None:
             try:
                 loaded = self.loader.load()
@@ -4976,6 +5602,12 @@ class CachePersistence:
         jobs = self.writer.plan(now_ms())
         self.writer.commit(await asyncio.to_thread(self.writer.write, jobs))
         self.last_flush_ms = now_ms()
+
+    def unlock(self) -> None:
+        """Let go of CACHE_DIR's lock (after the final flush)."""
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     def flush_sync(self) -> str | None:
         """Final flush at shutdown (the loop has nothing else left to do).  Returns why it failed, or None."""
@@ -5448,6 +6080,189 @@ class BboApp:
         return raw
 
 
+class ReplaySession:
+    """One /replay client's playback: a task that sends the range's rows (ReplayCursor) at the pace
+    ReplayPacer sets, with outages and status; pause/resume/seek/speed wake it to re-plan."""
+
+    def __init__(self, sock: SioSocket, history: BboHistory, request: ReplayRequest) -> None:
+        self.sock = sock
+        self.request = request
+        prefix = "4" + encode_sio(SioPacket(SioType.EVENT, sock.namespace, ["bbo_update"]))[:-1] + ","
+        self.cursor = ReplayCursor(history, request, prefix)
+        self.loop = asyncio.get_running_loop()
+        self.pacer = ReplayPacer(request.from_ms, request.speed, self.loop.time())
+        self.state = "playing"                    # "playing" | "paused" | "done"
+        self._outages = self.cursor.outages()     # (start, outage) not announced yet, by start
+        self._wake = asyncio.Event()              # a control event changed the plan
+        self.task: asyncio.Task | None = None
+        self.sent = 0                             # updates sent
+
+    def start(self) -> None:
+        self.task = self.loop.create_task(self._run(), name=f"replay {short_sid(self.sock.sid)}")
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    def status(self) -> dict[str, Any]:
+        position = min(self.pacer.position(self.loop.time()), self.request.to_ms)
+        return {"state": self.state, "position": int(position), "speed": self.pacer.speed}
+
+    def _announce(self) -> dict[str, Any]:
+        status = self.status()
+        self.sock.emit("replay_status", status)
+        return status
+
+    # -- control events (the client's) ------------------------------------------------------
+    def pause(self) -> dict[str, Any]:
+        if self.state == "playing":
+            self.pacer.pause(self.loop.time())
+            self.state = "paused"
+            self._wake.set()
+        return self._announce()
+
+    def resume(self) -> dict[str, Any]:
+        if self.state == "paused":
+            self.pacer.resume(self.loop.time())
+            self.state = "playing"
+            self._wake.set()
+        return self._announce()
+
+    def seek(self, time_ms: int) -> dict[str, Any]:
+        time_ms = min(max(time_ms, self.request.from_ms), self.request.to_ms)
+        self.cursor.seek(time_ms)
+        self.pacer.seek(time_ms, self.loop.time())
+        self._outages = [item for item in self.cursor.outages() if item[0] >= time_ms]
+        if self.state == "done":
+            self.state = "playing"
+        self._wake.set()
+        return self._announce()
+
+    def set_speed(self, speed: float) -> dict[str, Any]:
+        self.pacer.set_speed(speed, self.loop.time())
+        self._wake.set()
+        return self._announce()
+
+    # -- the playback task ------------------------------------------------------------------
+    async def _sleep_until(self, wall_s: float) -> bool:
+        """Wait until the loop time ``wall_s``; False when a control event came first."""
+        delay = wall_s - self.loop.time()
+        if delay <= 0:
+            return True
+        try:
+            await asyncio.wait_for(self._wake.wait(), delay)
+        except TimeoutError:
+            return True
+        return False
+
+    def _outages_before(self, key: float) -> None:
+        while self._outages and self._outages[0][0] <= key:
+            self.sock.emit("outage", self._outages.pop(0)[1])
+
+    async def _run(self) -> None:
+        conn = self.sock.conn
+        self._announce()
+        while not conn.closed:
+            self._wake.clear()
+            if self.state != "playing":
+                await self._wake.wait()
+                continue
+            polling = conn.transport == "polling"
+            if not await conn.wait_room(0 if polling else REPLAY_HIGH_WATER_BYTES):
+                return
+            chunk = self.cursor.peek(REPLAY_POLLING_ROWS if polling else REPLAY_CHUNK_ROWS)
+            if chunk is None:
+                # The range plays to its end, rows or not: a paced 60 s range takes 60 s / speed.
+                if self.pacer.speed and not await self._sleep_until(self.pacer.wall_at(self.request.to_ms)):
+                    continue
+                self._outages_before(self.request.to_ms)
+                self.pacer.reached(self.request.to_ms, self.loop.time())
+                self.state = "done"
+                self._announce()
+                continue
+            count = self._due_rows(chunk)
+            if count == 0:
+                if not await self._sleep_until(self.pacer.wall_at(float(chunk.keys[0]))):
+                    continue  # re-plan: the pace, the position or the state changed
+                count = self._due_rows(chunk)
+            self._send(chunk, count)
+
+    def _due_rows(self, chunk: ReplayChunk) -> int:
+        """How many of the chunk's rows are due now (all of them at speed 0)."""
+        if not self.pacer.speed:
+            return len(chunk.keys)
+        return int(np.searchsorted(chunk.keys, self.pacer.position(self.loop.time()), "right"))
+
+    def _send(self, chunk: ReplayChunk, count: int) -> None:
+        keys, texts = chunk.keys, chunk.texts
+        start = 0
+        while start < count:  # outages go out between the rows they fall between
+            if self._outages and self._outages[0][0] <= keys[count - 1]:
+                stop = int(np.searchsorted(keys[:count], self._outages[0][0], "left"))
+                if stop > start:
+                    self.sock.conn.send_packets(texts[start:stop])
+                self._outages_before(float(keys[stop]) if stop < count else math.inf)
+                start = stop
+                continue
+            self.sock.conn.send_packets(texts[start:count])
+            start = count
+        self.cursor.advance(chunk, count)
+        self.sent += count
+        if not self.pacer.speed:
+            self.pacer.reached(float(keys[count - 1]), self.loop.time())
+
+
+class ReplayApp:
+    """The /replay namespace: recorded ranges played back as bbo_update events (see README)."""
+
+    def __init__(self, sio: SioServer, history: BboHistory, auth_token: str = "") -> None:
+        self.history = history
+        self.auth_token = auth_token
+        ns = REPLAY_NAMESPACE
+        sio.on_connect(ns)(self.on_connect)
+        sio.on_disconnect(ns)(self.on_disconnect)
+        sio.on("pause", ns)(lambda sock, *args: self._session(sock).pause())
+        sio.on("resume", ns)(lambda sock, *args: self._session(sock).resume())
+        sio.on("seek", ns)(self.on_seek)
+        sio.on("speed", ns)(self.on_speed)
+
+    @staticmethod
+    def _session(sock: SioSocket) -> ReplaySession:
+        return sock.data["replay"]
+
+    def on_connect(self, sock: SioSocket, auth: Any) -> None:
+        if self.auth_token:
+            presented = auth.get("token") if isinstance(auth, dict) else None
+            if not token_matches(presented, self.auth_token):
+                raise SioConnectRefused(AUTH_REFUSED)
+        try:
+            request = parse_replay_auth(auth, self.history)
+        except ValueError as exc:
+            raise SioConnectRefused(str(exc)) from None
+        log.info("sio %s: client %s replays %s from %d to %d at %gx (%s clock)", short_sid(sock.conn.sid),
+                 sock.conn.peer, ",".join(request.symbols[:5]), request.from_ms, request.to_ms, request.speed,
+                 request.clock)
+        session = sock.data["replay"] = ReplaySession(sock, self.history, request)
+        session.start()  # its first step runs after the CONNECT answer is out
+
+    def on_disconnect(self, sock: SioSocket, reason: str) -> None:
+        session = sock.data.get("replay")
+        if session is not None:
+            session.stop()
+
+    def on_seek(self, sock: SioSocket, request: Any = None, *args: Any) -> dict[str, Any]:
+        time_ms = request.get("time") if isinstance(request, dict) else None
+        if isinstance(time_ms, bool) or not isinstance(time_ms, int) or not 0 <= time_ms <= MAX_TIME_MS:
+            return {"error": 'seek expects {"time": <ms>}'}
+        return self._session(sock).seek(time_ms)
+
+    def on_speed(self, sock: SioSocket, request: Any = None, *args: Any) -> dict[str, Any]:
+        speed = request.get("speed") if isinstance(request, dict) else None
+        if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 <= speed <= REPLAY_MAX_SPEED:
+            return {"error": f'speed expects {{"speed": x}}, x from 0 (as fast as you read) to {REPLAY_MAX_SPEED:g}'}
+        return self._session(sock).set_speed(float(speed))
+
+
 # ###########################################################################
 # §15 Socket.IO server
 # ###########################################################################
@@ -5768,7 +6583,7 @@ class EioConnection:
     """
 
     __slots__ = ("server", "session", "sid", "peer", "upper", "ws", "probe", "_poll_waiter", "_post_transport",
-                 "_timer", "_timer_at", "_drain_task", "_close_notified", "_close_code", "on_filter")
+                 "_timer", "_timer_at", "_drain_task", "_close_notified", "_close_code", "on_filter", "_room")
 
     def __init__(self, server: EioServer, session: EioSession, peer: str) -> None:
         self.server = server                 # owner: registry, handler, settings
@@ -5786,6 +6601,7 @@ class EioConnection:
         self._close_notified = False         # on_close was called
         self._close_code: int | None = None  # WebSocket close code to use (None -> empty close frame)
         self.on_filter: Callable[[EioConnection], None] | None = None  # told of set_filter (the hub's routing)
+        self._room: asyncio.Future[None] | None = None  # wait_room's waiter: resolved whenever queued bytes went out
 
     # -- API for the layer above -------------------------------------------------------
 
@@ -5817,6 +6633,33 @@ class EioConnection:
     def flush(self) -> None:
         """Transmit the outbox if the transport can take it now."""
         self._apply([_FLUSH] if self.session.can_transmit() else [])
+
+    def send_packets(self, texts: list[str]) -> None:
+        """Several Engine.IO text packets in order (a replay step): over a WebSocket that keeps up
+        and has nothing queued, as frames in one write; otherwise through the outbox."""
+        link, outbox = self.ws, self.session.outbox
+        if link is not None and link.writable and not link.backed_up and not outbox.control and not outbox.updates:
+            self.write_frames(b"".join([encode_ws_frame(text.encode()) for text in texts]))
+            return
+        self._apply(self.session.send_many(texts))
+
+    def has_room(self, max_bytes: int) -> bool:
+        """Whether this client has at most ``max_bytes`` queued and its WebSocket is not backed up."""
+        outbox = self.session.outbox
+        return not (self.ws is not None and self.ws.backed_up) and outbox.control_bytes + outbox.update_bytes <= max_bytes
+
+    async def wait_room(self, max_bytes: int) -> bool:
+        """Until has_room (backpressure for a producer as fast as the client reads); False once closed."""
+        while not self.closed and not self.has_room(max_bytes):
+            if self._room is None or self._room.done():
+                self._room = asyncio.get_running_loop().create_future()
+            await self._room
+        return not self.closed
+
+    def _wake_room(self) -> None:
+        room, self._room = self._room, None
+        if room is not None and not room.done():
+            room.set_result(None)
 
     # -- which updates this client gets, and how many it got -------------------------------
 
@@ -5926,16 +6769,21 @@ class EioConnection:
             link.send(control, frames)
             if link.backed_up:
                 self._start_drain(link)
+            elif self._room is not None:
+                self._wake_room()
             return
         waiter = self._poll_waiter
         if waiter is not None and not waiter.done() and self.session.poll_parked:
             self._poll_waiter = None
             waiter.set_result(self.session.take_poll_payload())
+            if self._room is not None:
+                self._wake_room()
 
     def _on_session_closed(self, reason: str) -> None:
         if self._close_notified:
             return
         self._close_notified = True
+        self._wake_room()
         log.debug("eio %s closed: %s", short_sid(self.sid), reason)
         if reason == INBOUND_RATE_REASON:
             self.server.rate_disconnects += 1
@@ -5999,6 +6847,7 @@ class EioConnection:
                 link.backed_up = link.transport.get_write_buffer_size() > WS_HIGH_WATER_BYTES
                 if not link.backed_up:
                     self._flush(conflate=True)
+                    self._wake_room()
         except TimeoutError:
             self.server.slow_disconnects += 1
             _log_once("slow", "eio %s: peer %s did not read for %.0f s, disconnecting",
@@ -6815,12 +7664,35 @@ class HttpServer:
         return None
 
     async def _send(self, writer: asyncio.StreamWriter, resp: HttpResponse, keep_alive: bool,
-                    head_only: bool = False) -> None:
+                    head_only: bool = False, chunked: bool = True) -> None:
         resp.headers.extend(SECURITY_HEADERS)
         if writer.get_extra_info("sslcontext") is not None:
             resp.headers.append(HSTS_HEADER)
-        writer.write(render_response(resp, keep_alive, head_only, http_date(time.time())))
+        writer.write(render_response(resp, keep_alive, head_only, http_date(time.time()), chunked))
         await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+        if resp.stream is not None and not head_only:
+            await self._send_stream(writer, resp.stream, chunked)
+
+    @staticmethod
+    async def _send_stream(writer: asyncio.StreamWriter, stream: Iterator[bytes], chunked: bool) -> None:
+        """A streamed body: each piece made only once the client took the one before (memory
+        constant, however large the range).  A stream that cannot go on cuts the connection."""
+        try:
+            for data in stream:
+                if data:
+                    writer.write(chunk(data) if chunked else data)
+                    await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+        except HttpStreamCut as exc:
+            log.warning("http: %s; connection cut", exc)
+            writer.transport.abort()
+            raise ConnectionAbortedError(str(exc)) from None
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        if chunked:
+            writer.write(chunk(b""))
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
 
     def client_ip(self, req: HttpRequest) -> str:
         """The peer for logs: X-Forwarded-For's last hop when the peer is a trusted proxy
@@ -6896,8 +7768,7 @@ class HttpServer:
         if resp is None:  # Engine.IO took the connection (and reported its outcome)
             return False
         keep_alive = keep_alive and not self.closing  # says `Connection: close` during shutdown
-        await self._finish(writer, req, route, resp, keep_alive, started)
-        return keep_alive
+        return await self._finish(writer, req, route, resp, keep_alive, started)
 
     async def _read_body(self, req: HttpRequest, length: int, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter, is_eio: bool) -> bytes | None:
@@ -6914,15 +7785,20 @@ class HttpServer:
         return body
 
     async def _finish(self, writer: asyncio.StreamWriter, req: HttpRequest, route: Route, resp: HttpResponse,
-                      keep_alive: bool, started: float) -> None:
+                      keep_alive: bool, started: float) -> bool:
+        """Send the response; True when the connection may carry another request."""
         # A preflight response carries its own CORS headers; a refused upgrade none (ref: abortUpgrade).
         if route.cors and req.method != "OPTIONS" and not is_upgrade(req):
             resp.headers.extend(cors_headers(req, self.cfg.cors_origins))
         self.requests[(route.label, resp.status)] += 1
-        await self._send(writer, resp, keep_alive, req.method == "HEAD")
+        chunked = req.version != "HTTP/1.0"  # HTTP/1.0 has no chunked transfer: a stream ends with the connection
+        if resp.stream is not None and not chunked:
+            keep_alive = False
+        await self._send(writer, resp, keep_alive, req.method == "HEAD", chunked)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("http %s %s %s → %d (%.1f ms)", req.peer, req.method, loggable_target(req.target),
                       resp.status, (time.perf_counter() - started) * 1000)
+        return keep_alive
 
     async def dispatch(self, req: HttpRequest, route: Route, body: bytes, reader: asyncio.StreamReader,
                        writer: asyncio.StreamWriter) -> HttpResponse | None:
@@ -7058,6 +7934,7 @@ class App:
                               auth_token=cfg.auth_token, feed=self.feed,
                               feed_edit=bool(cfg.auth_token) or cfg.feed_edit_allowed,
                               max_feed_symbols=cfg.feed_max_symbols)
+        self.replay_app = ReplayApp(self.sio, self.history, cfg.auth_token)  # the /replay namespace (§14)
         self.http: HttpServer | None = None
         self.stop_event = asyncio.Event()
         self.started_ms = now_ms()
@@ -7108,7 +7985,7 @@ class App:
                  self.hub.writer_threads)
         if self.persistence is not None:
             started = time.perf_counter()
-            loaded = self.persistence.load()
+            loaded = self.persistence.load(lock=True)
             if self.persistence.off_reason is None:
                 self.persistence.mark_restart_outages(now_ms())
                 log.info("cache: restored %d update(s) of %d symbol(s) from %s in %.2f s", sum(loaded.values()),
@@ -7181,6 +8058,8 @@ class App:
             else:
                 log.error("cache: final flush FAILED: %s; updates of the last %.1f s are not on disk",
                           failure, self.persistence.writer.lag_ms / 1000)
+        if self.persistence is not None:
+            self.persistence.unlock()
 
 
 async def cancel_tasks(tasks: Iterable[asyncio.Task], timeout_s: float = SHUTDOWN_GRACE_S / 2) -> None:
@@ -7285,13 +8164,54 @@ async def run_app(cfg: Config) -> int:
     return code
 
 
+def import_main(argv: Sequence[str]) -> int:
+    """``bbo_stream.py import FILE [--symbol S] [--skip-bad] [--SETTING VALUE ...]``: exit 0 when
+    imported, 1 when refused (nothing changed), 2 on bad arguments."""
+    parser = argparse.ArgumentParser(
+        prog="bbo_stream.py import", usage="%(prog)s FILE [--symbol SYMBOL] [--skip-bad] [--SETTING VALUE ...]",
+        description="Load Binance's bookTicker CSV (update_id,best_bid_price,best_bid_qty,best_ask_price,"
+                    "best_ask_qty,transaction_time,event_time; or the .zip holding it) into CACHE_DIR, "
+                    "while no server runs on it. Other flags are the server's settings (--cache-dir, ...).")
+    parser.add_argument("file", type=Path, metavar="FILE")
+    parser.add_argument("--symbol", help="the file's symbol; default: the name's start (BTCUSDT-bookTicker-...)")
+    parser.add_argument("--skip-bad", action="store_true", help="import the good rows of a file that has bad ones")
+    args, rest = parser.parse_known_args(list(argv))
+    try:
+        cfg = Config.from_sources(rest)
+        symbol = args.symbol or args.file.name.split("-")[0].split(".")[0]
+        if not _SYMBOL_RE.match(symbol):
+            raise ConfigError(f"invalid --symbol {symbol[:40]!r}: give the file's symbol with --symbol")
+    except ConfigError as exc:
+        print(f"bbo_stream import: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    started = time.perf_counter()
+    try:
+        report = import_binance_csv(cfg, args.file, symbol.upper(), args.skip_bad, now_ms())
+    except ImportRefused as exc:
+        print(f"bbo_stream import: refused: {exc}", file=sys.stderr)
+        return 1
+    parsed = report.parsed
+    print(f"imported {report.imported} row(s) of {report.symbol} from {args.file} into {cfg.cache_dir} in "
+          f"{time.perf_counter() - started:.1f} s: {parsed.rows} read, {parsed.duplicates} duplicate update_id(s) "
+          f"in the file, {report.known} already in the cache, {parsed.bad} bad, {parsed.untimed} without times "
+          f"(given the import time), {report.dropped} oldest beyond CACHE_MAX_ITEMS not kept; "
+          f"{report.cached} row(s) of {report.symbol} cached")
+    for line in parsed.bad_lines:
+        print(f"  skipped {line}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the process exit code (0 after a clean shutdown, 2 on bad config)."""
     if sys.version_info < (3, 11):  # pragma: no cover
         print("bbo_stream: Python 3.11 or newer is required", file=sys.stderr)
         return 2
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["import"]:
+        return import_main(argv[1:])
     try:
-        cfg = Config.from_sources(sys.argv[1:] if argv is None else argv)
+        cfg = Config.from_sources(argv)
     except ConfigError as exc:
         print(f"bbo_stream: error: {exc}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ import http.client
 import math
 import pwd
 import uuid
+import zipfile
 import base64
 import contextlib
 import dataclasses
@@ -1974,6 +1975,59 @@ def test_emit_times_reach_the_rows_whether_the_pass_comes_before_or_after_numpy(
     assert [b.emit_ms for b in bs.rows_to_bbos(back, symbol)] == [T0 + 3, T0 + 3, T0 + 5, T0 + 5, None]
 
 
+# -- Binance's bookTicker CSV: parsing for import, rendering for export --------------------------
+
+BINANCE_HEADER = "update_id,best_bid_price,best_bid_qty,best_ask_price,best_ask_qty,transaction_time,event_time"
+
+
+def test_binance_csv_rows_are_sorted_deduplicated_and_kept_digit_for_digit():
+    lines = [BINANCE_HEADER,
+             "12,28750.10,1.500,28750.20,0.00000000,1711843200002,1711843200003",
+             "10,28750.00,0.001,28750.01,3,1711843200000,1711843200001",
+             "11,28750.05,2,28750.06,7.10,1711843200001,1711843200001",
+             "10,99.0,1,99.1,1,1711843200000,1711843200001",   # a second row of update 10: dropped
+             ""]
+    parsed = bs.parse_binance_csv(lines, T0)
+    assert (parsed.rows, parsed.duplicates, parsed.bad, parsed.untimed) == (4, 1, 0, 0)
+    bbos = bs.rows_to_bbos(parsed.cols, "BTCUSDT")
+    assert [(b.update_id, b.bid_price, b.bid_qty, b.ask_price, b.ask_qty) for b in bbos] == [
+        (10, "28750.00", "0.001", "28750.01", "3"), (11, "28750.05", "2", "28750.06", "7.10"),
+        (12, "28750.10", "1.500", "28750.20", "0.00000000")]
+    # serverTimestamp = E, latency unknown, E and T exact
+    assert [(b.recv_ms, b.event_ms, b.transaction_ms, b.latency_ms) for b in bbos] == [
+        (1711843200001, 1711843200001, 1711843200000, None), (1711843200001, 1711843200001, 1711843200001, None),
+        (1711843200003, 1711843200003, 1711843200002, None)]
+    assert bs.parse_binance_csv(lines[1:], T0).cols["update_id"].tolist() == [10, 11, 12]  # no header: the same
+
+
+def test_binance_csv_bad_rows_are_counted_with_their_line_numbers_and_rows_without_times_get_the_import_time():
+    lines = [BINANCE_HEADER, "1,1.0,1,1.1,1,,",                      # spot: no times
+             "2,1.0,1,1.1", "x,1.0,1,1.1,1,5,6", "3,1.0,-1,1.1,1,5,6", "4,1.0,1,1.1,1,5,", "5,1e3,1,1.1,1,5,6",
+             "6,1.0,1,1.1,1,,7", "99999999999999999999,1,1,1,1,1,1"]
+    parsed = bs.parse_binance_csv(lines, T0)
+    assert (parsed.rows, parsed.bad, parsed.untimed) == (8, 6, 1)
+    assert [line.split(":")[0] for line in parsed.bad_lines] == ["line 3", "line 4", "line 5", "line 6", "line 7",
+                                                                  "line 9"]
+    assert "4 fields, expected 7" in parsed.bad_lines[0] and "transaction_time without event_time" in parsed.bad_lines[3]
+    bbos = bs.rows_to_bbos(parsed.cols, "X")
+    assert [(b.update_id, b.recv_ms, b.event_ms, b.transaction_ms) for b in bbos] == [(6, 7, 7, None), (1, T0, T0, None)]
+    with pytest.raises(ValueError, match="not Binance's bookTicker header"):
+        bs.parse_binance_csv(["id,price", "1,2"], T0)
+
+
+def test_binance_csv_export_has_the_schema_and_leaves_spot_times_empty():
+    history = bs.BboHistory(100, 0)
+    fill(history, 2)                                                   # futures-like: E = recv - 5, T = E - 1
+    fill(history, 1, start_ms=T0 + 10, first_u=3, latency_ms=None)     # spot-like
+    history.flush()
+    cols = history.symbols["BTCUSDT"].raw.take(0, 3)
+    assert bs.rows_to_binance_csv(cols).splitlines() == [
+        f"1,28750.10,1.500,28750.20,0.250,{T0 - 6},{T0 - 5}", f"2,28750.10,1.500,28750.20,0.250,{T0 - 5},{T0 - 4}",
+        "3,28750.10,1.500,28750.20,0.250,,"]
+    again = bs.parse_binance_csv(bs.rows_to_binance_csv(cols).splitlines(), T0 + 99)
+    assert bs.rows_to_binance_csv(again.cols) == bs.rows_to_binance_csv(cols)  # the same text back
+
+
 # ---- §6 HTTP/1.1 and WebSocket frame codec ---------------------------------------------------------------
 
 def test_parse_request_head_basic():
@@ -2395,6 +2449,42 @@ def test_check_auth_follows_the_route_table(path, metrics_public, needs):
     assert outcome(TOKEN, f"Authorization: Bearer {TOKEN}") is None
     assert outcome(TOKEN) == ((401, "Bearer") if needs else None)
     assert outcome(TOKEN, "Authorization: Bearer wrong") == ((401, 'Bearer error="invalid_token"') if needs else None)
+
+
+def streamed(resp: bs.HttpResponse) -> bytes:
+    assert resp.stream is not None and resp.body == b""
+    return b"".join(resp.stream)
+
+
+def test_updates_binance_and_ndjson_stream_the_whole_range_beyond_the_json_limit():
+    history = bs.BboHistory(30_000, 0)
+    sent = fill(history, 25_000)
+    ctx = make_ctx(history)
+    resp = api(ctx, "/api/history/updates?symbol=BTCUSDT&format=ndjson")
+    assert (resp.status, resp.content_type) == (200, "application/x-ndjson")
+    lines = streamed(resp).decode().splitlines()
+    assert [json.loads(line) for line in lines] == [row_of(b) for b in sent]
+    resp = api(ctx, f"/api/history/updates?symbol=BTCUSDT&format=binance&start_time={T0 + 10}&end_time={T0 + 12}")
+    assert resp.content_type == "text/csv; charset=utf-8"
+    assert "BTCUSDT-bookTicker-" in dict(resp.headers)["Content-Disposition"]
+    assert streamed(resp).decode().splitlines() == [
+        BINANCE_HEADER, *(f"{u},28750.10,1.500,28750.20,0.250,{T0 + u - 1 - 6},{T0 + u - 1 - 5}" for u in (11, 12, 13))]
+    newest = streamed(api(ctx, "/api/history/updates?symbol=BTCUSDT&format=ndjson&limit=2")).decode().splitlines()
+    assert [json.loads(line)["updateId"] for line in newest] == [24_999, 25_000]
+    assert api_json(ctx, "/api/history/updates?symbol=BTCUSDT&format=xml") == (
+        400, {"error": "format must be json, csv, binance or ndjson"})
+
+
+def test_a_stream_whose_rows_leave_the_ring_meanwhile_is_cut_not_shortened(monkeypatch):
+    monkeypatch.setattr(bs, "STREAM_CHUNK_ROWS", 10)
+    history = bs.BboHistory(50, 0)
+    fill(history, 50)
+    stream = api(make_ctx(history), "/api/history/updates?symbol=BTCUSDT&format=ndjson").stream
+    first = next(stream)
+    assert len(first.splitlines()) == 10
+    fill(history, 20, start_ms=T0 + 100, first_u=51)  # rows 10-19 are overwritten before they were sent
+    with pytest.raises(bs.HttpStreamCut):
+        next(stream)
 
 
 # ---- §8 Engine.IO v4 codec -------------------------------------------------------------------
@@ -2984,6 +3074,88 @@ def test_sio_client_state_rules_and_connect_timeout():
         c2.receive('4{"message":"x"}')                 # CONNECT_ERROR never comes from a client
     with pytest.raises(bs.SioProtocolError):
         c2.receive('2/other,["x"]')                    # namespace not joined
+
+
+# -- replay: the cursor over the rings and the pacer --------------------------------------------------
+
+def replay_history() -> tuple[bs.BboHistory, list[bs.Bbo]]:
+    """Two symbols interleaved, several rows at the same ms; futures-like (E = recv - 5, T = E - 1)."""
+    history = bs.BboHistory(1000, 0)
+    sent = []
+    for i in range(60):
+        symbol = "ETHUSDT" if i % 3 == 0 else "BTCUSDT"
+        bbo = make_bbo(i + 1, T0 + i // 2, symbol=symbol, bid_price=f"1.{i:03d}")
+        assert history.accept(bbo)
+        sent.append(bbo)
+    return history, sent
+
+
+def replayed(cursor: bs.ReplayCursor, max_rows: int) -> list[dict]:
+    out = []
+    while (chunk := cursor.peek(max_rows)) is not None:
+        assert np.all(np.diff(chunk.keys) >= 0)
+        out.extend(json.loads(text[len("42/replay,"):])[1] for text in chunk.texts)
+        cursor.advance(chunk, len(chunk.keys))
+    return out
+
+
+@pytest.mark.parametrize("max_rows", [1, 7, 1000])
+def test_replay_cursor_merges_symbols_in_time_order_whatever_the_chunk_size(max_rows):
+    history, sent = replay_history()
+    request = bs.ReplayRequest(("BTCUSDT", "ETHUSDT"), T0 + 3, T0 + 20, 0.0, "server")
+    rows = replayed(bs.ReplayCursor(history, request, '42/replay,["bbo_update",'), max_rows)
+    expected = sorted((b for b in sent if T0 + 3 <= b.recv_ms <= T0 + 20),
+                      key=lambda b: (b.recv_ms, b.symbol != "BTCUSDT"))  # a ms's rows: in the order asked for
+    assert rows == [{**row_of(b), "replay": True} for b in expected]
+
+
+def test_replay_cursor_on_the_exchange_clock_selects_and_orders_by_t_and_seeks():
+    history, sent = replay_history()
+    t_of = {b.update_id: b.transaction_ms for b in sent}
+    request = bs.ReplayRequest(("BTCUSDT",), T0 - 4, T0 + 5, 0.0, "exchange")  # T = recv - 6
+    cursor = bs.ReplayCursor(history, request, "")
+    chunk = cursor.peek()
+    assert chunk.keys.tolist() == [t_of[json.loads(t[:-1])["updateId"]] for t in chunk.texts]
+    assert chunk.keys.tolist() == sorted(t for u, t in t_of.items() if T0 - 4 <= t <= T0 + 5 and u % 3 != 1)
+    cursor.seek(T0 + 2)
+    assert cursor.peek().keys[0] == T0 + 2
+
+
+def test_replay_pacer_moves_at_its_speed_pauses_seeks_and_changes_speed():
+    pacer = bs.ReplayPacer(1000.0, 10.0, now_s=50.0)
+    assert pacer.position(50.5) == 6000.0 and pacer.wall_at(11_000.0) == 51.0
+    pacer.pause(51.0)
+    assert pacer.position(99.0) == 11_000.0
+    pacer.resume(100.0)
+    assert pacer.position(100.125) == 12_250.0
+    pacer.set_speed(1.0, 100.125)
+    assert pacer.position(101.125) == 13_250.0
+    pacer.seek(0.0, 200.0)
+    assert pacer.wall_at(500.0) == 200.5
+    fast = bs.ReplayPacer(1000.0, 0.0, now_s=1.0)
+    fast.reached(4000.0, 2.0)
+    assert fast.position(9.0) == 4000.0 and fast.wall_at(1e9) == 2.0
+
+
+@pytest.mark.parametrize("auth, message", [
+    ([], "auth must be an object"),
+    ({"symbols": [], "from": 0, "to": 1}, "symbols must be a list of 1 to 100"),
+    ({"symbols": ["NOPE"], "from": 0, "to": 1}, "no recorded data for NOPE"),
+    ({"symbols": ["BTCUSDT"], "to": 1}, "from must be an integer"),
+    ({"symbols": ["BTCUSDT"], "from": 5, "to": 1}, "from must not be after to"),
+    ({"symbols": ["BTCUSDT"], "from": 0, "to": 1, "speed": -1}, "speed must be a number from 0 to"),
+    ({"symbols": ["BTCUSDT"], "from": 0, "to": 1, "speed": True}, "speed must be a number"),
+    ({"symbols": ["BTCUSDT"], "from": 0, "to": 1, "clock": "wall"}, 'clock must be "server" or "exchange"'),
+    ({"symbols": ["SPOTUSDT"], "from": 0, "to": T0 * 2, "clock": "exchange"},
+     'clock "exchange" needs exchange times: SPOTUSDT has none'),
+])
+def test_a_replay_request_that_cannot_be_played_says_why(auth, message):
+    history, _ = replay_history()
+    fill(history, 3, symbol="SPOTUSDT", latency_ms=None)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bs.parse_replay_auth(auth, history)
+    ok = bs.parse_replay_auth({"symbols": ["btcusdt", "BTCUSDT"], "from": 1, "to": 2, "token": "x"}, history)
+    assert ok == bs.ReplayRequest(("BTCUSDT",), 1, 2, 1.0, "server")
 
 
 # ---- §11 Binance feed ------------------------------------------------------------------------
@@ -3946,6 +4118,85 @@ def test_restart_with_more_rows_on_disk_than_cache_max_items_keeps_the_newest(tm
     store.flush_sync()
     history2, _, _ = restart(tmp_path, cap=cap)                # CACHE_MAX_ITEMS lowered, or disk not cleaned yet
     assert rest_rows(history2) == [row_of(b) for b in sent[-cap:]]
+
+
+# -- import of Binance's bookTicker CSV into the cache ------------------------------------------------
+
+def binance_lines(bbos: list[bs.Bbo]) -> list[str]:
+    """Rows of Binance's CSV schema for futures-like updates (no header)."""
+    return [f"{b.update_id},{b.bid_price},{b.bid_qty},{b.ask_price},{b.ask_qty},{b.transaction_ms},{b.event_ms}"
+            for b in bbos]
+
+
+def imported_row(bbo: bs.Bbo) -> dict:
+    """The REST row of an imported update: received at E, latency unknown, never emitted."""
+    return row_of(bbo._replace(recv_ms=bbo.event_ms, latency_ms=None, emit_ms=None))
+
+
+def dir_snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_import_merges_older_rows_in_time_order_with_the_recorded_ones_and_is_idempotent(tmp_path):
+    history, store = new_store(tmp_path)
+    recorded = fill(history, 50, start_ms=T0, first_u=1_000)
+    store.flush_sync()
+    older = [make_bbo(100 + i, T0 - 5_000 + 7 * i, bid_price=f"28740.{i:02d}", ask_qty="0.00000000") for i in range(40)]
+    lines = binance_lines(older)
+    source = tmp_path / "BTCUSDT-bookTicker-2024-03-31.zip"
+    with zipfile.ZipFile(source, "w") as archive:                  # zipped, no header, not sorted
+        archive.writestr("BTCUSDT-bookTicker-2024-03-31.csv", "\n".join(lines[20:] + lines[:20]) + "\n")
+    cfg = bs.Config(cache_dir=str(tmp_path / "cache"), cache_max_items=1000)
+    report = bs.import_binance_csv(cfg, source, "BTCUSDT", False, T0)
+    assert (report.imported, report.known, report.dropped, report.cached) == (40, 0, 0, 90)
+    history2, _, loaded = restart(tmp_path)
+    assert loaded == {"BTCUSDT": 90}
+    assert rest_rows(history2) == [imported_row(b) for b in older] + [row_of(b) for b in recorded]
+    series = history2.symbols["BTCUSDT"]
+    assert series.bars.total and int(series.bars.cols["time_s"][0]) == (T0 - 5_000 - 5) // 1000  # bars of the old seconds
+    before = dir_snapshot(tmp_path / "cache" / "BTCUSDT")
+    again = bs.import_binance_csv(cfg, source, "BTCUSDT", False, T0)
+    assert (again.imported, again.known, again.cached) == (0, 40, 90)
+    assert dir_snapshot(tmp_path / "cache" / "BTCUSDT") == before
+
+
+def test_import_changes_nothing_when_the_cache_is_locked_or_a_row_is_bad_unless_told_to_skip_it(tmp_path):
+    history, store = new_store(tmp_path)
+    fill(history, 5)
+    store.flush_sync()
+    root = tmp_path / "cache"
+    before = dir_snapshot(root)
+    cfg = bs.Config(cache_dir=str(root))
+    source = tmp_path / "ETHUSDT.csv"
+    source.write_text("\n".join([BINANCE_HEADER, *binance_lines([make_bbo(1, T0, symbol="ETHUSDT")]),
+                                 "2,2000.01,abc,2000.02,1,1,2", *binance_lines([make_bbo(3, T0 + 1)])]) + "\n")
+    with pytest.raises(bs.ImportRefused, match=r"1 bad row\(s\) of 3 .*nothing imported.*\n  line 3: .*abc"):
+        bs.import_binance_csv(cfg, source, "ETHUSDT", False, T0)
+    assert dir_snapshot(root) == {**before, "lock": b""}
+    held = bs.lock_cache_dir(root)                                  # as a running server holds it
+    try:
+        with pytest.raises(bs.ImportRefused, match="in use"):
+            bs.import_binance_csv(cfg, source, "ETHUSDT", True, T0)
+        assert dir_snapshot(root) == {**before, "lock": b""}
+    finally:
+        os.close(held)
+    report = bs.import_binance_csv(cfg, source, "ETHUSDT", True, T0)
+    assert (report.imported, report.parsed.bad, report.parsed.bad_lines) == (2, 1, [report.parsed.bad_lines[0]])
+    _, _, loaded = restart(tmp_path)
+    assert loaded == {"BTCUSDT": 5, "ETHUSDT": 2}
+
+
+def test_an_import_cut_between_its_two_renames_is_undone_at_the_next_start(tmp_path):
+    history, store = new_store(tmp_path)
+    sent = fill(history, 5)
+    store.flush_sync()
+    root = tmp_path / "cache"
+    (root / "BTCUSDT").rename(root / ".import-old-BTCUSDT")        # the old folder moved away...
+    (root / ".import-new-BTCUSDT").mkdir()                          # ...the new one not yet in place
+    (root / ".import-new-BTCUSDT" / "raw-00000001-1.json").write_text("half")
+    history2, _, loaded = restart(tmp_path)
+    assert loaded == {"BTCUSDT": 5} and rest_rows(history2) == [row_of(b) for b in sent]
+    assert not list(root.glob(".import-*"))
 
 
 def test_unwritable_cache_dir_is_logged_and_history_is_served_from_memory(tmp_path, caplog):
@@ -6041,6 +6292,65 @@ def test_kill_9_then_restart_restores_every_update_older_than_a_second(tmp_path)
     run(scenario(), 40)
 
 
+async def fetch_streamed(port: int, target: str) -> tuple[dict[str, str], bytes]:
+    """GET through urllib (it decodes chunked transfer), in a thread while the loop serves."""
+    def fetch() -> tuple[dict[str, str], bytes]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{target}", timeout=10) as resp:
+            return {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    return await asyncio.to_thread(fetch)
+
+
+async def run_import(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
+    return await asyncio.to_thread(subprocess.run, [sys.executable, str(MODULE), "import", *args], cwd=str(cwd),
+                                   env=clean, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("market", ["futures", "spot"])
+def test_export_import_export_gives_identical_bytes_through_the_cli(tmp_path, fast_feed, market):
+    """format=binance from a recording server → `bbo_stream.py import` into another cache → the same
+    export from a server on that cache, byte for byte; the import is refused while that server runs."""
+    async def scenario() -> None:
+        async with FakeBinance(market) as fake:
+            async with serving(make_cfg(tmp_path, fake.base_url, market=market)) as srv:
+                await fake.wait_for_subscribed("btcusdt")
+                for i in range(30):
+                    fake.send_bbo("btcusdt", f"28750.{i:02d}", "1.500", f"28750.{i + 1:02d}", "0.00000000")
+                await srv.wait_updates(30)
+                headers, first = await fetch_streamed(srv.port, "/api/history/updates?symbol=BTCUSDT&format=binance")
+                assert headers["transfer-encoding"] == "chunked" and "content-length" not in headers
+        lines = first.decode().splitlines()
+        assert lines[0] == BINANCE_HEADER and len(lines) == 31
+        assert all(line.endswith(",,") == (market == "spot") for line in lines[1:])
+        dump = tmp_path / "BTCUSDT-bookTicker-export.csv"
+        dump.write_bytes(first)
+        cache2 = tmp_path / "cache2"
+        done = await run_import(tmp_path, str(dump), "--cache-dir", str(cache2))
+        assert done.returncode == 0, done.stderr
+        assert re.search(r"imported 30 row\(s\) of BTCUSDT .* 30 read, 0 duplicate", done.stdout), done.stdout
+        cfg2 = make_cfg(tmp_path, market=market, cache_persist=True, cache_dir=str(cache2))
+        async with serving(cfg2) as srv2:
+            _, second = await fetch_streamed(srv2.port, "/api/history/updates?symbol=BTCUSDT&format=binance")
+            refused = await run_import(tmp_path, str(dump), "--cache-dir", str(cache2))
+            assert refused.returncode == 1 and "in use" in refused.stderr, refused.stderr
+        assert second == first
+    run(scenario(), timeout=60)
+
+
+def test_ndjson_streams_a_whole_range_to_http_1_0_clients_until_the_connection_closes(tmp_path, fast_feed):
+    async def scenario() -> None:
+        async with fed_app(tmp_path) as (fake, srv):
+            sent = [fake.send_bbo("btcusdt", f"1.{i:03d}", "1", "2", "1") for i in range(20)]
+            await srv.wait_updates(20)
+            async with connection(srv.port) as (reader, writer):
+                writer.write(b"GET /api/history/updates?symbol=BTCUSDT&format=ndjson HTTP/1.0\r\nHost: x\r\n\r\n")
+                raw = await reader.read()
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert b"Transfer-Encoding" not in head and b"Content-Length" not in head and b"Connection: close" in head
+            assert [json.loads(line)["bidPrice"] for line in body.splitlines()] == [p["b"] for p in sent]
+    run(scenario())
+
+
 # ---- End to end: Socket.IO clients against the real App fed by FakeBinance -------------------
 # The official clients, each over WebSocket only, polling only and polling→upgrade: python-socketio
 # (sync Client; AsyncClient on its own loop in a thread) and node's socket.io-client 4.8.
@@ -6336,6 +6646,144 @@ def test_readme_javascript_example_runs_verbatim(tmp_path):
         assert not any("Error" in line for line in proc.lines()), proc.lines()
         proc.close()
         srv.wait_sessions(0)
+
+
+# ---- End to end: replay through Socket.IO (/replay) --------------------------------------------
+
+class ReplayClient:
+    """python-socketio's Client on /replay; its events land in ``inbox``."""
+
+    def __init__(self, srv: LiveServer, auth: dict, mode: str = "websocket") -> None:
+        self.inbox = Inbox()
+        self.client = srv.keep(socketio.Client(reconnection=False))
+        for event in ("bbo_update", "replay_status", "outage"):
+            self.client.on(event, self.inbox.handler(event), namespace="/replay")
+        self.client.connect(srv.url, namespaces=["/replay"], auth=auth, transports=TRANSPORTS[mode], wait_timeout=5)
+
+    def call(self, event: str, data: Any) -> Any:
+        return self.client.call(event, data, namespace="/replay", timeout=5)
+
+    def wait_state(self, state: str, n: int = 1) -> dict:
+        self.inbox.wait(lambda: sum(s["state"] == state for s in self.inbox.of("replay_status")) >= n, 10, state)
+        return [s for s in self.inbox.of("replay_status") if s["state"] == state][n - 1]
+
+
+def recorded(srv: LiveServer, n: int) -> tuple[list[dict], int, int]:
+    """``n`` updates alternating over BTCUSDT and ETHUSDT; their REST rows in replay order, and a range around them."""
+    for i in range(n):
+        srv.send("ethusdt" if i % 3 == 0 else "btcusdt", f"1.{i:03d}", "1", "2", "1")
+    rows = [r for symbol in ("BTCUSDT", "ETHUSDT")
+            for r in srv.get_json(f"/api/history/updates?symbol={symbol}&limit=10000")["updates"]]
+    rows.sort(key=lambda r: (r["serverTimestamp"], r["symbol"] != "BTCUSDT"))
+    return rows, rows[0]["serverTimestamp"] - 50, rows[-1]["serverTimestamp"] + 50
+
+
+@pytest.mark.parametrize("mode", ["websocket", "polling"])
+def test_replay_as_fast_as_read_sends_every_row_once_merged_in_time_order_with_the_outages(tmp_path, mode):
+    with LiveServer(tmp_path, ("BTCUSDT", "ETHUSDT")) as srv:
+        rows, start, end = recorded(srv, 40)
+        cut = rows[20]["serverTimestamp"]
+        srv.call(lambda: srv.app.history.symbols["ETHUSDT"].outages.append([cut, cut + 1, "test outage"]))
+        client = ReplayClient(srv, {"symbols": ["btcusdt", "ETHUSDT"], "from": start, "to": end, "speed": 0}, mode)
+        done = client.wait_state("done")
+        assert client.inbox.of("replay_status")[0] == {"state": "playing", "position": start, "speed": 0.0}
+        assert done == {"state": "done", "position": end, "speed": 0.0}
+        assert client.inbox.of("bbo_update") == [{**r, "replay": True} for r in rows]
+        order = [kind for kind, _ in client.inbox.items if kind in ("bbo_update", "outage")]
+        assert order.index("outage") == next(i for i, r in enumerate(rows) if r["serverTimestamp"] >= cut)
+        assert client.inbox.of("outage") == [{"symbol": "ETHUSDT", "start": cut, "end": cut + 1, "reason": "test outage"}]
+
+
+def test_replay_paced_pauses_resumes_seeks_and_changes_speed(tmp_path):
+    with LiveServer(tmp_path, ("BTCUSDT", "ETHUSDT")) as srv:
+        rows, start, end = recorded(srv, 12)
+        client = ReplayClient(srv, {"symbols": ["BTCUSDT", "ETHUSDT"], "from": start, "to": end,
+                                    "speed": 0.001})  # the range would take minutes
+        paused = client.call("pause", None)
+        assert paused["state"] == "paused" and start <= paused["position"] < end
+        assert client.inbox.nth("replay_status", 2) == paused
+        assert client.call("resume", None)["state"] == "playing"
+        faster = client.call("speed", {"speed": 1_000_000})
+        assert faster["speed"] == 1_000_000
+        client.wait_state("done")
+        assert client.inbox.of("bbo_update") == [{**r, "replay": True} for r in rows]
+        again = client.call("seek", {"time": rows[-3]["serverTimestamp"]})
+        assert (again["state"], again["speed"]) == ("playing", 1_000_000)
+        assert rows[-3]["serverTimestamp"] <= again["position"] <= end   # a ms of replay passes in a ns here
+        client.wait_state("done", 2)
+        assert client.inbox.of("bbo_update")[len(rows):] == [  # every row from that ms on
+            {**r, "replay": True} for r in rows if r["serverTimestamp"] >= rows[-3]["serverTimestamp"]]
+        assert client.call("seek", {"time": "soon"}) == {"error": 'seek expects {"time": <ms>}'}
+        assert "error" in client.call("speed", {"speed": -1})
+
+
+def test_replay_paced_by_the_clock_takes_the_range_over_the_speed(tmp_path):
+    with LiveServer(tmp_path, ("BTCUSDT", "ETHUSDT")) as srv:
+        rows, start, _ = recorded(srv, 6)
+        end = start + 1_000
+        began = time.monotonic()
+        client = ReplayClient(srv, {"symbols": ["BTCUSDT"], "from": start, "to": end, "speed": 2})
+        client.wait_state("done")
+        took = time.monotonic() - began
+        assert 0.45 <= took < 2.0, took             # 1 s of recorded time at 2x: half a second
+        assert len(client.inbox.of("bbo_update")) == sum(r["symbol"] == "BTCUSDT" for r in rows)
+
+
+@pytest.mark.parametrize("auth, message", [
+    ({"symbols": ["BTCUSDT"], "from": 0, "to": 1, "clock": "exchange"},
+     'clock \\"exchange\\" needs exchange times: BTCUSDT has none (spot sends no E or T)'),
+    ({"symbols": ["NOPE"], "from": 0, "to": 1}, "no recorded data for NOPE"),
+])
+def test_replay_refusals_are_connect_errors_with_the_reason(tmp_path, auth, message):
+    with LiveServer(tmp_path, market="spot") as srv:
+        srv.send("btcusdt", "1.0", "1", "2", "1")
+        ws = srv.raw_ws()
+        assert ws.recv_text().startswith('0{"sid":')
+        ws.send_text("40/replay," + json.dumps(auth))
+        assert ws.recv_text() == '44/replay,{"message":"' + message + '"}'
+        ws.send_text("40/replay," + json.dumps({"symbols": ["BTCUSDT"], "from": 0, "to": 2 ** 50, "speed": 0}))
+        assert ws.recv_text().startswith('40/replay,{"sid":')      # the same connection still works
+
+
+def test_replay_needs_the_token_when_auth_token_is_set(tmp_path):
+    with LiveServer(tmp_path, auth_token=TOKEN) as srv:
+        srv.send("btcusdt", "1.0", "1", "2", "1")
+        ws = srv.raw_ws()
+        assert ws.recv_text().startswith('0{"sid":')
+        ws.send_text('40/replay,{"symbols":["BTCUSDT"],"from":0,"to":1}')
+        assert ws.recv_text() == '44/replay,{"message":"unauthorized"}'
+        ws.send_text('40/replay,' + json.dumps({"symbols": ["BTCUSDT"], "from": 0, "to": 2 ** 50, "token": TOKEN}))
+        assert ws.recv_text().startswith('40/replay,{"sid":')
+
+
+def test_replay_as_fast_as_read_waits_for_a_client_that_does_not_read(tmp_path, monkeypatch):
+    """Backpressure: what the server holds for a stalled replay client stays bounded, and once it
+    reads, every row arrives once and in order."""
+    with LiveServer(tmp_path, cache_max_items=100_000) as srv:
+        rows = [make_bbo(u, 1_000 + u) for u in range(1, 30_001)]
+        srv.call(lambda: [srv.app.history.accept(b) for b in rows] and None)
+        ws = srv.raw_ws(rcvbuf=4096)
+        assert ws.recv_text().startswith('0{"sid":')
+        ws.send_text('40/replay,{"symbols":["BTCUSDT"],"from":0,"to":100000,"speed":0}')
+        queued = []
+
+        def held() -> int:
+            conn = next(iter(srv.app.eio.connections.values()))
+            session = conn.session.outbox
+            queued.append(session.control_bytes + session.update_bytes
+                          + (conn.ws.transport.get_write_buffer_size() if conn.ws else 0))
+            return conn.ws is not None and conn.ws.backed_up
+        srv.wait(held, "the replay client to back up")
+        for _ in range(20):
+            srv.call(lambda: None)
+            held()
+        assert max(queued) < 2 * bs.REPLAY_HIGH_WATER_BYTES + 300 * bs.REPLAY_CHUNK_ROWS, max(queued)
+        got = []
+        while len(got) < len(rows):
+            text = ws.recv_text(timeout=10)
+            if text.startswith('42/replay,["bbo_update"'):
+                got.append(json.loads(text[len("42/replay,"):])[1]["updateId"])
+        assert got == [b.update_id for b in rows]
 
 
 # ---- End to end: AUTH_TOKEN with the real App and the official clients -------------------------
