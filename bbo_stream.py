@@ -7485,8 +7485,47 @@ async def serve_ws_link(link: WsLink, on_message: Callable[[WsLink, str | bytes]
 # request loop with its timeouts, static files, and dispatch to REST and Engine.IO.
 
 MAX_API_BODY_BYTES = 64 * 1024   # no REST endpoint takes a body; read (and drop) at most this much
+HTTP_REQUESTS_PER_TURN = 32      # requests started per event-loop turn (~3 ms of cheap ones): the fan-out gets
+                                 # its turn however many connections flood the server with requests
 FAVICON_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
                b'fill="#0b1220"/><path d="M3 11l3-4 3 2 4-5" stroke="#22c55e" stroke-width="2" fill="none"/></svg>')
+
+
+class TurnAdmission:
+    """Lets at most `per_turn` requests start in one turn of the event loop; the others wait for
+    the next turns, in arrival order.  A flood of cheap requests (~100 µs each) from hundreds of
+    connections otherwise filled whole turns, and the fan-out, one callback among them, waited."""
+
+    def __init__(self, per_turn: int) -> None:
+        self.per_turn = per_turn
+        self.left = per_turn                                  # starts left in this turn
+        self.waiting: deque[asyncio.Future[None]] = deque()   # requests waiting for a later turn
+        self._refill: asyncio.Handle | None = None            # the next turn's refill, when armed
+
+    async def enter(self) -> None:
+        if self.left > 0 and not self.waiting:
+            self.left -= 1
+            self._arm()
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiting.append(waiter)
+        self._arm()
+        await waiter
+
+    def _arm(self) -> None:
+        if self._refill is None:
+            self._refill = asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._refill = None
+        self.left = self.per_turn
+        while self.waiting and self.left > 0:
+            waiter = self.waiting.popleft()
+            if not waiter.done():  # (a cancelled one: its connection ended while it waited)
+                waiter.set_result(None)
+                self.left -= 1
+        if self.waiting or self.left < self.per_turn:
+            self._arm()
 
 
 class StaticFiles:
@@ -7539,6 +7578,7 @@ class HttpServer:
         self.cfg = app.cfg
         self.ssl_ctx = ssl_ctx
         self.static = StaticFiles(Path(__file__).resolve().parent / "static")
+        self.admission = TurnAdmission(HTTP_REQUESTS_PER_TURN)  # a request flood cannot fill the loop's turns
         self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
         self.connections: set[asyncio.Task] = set()   # one task per accepted socket
         self.idle: set[asyncio.Task] = set()          # of those, the ones waiting for a next request
@@ -7722,6 +7762,7 @@ class HttpServer:
             if raw_head is None:
                 return
             deadline = None
+            await self.admission.enter()
             held = HeldBytes(self.app.eio.held_budget)  # the body's share of the server's held bytes
             try:
                 if not await self._serve_request(raw_head, peer, held, reader, writer):

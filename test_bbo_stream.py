@@ -5562,6 +5562,28 @@ def test_fragments_are_joined_pings_answered_and_invalid_utf8_closes_with_1007(t
 
 
 # ---- §18 HTTP connection handler ----------------------------------------------------------------
+
+def test_turn_admission_starts_at_most_so_many_requests_per_loop_turn_in_arrival_order():
+    # 200 connections each with a cheap request ready filled whole turns (26 ms) before the fan-out's.
+    async def scenario() -> list[list[int]]:
+        admission = bs.TurnAdmission(2)
+        started: list[int] = []
+
+        async def request(n: int) -> None:
+            await admission.enter()
+            started.append(n)
+        tasks = [asyncio.create_task(request(n)) for n in range(7)]
+        turns = []
+        for _ in range(6):
+            await asyncio.sleep(0)
+            turns.append(list(started))
+        await asyncio.gather(*tasks)
+        return turns
+    turns = run(scenario())
+    counts = [len(t) for t in turns]
+    assert all(b - a <= 2 for a, b in zip([0] + counts, counts)), turns   # never more than 2 per turn
+    assert turns[-1] == list(range(7)), turns                             # all, in arrival order
+
 # Raw bytes over real TCP to the App on an ephemeral port (its feed points at a closed port).
 
 def with_server(tmp_path: Path, body: Callable[[Server], Awaitable[None]], timeout: float = TEST_TIMEOUT_S,
