@@ -9883,6 +9883,12 @@ def test_dashboard_shows_the_servers_clock_offset_and_its_warning(dash_open: Any
     assert pg.text("#clock-offset") == "behind 5235 ms ± 2.3 ms · rest", pg.text("#clock-offset")
     assert pg.page.get_attribute("#clock-offset", "data-level") == "bad"
     assert pg.text("#clock-warning") == f"Server clock: {clock['warning']}"
+    # the exchange -> server latency is shown without the offset (a clock error is not latency)
+    pg.exchange.send("BTCUSDT", "43210.10", "0.40000000", "43210.20", "1.10000000")
+    pg.wait_js("() => document.getElementById('bbo-latency').title.includes('less the clock offset')")
+    raw = pg.js("() => bboDebug.state.bbo.BTCUSDT.backendLatency")
+    assert pg.text("#bbo-latency") == _dash_fmt_ms(raw + 5234.5), (pg.text("#bbo-latency"), raw)
+    assert pg.text("#backend-latency") == _dash_fmt_ms(raw + 5234.5)
     answer["clock"] = {**clock, "offsetMs": 3.25, "uncertaintyMs": 1.5, "warning": None}
     pg.js("bboDebug.checkHealth()")
     pg.wait_js("() => document.getElementById('clock-warning').hidden")

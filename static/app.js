@@ -1306,6 +1306,20 @@ function renderBbo() {
 
 const fmtRate = (r) => (r < 10 ? r.toFixed(1) : fmtInt(Math.round(r)));
 
+/** Exchange -> server latency without the clock offset the server measured (receive time and E
+ *  come from two clocks: a clock 350 ms ahead read as 350 ms of latency); as is when not measured. */
+function corrected(ms) {
+  const off = state.clock && state.clock.offsetMs;
+  return ms == null || !Number.isFinite(off) ? ms : ms - off;
+}
+
+/** The tooltip of a corrected latency: the raw figure and the offset taken off it. */
+function latencyNote(raw) {
+  const off = state.clock && state.clock.offsetMs;
+  return raw == null || !Number.isFinite(off) ? 'receive time minus the exchange\'s event time (two clocks; offset not measured)'
+    : `${fmtMs(raw)} measured, less the clock offset of ${fmtMs(off)}`;
+}
+
 /** The last update's latency in legs, each where the payload has what it needs ('n/a' otherwise). */
 function renderLatencyLegs(p, browserLeg) {
   const leg = (id, ms, text = null) => {
@@ -1313,7 +1327,8 @@ function renderLatencyLegs(p, browserLeg) {
     setAttr(el[id], 'data-level', level(ms, ...LATENCY_LEVELS));
   };
   leg('lat-exchange', p.transactionTime != null && p.timestamp != null ? p.timestamp - p.transactionTime : null);
-  leg('bbo-latency', p.backendLatency);
+  leg('bbo-latency', corrected(p.backendLatency));
+  setAttr(el['bbo-latency'], 'title', latencyNote(p.backendLatency));
   leg('lat-server', p.emitTimestamp != null && p.serverTimestamp != null ? p.emitTimestamp - p.serverTimestamp : null);
   // measured across two clocks: never below 0, and shown with how far off the clock estimate may be
   const b = browserLeg && Math.max(0, browserLeg.ms);
@@ -1477,11 +1492,13 @@ function renderConnectionStats({ c, connected, now }) {
   setText(el.rtt, !connected ? '—' : fmtMs(c.rtt) + (c.rttAvg != null && c.rtt != null ? ` · avg ${fmtMs(c.rttAvg)}` : ''));
   setAttr(el.rtt, 'data-level', connected ? level(c.rttAvg ?? c.rtt, ...RTT_LEVELS) : 'none');
   const st = state.stats;
-  setText(el['backend-latency'], st.lastLatency == null ? '—' : fmtMs(st.lastLatency));
-  setAttr(el['backend-latency'], 'data-level', level(st.lastLatency, ...LATENCY_LEVELS));
+  const last = corrected(st.lastLatency);
+  setText(el['backend-latency'], last == null ? '—' : fmtMs(last));
+  setAttr(el['backend-latency'], 'data-level', level(last, ...LATENCY_LEVELS));
+  setAttr(el['backend-latency'], 'title', latencyNote(st.lastLatency));
   let lsum = 0, lcount = 0;
   for (let i = 0; i < 10; i++) { lsum += st.latSum[i]; lcount += st.latCount[i]; }
-  const avg = lcount ? lsum / lcount : null;
+  const avg = lcount ? corrected(lsum / lcount) : null;
   setText(el['backend-latency-avg'], fmtMs(avg));
   setAttr(el['backend-latency-avg'], 'data-level', level(avg, ...LATENCY_LEVELS));
   setText(el['msg-count'], fmtInt(st.messages));
