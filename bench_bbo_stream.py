@@ -12,6 +12,8 @@
     python bench_bbo_stream.py faults --quick  # 3 kills, shorter phases (smoke run, under a minute)
     python bench_bbo_stream.py hostile         # hostile clients beside 50 good ones (~3 min)
     python bench_bbo_stream.py hostile --quick # fewer clients, shorter windows (smoke run, under a minute)
+    python bench_bbo_stream.py replay          # import 1,000,000 rows; /replay at speed 0 and 10x; ndjson export (~2 min)
+    python bench_bbo_stream.py replay --quick  # 100,000 rows, one speed-0 run (smoke run, under a minute)
 
 Every figure is printed with its baseline from the same run, because these machines are
 noisy: ratios are what to compare across runs.
@@ -2854,9 +2856,474 @@ def bench_hostile(quick: bool, kinds: list[str]) -> int:
     return rc
 
 
+
+# ---- replay: import, /replay at speed 0 and paced, the ndjson export, against the real server --------
+#
+# One CSV in Binance's bookTicker schema (header, rows shuffled, prices and quantities as exact decimal
+# strings) goes through `python bbo_stream.py import` into a fresh CACHE_DIR; the real server (a subprocess)
+# then serves it. The clients run in another process (spawned): a raw WebSocket client that does the
+# Engine.IO/Socket.IO handshake for /replay itself and counts bbo_update packets frame by frame, and an
+# http.client reader of the ndjson export that counts lines. The server's RSS is sampled from /proc every
+# few ms by a thread of this process.
+
+REPLAY_SYMBOL = "BTCUSDT"
+REPLAY_LIVE_SYMBOL = "ethusdt"          # the live feed's symbol (silent fake): nothing live mixes with the replay
+REPLAY_T0_MS = 1_711_843_200_000        # 2024-03-31 00:00 UTC, the last day of Binance's bookTicker dumps
+REPLAY_IMPORT_GOAL_S = 10.0             # goal: a 1,000,000-row import
+REPLAY_RATE_GOAL = 200_000.0            # goal: updates/s at speed 0 to one raw WebSocket client
+REPLAY_PACED_SPEED = 10.0
+REPLAY_PACED_RANGE_MS = 60_000          # a minute of recording: 6 s at 10×
+REPLAY_PACED_TOLERANCE = 0.01           # goal: the paced wall time within 1 % of range / speed
+REPLAY_RSS_GOAL_MB = 20.0               # goal: RSS added by replaying 1,000,000 rows (MB = 10**6 bytes)
+REPLAY_SHORT_ROWS = 10_000              # the short replay: its RSS growth is the long one's baseline
+REPLAY_CLIENT_TIMEOUT_S = 300.0         # longest silence a client waits for (a stuck server fails the run)
+REPLAY_QUIET_CORES = 0.3                # before each measured step, wait until other processes use at most this...
+REPLAY_QUIET_MAX_WAIT_S = 60.0          # ...for at most this long (the machine is shared)
+_REPLAY_UPDATE = b'42/replay,["bbo_update",'
+_REPLAY_STATUS = b'42/replay,["replay_status",'
+
+
+def _replay_csv(path: Path, n: int, seed: int = 7) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+    """Write n rows of Binance's bookTicker CSV (header first, rows shuffled) like a USD-M BTCUSDT day:
+    prices in 0.1 ticks, quantities with 3 decimals (trailing zeros kept), T a few ms before E, about one
+    row per ms (several in some ms). Returns every row's event time in time order (the import's order:
+    serverTimestamp = E, ties by update_id) and the rows as strings, in that order."""
+    rng = random.Random(seed)
+    bid, uid, event = 700_000, 4_200_000_000_000, REPLAY_T0_MS
+    rows: list[tuple[str, ...]] = []
+    for _ in range(n):
+        bid += rng.choice((-1, 0, 0, 1))
+        uid += rng.randint(1, 40)
+        event += rng.choice((0, 1, 1, 2))
+        ask = bid + rng.choice((1, 1, 1, 2))
+        rows.append((str(uid), f"{bid // 10}.{bid % 10}", f"{rng.randint(1, 20_000) / 1000:.3f}",
+                     f"{ask // 10}.{ask % 10}", f"{rng.randint(1, 20_000) / 1000:.3f}",
+                     str(event - rng.randint(0, 4)), str(event)))
+    times = np.array([int(r[6]) for r in rows], np.int64)
+    lines = [",".join(r) for r in rows]
+    rng.shuffle(lines)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(bs.BINANCE_CSV_HEADER + "\n")
+        f.write("\n".join(lines))
+        f.write("\n")
+    return times, rows
+
+
+def _read_split_s(path: Path) -> float:
+    """The baseline of the import: seconds Python takes to read the same file and split each line."""
+    t = time.perf_counter()
+    with open(path, encoding="utf-8", newline="") as f:
+        for line in f:
+            line.rstrip("\r\n").split(",")
+    return time.perf_counter() - t
+
+
+def _replay_count(port: int, auth: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """One /replay client over a raw WebSocket: upgrade, Engine.IO open, CONNECT /replay with ``auth``,
+    then count bbo_update packets (frame by frame, never decoding their JSON) until replay_status "done".
+    Times are perf_counter() s of this process; "connect" is when the CONNECT packet went out."""
+    import base64
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET {_EIO_PATH}websocket HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    buf = bytearray()
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("EOF before the upgrade answer")
+        buf += data
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise ConnectionError(f"upgrade answered {head.splitlines()[0]!r}")
+    buf = bytearray(rest)
+    r: dict[str, Any] = {"count": 0, "bytes": len(rest), "other_events": 0, "statuses": [], "first": b"",
+                         "last": b"", "connect": 0.0, "first_t": 0.0, "last_t": 0.0, "done": 0.0}
+    count, other, nbytes, t_recv = 0, 0, len(rest), time.perf_counter()
+    cpu0 = time.process_time()
+    prefix = _REPLAY_UPDATE
+    done = False
+    while True:
+        n, i, last_at = len(buf), 0, -1
+        while n - i >= 2:                            # server frames: unmasked, unfragmented
+            size = buf[i + 1] & 0x7F
+            start = i + 2
+            if size == 126:
+                if n - i < 4:
+                    break
+                size, start = (buf[i + 2] << 8) | buf[i + 3], i + 4
+            elif size == 127:
+                if n - i < 10:
+                    break
+                size, start = int.from_bytes(buf[i + 2:i + 10], "big"), i + 10
+            end = start + size
+            if end > n:
+                break
+            if buf.startswith(prefix, start, end):
+                if not count:
+                    r["first"], r["first_t"] = bytes(buf[start:end]), t_recv
+                count += 1
+                last_at, last_end = start, end
+            else:
+                opcode, payload = buf[i] & 0x0F, bytes(buf[start:end])
+                if opcode == 8:
+                    raise ConnectionError(f"close frame {payload[:2].hex()} after {count} updates")
+                if payload.startswith(b"0{"):        # Engine.IO open: join /replay
+                    sock.sendall(_ws_frame(1, b"40/replay," + json.dumps(auth).encode()))
+                    r["connect"] = time.perf_counter()
+                    cpu0 = time.process_time()
+                elif payload == b"2":                # Engine.IO ping
+                    sock.sendall(_ws_frame(1, b"3"))
+                elif payload.startswith(b"44/replay"):
+                    raise ConnectionRefusedError(payload.decode(errors="replace")[:300])
+                elif payload.startswith(_REPLAY_STATUS):
+                    status = json.loads(payload[len(b"42/replay,"):])[1]
+                    r["statuses"].append((time.perf_counter(), status["state"], status["position"]))
+                    if status["state"] == "done":
+                        r["done"] = time.perf_counter()
+                        done = True
+                elif payload.startswith(b"42/replay,"):
+                    other += 1                       # outage events
+            i = end
+        if last_at >= 0:
+            r["last"], r["last_t"] = bytes(buf[last_at:last_end]), t_recv
+        del buf[:i]
+        if done:
+            break
+        data = sock.recv(1 << 20)
+        t_recv = time.perf_counter()
+        if not data:
+            raise ConnectionError(f"EOF after {count} updates")
+        nbytes += len(data)
+        buf += data
+    r.update(count=count, other_events=other, bytes=nbytes, cpu_s=time.process_time() - cpu0)
+    sock.close()
+    return r
+
+
+def _ndjson_count(port: int, target: str, timeout_s: float) -> dict[str, Any]:
+    """GET ``target`` with http.client (HTTP/1.1, chunked) and count its lines; the first and last line."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    conn.request("GET", target)
+    resp = conn.getresponse()
+    lines = nbytes = 0
+    first, tail = b"", b""
+    while data := resp.read(1 << 20):
+        if not first:
+            first = data[:data.find(b"\n")]
+        lines += data.count(b"\n")
+        nbytes += len(data)
+        tail = (tail + data[-4096:])[-4096:]
+    conn.close()
+    return {"status": resp.status, "type": resp.getheader("Content-Type"), "lines": lines, "bytes": nbytes,
+            "first": first, "last": tail.rstrip(b"\n").rsplit(b"\n", 1)[-1], "wall_s": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - cpu0}
+
+
+def _replay_client_worker(pipe: Any) -> None:
+    """The client process: runs ("replay", port, auth, timeout) and ("ndjson", port, target, timeout)
+    until ("exit",); an exception goes back as {"error": ...}."""
+    while (cmd := pipe.recv())[0] != "exit":
+        try:
+            pipe.send((_replay_count if cmd[0] == "replay" else _ndjson_count)(*cmd[1:]))
+        except Exception as exc:  # noqa: BLE001 - reported by the parent as a harness failure
+            pipe.send({"error": f"{type(exc).__name__}: {exc}"})
+
+
+class _RssSampler:
+    """A process's peak VmRSS (KiB), read from /proc every ``interval_s`` by a thread while in ``with``."""
+
+    def __init__(self, pid: int, interval_s: float = 0.005) -> None:
+        import threading
+        self.pid, self.interval_s = pid, interval_s
+        self.peak_kb = self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.peak_kb = max(self.peak_kb, _proc_rss_kb(self.pid))
+            self.samples += 1
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_kb = max(self.peak_kb, _proc_rss_kb(self.pid))
+
+
+class _ReplayBench:
+    """The server under test, the client process, and the measurement of one client command at a time."""
+
+    def __init__(self, server: _ServerProc, client_pipe: Any, client_pid: int) -> None:
+        self.server, self.pipe, self.client_pid = server, client_pipe, client_pid
+
+    def rss_kb(self, settle_s: float = 1.0) -> int:
+        """The server's RSS once it settled: the highest of ``settle_s`` of samples."""
+        with _RssSampler(self.server.pid, 0.05) as s:
+            time.sleep(settle_s)
+        return s.peak_kb
+
+    def measure(self, *command: Any) -> dict[str, Any]:
+        """Run one client command; its result with the server's peak RSS during it, the CPU seconds of the
+        server, of the client and of the rest of the machine, and the wall time."""
+        busy0, srv0, cli0, me0 = (_machine_busy_s(), _proc_cpu_s(self.server.pid), _proc_cpu_s(self.client_pid),
+                                  time.process_time())
+        t0 = time.perf_counter()
+        with _RssSampler(self.server.pid) as rss:
+            self.pipe.send(command)
+            if not self.pipe.poll(REPLAY_CLIENT_TIMEOUT_S + 30):
+                raise RuntimeError(f"no answer from the client process to {command[0]}")
+            r = self.pipe.recv()
+        wall = time.perf_counter() - t0
+        if "error" in r:
+            raise RuntimeError(f"{command[0]}: {r['error']}; server log: {self.server.log_tail(5)}")
+        srv, cli = _proc_cpu_s(self.server.pid) - srv0, _proc_cpu_s(self.client_pid) - cli0
+        others = _machine_busy_s() - busy0 - srv - cli - (time.process_time() - me0)
+        r.update(peak_kb=rss.peak_kb, rss_samples=rss.samples, server_cpu_s=srv, client_proc_cpu_s=cli,
+                 others_cores=others / wall, server_cores=srv / wall, wall=wall)
+        return r
+
+
+def _replay_wait_quiet(pids: list[int]) -> str:
+    """Wait until the processes other than ``pids`` and this one use at most REPLAY_QUIET_CORES (at most
+    REPLAY_QUIET_MAX_WAIT_S); how long it waited and how busy the rest of the machine was in the last second."""
+    start = time.perf_counter()
+    while True:
+        b0, c0, s0, t0 = _machine_busy_s(), sum(_proc_cpu_s(p) for p in pids), time.process_time(), time.perf_counter()
+        time.sleep(1.0)
+        others = (_machine_busy_s() - b0 - (sum(_proc_cpu_s(p) for p in pids) - c0) - (time.process_time() - s0)) \
+            / (time.perf_counter() - t0)
+        waited = time.perf_counter() - start
+        if others <= REPLAY_QUIET_CORES or waited >= REPLAY_QUIET_MAX_WAIT_S:
+            return f"waited {waited:.0f} s for the machine to quieten: {others:.2f} cores busy in the last second"
+
+
+def _mb(kb: float) -> str:
+    return f"{kb * 1024 / 1e6:.1f} MB"
+
+
+def _replay_row_check(packet: bytes, row: tuple[str, ...], skip: int) -> str:
+    """'' when the packet (or ndjson line, after ``skip`` bytes) carries the CSV row digit for digit."""
+    obj = json.loads(packet[skip:])
+    obj = obj[1] if isinstance(obj, list) else obj
+    got = (str(obj["updateId"]), obj["bidPrice"], obj["bidQty"], obj["askPrice"], obj["askQty"],
+           str(obj["transactionTime"]), str(obj["timestamp"]))
+    return "" if got == row else f"expected {row}, got {got}"
+
+
+def _replay_update_line(name: str, r: dict[str, Any], expect: int, rows: list[tuple[str, ...]],
+                        first: int, last: int) -> tuple[str, bool, float]:
+    """One speed-0 replay: its line, whether every row arrived exactly, and updates/s (CONNECT → done)."""
+    rate = r["count"] / (r["done"] - r["connect"])
+    stream_rate = r["count"] / max(1e-9, r["last_t"] - r["first_t"])
+    checks = [f"{r['count']:,} bbo_update packets of {expect:,} rows in the range"]
+    exact = r["count"] == expect
+    for label, packet, row in (("first", r["first"], rows[first]), ("last", r["last"], rows[last])):
+        bad = _replay_row_check(packet, row, len(b"42/replay,"))
+        exact = exact and not bad
+        checks.append(f"{label} row {'exact' if not bad else 'WRONG: ' + bad}")
+    line = (f"replay: {name}: {rate:,.0f} updates/s from CONNECT to 'done' ({r['done'] - r['connect']:.2f} s; "
+            f"first → last update {stream_rate:,.0f}/s; {r['bytes'] / 1e6:.0f} MB over the WebSocket); "
+            f"{', '.join(checks)}; server CPU {1e6 * r['server_cpu_s'] / r['count']:.2f} µs per update "
+            f"({r['server_cores']:.2f} cores), counting client {r['client_proc_cpu_s'] / r['wall']:.2f} cores, rest of "
+            f"the machine {r['others_cores']:.2f} cores")
+    return line, exact, rate
+
+
+def _replay_goal(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def bench_replay(quick: bool) -> int:
+    """Import, /replay at speed 0 and at 10×, the ndjson export (see `python bench_bbo_stream.py replay`);
+    exit 1 on a harness failure or a count that does not match (goals missed do not change it)."""
+    import multiprocessing
+    import re
+    import resource
+    n = 100_000 if quick else 1_000_000
+    repeats = 1 if quick else 2
+    here = Path(__file__).resolve().parent
+    tmp = Path(tempfile.mkdtemp(prefix="bbo-bench-replay-"))
+    print(f"# replay: bbo_stream {bs.__version__} at {_git_state()}, Python {sys.version.split()[0]}; "
+          f"{Path(sys.executable).name} {' '.join(sys.argv)}; {os.cpu_count()} CPUs shared by the server, the "
+          f"client process and whatever else runs; {n:,} rows of {REPLAY_SYMBOL}; logs in {tmp}", flush=True)
+    b0, t0 = _machine_busy_s(), time.perf_counter()
+    time.sleep(2.0)
+    print(f"# before the run, other processes used {(_machine_busy_s() - b0) / (time.perf_counter() - t0):.2f} "
+          f"of {os.cpu_count()} cores (2 s); load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    client = ctx.Process(target=_replay_client_worker, args=(child,), daemon=True)
+    client.start()
+    feed = fake_binance.FakeBinanceThread(market="futures", name="bench-fake-exchange", timeout=30.0)
+    server: _ServerProc | None = None
+    goals: list[tuple[str, bool]] = []
+    rc = 0
+    try:
+        # -- the CSV and its import ------------------------------------------------------------------
+        csv_path = tmp / f"{REPLAY_SYMBOL}-bookTicker-2024-03-31.csv"
+        t = time.perf_counter()
+        times, rows = _replay_csv(csv_path, n)
+        print(f"# CSV: {n:,} rows, {csv_path.stat().st_size / 1e6:.1f} MB, {(times[-1] - times[0]) / 1000:.0f} s "
+              f"of exchange time, made in {time.perf_counter() - t:.1f} s", flush=True)
+        split_s = _read_split_s(csv_path)
+        cache_dir = tmp / "cache"
+        print(f"# {_replay_wait_quiet([])}", flush=True)
+        max_items = max(2 * n, 1_000_000)
+        cmd = [sys.executable, str(here / "bbo_stream.py"), "import", str(csv_path), "--symbol", REPLAY_SYMBOL,
+               "--cache-dir", str(cache_dir), "--cache-max-items", str(max_items)]
+        ru0, busy0, t = resource.getrusage(resource.RUSAGE_CHILDREN), _machine_busy_s(), time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        import_s = time.perf_counter() - t
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        import_cpu = ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime
+        others = (_machine_busy_s() - busy0 - import_cpu) / import_s
+        if done.returncode != 0:
+            raise RuntimeError(f"import exited {done.returncode}: {done.stderr.strip()[-500:]}")
+        goal_s = REPLAY_IMPORT_GOAL_S * n / 1_000_000
+        said = re.search(r" in ([0-9.]+) s:", done.stdout)
+        ok = import_s <= goal_s
+        goals.append((f"import of {n:,} rows ≤ {goal_s:g} s", ok))
+        print(f"replay: import of {n:,} rows (`bbo_stream.py import`, the whole command: interpreter start, "
+              f"parse, sort, segments, bars): {import_s:.2f} s = {n / import_s:,.0f} rows/s = "
+              f"{import_s / goal_s:.2f} × the goal of {goal_s:g} s → {_replay_goal(ok)} (the import's own time, as it "
+              f"reports it: {said.group(1) if said else '?'} s); baseline: Python reading "
+              f"and splitting the same file's lines {split_s:.2f} s (import = {import_s / split_s:.1f} ×); import "
+              f"{import_cpu / import_s:.2f} cores, rest of the machine {others:.2f} cores; it said: "
+              f"{done.stdout.strip()}", flush=True)
+
+        # -- the server on that cache -------------------------------------------------------------------
+        server = _ServerProc("ours", feed.fake.base_url, tmp, {
+            "CACHE_PERSIST": "true", "CACHE_DIR": str(cache_dir), "CACHE_MAX_ITEMS": str(max_items)},
+            symbols=(REPLAY_LIVE_SYMBOL,))
+        asyncio.run(server.wait_listening(60))
+        deadline = time.perf_counter() + 60
+        while REPLAY_SYMBOL not in _get_json(server.port, "/api/history/symbols")["symbols"]:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"the server has no {REPLAY_SYMBOL} after 60 s: {server.log_tail(5)}")
+            time.sleep(0.2)
+        bench = _ReplayBench(server, parent, client.pid)
+        idle_kb = bench.rss_kb()
+        print(f"# server: RSS {_mb(idle_kb)} idle with the {n:,} rows loaded (CACHE_MAX_ITEMS {max_items:,})",
+              flush=True)
+        first_ms, last_ms = int(times[0]), int(times[-1])
+
+        def replay(from_ms: int, to_ms: int, speed: float) -> tuple[dict[str, Any], int, int, int]:
+            """Replay [from_ms, to_ms]; (result, expected rows, index of the first and last row)."""
+            print(f"# {_replay_wait_quiet([server.pid, client.pid])}", flush=True)
+            a, b = int(np.searchsorted(times, from_ms, "left")), int(np.searchsorted(times, to_ms, "right"))
+            auth = {"symbols": [REPLAY_SYMBOL], "from": from_ms, "to": to_ms, "speed": speed}
+            return bench.measure("replay", server.port, auth, REPLAY_CLIENT_TIMEOUT_S), b - a, a, b - 1
+
+        # -- (a) speed 0, and (c) the server's memory while it replays --------------------------------------
+        short_to = int(times[min(REPLAY_SHORT_ROWS, n) - 1])
+        r, expect, a, b = replay(first_ms, short_to, 0)
+        line, exact, _ = _replay_update_line(f"speed 0, short range ({expect:,} rows)", r, expect, rows, a, b)
+        rc |= 0 if exact else 1
+        short_growth_kb = r["peak_kb"] - idle_kb
+        print(f"{line}; server RSS peak {_mb(r['peak_kb'])} ({_mb(short_growth_kb)} above idle)", flush=True)
+        rates, growths = [], []
+        for k in range(repeats):
+            before_kb = bench.rss_kb(0.5)
+            r, expect, a, b = replay(first_ms, last_ms, 0)
+            line, exact, rate = _replay_update_line(f"speed 0, whole range, run {k + 1} of {repeats}", r, expect,
+                                                   rows, a, b)
+            rc |= 0 if exact else 1
+            rates.append(rate)
+            growths.append(r["peak_kb"] - idle_kb)
+            print(f"{line}; server RSS peak {_mb(r['peak_kb'])}: {_mb(r['peak_kb'] - before_kb)} above the RSS "
+                  f"before this run, {_mb(r['peak_kb'] - idle_kb)} above idle before any replay "
+                  f"({r['rss_samples']} samples)", flush=True)
+        after_kb = bench.rss_kb()
+        ok = max(rates) >= REPLAY_RATE_GOAL
+        goals.append((f"speed 0 ≥ {REPLAY_RATE_GOAL:,.0f} updates/s to one raw WebSocket client", ok))
+        print(f"replay: speed 0 → best {max(rates):,.0f} updates/s (runs: {', '.join(f'{x:,.0f}' for x in rates)}) "
+              f"= {max(rates) / REPLAY_RATE_GOAL:.2f} × the goal of {REPLAY_RATE_GOAL:,.0f}/s → {_replay_goal(ok)}",
+              flush=True)
+        worst_mb = max(growths) * 1024 / 1e6
+        ok = worst_mb < REPLAY_RSS_GOAL_MB
+        goals.append((f"RSS added by replaying {n:,} rows < {REPLAY_RSS_GOAL_MB:g} MB", ok))
+        print(f"replay: memory → replaying {n:,} rows added at most {_mb(max(growths))} to the server's RSS "
+              f"(peak over idle before any replay; baseline: {_mb(short_growth_kb)} for {REPLAY_SHORT_ROWS:,} rows); "
+              f"idle {_mb(idle_kb)}, after the replays {_mb(after_kb)}; goal < {REPLAY_RSS_GOAL_MB:g} MB → "
+              f"{_replay_goal(ok)}", flush=True)
+
+        # -- (b) paced at 10× over a minute -------------------------------------------------------------
+        span = last_ms - first_ms
+        from_ms = first_ms + max(0, (span - REPLAY_PACED_RANGE_MS) // 2)
+        to_ms = from_ms + REPLAY_PACED_RANGE_MS
+        r, expect, a, b = replay(from_ms, to_ms, REPLAY_PACED_SPEED)
+        target_s = REPLAY_PACED_RANGE_MS / 1000 / REPLAY_PACED_SPEED
+        wall = r["done"] - r["connect"]
+        error = (wall - target_s) / target_s
+        exact = r["count"] == expect and not _replay_row_check(r["first"], rows[a], 10) \
+            and not _replay_row_check(r["last"], rows[b], 10)
+        rc |= 0 if exact else 1
+        ok = abs(error) <= REPLAY_PACED_TOLERANCE
+        goals.append((f"paced {REPLAY_PACED_SPEED:g}× over {REPLAY_PACED_RANGE_MS // 1000} s within "
+                      f"{REPLAY_PACED_TOLERANCE:.0%} of {target_s:g} s", ok))
+        playing = next((ts for ts, state, _ in r["statuses"] if state == "playing"), r["connect"])
+        print(f"replay: paced {REPLAY_PACED_SPEED:g}× over {REPLAY_PACED_RANGE_MS / 1000:g} s ({expect:,} rows): "
+              f"{wall:.3f} s from CONNECT to 'done' (the 'playing' status came {1000 * (playing - r['connect']):.1f} "
+              f"ms after CONNECT, the last update {wall - (r['done'] - r['last_t']):.3f} s after it) against "
+              f"{target_s:g} s: error {error:+.2%} → {_replay_goal(ok)}; {r['count']:,} updates "
+              f"({'all, first and last exact' if exact else 'NOT all or not exact'}, {r['count'] / wall:,.0f}/s); server CPU "
+              f"{1e6 * r['server_cpu_s'] / max(1, r['count']):.1f} µs per update ({r['server_cores']:.2f} cores), rest "
+              f"of the machine {r['others_cores']:.2f} cores", flush=True)
+
+        # -- (d) the ndjson export of the whole range ---------------------------------------------------------
+        print(f"# {_replay_wait_quiet([server.pid, client.pid])}", flush=True)
+        before_kb = bench.rss_kb(0.5)
+        target = f"/api/history/updates?symbol={REPLAY_SYMBOL}&format=ndjson&start_time={first_ms}&end_time={last_ms}"
+        r = bench.measure("ndjson", server.port, target, REPLAY_CLIENT_TIMEOUT_S)
+        checks = [_replay_row_check(r["first"], rows[0], 0), _replay_row_check(r["last"], rows[-1], 0)]
+        exact = r["status"] == 200 and r["lines"] == n and not any(checks)
+        rc |= 0 if exact else 1
+        growth_kb = r["peak_kb"] - before_kb
+        ok = growth_kb * 1024 / 1e6 < REPLAY_RSS_GOAL_MB
+        goals.append((f"ndjson export: RSS added < {REPLAY_RSS_GOAL_MB:g} MB (the replay's bound; the export "
+                      f"streams in chunks)", ok))
+        print(f"replay: ndjson export of the whole range: {r['lines'] / r['wall_s']:,.0f} rows/s ({r['lines']:,} "
+              f"lines of {n:,} rows, {r['bytes'] / 1e6:.0f} MB in {r['wall_s']:.2f} s, HTTP {r['status']} "
+              f"{r['type']}; {'first and last line exact' if not any(checks) else 'WRONG: ' + '; '.join(checks)}); "
+              f"server RSS peak {_mb(r['peak_kb'])}, {_mb(growth_kb)} above before → {_replay_goal(ok)}; server "
+              f"{r['server_cores']:.2f} cores, reading client {r['client_proc_cpu_s'] / r['wall']:.2f} cores, rest of the "
+              f"machine {r['others_cores']:.2f} cores (no speed goal)", flush=True)
+        warnings = server.warnings()
+        if warnings:
+            print(f"# server warnings ({len(warnings)}): " + " | ".join(w[-160:] for w in warnings[:5]), flush=True)
+    except Exception as exc:  # a harness failure: say so, exit non-zero
+        print(f"replay: HARNESS FAILURE: {type(exc).__name__}: {exc}", flush=True)
+        rc = 1
+    finally:
+        if server is not None:
+            server.stop()
+        feed.close()
+        try:
+            parent.send(("exit",))
+        except OSError:
+            pass
+        client.join(5)
+        if client.is_alive():
+            client.kill()
+    print("# goals: " + "; ".join(f"{what}: {_replay_goal(ok)}" for what, ok in goals), flush=True)
+    if rc == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rc
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["data", "fanout", "dashboard", "faults", "hostile", "baseline-server"],
+    parser.add_argument("what", choices=["data", "fanout", "dashboard", "faults", "hostile", "replay", "baseline-server"],
                         help="which benchmarks (baseline-server: the python-socketio relay fanout starts)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     fan = parser.add_argument_group("fanout")
@@ -2900,6 +3367,8 @@ def main() -> int:
         return bench_faults(args.quick)
     if args.what == "hostile":
         return bench_hostile(args.quick, [k for k in args.kinds.split(",") if k])
+    if args.what == "replay":
+        return bench_replay(args.quick)
     rows = 100_000 if args.quick else 1_000_000
     print(f"# bbo_stream {bs.__version__}, Python {sys.version.split()[0]}, numpy {np.__version__}, "
           f"{os.cpu_count()} CPUs")
