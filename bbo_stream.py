@@ -6094,6 +6094,7 @@ class ReplaySession:
         self.state = "playing"                    # "playing" | "paused" | "done"
         self._outages = self.cursor.outages()     # (start, outage) not announced yet, by start
         self._wake = asyncio.Event()              # a control event changed the plan
+        self._pending: ReplayChunk | None = None  # rows rendered but not due yet (paced): kept, not rendered again
         self.task: asyncio.Task | None = None
         self.sent = 0                             # updates sent
 
@@ -6131,6 +6132,7 @@ class ReplaySession:
     def seek(self, time_ms: int) -> dict[str, Any]:
         time_ms = min(max(time_ms, self.request.from_ms), self.request.to_ms)
         self.cursor.seek(time_ms)
+        self._pending = None
         self.pacer.seek(time_ms, self.loop.time())
         self._outages = [item for item in self.cursor.outages() if item[0] >= time_ms]
         if self.state == "done":
@@ -6170,7 +6172,8 @@ class ReplaySession:
             polling = conn.transport == "polling"
             if not await conn.wait_room(0 if polling else REPLAY_HIGH_WATER_BYTES):
                 return
-            chunk = self.cursor.peek(REPLAY_POLLING_ROWS if polling else REPLAY_CHUNK_ROWS)
+            chunk = self._pending or self.cursor.peek(REPLAY_POLLING_ROWS if polling else REPLAY_CHUNK_ROWS)
+            self._pending = None
             if chunk is None:
                 # The range plays to its end, rows or not: a paced 60 s range takes 60 s / speed.
                 if self.pacer.speed and not await self._sleep_until(self.pacer.wall_at(self.request.to_ms)):
@@ -6182,10 +6185,14 @@ class ReplaySession:
                 continue
             count = self._due_rows(chunk)
             if count == 0:
+                self._pending = chunk
                 if not await self._sleep_until(self.pacer.wall_at(float(chunk.keys[0]))):
                     continue  # re-plan: the pace, the position or the state changed
+                self._pending = None
                 count = self._due_rows(chunk)
             self._send(chunk, count)
+            if count < len(chunk.keys):  # the rest is due later: sent from this chunk, not rendered again
+                self._pending = ReplayChunk(chunk.keys[count:], chunk.texts[count:], chunk.symbols[count:])
 
     def _due_rows(self, chunk: ReplayChunk) -> int:
         """How many of the chunk's rows are due now (all of them at speed 0)."""

@@ -6751,6 +6751,30 @@ def test_replay_paced_by_the_clock_takes_the_range_over_the_speed(tmp_path):
         assert len(client.inbox.of("bbo_update")) == sum(r["symbol"] == "BTCUSDT" for r in rows)
 
 
+def test_a_paced_replay_renders_each_row_once(tmp_path, monkeypatch):
+    # Paced, each step rendered up to a chunk of rows and sent the few that were due, then rendered
+    # them again at the next step: 64 µs of server CPU per update at 10×, against 2-3 µs at speed 0.
+    rendered: list[int] = []
+    peek = bs.ReplayCursor.peek
+
+    def spy(self: bs.ReplayCursor, max_rows: int = bs.REPLAY_CHUNK_ROWS) -> bs.ReplayChunk | None:
+        chunk = peek(self, max_rows)
+        rendered.append(0 if chunk is None else len(chunk.keys))
+        return chunk
+    monkeypatch.setattr(bs.ReplayCursor, "peek", spy)
+    with LiveServer(tmp_path, ("BTCUSDT", "ETHUSDT")) as srv:
+        rows = []
+        for i in range(30):                                   # 30 rows over ~0.3 s of recorded time
+            rows.append(srv.send("btcusdt", f"1.{i:03d}", "1", "2", "1"))
+            time.sleep(0.01)
+        recorded_rows = srv.get_json("/api/history/updates?symbol=BTCUSDT&limit=10000")["updates"]
+        start, end = recorded_rows[0]["serverTimestamp"], recorded_rows[-1]["serverTimestamp"]
+        client = ReplayClient(srv, {"symbols": ["BTCUSDT"], "from": start, "to": end, "speed": 1})
+        client.wait_state("done")
+        assert [u["updateId"] for u in client.inbox.of("bbo_update")] == [r["updateId"] for r in recorded_rows]
+        assert sum(rendered) == len(recorded_rows), rendered   # each row rendered once, however many steps
+
+
 @pytest.mark.parametrize("auth, message", [
     ({"symbols": ["BTCUSDT"], "from": 0, "to": 1, "clock": "exchange"},
      'clock \\"exchange\\" needs exchange times: BTCUSDT has none (spot sends no E or T)'),
