@@ -102,6 +102,7 @@ import collections
 import contextlib
 import dataclasses
 import email.utils
+import functools
 import enum
 import errno
 import fcntl
@@ -2426,7 +2427,12 @@ DASHBOARD_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-s
 
 
 def http_date(epoch_s: float) -> str:
-    return email.utils.formatdate(epoch_s, usegmt=True)
+    return _http_date_of_second(int(epoch_s))
+
+
+@functools.lru_cache(maxsize=4)
+def _http_date_of_second(second: int) -> str:  # (formatting it was 4 % of a long-poll's cost)
+    return email.utils.formatdate(second, usegmt=True)
 
 
 def render_response(resp: HttpResponse, keep_alive: bool, head_only: bool = False, date: str = "",
@@ -7498,6 +7504,14 @@ FAVICON_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><re
                b'fill="#0b1220"/><path d="M3 11l3-4 3 2 4-5" stroke="#22c55e" stroke-width="2" fill="none"/></svg>')
 
 
+async def drain_within(writer: asyncio.StreamWriter, timeout_s: float) -> None:
+    """writer.drain(), given at most ``timeout_s``.  Most writes leave nothing unsent: then there
+    is nothing to wait for, and no timer is set (wait_for made a task for every response)."""
+    if writer.transport.get_write_buffer_size():
+        async with asyncio.timeout(timeout_s):
+            await writer.drain()
+
+
 class TurnAdmission:
     """Lets at most `per_turn` requests start in one turn of the event loop; the others wait for
     the next turns, in arrival order.  A flood of cheap requests (~100 µs each) from hundreds of
@@ -7689,15 +7703,19 @@ class HttpServer:
         byte, then get HEAD_TIMEOUT_S.  Returns None when the connection should just close."""
         loop = asyncio.get_running_loop()
         try:
+            # (asyncio.timeout, not wait_for: no task per read; a long-poll cycle reads a head each time)
             if deadline is None:
-                first = await asyncio.wait_for(reader.readexactly(1), KEEPALIVE_IDLE_S)
+                async with asyncio.timeout(KEEPALIVE_IDLE_S):
+                    first = await reader.readexactly(1)
                 deadline = loop.time() + HEAD_TIMEOUT_S
             else:
-                first = await asyncio.wait_for(reader.readexactly(1), max(0.0, deadline - loop.time()))
+                async with asyncio.timeout_at(deadline):
+                    first = await reader.readexactly(1)
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, TimeoutError):
             return None
         try:
-            raw_head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), max(0.0, deadline - loop.time()))
+            async with asyncio.timeout_at(deadline):
+                raw_head = first + await reader.readuntil(b"\r\n\r\n")
             if len(raw_head) <= MAX_HEAD_BYTES:
                 return raw_head
         except asyncio.LimitOverrunError:
@@ -7716,7 +7734,7 @@ class HttpServer:
         if writer.get_extra_info("sslcontext") is not None:
             resp.headers.append(HSTS_HEADER)
         writer.write(render_response(resp, keep_alive, head_only, http_date(time.time()), chunked))
-        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+        await drain_within(writer, WRITE_TIMEOUT_S)
         if resp.stream is not None and not head_only:
             await self._send_stream(writer, resp.stream, chunked)
 
@@ -7728,7 +7746,7 @@ class HttpServer:
             for data in stream:
                 if data:
                     writer.write(chunk(data) if chunked else data)
-                    await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+                    await drain_within(writer, WRITE_TIMEOUT_S)
         except HttpStreamCut as exc:
             log.warning("http: %s; connection cut", exc)
             writer.transport.abort()
@@ -7739,7 +7757,7 @@ class HttpServer:
                 close()
         if chunked:
             writer.write(chunk(b""))
-            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+            await drain_within(writer, WRITE_TIMEOUT_S)
 
     def client_ip(self, req: HttpRequest) -> str:
         """The peer for logs: X-Forwarded-For's last hop when the peer is a trusted proxy
