@@ -4051,7 +4051,8 @@ def recover_updates(log: RecoveryLog, history: BboHistory, after: int, upto: int
             keep[i] = np.asarray(chosen)
     for i, chosen in keep.items():
         hist, first, mine = rows[i]
-        cols = {name: col[chosen] for name, col in hist.raw.take(first, first + len(mine)).items()}
+        base = max(first, hist.raw.first)  # (rows gone from the ring are never chosen)
+        cols = {name: col[chosen - (base - first)] for name, col in hist.raw.take(base, first + len(mine)).items()}
         for at, obj in zip(mine[chosen].tolist(), rows_to_json_objects(cols, log.names[i])):
             texts.append((at, f'{prefix}{obj},"{after + 1 + at}"]'))
     texts.sort(key=lambda item: item[0])

@@ -3158,6 +3158,85 @@ def test_a_replay_request_that_cannot_be_played_says_why(auth, message):
     assert ok == bs.ReplayRequest(("BTCUSDT",), 1, 2, 1.0, "server")
 
 
+# -- connection state recovery: RecoveryLog, recover_updates, RecoverySessions --------------------
+
+def recovery_setup(rows: list[tuple[str, int]], capacity: int = bs.RECOVERY_LOG_UPDATES, ring_rows: int = 1000
+                   ) -> tuple[bs.RecoveryLog, bs.BboHistory, list[bs.Bbo]]:
+    """A log and a history fed as the App feeds them: each (symbol, recv_ms) accepted, then
+    recorded; the emit time stamped as the fan-out's pass does (recv + 1)."""
+    log, history, bbos = bs.RecoveryLog(capacity), bs.BboHistory(ring_rows, 0), []
+    for u, (symbol, recv_ms) in enumerate(rows, 1):
+        bbo = make_bbo(u, recv_ms=recv_ms, symbol=symbol)
+        assert history.accept(bbo)
+        history.stamp_emit(recv_ms + 1, {symbol})
+        log.record(symbol)
+        bbos.append(bbo._replace(emit_ms=recv_ms + 1))
+    return log, history, bbos
+
+
+def live_text(bbo: bs.Bbo, offset: int) -> str:
+    return f'42["bbo_update",{bs.bbo_json(bbo)},"{offset}"]'
+
+
+def test_recovery_log_maps_offsets_to_symbols_across_its_wrap():
+    log = bs.RecoveryLog(4)
+    assert [log.record(s) for s in ("A", "B", "A", "C", "C", "B")] == [1, 2, 3, 4, 5, 6]
+    assert log.oldest_after == 2                                    # offsets 3..6 are kept
+    names = lambda idx: [log.names[i] for i in idx.tolist()]        # noqa: E731
+    assert names(log.symbols(2, 6)) == ["A", "C", "C", "B"]
+    assert names(log.symbols(4, 6)) == ["C", "B"] and names(log.symbols(3, 5)) == ["C", "C"]
+    assert names(log.symbols(6, 6)) == []
+
+
+def test_recover_updates_gives_the_missed_updates_in_order_with_their_live_bytes():
+    rows = [("BTCUSDT", T0 + i) if i % 3 else ("ETHUSDT", T0 + i) for i in range(12)]
+    log, history, bbos = recovery_setup(rows)
+    texts, skipped = bs.recover_updates(log, history, 4, 10, None, None, 100)
+    assert skipped == 0 and texts == [live_text(bbos[k - 1], k) for k in range(5, 11)]
+    # Only ETHUSDT, as a client subscribed to it: the same bytes, offsets 7 and 10.
+    assert bs.recover_updates(log, history, 4, 10, frozenset({"ETHUSDT"}), None, 100) == \
+        ([live_text(bbos[6], 7), live_text(bbos[9], 10)], 0)
+    assert bs.recover_updates(log, history, 10, 10, None, None, 100) == ([], 0)
+
+
+def test_recover_updates_counts_back_past_updates_published_after_the_range():
+    """Rows of updates after ``upto`` (in a pass still to come) are in the rings but not recovered."""
+    log, history, bbos = recovery_setup([("BTCUSDT", T0 + i) for i in range(6)])
+    assert bs.recover_updates(log, history, 2, 4, None, None, 100) == ([live_text(bbos[2], 3), live_text(bbos[3], 4)], 0)
+
+
+def test_recover_updates_beyond_max_updates_gives_the_newest_per_symbol_and_the_count_skipped():
+    rows = [("BTCUSDT", T0), ("ETHUSDT", T0 + 1), ("BTCUSDT", T0 + 2), ("BTCUSDT", T0 + 3), ("ETHUSDT", T0 + 4),
+            ("BTCUSDT", T0 + 5)]
+    log, history, bbos = recovery_setup(rows)
+    assert bs.recover_updates(log, history, 0, 6, None, None, 5) == ([live_text(bbos[4], 5), live_text(bbos[5], 6)], 4)
+    assert bs.recover_updates(log, history, 0, 6, None, None, 6)[1] == 0
+    # Rows the ring no longer holds count as missed too: only the newest of each go.
+    log, history, bbos = recovery_setup(rows, ring_rows=2)
+    assert bs.recover_updates(log, history, 0, 6, None, None, 100) == ([live_text(bbos[4], 5), live_text(bbos[5], 6)], 4)
+
+
+def test_recover_updates_applies_max_rate_over_receive_times_and_keeps_each_symbols_last():
+    rows = [("BTCUSDT", T0), ("BTCUSDT", T0 + 50), ("BTCUSDT", T0 + 100), ("BTCUSDT", T0 + 150),
+            ("ETHUSDT", T0 + 160), ("BTCUSDT", T0 + 180)]
+    log, history, bbos = recovery_setup(rows)
+    texts, skipped = bs.recover_updates(log, history, 0, 6, None, 10.0, 100)  # 10/s: 100 ms apart
+    assert (texts, skipped) == ([live_text(bbos[k - 1], k) for k in (1, 3, 5, 6)], 0)
+
+
+def test_recovery_sessions_expire_are_bounded_and_are_taken_once():
+    sessions = bs.RecoverySessions(10.0, max_sessions=2)
+    s = lambda sid, at: bs.RecoverySession(sid, None, None, at)  # noqa: E731
+    sessions.keep("p1", s("a", 0.0))
+    sessions.keep("p2", s("b", 1.0))
+    assert sessions.take("p1", 9.9) == s("a", 0.0)
+    assert sessions.take("p1", 9.9) is None                        # taken once
+    assert sessions.take("p2", 11.0) is None                       # expired: left at 1, window 10 s
+    for i in range(3):
+        sessions.keep(f"q{i}", s(str(i), 20.0))
+    assert len(sessions) == 2 and sessions.take("q0", 20.0) is None  # the oldest went
+
+
 # ---- §11 Binance feed ------------------------------------------------------------------------
 # The real App in the test's loop against FakeBinance; feed timers shortened by `fast_feed`.
 
@@ -4323,6 +4402,55 @@ def test_hub_encodes_each_update_once_and_hands_every_client_the_same_bytes():
         await asyncio.sleep(0)
         assert len(a.batches) == 2 and len(b.batches) == 1
         assert hub.stats() == {"clients": 1, "published": 4, "delivered": 0, "skipped": 0}
+    run(scenario())
+
+
+def test_hub_with_recovery_appends_each_updates_offset_once_for_every_client():
+    async def scenario() -> None:
+        hub, a, b = bs.Hub(), HubConn(), HubConn(frozenset({"ETHUSDT"}))
+        hub.enable_recovery(bs.RecoveryLog(8))
+        hub.attach(a)  # type: ignore[arg-type]
+        hub.attach(b)  # type: ignore[arg-type]
+        btc, eth = make_bbo(1), make_bbo(2, symbol="ETHUSDT")
+        hub.publish(btc)
+        hub.publish(eth)
+        hub.publish_feed_status({"state": "live"})
+        assert (hub.passed_upto, hub.done_upto) == (0, 0)
+        await asyncio.sleep(0)
+        [(batch, _)] = a.batches
+        emit_ms = json.loads(batch[0].text[2:])[1]["emitTimestamp"]
+        assert [u.text for u in batch] == [
+            '42["bbo_update",' + bs.bbo_json(btc._replace(emit_ms=emit_ms)) + ',"1"]',
+            '42["bbo_update",' + bs.bbo_json(eth._replace(emit_ms=emit_ms)) + ',"2"]',
+            '42["feed_status",{"state":"live"},"2"]']
+        assert [u.offset for u in batch] == [1, 2, 0]
+        [(part, _)] = b.batches
+        assert part[0] is batch[1]                                 # the same encoded update in every share
+        assert (hub.passed_upto, hub.done_upto) == (2, 2)
+        assert hub.recovery is not None and hub.recovery.names == ["BTCUSDT", "ETHUSDT"]
+    run(scenario())
+
+
+def test_hub_pass_under_way_skips_clients_attached_after_it_began(monkeypatch):
+    """A pass visits the clients attached when it began (a recovered client got that pass's
+    updates from the rings already); one attached meanwhile gets the next pass."""
+    monkeypatch.setattr(bs, "FANOUT_SLICE_CLIENTS", 1)
+
+    async def scenario() -> None:
+        hub, a, b, late = bs.Hub(), HubConn(), HubConn(), HubConn(frozenset({"BTCUSDT"}))
+        hub.attach(a)  # type: ignore[arg-type]
+        hub.attach(b)  # type: ignore[arg-type]
+        hub.publish(make_bbo(1))
+        await asyncio.sleep(0)                                     # the pass's first slice: a
+        assert len(a.batches) == 1 and b.batches == []
+        hub.attach(late)  # type: ignore[arg-type]
+        for _ in range(4):
+            await asyncio.sleep(0)
+        assert len(b.batches) == 1 and late.batches == []
+        hub.publish(make_bbo(2))
+        for _ in range(4):
+            await asyncio.sleep(0)
+        assert len(late.batches) == 1
     run(scenario())
 
 
