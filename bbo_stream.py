@@ -3970,7 +3970,8 @@ class RecoveryLog:
         self.capacity = capacity                          # offsets remembered
         self.symbol_at = np.zeros(capacity, np.uint16)    # offset k's symbol index, at (k - 1) % capacity
         self.last = 0                                     # the newest offset given out
-        self.names: list[str] = []                        # symbol index -> symbol
+        self.names: list[str] = []                        # symbol index -> symbol (those the feed ever
+                                                          # streamed: the exchange lists thousands, far under 65,536)
         self.index: dict[str, int] = {}                   # symbol -> symbol index
 
     def record(self, symbol: str) -> int:
