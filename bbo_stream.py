@@ -68,7 +68,10 @@ plain functions, run on the event loop, that must not block::
 
 ``sock.emit(event, *args, callback=None)`` sends an event (``callback(*ack_args)`` runs when the
 client acknowledges), ``sock.disconnect()`` leaves the namespace (sends DISCONNECT),
-``sock.conn`` is its EioConnection, ``sock.data`` is a dict for the application.
+``sock.conn`` is its EioConnection, ``sock.data`` is a dict for the application.  Connection state
+recovery is the connect handler's to offer: it sets ``sock.pid`` (sent in the CONNECT answer),
+``sock.offset`` (a callable: each event's extra last argument), and for a client back in time
+``sock.sid``, ``sock.recovered`` and ``sock.send_first(packets)`` (sent before the CONNECT answer).
 
 Checked against the reference. node socket.io 4.8.4 / engine.io 6.6.11 (npm, a dev dependency) ran
 with the same handlers, and raw sockets plus websockets' client compared what each side

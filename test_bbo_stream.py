@@ -4431,6 +4431,20 @@ def test_hub_with_recovery_appends_each_updates_offset_once_for_every_client():
     run(scenario())
 
 
+def test_hub_offset_of_an_event_to_one_client_is_that_of_the_last_update_it_was_to_have_before_it():
+    hub, conn = bs.Hub(), HubConn()
+    hub.enable_recovery(bs.RecoveryLog(8))
+    conn.session = types.SimpleNamespace(outbox=bs.EioOutbox())  # type: ignore[attr-defined]
+    hub.passed_upto, hub.done_upto = 7, 5      # a pass with offsets 6 and 7 under way
+    assert hub.offset_for(conn) == 7           # not attached: that pass will not visit it
+    hub.attach(conn)  # type: ignore[arg-type]
+    assert hub.offset_for(conn) == 5           # attached: the pass under way may still be on its way to it
+    outbox = conn.session.outbox               # type: ignore[attr-defined]
+    outbox.updates.append(bs.EioUpdate("ETHUSDT", "t", b"f", False, 4))
+    outbox.held["BTCUSDT"] = bs.EioUpdate("BTCUSDT", "t", b"f", False, 3)
+    assert hub.offset_for(conn) == 2           # waiting updates go after the event: before the oldest
+
+
 def test_hub_pass_under_way_skips_clients_attached_after_it_began(monkeypatch):
     """A pass visits the clients attached when it began (a recovered client got that pass's
     updates from the rings already); one attached meanwhile gets the next pass."""
