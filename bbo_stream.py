@@ -68,7 +68,10 @@ plain functions, run on the event loop, that must not block::
 
 ``sock.emit(event, *args, callback=None)`` sends an event (``callback(*ack_args)`` runs when the
 client acknowledges), ``sock.disconnect()`` leaves the namespace (sends DISCONNECT),
-``sock.conn`` is its EioConnection, ``sock.data`` is a dict for the application.
+``sock.conn`` is its EioConnection, ``sock.data`` is a dict for the application.  Connection state
+recovery is the connect handler's to offer: it sets ``sock.pid`` (sent in the CONNECT answer),
+``sock.offset`` (a callable: each event's extra last argument), and for a client back in time
+``sock.sid``, ``sock.recovered`` and ``sock.send_first(packets)`` (sent before the CONNECT answer).
 
 Checked against the reference. node socket.io 4.8.4 / engine.io 6.6.11 (npm, a dev dependency) ran
 with the same handlers, and raw sockets plus websockets' client compared what each side
@@ -110,6 +113,7 @@ import gc
 import hashlib
 import hmac
 import io
+import itertools
 import ipaddress
 import json
 import logging
@@ -290,6 +294,12 @@ REPLAY_POLLING_ROWS = 12         # rows per step to a long-polling client, sent 
                                  # then carries at most ~16 packets, all python-engineio's client decodes in one
 REPLAY_EXCHANGE_SLACK_MS = 60_000  # clock "exchange" selects by T/E but the rings are sorted by receive time:
                                    # rows are looked for this far outside the range (receipt lags E by ms)
+RECOVERY_LOG_UPDATES = 1 << 21   # offsets a reconnecting client may come back with (2 bytes each, 4 MiB): over
+                                 # half an hour at 1,000 updates/s; an older offset gets a new session
+RECOVERY_MAX_BYTES = 256 * 1024  # missed updates sent one by one at most (half of OUTBOX_MAX_CONTROL_BYTES, where
+                                 # they queue); beyond, the newest per symbol and a `gap` event
+RECOVERY_MAX_SESSIONS = 10_000   # disconnected sessions kept for recovery (one per MAX_CLIENTS' default); the
+                                 # oldest is forgotten beyond
 
 # --- Authentication (AUTH_TOKEN) ------------------------------------------------
 AUTH_TOKEN_MAX_CHARS = 512           # a 256-bit random token is 43 base64url characters; 512 leaves room for any
@@ -640,6 +650,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TRUSTED_PROXIES", "", _parse_proxies, "Proxies (IPs or CIDRs) whose X-Forwarded-For is trusted in logs"),
     Setting("AUTH_TOKEN", "", _parse_token, "Token that REST (Authorization: Bearer) and Socket.IO (auth.token) "
             "require; empty = no authentication. Never logged", secret=True),
+    Setting("RECOVERY_SECONDS", "0", _float_in(0, 86_400), "Socket.IO connection state recovery: a client that "
+            "reconnects within this many seconds keeps its sid and subscription and gets what it missed; 0 = off "
+            "(then events carry no offset)"),
+    Setting("RECOVERY_MAX_UPDATES", "10000", _int_in(1, RECOVERY_LOG_UPDATES), "Missed updates a recovering client "
+            "gets one by one; beyond, the newest per symbol and a `gap` event with how many were skipped"),
     Setting("METRICS_PUBLIC", "true", _parse_bool, "/metrics without the token; false = it needs AUTH_TOKEN like the REST API"),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
@@ -691,6 +706,8 @@ class Config:
     cors_origins: tuple[str, ...] = ("*",)
     trusted_proxies: tuple[str, ...] = ()
     auth_token: str = dataclasses.field(default="", repr=False)  # a secret: never in a repr, a log or an error
+    recovery_seconds: float = 0.0
+    recovery_max_updates: int = 10_000
     metrics_public: bool = True
 
     @property
@@ -3341,6 +3358,7 @@ class EioUpdate(NamedTuple):
     text: str             # the Engine.IO packet: '42["bbo_update",{...}]'
     frame: bytes          # the same packet as a ready unmasked WebSocket text frame
     always: bool = False  # passes every filter and rate limit (a status every client must see)
+    offset: int = 0       # its recovery offset (the publish sequence number, in the text too); 0 = none
 
 
 class EioOutbox:
@@ -3947,6 +3965,150 @@ class SioClientState:
         """A binary packet waits for attachments since SIO_ATTACHMENT_TIMEOUT_S or longer."""
         since = self.decoder.pending_since_s
         return since is not None and now_s - since >= SIO_ATTACHMENT_TIMEOUT_S
+
+
+# -- connection state recovery: what a client that comes back missed --------------------------------
+
+
+class RecoveryLog:
+    """The symbol of each published update by its offset (the fan-out's publish sequence number,
+    from 1), for the last RECOVERY_LOG_UPDATES: how a missed update is found again in its symbol's
+    history ring, with no copy of it kept per client.  Pure; allocated only when recovery is on."""
+
+    def __init__(self, capacity: int = RECOVERY_LOG_UPDATES) -> None:
+        self.capacity = capacity                          # offsets remembered
+        self.symbol_at = np.zeros(capacity, np.uint16)    # offset k's symbol index, at (k - 1) % capacity
+        self.last = 0                                     # the newest offset given out
+        self.names: list[str] = []                        # symbol index -> symbol (those the feed ever
+                                                          # streamed: the exchange lists thousands, far under 65,536)
+        self.index: dict[str, int] = {}                   # symbol -> symbol index
+
+    def record(self, symbol: str) -> int:
+        """The next update is of ``symbol``: its offset."""
+        i = self.index.get(symbol)
+        if i is None:
+            i = self.index[symbol] = len(self.names)
+            self.names.append(symbol)
+        self.symbol_at[self.last % self.capacity] = i
+        self.last += 1
+        return self.last
+
+    @property
+    def oldest_after(self) -> int:
+        """The oldest offset a client may come back with (the updates after it are all known)."""
+        return max(0, self.last - self.capacity)
+
+    def symbols(self, after: int, upto: int) -> np.ndarray:
+        """Symbol indices of offsets after+1 .. upto, oldest first."""
+        if upto <= after:
+            return self.symbol_at[:0]
+        a, b = after % self.capacity, upto % self.capacity
+        if upto - after == self.capacity or b <= a:
+            return np.concatenate((self.symbol_at[a:], self.symbol_at[:b]))
+        return self.symbol_at[a:b]
+
+
+def recover_updates(log: RecoveryLog, history: BboHistory, after: int, upto: int, keys: frozenset[str] | None,
+                    max_rate: float | None, max_updates: int, prefix: str = '42["bbo_update",'
+                    ) -> tuple[list[str], int]:
+    """The packets of the updates after offset ``after`` up to ``upto`` that a client with this
+    filter and rate took or would have taken, in their order, and how many were skipped.
+
+    Each update's row is the n-th newest of its symbol's ring, n counted in ``log`` (every
+    published update is one row, appended when published).  With ``max_rate``, the outbox's rule
+    runs over the receive times: an update goes if its symbol's previous one that went is at least
+    1/max_rate older, and each symbol's last one goes (a held update goes once due).  Beyond
+    ``max_updates`` (or RECOVERY_MAX_BYTES, or rows the rings no longer hold) only the newest of
+    each symbol goes, and the count of the others is ``skipped``.  Pure (moves pending rows to
+    the rings, as any read does)."""
+    history.flush()
+    syms = log.symbols(after, upto)
+    later = np.bincount(log.symbols(upto, log.last), minlength=len(log.names))
+    if keys is None:
+        pos = np.arange(len(syms))
+    else:
+        wanted = [log.index[key] for key in keys if key in log.index]
+        pos = np.flatnonzero(np.isin(syms, np.asarray(wanted, np.uint16)))
+    owner = syms[pos]
+    rows: dict[int, tuple[SymbolHistory, int, np.ndarray]] = {}  # symbol index -> (history, first row, positions)
+    lost = False
+    for i in np.unique(owner).tolist():
+        hist = history.symbols.get(log.names[i])
+        mine = pos[owner == i]
+        if hist is None:
+            lost = True
+            continue
+        end = hist.raw.total - int(later[i])
+        if end - len(mine) < hist.raw.first:
+            lost = True
+        rows[i] = (hist, end - len(mine), mine)
+    texts: list[tuple[int, str]] = []
+    if lost or len(pos) > max_updates:
+        keep = {i: np.array([len(mine) - 1]) for i, (hist, first, mine) in rows.items()
+                if first + len(mine) - 1 >= hist.raw.first}
+    else:
+        keep = {}
+        for i, (hist, first, mine) in rows.items():
+            if max_rate is None:
+                keep[i] = np.arange(len(mine))
+                continue
+            recv = hist.raw.take(first, first + len(mine), ["recv_ms"])["recv_ms"].tolist()
+            interval_ms, due, chosen = 1000.0 / max_rate, -math.inf, []
+            for k, at in enumerate(recv):
+                if at >= due or k == len(recv) - 1:
+                    chosen.append(k)
+                    due = at + interval_ms
+            keep[i] = np.asarray(chosen)
+    for i, chosen in keep.items():
+        hist, first, mine = rows[i]
+        base = max(first, hist.raw.first)  # (rows gone from the ring are never chosen)
+        cols = {name: col[chosen - (base - first)] for name, col in hist.raw.take(base, first + len(mine)).items()}
+        for at, obj in zip(mine[chosen].tolist(), rows_to_json_objects(cols, log.names[i])):
+            texts.append((at, f'{prefix}{obj},"{after + 1 + at}"]'))
+    texts.sort(key=lambda item: item[0])
+    out = [text for _, text in texts]
+    if not lost and len(pos) <= max_updates and sum(map(len, out)) > RECOVERY_MAX_BYTES:
+        return recover_updates(log, history, after, upto, keys, max_rate, 0, prefix)
+    return out, len(pos) - len(out) if (lost or len(pos) > max_updates) else 0
+
+
+class RecoverySession(NamedTuple):
+    """What a disconnected client gets back if it reconnects in time with its pid."""
+    sid: str                         # its Socket.IO sid
+    keys: frozenset[str] | None      # its symbol filter
+    max_rate: float | None           # its maxRate
+    disconnected_s: float            # when it left (monotonic)
+
+
+class RecoverySessions:
+    """Disconnected sessions by pid, for ``window_s`` (at most RECOVERY_MAX_SESSIONS: the oldest
+    goes).  A pid is taken once: a second client with it gets a new session.  Pure."""
+
+    def __init__(self, window_s: float, max_sessions: int = RECOVERY_MAX_SESSIONS) -> None:
+        self.window_s = window_s
+        self.max_sessions = max_sessions
+        self._by_pid: dict[str, RecoverySession] = {}  # in the order they left
+
+    def __len__(self) -> int:
+        return len(self._by_pid)
+
+    def keep(self, pid: str, session: RecoverySession) -> None:
+        self._expire(session.disconnected_s)
+        self._by_pid.pop(pid, None)
+        self._by_pid[pid] = session
+        while len(self._by_pid) > self.max_sessions:
+            del self._by_pid[next(iter(self._by_pid))]
+
+    def take(self, pid: str, now_s: float) -> RecoverySession | None:
+        self._expire(now_s)
+        return self._by_pid.pop(pid, None)
+
+    def _expire(self, now_s: float) -> None:
+        while self._by_pid:
+            pid, session = next(iter(self._by_pid.items()))
+            if session.disconnected_s + self.window_s > now_s:
+                return
+            del self._by_pid[pid]
 
 
 # -- replay: which recorded rows a /replay client gets next, and when ---------------------------------
@@ -5709,6 +5871,12 @@ class SocketWriterPool:
             thread.join(1.0)
 
 
+# Why a socket left that lets it take its session back (ref: RECOVERABLE_DISCONNECT_REASONS); a client
+# that leaves the namespace, or breaks the protocol, starts anew.
+RECOVERABLE_REASONS = frozenset({"transport close", "transport error", "ping timeout", "forced close",
+                                 "server shutting down", "forced server close", "poll connection closed prematurely",
+                                 "data request connection closed prematurely"})
+SUPERSEDED_REASON = "reconnected elsewhere"  # close reason of a connection whose client came back on another
 FEED_STATUS_KEY = "\x00feed_status"  # conflation key of `feed_status` packets: cannot collide with a symbol
 
 
@@ -5743,6 +5911,9 @@ class Hub:
         self.on_emit: Callable[[int, set[str]], None] | None = None  # (emit ms, symbols) after each pass
         self._flush_handle: asyncio.Handle | None = None  # the pending flush callback
         self.published = 0                               # updates published
+        self.recovery: RecoveryLog | None = None         # offsets of the updates, when recovery is on
+        self.passed_upto = 0                             # recovery: the newest offset taken into a pass
+        self.done_upto = 0                               # recovery: the newest offset of a finished pass
         self._gone_sent = 0                              # deliveries counted for detached clients
         self._gone_skipped = 0                           # conflated updates of detached clients
 
@@ -5788,16 +5959,35 @@ class Hub:
                 if not members:
                     del self._by_key[key]
 
+    def enable_recovery(self, log: RecoveryLog | None = None) -> None:
+        """Give every update an offset (its last argument) from now on: connection state recovery."""
+        self.recovery = log or RecoveryLog()
+
     def publish(self, bbo: Bbo) -> None:
         """Queue one BBO update for every attached client (finished with its emit time by the pass)."""
-        self._queue((bbo.symbol, '42["bbo_update",' + bbo_json_head(bbo)))
+        if self.recovery is None:
+            self._queue((bbo.symbol, '42["bbo_update",' + bbo_json_head(bbo)))
+        else:  # the offset follows the emit time: encoded here once, the same bytes for every client
+            offset = self.recovery.record(bbo.symbol)
+            self._queue((bbo.symbol, '42["bbo_update",' + bbo_json_head(bbo), f',"{offset}"]', offset))
 
     def publish_feed_status(self, status: dict[str, Any]) -> None:
         """Queue a feed status change; like an update, only the newest one waits for a slow client."""
-        text = '42["feed_status",' + _json_dumps(status) + "]"
+        offset = "" if self.recovery is None else f',"{self.recovery.last}"'
+        text = '42["feed_status",' + _json_dumps(status) + offset + "]"
         self._queue(EioUpdate(FEED_STATUS_KEY, text, encode_ws_frame(text.encode()), True))
 
-    def _queue(self, item: EioUpdate | tuple[str, str]) -> None:
+    def offset_for(self, conn: EioConnection) -> int:
+        """The offset of an event emitted to this client alone now: all it was to get before it
+        has reached its outbox (a pass under way may still be on its way to it: the last finished
+        pass's), and what waits there goes after it."""
+        if conn not in self._conns:
+            return self.passed_upto  # not attached: passes begun before attach do not visit it
+        outbox = conn.session.outbox
+        waiting = [update.offset for update in (*outbox.updates, *outbox.held.values()) if update.offset]
+        return min(waiting) - 1 if waiting else self.done_upto
+
+    def _queue(self, item: EioUpdate | tuple) -> None:
         self._batch.append(item)
         self.published += 1
         if self._flush_handle is None:
@@ -5809,15 +5999,23 @@ class Hub:
             return  # (a pass under way takes the next batch when it ends: each client gets the passes in order)
         items, self._batch = self._batch, []
         emit_ms = now_ms()
-        tail = emit_suffix(emit_ms) + "]"
+        emitted = emit_suffix(emit_ms)
+        tail = emitted + "]"
         symbols: set[str] = set()
         batch: list[EioUpdate] = []
         for item in items:
             if type(item) is tuple:
-                key, text = item[0], item[1] + tail
-                symbols.add(key)
-                item = EioUpdate(key, text, encode_ws_frame(text.encode()))
+                if len(item) == 2:
+                    key, text = item[0], item[1] + tail
+                    symbols.add(key)
+                    item = EioUpdate(key, text, encode_ws_frame(text.encode()))
+                else:  # with its offset
+                    key, text = item[0], item[1] + emitted + item[2]
+                    symbols.add(key)
+                    item = EioUpdate(key, text, encode_ws_frame(text.encode()), False, item[3])
             batch.append(item)
+        if self.recovery is not None:
+            self.passed_upto = self.recovery.last
         if symbols and self.on_emit is not None:
             self.on_emit(emit_ms, symbols)
         self._pass = self._deliver_pass(batch)
@@ -5831,6 +6029,7 @@ class Hub:
             next(self._pass)
         except StopIteration:
             self._pass = None
+            self.done_upto = self.passed_upto
             self._flush()  # what was published meanwhile
             return
         asyncio.get_running_loop().call_soon(self._step)
@@ -5871,12 +6070,11 @@ class Hub:
             self._write_raw(raw, raw_frames)
 
     def _targets(self, batch: list[EioUpdate], everyone: tuple[EioConnection, ...]
-                 ) -> Iterator[tuple[EioConnection, frozenset[str] | None]]:
-        """(client, its keys or None for every key) of each client this batch concerns."""
-        for conn in everyone:
-            yield conn, None
+                 ) -> Iterable[tuple[EioConnection, frozenset[str] | None]]:
+        """(client, its keys or None for every key) of each client this batch concerns, as attached
+        when the pass begins: one attached later gets the next pass (recovery counts on it)."""
         if not self._keys_of:
-            return
+            return ((conn, None) for conn in everyone)
         if any(update.always for update in batch):  # feed status: for every client
             targets = dict(self._keys_of)
         else:
@@ -5884,7 +6082,7 @@ class Hub:
             for key in {update.key for update in batch}:
                 for conn in self._by_key.get(key, ()):
                     targets[conn] = self._keys_of[conn]  # (a copy: clients may come and go meanwhile)
-        yield from targets.items()
+        return itertools.chain(((conn, None) for conn in everyone), targets.items())
 
     def _write_raw(self, conns: list[EioConnection], frames: list[bytes]) -> None:
         """Write each client's frames straight to its socket (clients that keep up), on several threads."""
@@ -5943,14 +6141,25 @@ class BboApp:
         feed: the feed whose symbols `feed_add_symbol` / `feed_remove_symbol` change; None = none.
         feed_edit: whether clients may change them (AUTH_TOKEN set, so every client has it, or
             FEED_EDIT_ALLOWED); max_feed_symbols: FEED_MAX_SYMBOLS, told to clients.
+        history, recovery_s, recovery_max_updates: connection state recovery (RECOVERY_SECONDS,
+            RECOVERY_MAX_UPDATES; 0 s = off): the missed updates come from the history's rings.
     """
 
     def __init__(self, sio: SioServer, hub: Hub, latest_bbos: Callable[[], Iterable[Bbo]],
                  feed_status: Callable[[], dict[str, Any]],
                  now_ms: Callable[[], int] = now_ms, symbols: Callable[[], Iterable[str]] = tuple,
                  auth_token: str = "", feed: BinanceFeed | None = None, feed_edit: bool = False,
-                 max_feed_symbols: int = 0) -> None:
+                 max_feed_symbols: int = 0, history: BboHistory | None = None, recovery_s: float = 0.0,
+                 recovery_max_updates: int = 10_000) -> None:
         self.hub = hub
+        self.history = history
+        self.recovery_s = recovery_s if history is not None else 0.0
+        self.recovery_max_updates = recovery_max_updates
+        self.sessions: RecoverySessions | None = None     # disconnected sessions a client may take back
+        self._live: dict[str, SioSocket] = {}             # recovery: connected sockets by pid
+        if self.recovery_s:
+            self.sessions = RecoverySessions(self.recovery_s)
+            hub.enable_recovery()
         self.auth_token = auth_token
         self.feed = feed
         self.feed_edit = feed_edit and feed is not None
@@ -5979,15 +6188,61 @@ class BboApp:
                 # (ref: io.use() calling `next(new Error("unauthorized"))` answered 40, 40{"token":"x"} and
                 # 40{"token":5} with 44{"message":"unauthorized"}; the connection stayed and took a next CONNECT.)
                 raise SioConnectRefused(AUTH_REFUSED)
-        log.info("sio %s: client %s connected (%s)", short_sid(sock.conn.sid), sock.conn.peer, sock.conn.transport)
-        sock.emit("welcome", {"message": "Welcome to BBO Stream", "feedEdit": self.feed_edit,
-                              "maxFeedSymbols": self.max_feed_symbols})
+        if self.sessions is not None:
+            self._recover(sock, auth)
+        log.info("sio %s: client %s connected (%s)%s", short_sid(sock.conn.sid), sock.conn.peer, sock.conn.transport,
+                 " and recovered its session" if sock.recovered else "")
+        welcome = {"message": "Welcome to BBO Stream", "feedEdit": self.feed_edit, "maxFeedSymbols": self.max_feed_symbols}
+        if self.sessions is not None:  # events carry one more argument, the offset: handlers expecting it know
+            welcome["recoverySeconds"] = self.recovery_s
+        sock.emit("welcome", welcome)
         sock.emit("feed_status", self.feed_status())
         self.hub.attach(sock.conn)
+
+    def _recover(self, sock: SioSocket, auth: Any) -> None:
+        """Recovery on: give the socket a pid and offsets; a client back in time with its pid and
+        last offset (`auth.pid`, `auth.offset`, as socket.io-client sends them) takes its sid and
+        subscription back and gets what it missed first (SioSocket.send_first)."""
+        assert self.sessions is not None and self.hub.recovery is not None and self.history is not None
+        conn, hub = sock.conn, self.hub
+        sock.offset = lambda: hub.offset_for(conn)
+        pid = auth.get("pid") if isinstance(auth, dict) else None
+        offset = auth.get("offset") if isinstance(auth, dict) else None
+        session = None
+        if isinstance(pid, str) and isinstance(offset, str) and offset.isdigit() and len(offset) <= 19 \
+                and hub.recovery.oldest_after <= int(offset) <= hub.passed_upto:  # (else as the ref: a new session)
+            now_s = asyncio.get_running_loop().time()
+            old = self._live.pop(pid, None)
+            if old is not None:
+                # Its old connection is still open here: long-polling cannot tell a cut between two GETs
+                # until the heartbeat fails.  The client would not reconnect if it had not lost it.
+                session = RecoverySession(old.sid, old.conn.filter_keys, old.conn.max_rate, now_s)
+                old.conn.abort(SUPERSEDED_REASON)
+            else:
+                session = self.sessions.take(pid, now_s)
+        if session is None:
+            sock.pid = secrets.token_urlsafe(EIO_SID_BYTES)
+            self._live[sock.pid] = sock
+            return
+        self._live[pid] = sock
+        sock.pid, sock.sid, sock.recovered = pid, session.sid, True
+        conn.set_filter(session.keys, session.max_rate)
+        after = int(offset)  # type: ignore[arg-type]
+        texts, skipped = recover_updates(hub.recovery, self.history, after, hub.passed_upto, session.keys,
+                                         session.max_rate, self.recovery_max_updates)
+        if skipped:
+            texts.insert(0, f'42["gap",{_json_dumps({"skipped": skipped})},"{after}"]')
+        sock.send_first(texts)
 
     def on_disconnect(self, sock: SioSocket, reason: str) -> None:
         log.info("sio %s: client %s disconnected (%s)", short_sid(sock.conn.sid), sock.conn.peer, reason)
         self.hub.detach(sock.conn)
+        if sock.pid is not None and self._live.get(sock.pid) is sock:
+            del self._live[sock.pid]
+        if self.sessions is not None and sock.pid is not None and reason in RECOVERABLE_REASONS:
+            conn = sock.conn
+            self.sessions.keep(sock.pid, RecoverySession(sock.sid, conn.filter_keys, conn.max_rate,
+                                                         asyncio.get_running_loop().time()))
 
     def on_ready(self, sock: SioSocket, *args: Any) -> None:
         return None  # accepted and harmless (the seed's clients send it)
@@ -6295,7 +6550,7 @@ class SioSocket:
     """A client's membership of one namespace (the reference's server-side Socket)."""
 
     __slots__ = ("server", "conn", "namespace", "sid", "data", "connected", "_acks", "_next_ack_id",
-                 "_held")
+                 "_held", "pid", "offset", "recovered", "_first")
 
     def __init__(self, server: SioServer, conn: EioConnection, namespace: str) -> None:
         self.server = server                       # owner
@@ -6307,6 +6562,11 @@ class SioSocket:
         self._acks: dict[int, Callable[..., Any]] = {}  # ack id -> callback, oldest first
         self._next_ack_id = 0                      # per socket, from 0 like the reference
         self._held: list[SioPacket] | None = []    # packets emitted by the connect handler, sent after CONNECT
+        # Connection state recovery (set by the connect handler when it offers it):
+        self.pid: str | None = None                # private session id, in the CONNECT answer
+        self.offset: Callable[[], int] | None = None  # the offset an event emitted now carries (its last argument)
+        self.recovered = False                     # this socket took back a disconnected session
+        self._first: list[str] = []                # Engine.IO packets sent before the CONNECT answer (missed ones)
 
     def emit(self, event: str, *args: Any, callback: Callable[..., Any] | None = None) -> None:
         """Send an event; `callback(*args)` runs when the client acknowledges it."""
@@ -6319,16 +6579,25 @@ class SioSocket:
             self._acks[ack_id] = callback
             if len(self._acks) > SIO_MAX_PENDING_ACKS:
                 self._acks.pop(next(iter(self._acks)))  # bounded: the oldest never gets its answer
+        elif self.offset is not None:  # (ref: an event awaiting an ack carries no offset)
+            args = (*args, str(self.offset()))
         self._send(SioPacket(SioType.EVENT, self.namespace, [event, *args], ack_id))
 
     def emit_json(self, event: str, json_arg: str) -> None:
         """Send an event whose single argument is JSON text already encoded (no re-encoding)."""
         prefix = "" if self.namespace == "/" else self.namespace + ","
-        text = f"2{prefix}[{_json_dumps(event)},{json_arg}]"
+        offset = "" if self.offset is None else f',"{self.offset()}"'
+        text = f"2{prefix}[{_json_dumps(event)},{json_arg}{offset}]"
         if self._held is not None:
-            self._held.append(SioPacket(SioType.EVENT, self.namespace, [event, _json_loads(json_arg)]))
+            self._held.append(decode_sio(text))
         elif self.connected:
             self.conn.send(text)
+
+    def send_first(self, texts: list[str]) -> None:
+        """From a connect handler: Engine.IO packets that go before the CONNECT answer (the updates a
+        recovered client missed: the reference writes them first; the client holds them until the
+        answer, then hands them to its handlers in order)."""
+        self._first.extend(texts)
 
     def disconnect(self) -> None:
         """Leave the namespace: the client gets DISCONNECT; the Engine.IO connection stays."""
@@ -6495,9 +6764,13 @@ class SioServer:
             timer.cancel()
         sock.connected = True
         held, sock._held = sock._held or [], None
+        if sock._first:  # (ref: a recovered socket's missed packets, then "40{...}")
+            conn.send_packets(sock._first)
+            sock._first = []
         # The CONNECT answer first, then whatever the connect handler emitted (ref: the same
-        # order, "40{...}" then "42["welcome",...]").
-        self._send(conn, SioPacket(SioType.CONNECT, pkt.namespace, {"sid": sock.sid}))
+        # order, "40{...}" then "42["welcome",...]"); with recovery on, the pid beside the sid.
+        answer = {"sid": sock.sid} if sock.pid is None else {"sid": sock.sid, "pid": sock.pid}
+        self._send(conn, SioPacket(SioType.CONNECT, pkt.namespace, answer))
         for packet in held:
             self._send(conn, packet)
 
@@ -7999,7 +8272,8 @@ class App:
                               lambda: self.feed.status(now_ms()), symbols=lambda: self.feed.symbols,
                               auth_token=cfg.auth_token, feed=self.feed,
                               feed_edit=bool(cfg.auth_token) or cfg.feed_edit_allowed,
-                              max_feed_symbols=cfg.feed_max_symbols)
+                              max_feed_symbols=cfg.feed_max_symbols, history=self.history,
+                              recovery_s=cfg.recovery_seconds, recovery_max_updates=cfg.recovery_max_updates)
         self.replay_app = ReplayApp(self.sio, self.history, cfg.auth_token)  # the /replay namespace (§14)
         self.http: HttpServer | None = None
         self.stop_event = asyncio.Event()
