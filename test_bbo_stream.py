@@ -9449,6 +9449,16 @@ def test_dashboard_asks_for_the_token_once_then_shows_live_prices_and_downloads_
         ex.send("BTCUSDT", *fresh)
         pg.wait_bbo(*fresh)
 
+        # A replay carries the token as well (/replay refuses a CONNECT without it: "unauthorized")
+        now_ms = int(time.time() * 1000)
+        _dash_fill_range(pg, now_ms - 3000, now_ms)
+        pg.page.select_option("#replay-speed", "0")
+        pg.page.click("#replay-start")
+        pg.wait_js("() => bboDebug.replay().phase === 'done' && bboDebug.replay().rows > 0")
+        assert pg.page.is_hidden("#replay-error"), pg.text("#replay-error")
+        pg.page.click("#replay-stop")
+        pg.wait_bbo(*fresh)
+
         # The CSV: a fetch carrying the header, saved from a blob: URL.
         pg.wait_js("() => document.getElementById('hist-csv').getAttribute('aria-disabled') === 'false'")
         with pg.page.expect_request(lambda r: "format=csv" in r.url) as csv_req, pg.page.expect_download() as dl:

@@ -1739,7 +1739,7 @@ function renderReplay() {
   el['feed-state'].title = `Replay of recorded data (not live), at ${fmtDateTime(pos)} ${zone}, ${word}, speed ${speed}`;
   setText(el['bbo-age'], `REPLAY · ${fmtClock(pos, true)} ${zone} · ${doing}`);
   setAttr(el['bbo-age'], 'data-level', 'replay');
-  setText(el['chart-replay'], `REPLAY · ${fmtDateTime(pos)} ${zone} · ${doing}`);
+  setText(el['chart-replay'], `REPLAY · ${fmtClock(pos)} ${zone} · ${doing}`);
   renderTitle();                                // the replayed time moves faster than the second tick
   renderReplayOutages(span);
 }
