@@ -10114,3 +10114,30 @@ def test_dashboard_replay_on_a_phone_over_polling_and_a_refused_replay_shows_the
     pg.screenshot("dashboard-replay-phone-full.png")
     pg.page.click("#replay-stop")
     pg.wait_js("() => document.getElementById('feed-state').dataset.state === 'live'")
+
+
+def test_dashboard_replay_goes_on_where_it_was_after_the_connection_is_lost(dash_open: Any) -> None:
+    pg = dash_open()
+    pg.wait_connected()
+    now_ms = int(time.time() * 1000)
+    _dash_fill_range(pg, now_ms - 5000, now_ms)
+    pg.page.select_option("#replay-speed", "1")
+    pg.page.click("#replay-start")
+    pg.wait_js("() => bboDebug.replay().phase === 'playing' && bboDebug.replay().rows > 0")
+    pg.page.click("#replay-toggle")
+    pg.wait_js("() => bboDebug.replay().phase === 'paused'")
+    paused_at = _dash_replay(pg)["position"]
+    pg.js(_DASH_REPLAY_WATCH)
+    reconnects = pg.js("bboDebug.connection().reconnects")
+    pg.js("bboDebug.socket._lost('test: connection dropped')")     # as the heartbeat watchdog would
+    pg.wait_js("(n) => bboDebug.connection().state === 'connected' && bboDebug.connection().reconnects === n + 1",
+               reconnects)
+    # connected again from where it was, and paused again as it was
+    pg.wait_js("() => bboDebug.replay().phase === 'paused' && document.getElementById('replay-toggle').textContent === 'Play'")
+    r = _dash_replay(pg)
+    assert r["on"] and paused_at <= r["position"] < paused_at + 1000, (paused_at, r)
+    states = {s["pill"] for s in pg.js("window.__replayRec(), window.__replaySeen")}
+    assert states == {"replay"}, states
+    assert "interrupted" in "".join(s["pillText"] for s in pg.js("window.__replaySeen")), "the loss was not shown"
+    pg.page.click("#replay-stop")
+    pg.wait_js("() => document.getElementById('feed-state').dataset.state === 'live'")

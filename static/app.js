@@ -1131,6 +1131,7 @@ const replay = {
   points: Object.create(null),         // symbol -> PointBuffer of replayed points
   outages: [],                         // [{symbol, start, end, reason}] announced by the replay
   skipped: [],                         // [{start, end}] jumped over by a seek forward: no line across them
+  pauseOnReconnect: false,             // it was paused when the connection was lost: pause it again
   rows: 0,                             // bbo_update events received in this replay
   savedView: null,                     // the chart's view before the replay (given back at Stop)
 };
@@ -3375,7 +3376,7 @@ async function startReplay() {
   else replay.savedView = { ...chart.view };
   Object.assign(replay, {
     on: true, phase: 'connecting', symbols: symbols.slice(0, 100), from, to, speed: Number($('replay-speed').value),
-    clock: $('replay-clock').value, position: null, statusAt: Date.now(), outages: [], rows: 0,
+    clock: $('replay-clock').value, position: null, statusAt: Date.now(), outages: [], rows: 0, pauseOnReconnect: false,
   });
   clearReplayed();
   // the chart follows the replayed time, over the timeframe or the whole range when it is shorter
@@ -3384,7 +3385,9 @@ async function startReplay() {
     // After a lost connection it starts again where it was (the rows from there on).
     auth: () => ({ symbols: replay.symbols, from: replay.position == null ? replay.from : replayPosition(), to: replay.to,
                    speed: replay.speed, clock: replay.clock, ...(auth.token ? { token: auth.token } : {}) }),
-    onConnect: () => { /* replay_status follows at once */ },
+    onConnect: () => {                // (its replay_status follows at once)
+      if (replay.pauseOnReconnect) { replay.pauseOnReconnect = false; replayControl('pause'); }
+    },
     onEvent: (name, args) => {
       if (name === 'bbo_update') onReplayUpdate(args[0]);
       else if (name === 'replay_status') onReplayStatus(args[0]);
@@ -3398,6 +3401,7 @@ async function startReplay() {
       if (!replay.on) return;
       if (reason === 'the server ended it') { stopReplay(); showReplayError('The server ended the replay.'); return; }
       replay.position = replayPosition();
+      replay.pauseOnReconnect = replay.phase === 'paused' || (replay.phase === 'interrupted' && replay.pauseOnReconnect);
       replay.phase = 'interrupted';
       replayChanged();
     },
