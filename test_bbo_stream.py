@@ -9989,6 +9989,16 @@ def test_dashboard_asks_for_the_token_once_then_shows_live_prices_and_downloads_
         ex.send("BTCUSDT", *fresh)
         pg.wait_bbo(*fresh)
 
+        # A replay carries the token as well (/replay refuses a CONNECT without it: "unauthorized")
+        now_ms = int(time.time() * 1000)
+        _dash_fill_range(pg, now_ms - 3000, now_ms)
+        pg.page.select_option("#replay-speed", "0")
+        pg.page.click("#replay-start")
+        pg.wait_js("() => bboDebug.replay().phase === 'done' && bboDebug.replay().rows > 0")
+        assert pg.page.is_hidden("#replay-error"), pg.text("#replay-error")
+        pg.page.click("#replay-stop")
+        pg.wait_bbo(*fresh)
+
         # The CSV: a fetch carrying the header, saved from a blob: URL.
         pg.wait_js("() => document.getElementById('hist-csv').getAttribute('aria-disabled') === 'false'")
         with pg.page.expect_request(lambda r: "format=csv" in r.url) as csv_req, pg.page.expect_download() as dl:
@@ -10482,3 +10492,212 @@ def test_dashboard_adds_and_removes_feed_symbols_only_when_the_server_allows_it(
         assert "SOLUSDT" not in server.get_json("/healthz")["feed"]["symbols"]
     finally:
         server.stop()
+
+
+# -- replay: the history panel's range played back through /replay ------------------------------
+
+_DASH_REPLAY_WATCH = """() => {
+  // every state the pill and the price panel show from here on, and every tab title
+  window.__replaySeen = [];
+  const rec = () => window.__replaySeen.push({
+    pill: document.getElementById('feed-state').dataset.state,
+    pillText: document.getElementById('feed-state').textContent,
+    live: document.getElementById('bbo-card').dataset.live,
+    age: document.getElementById('bbo-age').textContent,
+    title: document.title});
+  window.__replayRec = rec;
+  const o = {attributes: true, childList: true, characterData: true, subtree: true};
+  for (const id of ['feed-state', 'bbo-card']) new MutationObserver(rec).observe(document.getElementById(id), o);
+  new MutationObserver(rec).observe(document.querySelector('title'), o);
+}"""
+
+
+def _dash_fill_range(pg: DashPage, start_ms: int, end_ms: int) -> None:
+    """The history panel's From / To (UTC, whole seconds: To takes in its whole second)."""
+    fmt = lambda ms: time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms // 1000))  # noqa: E731
+    assert pg.text("#tz-text") == "UTC"
+    pg.page.fill("#hist-start", fmt(start_ms))
+    pg.page.fill("#hist-end", fmt(end_ms))
+    assert pg.page.input_value("#hist-range") == "custom"
+
+
+def _dash_replay(pg: DashPage) -> dict[str, Any]:
+    return pg.js("bboDebug.replay()")
+
+
+def test_dashboard_replays_a_recorded_range_that_never_looks_live_then_goes_back_to_live(dash_open: Any) -> None:
+    pg = dash_open()
+    ex, server = pg.exchange, pg.server
+    pg.wait_connected()
+    ex.set_keep("BTCUSDT")                     # ETHUSDT: only what this test sends
+    time.sleep(DASH_KEEP_S * 2)
+    start_ms = int(time.time() * 1000) - 1000
+    before = [("ETHUSDT", f"{2310 + i * 0.01:.2f}", f"{(i + 1) / 1000:.8f}", f"{2310.05 + i * 0.01:.2f}", "0.50000000")
+              for i in range(6)]
+    after = [("ETHUSDT", f"{2320 + i * 0.01:.2f}", "1.25000000", f"{2320.10 + i * 0.01:.2f}", f"{(i + 1) / 100:.8f}")
+             for i in range(6)]
+    ex.send_many(before, group=1, gap_s=0.02)
+    ex.stall()           # a recorded outage inside the range: from the watchdog's reconnect of the silent feed
+    outages_url = f"/api/history/outages?symbol=ETHUSDT&start_time={start_ms}&end_time={start_ms + 60_000}"
+    deadline = time.monotonic() + 10
+    while not server.get_json(outages_url)["outages"]:
+        assert time.monotonic() < deadline, "the stall left no recorded outage"
+        time.sleep(0.1)
+    ex.resume()
+    server.wait_feed("live")
+    sent_after = ex.send_many(after, group=1, gap_s=0.02)
+    _dash_wait_stored(pg, "ETHUSDT", sent_after[-1]["u"])
+    end_ms = int(time.time() * 1000)
+    outages = server.get_json(outages_url)["outages"]
+    assert outages[0]["end"] is not None and outages[0]["end"] < end_ms, outages
+    last = after[-1][1:]
+
+    pg.page.click("#symbol-tabs [data-symbol=ETHUSDT]")
+    pg.wait_js("() => document.getElementById('bbo-card').dataset.live === 'true'")
+    _dash_fill_range(pg, start_ms, end_ms)
+    pg.page.select_option("#replay-speed", "1000")
+    pg.js(_DASH_REPLAY_WATCH)
+    pg.page.click("#replay-start")
+    pg.wait_js("() => bboDebug.replay().phase === 'done'")
+    # the prices shown are the range's last recorded ones, exact strings, and say REPLAY
+    pg.wait_bbo(*last)
+    r = _dash_replay(pg)
+    assert r["on"] and r["speed"] == 1000 and set(r["symbols"]) >= {"BTCUSDT", "ETHUSDT"}, r
+    assert r["from"] == start_ms // 1000 * 1000 and r["to"] == end_ms // 1000 * 1000 + 999, r
+    assert pg.page.get_attribute("#feed-state", "data-state") == "replay"
+    assert pg.text("#feed-state-label") == "REPLAY"
+    assert pg.page.get_attribute("#bbo-card", "data-live") == "false"
+    assert pg.page.get_attribute("#bbo-card", "data-replay") == "true"
+    assert pg.text("#bbo-age").startswith("REPLAY · ") and "1,000×" in pg.text("#bbo-age"), pg.text("#bbo-age")
+    title = pg.js("document.title")
+    assert title.startswith("REPLAY ") and "1,000×" in title and f"{last[0]} / {last[2]} ETHUSDT" in title, title
+    assert pg.page.is_visible("#chart-replay") and pg.text("#chart-replay").startswith("REPLAY · ")
+    assert pg.page.is_visible("#replay-bar") and pg.js("document.getElementById('feed-banner').hidden")
+    sm = pg.js("[document.getElementById('spread').textContent, document.getElementById('mid-price').textContent]")
+    assert last[0::2] == ("2320.05", "2320.15") and sm == ["0.10", "2320.10"], sm   # exact decimals of the replayed strings
+    # the recorded outage: announced, on the progress bar, in words, and shaded on the chart
+    o = outages[0]
+    pg.wait_js("(s) => bboDebug.replay().outages.some(x => x.symbol === 'ETHUSDT' && x.start === s)", o["start"])
+    assert pg.js("document.querySelectorAll('#replay-marks .replay-mark').length") >= 1
+    assert pg.page.is_visible("#replay-outages") and "Outage" in pg.text("#replay-outages")
+    pg.js("bboDebug.chart.redraw()")
+    gaps = pg.js("bboDebug.chart.gaps()")
+    assert any(g["kind"] == "outage" and g["start"] == o["start"] for g in gaps), (gaps, o)
+
+    # a live update meanwhile (after the range: the replay does not play it) changes the live store, not
+    # what the replay shows
+    time.sleep(max(0.0, (r["to"] + 50) / 1000 - time.time()))
+    live = ("2330.50", "0.75000000", "2330.60", "0.25000000")
+    ex.send("ETHUSDT", *live)
+    time.sleep(0.3)
+    pg.wait_bbo(*last)
+
+    # speed, seek (a click on the progress bar), pause, resume
+    pg.page.select_option("#replay-speed", "1")
+    pg.wait_js("() => bboDebug.replay().speed === 1")
+    box = pg.page.locator("#replay-progress").bounding_box()
+    pg.page.click("#replay-progress", position={"x": box["width"] * 0.25, "y": box["height"] / 2})
+    pg.wait_js("() => bboDebug.replay().phase === 'playing'")
+    span = r["to"] - r["from"]
+    pos = _dash_replay(pg)["position"]
+    assert r["from"] + span * 0.2 < pos < r["from"] + span * 0.35, (pos, r)
+    pg.wait_js("() => document.getElementById('replay-toggle').textContent === 'Pause'")
+    pg.page.click("#replay-toggle")
+    pg.wait_js("() => bboDebug.replay().phase === 'paused'")
+    paused_at = _dash_replay(pg)["position"]
+    pg.wait_js("() => document.getElementById('feed-state-text').textContent.includes('paused')")
+    time.sleep(0.5)
+    assert _dash_replay(pg)["position"] == paused_at
+    pg.wait_js("() => document.getElementById('replay-toggle').textContent === 'Play'")
+    pg.page.wait_for_timeout(700)              # let any flash fade
+    pg.screenshot("dashboard-replay-desktop.png")
+    pg.page.click("#replay-toggle")
+    pg.wait_js("(p) => bboDebug.replay().phase === 'playing' && bboDebug.replay().position > p + 200", paused_at)
+    pg.page.select_option("#replay-speed", "0")   # as fast as the page reads: on to the end
+    pg.wait_js("() => bboDebug.replay().phase === 'done'")
+    pg.wait_bbo(*last)
+
+    # nothing recorded ever looked live: the pill said REPLAY, the prices were not live, the title said REPLAY
+    seen = pg.js("window.__replayRec(), window.__replaySeen.slice(1)")
+    assert seen, "nothing was recorded"
+    for s in seen:
+        assert s["pill"] == "replay" and s["live"] == "false", s
+        assert s["pillText"].strip().startswith("REPLAY") and "live" not in s["pillText"].lower(), s
+        assert s["title"].startswith("REPLAY ") and "live" not in s["title"].lower(), s
+        assert "live" not in s["age"].lower(), s
+
+    # stop: back to live, with the live prices that came meanwhile (kept flowing: a silent ETHUSDT would be suspect)
+    ex.set_keep(*DASH_SYMBOLS)
+    pg.page.click("#replay-stop")
+    pg.wait_bbo(*live)
+    pg.wait_js("() => document.getElementById('feed-state').dataset.state === 'live' && "
+               "document.getElementById('bbo-card').dataset.live === 'true'")
+    assert pg.page.get_attribute("#bbo-card", "data-replay") == "false"
+    assert pg.page.is_hidden("#replay-bar") and pg.page.is_hidden("#chart-replay")
+    assert pg.text("#feed-state-label") == "Feed"
+    pg.wait_js("() => !document.title.includes('REPLAY')")
+    assert not _dash_replay(pg)["on"]
+    fresh = ("2331.00", "1.00000000", "2331.10", "2.00000000")
+    ex.send("ETHUSDT", *fresh)
+    pg.wait_bbo(*fresh)
+
+
+def test_dashboard_replay_on_a_phone_over_polling_and_a_refused_replay_shows_the_servers_message(dash_open: Any) -> None:
+    pg = dash_open("/?store=0&transport=polling", **DASH_PHONE)
+    pg.wait_connected("polling")          # /replay shares the long-polling connection with the live namespace
+    pg.wait_js("() => document.getElementById('bbo-card').dataset.live === 'true'")
+    now_ms = int(time.time() * 1000)
+    # a bad range (From after To): refused by the server, its message shown, the page still live
+    _dash_fill_range(pg, now_ms, now_ms - 5000)
+    pg.page.click("#replay-start")
+    pg.wait_js("() => !document.getElementById('replay-error').hidden")
+    assert pg.text("#replay-error") == "The server refused the replay: from must not be after to"
+    pg.wait_js("() => document.getElementById('feed-state').dataset.state === 'live'")
+    assert not _dash_replay(pg)["on"] and pg.page.is_hidden("#replay-bar")
+    assert pg.page.get_attribute("#bbo-card", "data-live") == "true"
+
+    # the last seconds (the keeper's updates), slowly: REPLAY on the phone, nothing wider than the screen
+    _dash_fill_range(pg, now_ms - 5000, now_ms)
+    pg.page.select_option("#replay-speed", "1")
+    pg.page.click("#replay-start")
+    pg.wait_js("() => bboDebug.replay().phase === 'playing' && bboDebug.replay().rows > 0")
+    assert pg.page.is_hidden("#replay-error")
+    pg.page.click("#replay-toggle")
+    pg.wait_js("() => bboDebug.replay().phase === 'paused'")
+    assert pg.page.get_attribute("#feed-state", "data-state") == "replay"
+    assert pg.text("#feed-state-label") == "REPLAY"
+    o = pg.js(_DASH_OVERFLOW)
+    assert o["scrollWidth"] <= o["innerWidth"] and not o["offenders"], o
+    pg.js("window.scrollTo(0, 0)")
+    pg.page.wait_for_timeout(300)
+    pg.screenshot("dashboard-replay-phone.png", full_page=False)
+    pg.screenshot("dashboard-replay-phone-full.png")
+    pg.page.click("#replay-stop")
+    pg.wait_js("() => document.getElementById('feed-state').dataset.state === 'live'")
+
+
+def test_dashboard_replay_goes_on_where_it_was_after_the_connection_is_lost(dash_open: Any) -> None:
+    pg = dash_open()
+    pg.wait_connected()
+    now_ms = int(time.time() * 1000)
+    _dash_fill_range(pg, now_ms - 5000, now_ms)
+    pg.page.select_option("#replay-speed", "1")
+    pg.page.click("#replay-start")
+    pg.wait_js("() => bboDebug.replay().phase === 'playing' && bboDebug.replay().rows > 0")
+    pg.page.click("#replay-toggle")
+    pg.wait_js("() => bboDebug.replay().phase === 'paused'")
+    paused_at = _dash_replay(pg)["position"]
+    pg.js(_DASH_REPLAY_WATCH)
+    reconnects = pg.js("bboDebug.connection().reconnects")
+    pg.js("bboDebug.socket._lost('test: connection dropped')")     # as the heartbeat watchdog would
+    pg.wait_js("(n) => bboDebug.connection().state === 'connected' && bboDebug.connection().reconnects === n + 1",
+               reconnects)
+    # connected again from where it was, and paused again as it was
+    pg.wait_js("() => bboDebug.replay().phase === 'paused' && document.getElementById('replay-toggle').textContent === 'Play'")
+    r = _dash_replay(pg)
+    assert r["on"] and paused_at <= r["position"] < paused_at + 1000, (paused_at, r)
+    states = {s["pill"] for s in pg.js("window.__replayRec(), window.__replaySeen")}
+    assert states == {"replay"}, states
+    assert "interrupted" in "".join(s["pillText"] for s in pg.js("window.__replaySeen")), "the loss was not shown"
+    pg.page.click("#replay-stop")
+    pg.wait_js("() => document.getElementById('feed-state').dataset.state === 'live'")

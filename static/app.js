@@ -8,16 +8,18 @@
  * Map: areas in the order data flows; each opens with a banner saying what it owns.
  *   §1  Helpers      DOM writes that skip no-ops, formatting, exact decimal arithmetic
  *   §2  Connection   all talk with the server: the Engine.IO v4 / Socket.IO v5 client (WebSocket,
- *                    long-polling fallback, reconnect with backoff + jitter, heartbeat, acks),
+ *                    long-polling fallback, reconnect with backoff + jitter, heartbeat, acks,
+ *                    other namespaces multiplexed on the same connection: /replay),
  *                    the access token (AUTH_TOKEN), the dashboard's socket and its events,
  *                    round trip + clock offset, REST fetches
  *   §3  State        the per-symbol store (BBO, live points, sessions), feed status, statistics,
- *                    what each server event changes in it, its copy in localStorage
+ *                    what each server event changes in it, its copy in localStorage; the replay's
+ *                    store, apart from the live one
  *   §4  Rendering    the frame scheduler (what repaints when), prices, symbol tabs, status
  *   §5  Chart        canvas drawing (decimation, axes, outages, series, crosshair), the view
  *                    (timeframes, zoom, pan, pointer / key input), backfill from the server
  *   §6  History      the historical data panel (REST: latency stats, paged updates, CSV)
- *   §7  Controls and bootstrap   symbol selection, timers, boot, test hooks
+ *   §7  Controls and bootstrap   symbol selection, replay controls, timers, boot, test hooks
  *
  * Rendering: messages only update state and set dirty flags; a requestAnimationFrame callback
  * applies them. Price texts and the chart repaint together at most every 50 ms (20 per second),
@@ -64,6 +66,13 @@
  *              #hist-legs: a row per latency leg, tr[data-leg]) #hist-error
  *              #hist-table (tbody rows newest first, tr[data-update-id]) #hist-older #hist-newer #hist-page
  *              #hist-note (where the rows come from, when the table cannot say it)
+ *   Replay     #replay-speed #replay-clock #replay-start (in the history form: its From / To are the range)
+ *              #replay-error (the server's refusal), #replay-bar[data-phase] (shown while replaying:
+ *              #replay-state #replay-position #replay-speed-text #replay-range #replay-progress (click:
+ *              seek) #replay-fill #replay-marks (.replay-mark per outage) #replay-toggle #replay-stop
+ *              #replay-outages), #chart-replay (the chart's REPLAY badge), #bbo-card[data-replay];
+ *              while replaying #feed-state[data-state=replay] (#feed-state-label "REPLAY") and the
+ *              title begins with "REPLAY"
  *
  * Test hook: window.bboDebug
  *   state                        the live state object (§3)
@@ -84,6 +93,7 @@
  *                                spread over the visible range, redraw, return the redraw time (ms):
  *                                median of 5 redraws, each including a forced rasterisation
  *   socket                       the Socket.IO client (emit(event, ...args, ackFn))
+ *   replay()                     {on, phase, position, speed, from, to, symbols, rows, outages}
  *   checkHealth()                read /healthz now (it is read every HEALTH_CHECK_MS)
  * ======================================================================== */
 'use strict';
@@ -284,6 +294,9 @@ function microprice(bidStr, bidQtyStr, askStr, askQtyStr) {
 // open, long-polling (transport=polling). The server drives the heartbeat: it sends
 // "2" every pingInterval and we answer "3"; after pingInterval + pingTimeout without
 // any packet the connection is considered dead and we reconnect.
+// Other namespaces (join) ride the same Engine.IO connection, as socket.io-client multiplexes
+// them: "40/replay,{auth}" … "42/replay,[…]"; each has its own connected state and handlers,
+// and is connected again (with its auth read anew) whenever the connection reopens.
 
 class SocketIoClient {
   constructor({ path = '/socket.io/', mode = 'auto', onEvent, onState, onConnect, onDisconnect, auth, onUnauthorized }) {
@@ -323,6 +336,7 @@ class SocketIoClient {
     this._retryTimer = 0;
     this._connectTimer = 0;           // Socket.IO CONNECT must be answered within 10 s
     this._stopped = false;            // close() was called: a lost connection is not retried
+    this._spaces = new Map();         // namespace -> {handlers, connected} of join()ed namespaces other than "/"
     this._watchdog = setInterval(() => this._checkHeartbeat(), 1000);
   }
 
@@ -355,8 +369,14 @@ class SocketIoClient {
 
   /** emit(event, ...args[, ack]) — an ack function gets (err, ...args). */
   emit(event, ...args) {
+    return this.emitTo('/', event, ...args);
+  }
+
+  /** emit() in the namespace `nsp` ("/" or one join()ed and connected). */
+  emitTo(nsp, event, ...args) {
     const cb = typeof args[args.length - 1] === 'function' ? args.pop() : null;
-    if (this.state !== 'connected') {
+    const space = this._spaces.get(nsp);
+    if (nsp === '/' ? this.state !== 'connected' : !(space && space.connected)) {
       if (cb) cb(new Error('not connected'));
       return false;
     }
@@ -369,8 +389,31 @@ class SocketIoClient {
       }, 10000);
       this._acks.set(n, { cb, timer });
     }
-    this._send('42' + id + JSON.stringify([event, ...args]));
+    this._send('42' + (nsp === '/' ? '' : nsp + ',') + id + JSON.stringify([event, ...args]));
     return true;
+  }
+
+  /** Connect the namespace `nsp` too, now or when the connection opens (and again on each reopen).
+   *  Handlers: auth() -> the CONNECT's auth object; onConnect(data); onEvent(name, args);
+   *  onConnectError(message) (refused: it is left); onDisconnect(reason) (the server left it: it
+   *  is left; the connection was lost: it stays joined and connects again with the connection). */
+  join(nsp, handlers) {
+    this.leave(nsp);
+    this._spaces.set(nsp, { ...handlers, connected: false });
+    if (this._engine && this.sid) this._connectSpace(nsp);
+  }
+
+  /** Leave a namespace join()ed (its handlers get nothing more). */
+  leave(nsp) {
+    const space = this._spaces.get(nsp);
+    if (!space) return;
+    this._spaces.delete(nsp);
+    if (this._engine && this.sid) this._send(`41${nsp},`);
+  }
+
+  _connectSpace(nsp) {
+    const a = this._spaces.get(nsp).auth();
+    this._send(`40${nsp},` + (a ? JSON.stringify(a) : ''));
   }
 
   _setState(s) {
@@ -534,6 +577,7 @@ class SocketIoClient {
         if (o.pingTimeout > 0) this.pingTimeout = o.pingTimeout;
         this._sentAuth = this.auth();
         this._send('40' + (this._sentAuth ? JSON.stringify(this._sentAuth) : ''));   // Socket.IO CONNECT to "/"
+        for (const nsp of this._spaces.keys()) this._connectSpace(nsp);
         clearTimeout(this._connectTimer);
         this._connectTimer = setTimeout(() => this._lost('connect timeout'), 10000);
         break;
@@ -555,7 +599,6 @@ class SocketIoClient {
       nsp = s.slice(i, j < 0 ? s.length : j);
       i = j < 0 ? s.length : j + 1;
     }
-    if (nsp !== '/') return;
     let id = null;
     let j = i;
     while (j < s.length && s.charCodeAt(j) >= 48 && s.charCodeAt(j) <= 57) j++;
@@ -564,6 +607,7 @@ class SocketIoClient {
     if (i < s.length) {
       try { data = JSON.parse(s.slice(i)); } catch { return; }
     }
+    if (nsp !== '/' && type !== '3') { this._onSpacePacket(nsp, type, data); return; }
     switch (type) {
       case '0':
         clearTimeout(this._connectTimer);
@@ -610,8 +654,26 @@ class SocketIoClient {
     }
   }
 
+  /** A packet of a join()ed namespace (acks are shared: their ids are unique across namespaces). */
+  _onSpacePacket(nsp, type, data) {
+    const space = this._spaces.get(nsp);
+    if (!space) return;                             // left: what was already on its way is dropped
+    switch (type) {
+      case '0': space.connected = true; space.onConnect(data); break;
+      case '1': this._spaces.delete(nsp); space.onDisconnect('the server ended it'); break;
+      case '2':
+        if (Array.isArray(data) && typeof data[0] === 'string') space.onEvent(data[0], data.slice(1));
+        break;
+      case '4': this._spaces.delete(nsp); space.onConnectError((data && data.message) || 'refused'); break;
+      default: break;
+    }
+  }
+
   _lost(reason) {
     if (this._stopped) return;
+    for (const space of this._spaces.values()) {
+      if (space.connected) { space.connected = false; space.onDisconnect(reason); }
+    }
     const e = this._engine;
     this._engine = null;
     this._gen++;
@@ -811,6 +873,8 @@ class PointBuffer {
     return true;
   }
   clear() { this.n = 0; this.gaps = []; }
+  /** Drop the points at or after `t`. */
+  truncate(t) { this.n = this.lowerBound(t); }
   first() { return this.n ? this.t[0] : NaN; }
   last() { return this.n ? this.t[this.n - 1] : NaN; }
   /** First index with t >= x. */
@@ -1048,6 +1112,101 @@ function onDisconnect(reason) {
   requestFrame();
 }
 
+// --- replay: a recorded range played back through /replay, kept apart from the live store -----
+// While replay.on, the prices, tabs, chart, pill and title show this store, never the live one;
+// live events keep updating the live store meanwhile, so stopping the replay shows it intact.
+
+const REPLAY_NAMESPACE = '/replay';
+const replay = {
+  on: false,                           // the page shows the replay (from the click on Replay until Stop)
+  phase: 'idle',                       // connecting | playing | paused | done | interrupted (connection lost)
+  symbols: [],                         // what it plays (merged in time order by the server)
+  from: 0, to: 0,                      // the range (ms on the replay's clock), inclusive
+  speed: 10,                           // replay ms per wall ms; 0: as fast as the page reads
+  clock: 'server',                     // "server" (serverTimestamp) | "exchange" (T, else E)
+  position: null,                      // the last replay_status's position (ms), null before the first
+  statusAt: 0,                         // client ms it arrived: a playing replay moves on from there
+  lastRowAt: -Infinity,                // time of the newest row received (ms on the replay's clock)
+  bbo: Object.create(null),            // symbol -> last replayed bbo_update (exact strings)
+  points: Object.create(null),         // symbol -> PointBuffer of replayed points
+  outages: [],                         // [{symbol, start, end, reason}] announced by the replay
+  skipped: [],                         // [{start, end}] jumped over by a seek forward: no line across them
+  pauseOnReconnect: false,             // it was paused when the connection was lost: pause it again
+  rows: 0,                             // bbo_update events received in this replay
+  savedView: null,                     // the chart's view before the replay (given back at Stop)
+};
+
+/** A replayed row's time on the replay's clock (the one its range and positions are on). */
+function replayTime(p) {
+  return replay.clock === 'exchange' ? (p.transactionTime ?? p.timestamp) : (p.serverTimestamp ?? p.timestamp);
+}
+
+/** Where the replay is now (ms): the last status's position moved on at its speed while playing,
+ *  never behind the rows already received, within the range. */
+function replayPosition() {
+  if (replay.position == null) return replay.from;
+  let pos = replay.position;
+  if (replay.phase === 'playing' && replay.speed > 0) pos += (Date.now() - replay.statusAt) * replay.speed;
+  return clamp(Math.max(pos, replay.lastRowAt), replay.from, replay.to);
+}
+
+/** The price shown for `sym`: the replayed one during a replay, else the live one. */
+const shownBbo = (sym) => (replay.on ? replay.bbo[sym] : state.bbo[sym]);
+
+/** Forget what was replayed (a new replay). */
+function clearReplayed() {
+  replay.bbo = Object.create(null);
+  replay.points = Object.create(null);
+  replay.skipped = [];
+  replay.lastRowAt = -Infinity;
+}
+
+/** A seek to `time`: the rows come again from there. The chart keeps what was replayed before it
+ *  (a jump forward leaves a gap: the rows skipped were never drawn); the prices wait for the next
+ *  row, since the last one received is not the price at `time`. */
+function replaySeeked(time, from) {
+  if (time > from) replay.skipped.push({ start: from, end: time });
+  else replay.skipped = replay.skipped.filter((g) => g.end < time);
+  for (const pb of Object.values(replay.points)) pb.truncate(time);
+  replay.bbo = Object.create(null);
+  replay.lastRowAt = -Infinity;
+}
+
+function onReplayUpdate(p) {
+  if (!replay.on || !p || typeof p !== 'object' || typeof p.symbol !== 'string' || p.replay !== true) return;
+  const sym = p.symbol;
+  const t = replayTime(p);
+  replay.rows++;
+  replay.bbo[sym] = p;
+  if (t > replay.lastRowAt) replay.lastRowAt = t;
+  const pb = replay.points[sym] || (replay.points[sym] = new PointBuffer());
+  pb.push(t, Number(p.bidPrice), Number(p.askPrice));
+  if (sym === state.current) { dirty.bbo = true; chart.dirty = true; }
+  dirty.tabs = dirty.replay = true;
+  requestFrame();
+}
+
+function onReplayOutage(o) {
+  if (!replay.on || !o || typeof o !== 'object' || !Number.isFinite(o.start)) return;
+  if (replay.outages.some((x) => x.symbol === o.symbol && x.start === o.start)) return;   // again after a seek
+  replay.outages.push({ symbol: o.symbol, start: o.start, end: Number.isFinite(o.end) ? o.end : null, reason: o.reason || 'outage' });
+  replay.outages.sort((a, b) => a.start - b.start);
+  chart.dirty = true;
+  dirty.replay = true;
+  requestFrame();
+}
+
+function onReplayStatus(st) {
+  if (!replay.on || !st || typeof st !== 'object' || !['playing', 'paused', 'done'].includes(st.state)) return;
+  replay.phase = st.state;
+  if (Number.isFinite(st.position)) replay.position = st.position;
+  if (Number.isFinite(st.speed)) replay.speed = st.speed;
+  replay.statusAt = Date.now();
+  chart.dirty = true;
+  dirty.replay = dirty.status = dirty.bbo = dirty.tabs = true;
+  requestFrame();
+}
+
 // --- recent points in localStorage: a reload shows the last hour at once -------------------
 
 const STORE_KEY = 'bbo.points.v1';
@@ -1100,7 +1259,7 @@ function restorePoints() {
 // ###########################################################################
 
 // Which views are out of date: set by whatever changes what they show, cleared when they repaint.
-const dirty = { bbo: true, tabs: true, status: true, symbols: true, feedEdit: true };
+const dirty = { bbo: true, tabs: true, status: true, symbols: true, feedEdit: true, replay: true };
 let frameRequested = false;
 let wakeTimer = 0, wakeAt = Infinity;
 
@@ -1117,9 +1276,12 @@ let lastPaint = 0;
 function drawThrottle() {
   return Math.min(250, chart.lastDrawMs * 4);
 }
-/** Time per CSS pixel of the view: a view following live data needs a draw whenever it slides one. */
+/** Wall time per CSS pixel of the view: a following view needs a draw whenever it slides one (a
+ *  replay slides at its speed, and not at all while it stands still). */
 function followMsPerPx() {
-  return chart.view.span / Math.max(1, chart.cssW - chart.axisW);
+  const perPx = chart.view.span / Math.max(1, chart.cssW - chart.axisW);
+  if (!replay.on) return perPx;
+  return replay.phase === 'playing' && replay.speed > 0 ? perPx / replay.speed : Infinity;
 }
 
 /** Milliseconds until the next frame has work to do (<= 0: now; Infinity: nothing pending). */
@@ -1129,7 +1291,7 @@ function frameDueIn(t) {
   let due = Infinity;
   if (chart.interactive && chart.dirty) due = chart.lastDrawAt + heavy - t;
   const paintAt = lastPaint + Math.max(PAINT_INTERVAL, heavy);
-  if (dirty.bbo || dirty.tabs || chart.dirty) due = Math.min(due, paintAt - t);
+  if (dirty.bbo || dirty.tabs || dirty.replay || chart.dirty) due = Math.min(due, paintAt - t);
   if (chart.view.follow) {
     due = Math.min(due, Math.max(paintAt, chart.lastDrawAt + followMsPerPx()) - t);
   }
@@ -1169,10 +1331,11 @@ function frame() {
   if (chart.interactive && chart.dirty && t - chart.lastDrawAt >= heavy) {
     drawChart();
   } else if (t - lastPaint >= Math.max(PAINT_INTERVAL, heavy) - 1 &&
-             (dirty.bbo || dirty.tabs || chart.dirty || slid)) {
+             (dirty.bbo || dirty.tabs || dirty.replay || chart.dirty || slid)) {
     lastPaint = t;
     if (dirty.bbo) { dirty.bbo = false; renderBbo(); }
     if (dirty.tabs) { dirty.tabs = false; renderTabs(); }
+    if (dirty.replay || (replay.on && slid)) { dirty.replay = false; renderReplay(); }
     if (chart.dirty || slid) drawChart();
   }
   chart.interactive = false;
@@ -1190,7 +1353,9 @@ function cacheElements() {
     'msg-count', 'msg-rate', 'conn-duration', 'stats-transport', 'conn-reconnects', 'fd-state', 'fd-market',
     'fd-since', 'fd-age', 'fd-next', 'fd-messages', 'fd-reconnects', 'fd-duplicates', 'fd-crossed', 'fd-parse',
     'fd-reason', 'foot-clock', 'persist-banner', 'persist-banner-text', 'micro-price', 'micro-lean', 'sym-rate',
-    'lat-exchange', 'lat-server', 'lat-browser', 'tz-text', 'clock-offset', 'clock-warning', 'feed-state-label']) {
+    'lat-exchange', 'lat-server', 'lat-browser', 'tz-text', 'clock-offset', 'clock-warning', 'feed-state-label',
+    'replay-bar', 'replay-state', 'replay-position', 'replay-speed-text', 'replay-range', 'replay-progress',
+    'replay-fill', 'replay-marks', 'replay-toggle', 'replay-outages', 'chart-replay']) {
     el[id] = $(id);
   }
   el['spread-main'] = document.querySelector('.spread-main');
@@ -1228,11 +1393,10 @@ function renderSymbols() {
 
 function renderTabs() {
   for (const b of el['symbol-tabs'].children) {
-    const p = state.bbo[b.dataset.symbol];
-    if (!p) continue;
-    const sm = spreadMid(p.bidPrice, p.askPrice);
-    setText(b.lastChild.lastChild, sm ? sm.mid : p.bidPrice);
-    setAttr(b, 'data-live', String(isLive(b.dataset.symbol)));
+    const p = shownBbo(b.dataset.symbol);
+    const sm = p && spreadMid(p.bidPrice, p.askPrice);
+    setText(b.lastChild.lastChild, !p ? '—' : sm ? sm.mid : p.bidPrice);
+    setAttr(b, 'data-live', String(!replay.on && isLive(b.dataset.symbol)));
   }
 }
 
@@ -1255,8 +1419,8 @@ function flash(node, up) {
 
 function renderBbo() {
   const sym = state.current;
-  const p = sym && state.bbo[sym];
-  setText(el['bbo-symbol'], sym ? `${sym} best bid and offer` : 'Best bid and offer');
+  const p = sym && shownBbo(sym);
+  setText(el['bbo-symbol'], sym ? `${sym} best bid and offer${replay.on ? ' (replay)' : ''}` : 'Best bid and offer');
   if (!p) {
     for (const id of ['bid-price', 'ask-price', 'bid-qty', 'ask-qty', 'spread', 'mid-price', 'bbo-time', 'bbo-update-id',
       'bbo-latency', 'micro-price', 'micro-lean', 'lat-exchange', 'lat-server', 'lat-browser', 'sym-rate']) setText(el[id], '—');
@@ -1266,7 +1430,7 @@ function renderBbo() {
     return;
   }
   const bid = Number(p.bidPrice), ask = Number(p.askPrice);
-  if (shown.sym === sym && isLive(sym)) {
+  if (shown.sym === sym && !replay.on && isLive(sym)) {
     if (bid !== shown.bid && Number.isFinite(shown.bid)) flash(el['bid-price'], bid > shown.bid);
     if (ask !== shown.ask && Number.isFinite(shown.ask)) flash(el['ask-price'], ask > shown.ask);
   }
@@ -1299,9 +1463,9 @@ function renderBbo() {
   setText(el['micro-lean'], mp ? `${fmtSignedBps(mp.leanBps)} vs mid` : '—');
   setText(el['bbo-time'], fmtClock(p.timestamp, true));
   setText(el['bbo-update-id'], String(p.updateId ?? '—'));
-  const sr = state.symRate[sym];
+  const sr = !replay.on && state.symRate[sym];   // (a replay's rate is its speed's, not the market's)
   setText(el['sym-rate'], sr ? `${fmtRate(sr.rate)} /s` : '—');
-  renderLatencyLegs(p, state.browserLeg[sym]);
+  renderLatencyLegs(p, replay.on ? null : state.browserLeg[sym]);
 }
 
 const fmtRate = (r) => (r < 10 ? r.toFixed(1) : fmtInt(Math.round(r)));
@@ -1357,6 +1521,7 @@ function renderStatus() {
   renderConnectionStats(s);
   renderFeedDetails(s);
   renderClockCheck(state.clock);
+  renderReplay();
   setText(el['tz-text'], tz.utc ? 'UTC' : 'Local');
   setText(el['foot-clock'], `${fmtDateTime(s.now)} ${tzName(s.now)}`);
 }
@@ -1386,8 +1551,8 @@ function statusSnapshot() {
     f: state.feed,
     fstate: feedState(),
     sym,
-    live: isLive(sym),
-    p: sym && state.bbo[sym],
+    live: !replay.on && isLive(sym),
+    p: sym && shownBbo(sym),
   };
 }
 
@@ -1406,6 +1571,7 @@ function renderConnectionPill({ c, now }) {
 }
 
 function renderFeedPill({ f, fstate, connected, sNow, sym }) {
+  if (replay.on) return;                        // the pill says REPLAY (renderReplay)
   let shown = connected ? fstate : 'unknown';   // without the server we cannot know: never show a stale "live"
   // a live feed whose selected symbol is not (suspect, quiet, waiting) must not read "live"
   const sst = connected && fstate === 'live' && sym ? symbolState(sym) : null;
@@ -1426,12 +1592,14 @@ function renderFeedPill({ f, fstate, connected, sNow, sym }) {
 /** Whether the prices shown are live, and how old they are. */
 function renderPriceAge({ f, connected, sNow, live, p }) {
   setAttr(el['bbo-card'], 'data-live', String(live));
+  setAttr(el['bbo-card'], 'data-replay', String(replay.on));
+  setText(el['bbo-market'], f && f.market ? f.market : '—');
+  if (replay.on) return;                        // the age says REPLAY and the replayed time (renderReplay)
   if (p) {
     const age = sNow - (p.serverTimestamp ?? p.timestamp);
     setText(el['bbo-age'], live ? `updated ${fmtAge(age)} ago` : `frozen · last update ${fmtAge(age)} ago`);
     setAttr(el['bbo-age'], 'data-level', !live ? 'bad' : age > 60000 ? 'bad' : age > 10000 ? 'warn' : 'ok');
   } else setText(el['bbo-age'], connected ? 'no data yet' : 'not connected');
-  setText(el['bbo-market'], f && f.market ? f.market : '—');
 }
 
 /** The frozen-price warning, and the polite announcement of connection / feed changes. */
@@ -1442,7 +1610,8 @@ function renderBanner(s) {
   setAttr(banner, 'data-level', lvl);
   setText(el['feed-banner-text'], msg);
   setText(el['feed-banner-count'], count);
-  const announce = !s.connected ? (s.c.state === 'connecting' ? '' : 'Server connection lost') :
+  const announce = replay.on ? `Replay ${REPLAY_WORDS[replay.phase]}` :
+    !s.connected ? (s.c.state === 'connecting' ? '' : 'Server connection lost') :
     s.fstate === 'live' ? (lastAnnounce ? 'Feed live' : '') : `Feed ${FEED_WORDS[s.fstate] || s.fstate}`;
   if (announce !== lastAnnounce) { lastAnnounce = announce; setText(el['sr-status'], announce); }
 }
@@ -1453,6 +1622,7 @@ function renderBanner(s) {
 function bannerMessage({ c, connected, now, sNow, f, fstate, sym, live, p }) {
   let msg = '', lvl = 'warn';
   const counts = [];
+  if (replay.on) return { msg, count: '', lvl };   // the replay bar says what the prices are
   const shown = p ? `The ${sym} prices shown are the last received, not live.` : 'No prices received yet.';
   const noData = (lastMs, nowMs) => { if (lastMs != null && nowMs > lastMs) counts.push(`No data for ${fmtDuration(nowMs - lastMs)}`); };
   if (!connected) {
@@ -1539,8 +1709,81 @@ function renderPersistence(pers) {
 /** The tab title carries the price, so a background tab still shows it (refreshed every second). */
 function renderTitle() {
   const sym = state.current;
-  const p = sym && state.bbo[sym];
-  document.title = p ? `${p.bidPrice} / ${p.askPrice} ${sym}${isLive(sym) ? '' : ' (not live)'} · BBO Stream` : 'BBO Stream';
+  const p = sym && shownBbo(sym);
+  const prices = p ? `${p.bidPrice} / ${p.askPrice} ${sym}` : '';
+  if (replay.on) {
+    const pos = replayPosition();
+    document.title = `REPLAY ${fmtClock(pos)} ${tzName(pos)} ${fmtSpeed(replay.speed)}${prices ? ` · ${prices}` : ''} · BBO Stream`;
+  } else {
+    document.title = p ? `${prices}${isLive(sym) ? '' : ' (not live)'} · BBO Stream` : 'BBO Stream';
+  }
+}
+
+const REPLAY_WORDS = { idle: 'idle', connecting: 'connecting…', playing: 'playing', paused: 'paused', done: 'done',
+                       interrupted: 'interrupted: reconnecting…' };
+/** A replay speed: "10×", "1,000×", "0.5×"; 0 is "max" (as fast as the page reads). */
+const fmtSpeed = (x) => (x > 0 ? `${x >= 1000 ? fmtInt(x) : Number(x.toPrecision(4))}×` : 'max');
+
+/** Everything that says REPLAY while the page shows one: the replay bar (position, range, progress,
+ *  outages), the feed pill, the price panel's age line and the chart's badge; they say the replayed
+ *  time and the speed, so no recorded price can pass for a live one. */
+function renderReplay() {
+  document.documentElement.dataset.replay = String(replay.on);
+  el['replay-bar'].hidden = !replay.on;
+  el['chart-replay'].hidden = !replay.on;
+  if (!replay.on) return;
+  const pos = replayPosition();
+  const zone = tzName(pos);
+  const speed = fmtSpeed(replay.speed);
+  const word = REPLAY_WORDS[replay.phase];
+  setAttr(el['replay-bar'], 'data-phase', replay.phase);
+  setText(el['replay-state'], word);
+  setText(el['replay-position'], `${fmtDateTime(pos)} ${zone}`);
+  setText(el['replay-speed-text'], speed);
+  setText(el['replay-range'], `${fmtDateTime(replay.from)} – ${fmtDateTime(replay.to)} ${tzName(replay.from)}`);
+  const span = replay.to - replay.from;
+  const f = span > 0 ? (pos - replay.from) / span : 1;
+  setScaleX(el['replay-fill'], f);
+  setAttr(el['replay-progress'], 'aria-valuenow', String(Math.round(f * 100)));
+  setAttr(el['replay-progress'], 'aria-valuetext', `${fmtDateTime(pos)} ${zone}, ${word}`);
+  const toggle = el['replay-toggle'];
+  setText(toggle, replay.phase === 'playing' ? 'Pause' : replay.phase === 'done' ? 'Play again' : 'Play');
+  toggle.disabled = replay.phase === 'connecting' || replay.phase === 'interrupted';
+  // the pill, the price panel and the chart: REPLAY, the replayed time and the speed
+  const doing = replay.phase === 'playing' ? speed : `${word} · ${speed}`;
+  setAttr(el['feed-state'], 'data-state', 'replay');
+  setText(el['feed-state-label'], 'REPLAY');
+  setText(el['feed-state-text'], `${fmtClock(pos)} · ${doing}`);
+  el['feed-state'].title = `Replay of recorded data (not live), at ${fmtDateTime(pos)} ${zone}, ${word}, speed ${speed}`;
+  setText(el['bbo-age'], `REPLAY · ${fmtClock(pos, true)} ${zone} · ${doing}`);
+  setAttr(el['bbo-age'], 'data-level', 'replay');
+  setText(el['chart-replay'], `REPLAY · ${fmtClock(pos)} ${zone} · ${doing}`);
+  renderTitle();                                // the replayed time moves faster than the second tick
+  renderReplayOutages(span);
+}
+
+/** The outages the replay has passed: a mark on the progress bar each, and a line saying them. */
+function renderReplayOutages(span) {
+  const marks = el['replay-marks'];
+  const out = replay.outages;
+  if (marks.childElementCount !== out.length || marks.dataset.zone !== tzName()) {
+    marks.dataset.zone = tzName();
+    marks.replaceChildren(...out.map((o) => {
+      const m = document.createElement('span');
+      m.className = 'replay-mark';
+      const a = span > 0 ? clamp((o.start - replay.from) / span, 0, 1) : 0;
+      const b = span > 0 ? clamp(((o.end ?? replay.to) - replay.from) / span, 0, 1) : 1;
+      m.style.left = `${(a * 100).toFixed(2)}%`;
+      m.style.width = `max(3px, ${((b - a) * 100).toFixed(2)}%)`;
+      m.title = `${o.symbol} outage ${fmtDateTime(o.start)}${o.end != null ? ` – ${fmtClock(o.end)}` : ''} ${tzName(o.start)}: ${o.reason}`;
+      return m;
+    }));
+    const box = el['replay-outages'];
+    box.hidden = !out.length;
+    const last = out[out.length - 1];
+    setText(box, !last ? '' : `Outage${out.length > 1 ? `s: ${out.length}, the last` : ''}: ${last.symbol} ` +
+      `${fmtDateTime(last.start)}${last.end != null ? ` – ${fmtClock(last.end)}` : ''} ${tzName(last.start)}: ${last.reason}`);
+  }
 }
 
 // ###########################################################################
@@ -1592,7 +1835,7 @@ const chart = {
 
 function viewRange() {
   const v = chart.view;
-  const end = v.follow ? serverNow() : v.end;
+  const end = v.follow ? (replay.on ? replayPosition() : serverNow()) : v.end;
   return [end - v.span, end];
 }
 
@@ -1701,6 +1944,7 @@ function lowerBoundArr(T, n, x) {
 
 /** Gaps (outages, client disconnects) overlapping [t0, t1], merged, sorted. */
 function gapsInView(sym, t0, t1, bfFrom, bfTo) {
+  if (replay.on) return replayGapsInView(sym, t0, t1);
   const raw = [];
   const now = serverNow();
   const bf = chart.backfill[sym];
@@ -1724,6 +1968,19 @@ function gapsInView(sym, t0, t1, bfFrom, bfTo) {
   if ((st === 'suspect' || st === 'quiet') && lastAt != null) {
     raw.push({ start: lastAt, end: now, kind: 'client', reason: `${sym} is ${st}: no update since ${fmtClock(lastAt)} ${tzName(lastAt)}` });
   }
+  return mergeGaps(raw, t0, t1);
+}
+
+/** A replay's gaps: the outages of `sym` it has announced (one still open holds to where it is). */
+function replayGapsInView(sym, t0, t1) {
+  const pos = replayPosition();
+  return mergeGaps(replay.outages.filter((o) => o.symbol === sym)
+    .map((o) => ({ start: o.start, end: Math.min(o.end ?? pos, pos), kind: 'outage', reason: o.reason }))
+    .concat(replay.skipped.map((g) => ({ ...g, kind: 'client', reason: 'skipped by a seek' }))), t0, t1);
+}
+
+/** The gaps overlapping [t0, t1], sorted, overlapping ones merged (an outage wins over a client gap). */
+function mergeGaps(raw, t0, t1) {
   const inView = raw.filter((g) => g.end >= t0 && g.start <= t1 && g.end > g.start).sort((a, b) => a.start - b.start);
   const out = [];
   for (const g of inView) {
@@ -1839,9 +2096,10 @@ function plotArea() {
 function decimateSources({ sym, v0, v1, k, ncols }) {
   const C = allocCols(ncols);
   C.has.fill(0);
-  const pb = state.points[sym];
-  const bf = chart.backfill[sym];
-  const liveFrom = liveSince(sym);
+  // a replay draws only what it replayed: no live points, no backfill of the server's history
+  const pb = replay.on ? replay.points[sym] : state.points[sym];
+  const bf = replay.on ? null : chart.backfill[sym];
+  const liveFrom = replay.on ? Infinity : liveSince(sym);
   let bfFrom = Infinity, bfTo = Infinity, j0 = 0, j1 = 0;
   if (bf) {
     bfFrom = bf.start;
@@ -1881,7 +2139,8 @@ function seriesEdges({ sym, v0, v1 }, { pb, bf, bfFrom, bfTo }) {
   // a price that is not live holds only to its last update: a flat line on to "now" would read as a
   // calm market when nothing is known
   const lastAt = lastUpdateAt(sym);
-  if (!isLive(sym) && lastAt != null) liveEdge = Math.min(liveEdge, Math.max(lastAt, pb && pb.n ? pb.last() : lastAt));
+  if (replay.on) liveEdge = replayPosition();   // a replayed price holds to where the replay is
+  else if (!isLive(sym) && lastAt != null) liveEdge = Math.min(liveEdge, Math.max(lastAt, pb && pb.n ? pb.last() : lastAt));
   const gaps = gapsInView(sym, v0, v1, bfFrom, bfTo);
   const crosses = (ta, tb) => {   // does a gap lie between times ta and tb?
     for (const g of gaps) if (g.start < tb && g.end > ta) return true;
@@ -2134,15 +2393,19 @@ function finishDraw(started, livePts, hasData) {
   const loading = chart.bfPending != null;
   if (!hasData) {
     empty.hidden = false;
-    setText(empty, chart.bfError ? `History unavailable: ${chart.bfError}` :
+    setText(empty, replay.on ? (replay.phase === 'connecting' ? 'Starting the replay…' : 'No replayed data in this time range') :
+      chart.bfError ? `History unavailable: ${chart.bfError}` :
       loading ? 'Loading history…' : state.current ? 'No data in this time range' : 'Waiting for data…');
   } else empty.hidden = true;
   const g = chart.geo;
   if (g) {
     // plain words: what is shown, whether it follows the market, where the data comes from
     const src = g.bf && g.bf.n ? `; earlier: the server's stored ${g.bf.tier === 'bars' ? 'per-second summaries' : 'updates'}` : '';
-    setText($('chart-info'), `${g.sym} · ${fmtSpan(g.v1 - g.v0)} ${chart.view.follow ? 'to now, following live' : 'in the past, paused'} · ` +
-      `${fmtInt(livePts)} ${livePts === 1 ? 'update' : 'updates'} received live${src} · times ${tzName(g.v1)}`);
+    const updates = `${fmtInt(livePts)} ${livePts === 1 ? 'update' : 'updates'}`;
+    setText($('chart-info'), replay.on
+      ? `REPLAY · ${g.sym} · ${fmtSpan(g.v1 - g.v0)} ${chart.view.follow ? 'to the replayed time' : 'paused view'} · ${updates} replayed · times ${tzName(g.v1)}`
+      : `${g.sym} · ${fmtSpan(g.v1 - g.v0)} ${chart.view.follow ? 'to now, following live' : 'in the past, paused'} · ` +
+        `${updates} received live${src} · times ${tzName(g.v1)}`);
   }
   if (chart.hover) drawOverlay();
 }
@@ -2519,7 +2782,7 @@ function scheduleBackfill(delay) {
 /** Fetch a decimated series for the view when the live buffer does not cover it. */
 function ensureBackfill(force = false) {
   const sym = state.current;
-  if (!sym || !chart.cssW) return;
+  if (!sym || !chart.cssW || replay.on) return;
   const [v0, v1raw] = viewRange();
   const now = serverNow();
   const v1 = Math.min(v1raw, now);
@@ -3086,6 +3349,151 @@ function initFeedEdit() {
   });
 }
 
+// --- replay: the history panel's range played back through /replay (state and events: §3) -----
+
+const REPLAY_SPEED_KEY = 'bbo.replaySpeed';
+
+function showReplayError(msg) {
+  const box = $('replay-error');
+  box.hidden = !msg;
+  setText(box, msg || '');
+}
+
+/** Entering or leaving a replay: the pill, prices, tabs and title change at once, in this task
+ *  (none of them may go on showing the other mode's data until a later frame); the chart follows. */
+function replayChanged() {
+  chart.dirty = true;
+  chart.hover = null;
+  dirty.replay = dirty.status = dirty.bbo = dirty.tabs = false;
+  renderStatus();
+  renderBbo();
+  renderTabs();
+  renderTitle();
+  requestFrame();
+}
+
+/** Replay the history panel's range (From / To, in the zone shown) at the speed chosen: every
+ *  symbol with recorded data, merged in time order by the server. */
+async function startReplay() {
+  const [from, to] = histRangeFromForm();
+  if (!Number.isFinite(from) || !Number.isFinite(to)) {
+    showReplayError(`Enter the start and end as YYYY-MM-DD HH:MM:SS (24-hour, ${tzName()}).`);
+    return;
+  }
+  showReplayError('');
+  let symbols;
+  try {
+    symbols = (await fetchJson('/api/history/symbols')).symbols;
+  } catch (err) {
+    showReplayError(`Replay: cannot list the recorded symbols: ${err.message}`);
+    return;
+  }
+  if (!Array.isArray(symbols) || !symbols.length) { showReplayError('Replay: nothing is recorded yet.'); return; }
+  if (replay.on) socket.leave(REPLAY_NAMESPACE);
+  else replay.savedView = { ...chart.view };
+  Object.assign(replay, {
+    on: true, phase: 'connecting', symbols: symbols.slice(0, 100), from, to, speed: Number($('replay-speed').value),
+    clock: $('replay-clock').value, position: null, statusAt: Date.now(), outages: [], rows: 0, pauseOnReconnect: false,
+  });
+  clearReplayed();
+  // the chart follows the replayed time, over the timeframe or the whole range when it is shorter
+  Object.assign(chart.view, { follow: true, span: clamp(to - from, MIN_SPAN, TIMEFRAMES[chart.tf]) });
+  socket.join(REPLAY_NAMESPACE, {
+    // After a lost connection it starts again where it was (the rows from there on).
+    auth: () => ({ symbols: replay.symbols, from: replay.position == null ? replay.from : replayPosition(), to: replay.to,
+                   speed: replay.speed, clock: replay.clock, ...(auth.token ? { token: auth.token } : {}) }),
+    onConnect: () => {                // (its replay_status follows at once)
+      if (replay.pauseOnReconnect) { replay.pauseOnReconnect = false; replayControl('pause'); }
+    },
+    onEvent: (name, args) => {
+      if (name === 'bbo_update') onReplayUpdate(args[0]);
+      else if (name === 'replay_status') onReplayStatus(args[0]);
+      else if (name === 'outage') onReplayOutage(args[0]);
+    },
+    onConnectError: (message) => {
+      stopReplay();
+      showReplayError(`The server refused the replay: ${message}`);
+    },
+    onDisconnect: (reason) => {
+      if (!replay.on) return;
+      if (reason === 'the server ended it') { stopReplay(); showReplayError('The server ended the replay.'); return; }
+      replay.position = replayPosition();
+      replay.pauseOnReconnect = replay.phase === 'paused' || (replay.phase === 'interrupted' && replay.pauseOnReconnect);
+      replay.phase = 'interrupted';
+      replayChanged();
+    },
+  });
+  replayChanged();
+  window.scrollTo({ top: 0, behavior: reducedMotion ? 'auto' : 'smooth' });   // the replay bar and the prices
+}
+
+/** Back to live: the live store was kept up to date all along, the chart's view is given back. */
+function stopReplay() {
+  socket.leave(REPLAY_NAMESPACE);
+  if (!replay.on) return;
+  replay.on = false;
+  replay.phase = 'idle';
+  clearReplayed();
+  replay.outages = [];
+  if (replay.savedView) Object.assign(chart.view, replay.savedView);
+  replay.savedView = null;
+  replayChanged();
+  scheduleBackfill(0);
+}
+
+/** A control event (pause, resume, seek, speed): its ack is the replay_status, or {error}. */
+function replayControl(event, arg, after) {
+  const done = (err, res) => {
+    if (err || !res || res.error) { showReplayError(`Replay ${event}: ${err ? err.message : (res && res.error) || 'no answer'}`); return; }
+    showReplayError('');
+    if (after) after();
+    onReplayStatus(res);
+  };
+  if (arg === undefined) socket.emitTo(REPLAY_NAMESPACE, event, done);
+  else socket.emitTo(REPLAY_NAMESPACE, event, arg, done);
+}
+
+function toggleReplay() {
+  if (replay.phase === 'playing') replayControl('pause');
+  else if (replay.phase === 'paused') replayControl('resume');
+  else if (replay.phase === 'done') seekReplay(replay.from);
+}
+
+/** Play from `time` (ms): what was replayed is dropped, the rows come again from there. */
+function seekReplay(time) {
+  if (!replay.on || replay.phase === 'connecting' || replay.phase === 'interrupted') return;
+  const at = Math.round(clamp(time, replay.from, replay.to));
+  const was = replayPosition();
+  replayControl('seek', { time: at }, () => replaySeeked(at, was));
+}
+
+function initReplay() {
+  const speed = $('replay-speed');
+  try {
+    const kept = localStorage.getItem(REPLAY_SPEED_KEY);
+    if (kept && [...speed.options].some((o) => o.value === kept)) speed.value = kept;
+  } catch { /* private mode */ }
+  speed.addEventListener('change', () => {
+    try { localStorage.setItem(REPLAY_SPEED_KEY, speed.value); } catch { /* private mode */ }
+    if (replay.on && replay.phase !== 'connecting') replayControl('speed', { speed: Number(speed.value) });
+  });
+  $('replay-start').addEventListener('click', startReplay);
+  $('replay-stop').addEventListener('click', stopReplay);
+  $('replay-toggle').addEventListener('click', toggleReplay);
+  const bar = $('replay-progress');
+  bar.addEventListener('click', (e) => {
+    const r = bar.getBoundingClientRect();
+    seekReplay(replay.from + clamp((e.clientX - r.left) / r.width, 0, 1) * (replay.to - replay.from));
+  });
+  bar.addEventListener('keydown', (e) => {
+    const step = (replay.to - replay.from) / 20;
+    const to = { ArrowLeft: -step, ArrowRight: step, Home: -Infinity, End: Infinity }[e.key];
+    if (to === undefined) return;
+    e.preventDefault();
+    seekReplay(replayPosition() + to);
+  });
+}
+
 function secondTick() {
   tickStats();
   dirty.status = dirty.tabs = dirty.bbo = true;   // ages, rates, a symbol turning suspect
@@ -3104,6 +3512,7 @@ async function boot() {
   initSymbolInput();
   initHistory();
   initFeedEdit();
+  initReplay();
   renderTimeZone();
   $('tz-toggle').addEventListener('click', () => setTimeZone(!tz.utc));
   restorePoints();
@@ -3235,6 +3644,9 @@ window.bboDebug = {
   },
   loadSyntheticPoints,
   checkHealth,
+  replay: () => ({ on: replay.on, phase: replay.phase, position: replay.on ? replayPosition() : null, speed: replay.speed,
+                   from: replay.from, to: replay.to, symbols: replay.symbols, rows: replay.rows,
+                   outages: replay.outages.map((o) => ({ ...o })) }),
 };
 
 if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', boot);
