@@ -10490,6 +10490,7 @@ def test_dashboard_adds_and_removes_feed_symbols_only_when_the_server_allows_it(
         pg.wait_js(f"() => ({listed})() === 'BTCUSDT,ETHUSDT'")
         pg.wait_js("() => !document.querySelector('#symbol-tabs [data-symbol=SOLUSDT]')")
         assert "SOLUSDT" not in server.get_json("/healthz")["feed"]["symbols"]
+        pg.page.close()                                # before its server stops: no reconnect errors logged
     finally:
         server.stop()
 
