@@ -10495,6 +10495,123 @@ def test_dashboard_adds_and_removes_feed_symbols_only_when_the_server_allows_it(
         server.stop()
 
 
+
+# -- connection state recovery: the page takes its session back when the server offers it --------
+
+_DASH_RECORD_UPDATES = """() => {
+  // every bbo_update handed to the page's store from here on, in order: [symbol, updateId, serverTimestamp]
+  window.__updates = [];
+  const s = bboDebug.socket, handle = s.onEvent;
+  s.onEvent = (name, args, ack) => {
+    if (name === 'bbo_update') window.__updates.push([args[0].symbol, args[0].updateId, args[0].serverTimestamp]);
+    handle(name, args, ack);
+  };
+}"""
+
+_DASH_HAS_UPDATE = "([sym, u]) => window.__updates.some(([s, v]) => s === sym && v === u)"
+
+
+def _dash_cut(pg: DashPage) -> dict[str, Any]:
+    """Drop the page's connection as the heartbeat watchdog would and hold its reconnect until
+    _dash_come_back; returns the connection as it was."""
+    before = pg.js("bboDebug.connection()")
+    pg.js("() => { const s = bboDebug.socket; s.minDelay = s.maxDelay = 600000; s.jitter = 0; s._lost('test: cut'); }")
+    assert pg.js("bboDebug.connection().state") == "reconnecting"
+    return before
+
+
+def _dash_come_back(pg: DashPage, server: DashServer, away: list[dict[str, Any]], before: dict[str, Any]) -> dict[str, Any]:
+    """Once the server has every update sent while away, let the page reconnect; returns its connection."""
+    deadline = time.monotonic() + 10
+    while server.get_json("/api/bbo")["symbols"]["BTCUSDT"]["updateId"] < away[-1]["u"]:
+        assert time.monotonic() < deadline, "the server did not get the updates sent while the page was away"
+        time.sleep(0.02)
+    pg.js("bboDebug.socket.retryNow()")
+    pg.wait_js("(n) => bboDebug.connection().state === 'connected' && bboDebug.connection().reconnects === n + 1",
+               before["reconnects"])
+    return pg.js("bboDebug.connection()")
+
+
+def _dash_updates_by_symbol(pg: DashPage) -> dict[str, list[int]]:
+    seen = pg.js("window.__updates")
+    return {sym: [u for s, u, _ in seen if s == sym] for sym in DASH_SYMBOLS}
+
+
+def test_dashboard_takes_its_session_back_with_every_missed_update_once_when_the_server_offers_recovery(
+        dash_open: Any, dash_server: DashServer, tmp_path: Path) -> None:
+    ex = dash_server.exchange
+    server = DashServer(ex, tmp_path / "cache", ("--recovery-seconds", "60", "--recovery-max-updates", "40"))
+    try:
+        server.wait_feed("live")
+        pg = dash_open(base_url=server.url)
+        pg.wait_connected()
+        pg.wait_js("() => bboDebug.state.welcome && bboDebug.state.welcome.recoverySeconds === 60")
+        pg.wait_js("() => document.getElementById('conn-recovery').textContent === 'recovers within 60 s'")
+        assert pg.page.is_visible("#conn-recovery-row")
+        pg.js(_DASH_RECORD_UPDATES)
+        mark = ex.send("BTCUSDT", "43300.00", "0.10000000", "43300.10", "0.20000000")
+        pg.wait_js(_DASH_HAS_UPDATE, ["BTCUSDT", mark["u"]])
+        pg.wait_js("() => window.__updates.some(([s]) => s === 'ETHUSDT')")
+        points = pg.js("bboDebug.chart.pointCount()")
+        assert pg.js("bboDebug.state.current") == "BTCUSDT"
+        live_since = pg.js("bboDebug.chart.liveSince()")
+        assert live_since <= pg.js("bboDebug.state.bbo.BTCUSDT.serverTimestamp")
+
+        # 1. away for a few updates: the same session, each missed update once, the chart goes on
+        before = _dash_cut(pg)
+        away = ex.send_many([("BTCUSDT", f"43301.{i:02d}", "0.10000000", "43302.00", "0.20000000") for i in range(5)])
+        after = _dash_come_back(pg, server, away, before)
+        assert after["recovered"] is True and after["socketId"] == before["socketId"] and after["pid"] == before["pid"]
+        assert after["sid"] != before["sid"]                          # a new Engine.IO connection all the same
+        missed = pg.js("bboDebug.socket.recoveredEvents")
+        assert missed >= len(away), missed                            # they came before the CONNECT answer
+        pg.wait_js(_DASH_HAS_UPDATE, ["BTCUSDT", away[-1]["u"]])
+        pg.wait_bbo("43301.04", "0.10000000", "43302.00", "0.20000000")
+        pg.wait_js("(n) => document.getElementById('conn-recovery').textContent === `recovered; ${n} missed events received`",
+                   missed)
+        # the live buffer holds everything from where it did: no hole, nothing for the server's history to fill
+        assert pg.js("bboDebug.chart.pointCount()") >= points + len(away)
+        assert pg.js("bboDebug.chart.liveSince()") == live_since
+        assert not [g for g in pg.js("bboDebug.chart.redraw(), bboDebug.chart.gaps()") if g["kind"] == "client"]
+        back = ex.send("ETHUSDT", "2346.00", "1.00000000", "2346.01", "1.00000000")
+        pg.wait_js(_DASH_HAS_UPDATE, ["ETHUSDT", back["u"]])
+        for sym, got in _dash_updates_by_symbol(pg).items():
+            sent = [p["u"] for p in ex.sent_of(sym) if got[0] <= p["u"] <= got[-1]]
+            assert got == sent, (sym, got, sent)                      # every one, once, in order
+
+        # 2. away for more than RECOVERY_MAX_UPDATES: the same session, the newest of each symbol and
+        # the count of the others, shown; the chart marks the hole
+        before = _dash_cut(pg)
+        last_before = {sym: got[-1] for sym, got in _dash_updates_by_symbol(pg).items()}   # nothing more came
+        away = ex.send_many([("BTCUSDT", f"43303.{i:02d}", "0.10000000", "43304.00", "0.20000000") for i in range(60)])
+        after = _dash_come_back(pg, server, away, before)
+        assert after["recovered"] is True and after["socketId"] == before["socketId"]
+        pg.wait_js(_DASH_HAS_UPDATE, ["BTCUSDT", away[-1]["u"]])
+        pg.wait_bbo("43303.59", "0.10000000", "43304.00", "0.20000000")
+        back = ex.send("ETHUSDT", "2347.00", "1.00000000", "2347.01", "1.00000000")
+        pg.wait_js(_DASH_HAS_UPDATE, ["ETHUSDT", back["u"]])
+        skipped = 0
+        for sym, got in _dash_updates_by_symbol(pg).items():
+            newer = [u for u in got if u > last_before[sym]]
+            sent = [p["u"] for p in ex.sent_of(sym) if last_before[sym] < p["u"] <= newer[-1]]
+            # the first one after the cut is the newest it missed; nothing after it is missing or twice
+            assert newer[0] in sent and newer == sent[sent.index(newer[0]):], (sym, newer, sent)
+            skipped += sent.index(newer[0])
+        assert skipped >= len(away) - 1
+        text = f"recovered; {skipped:,} updates skipped while disconnected"
+        pg.wait_js("(t) => document.getElementById('conn-recovery').textContent === t", text)
+        # the live buffer has a hole up to the newest update it got back: the server's history fills it
+        got_back = {u: t for s, u, t in pg.js("window.__updates") if s == "BTCUSDT"}
+        newest_ms = got_back[min(u for u in got_back if u > last_before["BTCUSDT"])]
+        assert pg.js("bboDebug.chart.liveSince()") == newest_ms
+        pg.wait_js("(t) => bboDebug.chart.backfill() && bboDebug.chart.backfill().end >= t", newest_ms)
+        DASH_ARTIFACTS.mkdir(exist_ok=True)
+        pg.page.locator(".stats-card").screenshot(path=str(DASH_ARTIFACTS / "dashboard-recovery.png"))
+        pg.page.close()                                # before its server stops: no reconnect errors logged
+    finally:
+        server.stop()
+
+
 # -- replay: the history panel's range played back through /replay ------------------------------
 
 _DASH_REPLAY_WATCH = """() => {

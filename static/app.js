@@ -55,6 +55,8 @@
  *              #tf-<tf> for each key of TIMEFRAMES: #tf-1m … #tf-1d (aria-pressed), #zoom-reset, #show-mid
  *   Stats      #rtt #backend-latency #backend-latency-avg (data-level=good|warn|bad|none)
  *              #msg-count #msg-rate #conn-duration #stats-transport #conn-reconnects
+ *              #conn-recovery (how the last reconnect went; its row #conn-recovery-row is shown only when
+ *              the server offers connection state recovery)
  *              #fd-state #fd-market #fd-since #fd-age #fd-next #fd-messages #fd-reconnects
  *              #fd-duplicates #fd-crossed #fd-parse #fd-reason #clock-offset #clock-warning
  *   Feed edit  #feed-edit (shown when the welcome says feedEdit) #feed-symbols ([data-remove=SYM] buttons)
@@ -77,7 +79,8 @@
  * Test hook: window.bboDebug
  *   state                        the live state object (§3)
  *   transport()                  "websocket" | "polling" | null (current Engine.IO transport)
- *   connection()                 {state, transport, sid, reconnects, attempts, reconnectAt}
+ *   connection()                 {state, transport, sid (Engine.IO), socketId (Socket.IO), recovered (the last
+ *                                connect took the session back), pid, offset, reconnects, attempts, reconnectAt}
  *   chart.pointCount()           live points held for the current symbol
  *   chart.lastDrawMs()           duration of the last chart redraw (ms)
  *   chart.timeframe()            "1m" … "1d"
@@ -86,6 +89,7 @@
  *   chart.setTimeframe(tf)       same as clicking #tf-<tf>
  *   chart.zoom(factor)           zoom about the centre (factor < 1 zooms in)
  *   chart.backfill()             the current backfill series (or null)
+ *   chart.liveSince()            server ms from which the live buffer holds every update of the current symbol
  *   chart.gaps()                 the shaded spans of the last draw: [{start, end, kind, reason}]
  *   chart.axisLabels()           the axis labels of the last draw: {x: [{x, w}], y: [{y, w}]} (device px)
  *   chart.geometry()             the last draw's plot: {pw, ph, padT, priceH, spreadTop, spreadH, dpr} (device px)
@@ -297,6 +301,16 @@ function microprice(bidStr, bidQtyStr, askStr, askQtyStr) {
 // Other namespaces (join) ride the same Engine.IO connection, as socket.io-client multiplexes
 // them: "40/replay,{auth}" … "42/replay,[…]"; each has its own connected state and handlers,
 // and is connected again (with its auth read anew) whenever the connection reopens.
+// Connection state recovery (when the server offers it: a `pid` in the CONNECT answer of "/"):
+// every event on "/" carries an offset as its last argument; the client keeps the pid and the
+// last offset across a lost connection and sends them in the next CONNECT's auth, as
+// socket.io-client does. The server then gives the same sid back (recovered) and first, before
+// its CONNECT answer, the events missed meanwhile; they are held until the answer says whether
+// the session was recovered, so the app learns that before it handles them.
+
+/** Events on "/" held before its CONNECT answer: the server sends a recovered session at most
+ *  256 KiB of missed updates there, so far fewer than this; more is a broken server. */
+const SIO_EARLY_EVENTS_MAX = 50000;
 
 class SocketIoClient {
   constructor({ path = '/socket.io/', mode = 'auto', onEvent, onState, onConnect, onDisconnect, auth, onUnauthorized }) {
@@ -316,6 +330,11 @@ class SocketIoClient {
     this.transport = null;            // websocket | polling (while an Engine.IO session is open)
     this.sid = null;                  // Engine.IO session id
     this.socketId = null;             // Socket.IO socket id
+    this.pid = null;                  // recovery: private session id of "/" (null: the server offers none)
+    this.offset = null;               // recovery: offset of the last event received on "/" (a string)
+    this.recovered = false;           // the last CONNECT of "/" took the session back (same sid)
+    this.recoveredEvents = 0;         // events it got before the CONNECT answer (what was missed)
+    this._early = [];                 // [name, args, ack, offset] on "/" before its CONNECT answer
     this.pingInterval = 25000;        // heartbeat timing (ms), as the server's open packet sets it
     this.pingTimeout = 20000;
     this.lastRx = 0;                  // client ms of the last packet received (0: no session)
@@ -360,6 +379,7 @@ class SocketIoClient {
 
   close() {
     this._stopped = true;
+    this.pid = this.offset = null;    // a socket closed on purpose is not taken back
     clearTimeout(this._retryTimer);
     const e = this._engine;
     this._engine = null;
@@ -576,6 +596,8 @@ class SocketIoClient {
         if (o.pingInterval > 0) this.pingInterval = o.pingInterval;
         if (o.pingTimeout > 0) this.pingTimeout = o.pingTimeout;
         this._sentAuth = this.auth();
+        if (this.pid && this.offset != null) this._sentAuth = { ...this._sentAuth, pid: this.pid, offset: this.offset };
+        this._early = [];
         this._send('40' + (this._sentAuth ? JSON.stringify(this._sentAuth) : ''));   // Socket.IO CONNECT to "/"
         for (const nsp of this._spaces.keys()) this._connectSpace(nsp);
         clearTimeout(this._connectTimer);
@@ -609,21 +631,39 @@ class SocketIoClient {
     }
     if (nsp !== '/' && type !== '3') { this._onSpacePacket(nsp, type, data); return; }
     switch (type) {
-      case '0':
+      case '0': {
         clearTimeout(this._connectTimer);
-        this.socketId = data && data.sid;
+        const sid = data && data.sid;
+        const pid = data && typeof data.pid === 'string' ? data.pid : null;
+        const sentPid = this._sentAuth && this._sentAuth.pid;
+        this.recovered = !!sentPid && pid === sentPid && sid === this.socketId;
+        this.socketId = sid;
+        this.pid = pid;
+        if (!pid) this.offset = null;
+        const early = this._early;
+        this._early = [];
+        this.recoveredEvents = this.recovered ? early.length : 0;
         if (this.everConnected) this.reconnects++;
         this.everConnected = true;
         this.attempts = 0;
         this.connectedAt = Date.now();
         this._setState('connected');
-        this.onConnect();
+        // The app hears first whether it was recovered (then it keeps its live state), then the
+        // missed events, in their order.
+        this.onConnect(this.recovered);
+        for (const [name, args, ack, offset] of early) this._deliver(name, args, ack, offset);
         break;
+      }
       case '1': this._lost('server disconnected the socket'); break;
       case '2':
         if (Array.isArray(data) && typeof data[0] === 'string') {
           const ack = id == null ? null : (...args) => this._send('43' + id + JSON.stringify(args));
-          this.onEvent(data[0], data.slice(1), ack);
+          const args = data.slice(1);
+          // recovery on: the last argument is the offset, not the event's (it stays with us)
+          const offset = this.pid && typeof args[args.length - 1] === 'string' ? args.pop() : null;
+          if (this.state === 'connected') this._deliver(data[0], args, ack, offset);
+          else if (this._early.length < SIO_EARLY_EVENTS_MAX) this._early.push([data[0], args, ack, offset]);
+          else this._lost('too many events before the CONNECT answer');
         }
         break;
       case '3': {
@@ -652,6 +692,13 @@ class SocketIoClient {
       }
       default: break;
     }
+  }
+
+  /** An event on "/" to the app; its offset counts as seen only now (held ones lost with the
+   *  connection are asked for again). */
+  _deliver(name, args, ack, offset) {
+    if (offset != null) this.offset = offset;
+    this.onEvent(name, args, ack);
   }
 
   /** A packet of a join()ed namespace (acks are shared: their ids are unique across namespaces). */
@@ -787,7 +834,7 @@ const socket = new SocketIoClient({
   auth: () => (auth.token ? { token: auth.token } : null),
   onUnauthorized: (sent) => needToken((sent && sent.token) || ''),
   onState: (s) => { state.conn.state = s; state.conn.transport = socket.transport; dirty.status = dirty.tabs = dirty.feedEdit = true; requestFrame(); },
-  onConnect: () => { state.conn.transport = socket.transport; onConnect(); },
+  onConnect: (recovered) => { state.conn.transport = socket.transport; onConnect(recovered); },
   onDisconnect,
   onEvent: (name, args) => {
     state.stats.messages++;
@@ -796,6 +843,7 @@ const socket = new SocketIoClient({
       case 'bbo_update': onBboUpdate(a); break;
       case 'feed_status': onFeedStatus(a); break;
       case 'welcome': onWelcome(a); break;
+      case 'gap': onGap(a); break;
       case 'pong': break;                    // the RTT comes from the ping ack
       default: break;
     }
@@ -894,7 +942,7 @@ const state = {
   persistence: null,                   // /healthz's persistence object: is the history being saved?
   feedAt: 0,                           // client ms when it arrived
   feedOutages: [],                     // [{start, end|null, reason}] seen live from feed_status (server ms)
-  welcome: null,                       // the server's welcome payload ({message, feedEdit, maxFeedSymbols})
+  welcome: null,                       // the server's welcome payload ({message, feedEdit, maxFeedSymbols, recoverySeconds})
   clock: null,                         // the server's clock check ({offsetMs, uncertaintyMs, source, measuredAt, warning})
   lastRecv: Object.create(null),       // symbol -> client ms of the last bbo_update received live
   symRate: Object.create(null),        // symbol -> {counts: updates per second over the last 10 s (ring), rate}
@@ -904,6 +952,8 @@ const state = {
     transport: null,                   // websocket | polling while connected
     connectedAt: null,                 // client ms of the last connect
     disconnectedAt: null,              // server ms the connection was lost: the chart shades from there
+    lostAt: null,                      // server ms the last connection was lost (kept after the reconnect)
+    reconnect: null,                   // how the last reconnect went: {recovered, missed, skipped} (null: none yet)
     rtt: null,                         // last ping round trip (ms)
     rttAvg: null,                      // smoothed round trip (ms)
     clockOffset: 0,                    // server clock minus client clock (ms), from the ping acks
@@ -976,6 +1026,7 @@ function symbolState(sym) {
 function sessionFor(sym) {
   return state.session[sym] || (state.session[sym] = {
     start: null,       // first live point since the (re)connect: from here the live buffer is complete
+    startBeforeLoss: null,  // start when the connection was lost: a recovered session keeps it
     gapFrom: null,     // while not live: where the missing data begins, marked as a gap once it resumes
     gapReason: null,   // why it is missing (the chart's tooltip)
   });
@@ -1084,12 +1135,18 @@ function onWelcome(w) {
   requestFrame();
 }
 
-function onConnect() {
+/** `recovered`: the server took the session back and sends every update missed meanwhile
+ *  (right after this), so the live buffers stay complete across the loss: nothing restarts. */
+function onConnect(recovered) {
   state.conn.connectedAt = Date.now();
   state.conn.disconnectedAt = null;
-  for (const sym of Object.keys(state.session)) state.session[sym].start = null;
+  if (socket.reconnects) state.conn.reconnect = { recovered, missed: socket.recoveredEvents, skipped: 0 };
+  for (const s of Object.values(state.session)) {
+    s.start = recovered ? s.startBeforeLoss : null;
+    if (recovered) s.gapFrom = null;
+  }
   socket.emit('ready');
-  socket.emit('request_initial_data');
+  if (!recovered) socket.emit('request_initial_data');   // recovered: the latest updates would come twice
   measureRtt();
   chart.dirty = true;
   dirty.status = true;
@@ -1098,10 +1155,11 @@ function onConnect() {
 
 function onDisconnect(reason) {
   const now = serverNow();
-  state.conn.disconnectedAt = now;
+  state.conn.disconnectedAt = state.conn.lostAt = now;
   for (const sym of Object.keys(state.session)) {
     const s = state.session[sym];
     const pb = state.points[sym];
+    s.startBeforeLoss = s.start;
     s.start = null;
     s.gapFrom = pb && pb.n ? Math.max(pb.last(), now - 1) : now;
     s.gapReason = `server connection lost (${reason})`;
@@ -1109,6 +1167,24 @@ function onDisconnect(reason) {
   // the feed state is unknown while we are disconnected
   chart.dirty = true;
   dirty.status = dirty.bbo = dirty.tabs = true;
+  requestFrame();
+}
+
+/** A recovered session missed more updates than the server sends back: it sends the newest of
+ *  each symbol (right after this) and counts the others. The live buffers miss them, so from the
+ *  loss on they are incomplete, as after a new session: a gap up to each symbol's next update. */
+function onGap(g) {
+  const skipped = g && Number.isFinite(g.skipped) ? g.skipped : 0;
+  if (state.conn.reconnect) state.conn.reconnect.skipped += skipped;
+  const lostAt = state.conn.lostAt ?? serverNow();
+  for (const [sym, s] of Object.entries(state.session)) {
+    const pb = state.points[sym];
+    s.start = null;
+    s.gapFrom = pb && pb.n ? Math.max(pb.last(), lostAt - 1) : lostAt;
+    s.gapReason = `${fmtInt(skipped)} updates skipped while disconnected`;
+  }
+  chart.dirty = true;
+  dirty.status = true;
   requestFrame();
 }
 
@@ -1350,7 +1426,8 @@ function cacheElements() {
     'bbo-market', 'bbo-age', 'bbo-time', 'bbo-update-id', 'bbo-latency', 'bbo-card', 'symbol-select',
     'symbol-tabs', 'feed-state', 'feed-state-text', 'conn-status', 'conn-text', 'transport', 'feed-banner',
     'feed-banner-text', 'feed-banner-count', 'sr-status', 'rtt', 'backend-latency', 'backend-latency-avg',
-    'msg-count', 'msg-rate', 'conn-duration', 'stats-transport', 'conn-reconnects', 'fd-state', 'fd-market',
+    'msg-count', 'msg-rate', 'conn-duration', 'stats-transport', 'conn-reconnects', 'conn-recovery',
+    'conn-recovery-row', 'fd-state', 'fd-market',
     'fd-since', 'fd-age', 'fd-next', 'fd-messages', 'fd-reconnects', 'fd-duplicates', 'fd-crossed', 'fd-parse',
     'fd-reason', 'foot-clock', 'persist-banner', 'persist-banner-text', 'micro-price', 'micro-lean', 'sym-rate',
     'lat-exchange', 'lat-server', 'lat-browser', 'tz-text', 'clock-offset', 'clock-warning', 'feed-state-label',
@@ -1675,6 +1752,19 @@ function renderConnectionStats({ c, connected, now }) {
   setText(el['msg-rate'], `${st.rate < 10 ? st.rate.toFixed(1) : Math.round(st.rate)} /s`);
   setText(el['conn-duration'], socket.connectedAt ? fmtDuration(now - socket.connectedAt) : '—');
   setText(el['conn-reconnects'], String(socket.reconnects));
+  // only when the server offers connection state recovery
+  const recoveryS = state.welcome && state.welcome.recoverySeconds;
+  const hideRecovery = !(recoveryS > 0);
+  if (el['conn-recovery-row'].hidden !== hideRecovery) el['conn-recovery-row'].hidden = hideRecovery;
+  setText(el['conn-recovery'], reconnectText(c.reconnect, recoveryS));
+}
+
+/** How the last reconnect went, in words (the connection panel's row when recovery is on). */
+function reconnectText(r, recoveryS) {
+  if (!r) return `recovers within ${recoveryS} s`;
+  if (!r.recovered) return 'not recovered: new session';
+  if (r.skipped) return `recovered; ${fmtInt(r.skipped)} updates skipped while disconnected`;
+  return `recovered; ${fmtInt(r.missed)} missed events received`;
 }
 
 function renderFeedDetails({ connected, now, sNow, f, fstate, live, p }) {
@@ -3626,6 +3716,7 @@ window.bboDebug = {
   socket,
   transport: () => socket.transport,
   connection: () => ({ state: socket.state, transport: socket.transport, sid: socket.sid, reconnects: socket.reconnects,
+                       socketId: socket.socketId, recovered: socket.recovered, pid: socket.pid, offset: socket.offset,
                        attempts: socket.attempts, reconnectAt: socket.reconnectAt, wsFallbacks: socket.wsFallbacks }),
   chart: {
     pointCount: () => (state.current && state.points[state.current] ? state.points[state.current].n : 0),
@@ -3636,6 +3727,7 @@ window.bboDebug = {
     setTimeframe,
     zoom: (f) => zoomAt(f),
     backfill: () => chart.backfill[state.current] || null,
+    liveSince: () => (state.current ? liveSince(state.current) : Infinity),
     drawCount: () => chart.drawCount,
     axisLabels: () => (chart.geo ? chart.geo.labels : null),
     gaps: () => (chart.geo ? chart.geo.gaps : null),
