@@ -10260,7 +10260,7 @@ def test_dashboard_details_plain_footer_distinct_rows_timeframe_released_by_zoom
     pg.wait_connected()
     pg.wait_js("() => document.getElementById('chart-info').textContent !== '—'")
     info = pg.text("#chart-info")
-    assert not re.search(r"bucket|\braw\b|\bpts\b", info) and "updates received live" in info, info
+    assert not re.search(r"bucket|\braw\b|\bpts\b", info) and re.search(r"\d updates? received live", info), info
     names = pg.js("() => [...document.querySelectorAll('#conn-stats dt, #feed-details dt')].map(d => d.textContent)")
     assert len(names) == len(set(names)), names
     pg.wait_js("() => document.querySelector('#symbol-tabs [data-symbol=BTCUSDT] .sym-px').textContent.startsWith('mid ')")
