@@ -113,7 +113,6 @@ import gc
 import hashlib
 import hmac
 import io
-import itertools
 import ipaddress
 import json
 import logging
@@ -6037,52 +6036,67 @@ class Hub:
     def _deliver_pass(self, batch: list[EioUpdate]) -> Iterator[None]:
         """Hand the batch to every client that wants part of it, FANOUT_SLICE_CLIENTS at a time.
         Clients taking every key get the whole batch; clients with a filter are visited only for
-        a key in it, and each group with the same keys gets one share (its part and joined frames)."""
+        a key in it, and each group with the same keys gets one share (its part and joined frames).
+        The clients are those attached when the pass begins: one attached later gets the next pass
+        (recovery counts on it)."""
         now_s = asyncio.get_running_loop().time()
         joined = batch[0].frame if len(batch) == 1 else b"".join(update.frame for update in batch)
         threads = bool(self.writer_threads) and len(self._conns) >= FANOUT_PARALLEL_MIN_LINKS
-        raw: list[EioConnection] | None = [] if threads else None
-        raw_frames: list[bytes] = []
         attached = self._conns
         everyone = self._everyone_snapshot
         if everyone is None:
             everyone = self._everyone_snapshot = tuple(self._everyone)
-        shares: dict[frozenset[str] | None, tuple[list[EioUpdate], bytes]] = {None: (batch, joined)}
-        visited = 0
-        for conn, keys in self._targets(batch, everyone):
-            if conn not in attached:  # gone since the pass began
+        filtered = self._filtered_targets(batch)
+        step = FANOUT_SLICE_CLIENTS
+        turned = False  # a turn was given: clients may have gone since the pass began
+        # The hot path: clients taking every key get the same batch, nothing per client but deliver.
+        for start in range(0, len(everyone), step):
+            raw: list[EioConnection] | None = [] if threads else None
+            for conn in everyone if len(everyone) <= step else everyone[start:start + step]:
+                if not turned or conn in attached:
+                    conn.deliver(batch, joined, now_s, raw)
+            if raw:  # written before any turn: a socket closed meanwhile could see its fd reused
+                self._write_raw(raw, [joined] * len(raw))
+            if start + step < len(everyone):
+                turned = True
+                yield
+        if not filtered:
+            return
+        raw, raw_frames = ([] if threads else None), []
+        shares: dict[frozenset[str], tuple[list[EioUpdate], bytes]] = {}
+        visited = len(everyone)
+        for conn, keys in filtered.items():
+            if turned and conn not in attached:
                 continue
             share = shares.get(keys)
             if share is None:
-                part = [update for update in batch if update.always or update.key in keys]  # type: ignore[operator]
+                part = [update for update in batch if update.always or update.key in keys]
                 share = shares[keys] = (part, part[0].frame if len(part) == 1 else b"".join(u.frame for u in part))
             taken = len(raw) if raw is not None else 0
-            conn.deliver(share[0], share[1], now_s, raw, filtered=keys is not None)
+            conn.deliver(share[0], share[1], now_s, raw, filtered=True)
             if raw is not None and len(raw) > taken:
                 raw_frames.append(share[1])
             visited += 1
-            if visited % FANOUT_SLICE_CLIENTS == 0:
-                if raw:  # written before the turn: a socket closed meanwhile could see its fd reused
+            if visited % step == 0:
+                if raw:
                     self._write_raw(raw, raw_frames)
                     raw, raw_frames = [], []
+                turned = True
                 yield
         if raw:
             self._write_raw(raw, raw_frames)
 
-    def _targets(self, batch: list[EioUpdate], everyone: tuple[EioConnection, ...]
-                 ) -> Iterable[tuple[EioConnection, frozenset[str] | None]]:
-        """(client, its keys or None for every key) of each client this batch concerns, as attached
-        when the pass begins: one attached later gets the next pass (recovery counts on it)."""
+    def _filtered_targets(self, batch: list[EioUpdate]) -> dict[EioConnection, frozenset[str]]:
+        """The clients with a filter that this batch concerns, with their keys (a copy, taken now)."""
         if not self._keys_of:
-            return ((conn, None) for conn in everyone)
+            return {}
         if any(update.always for update in batch):  # feed status: for every client
-            targets = dict(self._keys_of)
-        else:
-            targets = {}
-            for key in {update.key for update in batch}:
-                for conn in self._by_key.get(key, ()):
-                    targets[conn] = self._keys_of[conn]  # (a copy: clients may come and go meanwhile)
-        return itertools.chain(((conn, None) for conn in everyone), targets.items())
+            return dict(self._keys_of)
+        targets: dict[EioConnection, frozenset[str]] = {}
+        for key in {update.key for update in batch}:
+            for conn in self._by_key.get(key, ()):
+                targets[conn] = self._keys_of[conn]
+        return targets
 
     def _write_raw(self, conns: list[EioConnection], frames: list[bytes]) -> None:
         """Write each client's frames straight to its socket (clients that keep up), on several threads."""
