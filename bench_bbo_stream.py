@@ -1165,12 +1165,11 @@ def _checkout_rev(rev: str, into: Path) -> str:
 
 
 def _make_certificate(folder: Path) -> tuple[str, str]:
-    """A self-signed RSA-2048 certificate for localhost and its key (the openssl command, as BBO Stream makes its own)."""
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
-    return str(cert), str(key)
+    """A self-signed certificate for localhost and its key, made as BBO Stream makes its own."""
+    pair = bs.ensure_certificate(str(folder / "cert.pem"), str(folder / "key.pem"))
+    if pair is None:
+        raise RuntimeError("no certificate could be made (is openssl installed?)")
+    return pair
 
 
 # -- orchestration ------------------------------------------------------------------------------------

@@ -8263,11 +8263,9 @@ http {{
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
+    pair = bs.ensure_certificate(str(directory / "cert.pem"), str(directory / "key.pem"))
+    assert pair is not None, "openssl is needed to make a certificate"
+    return Path(pair[0]), Path(pair[1])
 
 
 class Stack:
