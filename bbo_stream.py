@@ -3340,8 +3340,9 @@ class SioDecoder:
 # ###########################################################################
 # §10 Sessions (Engine.IO and Socket.IO state machines)
 # ###########################################################################
-# Owns: what one client has yet to receive (EioOutbox) and where its Engine.IO and Socket.IO
-# sessions stand.  Pure: state machines driven by (input, now_s); `now_s` is monotonic seconds
+# Owns: what one client has yet to receive (EioOutbox), where its Engine.IO and Socket.IO
+# sessions stand, what a returning client missed (RecoveryLog, recover_updates) and where a
+# replay stands (ReplayCursor, ReplayPacer).  Pure: state machines driven by (input, now_s); `now_s` is monotonic seconds
 # passed in, never read.
 # Effects come back as Actions (kind, payload) for the I/O shell to carry out.
 
@@ -4371,7 +4372,8 @@ def loggable_target(target: str) -> str:
 # §11 Binance feed
 # ###########################################################################
 # Owns: the exchange connections (one per shard of symbols), their watchdog, 24 h
-# rotation (make-before-break), reconnect backoff, outage recording and the feed status.
+# rotation (make-before-break), reconnect backoff, outage recording, the feed status, symbols
+# added and removed while running, and the exchange's REST time (the clock offset).
 
 
 class FeedConnection(ClientConnection):
@@ -5033,7 +5035,7 @@ async def _close_conn(conn: _Conn) -> None:
 # ###########################################################################
 # §12 Cache persistence (disk)
 # ###########################################################################
-# Owns: CACHE_DIR.  Every CACHE_FLUSH_SECONDS the new rows of each symbol are appended as
+# Owns: CACHE_DIR, its lock, and `import` of Binance's CSV into it.  Every CACHE_FLUSH_SECONDS the new rows of each symbol are appended as
 # one JSON line to a journal (`raw-00000007.jsonl`) and fsynced; a journal that reaches
 # SEGMENT_ROWS is compacted into one columnar segment (`raw-00000007-<last_ms>.json`,
 # temp file + fsync + rename).  JSON encoding holds the GIL even in a thread, so no single
@@ -5797,7 +5799,8 @@ class CachePersistence:
 # §13 Fan-out hub
 # ###########################################################################
 # Owns: the attached clients and the write passes: one encoding per update (packet text +
-# WebSocket frame), the same bytes to every client, helper threads for large passes.
+# WebSocket frame), the same bytes to every client, routing by symbol, passes in slices,
+# helper threads for large passes.
 
 
 class SocketWriterPool:
@@ -6138,7 +6141,7 @@ class Hub:
 # §14 The BBO application (Socket.IO handlers)
 # ###########################################################################
 # Owns: the Socket.IO handlers of BBO Stream on namespace "/": its events and payloads (README),
-# and what "subscribe" means for a client's filter.
+# and what "subscribe" means for a client's filter; and the playback of namespace "/replay".
 
 
 class BboApp:
