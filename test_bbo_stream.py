@@ -10335,6 +10335,7 @@ def test_dashboard_on_a_phone_keeps_the_feed_label_whole_range_fields_and_severa
 def _dash_fmt_ms(ms: float) -> str:
     """fmtMs of static/app.js (toFixed rounds the double's exact value half up; Math.round half up)."""
     from decimal import ROUND_HALF_UP, Decimal
+    ms = 0.0 if -0.05 < ms < 0 else ms                       # (no "-0.0 ms")
     return f"{Decimal(ms).quantize(Decimal('0.1'), ROUND_HALF_UP)} ms" if ms < 10 else f"{math.floor(ms + 0.5)} ms"
 
 

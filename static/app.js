@@ -211,6 +211,7 @@ function fmtCountdownShort(ms) {
 }
 function fmtMs(ms) {
   if (ms == null || !Number.isFinite(ms)) return '—';
+  if (ms < 0 && ms > -0.05) ms = 0;   // ("-0.0 ms": a clock-corrected latency a hair below zero)
   return ms < 10 ? `${ms.toFixed(1)} ms` : `${Math.round(ms)} ms`;
 }
 const intFmt = new Intl.NumberFormat('en-US');
