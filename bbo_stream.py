@@ -114,6 +114,7 @@ import hashlib
 import hmac
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import logging.handlers
@@ -3359,6 +3360,8 @@ class EioUpdate(NamedTuple):
     frame: bytes          # the same packet as a ready unmasked WebSocket text frame
     always: bool = False  # passes every filter and rate limit (a status every client must see)
     offset: int = 0       # its recovery offset (the publish sequence number, in the text too); 0 = none
+    slot: int = -1        # recovery: its key's index in the RecoveryLog (a mark names held keys by it)
+    mark: str = ""        # recovery: the mark in its text when it is not str(offset) (see recovery_mark)
 
 
 class EioOutbox:
@@ -3373,7 +3376,7 @@ class EioOutbox:
     """
 
     __slots__ = ("control", "control_bytes", "updates", "update_bytes", "keys", "interval_s",
-                 "max_rate", "held", "due_at", "skipped", "sent", "_compact_at")
+                 "max_rate", "held", "due_at", "skipped", "sent", "_compact_at", "seen_offset", "given")
 
     def __init__(self) -> None:
         self.control: deque[str | bytes] = deque()  # encoded packets, str = text, bytes = binary message
@@ -3388,6 +3391,8 @@ class EioOutbox:
         self.skipped = 0                            # updates superseded before they were sent
         self.sent = 0                               # updates handed to the transport
         self._compact_at = OUTBOX_MAX_UPDATE_BYTES  # compact when update_bytes passes this
+        self.seen_offset = 0                        # recovery: the newest offset offered
+        self.given: EioUpdate | None = None         # recovery: the last update handed to the transport
 
     @property
     def passthrough(self) -> bool:
@@ -3409,6 +3414,8 @@ class EioOutbox:
 
     def push_update(self, update: EioUpdate, now_s: float) -> bool:
         """Offer an update; True when something new is ready to send now."""
+        if update.offset > self.seen_offset:
+            self.seen_offset = update.offset
         if update.always:
             self._append(update)
             return True
@@ -3427,10 +3434,22 @@ class EioOutbox:
         return True
 
     def _append(self, update: EioUpdate) -> None:
+        if update.offset and (self.held or update.offset < self.seen_offset):
+            update = self._remarked(update)
         self.updates.append(update)
         self.update_bytes += len(update.text)
         if self.update_bytes > self._compact_at:
             self._compact()
+
+    def _remarked(self, update: EioUpdate) -> EioUpdate:
+        """Recovery with a rate limit: an update that goes while others wait in `held`, or that
+        waited itself (its offset older than updates of other keys sent before it), carries the
+        client's true position instead of its own offset: the newest offset offered plus the
+        held keys, each owed its newest update up to there (recovery_mark).  The offset alone
+        would make a recovering client miss a held update or get later ones twice."""
+        mark = recovery_mark(self.seen_offset, [held.slot for held in self.held.values()])
+        text = update.text[:update.text.rindex(',"')] + f',"{mark}"]'
+        return update._replace(text=text, frame=encode_ws_frame(text.encode()), mark=mark)
 
     def _compact(self) -> None:
         """Keep only the newest pending update per key, ordered by their last arrival."""
@@ -3463,14 +3482,12 @@ class EioOutbox:
         self.interval_s = None if max_rate is None else 1.0 / max_rate
         self.updates = [update for update in self.updates if update.always or self.wants(update.key)]
         self.update_bytes = sum(len(update.text) for update in self.updates)
-        held = {key: update for key, update in self.held.items() if self.wants(key)}
-        self.held = {}
+        self.held = {key: update for key, update in self.held.items() if self.wants(key)}
         if self.interval_s is None:
             self.due_at.clear()
-            for update in held.values():
-                self._append(update)
+            while self.held:  # (one at a time: each one's mark names those still held)
+                self._append(self.held.pop(next(iter(self.held))))
         else:
-            self.held = held
             self.due_at = {key: due for key, due in self.due_at.items() if self.wants(key)}
 
     def take_control(self) -> list[str | bytes]:
@@ -3485,6 +3502,8 @@ class EioOutbox:
             self._compact()
         updates, self.updates, self.update_bytes = self.updates, [], 0
         self.sent += len(updates)
+        if updates:
+            self.given = updates[-1]
         return updates
 
     def clear(self) -> None:
@@ -4008,19 +4027,43 @@ class RecoveryLog:
         return self.symbol_at[a:b]
 
 
+_RECOVERY_MARK = re.compile(r"([0-9]{1,19})((?:\.[0-9]{1,5})*)")  # "<offset>" or "<offset>.<slot>.<slot>…"
+
+
+def recovery_mark(offset: int, held_slots: Iterable[int]) -> str:
+    """A client's position in the update stream, the last argument of what it is sent: every update
+    up to ``offset`` it takes has reached it, except that each key of ``held_slots`` (RecoveryLog
+    symbol indices: keys held back by maxRate) is still owed its newest update up to there.
+    Without held keys it is the offset itself, as the reference's offsets are."""
+    return str(offset) + "".join(f".{slot}" for slot in sorted(held_slots))
+
+
+def parse_recovery_mark(mark: str, symbols: int) -> tuple[int, tuple[int, ...]] | None:
+    """(offset, held slots) of a mark a client came back with; None if it is not one we give
+    (``symbols``: how many the RecoveryLog knows)."""
+    match = _RECOVERY_MARK.fullmatch(mark)
+    if match is None:
+        return None
+    slots = tuple(int(slot) for slot in match[2].split(".")[1:])
+    if len(set(slots)) != len(slots) or any(slot >= symbols for slot in slots):
+        return None
+    return int(match[1]), slots
+
+
 def recover_updates(log: RecoveryLog, history: BboHistory, after: int, upto: int, keys: frozenset[str] | None,
-                    max_rate: float | None, max_updates: int, prefix: str = '42["bbo_update",'
-                    ) -> tuple[list[str], int]:
-    """The packets of the updates after offset ``after`` up to ``upto`` that a client with this
-    filter and rate took or would have taken, in their order, and how many were skipped.
+                    max_rate: float | None, max_updates: int, held: Sequence[int] = (),
+                    prefix: str = '42["bbo_update",') -> tuple[list[str], int]:
+    """The packets of the updates a client with this filter and rate took or would have taken
+    after the mark (``after``, ``held``: see recovery_mark) up to offset ``upto``, in their order,
+    each with its own mark, and how many were skipped.
 
     Each update's row is the n-th newest of its symbol's ring, n counted in ``log`` (every
-    published update is one row, appended when published).  With ``max_rate``, the outbox's rule
-    runs over the receive times: an update goes if its symbol's previous one that went is at least
-    1/max_rate older, and each symbol's last one goes (a held update goes once due).  Beyond
-    ``max_updates`` (or RECOVERY_MAX_BYTES, or rows the rings no longer hold) only the newest of
-    each symbol goes, and the count of the others is ``skipped``.  Pure (moves pending rows to
-    the rings, as any read does)."""
+    published update is one row, appended when published); a held key's row is the one before
+    its first after ``after``, and goes first.  With ``max_rate``, the outbox's rule runs over the
+    receive times: an update goes if its symbol's previous one that went is at least 1/max_rate
+    older, and each symbol's last one goes.  Beyond ``max_updates`` (or RECOVERY_MAX_BYTES, or
+    rows the rings no longer hold) only the newest of each symbol goes, and the count of the
+    others is ``skipped``.  Pure (moves pending rows to the rings, as any read does)."""
     history.flush()
     syms = log.symbols(after, upto)
     later = np.bincount(log.symbols(upto, log.last), minlength=len(log.names))
@@ -4029,21 +4072,26 @@ def recover_updates(log: RecoveryLog, history: BboHistory, after: int, upto: int
     else:
         wanted = [log.index[key] for key in keys if key in log.index]
         pos = np.flatnonzero(np.isin(syms, np.asarray(wanted, np.uint16)))
+    owed = {slot for slot in held if keys is None or log.names[slot] in keys}
     owner = syms[pos]
-    rows: dict[int, tuple[SymbolHistory, int, np.ndarray]] = {}  # symbol index -> (history, first row, positions)
+    # symbol index -> (history, its first row, candidate positions: -1 for the held row, then offset - after - 1)
+    rows: dict[int, tuple[SymbolHistory, int, np.ndarray]] = {}
     lost = False
-    for i in np.unique(owner).tolist():
+    for i in sorted(set(np.unique(owner).tolist()) | owed):
         hist = history.symbols.get(log.names[i])
         mine = pos[owner == i]
+        if i in owed:
+            mine = np.concatenate(([-1], mine))
         if hist is None:
             lost = True
             continue
-        end = hist.raw.total - int(later[i])
-        if end - len(mine) < hist.raw.first:
+        first = hist.raw.total - int(later[i]) - len(mine)
+        if first < hist.raw.first:
             lost = True
-        rows[i] = (hist, end - len(mine), mine)
-    texts: list[tuple[int, str]] = []
-    if lost or len(pos) > max_updates:
+        rows[i] = (hist, first, mine)
+    candidates = sum(len(mine) for _, _, mine in rows.values())
+    gap = lost or candidates > max_updates
+    if gap:
         keep = {i: np.array([len(mine) - 1]) for i, (hist, first, mine) in rows.items()
                 if first + len(mine) - 1 >= hist.raw.first}
     else:
@@ -4059,17 +4107,30 @@ def recover_updates(log: RecoveryLog, history: BboHistory, after: int, upto: int
                     chosen.append(k)
                     due = at + interval_ms
             keep[i] = np.asarray(chosen)
+    # Every candidate in order, (position, symbol, its JSON if it goes, else None): a skipped one
+    # leaves its symbol owed (in the marks) until the next one of it goes.
+    events: list[tuple[int, int, str | None]] = []
     for i, chosen in keep.items():
         hist, first, mine = rows[i]
         base = max(first, hist.raw.first)  # (rows gone from the ring are never chosen)
         cols = {name: col[chosen - (base - first)] for name, col in hist.raw.take(base, first + len(mine)).items()}
-        for at, obj in zip(mine[chosen].tolist(), rows_to_json_objects(cols, log.names[i])):
-            texts.append((at, f'{prefix}{obj},"{after + 1 + at}"]'))
-    texts.sort(key=lambda item: item[0])
-    out = [text for _, text in texts]
-    if not lost and len(pos) <= max_updates and sum(map(len, out)) > RECOVERY_MAX_BYTES:
-        return recover_updates(log, history, after, upto, keys, max_rate, 0, prefix)
-    return out, len(pos) - len(out) if (lost or len(pos) > max_updates) else 0
+        events.extend(zip(mine[chosen].tolist(), itertools.repeat(i), rows_to_json_objects(cols, log.names[i])))
+        if not gap and len(chosen) < len(mine):
+            skipped_at = np.ones(len(mine), bool)
+            skipped_at[chosen] = False
+            events.extend((at, i, None) for at in mine[skipped_at].tolist())
+    events.sort(key=lambda event: (event[0], event[2] is not None))
+    pending = set(owed) if not gap else {i for i in owed if len(rows[i][2]) == 1 and i in keep}
+    out = []
+    for at, i, obj in events:
+        if obj is None:
+            pending.add(i)
+            continue
+        pending.discard(i)
+        out.append(f'{prefix}{obj},"{recovery_mark(after + 1 + at if at >= 0 else after, pending)}"]')
+    if not gap and sum(map(len, out)) > RECOVERY_MAX_BYTES:
+        return recover_updates(log, history, after, upto, keys, max_rate, 0, held, prefix)
+    return out, candidates - len(out) if gap else 0
 
 
 class RecoverySession(NamedTuple):
@@ -5900,7 +5961,8 @@ class Hub:
     """
 
     def __init__(self, writer_threads: int = 0) -> None:
-        self._conns: dict[EioConnection, tuple[int, int]] = {}  # attached → (sent, skipped) at attach
+        self._conns: dict[EioConnection, tuple[int, int, int]] = {}  # attached → (sent, skipped, passed_upto)
+                                                         # at attach
         self.writer_threads = writer_threads             # helpers of SocketWriterPool (0: loop thread only)
         self._pool: SocketWriterPool | None = None       # started by the first pass that needs it
         self._everyone: dict[EioConnection, None] = {}   # attached clients that take every key
@@ -5921,7 +5983,7 @@ class Hub:
 
     def attach(self, conn: EioConnection) -> None:
         if conn not in self._conns:  # counters from here on: a client may leave "/" and rejoin
-            self._conns[conn] = conn.counters
+            self._conns[conn] = (*conn.counters, self.passed_upto)
             self._route(conn)
             conn.on_filter = self.refilter
 
@@ -5971,23 +6033,29 @@ class Hub:
             self._queue((bbo.symbol, '42["bbo_update",' + bbo_json_head(bbo)))
         else:  # the offset follows the emit time: encoded here once, the same bytes for every client
             offset = self.recovery.record(bbo.symbol)
-            self._queue((bbo.symbol, '42["bbo_update",' + bbo_json_head(bbo), f',"{offset}"]', offset))
+            self._queue((bbo.symbol, '42["bbo_update",' + bbo_json_head(bbo), f',"{offset}"]', offset,
+                         self.recovery.index[bbo.symbol]))
 
     def publish_feed_status(self, status: dict[str, Any]) -> None:
         """Queue a feed status change; like an update, only the newest one waits for a slow client."""
-        offset = "" if self.recovery is None else f',"{self.recovery.last}"'
-        text = '42["feed_status",' + _json_dumps(status) + offset + "]"
-        self._queue(EioUpdate(FEED_STATUS_KEY, text, encode_ws_frame(text.encode()), True))
+        offset = 0 if self.recovery is None else self.recovery.last
+        text = '42["feed_status",' + _json_dumps(status) + (f',"{offset}"' if offset else "") + "]"
+        self._queue(EioUpdate(FEED_STATUS_KEY, text, encode_ws_frame(text.encode()), True, offset))
 
-    def offset_for(self, conn: EioConnection) -> int:
-        """The offset of an event emitted to this client alone now: all it was to get before it
-        has reached its outbox (a pass under way may still be on its way to it: the last finished
-        pass's), and what waits there goes after it."""
-        if conn not in self._conns:
-            return self.passed_upto  # not attached: passes begun before attach do not visit it
-        outbox = conn.session.outbox
-        waiting = [update.offset for update in (*outbox.updates, *outbox.held.values()) if update.offset]
-        return min(waiting) - 1 if waiting else self.done_upto
+    def offset_for(self, conn: EioConnection) -> str:
+        """The mark (recovery_mark) of an event emitted to this client alone now.  It goes before
+        the updates waiting in the client's outbox, so the client then stands where the last update
+        handed to its transport left it; one attached later than that stands where the passes that
+        visit it begin."""
+        attached = self._conns.get(conn)
+        if attached is None:
+            return str(self.passed_upto)  # not attached: passes begun before attach do not visit it
+        given = conn.session.outbox.given
+        if given is not None:
+            mark = given.mark or str(given.offset)
+            if int(mark.partition(".")[0]) >= attached[2]:
+                return mark
+        return str(attached[2])
 
     def _queue(self, item: EioUpdate | tuple) -> None:
         self._batch.append(item)
@@ -6014,7 +6082,7 @@ class Hub:
                 else:  # with its offset
                     key, text = item[0], item[1] + emitted + item[2]
                     symbols.add(key)
-                    item = EioUpdate(key, text, encode_ws_frame(text.encode()), False, item[3])
+                    item = EioUpdate(key, text, encode_ws_frame(text.encode()), False, item[3], item[4])
             batch.append(item)
         if self.recovery is not None:
             self.passed_upto = self.recovery.last
@@ -6225,9 +6293,10 @@ class BboApp:
         sock.offset = lambda: hub.offset_for(conn)
         pid = auth.get("pid") if isinstance(auth, dict) else None
         offset = auth.get("offset") if isinstance(auth, dict) else None
+        mark = parse_recovery_mark(offset, len(hub.recovery.names)) if isinstance(offset, str) else None
         session = None
-        if isinstance(pid, str) and isinstance(offset, str) and offset.isdigit() and len(offset) <= 19 \
-                and hub.recovery.oldest_after <= int(offset) <= hub.passed_upto:  # (else as the ref: a new session)
+        if isinstance(pid, str) and mark is not None \
+                and hub.recovery.oldest_after <= mark[0] <= hub.passed_upto:  # (else as the ref: a new session)
             now_s = asyncio.get_running_loop().time()
             old = self._live.pop(pid, None)
             if old is not None:
@@ -6244,11 +6313,11 @@ class BboApp:
         self._live[pid] = sock
         sock.pid, sock.sid, sock.recovered = pid, session.sid, True
         conn.set_filter(session.keys, session.max_rate)
-        after = int(offset)  # type: ignore[arg-type]
-        texts, skipped = recover_updates(hub.recovery, self.history, after, hub.passed_upto, session.keys,
-                                         session.max_rate, self.recovery_max_updates)
+        assert mark is not None
+        texts, skipped = recover_updates(hub.recovery, self.history, mark[0], hub.passed_upto, session.keys,
+                                         session.max_rate, self.recovery_max_updates, mark[1])
         if skipped:
-            texts.insert(0, f'42["gap",{_json_dumps({"skipped": skipped})},"{after}"]')
+            texts.insert(0, f'42["gap",{_json_dumps({"skipped": skipped})},"{offset}"]')
         sock.send_first(texts)
 
     def on_disconnect(self, sock: SioSocket, reason: str) -> None:
@@ -6581,7 +6650,7 @@ class SioSocket:
         self._held: list[SioPacket] | None = []    # packets emitted by the connect handler, sent after CONNECT
         # Connection state recovery (set by the connect handler when it offers it):
         self.pid: str | None = None                # private session id, in the CONNECT answer
-        self.offset: Callable[[], int] | None = None  # the offset an event emitted now carries (its last argument)
+        self.offset: Callable[[], str] | None = None  # the mark an event emitted now carries (its last argument)
         self.recovered = False                     # this socket took back a disconnected session
         self._first: list[str] = []                # Engine.IO packets sent before the CONNECT answer (missed ones)
 
@@ -6597,7 +6666,7 @@ class SioSocket:
             if len(self._acks) > SIO_MAX_PENDING_ACKS:
                 self._acks.pop(next(iter(self._acks)))  # bounded: the oldest never gets its answer
         elif self.offset is not None:  # (ref: an event awaiting an ack carries no offset)
-            args = (*args, str(self.offset()))
+            args = (*args, self.offset())
         self._send(SioPacket(SioType.EVENT, self.namespace, [event, *args], ack_id))
 
     def emit_json(self, event: str, json_arg: str) -> None:
@@ -7010,6 +7079,7 @@ class EioConnection:
                 and (outbox.passthrough or (filtered and outbox.interval_s is None))
                 and not outbox.control and not outbox.updates):
             outbox.sent += len(batch)
+            outbox.given = batch[-1]  # (recovery: where an event emitted to it alone stands)
             if (raw is not None and link.raw_fd >= 0 and not link.transport.get_write_buffer_size()
                     and not link.transport.is_closing()):
                 raw.append(self)
