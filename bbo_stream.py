@@ -126,6 +126,7 @@ import random
 import re
 import resource
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -182,6 +183,8 @@ FEED_PING_INTERVAL_S = 20.0          # our own WebSocket pings: a dead TCP path 
 FEED_PING_TIMEOUT_S = 20.0           # ...by a pong missing this long (Binance answers pings at once)
 FEED_CLOSE_TIMEOUT_S = 2.0           # closing handshake with the exchange; a reconnect must not wait on it
 FEED_MAX_QUEUE_MESSAGES = 256        # frames websockets buffers before it stops reading the socket
+FEED_READ_CHUNK_BYTES = 64 * 1024    # one read of an exchange socket by its reader thread (~350 bookTickers)
+FEED_READ_AHEAD_BYTES = 1 << 20      # read by the reader thread but not yet parsed by the loop: beyond, it waits
 MAX_SYMBOLS = 5_000                  # above Binance's 1024 streams/connection × a few shards; bounds maps
 MAX_SYMBOL_CHARS = 32                # Binance's longest symbols have under 20; bounds names on disk and per client
 SUSPECT_FLOOR_MS = 1_000             # a symbol is `suspect` after at least this much silence...
@@ -4437,20 +4440,177 @@ def loggable_target(target: str) -> str:
 # added and removed while running, and the exchange's REST time (the clock offset).
 
 
+class FeedSocketReader:
+    """Reads one exchange socket on a thread of its own, so that its bytes are read, and their
+    receive time taken, as they arrive, even while the event loop runs a fan-out pass; the loop
+    then parses them in order (``deliver``).  The asyncio transport keeps the writing, the
+    closing and (TLS) the decryption: only the reading moves here.  At most
+    FEED_READ_AHEAD_BYTES wait for the loop, and the transport's flow control (websockets'
+    max_queue) pauses this reader instead of the selector."""
+
+    def __init__(self, raw: asyncio.Transport, on_read: Callable[[int], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.raw = raw                        # the socket's asyncio transport (writes, closes)
+        self._protocol = raw.get_protocol()   # the transport's reader: the WebSocket, or the TLS layer
+        self._on_read = on_read               # told each chunk's read time (epoch ms) before it is parsed
+        self._fd = os.dup(raw.get_extra_info("socket").fileno())  # ours: its number is never another socket's
+        self._wake_r, self._wake_w = os.pipe()  # stop() closes the write end: the thread's poll wakes
+        self._state = threading.Condition()   # guards the three below
+        self._waiting_bytes = 0               # read, not yet parsed by the loop
+        self._paused = False                  # the transport's flow control says stop
+        self.stopped = False
+        raw.pause_reading()                   # the selector no longer reads it; from now on pausing is ours
+        raw.pause_reading = self.pause        # type: ignore[method-assign]  # (asyncio's TLS layer looks
+        raw.resume_reading = self.resume      # type: ignore[method-assign]  # them up when it calls them)
+        self._thread = threading.Thread(target=self._run, name="feed-reader", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start(cls, protocol: asyncio.BaseProtocol, on_read: Callable[[int], None]) -> FeedSocketReader | None:
+        """A reader for the socket under ``protocol``'s transport (through asyncio's TLS layer when
+        there is one), or None where there is no plain selector socket to read (the loop reads)."""
+        transport = getattr(protocol, "transport", None)
+        raw = getattr(getattr(transport, "_ssl_protocol", None), "_transport", transport)  # (no public way down)
+        if not isinstance(raw, asyncio.Transport) or raw.is_closing() or raw.get_extra_info("socket") is None \
+                or not hasattr(raw, "_sock_fd"):
+            return None
+        return cls(raw, on_read)
+
+    # -- the loop's side -------------------------------------------------------------------
+
+    def pause(self) -> None:
+        with self._state:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._state:
+            self._paused = False
+            self._state.notify()
+
+    def stop(self) -> None:
+        """The connection is gone (idempotent): the thread ends and closes its descriptors."""
+        if self.stopped:
+            return
+        with self._state:
+            self.stopped = True
+            self._state.notify()
+        os.close(self._wake_w)
+
+    def _deliver(self, data: bytes, read_ms: int) -> None:
+        with self._state:
+            self._waiting_bytes -= len(data)
+            self._state.notify()
+        if self.stopped or self.raw.is_closing():
+            return
+        self._on_read(read_ms)
+        protocol = self._protocol
+        try:
+            if isinstance(protocol, asyncio.BufferedProtocol):  # (asyncio's TLS layer)
+                view = memoryview(data)
+                while view:
+                    buf = protocol.get_buffer(len(view))
+                    n = min(len(buf), len(view))
+                    buf[:n] = view[:n]
+                    protocol.buffer_updated(n)
+                    view = view[n:]
+            else:
+                protocol.data_received(data)  # type: ignore[attr-defined]
+        except Exception as exc:  # as asyncio's own reading does: the connection ends, the feed reconnects
+            log.warning("feed: reading the exchange's connection failed: %s", describe_error(exc))
+            self.raw.abort()
+        finally:
+            self._on_read(0)
+
+    def _eof(self) -> None:
+        if not self.raw.is_closing() and not self._protocol.eof_received():  # type: ignore[attr-defined]
+            self.raw.close()
+
+    def _failed(self, exc: OSError) -> None:
+        if not self.raw.is_closing():
+            log.info("feed: the exchange's connection failed: %s", describe_error(exc))
+            self.raw.abort()
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        try:
+            while True:
+                with self._state:
+                    while not self.stopped and (self._paused or self._waiting_bytes >= FEED_READ_AHEAD_BYTES):
+                        self._state.wait()
+                    if self.stopped:
+                        return
+                ready = [fd for fd, _ in poller.poll()]
+                if self.stopped:
+                    return
+                if self._fd not in ready:
+                    continue
+                try:
+                    data = os.read(self._fd, FEED_READ_CHUNK_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    self._post(self._failed, exc)
+                    return
+                read_ms = now_ms()
+                if not data:
+                    self._post(self._eof)
+                    return
+                with self._state:
+                    self._waiting_bytes += len(data)
+                if not self._post(self._deliver, data, read_ms):
+                    return
+        finally:
+            os.close(self._fd)
+            os.close(self._wake_r)
+
+    def _post(self, callback: Callable[..., None], *args: Any) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+            return True
+        except RuntimeError:  # the loop is closed: nobody left to read for
+            return False
+
+
 class FeedConnection(ClientConnection):
     """An exchange WebSocket that notes when each message was read from the socket.
 
-    The receive time (`serverTimestamp`) is the moment the loop read the frame, not the later
-    moment the consumer task got to the message: between the two, a fan-out slice may run."""
+    The receive time (`serverTimestamp`) is the moment the frame was read from the socket: by
+    the connection's FeedSocketReader thread once ``read_on_thread`` started it, so a fan-out
+    pass under way delays the parsing, never the reading; not the later moment the consumer
+    task got to the message."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.read_ms: deque[int] = deque()  # read time of each message not yet taken, in order
         self._chunk_ms = 0                  # read time of the bytes being parsed
+        self._thread_read_ms = 0            # the reader thread's read time of the chunk it hands over
+        self.reader: FeedSocketReader | None = None
+
+    def read_on_thread(self) -> bool:
+        """Move the reading of the socket to a FeedSocketReader thread; False where it cannot be."""
+        if self.reader is None:
+            reader = self.reader = FeedSocketReader.start(self, self._note_thread_read)
+            if reader is not None and self.transport is reader.raw:
+                # websockets' flow control (max_queue) holds the transport's own pause/resume, taken when
+                # the connection was made: resuming that would have the selector read the socket too.
+                self.recv_messages.pause, self.recv_messages.resume = reader.pause, reader.resume
+        return self.reader is not None
+
+    def _note_thread_read(self, read_ms: int) -> None:
+        self._thread_read_ms = read_ms
 
     def data_received(self, data: bytes) -> None:
-        self._chunk_ms = now_ms()
+        self._chunk_ms = self._thread_read_ms or now_ms()
         super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.reader is not None:
+            self.reader.stop()
+        super().connection_lost(exc)
 
     def process_event(self, event: Any) -> None:
         if isinstance(event, Frame) and event.fin and event.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
@@ -4699,6 +4859,7 @@ class BinanceFeed:
                               max_size=FEED_MAX_MESSAGE_BYTES,
                               ping_interval=FEED_PING_INTERVAL_S, ping_timeout=FEED_PING_TIMEOUT_S,
                               close_timeout=FEED_CLOSE_TIMEOUT_S, max_queue=FEED_MAX_QUEUE_MESSAGES)
+        ws.read_on_thread()
         now = now_ms()
         shard.opened(now)
         for symbol in shard.symbols:

@@ -3491,7 +3491,10 @@ def test_feed_rotation_is_make_before_break_without_gap_or_duplicate(tmp_path, f
                           (await srv.get_json("/api/history/updates?symbol=BTCUSDT&limit=10000"))["updates"]]
                 assert len(sent) > 50
                 assert stored == sent                                   # no hole, no duplicate, in order
-                assert fake.total_connections >= 3 and len(fake.connections) == 1
+                # (a rotation begun just before the sentinel completes with it: its old connection's
+                # close handshake may still be under way)
+                await fake_until(fake, lambda: len(fake.connections) == 1, "the old connection closed")
+                assert fake.total_connections >= 3
                 assert (await srv.get_json("/api/history/outages?symbol=BTCUSDT"))["outages"] == []
                 feed = (await srv.get_json("/healthz"))["feed"]
                 assert feed["duplicates"] >= 1                          # the connections really overlapped
@@ -3885,6 +3888,91 @@ def test_the_receive_time_is_when_the_frame_was_read_not_when_the_consumer_got_t
                 await ws.close()
     stamped, read_at, u = run(scenario())
     assert u >= 1 and read_at - 50 <= stamped <= read_at, (stamped, read_at)
+
+
+class ThreadedFrameServer:
+    """A WebSocket server (plain or TLS) on a thread of its own: it sends ``frames`` frames
+    (`{"u":1}`, …) when told to (``go``), as many more when told again (``more``), and goes on
+    while the test's event loop is blocked."""
+
+    def __init__(self, ssl_ctx: ssl.SSLContext | None = None, frames: int = 1) -> None:
+        from websockets.sync.server import serve
+        self.frames = frames
+        self.go = threading.Event()
+        self.more = threading.Event()
+        self.sent_ms = 0
+        self.closed = threading.Event()
+
+        def handler(conn: Any) -> None:
+            self.go.wait(TEST_TIMEOUT_S)
+            self.sent_ms = bs.now_ms()
+            for u in range(1, self.frames + 1):
+                conn.send(f'{{"u":{u}}}')
+            if self.more.wait(TEST_TIMEOUT_S):         # a second burst, once the client took the first
+                for u in range(self.frames + 1, 2 * self.frames + 1):
+                    conn.send(f'{{"u":{u}}}')
+            with contextlib.suppress(Exception):
+                conn.recv(timeout=TEST_TIMEOUT_S)  # until the client closes
+            self.closed.set()
+
+        self.server = serve(handler, "127.0.0.1", 0, ssl=ssl_ctx)
+        self.port = self.server.socket.getsockname()[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_the_exchange_socket_is_read_on_a_thread_of_its_own_while_the_loop_is_busy(tmp_path, tls):
+    """A frame that arrives during a long fan-out pass is read (and its receive time taken) then,
+    not when the loop is free again; the loop still parses it, and 6,000 more in order through
+    websockets' flow control (max_queue 16: the reader pauses and resumes); closing ends the thread."""
+    server_ctx = client_ctx = None
+    if tls:
+        cert, key = self_signed(tmp_path)
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(cert, key)
+        client_ctx = ssl.create_default_context(cafile=str(cert))
+        client_ctx.check_hostname = False
+    server = ThreadedFrameServer(server_ctx, frames=3001)
+
+    def fd_names() -> set[str]:
+        names = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):  # (closed meanwhile by another thread)
+                names.add(os.readlink(f"/proc/self/fd/{fd}"))
+        return names
+
+    held: set[str] = set()  # what the reader's descriptors are ("socket:[inode]", "pipe:[inode]")
+
+    async def scenario() -> tuple[int, Any, Any]:
+        ws = await bs.ws_connect(f"{'wss' if tls else 'ws'}://127.0.0.1:{server.port}/",
+                                 create_connection=bs.FeedConnection, ssl=client_ctx, max_queue=16)
+        try:
+            assert ws.read_on_thread()
+            held.update(os.readlink(f"/proc/self/fd/{fd}") for fd in (ws.reader._fd, ws.reader._wake_r, ws.reader._wake_w))
+            server.go.set()
+            time.sleep(0.3)                            # the loop busy (a long pass) while the frame arrives
+            message = await ws.recv()
+            stamped = ws.take_read_ms()
+            rest = [json.loads(await ws.recv())["u"] for _ in range(3000)]
+            server.more.set()                          # after a pause and a resume: still one reader
+            rest += [json.loads(await ws.recv())["u"] for _ in range(3001)]
+            assert rest == list(range(2, 6003))
+            return stamped, json.loads(message), ws.reader
+        finally:
+            await ws.close()
+    try:
+        stamped, message, reader = run(scenario())
+        assert message == {"u": 1}
+        assert server.sent_ms <= stamped <= server.sent_ms + 100, (stamped - server.sent_ms)
+        assert server.closed.wait(TEST_TIMEOUT_S)      # the close went through
+        reader._thread.join(TEST_TIMEOUT_S)
+        assert reader.stopped and not reader._thread.is_alive()
+        assert len(held) == 2 and not held & fd_names()  # the socket and the thread's pipe (both ends) are closed
+    finally:
+        server.close()
 
 
 # ---- §12 Cache persistence (disk) -------------------------------------------------------------
