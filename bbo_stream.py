@@ -3379,7 +3379,8 @@ class EioOutbox:
     """
 
     __slots__ = ("control", "control_bytes", "updates", "update_bytes", "keys", "interval_s",
-                 "max_rate", "held", "due_at", "skipped", "sent", "_compact_at", "seen_offset", "given")
+                 "max_rate", "held", "due_at", "skipped", "sent", "_compact_at", "seen_offset", "given",
+                 "held_mask")
 
     def __init__(self) -> None:
         self.control: deque[str | bytes] = deque()  # encoded packets, str = text, bytes = binary message
@@ -3396,6 +3397,7 @@ class EioOutbox:
         self._compact_at = OUTBOX_MAX_UPDATE_BYTES  # compact when update_bytes passes this
         self.seen_offset = 0                        # recovery: the newest offset offered
         self.given: EioUpdate | None = None         # recovery: the last update handed to the transport
+        self.held_mask = 0                          # recovery: bit `slot` set for each key in `held`
 
     @property
     def passthrough(self) -> bool:
@@ -3430,11 +3432,27 @@ class EioOutbox:
             if due is not None and now_s < due:
                 if key in self.held:
                     self.skipped += 1
+                else:
+                    self.held_mask |= 1 << update.slot if update.slot >= 0 else 0
                 self.held[key] = update
                 return False
             self.due_at[key] = now_s + self.interval_s
+            if key in self.held:  # due before its release ran (a busy loop): the older one must not follow
+                self._unhold(key)
+                self.skipped += 1
         self._append(update)
         return True
+
+    def _unhold(self, key: str) -> EioUpdate:
+        update = self.held.pop(key)
+        if update.slot >= 0:
+            self.held_mask &= ~(1 << update.slot)
+        return update
+
+    def mark(self, offset: int) -> str:
+        """The client's position (recovery_mark) once everything up to ``offset`` it takes has
+        gone to it but what waits in `held`."""
+        return recovery_mark(offset, self.held_mask)
 
     def _append(self, update: EioUpdate) -> None:
         if update.offset and (self.held or update.offset < self.seen_offset):
@@ -3450,7 +3468,7 @@ class EioOutbox:
         client's true position instead of its own offset: the newest offset offered plus the
         held keys, each owed its newest update up to there (recovery_mark).  The offset alone
         would make a recovering client miss a held update or get later ones twice."""
-        mark = recovery_mark(self.seen_offset, [held.slot for held in self.held.values()])
+        mark = self.mark(self.seen_offset)
         text = update.text[:update.text.rindex(',"')] + f',"{mark}"]'
         return update._replace(text=text, frame=encode_ws_frame(text.encode()), mark=mark)
 
@@ -3472,7 +3490,7 @@ class EioOutbox:
         due = [key for key in self.held if self.due_at[key] <= now_s]
         for key in due:
             self.due_at[key] = now_s + (self.interval_s or 0.0)
-            self._append(self.held.pop(key))
+            self._append(self._unhold(key))
         return bool(due)
 
     def next_due_at(self) -> float | None:
@@ -3485,13 +3503,17 @@ class EioOutbox:
         self.interval_s = None if max_rate is None else 1.0 / max_rate
         self.updates = [update for update in self.updates if update.always or self.wants(update.key)]
         self.update_bytes = sum(len(update.text) for update in self.updates)
-        self.held = {key: update for key, update in self.held.items() if self.wants(key)}
+        for key in [key for key in self.held if not self.wants(key)]:
+            self._unhold(key)
         if self.interval_s is None:
             self.due_at.clear()
             while self.held:  # (one at a time: each one's mark names those still held)
-                self._append(self.held.pop(next(iter(self.held))))
+                self._append(self._unhold(next(iter(self.held))))
         else:
             self.due_at = {key: due for key, due in self.due_at.items() if self.wants(key)}
+
+    def drop_held(self) -> None:
+        self.held, self.held_mask = {}, 0
 
     def take_control(self) -> list[str | bytes]:
         items = list(self.control)
@@ -3512,7 +3534,7 @@ class EioOutbox:
     def clear(self) -> None:
         self.take_control()
         self.skipped += len(self.updates) + len(self.held)
-        self.updates, self.update_bytes, self.held = [], 0, {}
+        self.updates, self.update_bytes, self.held, self.held_mask = [], 0, {}, 0
 
 
 class InboundBudget:
@@ -3932,7 +3954,7 @@ class EioSession:
 
     def _stop_timers(self) -> None:
         self.next_ping_at = self.pong_deadline = self.upgrade_deadline = None
-        self.outbox.held.clear()
+        self.outbox.drop_held()
 
 
 class SioClientState:
@@ -4030,15 +4052,26 @@ class RecoveryLog:
         return self.symbol_at[a:b]
 
 
-_RECOVERY_MARK = re.compile(r"([0-9]{1,19})((?:\.[0-9]{1,5})*)")  # "<offset>" or "<offset>.<slot>.<slot>…"
+RECOVERY_MARK_LISTED_KEYS = 8  # a mark lists this many held keys at most; beyond, a bit mask is shorter and cheaper
+_RECOVERY_MARK = re.compile(r"([0-9]{1,19})(?:((?:\.[0-9]{1,5}){0,%d})|\.x([0-9a-f]{1,16384}))" % RECOVERY_MARK_LISTED_KEYS)
 
 
-def recovery_mark(offset: int, held_slots: Iterable[int]) -> str:
+def recovery_mark(offset: int, held_mask: int) -> str:
     """A client's position in the update stream, the last argument of what it is sent: every update
-    up to ``offset`` it takes has reached it, except that each key of ``held_slots`` (RecoveryLog
-    symbol indices: keys held back by maxRate) is still owed its newest update up to there.
-    Without held keys it is the offset itself, as the reference's offsets are."""
-    return str(offset) + "".join(f".{slot}" for slot in sorted(held_slots))
+    up to ``offset`` it takes has reached it, except that each key whose bit is set in ``held_mask``
+    (bit = its RecoveryLog symbol index: keys held back by maxRate) is still owed its newest update
+    up to there.  Without held keys it is the offset itself, as the reference's offsets are; with a
+    few, "<offset>.<slot>.<slot>"; with more, "<offset>.x<mask in hex>"."""
+    if not held_mask:
+        return str(offset)
+    if held_mask.bit_count() > RECOVERY_MARK_LISTED_KEYS:
+        return f"{offset}.x{held_mask:x}"
+    slots = []
+    while held_mask:
+        low = held_mask & -held_mask
+        slots.append(f".{low.bit_length() - 1}")
+        held_mask ^= low
+    return str(offset) + "".join(slots)
 
 
 def parse_recovery_mark(mark: str, symbols: int) -> tuple[int, tuple[int, ...]] | None:
@@ -4047,9 +4080,15 @@ def parse_recovery_mark(mark: str, symbols: int) -> tuple[int, tuple[int, ...]] 
     match = _RECOVERY_MARK.fullmatch(mark)
     if match is None:
         return None
-    slots = tuple(int(slot) for slot in match[2].split(".")[1:])
-    if len(set(slots)) != len(slots) or any(slot >= symbols for slot in slots):
-        return None
+    if match[3] is not None:
+        mask = int(match[3], 16)
+        if mask.bit_length() > symbols or mask.bit_count() <= RECOVERY_MARK_LISTED_KEYS:
+            return None
+        slots = tuple(i for i in range(mask.bit_length()) if mask >> i & 1)
+    else:
+        slots = tuple(int(slot) for slot in match[2].split(".")[1:])
+        if len(set(slots)) != len(slots) or any(slot >= symbols for slot in slots):
+            return None
     return int(match[1]), slots
 
 
@@ -4123,13 +4162,15 @@ def recover_updates(log: RecoveryLog, history: BboHistory, after: int, upto: int
             skipped_at[chosen] = False
             events.extend((at, i, None) for at in mine[skipped_at].tolist())
     events.sort(key=lambda event: (event[0], event[2] is not None))
-    pending = set(owed) if not gap else {i for i in owed if len(rows[i][2]) == 1 and i in keep}
+    pending = 0  # bit i: symbol i owed (recovery_mark)
+    for i in owed if not gap else [i for i in owed if len(rows[i][2]) == 1 and i in keep]:
+        pending |= 1 << i
     out = []
     for at, i, obj in events:
         if obj is None:
-            pending.add(i)
+            pending |= 1 << i
             continue
-        pending.discard(i)
+        pending &= ~(1 << i)
         out.append(f'{prefix}{obj},"{recovery_mark(after + 1 + at if at >= 0 else after, pending)}"]')
     if not gap and sum(map(len, out)) > RECOVERY_MAX_BYTES:
         return recover_updates(log, history, after, upto, keys, max_rate, 0, held, prefix)
@@ -4443,7 +4484,9 @@ def loggable_target(target: str) -> str:
 class FeedSocketReader:
     """Reads one exchange socket on a thread of its own, so that its bytes are read, and their
     receive time taken, as they arrive, even while the event loop runs a fan-out pass; the loop
-    then parses them in order (``deliver``).  The asyncio transport keeps the writing, the
+    then parses them in order (``deliver``).  (The thread needs the interpreter lock to take the
+    time: within the switch interval, 5 ms, of a busy loop; later only behind one long call that
+    holds the lock.)  The asyncio transport keeps the writing, the
     closing and (TLS) the decryption: only the reading moves here.  At most
     FEED_READ_AHEAD_BYTES wait for the loop, and the transport's flow control (websockets'
     max_queue) pauses this reader instead of the selector."""
@@ -4518,8 +4561,6 @@ class FeedSocketReader:
         except Exception as exc:  # as asyncio's own reading does: the connection ends, the feed reconnects
             log.warning("feed: reading the exchange's connection failed: %s", describe_error(exc))
             self.raw.abort()
-        finally:
-            self._on_read(0)
 
     def _eof(self) -> None:
         if not self.raw.is_closing() and not self._protocol.eof_received():  # type: ignore[attr-defined]
@@ -4587,7 +4628,7 @@ class FeedConnection(ClientConnection):
         super().__init__(*args, **kwargs)
         self.read_ms: deque[int] = deque()  # read time of each message not yet taken, in order
         self._chunk_ms = 0                  # read time of the bytes being parsed
-        self._thread_read_ms = 0            # the reader thread's read time of the chunk it hands over
+        self._thread_read_ms = 0            # the reader thread's read time of the last chunk it handed over
         self.reader: FeedSocketReader | None = None
 
     def read_on_thread(self) -> bool:
@@ -4604,6 +4645,8 @@ class FeedConnection(ClientConnection):
         self._thread_read_ms = read_ms
 
     def data_received(self, data: bytes) -> None:
+        # (TLS: bytes decrypted late, once websockets' queue has room again, were read at the
+        # latest by the last chunk the thread read)
         self._chunk_ms = self._thread_read_ms or now_ms()
         super().data_received(data)
 
@@ -6205,18 +6248,20 @@ class Hub:
 
     def offset_for(self, conn: EioConnection) -> str:
         """The mark (recovery_mark) of an event emitted to this client alone now.  It goes before
-        the updates waiting in the client's outbox, so the client then stands where the last update
-        handed to its transport left it; one attached later than that stands where the passes that
-        visit it begin."""
+        the updates waiting in the client's outbox: with some waiting, the client then stands where
+        the last update handed to its transport left it; with none, everything it takes up to the
+        last finished pass (or any update offered to it since) has gone to it but what is held.
+        Passes begun before it was attached never visit it."""
         attached = self._conns.get(conn)
         if attached is None:
             return str(self.passed_upto)  # not attached: passes begun before attach do not visit it
-        given = conn.session.outbox.given
-        if given is not None:
-            mark = given.mark or str(given.offset)
-            if int(mark.partition(".")[0]) >= attached[2]:
-                return mark
-        return str(attached[2])
+        outbox = conn.session.outbox
+        given = outbox.given
+        given_mark = "" if given is None else given.mark or str(given.offset)
+        given_at = int(given_mark.partition(".")[0]) if given_mark else 0
+        if outbox.updates:
+            return given_mark if given_at >= attached[2] else str(attached[2])
+        return outbox.mark(max(attached[2], self.done_upto, outbox.seen_offset, given_at))
 
     def _queue(self, item: EioUpdate | tuple) -> None:
         self._batch.append(item)

@@ -3055,6 +3055,18 @@ def test_outbox_with_a_rate_marks_what_goes_while_an_update_is_held_with_the_hel
     assert [json.loads(u.text[2:])[-1] for u in ob.take_updates(conflate=False)] == ["5.1", "5"]
 
 
+def test_outbox_with_a_rate_never_sends_a_held_update_after_a_newer_one_of_its_key():
+    """A newer update due before the held one's release ran (a busy loop) supersedes it: the client
+    would otherwise see an old quote after a newer one (and a recovery mark naming the key owed)."""
+    ob = bs.EioOutbox()
+    ob.set_filter(None, 1)
+    a1, a2, a3 = offset_update("A", 1, 0), offset_update("A", 2, 0), offset_update("A", 3, 0)
+    assert ob.push_update(a1, 0.0) and not ob.push_update(a2, 0.5)
+    assert ob.push_update(a3, 1.2)                                   # due at 1.0; the release has not run
+    assert not ob.release_due(2.3) and ob.held == {} and ob.held_mask == 0 and ob.skipped == 1
+    assert [u.text for u in ob.take_updates(conflate=False)] == [a1.text, a3.text]   # nothing re-marked either
+
+
 def test_outbox_filter_selects_keys_and_an_always_update_passes_filter_and_rate():
     ob = bs.EioOutbox()
     ob.set_filter(frozenset({"BTC"}), None)
@@ -3252,10 +3264,19 @@ def test_recover_updates_applies_max_rate_over_receive_times_and_keeps_each_symb
 
 
 def test_recovery_marks_round_trip_and_anything_else_is_not_one():
-    assert bs.recovery_mark(42, []) == "42" and bs.recovery_mark(42, [3, 0]) == "42.0.3"
+    assert bs.recovery_mark(42, 0) == "42" and bs.recovery_mark(42, 0b1001) == "42.0.3"
     assert bs.parse_recovery_mark("42", 4) == (42, ()) and bs.parse_recovery_mark("42.0.3", 4) == (42, (0, 3))
     for bad in ("", "x", "-1", "4.", ".1", "4.1.1", "4.4", "4.a", "1" * 20, "٤٢", "42 ", "4.0.1.2.4"):
         assert bs.parse_recovery_mark(bad, 4) is None, bad
+    # Many held keys: a bit mask in hex, not a list (500 held would make each packet 11 times longer).
+    many = sum(1 << slot for slot in range(0, 500, 2))
+    mark = bs.recovery_mark(7, many)
+    assert mark == f"7.x{many:x}" and len(mark) == 3 + 125
+    assert bs.parse_recovery_mark(mark, 500) == (7, tuple(range(0, 500, 2)))
+    assert bs.parse_recovery_mark(mark, 498) is None                  # a symbol the server does not know
+    assert bs.parse_recovery_mark("7.x9", 4) is None                  # few keys are listed, never a mask
+    assert bs.parse_recovery_mark("7.0.1.2.3.4.5.6.7.8", 9) is None   # and many never listed
+    assert bs.parse_recovery_mark("7.x" + "f" * 16385, 1 << 16) is None
 
 
 def test_recover_updates_from_a_mark_with_a_held_key_gives_its_held_update_first_then_the_rest():
@@ -4573,7 +4594,7 @@ def test_hub_with_recovery_appends_each_updates_offset_once_for_every_client():
     run(scenario())
 
 
-def test_hub_mark_of_an_event_to_one_client_is_where_the_last_update_handed_to_it_left_it():
+def test_hub_mark_of_an_event_to_one_client_is_where_the_client_stands():
     hub, conn = bs.Hub(), HubConn()
     hub.enable_recovery(bs.RecoveryLog(8))
     conn.session = types.SimpleNamespace(outbox=bs.EioOutbox())  # type: ignore[attr-defined]
@@ -4585,8 +4606,17 @@ def test_hub_mark_of_an_event_to_one_client_is_where_the_last_update_handed_to_i
     assert hub.offset_for(conn) == "7"         # attached since: nothing handed to it yet
     outbox.given = offset_update("BTC", 9, 0)
     assert hub.offset_for(conn) == "9"
+    # An update waiting: the event goes before it, where the last one handed over left the client.
     outbox.given = offset_update("ETH", 10, 1)._replace(mark="10.0")
-    assert hub.offset_for(conn) == "10.0"      # with BTC held: what it carried
+    outbox.updates.append(offset_update("ETH", 11, 1))
+    assert hub.offset_for(conn) == "10.0"
+    # Nothing waiting: up to the last finished pass, but for what is held.
+    outbox.updates.clear()
+    outbox.set_filter(None, 1)
+    assert outbox.push_update(offset_update("BTC", 12, 0), 0.0) and not outbox.push_update(offset_update("BTC", 13, 0), 0.1)
+    outbox.take_updates(conflate=False)
+    hub.done_upto = 20                         # (a client subscribed to BTC alone is not offered the others)
+    assert hub.offset_for(conn) == "20.0"
 
 
 def test_hub_pass_under_way_skips_clients_attached_after_it_began(monkeypatch):
