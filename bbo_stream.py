@@ -258,6 +258,9 @@ SIO_CONNECT_TIMEOUT_S = 45.0     # socket.io `connectTimeout`: a client that joi
 SIO_MAX_ATTACHMENTS = 10         # socket.io-parser `maxAttachments`: binary attachments per packet
 SIO_ATTACHMENT_TIMEOUT_S = 10.0  # a binary packet's attachments must all arrive within this, or the client is cut
 EIO_INBOUND_BURST_S = 2.0        # a client may send MAX_CLIENT_MESSAGES_PER_S × this at once (a page's start)
+NEW_SESSION_BURST_S = 5.0        # an address may open MAX_NEW_SESSIONS_PER_ADDRESS_PER_S × this at once (an office's
+                                 # browsers reconnecting together after a restart)
+ADDRESS_RATE_PRUNE_AT = 4096     # addresses tracked before those whose bucket is full again are forgotten
 WS_MESSAGES_PER_YIELD = 64       # the read loop lets other tasks run after this many messages of one client
 SIO_MAX_ACK_ID_DIGITS = 15       # ids below 10**15 stay exact in a JS Number (2**53 ~ 9.007e15); longer: refused
 SIO_MAX_NAMESPACE_CHARS = 256    # the reference has no cap; this bounds what a CONNECT_ERROR echoes back
@@ -646,6 +649,9 @@ SETTINGS: tuple[Setting, ...] = (
             "second (a burst of 2 s); beyond, it is disconnected and logged. The dashboard sends a few a minute"),
     Setting("MAX_SESSIONS_PER_ADDRESS", "256", _int_in(1, 1_000_000), "Socket.IO sessions one client address may "
             "hold (an office behind one NAT shares one); more get HTTP 429. Behind a proxy, set TRUSTED_PROXIES"),
+    Setting("MAX_NEW_SESSIONS_PER_ADDRESS_PER_S", "20", _float_in(0.1, 1_000_000), "Socket.IO sessions one client "
+            f"address may open per second (a burst of {NEW_SESSION_BURST_S:g} s worth); more get HTTP 429 with "
+            "Retry-After. Behind a proxy, set TRUSTED_PROXIES"),
     Setting("FANOUT_THREADS", "auto", _parse_thread_count, "Threads that help write each update to many WebSocket clients "
             f"(from {FANOUT_PARALLEL_MIN_LINKS}); auto = usable CPUs (cpuset, cgroup quota) - 1, at most {FANOUT_AUTO_MAX_THREADS}; "
             "0 = the event loop alone"),
@@ -705,6 +711,7 @@ class Config:
     max_clients: int = 10_000
     max_client_messages_per_s: float = 100.0
     max_sessions_per_address: int = 256
+    max_new_sessions_per_address_per_s: float = 20.0
     fanout_threads: int | None = None  # None = auto (see fanout_helper_threads)
     cors_origins: tuple[str, ...] = ("*",)
     trusted_proxies: tuple[str, ...] = ()
@@ -2421,6 +2428,22 @@ def wants_keep_alive(req: HttpRequest) -> bool:
     return req.version == "HTTP/1.1" and "close" not in req.header_tokens("connection")
 
 
+def raw_head_keeps_alive(raw_head: bytes) -> bool:
+    """Whether an unparsed request head surely lets its connection carry another request after
+    the answer: HTTP/1.1, no body announced, and no Connection header but one saying just
+    `keep-alive` (others may say `close` or `upgrade`).  False is always safe: the connection
+    then closes."""
+    low = raw_head.lower()
+    if not low[:low.find(b"\r\n")].endswith(b" http/1.1") or b"\r\ncontent-length:" in low \
+            or b"\r\ntransfer-encoding:" in low:
+        return False
+    at = low.find(b"\r\nconnection:")
+    if at < 0:
+        return True
+    end = low.find(b"\r\n", at + 2)
+    return low[at + 13:end].strip(b" \t") == b"keep-alive" and b"\r\nconnection:" not in low[end:]
+
+
 def is_upgrade(req: HttpRequest) -> bool:
     """Node's rule for an "upgrade" request: an Upgrade header and the upgrade token in Connection."""
     connection = req.header("connection") or ""
@@ -2514,12 +2537,17 @@ def origin_allowed(origin: str | None, origins: tuple[str, ...], host: str | Non
     return False
 
 
+def cors_headers_any() -> list[tuple[str, str]]:
+    """What `cors_headers` gives any request when CORS_ORIGINS is `*`."""
+    return [("Access-Control-Allow-Origin", "*")]
+
+
 def cors_headers(req: HttpRequest, origins: tuple[str, ...]) -> list[tuple[str, str]]:
     """CORS for the REST API and Engine.IO.  With `*`, any page may read the public data, but
     without credentials (no cookie or auth of the user's goes with it).  With a list, an
     allowed Origin is echoed with credentials (Socket.IO's `withCredentials` needs them)."""
     if origins == ("*",):
-        return [("Access-Control-Allow-Origin", "*")]
+        return cors_headers_any()
     origin = req.header("origin")
     if origin is None:
         return []
@@ -3106,6 +3134,55 @@ def iter_eio_payload(body: str) -> Iterator[EioPacket]:
     yield decode_eio(body[start:])
 
 
+_EIO_SEPARATOR_BYTE = 0x1E
+_EIO_PACKET_HEADS = frozenset(b"0123456b")  # the first byte of every valid packet (one ASCII character)
+
+
+def find_invalid_eio_packet(data: bytes | bytearray, pos: int, complete: bool) -> tuple[int, int | None]:
+    """Check a polling payload while its bytes arrive, so that a body can be refused at its first
+    invalid packet without reading the rest: `iter_eio_payload` fails on ``data`` decoded as
+    node does (UTF-8, bad sequences replaced) exactly when this finds an invalid packet.  (UTF-8
+    keeps the separator and ASCII as they are, and any other byte first in a packet is an
+    unknown type.)
+
+    Args:
+        data: the body so far.  pos: where checking resumes (0, then what the last call returned).
+        complete: whether ``data`` is the whole body (an empty last packet is invalid then).
+
+    Returns:
+        (where to resume once more bytes came, None) or, at an invalid packet, (its start, cut):
+        ``data[:cut]`` decodes to the packets before it, then fails.
+    """
+    n = len(data)
+    while True:
+        if pos == 0 or data[pos - 1] == _EIO_SEPARATOR_BYTE:  # a packet starts at pos
+            if pos == n:
+                return pos, (pos if complete else None)     # empty so far: invalid only at the end
+            head = data[pos]
+            if head == _EIO_SEPARATOR_BYTE:                 # an empty packet
+                return pos, pos
+            if head not in _EIO_PACKET_HEADS:               # an unknown type
+                return pos, pos + 1
+            if head == 0x62:                                # "b": checked once whole (its base64)
+                end = data.find(_EIO_SEPARATOR_BYTE, pos)
+                if end < 0:
+                    if not complete:
+                        return pos, None
+                    end = n
+                try:
+                    decode_eio(bytes(data[pos:end]).decode("ascii"))
+                except (EioProtocolError, UnicodeDecodeError):
+                    return pos, end
+                if end == n:
+                    return n, None
+                pos = end + 1
+                continue
+        end = data.find(_EIO_SEPARATOR_BYTE, pos)             # the rest of a text packet: anything goes
+        if end < 0:
+            return n, None
+        pos = end + 1
+
+
 # ###########################################################################
 # §9 Socket.IO v5 codec
 # ###########################################################################
@@ -3601,6 +3678,44 @@ class HeldBytes:
 
     def release(self) -> None:
         self.hold(0)
+
+
+class AddressRateLimit:
+    """New sessions per client address: a token bucket each (`rate_per_s`, a burst of `burst_s`
+    worth), so that one address cannot churn sessions however few it holds at once.  An
+    address whose bucket is full again is forgotten (memory: the addresses active lately).
+    Pure: the caller passes now_s."""
+
+    __slots__ = ("rate_per_s", "capacity", "_buckets", "_prune_at")
+
+    def __init__(self, rate_per_s: float, burst_s: float) -> None:
+        self.rate_per_s = rate_per_s                       # refill per second
+        self.capacity = max(1.0, rate_per_s * burst_s)     # the most an address can spend at once
+        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when counted)
+        self._prune_at = ADDRESS_RATE_PRUNE_AT             # table size that triggers forgetting full buckets
+
+    def _tokens(self, address: str, now_s: float) -> float:
+        entry = self._buckets.get(address)
+        if entry is None:
+            return self.capacity
+        tokens, at_s = entry
+        return min(self.capacity, tokens + (now_s - at_s) * self.rate_per_s)
+
+    def wait_s(self, address: str, now_s: float) -> float:
+        """0 when ``address`` may open a session now; else the seconds until it may."""
+        tokens = self._tokens(address, now_s)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate_per_s
+
+    def spend(self, address: str, now_s: float) -> None:
+        """Count a session ``address`` opened (once `wait_s` said 0)."""
+        self._buckets[address] = (self._tokens(address, now_s) - 1, now_s)
+        if len(self._buckets) > self._prune_at:
+            for idle in [a for a in self._buckets if self._tokens(a, now_s) >= self.capacity]:
+                del self._buckets[idle]
+            self._prune_at = max(ADDRESS_RATE_PRUNE_AT, 2 * len(self._buckets))  # amortised: O(1) per spend
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 class EioState(Enum):
@@ -7144,7 +7259,15 @@ EIO_ERROR_MESSAGES = {
     5: "Unsupported protocol version",
 }
 _POLL_HEADERS = (("Cache-Control", "no-store"),)  # engine.io sets it on every polling answer
+EIO_POST_READ_WHOLE_BYTES = 16 * 1024  # a POST body up to this is read whole and answered as engine.io does (`ok`,
+                                       # even with an invalid packet); a larger one is refused at its first invalid
+                                       # packet, unread beyond it (reading 1 MB of junk costs the loop ~3 ms)
 _WS_LOG = logging.getLogger("bbo_stream.ws")        # websockets' per-connection log lines
+
+
+@functools.lru_cache(maxsize=8)
+def _refusal_json(message: str) -> bytes:  # (made once: a flood of refusals repeats a few messages)
+    return _json_dumps({"code": 4, "message": message}).encode()
 
 
 def _log_held_refusal(budget: HeldBytesBudget, peer: str) -> None:
@@ -7478,6 +7601,7 @@ class EioServer:
     def __init__(self, *, ping_interval_ms: int = 25000, ping_timeout_ms: int = 20000,
                  max_payload_bytes: int = 1_000_000, max_clients: int = 10_000, handler: Any = None,
                  cors_origins: tuple[str, ...] = ("*",), max_sessions_per_address: int = 256,
+                 max_new_sessions_per_address_per_s: float = 20.0,
                  max_messages_per_s: float | None = None) -> None:
         self.ping_interval_s = ping_interval_ms / 1000
         self.ping_timeout_s = ping_timeout_ms / 1000
@@ -7487,6 +7611,8 @@ class EioServer:
         self.max_sessions_per_address = max_sessions_per_address  # one address cannot take every slot
         self.max_messages_per_s = max_messages_per_s  # packets a client may send per second (None: any)
         self._sessions_of: collections.Counter[str] = collections.Counter()  # client address -> live sessions
+        # Sessions opened lately per address: a flood of short-lived ones never reaches the cap above.
+        self.new_sessions = AddressRateLimit(max_new_sessions_per_address_per_s, NEW_SESSION_BURST_S)
         self.handler = handler                       # on_open / on_message / on_close
         self.connections: dict[str, EioConnection] = {}  # sid -> live (or closing) connection
         self.handshakes = 0                          # sessions opened
@@ -7496,6 +7622,7 @@ class EioServer:
         self.refused_full = 0                        # handshakes refused by max_clients
         self.refused_origin = 0                      # requests refused for their Origin
         self.refused_address = 0                     # handshakes refused by max_sessions_per_address
+        self.refused_rate = 0                        # handshakes refused by max_new_sessions_per_address_per_s
         # Unfinished client messages (frames, attachments, POST bodies) held at once, all clients together.
         self.held_budget = HeldBytesBudget(max(HELD_BYTES_LIMIT, 2 * max_payload_bytes))
         # Told the outcome of requests that end without an HttpResponse for the HTTP layer to
@@ -7525,6 +7652,8 @@ class EioServer:
                          [("", self.refused_origin)]),
             MetricFamily("eio_refused_address_total", "counter", "Handshakes refused at MAX_SESSIONS_PER_ADDRESS",
                          [("", self.refused_address)]),
+            MetricFamily("eio_refused_rate_total", "counter", "Handshakes refused at "
+                         "MAX_NEW_SESSIONS_PER_ADDRESS_PER_S", [("", self.refused_rate)]),
             MetricFamily("eio_held_bytes", "gauge", "Bytes of unfinished client messages counted against "
                          "the server-wide limit", [("", self.held_budget.used_bytes)]),
             MetricFamily("eio_held_refusals_total", "counter", "Large client messages refused because the "
@@ -7536,6 +7665,7 @@ class EioServer:
         return cls(ping_interval_ms=cfg.ping_interval_ms, ping_timeout_ms=cfg.ping_timeout_ms,
                    max_payload_bytes=cfg.max_payload_bytes, max_clients=cfg.max_clients, handler=handler,
                    cors_origins=cfg.cors_origins, max_sessions_per_address=cfg.max_sessions_per_address,
+                   max_new_sessions_per_address_per_s=cfg.max_new_sessions_per_address_per_s,
                    max_messages_per_s=cfg.max_client_messages_per_s)
 
     @staticmethod
@@ -7634,20 +7764,43 @@ class EioServer:
         if len(self.connections) >= self.max_clients:
             self.refused_full += 1
             return self._refuse_handshake(503, "Too many clients", upgrade)
-        if self._sessions_of[req.peer] >= self.max_sessions_per_address:
+        return self._address_refusal(req.peer, upgrade)
+
+    def _address_refusal(self, address: str, upgrade: bool) -> HttpResponse | None:
+        """The 429 for a new session from ``address`` when it is over MAX_SESSIONS_PER_ADDRESS or
+        MAX_NEW_SESSIONS_PER_ADDRESS_PER_S; None when it may open one."""
+        if self._sessions_of.get(address, 0) >= self.max_sessions_per_address:
             # One address (a script, a squatter) must not fill MAX_CLIENTS for everyone else.
             self.refused_address += 1
             _log_once("sessions-per-address", "eio: %s holds %d sessions (MAX_SESSIONS_PER_ADDRESS): refusing more",
-                      req.peer, self.max_sessions_per_address)
+                      address, self.max_sessions_per_address)
             return self._refuse_handshake(429, "Too many sessions from this address", upgrade)
+        wait_s = self.new_sessions.wait_s(address, self.now_s())
+        if wait_s > 0:
+            # Sessions opened and dropped at once never reach the cap above; each still costs a session.
+            self.refused_rate += 1
+            _log_once("new-sessions-per-address", "eio: %s opens sessions faster than %g/s "
+                      "(MAX_NEW_SESSIONS_PER_ADDRESS_PER_S): refusing more", address, self.new_sessions.rate_per_s)
+            return self._refuse_handshake(429, "Too many new sessions from this address", upgrade,
+                                          [("Retry-After", str(math.ceil(wait_s)))])
         return None
 
+    def refuse_early(self, raw_head: bytes, address: str) -> HttpResponse | None:
+        """The 429 for a handshake from ``address`` while it is over its limits, judged from the
+        request line alone, before the rest of the request is parsed or checked: a flood of
+        refused handshakes must cost less than requests.  None for anything else (the whole
+        request path serves it, and checks it)."""
+        if not raw_head.startswith(b"GET /socket.io/?") or b"sid=" in raw_head[:raw_head.find(b"\r\n")]:
+            return None  # (not a handshake, or one whose sid the whole path must see)
+        return self._address_refusal(address, b"\r\nupgrade:" in raw_head.lower())
+
     @staticmethod
-    def _refuse_handshake(status: int, message: str, upgrade: bool) -> HttpResponse:
+    def _refuse_handshake(status: int, message: str, upgrade: bool,
+                          headers: list[tuple[str, str]] | None = None) -> HttpResponse:
         """Not in the reference; shaped like its allowRequest refusals (code 4, own message)."""
         if upgrade:
-            return HttpResponse(status, message.encode(), "text/html")
-        return HttpResponse(status, _json_dumps({"code": 4, "message": message}).encode())
+            return HttpResponse(status, message.encode(), "text/html", headers or [])
+        return HttpResponse(status, _refusal_json(message), headers=headers or [])
 
     def _live(self, sid: str) -> EioConnection | None:
         """The connection for `sid` after applying its lapsed deadlines (a timer may be late)."""
@@ -7668,6 +7821,7 @@ class EioServer:
         conn.ws = link
         self.connections[sid] = conn
         self._sessions_of[conn.peer] += 1
+        self.new_sessions.spend(conn.peer, now_s)
         self.handshakes += 1
         if self.handler is not None:
             self.handler.on_open(conn)
@@ -7701,22 +7855,56 @@ class EioPolling:
                         writer: asyncio.StreamWriter) -> bytes | HttpResponse:
         """Read the body of a POST under /socket.io/ for the HTTP layer, its session told while it
         arrives: a second POST meanwhile gets the returned 400 and ends the session, and so does
-        a client that goes away before the end (engine.io polling.ts onDataRequest)."""
-        conn = self._post_target(req)
+        a client that goes away before the end (engine.io polling.ts onDataRequest).
+
+        A body over EIO_POST_READ_WHOLE_BYTES is read only as far as it can be used: a POST that
+        engine.io would refuse (unknown sid, Origin...) gets its refusal unread, and the body is
+        checked as it arrives: at its first invalid packet, the packets before it go to the
+        session, which closes as engine.io's does, and the POST gets 400 {"code":3} (engine.io,
+        having read it all, says `ok`).  The HTTP layer sends a returned response and closes.
+        """
+        conn, refusal = self._post_target(req)
+        large = length > EIO_POST_READ_WHOLE_BYTES
+        if refusal is not None and large:
+            return refusal
         if conn is not None:
             refusal = self._refusal(conn, conn.session.begin_post(self.server.now_s()))
             if refusal is not None:
                 return refusal
             conn._post_transport = writer.transport
-        complete = False
+        complete, cut = False, None
         try:
-            body = await asyncio.wait_for(reader.readexactly(length), BODY_TIMEOUT_S)
+            # (asyncio.timeout, not wait_for: no task per body)
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                if large:
+                    data, cut = await self._read_checked(reader, length)
+                else:  # (refused or not, the connection can carry on: handle_request answers)
+                    data = await reader.readexactly(length)
             complete = True
-            return body
         finally:
             if conn is not None:
                 conn._post_transport = None
                 conn._apply(conn.session.end_post(complete, self.server.now_s()))
+        if cut is None:
+            return bytes(data)
+        assert conn is not None  # (a large body is read only for a live session)
+        # The packets before the invalid one count, then the session closes (a parse error).
+        self.post(conn, req, bytes(data[:cut]))
+        return self.server._error(3, False)
+
+    @staticmethod
+    async def _read_checked(reader: asyncio.StreamReader, length: int) -> tuple[bytearray, int | None]:
+        """Up to ``length`` bytes of a polling payload, as they arrive, stopping at the first
+        invalid packet: (what was read, None or the cut of `find_invalid_eio_packet`)."""
+        data = bytearray()
+        resume, cut = 0, None
+        while len(data) < length and cut is None:
+            piece = await reader.read(length - len(data))
+            if not piece:
+                raise asyncio.IncompleteReadError(bytes(data), length)
+            data += piece
+            resume, cut = find_invalid_eio_packet(data, resume, len(data) == length)
+        return data, cut
 
     @staticmethod
     def _refusal(conn: EioConnection, actions: list[Action]) -> HttpResponse | None:
@@ -7727,13 +7915,13 @@ class EioPolling:
         conn._apply(actions[1:])
         return HttpResponse(400, b"", content_type="")
 
-    def _post_target(self, req: HttpRequest) -> EioConnection | None:
-        """The polling session a POST carries packets for, if the request is one engine.io serves."""
+    def _post_target(self, req: HttpRequest) -> tuple[EioConnection | None, HttpResponse | None]:
+        """The polling session a POST carries packets for, or engine.io's refusal of the POST."""
         query = {key: values[-1] for key, values in req.query.items() if values}
-        sid = query.get("sid")
-        if req.method != "POST" or not sid or self.server._verify(req, query, False) is not None:
-            return None
-        return self.server.connections.get(sid)
+        refused = self.server._verify(req, query, False)
+        if refused is not None:
+            return None, refused
+        return self.server.connections[query["sid"]], None
 
     def open(self, req: HttpRequest) -> HttpResponse:
         now_s = self.server.now_s()
@@ -8330,17 +8518,27 @@ class HttpServer:
         (TRUSTED_PROXIES); anyone else could forge the header, so it is ignored then."""
         host = req.peer.rsplit(":", 1)[0].strip("[]")
         fwd = req.header("x-forwarded-for")
-        if fwd and self._trusted:
+        if fwd and self._trusted and self._is_trusted(host):
             with contextlib.suppress(ValueError):  # (a last hop that is no address is ignored)
-                if any(ipaddress.ip_address(host) in net for net in self._trusted):
-                    return str(ipaddress.ip_address(fwd.split(",")[-1].strip()))
+                return str(ipaddress.ip_address(fwd.split(",")[-1].strip()))
         return host
+
+    def _is_trusted(self, host: str) -> bool:
+        """Whether ``host`` (an address) is one of TRUSTED_PROXIES."""
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in net for net in self._trusted)
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str,
                                accepted_at: float) -> None:
         """The keep-alive request loop of one connection (accepted at loop time ``accepted_at``)."""
         deadline: float | None = accepted_at + HEAD_TIMEOUT_S
         task = asyncio.current_task()
+        host = peer.rsplit(":", 1)[0].strip("[]")
+        # The client's address is the peer's unless the peer is a trusted proxy (see client_ip).
+        direct = not self._trusted or not self._is_trusted(host)
         while True:
             if self.closing:  # e.g. a long-poll answered at shutdown: no next request on this connection
                 return
@@ -8354,12 +8552,31 @@ class HttpServer:
                 return
             deadline = None
             await self.admission.enter()
+            refusal = self.app.eio.refuse_early(raw_head, host) if direct else None
+            if refusal is not None:
+                if not await self._refuse_early(writer, raw_head, refusal, peer):
+                    return
+                continue
             held = HeldBytes(self.app.eio.held_budget)  # the body's share of the server's held bytes
             try:
                 if not await self._serve_request(raw_head, peer, held, reader, writer):
                     return
             finally:
                 held.release()
+
+    async def _refuse_early(self, writer: asyncio.StreamWriter, raw_head: bytes, resp: HttpResponse,
+                            peer: str) -> bool:
+        """Send a refusal made from the request line alone (see EioServer.refuse_early); True when
+        the connection may carry another request.  It may when the head allows it plainly: a
+        refused flooder reconnecting at once cost 3× more than one reusing its connection."""
+        if self.cfg.cors_origins == ("*",):  # (with a list, echoing an allowed Origin needs the headers parsed)
+            resp.headers.extend(cors_headers_any())
+        self.requests[(EIO_ROUTE.label, resp.status)] += 1
+        keep_alive = raw_head_keeps_alive(raw_head) and not self.closing
+        await self._send(writer, resp, keep_alive)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("http %s: handshake refused from its request line → %d", peer, resp.status)
+        return keep_alive
 
     async def _serve_request(self, raw_head: bytes, peer: str, held: HeldBytes, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> bool:

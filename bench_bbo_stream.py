@@ -1208,10 +1208,11 @@ class _ServerProc:
         cwd = here
         if kind.startswith("ours"):
             cwd = _REV_DIRS.get(kind, here)
-            # Every load client connects from 127.0.0.1: no per-address cap (MAX_CLIENTS still applies).
+            # Every load client connects from 127.0.0.1: no per-address limits (MAX_CLIENTS still applies).
             cmd = [sys.executable, str(cwd / "bbo_stream.py"), "--symbol", ",".join(symbols),
                    "--use-ssl", "true" if tls else "false", "--web-host", "127.0.0.1", "--web-port", str(self.port),
-                   "--cache-persist", "false", "--max-sessions-per-address", "1000000"]
+                   "--cache-persist", "false", "--max-sessions-per-address", "1000000",
+                   "--max-new-sessions-per-address-per-s", "1000000"]
             if tls:
                 cmd += ["--ssl-cert-path", tls[0], "--ssl-key-path", tls[1]]
             if kind == "ours-1t":                           # the event loop's thread writes alone
@@ -2395,6 +2396,7 @@ _MB = 1_000_000                   # "1 MB": MAX_PAYLOAD's default, the largest m
 _EIO_PATH = "/socket.io/?EIO=4&transport="
 _CUT_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 _DEFAULT_PER_ADDRESS = next(st.default for st in bs.SETTINGS if st.name == "MAX_SESSIONS_PER_ADDRESS")
+_DEFAULT_NEW_PER_ADDRESS = bs.SETTINGS_BY_NAME["MAX_NEW_SESSIONS_PER_ADDRESS_PER_S"].default
 
 
 def _ws_frame(opcode: int, payload: bytes) -> bytes:
@@ -2689,8 +2691,9 @@ async def _hostile_run(kinds: list[str], good: int, per_kind: int, ramp_s: float
     from fake_binance import FakeBinance
     res: dict[str, Any] = {}
     async with FakeBinance(market="futures", port=0, record_send_times=True) as fake:
-        # The default per-address cap: the hostile kinds come from addresses of their own.
-        server = _ServerProc("ours", fake.base_url, logdir, {"MAX_SESSIONS_PER_ADDRESS": _DEFAULT_PER_ADDRESS})
+        # The default per-address limits: the hostile kinds come from addresses of their own.
+        server = _ServerProc("ours", fake.base_url, logdir, {"MAX_SESSIONS_PER_ADDRESS": _DEFAULT_PER_ADDRESS,
+                                                             "MAX_NEW_SESSIONS_PER_ADDRESS_PER_S": _DEFAULT_NEW_PER_ADDRESS})
         hostile: _HostileProcs | None = None
         try:
             await server.wait_listening()
@@ -2815,7 +2818,8 @@ def bench_hostile(quick: bool, kinds: list[str]) -> int:
     print(f"# hostile: bbo_stream {bs.__version__} at {_git_state()}, Python {sys.version.split()[0]}; "
           f"{Path(sys.executable).name} {' '.join(sys.argv)}; {os.cpu_count()} CPUs shared by the server, load "
           f"clients, hostile clients and the fake exchange ({HOSTILE_RATE:g} updates/s of {FANOUT_SYMBOL}); "
-          f"server with its default settings (MAX_SESSIONS_PER_ADDRESS {_DEFAULT_PER_ADDRESS}); {good} well-behaved "
+          f"server with its default settings (MAX_SESSIONS_PER_ADDRESS {_DEFAULT_PER_ADDRESS}, "
+          f"MAX_NEW_SESSIONS_PER_ADDRESS_PER_S {_DEFAULT_NEW_PER_ADDRESS}); {good} well-behaved "
           f"WebSocket clients on 127.0.0.1; {per_kind} hostile clients per kind, each kind from an address of its own "
           f"(127.0.0.2 ...); each scenario a fresh server; hostile clients start 1 s after the feed, "
           f"{ramp_s:g} s ramp, then {measure_s:g} s measured; server logs in {logdir}", flush=True)

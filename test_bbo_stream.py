@@ -2536,6 +2536,37 @@ def test_a_bad_packet_first_in_a_large_body_costs_nothing_for_the_rest():
     assert peak_bytes < 64 * 1024, peak_bytes
 
 
+_PAYLOAD_PIECES = st.sampled_from([b"4", b"40", b"2", b"6", b"9", b"x", b"b", b"bNDA=", b"bNDA", b"b!!", b"\x1e",
+                                   b"\xc3\xa9", b"\xc3", b"\xff", b"\x00", b"AAAA", b"=", b"{}"])
+
+
+@settings(max_examples=400, derandomize=True, deadline=None, database=None)
+@given(st.lists(_PAYLOAD_PIECES, max_size=12).map(b"".join), st.lists(st.integers(0, 40), max_size=4))
+def test_the_check_of_an_arriving_polling_body_finds_what_the_decoder_finds(body, cuts):
+    # A large POST body is checked piece by piece as it arrives (bytes, any split) and refused at its
+    # first invalid packet; the session then decodes the body up to the returned cut.  It must agree with
+    # iter_eio_payload on the whole body decoded as node does (UTF-8, bad sequences replaced).
+    def packets_until_error(raw: bytes) -> tuple[list[bs.EioPacket], bool]:
+        packets = []
+        try:
+            for pkt in bs.iter_eio_payload(raw.decode("utf-8", "replace")):
+                packets.append(pkt)
+        except bs.EioProtocolError:
+            return packets, True
+        return packets, False
+
+    ends = sorted({min(c, len(body)) for c in cuts} | {len(body)})
+    resume, cut = 0, None
+    for end in ends:
+        resume, cut = bs.find_invalid_eio_packet(body[:end], resume, end == len(body))
+        if cut is not None:
+            break
+    whole = packets_until_error(body)
+    assert whole[1] == (cut is not None)                    # invalid exactly when the decoder says so
+    if cut is not None:
+        assert packets_until_error(body[:cut]) == whole     # the same packets count, then the same error
+
+
 # ---- §9 Socket.IO v5 codec -------------------------------------------------------------------
 # Pure: golden strings as node's socket.io-parser writes them, and the reference's quirks.
 
@@ -2616,6 +2647,26 @@ def test_inbound_budget_allows_a_burst_then_the_rate_and_refills():
     assert not budget.spend(0.0)
     assert budget.spend(0.1) and not budget.spend(0.1)       # one more every 1/rate seconds
     assert all(budget.spend(100.0) for _ in range(int(10 * bs.EIO_INBOUND_BURST_S)))   # refilled, capped
+
+
+def test_address_rate_limit_allows_a_burst_per_address_then_the_rate_and_forgets_idle_addresses(monkeypatch):
+    monkeypatch.setattr(bs, "ADDRESS_RATE_PRUNE_AT", 8)
+    limit = bs.AddressRateLimit(2.0, burst_s=3.0)            # 6 at once, then one every 0.5 s
+    for _ in range(6):
+        assert limit.wait_s("a", 0.0) == 0
+        limit.spend("a", 0.0)
+    assert limit.wait_s("a", 0.0) == pytest.approx(0.5)
+    assert limit.wait_s("b", 0.0) == 0                         # each address has its own bucket
+    assert limit.wait_s("a", 0.4) == pytest.approx(0.1) and limit.wait_s("a", 0.5) == 0
+    limit.spend("a", 0.5)
+    assert limit.wait_s("a", 0.5) == pytest.approx(0.5)
+    sizes = []
+    for n in range(1000):                                      # a session from a new address every 10 s
+        limit.spend(f"10.0.{n // 256}.{n % 256}", 10.0 * n)
+        sizes.append(len(limit))
+    assert max(sizes) <= 9                                     # the refilled ones are forgotten
+    assert limit.wait_s("10.0.0.1", 1e4) == 0
+    assert bs.AddressRateLimit(0.1, burst_s=5.0).capacity == 1   # a burst is at least one session
 
 
 def test_held_bytes_are_free_up_to_a_share_then_counted_against_the_server_wide_budget():
@@ -5600,6 +5651,44 @@ def test_an_invalid_engineio_packet_in_a_post_closes_the_session(tmp_path):
         srv.wait_sessions(0)
 
 
+def test_a_large_post_is_refused_at_its_first_invalid_packet_without_reading_the_rest(tmp_path):
+    # A flood of 1 MB bodies of bad packets once had each read to its end (~290 MB/s of the event
+    # loop's time), though the session closes at the first bad packet.  A body over
+    # EIO_POST_READ_WHOLE_BYTES announced, only its start sent: the answer comes without the rest.
+    with LiveServer(tmp_path) as srv:
+        sid, raw = srv.polling_handshake()
+        post = srv.raw()
+        start = b"40\x1e9not-a-packet\x1e" + b"4" * 20_000   # CONNECT, then an invalid packet (as for a small body,
+                                                             # the session closes before the CONNECT is handled)
+        post.sock.sendall(f"POST {eio_path(sid)} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n".encode() + start)
+        status, headers, body = post.response()
+        assert (status, body, headers["connection"]) == (400, b'{"code":3,"message":"Bad request"}', "close")
+        assert post.at_eof()
+        assert srv.fed.srv.events.closes == [(sid, "parse error")]
+        assert raw.request("GET", eio_path(sid))[2] == b'{"code":1,"message":"Session ID unknown"}'
+        # A POST engine.io refuses (here: the sid is gone) is answered without its large body.
+        post = srv.raw()
+        post.sock.sendall(f"POST {eio_path(sid)} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n4".encode())
+        assert post.response()[2] == b'{"code":1,"message":"Session ID unknown"}' and post.at_eof()
+
+
+def test_a_large_valid_post_arriving_in_pieces_loses_nothing(tmp_path):
+    # The check as a body arrives must take any split (a UTF-8 character or a separator cut between
+    # reads; the pure test above tries every kind of packet).
+    with LiveServer(tmp_path) as srv:
+        sid, raw = srv.polling_handshake()
+        event = '42["no_such_event","' + "\u00e9" * 9_000 + '"]'            # 18 KB of 2-byte characters
+        body = b"40\x1e" + b"6\x1e" * 500 + event.encode() + b"\x1e" + b"6"
+        assert len(body) > bs.EIO_POST_READ_WHOLE_BYTES
+        post = srv.raw()
+        post.sock.sendall(f"POST {eio_path(sid)} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        for at in range(0, len(body), 997):                 # odd pieces
+            post.sock.sendall(body[at:at + 997])
+        assert post.response()[:3:2] == (200, b"ok")
+        assert raw.request("GET", eio_path(sid))[2].startswith(b'40{"sid":')          # joined
+        assert srv.sessions() == 1 and srv.fed.srv.events.closes == []
+
+
 def test_a_non_ascii_binary_packet_is_a_parse_error_on_both_transports(tmp_path):
     # b64decode raises a plain ValueError (not binascii.Error) for non-ASCII text: it once escaped,
     # the POST got no answer and the WebSocket was dropped without a close frame.  Now it ends the
@@ -5754,6 +5843,45 @@ def test_one_address_holds_at_most_max_sessions_per_address(tmp_path):
         srv.wait_sessions(3)
         assert srv.raw().request("GET", eio_path())[0] == 200
         assert srv.get("/healthz").status == 200
+
+
+def test_one_address_opens_at_most_max_new_sessions_per_address_per_s(tmp_path, monkeypatch):
+    # Sessions dropped as soon as they are opened never reach MAX_SESSIONS_PER_ADDRESS, and each
+    # costs a whole session: a flood of them from one address is limited by rate as well.  While an
+    # address is over a limit its handshakes are refused from the request line alone (a flood of
+    # them cost a whole request each), keeping a plain keep-alive connection open.
+    from websockets.exceptions import InvalidStatus
+    parsed: list[bytes] = []
+    parse = bs.parse_request_head
+    monkeypatch.setattr(bs, "parse_request_head", lambda raw, peer="": (parsed.append(raw), parse(raw, peer))[1])
+    refusal = {"code": 4, "message": "Too many new sessions from this address"}
+    with LiveServer(tmp_path, max_new_sessions_per_address_per_s=0.4) as srv:   # a burst of 2, then one per 2.5 s
+        raw = srv.raw()
+        for _ in range(2):
+            status, _, body = raw.request("GET", eio_path())
+            assert status == 200
+            assert raw.request("POST", eio_path(json.loads(body[1:])["sid"]), b"1")[2] == b"ok"   # dropped at once
+        srv.wait_sessions(0)
+        parsed.clear()
+        status, headers, body = raw.request("GET", eio_path())
+        assert (status, json.loads(body), headers["connection"]) == (429, refusal, "keep-alive")
+        assert 1 <= int(headers["retry-after"]) <= 3 and parsed == []     # refused from its request line
+        assert raw.request("GET", "/healthz")[0] == 200 and len(parsed) == 1   # the connection carries on
+        closing = srv.raw()
+        assert closing.request("GET", eio_path(), headers=(("Connection", "close"),))[0] == 429
+        assert closing.at_eof()
+        with pytest.raises(InvalidStatus) as info:
+            with ws_connect(srv.port, "EIO=4&transport=websocket"):
+                pass
+        assert info.value.response.status_code == 429 and info.value.response.body == refusal["message"].encode()
+        assert srv.metric("bbo_eio_refused_rate_total") == 3
+    # Behind a trusted proxy the address is the forwarded one, so the whole request path decides.
+    with LiveServer(tmp_path, max_new_sessions_per_address_per_s=0.4, trusted_proxies=("127.0.0.1/32",)) as srv:
+        client = (("X-Forwarded-For", "203.0.113.7"),)
+        assert [srv.raw().request("GET", eio_path(), headers=client)[0] for _ in range(3)] == [200, 200, 429]
+        status, headers, _ = srv.raw().request("GET", eio_path(), headers=client)
+        assert status == 429 and 1 <= int(headers["retry-after"]) <= 3
+        assert srv.raw().request("GET", eio_path(), headers=(("X-Forwarded-For", "203.0.113.8"),))[0] == 200
 
 
 def test_max_clients_gives_503(tmp_path):
@@ -7864,7 +7992,8 @@ def test_writer_threads_never_write_to_a_socket_that_changed_hands(tmp_path, mon
     # updates flow, and the kernel hands the same numbers to the next accepted sockets: a write
     # to a stale fd would put frames into a new client's HTTP handshake or another client's stream.
     monkeypatch.setattr(bs, "FANOUT_PARALLEL_MIN_LINKS", 2)
-    with LiveServer(tmp_path, fanout_threads=2) as srv:
+    # Clients come and go from one address, faster than a real one would: no limit on new sessions.
+    with LiveServer(tmp_path, fanout_threads=2, max_new_sessions_per_address_per_s=1_000_000) as srv:
         srv.send("btcusdt", "1.00", "1", "1.10", "1")
         steady = [srv.joined_ws() for _ in range(10)]
         received = Inbox()                                    # kind: the steady client's index
@@ -7908,7 +8037,8 @@ def test_writer_threads_never_write_to_a_socket_that_changed_hands(tmp_path, mon
 
 
 def test_a_thousand_abrupt_disconnects_leave_the_server_healthy(tmp_path):
-    with LiveServer(tmp_path, max_sessions_per_address=1001) as srv:     # 1,001 at once from one address
+    with LiveServer(tmp_path, max_sessions_per_address=1001,            # 1,001 at once from one address,
+                    max_new_sessions_per_address_per_s=1_000_000) as srv:  # opened as fast as it can
         srv.send("btcusdt", "1.00", "1", "1.10", "1")
         observer = srv.joined_ws()
         observer.recv_until('42["feed_status"')
