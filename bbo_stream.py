@@ -8252,6 +8252,9 @@ async def serve_ws_link(link: WsLink, on_message: Callable[[WsLink, str | bytes]
 # request loop with its timeouts, static files, and dispatch to REST and Engine.IO.
 
 MAX_API_BODY_BYTES = 64 * 1024   # no REST endpoint takes a body; read (and drop) at most this much
+REFUSED_HANDSHAKE_DELAY_S = 1.0  # a handshake refused from its request line is answered this late on average
+                                 # (0.5-1.5 s, so that a flood's refusals do not all come due in one turn): a
+                                 # flooder's connection gets one try a second, each costing a timer, not ~50 µs
 HTTP_REQUESTS_PER_TURN = 4       # requests started per event-loop turn (~0.5 ms of cheap ones): the fan-out gets its
                                  # turn however many connections flood the server (32 left a 200-client flood 8x p99)
 FAVICON_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
@@ -8566,9 +8569,17 @@ class HttpServer:
 
     async def _refuse_early(self, writer: asyncio.StreamWriter, raw_head: bytes, resp: HttpResponse,
                             peer: str) -> bool:
-        """Send a refusal made from the request line alone (see EioServer.refuse_early); True when
-        the connection may carry another request.  It may when the head allows it plainly: a
-        refused flooder reconnecting at once cost 3× more than one reusing its connection."""
+        """Send a refusal made from the request line alone (see EioServer.refuse_early), after
+        REFUSED_HANDSHAKE_DELAY_S; True when the connection may carry another request.  It may
+        when the head allows it plainly: a refused flooder reconnecting at once cost 3× more than
+        one reusing its connection."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.idle.add(task)  # shutdown ends it at once: a refusal is nothing to wait for
+        try:
+            await asyncio.sleep(REFUSED_HANDSHAKE_DELAY_S * (0.5 + random.random()))
+        finally:
+            self.idle.discard(task)
         if self.cfg.cors_origins == ("*",):  # (with a list, echoing an allowed Origin needs the headers parsed)
             resp.headers.extend(cors_headers_any())
         self.requests[(EIO_ROUTE.label, resp.status)] += 1
