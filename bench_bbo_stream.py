@@ -67,8 +67,9 @@ every kind at once, then quiet again (how much the baseline itself moves; not in
 each sent a 1 MB body of invalid packets, again and again), event-flood (joined "/", `42["subscribe",...]` up to
 10,000/s each), handshake-squat (bare polling handshakes, ≤ 20/s each, never a namespace). Per scenario: server RSS
 peak above its idle RSS (goal < 200 MiB), the good clients' p99 and its ratio to quiet (goal ≤ 2×), hostile clients cut
-by the server as they saw it, /metrics bbo_eio_* counters, whether /metrics and a new handshake were answered. Each
-hostile loop stops by itself; goals missed do not fail the exit status, harness failures do.
+by the server as they saw it, /metrics bbo_eio_* counters, whether /metrics and a new handshake were answered. Before
+each scenario it waits (up to 60 s) until other processes use at most 0.3 cores. Each hostile loop stops by itself;
+goals missed do not fail the exit status, harness failures do.
 """
 
 from __future__ import annotations
@@ -2392,6 +2393,8 @@ HOSTILE_KINDS = ("ping-no-read", "partial-attachments", "bad-post", "event-flood
 HOSTILE_RSS_GOAL_MIB = 200.0
 HOSTILE_P99_GOAL_RATIO = 2.0
 HOSTILE_RATE = 100.0              # updates/s from the fake exchange
+HOSTILE_QUIET_CORES = 0.3         # before each scenario, wait until other processes use at most this...
+HOSTILE_QUIET_MAX_WAIT_S = 60.0   # ...for at most this long (the machine is shared)
 _MB = 1_000_000                   # "1 MB": MAX_PAYLOAD's default, the largest message the server accepts
 _EIO_PATH = "/socket.io/?EIO=4&transport="
 _CUT_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
@@ -2690,6 +2693,7 @@ async def _hostile_run(kinds: list[str], good: int, per_kind: int, ramp_s: float
     """One scenario: the server, `good` load clients, the hostile kinds (none: the quiet baseline)."""
     from fake_binance import FakeBinance
     res: dict[str, Any] = {}
+    res["waited_s"], res["others_before"] = await _wait_quiet(pool, HOSTILE_QUIET_CORES, HOSTILE_QUIET_MAX_WAIT_S)
     async with FakeBinance(market="futures", port=0, record_send_times=True) as fake:
         # The default per-address limits: the hostile kinds come from addresses of their own.
         server = _ServerProc("ours", fake.base_url, logdir, {"MAX_SESSIONS_PER_ADDRESS": _DEFAULT_PER_ADDRESS,
@@ -2803,7 +2807,8 @@ def _hostile_line(name: str, r: dict[str, Any], quiet: dict[str, Any] | None, pe
           f"sessions peak {polls['sessions_peak']:,.0f} (/metrics answered {polls['ok']}/{polls['ok'] + polls['failed']} "
           f"polls within 2 s); a new polling handshake at the window's end: {r['newcomer']}; server CPU "
           f"{r['server_cores']:.2f} cores, hostile clients {r['hostile_cores']:.2f} cores, other processes "
-          f"{r['others_cores']:.2f} cores; "
+          f"{r['others_cores']:.2f} cores (before the scenario: {r['others_before']:.2f}, after waiting "
+          f"{r['waited_s']:.0f} s); "
           f"server {'up' if r['server_alive'] else 'EXITED'}; {r['log_warnings']} warning lines in its log")
     return s
 
