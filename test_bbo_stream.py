@@ -6027,6 +6027,35 @@ def test_fragments_are_joined_pings_answered_and_invalid_utf8_closes_with_1007(t
 
 # ---- §18 HTTP connection handler ----------------------------------------------------------------
 
+def test_a_connect_storm_is_accepted_a_few_connections_per_loop_turn(tmp_path):
+    """200 connections waiting in the backlog were all accepted in one turn of the event loop
+    (accepting returns at once while connections wait): tens of ms with no fan-out pass."""
+    with LiveServer(tmp_path, max_sessions_per_address=1000) as srv:
+        loop, http = srv.loop, srv.app.http
+        assert loop is not None
+        open_at_turn: list[int] = []
+        ticking = threading.Event()
+
+        def tick() -> None:  # once per turn of the loop: how many connection tasks there are
+            open_at_turn.append(len(http.connections))
+            if ticking.is_set():
+                loop.call_soon(tick)
+        ticking.set()
+        loop.call_soon_threadsafe(tick)
+        busy = threading.Event()
+        loop.call_soon_threadsafe(lambda: (busy.set(), time.sleep(0.5)))  # the loop busy while they connect
+        assert busy.wait(TEST_TIMEOUT_S)
+        socks = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(200)]
+        try:
+            srv.wait(lambda: len(http.connections) >= 200, "every connection accepted")
+            ticking.clear()
+            steps = [b - a for a, b in zip(open_at_turn, open_at_turn[1:])]
+            assert max(steps) <= bs.ACCEPTS_PER_TURN, steps
+        finally:
+            for sock in socks:
+                sock.close()
+
+
 def test_turn_admission_starts_at_most_so_many_requests_per_loop_turn_in_arrival_order():
     # 200 connections each with a cheap request ready filled whole turns (26 ms) before the fan-out's.
     async def scenario() -> list[list[int]]:
