@@ -2425,6 +2425,20 @@ def body_length(req: HttpRequest, max_bytes: int) -> int:
     return length
 
 
+def forwarded_address(hop: str) -> str | None:
+    """The address of one X-Forwarded-For hop ("203.0.113.7", "203.0.113.7:4711", "2001:db8::1",
+    "[2001:db8::1]:4711"), normalised; None when it is none."""
+    hop = hop.strip()
+    if hop.startswith("["):
+        hop = hop[1:hop.find("]")] if "]" in hop else ""
+    elif hop.count(":") == 1:
+        hop = hop.split(":")[0]
+    try:
+        return str(ipaddress.ip_address(hop))
+    except ValueError:
+        return None
+
+
 def wants_keep_alive(req: HttpRequest) -> bool:
     """h11's rule: close if either side says `close`, and always for HTTP/1.0 (no 1.0 keep-alive)."""
     return req.version == "HTTP/1.1" and "close" not in req.header_tokens("connection")
@@ -7792,9 +7806,20 @@ class EioServer:
         request line alone, before the rest of the request is parsed or checked: a flood of
         refused handshakes must cost less than requests.  None for anything else (the whole
         request path serves it, and checks it)."""
-        if not raw_head.startswith(b"GET /socket.io/?") or b"sid=" in raw_head[:raw_head.find(b"\r\n")]:
-            return None  # (not a handshake, or one whose sid the whole path must see)
+        if not self._is_bare_handshake(raw_head):
+            return None
         return self._address_refusal(address, b"\r\nupgrade:" in raw_head.lower())
+
+    def over_limits_early(self, raw_head: bytes, address: str) -> bool:
+        """Whether refuse_early would refuse this now (nothing counted or logged)."""
+        return self._is_bare_handshake(raw_head) and (
+            self._sessions_of.get(address, 0) >= self.max_sessions_per_address
+            or self.new_sessions.wait_s(address, self.now_s()) > 0)
+
+    @staticmethod
+    def _is_bare_handshake(raw_head: bytes) -> bool:
+        """A handshake's request line (not one with a sid, which the whole path must see)."""
+        return raw_head.startswith(b"GET /socket.io/?") and b"sid=" not in raw_head[:raw_head.find(b"\r\n")]
 
     @staticmethod
     def _refuse_handshake(status: int, message: str, upgrade: bool,
@@ -8362,6 +8387,7 @@ class HttpServer:
         self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
         self.connections: set[asyncio.Task] = set()   # one task per accepted socket
         self.idle: set[asyncio.Task] = set()          # of those, the ones waiting for a next request
+        self.refusals_delayed = 0                     # handshakes whose refusal from the request line was delayed
         self.sock: socket.socket | None = None
         self.port = 0
         self._accept_task: asyncio.Task | None = None
@@ -8525,13 +8551,22 @@ class HttpServer:
             await drain_within(writer, WRITE_TIMEOUT_S)
 
     def client_ip(self, req: HttpRequest) -> str:
-        """The peer for logs: X-Forwarded-For's last hop when the peer is a trusted proxy
-        (TRUSTED_PROXIES); anyone else could forge the header, so it is ignored then."""
+        """The client's address (logs, the per-address limits): when the peer is a trusted proxy
+        (TRUSTED_PROXIES), the nearest X-Forwarded-For hop that is not one, read from the right
+        across every line of the header (a proxy may add a line of its own rather than extend the
+        client's, whose own lines come first and are anyone's to forge); a hop that is no address
+        ends the walk at the last trusted one.  Anyone else could forge the header: ignored then."""
         host = req.peer.rsplit(":", 1)[0].strip("[]")
-        fwd = req.header("x-forwarded-for")
-        if fwd and self._trusted and self._is_trusted(host):
-            with contextlib.suppress(ValueError):  # (a last hop that is no address is ignored)
-                return str(ipaddress.ip_address(fwd.split(",")[-1].strip()))
+        if not self._trusted or not self._is_trusted(host):
+            return host
+        hops = [hop for key, value in req.headers if key == "x-forwarded-for" for hop in value.split(",")]
+        for hop in reversed(hops):
+            address = forwarded_address(hop)
+            if address is None:
+                break
+            host = address
+            if not self._is_trusted(address):
+                break
         return host
 
     def _is_trusted(self, host: str) -> bool:
@@ -8563,11 +8598,15 @@ class HttpServer:
                 return
             deadline = None
             await self.admission.enter()
-            refusal = self.app.eio.refuse_early(raw_head, host) if direct else None
-            if refusal is not None:
-                if not await self._refuse_early(writer, raw_head, refusal, peer):
-                    return
-                continue
+            if direct and self.app.eio.over_limits_early(raw_head, host):
+                await self._refusal_delay()
+                # Judged again when answered: the address may be under its limits by then (a new
+                # session's token came meanwhile), and the Retry-After is counted from now.
+                refusal = self.app.eio.refuse_early(raw_head, host)
+                if refusal is not None:
+                    if not await self._refuse_early(writer, raw_head, refusal, peer):
+                        return
+                    continue
             held = HeldBytes(self.app.eio.held_budget)  # the body's share of the server's held bytes
             try:
                 if not await self._serve_request(raw_head, peer, held, reader, writer):
@@ -8575,12 +8614,10 @@ class HttpServer:
             finally:
                 held.release()
 
-    async def _refuse_early(self, writer: asyncio.StreamWriter, raw_head: bytes, resp: HttpResponse,
-                            peer: str) -> bool:
-        """Send a refusal made from the request line alone (see EioServer.refuse_early), after
-        REFUSED_HANDSHAKE_DELAY_S; True when the connection may carry another request.  It may
-        when the head allows it plainly: a refused flooder reconnecting at once cost 3× more than
-        one reusing its connection."""
+    async def _refusal_delay(self) -> None:
+        """REFUSED_HANDSHAKE_DELAY_S (0.5-1.5×, spread so that a flood's refusals do not come due
+        in one turn) before a handshake refused from its request line is answered."""
+        self.refusals_delayed += 1
         task = asyncio.current_task()
         if task is not None:
             self.idle.add(task)  # shutdown ends it at once: a refusal is nothing to wait for
@@ -8588,6 +8625,13 @@ class HttpServer:
             await asyncio.sleep(REFUSED_HANDSHAKE_DELAY_S * (0.5 + random.random()))
         finally:
             self.idle.discard(task)
+
+    async def _refuse_early(self, writer: asyncio.StreamWriter, raw_head: bytes, resp: HttpResponse,
+                            peer: str) -> bool:
+        """Send a refusal made from the request line alone (see EioServer.refuse_early), once
+        _refusal_delay is over; True when the connection may carry another request.  It may
+        when the head allows it plainly: a refused flooder reconnecting at once cost 3× more than
+        one reusing its connection."""
         if self.cfg.cors_origins == ("*",):  # (with a list, echoing an allowed Origin needs the headers parsed)
             resp.headers.extend(cors_headers_any())
         self.requests[(EIO_ROUTE.label, resp.status)] += 1

@@ -2030,6 +2030,15 @@ def test_binance_csv_export_has_the_schema_and_leaves_spot_times_empty():
 
 # ---- §6 HTTP/1.1 and WebSocket frame codec ---------------------------------------------------------------
 
+def test_forwarded_address_reads_one_hop_with_or_without_its_port():
+    assert bs.forwarded_address(" 203.0.113.7 ") == "203.0.113.7"
+    assert bs.forwarded_address("203.0.113.7:4711") == "203.0.113.7"
+    assert bs.forwarded_address("2001:DB8::1") == "2001:db8::1"
+    assert bs.forwarded_address("[2001:db8::1]:4711") == "2001:db8::1"
+    for bad in ("", "unknown", "_hidden", "[2001:db8::1", "203.0.113.7:x:y", "300.1.1.1"):
+        assert bs.forwarded_address(bad) is None, bad
+
+
 def test_parse_request_head_basic():
     raw = head("GET /api/history/updates?symbol=btcusdt&limit=5&x= HTTP/1.1", "Host: example", "X-A:  b  ")
     req = parse(raw)
@@ -5883,6 +5892,11 @@ def test_one_address_opens_at_most_max_new_sessions_per_address_per_s(tmp_path, 
         status, headers, _ = srv.raw().request("GET", eio_path(), headers=client)
         assert status == 429 and 1 <= int(headers["retry-after"]) <= 3
         assert srv.raw().request("GET", eio_path(), headers=(("X-Forwarded-For", "203.0.113.8"),))[0] == 200
+        # A forged line first, the proxy's own line (with a port) last: the proxy's word counts, so the
+        # forger spends its own budget, not 203.0.113.9's (the first line was read: 203.0.113.9 got 429).
+        forged = (("X-Forwarded-For", "203.0.113.9"), ("X-Forwarded-For", "198.51.100.1:4711"))
+        assert [srv.raw().request("GET", eio_path(), headers=forged)[0] for _ in range(3)] == [200, 200, 429]
+        assert srv.raw().request("GET", eio_path(), headers=(("X-Forwarded-For", "203.0.113.9"),))[0] == 200
 
 
 def test_a_handshake_refused_from_its_request_line_is_answered_late_and_delays_no_one_else(tmp_path, monkeypatch):
@@ -5899,9 +5913,24 @@ def test_a_handshake_refused_from_its_request_line_is_answered_late_and_delays_n
         assert time.monotonic() - started >= 0.4 * 0.5
         monkeypatch.setattr(bs, "REFUSED_HANDSHAKE_DELAY_S", 60.0)
         srv.raw().send("GET", eio_path())
-        assert srv.call(apoll_until, lambda: srv.app.eio.refused_address == 2, 3.0, 0.002)   # (nothing announces it)
+        assert srv.call(apoll_until, lambda: srv.app.http.refusals_delayed == 2, 3.0, 0.002)   # (nothing announces it)
         stopping = time.monotonic()
     assert time.monotonic() - stopping < bs.SHUTDOWN_GRACE_S / 2 - 0.5   # shutdown did not wait for its delay
+
+
+def test_a_handshake_refused_late_is_served_if_its_address_is_under_its_limits_by_then(tmp_path, monkeypatch):
+    # The 429 was decided before the delay: a client 50 ms short of a token waited ~1 s for a
+    # refusal whose Retry-After then sent it away for another second.
+    monkeypatch.setattr(bs, "REFUSED_HANDSHAKE_DELAY_S", 0.6)   # answered 0.3-0.9 s late
+    with LiveServer(tmp_path, max_sessions_per_address=1) as srv:
+        sid, raw = srv.polling_handshake()
+        late = srv.raw()
+        late.send("GET", eio_path())                           # over the cap: delayed
+        assert srv.call(apoll_until, lambda: srv.app.http.refusals_delayed == 1, 3.0, 0.002)
+        assert raw.request("POST", eio_path(sid), body=b"1")[0] == 200   # the first session leaves
+        status, _, body = late.response()
+        assert status == 200 and json.loads(body[1:])["sid"]   # served: the address was under its cap by then
+        assert srv.app.eio.refused_address == 0
 
 
 def test_max_clients_gives_503(tmp_path):
