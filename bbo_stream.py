@@ -658,7 +658,8 @@ SETTINGS: tuple[Setting, ...] = (
             f"(from {FANOUT_PARALLEL_MIN_LINKS}); auto = usable CPUs (cpuset, cgroup quota) - 1, at most {FANOUT_AUTO_MAX_THREADS}; "
             "0 = the event loop alone"),
     Setting("CORS_ORIGINS", "*", _parse_origins, "Allowed browser origins for the REST API and Socket.IO, comma-separated, or *"),
-    Setting("TRUSTED_PROXIES", "", _parse_proxies, "Proxies (IPs or CIDRs) whose X-Forwarded-For is trusted in logs"),
+    Setting("TRUSTED_PROXIES", "", _parse_proxies, "Proxies (IPs or CIDRs) whose X-Forwarded-For is trusted: the "
+            "client is its nearest hop that is not one of them (logs, per-address limits)"),
     Setting("AUTH_TOKEN", "", _parse_token, "Token that REST (Authorization: Bearer) and Socket.IO (auth.token) "
             "require; empty = no authentication. Never logged", secret=True),
     Setting("RECOVERY_SECONDS", "0", _float_in(0, 86_400), "Socket.IO connection state recovery: a client that "
