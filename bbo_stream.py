@@ -4295,7 +4295,7 @@ def recover_updates(log: RecoveryLog, history: BboHistory, after: int, upto: int
             events.extend((at, i, None) for at in mine[skipped_at].tolist())
     events.sort(key=lambda event: (event[0], event[2] is not None))
     pending = 0  # bit i: symbol i owed (recovery_mark)
-    for i in owed if not gap else [i for i in owed if len(rows[i][2]) == 1 and i in keep]:
+    for i in owed if not gap else [i for i in owed if i in keep and len(rows[i][2]) == 1]:
         pending |= 1 << i
     out = []
     for at, i, obj in events:

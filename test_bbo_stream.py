@@ -3354,6 +3354,11 @@ def test_recover_updates_from_a_mark_with_a_held_key_gives_its_held_update_first
     # Beyond max_updates: the newest of each symbol; the held one counts among the skipped.
     assert bs.recover_updates(log, history, 3, 5, None, 10.0, 2, (0,)) == \
         ([live_text(bbos[3], "4"), live_text(bbos[4], "5")], 1)
+    # A held key whose symbol the history no longer has: the newest of the others, and no error.
+    log.record("GONEUSDT")
+    gone = log.index["GONEUSDT"]
+    assert bs.recover_updates(log, history, 3, 5, None, 10.0, 100, (0, gone)) == \
+        ([live_text(bbos[3], "4"), live_text(bbos[4], "5")], 1)
     # Two held keys, nothing after: each goes, the first one's mark naming the other still owed.
     assert bs.recover_updates(log, history, 5, 5, None, 10.0, 100, (0, 1)) == \
         ([live_text(bbos[3], "5.1"), live_text(bbos[4], "5")], 0)
