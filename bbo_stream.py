@@ -7786,21 +7786,29 @@ class EioServer:
     def _address_refusal(self, address: str, upgrade: bool) -> HttpResponse | None:
         """The 429 for a new session from ``address`` when it is over MAX_SESSIONS_PER_ADDRESS or
         MAX_NEW_SESSIONS_PER_ADDRESS_PER_S; None when it may open one."""
-        if self._sessions_of.get(address, 0) >= self.max_sessions_per_address:
+        wait_s = self._limit_wait_s(address)
+        if wait_s is None:
+            return None
+        if wait_s == 0:
             # One address (a script, a squatter) must not fill MAX_CLIENTS for everyone else.
             self.refused_address += 1
             _log_once("sessions-per-address", "eio: %s holds %d sessions (MAX_SESSIONS_PER_ADDRESS): refusing more",
                       address, self.max_sessions_per_address)
             return self._refuse_handshake(429, "Too many sessions from this address", upgrade)
+        # Sessions opened and dropped at once never reach the cap above; each still costs a session.
+        self.refused_rate += 1
+        _log_once("new-sessions-per-address", "eio: %s opens sessions faster than %g/s "
+                  "(MAX_NEW_SESSIONS_PER_ADDRESS_PER_S): refusing more", address, self.new_sessions.rate_per_s)
+        return self._refuse_handshake(429, "Too many new sessions from this address", upgrade,
+                                      [("Retry-After", str(math.ceil(wait_s)))])
+
+    def _limit_wait_s(self, address: str) -> float | None:
+        """None when ``address`` may open a session now; 0 when it holds MAX_SESSIONS_PER_ADDRESS
+        (until one ends); else the seconds until MAX_NEW_SESSIONS_PER_ADDRESS_PER_S lets it."""
+        if self._sessions_of.get(address, 0) >= self.max_sessions_per_address:
+            return 0.0
         wait_s = self.new_sessions.wait_s(address, self.now_s())
-        if wait_s > 0:
-            # Sessions opened and dropped at once never reach the cap above; each still costs a session.
-            self.refused_rate += 1
-            _log_once("new-sessions-per-address", "eio: %s opens sessions faster than %g/s "
-                      "(MAX_NEW_SESSIONS_PER_ADDRESS_PER_S): refusing more", address, self.new_sessions.rate_per_s)
-            return self._refuse_handshake(429, "Too many new sessions from this address", upgrade,
-                                          [("Retry-After", str(math.ceil(wait_s)))])
-        return None
+        return wait_s if wait_s > 0 else None
 
     def refuse_early(self, raw_head: bytes, address: str) -> HttpResponse | None:
         """The 429 for a handshake from ``address`` while it is over its limits, judged from the
@@ -7813,9 +7821,7 @@ class EioServer:
 
     def over_limits_early(self, raw_head: bytes, address: str) -> bool:
         """Whether refuse_early would refuse this now (nothing counted or logged)."""
-        return self._is_bare_handshake(raw_head) and (
-            self._sessions_of.get(address, 0) >= self.max_sessions_per_address
-            or self.new_sessions.wait_s(address, self.now_s()) > 0)
+        return self._is_bare_handshake(raw_head) and self._limit_wait_s(address) is not None
 
     @staticmethod
     def _is_bare_handshake(raw_head: bytes) -> bool:
