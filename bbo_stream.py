@@ -4608,7 +4608,8 @@ def loggable_target(target: str) -> str:
 # ###########################################################################
 # §11 Binance feed
 # ###########################################################################
-# Owns: the exchange connections (one per shard of symbols), their watchdog, 24 h
+# Owns: the exchange connections (one per shard of symbols) and the threads that read their
+# sockets, their watchdog, 24 h
 # rotation (make-before-break), reconnect backoff, outage recording, the feed status, symbols
 # added and removed while running, and the exchange's REST time (the clock offset).
 
