@@ -2294,12 +2294,15 @@ _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _FIELD_VALUE_CHARS = r"\t\x20-\x7e\x80-\xff"
 _FIELD_VALUE_RE = re.compile(rf"^[{_FIELD_VALUE_CHARS}]*\Z")
 _FIELD_VALUE_UNSAFE_RE = re.compile(rf"[^{_FIELD_VALUE_CHARS}]")
+# A whole header block that needs no line-by-line check: each line a name, a colon and a value
+# (one regex over the block costs a fifth of the checks line by line, a third of a head's parse).
+_HEADER_BLOCK_RE = re.compile(rf"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[{_FIELD_VALUE_CHARS}]*\r\n)*\Z")
 # C0 controls and DEL never belong in a request target, raw or percent-decoded in the path:
 # a 400 instead of a 404, and nothing of the kind reaches a route or a file name.
 _TARGET_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # (not frozen: a frozen __init__ was a fifth of a long-poll GET's parse)
 class HttpRequest:
     method: str                             # "GET"
     target: str                             # raw request-target "/api/bbo?x=1"
@@ -2336,8 +2339,12 @@ class HttpStreamCut(BboStreamError):
     so that the client sees an incomplete body, never a short one that looks whole."""
 
 
-def parse_request_head(raw_head: bytes, peer: str = "") -> HttpRequest:
+def parse_request_head(raw_head: bytes, peer: str = "", previous: HttpRequest | None = None) -> HttpRequest:
     """Bytes up to and including CRLFCRLF → HttpRequest.
+
+    ``previous``, a request parsed before on the same connection: when this head's header block
+    is the same bytes, its headers are reused as they are, the same tuple (a long-polling client
+    repeats its headers; only its target changes).
 
     Raises:
         HttpError: 400 malformed line/header (a bare LF included), obs-fold, missing or
@@ -2346,11 +2353,16 @@ def parse_request_head(raw_head: bytes, peer: str = "") -> HttpRequest:
         505 a version other than HTTP/1.0 and 1.1.  (Which methods a path takes is the
         route's business: see check_method.)
     """
-    try:
-        text = raw_head.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-        raise HttpError(400, "undecodable request head") from None
-    lines = text[:-4].split("\r\n") if text.endswith("\r\n\r\n") else text.rstrip("\r\n").split("\r\n")
+    line_end = raw_head.find(b"\r\n")
+    reused: tuple[tuple[str, str], ...] | None = None
+    if previous is not None and line_end > 0 and raw_head.endswith(b"\r\n\r\n"):
+        previous_end = previous.raw_head.find(b"\r\n")
+        if raw_head[line_end:] == previous.raw_head[previous_end:]:
+            reused = previous.headers
+    # (latin-1 decodes every byte)
+    text = raw_head[:line_end].decode("latin-1") if reused is not None else raw_head.decode("latin-1")
+    lines = [text] if reused is not None else (
+        text[:-4].split("\r\n") if text.endswith("\r\n\r\n") else text.rstrip("\r\n").split("\r\n"))
     parts = lines[0].split(" ")
     if len(parts) != 3 or not _TOKEN_RE.match(parts[0]) or not parts[1]:
         raise HttpError(400, "malformed request line")
@@ -2363,10 +2375,41 @@ def parse_request_head(raw_head: bytes, peer: str = "") -> HttpRequest:
         if re.fullmatch(r"HTTP/[0-9]\.[0-9]", version):
             raise HttpError(505, f"{version} is not supported; use HTTP/1.1")
         raise HttpError(400, "malformed request line")
-    if len(lines) - 1 > MAX_HEADERS:
-        raise HttpError(431, f"more than {MAX_HEADERS} header fields")
+    if reused is not None:
+        headers = reused
+    else:
+        if len(lines) - 1 > MAX_HEADERS:
+            raise HttpError(431, f"more than {MAX_HEADERS} header fields")
+        if _HEADER_BLOCK_RE.match(text, len(lines[0]) + 2, len(text) - 2):
+            fields = []
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                fields.append((name.lower(), value.strip(" \t")))
+        else:
+            fields = _checked_header_fields(lines[1:])
+        headers = tuple(fields)
+    if version == "HTTP/1.1" and sum(1 for k, _ in headers if k == "host") != 1:
+        raise HttpError(400, "HTTP/1.1 requests need exactly one Host header")
+    if not target.startswith("/"):
+        if target == "*" and method == "OPTIONS":
+            target = "/"
+        else:  # absolute-form is for proxies
+            raise HttpError(400, "request target must be an absolute path")
+    path, _, raw_query = target.partition("?")
+    if "%" in path:  # (otherwise the path is part of the target, checked above)
+        try:
+            path = urllib.parse.unquote(path, errors="strict")
+        except UnicodeDecodeError:
+            raise HttpError(400, "invalid percent-encoding in the path") from None
+        if _TARGET_CONTROL_RE.search(path):
+            raise HttpError(400, "control character in the request path")
+    return HttpRequest(method, target, path, parse_query(raw_query), version, headers, raw_head, peer)
+
+
+def _checked_header_fields(lines: list[str]) -> list[tuple[str, str]]:
+    """Header lines → (lower-case name, value), the first bad line raising its own HttpError 400."""
     headers = []
-    for line in lines[1:]:
+    for line in lines:
         if not line:
             raise HttpError(400, "empty header line")
         if line[0] in " \t":
@@ -2378,29 +2421,30 @@ def parse_request_head(raw_head: bytes, peer: str = "") -> HttpRequest:
         if not _FIELD_VALUE_RE.match(value):
             raise HttpError(400, f"invalid characters in header {name[:40]!r}")
         headers.append((name.lower(), value))
-    hosts = [v for k, v in headers if k == "host"]
-    if version == "HTTP/1.1" and len(hosts) != 1:
-        raise HttpError(400, "HTTP/1.1 requests need exactly one Host header")
-    if not target.startswith("/"):
-        if target == "*" and method == "OPTIONS":
-            target = "/"
-        else:  # absolute-form is for proxies
-            raise HttpError(400, "request target must be an absolute path")
-    raw_path, _, raw_query = target.partition("?")
+    return headers
+
+
+def parse_query(raw_query: str) -> dict[str, list[str]]:
+    """A query string → parse_qs(keep_blank_values=True), at most MAX_QUERY_FIELDS fields.
+
+    Raises:
+        HttpError: 400 for more fields, or a percent-encoding that is not UTF-8.
+    """
+    if not raw_query:
+        return {}
+    if raw_query.count("&") >= MAX_QUERY_FIELDS:  # (parse_qs's own count: separators + 1)
+        raise HttpError(400, f"more than {MAX_QUERY_FIELDS} query parameters")
+    if "%" not in raw_query and "+" not in raw_query:  # nothing to decode: parse_qs's result, 4x faster
+        query: dict[str, list[str]] = {}
+        for field in raw_query.split("&"):
+            if field:
+                name, _, value = field.partition("=")
+                query.setdefault(name, []).append(value)
+        return query
     try:
-        path = urllib.parse.unquote(raw_path, errors="strict") if "%" in raw_path else raw_path
-    except UnicodeDecodeError:
-        raise HttpError(400, "invalid percent-encoding in the path") from None
-    if _TARGET_CONTROL_RE.search(path):
-        raise HttpError(400, "control character in the request path")
-    try:
-        query = urllib.parse.parse_qs(raw_query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS,
-                                      errors="strict") if raw_query else {}
+        return urllib.parse.parse_qs(raw_query, keep_blank_values=True, errors="strict")
     except UnicodeDecodeError:
         raise HttpError(400, "invalid percent-encoding in the query") from None
-    except ValueError:
-        raise HttpError(400, f"more than {MAX_QUERY_FIELDS} query parameters") from None
-    return HttpRequest(method, target, path, query, version, tuple(headers), raw_head, peer)
 
 
 def body_length(req: HttpRequest, max_bytes: int) -> int:
@@ -2500,23 +2544,33 @@ def render_response(resp: HttpResponse, keep_alive: bool, head_only: bool = Fals
     """Status line, headers and body.  Content-Length framing; a streamed response (``resp.stream``)
     gets only its head here, announcing chunked transfer (or, with ``chunked`` False for an HTTP/1.0
     client, a body that ends when the connection closes)."""
-    reason = HTTP_REASONS.get(resp.status, "Unknown")
-    lines = [f"HTTP/1.1 {resp.status} {reason}", f"Server: {SERVER_NAME}"]
+    lines = [_status_lines(resp.status)]
     if date:
-        lines.append(f"Date: {date}")
+        lines.append(f"Date: {date}\r\n")
     if resp.status not in (204, 304):
         if resp.content_type:  # engine.io sends its empty-bodied errors without one
-            lines.append(f"Content-Type: {resp.content_type}")
+            lines.append(f"Content-Type: {resp.content_type}\r\n")
         if resp.stream is None:
-            lines.append(f"Content-Length: {len(resp.body)}")
+            lines.append(f"Content-Length: {len(resp.body)}\r\n")
         elif chunked:
-            lines.append("Transfer-Encoding: chunked")
-    # Whatever a value holds, it stays one field: a character outside RFC 9110's field-value
-    # (CR, LF, NUL, other controls, or beyond Latin-1, which could not be encoded) becomes "?".
-    lines.extend(f"{k}: {_FIELD_VALUE_UNSAFE_RE.sub('?', str(v))}" for k, v in resp.headers)
-    lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            lines.append("Transfer-Encoding: chunked\r\n")
+    lines.extend(map(_header_line, resp.headers))
+    lines.append("Connection: keep-alive\r\n\r\n" if keep_alive else "Connection: close\r\n\r\n")
+    head = "".join(lines).encode("latin-1")
     return head if head_only or resp.status in (204, 304) or resp.stream is not None else head + resp.body
+
+
+@functools.lru_cache(maxsize=64)
+def _status_lines(status: int) -> str:
+    return f"HTTP/1.1 {status} {HTTP_REASONS.get(status, 'Unknown')}\r\nServer: {SERVER_NAME}\r\n"
+
+
+@functools.lru_cache(maxsize=1024)  # (most are the same few: security, CORS, polling headers)
+def _header_line(field: tuple[str, Any]) -> str:
+    """One header line.  Whatever a value holds, it stays one field: a character outside RFC 9110's
+    field-value (CR, LF, NUL, other controls, or beyond Latin-1, which could not be encoded) becomes "?"."""
+    name, value = field
+    return f"{name}: {_FIELD_VALUE_UNSAFE_RE.sub('?', str(value))}\r\n"
 
 
 def chunk(data: bytes) -> bytes:
@@ -3588,7 +3642,9 @@ class EioOutbox:
         return bool(due)
 
     def next_due_at(self) -> float | None:
-        return min((self.due_at[key] for key in self.held), default=None)
+        if not self.held:  # (the usual case: asked after every request of the session)
+            return None
+        return min(self.due_at[key] for key in self.held)
 
     def set_filter(self, keys: frozenset[str] | None, max_rate: float | None) -> None:
         """Change the filter (None = every key) and the rate per key (None = every update);
@@ -3817,9 +3873,11 @@ class EioSession:
 
     def next_deadline(self) -> float | None:
         """The earliest time `tick` has something to do."""
-        times = [t for t in (self.next_ping_at, self.pong_deadline, self.upgrade_deadline,
-                             self.close_deadline, self.outbox.next_due_at()) if t is not None]
-        return min(times, default=None)
+        due = self.next_ping_at
+        for at in (self.pong_deadline, self.upgrade_deadline, self.close_deadline, self.outbox.next_due_at()):
+            if at is not None and (due is None or at < due):
+                due = at
+        return due
 
     # -- time ------------------------------------------------------------------
 
@@ -7312,7 +7370,7 @@ class EioConnection:
         self.upper: Any = None               # slot for the layer above (Socket.IO client state)
         self.ws: WsLink | None = None        # the WebSocket once it is the session's transport
         self.probe: WsLink | None = None     # a WebSocket probing for an upgrade
-        self._poll_waiter: asyncio.Future[str] | None = None  # resolved with the parked GET's body
+        self._poll_waiter: Callable[[str], None] | None = None  # called once with the parked GET's body
         self._post_transport: asyncio.BaseTransport | None = None  # the POST whose body is arriving
         self._timer: asyncio.TimerHandle | None = None        # fires at the session's next deadline
         self._timer_at = 0.0                 # when `_timer` fires (loop time)
@@ -7492,10 +7550,10 @@ class EioConnection:
             elif self._room is not None:
                 self._wake_room()
             return
-        waiter = self._poll_waiter
-        if waiter is not None and not waiter.done() and self.session.poll_parked:
+        answer = self._poll_waiter
+        if answer is not None and self.session.poll_parked:
             self._poll_waiter = None
-            waiter.set_result(self.session.take_poll_payload())
+            answer(self.session.take_poll_payload())
             if self._room is not None:
                 self._wake_room()
 
@@ -7686,10 +7744,9 @@ class EioServer:
                    max_new_sessions_per_address_per_s=cfg.max_new_sessions_per_address_per_s,
                    max_messages_per_s=cfg.max_client_messages_per_s)
 
-    @staticmethod
-    def now_s() -> float:
-        """The event loop's clock: the `now_s` of every session."""
-        return asyncio.get_running_loop().time()
+    # The event loop's clock (asyncio's loop.time() is time.monotonic()), the `now_s` of every
+    # session; read directly, as get_running_loop() costs a getpid() system call in Python 3.11.
+    now_s = staticmethod(time.monotonic)
 
     # -- calls from connections -------------------------------------------------------------
 
@@ -7734,13 +7791,23 @@ class EioServer:
             return self.polling.open(req)
         conn = self.connections[sid]
         if req.method == "GET":
-            return await self.polling.get(req, conn, reader, writer)
+            return await self.polling.get(req, conn, reader)
         if req.method == "POST":
             return self.polling.post(conn, req, body)
         # Deliberate difference: the reference answers PUT, DELETE, HEAD... with a sid 500 (empty
         # body), which reads as our failure; it is the client's, so it gets code 2 as without a sid.
         # The session lives on, as in the reference.
         return self._error(2, upgrade)
+
+    def take_poll(self, req: HttpRequest, answer: Callable[[str], None]) -> HttpResponse | None:
+        """Serve a polling GET with a sid (not an upgrade) as handle_request would, without a task:
+        engine.io's refusal, or None once the GET is parked, ``answer`` then being called once
+        with its body (at once when data waits).  The HTTP layer's callback path (§18)."""
+        query = {key: values[-1] for key, values in req.query.items() if values}
+        refused = self._verify(req, query, False)
+        if refused is not None:
+            return refused
+        return self.polling.park(self.connections[query["sid"]], answer)
 
     def _error(self, code: int, upgrade: bool) -> HttpResponse:
         message = EIO_ERROR_MESSAGES[code]
@@ -7965,20 +8032,44 @@ class EioPolling:
         return HttpResponse(200, conn.session.take_poll_payload().encode(), "text/plain; charset=UTF-8",
                             list(_POLL_HEADERS))
 
-    async def get(self, req: HttpRequest, conn: EioConnection, reader: asyncio.StreamReader,
-                  writer: asyncio.StreamWriter) -> HttpResponse | None:
+    def park(self, conn: EioConnection, answer: Callable[[str], None]) -> HttpResponse | None:
+        """Park a GET of ``conn``'s: ``answer`` is called once with its body, at once when data
+        waits.  A second GET meanwhile ends the session: returned is its 400 (the parked one
+        gets `1`)."""
         actions = conn.session.begin_poll(self.server.now_s())
-        refusal = self._refusal(conn, actions)  # the parked GET gets `1`, the session ends
+        refusal = self._refusal(conn, actions)
         if refusal is not None:
             return refusal
-        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        conn._poll_waiter = waiter
+        conn._poll_waiter = answer
         conn._apply(actions)
+        return None
+
+    def client_left(self, req: HttpRequest, answer: Callable[[str], None]) -> None:
+        """The client of a GET parked with ``answer`` went away: the session's poll is aborted
+        (engine.io closes the session then) and the request counted as 499."""
+        conn = self.server.connections.get(req.query["sid"][-1])
+        if conn is not None and conn._poll_waiter is answer:
+            conn._poll_waiter = None
+            conn._apply(conn.session.abort_poll(self.server.now_s()))
+        self.server.request_outcome(req, 499)
+
+    @staticmethod
+    def answer(payload: str) -> HttpResponse:
+        """The response to a GET, carrying ``payload`` (packets joined as engine.io does)."""
+        return HttpResponse(200, payload.encode(), "text/plain; charset=UTF-8", list(_POLL_HEADERS))
+
+    async def get(self, req: HttpRequest, conn: EioConnection, reader: asyncio.StreamReader) -> HttpResponse | None:
+        """A GET on the request loop's task: parked until answered; None when the client left
+        (the HTTP layer closes the connection)."""
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        answer = waiter.set_result
+        refusal = self.park(conn, answer)
+        if refusal is not None:
+            return refusal
         if not waiter.done() and not await self._park(conn, waiter, reader):
-            writer.close()
-            self.server.request_outcome(req, 499)
+            self.client_left(req, answer)
             return None
-        return HttpResponse(200, waiter.result().encode(), "text/plain; charset=UTF-8", list(_POLL_HEADERS))
+        return self.answer(waiter.result())
 
     async def _park(self, conn: EioConnection, waiter: asyncio.Future[str],
                     reader: asyncio.StreamReader) -> bool:
@@ -7991,6 +8082,7 @@ class EioPolling:
         try:
             await asyncio.wait((waiter, watch), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
+            conn._poll_waiter = None
             conn._apply(conn.session.abort_poll(self.server.now_s()))
             raise
         finally:
@@ -8001,11 +8093,7 @@ class EioPolling:
                 await asyncio.wait((watch,))
             if not watch.cancelled():
                 watch.exception()  # retrieved: a reset here just means the client left
-        if waiter.done():
-            return True
-        conn._poll_waiter = None
-        conn._apply(conn.session.abort_poll(self.server.now_s()))
-        return False
+        return waiter.done()
 
     def post(self, conn: EioConnection, req: HttpRequest, body: bytes | None) -> HttpResponse:
         if body is None or len(body) > self.server.max_payload_bytes:
@@ -8292,6 +8380,8 @@ REFUSED_HANDSHAKE_DELAY_S = 1.0  # a handshake refused from its request line is 
                                  # flooder's connection gets one try a second, each costing a timer, not ~50 µs
 HTTP_REQUESTS_PER_TURN = 4       # requests started per event-loop turn (~0.5 ms of cheap ones): the fan-out gets its
                                  # turn however many connections flood the server (32 left a 200-client flood 8x p99)
+POLLS_IN_CALLBACK_PER_TURN = 128 # long-poll GETs served in their read callback per turn (~15 µs each, 2 ms): past 100
+                                 # clients answering one update in a turn, the rest wait their turns as other requests
 FAVICON_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
                b'fill="#0b1220"/><path d="M3 11l3-4 3 2 4-5" stroke="#22c55e" stroke-width="2" fill="none"/></svg>')
 
@@ -8309,11 +8399,14 @@ class TurnAdmission:
     the next turns, in arrival order.  A flood of cheap requests (~100 µs each) from hundreds of
     connections otherwise filled whole turns, and the fan-out, one callback among them, waited."""
 
-    def __init__(self, per_turn: int) -> None:
+    def __init__(self, per_turn: int, light_per_turn: int = 0) -> None:
         self.per_turn = per_turn
         self.left = per_turn                                  # starts left in this turn
+        self.light_per_turn = light_per_turn
+        self.light_left = light_per_turn                      # light starts left in this turn (see take_light)
         self.waiting: deque[asyncio.Future[None]] = deque()   # requests waiting for a later turn
         self._refill: asyncio.Handle | None = None            # the next turn's refill, when armed
+        self._loop: asyncio.AbstractEventLoop | None = None   # (kept: get_running_loop() is a system call)
 
     async def enter(self) -> None:
         if self.left > 0 and not self.waiting:
@@ -8325,13 +8418,26 @@ class TurnAdmission:
         self._arm()
         await waiter
 
+    def take_light(self) -> bool:
+        """Whether a light request (served in a callback, about a tenth of most) may start in this
+        turn: `light_per_turn` of them may, beside the others.  When not, it is served as any
+        other, through `enter`."""
+        if self.light_left <= 0:
+            return False
+        self.light_left -= 1
+        self._arm()
+        return True
+
     def _arm(self) -> None:
         if self._refill is None:
-            self._refill = asyncio.get_running_loop().call_soon(self._next_turn)
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._refill = self._loop.call_soon(self._next_turn)
 
     def _next_turn(self) -> None:
         self._refill = None
         self.left = self.per_turn
+        self.light_left = self.light_per_turn
         while self.waiting and self.left > 0:
             waiter = self.waiting.popleft()
             if not waiter.done():  # (a cancelled one: its connection ended while it waited)
@@ -8383,6 +8489,69 @@ async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -
         loop.remove_reader(sock.fileno())
 
 
+class HttpProtocol(asyncio.StreamReaderProtocol):
+    """One connection's protocol: the StreamReader of its request loop (HttpServer.serve_connection),
+    and a callback path for long polling.  While the loop awaits a next request with nothing
+    buffered (`armed`), bytes that arrive are first offered to HttpServer.offer_poll, which serves
+    a long-poll GET in this callback; anything it does not take goes to the reader as before."""
+
+    def __init__(self, reader: asyncio.StreamReader, loop: asyncio.AbstractEventLoop, server: HttpServer,
+                 tls: bool) -> None:
+        super().__init__(reader, loop=loop)
+        self.loop = loop
+        self.server = server
+        self.tls = tls
+        self.reader = reader
+        self.peer, self.host, self.direct = "", "", True  # set by serve_connection (see HttpServer._prepare)
+        self.armed = False            # the request loop awaits a next request and its reader holds nothing
+        # A GET served by the callback path and not yet answered: (request, its answer callback).
+        self.parked: tuple[HttpRequest, Callable[[str], None]] | None = None
+        self.served_at = 0.0          # loop time of the last GET served or answered here (it keeps the connection)
+        # The last GET served here, and whether its headers let a GET be served here (no body, no
+        # upgrade, kept alive): the next one with the same header bytes reuses both.
+        self.last_request: HttpRequest | None = None
+        self.plain = False
+        # The answer's head for those headers (and keep-alive): the parts around its Date and length.
+        self.answer_head: tuple[tuple[tuple[str, str], ...], bool, bytes, bytes, bytes] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport = transport  # type: ignore[assignment]
+
+    def arm(self) -> None:
+        """The request loop waits for a next request: offer what arrives, if the reader is empty
+        (reading its private buffer; a Python without it just never offers)."""
+        buffered = getattr(self.reader, "_buffer", None)
+        self.armed = buffered is not None and not buffered and not self.reader.at_eof()
+
+    def data_received(self, data: bytes) -> None:
+        if self.parked is not None:
+            # Engine.IO clients never pipeline: bytes while a GET is parked mean its client left.
+            self._client_left()
+            self.armed = False
+            self.transport.close()
+            return
+        if self.armed:
+            if self.server.offer_poll(self, data):
+                return
+            self.armed = False
+        super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        self._client_left()
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client_left()
+        super().connection_lost(exc)
+
+    def _client_left(self) -> None:
+        parked, self.parked = self.parked, None
+        if parked is not None:
+            self.server.app.eio.polling.client_left(*parked)
+
+
 class HttpServer:
     """HTTP/1.1 on one port, TLS and plain side by side (peek at the first byte)."""
 
@@ -8391,11 +8560,13 @@ class HttpServer:
         self.cfg = app.cfg
         self.ssl_ctx = ssl_ctx
         self.static = StaticFiles(Path(__file__).resolve().parent / "static")
-        self.admission = TurnAdmission(HTTP_REQUESTS_PER_TURN)  # a request flood cannot fill the loop's turns
+        # A request flood cannot fill the loop's turns.
+        self.admission = TurnAdmission(HTTP_REQUESTS_PER_TURN, POLLS_IN_CALLBACK_PER_TURN)
         self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
         self.connections: set[asyncio.Task] = set()   # one task per accepted socket
         self.idle: set[asyncio.Task] = set()          # of those, the ones waiting for a next request
         self.refusals_delayed = 0                     # handshakes whose refusal from the request line was delayed
+        self.polls_in_callback = 0                    # long-poll GETs served by HttpProtocol's callback path
         self.sock: socket.socket | None = None
         self.port = 0
         self._accept_task: asyncio.Task | None = None
@@ -8476,14 +8647,14 @@ class HttpServer:
                     return
                 use_tls = first == b"\x16"
             reader = asyncio.StreamReader(limit=MAX_HEAD_BYTES, loop=loop)  # + exact check in _read_head
-            protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+            protocol = HttpProtocol(reader, loop, self, use_tls)
             transport, _ = await loop.connect_accepted_socket(
                 lambda: protocol, conn, ssl=self.ssl_ctx if use_tls else None,
                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S if use_tls else None)
             if not use_tls and isinstance(getattr(transport, "max_size", None), int):
                 transport.max_size = CONN_RECV_BYTES
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-            await self.serve_connection(reader, writer, peer, accepted_at)
+            await self.serve_connection(reader, writer, peer, accepted_at, protocol)
         except (asyncio.TimeoutError, TimeoutError, ConnectionError, ssl.SSLError, OSError) as exc:
             log.debug("http %s: connection ended: %s", peer, describe_error(exc))
         finally:
@@ -8496,16 +8667,16 @@ class HttpServer:
                 conn.close()
 
     async def _read_head(self, reader: asyncio.StreamReader, deadline: float | None,
-                         writer: asyncio.StreamWriter) -> bytes | None:
+                         writer: asyncio.StreamWriter, protocol: HttpProtocol | None = None) -> bytes | None:
         """Read one request head.  A first request must arrive whole by ``deadline`` (counted
         from accept: slowloris guard); later ones may idle KEEPALIVE_IDLE_S before their first
-        byte, then get HEAD_TIMEOUT_S.  Returns None when the connection should just close."""
+        byte (see _next_request_byte), then get HEAD_TIMEOUT_S.  Returns None when the
+        connection should just close."""
         loop = asyncio.get_running_loop()
         try:
-            # (asyncio.timeout, not wait_for: no task per read; a long-poll cycle reads a head each time)
+            # (asyncio.timeout, not wait_for: no task per read)
             if deadline is None:
-                async with asyncio.timeout(KEEPALIVE_IDLE_S):
-                    first = await reader.readexactly(1)
+                first = await self._next_request_byte(reader, protocol)
                 deadline = loop.time() + HEAD_TIMEOUT_S
             else:
                 async with asyncio.timeout_at(deadline):
@@ -8527,12 +8698,128 @@ class HttpServer:
         await self._send(writer, error_response(HttpError(431, f"request head over {MAX_HEAD_BYTES} bytes")), False)
         return None
 
-    async def _send(self, writer: asyncio.StreamWriter, resp: HttpResponse, keep_alive: bool,
-                    head_only: bool = False, chunked: bool = True) -> None:
+    @staticmethod
+    async def _next_request_byte(reader: asyncio.StreamReader, protocol: HttpProtocol | None) -> bytes:
+        """The first byte of a next request on a kept-alive connection.  Meanwhile ``protocol``
+        serves the long-poll GETs that arrive whole (HttpProtocol); the connection idles out
+        KEEPALIVE_IDLE_S after the last of them was answered, never while one is parked.
+
+        Raises:
+            TimeoutError: idle for KEEPALIVE_IDLE_S.
+            asyncio.IncompleteReadError: the client closed the connection.
+        """
+        if protocol is None:
+            async with asyncio.timeout(KEEPALIVE_IDLE_S):
+                return await reader.readexactly(1)
+        loop = asyncio.get_running_loop()
+        idle_until = loop.time() + KEEPALIVE_IDLE_S
+        protocol.arm()
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(idle_until):
+                        return await reader.readexactly(1)
+                except TimeoutError:
+                    if protocol.parked is None and protocol.served_at + KEEPALIVE_IDLE_S <= loop.time():
+                        raise
+                    idle_until = (loop.time() if protocol.parked else protocol.served_at) + KEEPALIVE_IDLE_S
+        finally:
+            protocol.armed = False
+
+    def offer_poll(self, protocol: HttpProtocol, data: bytes) -> bool:
+        """Serve ``data``, which arrived whole while its kept-alive connection had nothing else to
+        do, if it is a long-poll GET of a live session: parse and check it as the request loop
+        would, park it, and have its answer written by whatever makes it (the fan-out, a timer)
+        through `_answer_poll`.  No task is woken and no timer set for it: this path, not the
+        coroutine's, is what keeps 100 long-polling clients at 100 updates/s cheap.  False for
+        anything else, left to the request loop, including what the loop must refuse."""
+        if (not data.startswith(b"GET /socket.io/?") or data.find(b"\r\n\r\n") != len(data) - 4
+                or b"sid=" not in data[:data.find(b"\r\n")]  # (a handshake: the loop may refuse it unparsed)
+                or len(data) > MAX_HEAD_BYTES or self.closing or protocol.transport is None
+                or protocol.transport.get_write_buffer_size()):  # (unsent bytes: the loop's drain() waits)
+            return False
+        started = time.perf_counter()
+        previous, protocol.last_request = protocol.last_request, None
+        try:
+            req, route = self._prepare(data, protocol.peer, protocol.host, protocol.direct, previous)
+            if route.kind is not RouteKind.EIO or not req.query.get("sid", [""])[-1]:
+                return False
+            if previous is None or req.headers is not previous.headers or req.version != previous.version:
+                protocol.plain = not is_upgrade(req) and wants_keep_alive(req) and not body_length(req, 0)
+        except HttpError:
+            return False
+        protocol.last_request = req  # (`plain` holds for its headers)
+        if not protocol.plain or not self.admission.take_light():
+            return False
+        self.polls_in_callback += 1
+        protocol.served_at = protocol.loop.time()
+        answer: Callable[[str], None] = lambda payload: self._answer_poll(protocol, req, route, payload, started)
+        protocol.parked = (req, answer)  # (before take_poll: the answer may come at once)
+        refusal = self.app.eio.take_poll(req, answer)
+        if refusal is not None:
+            protocol.parked = None
+            protocol.transport.write(self._response_bytes(req, route, refusal, True, protocol.tls))
+            self._served(req, route, refusal.status, started)
+        return True
+
+    def _answer_poll(self, protocol: HttpProtocol, req: HttpRequest, route: Route, payload: str,
+                     started: float) -> None:
+        """Write the answer of a GET parked by offer_poll (during shutdown, with `Connection: close`):
+        the bytes `_response_bytes` makes, from a head made once for the connection's headers with
+        only its Date and Content-Length filled in per answer."""
+        protocol.parked = None
+        protocol.served_at = protocol.loop.time()
+        transport = protocol.transport
+        if transport is None or transport.is_closing():
+            return
+        keep_alive = not self.closing
+        head = protocol.answer_head
+        if head is None or head[0] is not req.headers or head[1] != keep_alive:
+            # "\x00" stands for the date: a header value never holds it (render_response replaces it).
+            template = self._response_bytes(req, route, EioPolling.answer(""), keep_alive, protocol.tls, "\x00")
+            before_date, _, rest = template.partition(b"\x00")
+            between, _, after = rest.partition(b"\r\nContent-Length: 0\r\n")
+            head = protocol.answer_head = (req.headers, keep_alive, before_date,
+                                           between + b"\r\nContent-Length: ", b"\r\n" + after)
+        body = payload.encode()
+        transport.write(b"".join((head[2], http_date(time.time()).encode(), head[3], b"%d" % len(body), head[4],
+                                  body)))
+        self._served(req, route, 200, started)
+        if not keep_alive:
+            transport.close()
+
+    def _response_bytes(self, req: HttpRequest, route: Route, resp: HttpResponse, keep_alive: bool, tls: bool,
+                        date: str | None = None) -> bytes:
+        """The head of ``resp`` (and its body, unless streamed) as the answer to ``req``: CORS
+        where the route has it, the security headers, HSTS over TLS."""
+        # A preflight response carries its own CORS headers; a refused upgrade none (ref: abortUpgrade).
+        if route.cors and req.method != "OPTIONS" and not is_upgrade(req):
+            resp.headers.extend(cors_headers(req, self.cfg.cors_origins))
+        # HTTP/1.0 has no chunked transfer: a stream ends with the connection.
+        return self._render(resp, keep_alive, tls, req.method == "HEAD", req.version != "HTTP/1.0", date)
+
+    def _served(self, req: HttpRequest, route: Route, status: int, started: float) -> None:
+        """Count a request answered with ``status`` (and log it at DEBUG)."""
+        self.requests[(route.label, status)] += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("http %s %s %s → %d (%.1f ms)", req.peer, req.method, loggable_target(req.target),
+                      status, (time.perf_counter() - started) * 1000)
+
+    @staticmethod
+    def _render(resp: HttpResponse, keep_alive: bool, tls: bool, head_only: bool = False,
+                chunked: bool = True, date: str | None = None) -> bytes:
         resp.headers.extend(SECURITY_HEADERS)
-        if writer.get_extra_info("sslcontext") is not None:
+        if tls:
             resp.headers.append(HSTS_HEADER)
-        writer.write(render_response(resp, keep_alive, head_only, http_date(time.time()), chunked))
+        return render_response(resp, keep_alive, head_only, http_date(time.time()) if date is None else date,
+                               chunked)
+
+    async def _send(self, writer: asyncio.StreamWriter, resp: HttpResponse, keep_alive: bool,
+                    head_only: bool = False, chunked: bool = True, head: bytes | None = None) -> None:
+        """Write ``resp`` (rendered here, or given as ``head``) and its stream, if any, as the client takes them."""
+        if head is None:
+            head = self._render(resp, keep_alive, writer.get_extra_info("sslcontext") is not None, head_only, chunked)
+        writer.write(head)
         await drain_within(writer, WRITE_TIMEOUT_S)
         if resp.stream is not None and not head_only:
             await self._send_stream(writer, resp.stream, chunked)
@@ -8586,20 +8873,23 @@ class HttpServer:
         return any(address in net for net in self._trusted)
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str,
-                               accepted_at: float) -> None:
-        """The keep-alive request loop of one connection (accepted at loop time ``accepted_at``)."""
+                               accepted_at: float, protocol: HttpProtocol | None = None) -> None:
+        """The keep-alive request loop of one connection (accepted at loop time ``accepted_at``);
+        with its HttpProtocol, long-poll GETs between its requests are served in its callback."""
         deadline: float | None = accepted_at + HEAD_TIMEOUT_S
         task = asyncio.current_task()
         host = peer.rsplit(":", 1)[0].strip("[]")
         # The client's address is the peer's unless the peer is a trusted proxy (see client_ip).
         direct = not self._trusted or not self._is_trusted(host)
+        if protocol is not None:
+            protocol.peer, protocol.host, protocol.direct = peer, host, direct
         while True:
             if self.closing:  # e.g. a long-poll answered at shutdown: no next request on this connection
                 return
             if deadline is None and task is not None:  # idle keep-alive: shutdown may end it at once
                 self.idle.add(task)
             try:
-                raw_head = await self._read_head(reader, deadline, writer)
+                raw_head = await self._read_head(reader, deadline, writer, protocol)
             finally:
                 self.idle.discard(task)
             if raw_head is None:
@@ -8617,7 +8907,7 @@ class HttpServer:
                     continue
             held = HeldBytes(self.app.eio.held_budget)  # the body's share of the server's held bytes
             try:
-                if not await self._serve_request(raw_head, peer, held, reader, writer):
+                if not await self._serve_request(raw_head, peer, host, direct, held, reader, writer):
                     return
             finally:
                 held.release()
@@ -8649,15 +8939,26 @@ class HttpServer:
             log.debug("http %s: handshake refused from its request line → %d", peer, resp.status)
         return keep_alive
 
-    async def _serve_request(self, raw_head: bytes, peer: str, held: HeldBytes, reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter) -> bool:
+    def _prepare(self, raw_head: bytes, peer: str, host: str, direct: bool,
+                 previous: HttpRequest | None = None) -> tuple[HttpRequest, Route]:
+        """A request head from ``peer`` (address ``host``; ``direct``: not a trusted proxy) → the
+        request, with the client's address as its peer, and its route (``previous``: see
+        parse_request_head).  Raises HttpError."""
+        if direct:
+            req = parse_request_head(raw_head, host, previous)
+        else:
+            req = parse_request_head(raw_head, peer, previous)
+            req = dataclasses.replace(req, peer=self.client_ip(req))  # the client, decided once
+        route = resolve_route(req.path)
+        check_method(req, route)
+        return req, route
+
+    async def _serve_request(self, raw_head: bytes, peer: str, host: str, direct: bool, held: HeldBytes,
+                             reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Read one request's body, answer it; True when the connection may carry another request."""
         started = time.perf_counter()
         try:
-            req = parse_request_head(raw_head, peer)
-            req = dataclasses.replace(req, peer=self.client_ip(req))  # the client, decided once
-            route = resolve_route(req.path)
-            check_method(req, route)
+            req, route = self._prepare(raw_head, peer, host, direct)
             is_eio = route.kind is RouteKind.EIO
             limit = self.cfg.max_payload_bytes if is_eio else MAX_API_BODY_BYTES
             try:
@@ -8707,17 +9008,11 @@ class HttpServer:
     async def _finish(self, writer: asyncio.StreamWriter, req: HttpRequest, route: Route, resp: HttpResponse,
                       keep_alive: bool, started: float) -> bool:
         """Send the response; True when the connection may carry another request."""
-        # A preflight response carries its own CORS headers; a refused upgrade none (ref: abortUpgrade).
-        if route.cors and req.method != "OPTIONS" and not is_upgrade(req):
-            resp.headers.extend(cors_headers(req, self.cfg.cors_origins))
-        self.requests[(route.label, resp.status)] += 1
-        chunked = req.version != "HTTP/1.0"  # HTTP/1.0 has no chunked transfer: a stream ends with the connection
-        if resp.stream is not None and not chunked:
+        if resp.stream is not None and req.version == "HTTP/1.0":
             keep_alive = False
-        await self._send(writer, resp, keep_alive, req.method == "HEAD", chunked)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("http %s %s %s → %d (%.1f ms)", req.peer, req.method, loggable_target(req.target),
-                      resp.status, (time.perf_counter() - started) * 1000)
+        head = self._response_bytes(req, route, resp, keep_alive, writer.get_extra_info("sslcontext") is not None)
+        self._served(req, route, resp.status, started)
+        await self._send(writer, resp, keep_alive, req.method == "HEAD", req.version != "HTTP/1.0", head)
         return keep_alive
 
     async def dispatch(self, req: HttpRequest, route: Route, body: bytes, reader: asyncio.StreamReader,

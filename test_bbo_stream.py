@@ -5868,7 +5868,7 @@ def test_one_address_opens_at_most_max_new_sessions_per_address_per_s(tmp_path, 
     monkeypatch.setattr(bs, "REFUSED_HANDSHAKE_DELAY_S", 0.0)   # (the delay has a test of its own)
     parsed: list[bytes] = []
     parse = bs.parse_request_head
-    monkeypatch.setattr(bs, "parse_request_head", lambda raw, peer="": (parsed.append(raw), parse(raw, peer))[1])
+    monkeypatch.setattr(bs, "parse_request_head", lambda raw, *args: (parsed.append(raw), parse(raw, *args))[1])
     refusal = {"code": 4, "message": "Too many new sessions from this address"}
     with LiveServer(tmp_path, max_new_sessions_per_address_per_s=0.4) as srv:   # a burst of 2, then one per 2.5 s
         raw = srv.raw()
