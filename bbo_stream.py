@@ -2388,7 +2388,8 @@ def parse_request_head(raw_head: bytes, peer: str = "", previous: HttpRequest | 
         else:
             fields = _checked_header_fields(lines[1:])
         headers = tuple(fields)
-    if version == "HTTP/1.1" and sum(1 for k, _ in headers if k == "host") != 1:
+    if version == "HTTP/1.1" and (reused is None or previous.version != version) and \
+            sum(1 for k, _ in headers if k == "host") != 1:
         raise HttpError(400, "HTTP/1.1 requests need exactly one Host header")
     if not target.startswith("/"):
         if target == "*" and method == "OPTIONS":
@@ -2437,9 +2438,12 @@ def parse_query(raw_query: str) -> dict[str, list[str]]:
     if "%" not in raw_query and "+" not in raw_query:  # nothing to decode: parse_qs's result, 4x faster
         query: dict[str, list[str]] = {}
         for field in raw_query.split("&"):
-            if field:
-                name, _, value = field.partition("=")
-                query.setdefault(name, []).append(value)
+            name, _, value = field.partition("=")
+            values = query.get(name)
+            if values is not None:
+                values.append(value)
+            elif field:
+                query[name] = [value]
         return query
     try:
         return urllib.parse.parse_qs(raw_query, keep_blank_values=True, errors="strict")
@@ -3969,6 +3973,12 @@ class EioSession:
             self._poll_final = None
         self.poll_parked = False
         return encode_eio_payload(items) if items else encode_eio(EioType.NOOP)
+
+    def take_poll_payload_of(self, texts: list[str]) -> str:
+        """The body for the parked GET of a session with nothing queued: ``texts``, updates handed
+        over without being queued (the Hub's fast path); un-parks it."""
+        self.poll_parked = False
+        return texts[0] if len(texts) == 1 else encode_eio_payload(texts)
 
     def abort_poll(self, now_s: float) -> list[Action]:
         """The client dropped the connection of its parked GET (engine.io: "poll connection closed prematurely")."""
@@ -7472,25 +7482,36 @@ class EioConnection:
                 raw: list[EioConnection] | None = None, filtered: bool = False) -> None:
         """Hand a batch of updates to this client.
 
-        Fast path: a WebSocket client that keeps up, has nothing queued and takes every update
-        of `batch` (all of them, or `filtered`: the hub picked those it asked for, and it has no
-        rate limit) gets the batch's pre-built frames, the same bytes as its peers, in one write;
-        given a `raw` list, a plain-TCP one whose transport holds nothing unsent is appended to
-        it instead, for the hub to write to its socket directly (see SocketWriterPool).
+        Fast paths, for a client that has nothing queued and takes every update of `batch` (all
+        of them, or `filtered`: the hub picked those it asked for, and it has no rate limit):
+        over a WebSocket that keeps up, it gets the batch's pre-built frames, the same bytes as
+        its peers, in one write; given a `raw` list, a plain-TCP one whose transport holds
+        nothing unsent is appended to it instead, for the hub to write to its socket directly
+        (see SocketWriterPool).  Long-polling with a GET parked, the batch answers the GET.
         Everyone else goes through the conflating outbox.
         """
-        link, outbox = self.ws, self.session.outbox
-        if (link is not None and link.writable and not link.backed_up
-                and (outbox.passthrough or (filtered and outbox.interval_s is None))
+        link, session = self.ws, self.session
+        outbox = session.outbox
+        if ((outbox.passthrough or (filtered and outbox.interval_s is None))
                 and not outbox.control and not outbox.updates):
-            outbox.sent += len(batch)
-            outbox.given = batch[-1]  # (recovery: where an event emitted to it alone stands)
-            if (raw is not None and link.raw_fd >= 0 and not link.transport.get_write_buffer_size()
-                    and not link.transport.is_closing()):
-                raw.append(self)
-            else:
-                self.write_frames(joined_frames)
-            return
+            if link is not None and link.writable and not link.backed_up:
+                outbox.sent += len(batch)
+                outbox.given = batch[-1]  # (recovery: where an event emitted to it alone stands)
+                if (raw is not None and link.raw_fd >= 0 and not link.transport.get_write_buffer_size()
+                        and not link.transport.is_closing()):
+                    raw.append(self)
+                else:
+                    self.write_frames(joined_frames)
+                return
+            answer = self._poll_waiter
+            if answer is not None and session.poll_parked and session.state is EioState.POLLING:
+                outbox.sent += len(batch)
+                outbox.given = batch[-1]
+                self._poll_waiter = None
+                answer(session.take_poll_payload_of([update.text for update in batch]))
+                if self._room is not None:
+                    self._wake_room()
+                return
         self._apply(self.session.push_updates(batch, now_s))
 
     @property
@@ -7908,8 +7929,12 @@ class EioServer:
         """The connection for `sid` after applying its lapsed deadlines (a timer may be late)."""
         conn = self.connections.get(sid)
         if conn is not None:
-            conn._apply(conn.session.tick(self.now_s()))
-            conn = self.connections.get(sid)
+            actions = conn.session.tick(self.now_s())
+            # Nothing to carry out, still open: its timer needs no change (a deadline that moved
+            # later is met by the timer re-arming when it fires).
+            if actions or conn.session.state is EioState.CLOSED:
+                conn._apply(actions)
+                conn = self.connections.get(sid)
         if conn is None or conn.session.state is EioState.CLOSED:
             return None
         return conn
@@ -8041,7 +8066,8 @@ class EioPolling:
         if refusal is not None:
             return refusal
         conn._poll_waiter = answer
-        conn._apply(actions)
+        if actions:  # (none: the GET is parked, the session's deadlines are as they were)
+            conn._apply(actions)
         return None
 
     def client_left(self, req: HttpRequest, answer: Callable[[str], None]) -> None:
@@ -8734,7 +8760,7 @@ class HttpServer:
         coroutine's, is what keeps 100 long-polling clients at 100 updates/s cheap.  False for
         anything else, left to the request loop, including what the loop must refuse."""
         if (not data.startswith(b"GET /socket.io/?") or data.find(b"\r\n\r\n") != len(data) - 4
-                or b"sid=" not in data[:data.find(b"\r\n")]  # (a handshake: the loop may refuse it unparsed)
+                or data.find(b"sid=", 0, data.find(b"\r\n")) < 0  # (a handshake: the loop may refuse it unparsed)
                 or len(data) > MAX_HEAD_BYTES or self.closing or protocol.transport is None
                 or protocol.transport.get_write_buffer_size()):  # (unsent bytes: the loop's drain() waits)
             return False

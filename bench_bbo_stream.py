@@ -724,9 +724,13 @@ class _PollClient(_SioClient):
         self.get_buf = self.post_buf = b""
         self.post_queue: list[bytes] = []
         self.post_up = self.post_busy = False
+        self.requests_sent = 0
 
     def _request(self, stream: _Stream, method: bytes, body: bytes = b"") -> None:
-        target = b"/socket.io/?EIO=4&transport=polling" + (b"&sid=" + self.sid if self.sid else b"")
+        # A new t= each time, as socket.io-client's cache buster: no server may count on repeated targets.
+        self.requests_sent += 1
+        target = (b"/socket.io/?EIO=4&transport=polling&t=" + b"%x" % (0x1000000 + self.requests_sent)
+                  + (b"&sid=" + self.sid if self.sid else b""))
         head = method + b" " + target + b" HTTP/1.1\r\nHost: " + self.host_header + b"\r\n"
         if method == b"POST":
             head += b"Content-Type: text/plain;charset=UTF-8\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
