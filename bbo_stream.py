@@ -8398,7 +8398,8 @@ async def serve_ws_link(link: WsLink, on_message: Callable[[WsLink, str | bytes]
 # §18 HTTP connection handler
 # ###########################################################################
 # Owns: the listening socket, TLS-or-plain detection per connection, the keep-alive
-# request loop with its timeouts, static files, and dispatch to REST and Engine.IO.
+# request loop with its timeouts, the read-callback path of long-polling GETs (HttpProtocol),
+# static files, and dispatch to REST and Engine.IO.
 
 MAX_API_BODY_BYTES = 64 * 1024   # no REST endpoint takes a body; read (and drop) at most this much
 REFUSED_HANDSHAKE_DELAY_S = 1.0  # a handshake refused from its request line is answered this late on average
