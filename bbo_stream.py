@@ -2543,6 +2543,12 @@ def _http_date_of_second(second: int) -> str:  # (formatting it was 4 % of a lon
     return email.utils.formatdate(second, usegmt=True)
 
 
+@functools.lru_cache(maxsize=4)
+def http_date_bytes(second: int) -> bytes:
+    """http_date of a whole second, as bytes (a long-poll answer's, made from bytes)."""
+    return _http_date_of_second(second).encode()
+
+
 def render_response(resp: HttpResponse, keep_alive: bool, head_only: bool = False, date: str = "",
                     chunked: bool = True) -> bytes:
     """Status line, headers and body.  Content-Length framing; a streamed response (``resp.stream``)
@@ -3974,11 +3980,11 @@ class EioSession:
         self.poll_parked = False
         return encode_eio_payload(items) if items else encode_eio(EioType.NOOP)
 
-    def take_poll_payload_of(self, texts: list[str]) -> str:
-        """The body for the parked GET of a session with nothing queued: ``texts``, updates handed
-        over without being queued (the Hub's fast path); un-parks it."""
+    def take_poll_payload_of(self, updates: list[EioUpdate]) -> str:
+        """The body for the parked GET of a session with nothing queued: ``updates``, handed over
+        without being queued (the Hub's fast path); un-parks it."""
         self.poll_parked = False
-        return texts[0] if len(texts) == 1 else encode_eio_payload(texts)
+        return updates[0].text if len(updates) == 1 else encode_eio_payload([update.text for update in updates])
 
     def abort_poll(self, now_s: float) -> list[Action]:
         """The client dropped the connection of its parked GET (engine.io: "poll connection closed prematurely")."""
@@ -7508,7 +7514,7 @@ class EioConnection:
                 outbox.sent += len(batch)
                 outbox.given = batch[-1]
                 self._poll_waiter = None
-                answer(session.take_poll_payload_of([update.text for update in batch]))
+                answer(session.take_poll_payload_of(batch))
                 if self._room is not None:
                     self._wake_room()
                 return
@@ -8769,7 +8775,8 @@ class HttpServer:
         previous, protocol.last_request = protocol.last_request, None
         try:
             req, route = self._prepare(data, protocol.peer, protocol.host, protocol.direct, previous)
-            if route.kind is not RouteKind.EIO or not req.query.get("sid", [""])[-1]:
+            sids = req.query.get("sid")
+            if route.kind is not RouteKind.EIO or not sids or not sids[-1]:
                 return False
             if previous is None or req.headers is not previous.headers or req.version != previous.version:
                 protocol.plain = not is_upgrade(req) and wants_keep_alive(req) and not body_length(req, 0)
@@ -8809,7 +8816,7 @@ class HttpServer:
             head = protocol.answer_head = (req.headers, keep_alive, before_date,
                                            between + b"\r\nContent-Length: ", b"\r\n" + after)
         body = payload.encode()
-        transport.write(b"".join((head[2], http_date(time.time()).encode(), head[3], b"%d" % len(body), head[4],
+        transport.write(b"".join((head[2], http_date_bytes(int(time.time())), head[3], b"%d" % len(body), head[4],
                                   body)))
         self._served(req, route, 200, started)
         if not keep_alive:
