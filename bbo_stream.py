@@ -2438,12 +2438,13 @@ def parse_query(raw_query: str) -> dict[str, list[str]]:
     if "%" not in raw_query and "+" not in raw_query:  # nothing to decode: parse_qs's result, 4x faster
         query: dict[str, list[str]] = {}
         for field in raw_query.split("&"):
-            name, _, value = field.partition("=")
-            values = query.get(name)
-            if values is not None:
-                values.append(value)
-            elif field:
-                query[name] = [value]
+            if field:
+                name, _, value = field.partition("=")
+                values = query.get(name)
+                if values is None:
+                    query[name] = [value]
+                else:
+                    values.append(value)
         return query
     try:
         return urllib.parse.parse_qs(raw_query, keep_blank_values=True, errors="strict")
@@ -7494,7 +7495,8 @@ class EioConnection:
         its peers, in one write; given a `raw` list, a plain-TCP one whose transport holds
         nothing unsent is appended to it instead, for the hub to write to its socket directly
         (see SocketWriterPool).  Long-polling with a GET parked, the batch answers the GET.
-        Everyone else goes through the conflating outbox.
+        Everyone else goes through the conflating outbox (and so does a batch larger than the
+        outbox's bound, which it would conflate).
         """
         link, session = self.ws, self.session
         outbox = session.outbox
@@ -7510,7 +7512,9 @@ class EioConnection:
                     self.write_frames(joined_frames)
                 return
             answer = self._poll_waiter
-            if answer is not None and session.poll_parked and session.state is EioState.POLLING:
+            # (Over the outbox's bound, the outbox keeps the newest update per key instead.)
+            if (answer is not None and session.poll_parked and session.state is EioState.POLLING
+                    and len(joined_frames) <= OUTBOX_MAX_UPDATE_BYTES):
                 outbox.sent += len(batch)
                 outbox.given = batch[-1]
                 self._poll_waiter = None
@@ -7861,8 +7865,11 @@ class EioServer:
             conn = self._live(sid)
             if conn is None:
                 return self._error(1, upgrade)
-            if not upgrade and conn.transport != transport:
-                return self._error(3, upgrade)  # (ref: polling after the upgrade, or GET transport=websocket)
+            if not upgrade and (conn.transport != transport or transport == "websocket"):
+                # (ref: polling after the upgrade, or GET transport=websocket.)  Not a request with
+                # transport=websocket on a WebSocket session either: it parked on a session whose
+                # data goes to its WebSocket, never answered.
+                return self._error(3, upgrade)
             if query.get("EIO") != EIO_PROTOCOL:
                 return self._error(3, upgrade)  # (ref: EIO=3 with a live sid -> code 3, not 5)
             return None
@@ -8415,6 +8422,8 @@ HTTP_REQUESTS_PER_TURN = 4       # requests started per event-loop turn (~0.5 ms
                                  # turn however many connections flood the server (32 left a 200-client flood 8x p99)
 POLLS_IN_CALLBACK_PER_TURN = 128 # long-poll GETs served in their read callback per turn (~15 µs each, 2 ms): past 100
                                  # clients answering one update in a turn, the rest wait their turns as other requests
+POLL_HEAD_KEPT_BYTES = 4096      # a parked GET's head kept for the next one to reuse (a browser's, cookies and all,
+                                 # is 1-2 KiB); a larger one is parsed anew each time rather than held per connection
 FAVICON_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
                b'fill="#0b1220"/><path d="M3 11l3-4 3 2 4-5" stroke="#22c55e" stroke-width="2" fill="none"/></svg>')
 
@@ -8771,6 +8780,8 @@ class HttpServer:
                 or len(data) > MAX_HEAD_BYTES or self.closing or protocol.transport is None
                 or protocol.transport.get_write_buffer_size()):  # (unsent bytes: the loop's drain() waits)
             return False
+        if not self.admission.take_light():
+            return False
         started = time.perf_counter()
         previous, protocol.last_request = protocol.last_request, None
         try:
@@ -8782,16 +8793,18 @@ class HttpServer:
                 protocol.plain = not is_upgrade(req) and wants_keep_alive(req) and not body_length(req, 0)
         except HttpError:
             return False
-        protocol.last_request = req  # (`plain` holds for its headers)
-        if not protocol.plain or not self.admission.take_light():
+        if not protocol.plain:
             return False
         self.polls_in_callback += 1
         protocol.served_at = protocol.loop.time()
         answer: Callable[[str], None] = lambda payload: self._answer_poll(protocol, req, route, payload, started)
-        protocol.parked = (req, answer)  # (before take_poll: the answer may come at once)
+        # (Both before take_poll: the answer may come at once.)  The request is kept for the next
+        # GET to reuse, with `plain`, when it is a session's and small.
+        protocol.parked = (req, answer)
+        protocol.last_request = req if len(data) <= POLL_HEAD_KEPT_BYTES else None
         refusal = self.app.eio.take_poll(req, answer)
         if refusal is not None:
-            protocol.parked = None
+            protocol.parked = protocol.last_request = None
             protocol.transport.write(self._response_bytes(req, route, refusal, True, protocol.tls))
             self._served(req, route, refusal.status, started)
         return True
@@ -8805,6 +8818,7 @@ class HttpServer:
         protocol.served_at = protocol.loop.time()
         transport = protocol.transport
         if transport is None or transport.is_closing():
+            self._served(req, route, 499, started)  # (the client went: nothing can be written)
             return
         keep_alive = not self.closing
         head = protocol.answer_head
@@ -8813,8 +8827,9 @@ class HttpServer:
             template = self._response_bytes(req, route, EioPolling.answer(""), keep_alive, protocol.tls, "\x00")
             before_date, _, rest = template.partition(b"\x00")
             between, _, after = rest.partition(b"\r\nContent-Length: 0\r\n")
-            head = protocol.answer_head = (req.headers, keep_alive, before_date,
-                                           between + b"\r\nContent-Length: ", b"\r\n" + after)
+            head = (req.headers, keep_alive, before_date, between + b"\r\nContent-Length: ", b"\r\n" + after)
+            # Kept with the request it was made for (a small head, see offer_poll), not for any other.
+            protocol.answer_head = head if protocol.last_request is req else None
         body = payload.encode()
         transport.write(b"".join((head[2], http_date_bytes(int(time.time())), head[3], b"%d" % len(body), head[4],
                                   body)))
