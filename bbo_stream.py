@@ -8709,7 +8709,7 @@ class HttpServer:
                 conn.close()
 
     async def _read_head(self, reader: asyncio.StreamReader, deadline: float | None,
-                         writer: asyncio.StreamWriter, protocol: HttpProtocol | None = None) -> bytes | None:
+                         writer: asyncio.StreamWriter, protocol: HttpProtocol) -> bytes | None:
         """Read one request head.  A first request must arrive whole by ``deadline`` (counted
         from accept: slowloris guard); later ones may idle KEEPALIVE_IDLE_S before their first
         byte (see _next_request_byte), then get HEAD_TIMEOUT_S.  Returns None when the
@@ -8741,7 +8741,7 @@ class HttpServer:
         return None
 
     @staticmethod
-    async def _next_request_byte(reader: asyncio.StreamReader, protocol: HttpProtocol | None) -> bytes:
+    async def _next_request_byte(reader: asyncio.StreamReader, protocol: HttpProtocol) -> bytes:
         """The first byte of a next request on a kept-alive connection.  Meanwhile ``protocol``
         serves the long-poll GETs that arrive whole (HttpProtocol); the connection idles out
         KEEPALIVE_IDLE_S after the last of them was answered, never while one is parked.
@@ -8750,9 +8750,6 @@ class HttpServer:
             TimeoutError: idle for KEEPALIVE_IDLE_S.
             asyncio.IncompleteReadError: the client closed the connection.
         """
-        if protocol is None:
-            async with asyncio.timeout(KEEPALIVE_IDLE_S):
-                return await reader.readexactly(1)
         loop = asyncio.get_running_loop()
         idle_until = loop.time() + KEEPALIVE_IDLE_S
         protocol.arm()
@@ -8922,16 +8919,15 @@ class HttpServer:
         return any(address in net for net in self._trusted)
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str,
-                               accepted_at: float, protocol: HttpProtocol | None = None) -> None:
+                               accepted_at: float, protocol: HttpProtocol) -> None:
         """The keep-alive request loop of one connection (accepted at loop time ``accepted_at``);
-        with its HttpProtocol, long-poll GETs between its requests are served in its callback."""
+        long-poll GETs between its requests are served in its ``protocol``'s callback."""
         deadline: float | None = accepted_at + HEAD_TIMEOUT_S
         task = asyncio.current_task()
         host = peer.rsplit(":", 1)[0].strip("[]")
         # The client's address is the peer's unless the peer is a trusted proxy (see client_ip).
         direct = not self._trusted or not self._is_trusted(host)
-        if protocol is not None:
-            protocol.peer, protocol.host, protocol.direct = peer, host, direct
+        protocol.peer, protocol.host, protocol.direct = peer, host, direct
         while True:
             if self.closing:  # e.g. a long-poll answered at shutdown: no next request on this connection
                 return
