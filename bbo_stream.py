@@ -2475,6 +2475,11 @@ def body_length(req: HttpRequest, max_bytes: int) -> int:
     return length
 
 
+def peer_address(peer: str) -> str:
+    """The address of a peer as this server names it ("203.0.113.7:4711", "[2001:db8::1]:4711")."""
+    return peer.rsplit(":", 1)[0].strip("[]")
+
+
 def forwarded_address(hop: str) -> str | None:
     """The address of one X-Forwarded-For hop ("203.0.113.7", "203.0.113.7:4711", "2001:db8::1",
     "[2001:db8::1]:4711"), normalised; None when it is none."""
@@ -7809,7 +7814,7 @@ class EioServer:
         `request_outcome` and the HTTP layer leaves reader and writer alone.  While a GET is
         parked, `reader` is watched for EOF (the client going away closes the session).
         """
-        query = {key: values[-1] for key, values in req.query.items() if values}  # node: last one wins
+        query = self.query_of(req)
         upgrade = is_upgrade(req)
         refused = self._verify(req, query, upgrade)
         if refused is not None:
@@ -7834,11 +7839,16 @@ class EioServer:
         """Serve a polling GET with a sid (not an upgrade) as handle_request would, without a task:
         engine.io's refusal, or None once the GET is parked, ``answer`` then being called once
         with its body (at once when data waits).  The HTTP layer's callback path (§18)."""
-        query = {key: values[-1] for key, values in req.query.items() if values}
+        query = self.query_of(req)
         refused = self._verify(req, query, False)
         if refused is not None:
             return refused
         return self.polling.park(self.connections[query["sid"]], answer)
+
+    @staticmethod
+    def query_of(req: HttpRequest) -> dict[str, str]:
+        """The query as engine.io reads it: each parameter's last value (node's querystring)."""
+        return {key: values[-1] for key, values in req.query.items() if values}
 
     def _error(self, code: int, upgrade: bool) -> HttpResponse:
         message = EIO_ERROR_MESSAGES[code]
@@ -7917,16 +7927,16 @@ class EioServer:
         request line alone, before the rest of the request is parsed or checked: a flood of
         refused handshakes must cost less than requests.  None for anything else (the whole
         request path serves it, and checks it)."""
-        if not self._is_bare_handshake(raw_head):
+        if not self.is_bare_handshake(raw_head):
             return None
         return self._address_refusal(address, b"\r\nupgrade:" in raw_head.lower())
 
     def over_limits_early(self, raw_head: bytes, address: str) -> bool:
         """Whether refuse_early would refuse this now (nothing counted or logged)."""
-        return self._is_bare_handshake(raw_head) and self._limit_wait_s(address) is not None
+        return self.is_bare_handshake(raw_head) and self._limit_wait_s(address) is not None
 
     @staticmethod
-    def _is_bare_handshake(raw_head: bytes) -> bool:
+    def is_bare_handshake(raw_head: bytes) -> bool:
         """A handshake's request line (not one with a sid, which the whole path must see)."""
         return raw_head.startswith(b"GET /socket.io/?") and b"sid=" not in raw_head[:raw_head.find(b"\r\n")]
 
@@ -8057,7 +8067,7 @@ class EioPolling:
 
     def _post_target(self, req: HttpRequest) -> tuple[EioConnection | None, HttpResponse | None]:
         """The polling session a POST carries packets for, or engine.io's refusal of the POST."""
-        query = {key: values[-1] for key, values in req.query.items() if values}
+        query = self.server.query_of(req)
         refused = self.server._verify(req, query, False)
         if refused is not None:
             return None, refused
@@ -8773,7 +8783,7 @@ class HttpServer:
         coroutine's, is what keeps 100 long-polling clients at 100 updates/s cheap.  False for
         anything else, left to the request loop, including what the loop must refuse."""
         if (not data.startswith(b"GET /socket.io/?") or data.find(b"\r\n\r\n") != len(data) - 4
-                or data.find(b"sid=", 0, data.find(b"\r\n")) < 0  # (a handshake: the loop may refuse it unparsed)
+                or EioServer.is_bare_handshake(data)  # (the loop may refuse it unparsed)
                 or len(data) > MAX_HEAD_BYTES or self.closing or protocol.transport is None
                 or protocol.transport.get_write_buffer_size()):  # (unsent bytes: the loop's drain() waits)
             return False
@@ -8897,7 +8907,7 @@ class HttpServer:
         across every line of the header (a proxy may add a line of its own rather than extend the
         client's, whose own lines come first and are anyone's to forge); a hop that is no address
         ends the walk at the last trusted one.  Anyone else could forge the header: ignored then."""
-        host = req.peer.rsplit(":", 1)[0].strip("[]")
+        host = peer_address(req.peer)
         if not self._trusted or not self._is_trusted(host):
             return host
         hops = [hop for key, value in req.headers if key == "x-forwarded-for" for hop in value.split(",")]
@@ -8924,7 +8934,7 @@ class HttpServer:
         long-poll GETs between its requests are served in its ``protocol``'s callback."""
         deadline: float | None = accepted_at + HEAD_TIMEOUT_S
         task = asyncio.current_task()
-        host = peer.rsplit(":", 1)[0].strip("[]")
+        host = peer_address(peer)
         # The client's address is the peer's unless the peer is a trusted proxy (see client_ip).
         direct = not self._trusted or not self._is_trusted(host)
         protocol.peer, protocol.host, protocol.direct = peer, host, direct
