@@ -4689,9 +4689,9 @@ def loggable_target(target: str) -> str:
 # §11 Binance feed
 # ###########################################################################
 # Owns: the exchange connections (one per shard of symbols) and the threads that read their
-# sockets, their watchdog, 24 h
-# rotation (make-before-break), reconnect backoff, outage recording, the feed status, symbols
-# added and removed while running, and the exchange's REST time (the clock offset).
+# sockets, their watchdog, 24 h rotation (make-before-break), reconnect backoff, outage
+# recording, the feed status, symbols added and removed while running, and the exchange's
+# REST time (the clock offset).
 
 
 class FeedSocketReader:
@@ -4699,10 +4699,10 @@ class FeedSocketReader:
     receive time taken, as they arrive, even while the event loop runs a fan-out pass; the loop
     then parses them in order (``deliver``).  (The thread needs the interpreter lock to take the
     time: within the switch interval, 5 ms, of a busy loop; later only behind one long call that
-    holds the lock.)  The asyncio transport keeps the writing, the
-    closing and (TLS) the decryption: only the reading moves here.  At most
-    FEED_READ_AHEAD_BYTES wait for the loop, and the transport's flow control (websockets'
-    max_queue) pauses this reader instead of the selector."""
+    holds the lock.)  The asyncio transport keeps the writing, the closing and (TLS) the
+    decryption: only the reading moves here.  At most FEED_READ_AHEAD_BYTES wait for the loop,
+    and the transport's flow control (websockets' max_queue) pauses this reader instead of the
+    selector."""
 
     def __init__(self, raw: asyncio.Transport, on_read: Callable[[int], None]) -> None:
         self._loop = asyncio.get_running_loop()
@@ -6378,8 +6378,8 @@ class Hub:
     """
 
     def __init__(self, writer_threads: int = 0) -> None:
-        self._conns: dict[EioConnection, tuple[int, int, int]] = {}  # attached → (sent, skipped, passed_upto)
-                                                         # at attach
+        # attached → (sent, skipped, passed_upto) at attach
+        self._conns: dict[EioConnection, tuple[int, int, int]] = {}
         self.writer_threads = writer_threads             # helpers of SocketWriterPool (0: loop thread only)
         self._pool: SocketWriterPool | None = None       # started by the first pass that needs it
         self._everyone: dict[EioConnection, None] = {}   # attached clients that take every key
