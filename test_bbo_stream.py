@@ -737,6 +737,16 @@ class LiveServer:
         assert status == 200 and headers["content-type"] == "text/plain; charset=UTF-8", (status, body)
         return json.loads(body[1:])["sid"], raw
 
+    def joined_polling(self) -> tuple[str, Raw]:
+        """A long-polling client that joined "/" on its handshake's kept-alive connection and read
+        its CONNECT answer, welcome and feed_status: its next GET waits for data.  (The feed is
+        made live first: no status change comes later.)"""
+        self.send("btcusdt", "28750.00", "1.500", "28750.20", "0.250")
+        sid, raw = self.polling_handshake()
+        assert raw.request("POST", eio_path(sid), b"40")[2] == b"ok"
+        assert raw.request("GET", eio_path(sid))[2].startswith(b"40{")
+        return sid, raw
+
     def wait_parked(self, sid: str, flag: str = "poll_parked") -> None:
         """Until the session's GET is parked (flag="post_in_flight": a POST's body is arriving).
         Nothing announces either, so this polls the session."""
@@ -4873,10 +4883,7 @@ def test_socket_writer_pool_writes_the_same_bytes_to_every_socket_and_reports_th
 
 def test_a_polling_client_gets_the_updates_sent_meanwhile_in_one_response(tmp_path):
     with LiveServer(tmp_path) as srv:
-        srv.send("btcusdt", "28750.00", "1.500", "28750.20", "0.250")  # the feed is live: no status change later
-        sid, raw = srv.polling_handshake()
-        raw.request("POST", eio_path(sid), b"40")
-        raw.request("GET", eio_path(sid))                    # CONNECT answer, welcome, feed_status
+        sid, raw = srv.joined_polling()
         sent = srv.call(srv.fed.send_many, [("btcusdt", f"28750.1{n}", "1.500", "28750.20", "0.250") for n in range(5)])
         _, _, body = raw.request("GET", eio_path(sid))
         packets = body.decode().split("\x1e")
@@ -4889,10 +4896,7 @@ def test_a_parked_get_is_answered_by_the_pass_itself_and_each_update_counted_onc
     # The hub's fast path for long polling: a client with a GET parked and nothing queued gets
     # the pass's updates as the GET's answer, in order, each counted as one delivery.
     with LiveServer(tmp_path) as srv:
-        srv.send("btcusdt", "28750.00", "1.500", "28750.20", "0.250")
-        sid, raw = srv.polling_handshake()
-        raw.request("POST", eio_path(sid), b"40")
-        raw.request("GET", eio_path(sid))
+        sid, raw = srv.joined_polling()
         delivered = srv.metric("bbo_sio_deliveries_total")
         raw.send("GET", eio_path(sid))
         srv.wait_parked(sid)
@@ -6674,10 +6678,7 @@ def test_a_connection_whose_long_poll_is_parked_in_its_callback_is_not_closed_as
     # one answered less than that ago, keeps the connection; once idle that long, it closes.
     monkeypatch.setattr(bs, "KEEPALIVE_IDLE_S", 0.3)
     with LiveServer(tmp_path) as srv:
-        srv.send("btcusdt", "28750.00", "1.500", "28750.20", "0.250")
-        sid, raw = srv.polling_handshake()
-        srv.raw().request("POST", eio_path(sid), b"40")
-        raw.request("GET", eio_path(sid))
+        sid, raw = srv.joined_polling()
         raw.send("GET", eio_path(sid))
         srv.wait_parked(sid)
         assert polls_in_callback(srv) == 2
@@ -6711,10 +6712,7 @@ def test_a_parked_get_answered_by_a_batch_over_the_outbox_bound_gets_it_conflate
     # larger one goes through the outbox, which keeps the newest update per symbol (a 600-update
     # batch made a 163 KB answer).
     with LiveServer(tmp_path) as srv:
-        srv.send("btcusdt", "28750.00", "1.500", "28750.20", "0.250")
-        sid, raw = srv.polling_handshake()
-        raw.request("POST", eio_path(sid), b"40")
-        raw.request("GET", eio_path(sid))
+        sid, raw = srv.joined_polling()
         raw.send("GET", eio_path(sid))
         srv.wait_parked(sid)
         sent = srv.call(srv.fed.send_many, [("btcusdt", f"28750.{i:04d}", "1.500", "28751.00", "0.250")
