@@ -2402,7 +2402,7 @@ HOSTILE_QUIET_MAX_WAIT_S = 60.0   # ...for at most this long (the machine is sha
 _MB = 1_000_000                   # "1 MB": MAX_PAYLOAD's default, the largest message the server accepts
 _EIO_PATH = "/socket.io/?EIO=4&transport="
 _CUT_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
-_DEFAULT_PER_ADDRESS = next(st.default for st in bs.SETTINGS if st.name == "MAX_SESSIONS_PER_ADDRESS")
+_DEFAULT_PER_ADDRESS = bs.SETTINGS_BY_NAME["MAX_SESSIONS_PER_ADDRESS"].default
 _DEFAULT_NEW_PER_ADDRESS = bs.SETTINGS_BY_NAME["MAX_NEW_SESSIONS_PER_ADDRESS_PER_S"].default
 
 
