@@ -2452,6 +2452,64 @@ def parse_query(raw_query: str) -> dict[str, list[str]]:
         raise HttpError(400, "invalid percent-encoding in the query") from None
 
 
+# A value that decodes to itself (no %, no +, no &): one whose bytes may change without changing a
+# parse beyond that value.
+_PLAIN_QUERY_VALUE_RE = re.compile(rb"[A-Za-z0-9._~-]*")
+MAX_REPEAT_VALUE_BYTES = 64  # engine.io clients' `t` is 7-13 characters, python-socketio's a float's ~18
+
+
+@dataclasses.dataclass(slots=True)
+class RepeatedHead:
+    """A parsed request head, and how to parse a repeat of it that differs only in the value of one
+    query parameter: a long-polling client sends its GET again and again, the same bytes but for a
+    new `t=` (engine.io clients' cache buster).  Such a repeat is told from its bytes alone, two
+    comparisons and one match, and its HttpRequest is what parse_request_head would return."""
+    request: HttpRequest       # the head recognised (the newest repeat once there are repeats)
+    name: str                  # the query parameter whose value may change
+    before: bytes              # the head's bytes before that value
+    after: bytes               # and after it
+    target_before: str         # the request target before the value, and after it
+    target_after: str
+    max_value_bytes: int       # a longer value could take the target past MAX_TARGET_BYTES
+
+    @classmethod
+    def of(cls, req: HttpRequest, name: str) -> "RepeatedHead | None":
+        """None unless ``req``'s target has one ``name=`` parameter with a plain value (see
+        _PLAIN_QUERY_VALUE_RE) and no other spelling of ``name`` (percent-encoded, say)."""
+        target = req.target
+        query_at = target.find("?") + 1
+        if not query_at or len(req.query.get(name, ())) != 1:
+            return None
+        field_at, value_at = query_at, -1
+        for field in target[query_at:].split("&"):
+            if field.startswith(name + "="):
+                value_at = field_at + len(name) + 1
+                value_end = field_at + len(field)
+            field_at += len(field) + 1
+        if value_at < 0 or not _PLAIN_QUERY_VALUE_RE.fullmatch(target.encode("latin-1"), value_at, value_end):
+            return None
+        at = len(req.method) + 1  # the target's offset in the head (latin-1: a character per byte)
+        return cls(req, name, req.raw_head[:at + value_at], req.raw_head[at + value_end:], target[:value_at],
+                   target[value_end:], min(MAX_REPEAT_VALUE_BYTES, MAX_TARGET_BYTES - len(target) + value_end - value_at))
+
+    def parse(self, raw_head: bytes) -> HttpRequest | None:
+        """``raw_head`` parsed, if it repeats this head but for the value (None otherwise), which
+        is then the newest repeat recognised."""
+        value_end = len(raw_head) - len(self.after)
+        value_at = len(self.before)
+        if (not value_at <= value_end <= value_at + self.max_value_bytes or not raw_head.startswith(self.before)
+                or not raw_head.endswith(self.after)
+                or not _PLAIN_QUERY_VALUE_RE.fullmatch(raw_head, value_at, value_end)):
+            return None
+        value = raw_head[value_at:value_end].decode("ascii")
+        last = self.request
+        query = dict(last.query)
+        query[self.name] = [value]
+        self.request = HttpRequest(last.method, self.target_before + value + self.target_after, last.path, query,
+                                   last.version, last.headers, raw_head, last.peer)
+        return self.request
+
+
 def body_length(req: HttpRequest, max_bytes: int) -> int:
     """Length of the request body.  Only Content-Length framing is supported.
 
@@ -7845,6 +7903,17 @@ class EioServer:
             return refused
         return self.polling.park(self.connections[query["sid"]], answer)
 
+    def take_repeated_poll(self, sid: str, answer: Callable[[str], None]) -> HttpResponse | None:
+        """take_poll for a GET that repeats, but for its cache buster `t`, one take_poll parked on
+        the same connection: what _verify decides from its bytes (transport, origin, EIO) held then,
+        and the settings are fixed; the session is checked again, since it may have closed or
+        upgraded to WebSocket meanwhile."""
+        conn = self._live(sid)
+        refused = self._session_refusal(conn, "polling", EIO_PROTOCOL, False)
+        if refused is not None:
+            return refused
+        return self.polling.park(conn, answer)
+
     @staticmethod
     def query_of(req: HttpRequest) -> dict[str, str]:
         """The query as engine.io reads it: each parameter's last value (node's querystring)."""
@@ -7872,17 +7941,7 @@ class EioServer:
             return self._error(4, upgrade)
         sid = query.get("sid") or None  # an empty sid counts as none, as in JS
         if sid is not None:
-            conn = self._live(sid)
-            if conn is None:
-                return self._error(1, upgrade)
-            if not upgrade and (conn.transport != transport or transport == "websocket"):
-                # (ref: polling after the upgrade, or GET transport=websocket.)  Not a request with
-                # transport=websocket on a WebSocket session either: it parked on a session whose
-                # data goes to its WebSocket, never answered.
-                return self._error(3, upgrade)
-            if query.get("EIO") != EIO_PROTOCOL:
-                return self._error(3, upgrade)  # (ref: EIO=3 with a live sid -> code 3, not 5)
-            return None
+            return self._session_refusal(self._live(sid), transport, query.get("EIO"), upgrade)
         if req.method != "GET":
             return self._error(2, upgrade)  # (ref: POST, PUT, OPTIONS, HEAD without a sid)
         if transport == "websocket" and not upgrade:
@@ -7894,6 +7953,20 @@ class EioServer:
             self.refused_full += 1
             return self._refuse_handshake(503, "Too many clients", upgrade)
         return self._address_refusal(req.peer, upgrade)
+
+    def _session_refusal(self, conn: EioConnection | None, transport: str, eio: str | None,
+                         upgrade: bool) -> HttpResponse | None:
+        """_verify's checks of a request with a sid, ``conn`` the live session of that sid."""
+        if conn is None:
+            return self._error(1, upgrade)
+        if not upgrade and (conn.transport != transport or transport == "websocket"):
+            # (ref: polling after the upgrade, or GET transport=websocket.)  Not a request with
+            # transport=websocket on a WebSocket session either: it parked on a session whose
+            # data goes to its WebSocket, never answered.
+            return self._error(3, upgrade)
+        if eio != EIO_PROTOCOL:
+            return self._error(3, upgrade)  # (ref: EIO=3 with a live sid -> code 3, not 5)
+        return None
 
     def _address_refusal(self, address: str, upgrade: bool) -> HttpResponse | None:
         """The 429 for a new session from ``address`` when it is over MAX_SESSIONS_PER_ADDRESS or
@@ -8565,6 +8638,9 @@ class HttpProtocol(asyncio.StreamReaderProtocol):
         self.plain = False
         # The answer's head for those headers (and keep-alive): the parts around its Date and length.
         self.answer_head: tuple[tuple[tuple[str, str], ...], bool, bytes, bytes, bytes] | None = None
+        # A GET parked through the whole path, to tell its repeats by (only `t` changes), and its route.
+        self.repeat: RepeatedHead | None = None
+        self.repeat_route: Route | None = None
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -8619,6 +8695,7 @@ class HttpServer:
         self.idle: set[asyncio.Task] = set()          # of those, the ones waiting for a next request
         self.refusals_delayed = 0                     # handshakes whose refusal from the request line was delayed
         self.polls_in_callback = 0                    # long-poll GETs served by HttpProtocol's callback path
+        self.polls_repeated = 0                       # of those, repeats of the GET before but for `t` (RepeatedHead)
         self.sock: socket.socket | None = None
         self.port = 0
         self._accept_task: asyncio.Task | None = None
@@ -8782,36 +8859,50 @@ class HttpServer:
         through `_answer_poll`.  No task is woken and no timer set for it: this path, not the
         coroutine's, is what keeps 100 long-polling clients at 100 updates/s cheap.  False for
         anything else, left to the request loop, including what the loop must refuse."""
-        if (not data.startswith(b"GET /socket.io/?") or data.find(b"\r\n\r\n") != len(data) - 4
-                or EioServer.is_bare_handshake(data)  # (the loop may refuse it unparsed)
-                or len(data) > MAX_HEAD_BYTES or self.closing or protocol.transport is None
+        if (len(data) > MAX_HEAD_BYTES or self.closing or protocol.transport is None
                 or protocol.transport.get_write_buffer_size()):  # (unsent bytes: the loop's drain() waits)
+            return False
+        req = protocol.repeat.parse(data) if protocol.repeat is not None else None
+        repeated = req is not None
+        if not repeated and (not data.startswith(b"GET /socket.io/?") or data.find(b"\r\n\r\n") != len(data) - 4
+                            or EioServer.is_bare_handshake(data)):  # (the loop may refuse it unparsed)
             return False
         if not self.admission.take_light():
             return False
         started = time.perf_counter()
-        previous, protocol.last_request = protocol.last_request, None
-        try:
-            req, route = self._prepare(data, protocol.peer, protocol.host, protocol.direct, previous)
-            sids = req.query.get("sid")
-            if route.kind is not RouteKind.EIO or not sids or not sids[-1]:
+        if repeated:  # (the checks of its bytes below held for the GET it repeats)
+            route = protocol.repeat_route
+            self.polls_repeated += 1
+        else:
+            protocol.repeat = None
+            previous, protocol.last_request = protocol.last_request, None
+            try:
+                req, route = self._prepare(data, protocol.peer, protocol.host, protocol.direct, previous)
+                sids = req.query.get("sid")
+                if route.kind is not RouteKind.EIO or not sids or not sids[-1]:
+                    return False
+                if previous is None or req.headers is not previous.headers or req.version != previous.version:
+                    protocol.plain = not is_upgrade(req) and wants_keep_alive(req) and not body_length(req, 0)
+            except HttpError:
                 return False
-            if previous is None or req.headers is not previous.headers or req.version != previous.version:
-                protocol.plain = not is_upgrade(req) and wants_keep_alive(req) and not body_length(req, 0)
-        except HttpError:
-            return False
-        if not protocol.plain:
-            return False
+            if not protocol.plain:
+                return False
         self.polls_in_callback += 1
         protocol.served_at = protocol.loop.time()
         answer: Callable[[str], None] = lambda payload: self._answer_poll(protocol, req, route, payload, started)
-        # (Both before take_poll: the answer may come at once.)  The request is kept for the next
-        # GET to reuse, with `plain`, when it is a session's and small.
+        # (Both before parking: the answer may come at once.)  The request is kept for the next GET
+        # to reuse, with `plain`, when it is a session's and small.
         protocol.parked = (req, answer)
-        protocol.last_request = req if len(data) <= POLL_HEAD_KEPT_BYTES else None
-        refusal = self.app.eio.take_poll(req, answer)
+        kept = len(data) <= POLL_HEAD_KEPT_BYTES
+        protocol.last_request = req if kept else None
+        if repeated:
+            refusal = self.app.eio.take_repeated_poll(req.query["sid"][-1], answer)
+        else:
+            refusal = self.app.eio.take_poll(req, answer)
+            if refusal is None and kept:
+                protocol.repeat, protocol.repeat_route = RepeatedHead.of(req, "t"), route
         if refusal is not None:
-            protocol.parked = protocol.last_request = None
+            protocol.parked = protocol.last_request = protocol.repeat = None
             protocol.transport.write(self._response_bytes(req, route, refusal, True, protocol.tls))
             self._served(req, route, refusal.status, started)
         return True

@@ -2111,6 +2111,65 @@ def test_parse_query_gives_what_parse_qs_gives(query):
     assert got == expected
 
 
+POLL_GET = ("GET /socket.io/?EIO=4&transport=polling&t={t}&sid=AbC_-12 HTTP/1.1", "Host: 127.0.0.1:9",
+            "Origin: http://app.example", "Connection: keep-alive")
+
+
+def parse_or_status(raw: bytes) -> bs.HttpRequest | int:
+    try:
+        return parse(raw)
+    except bs.HttpError as exc:
+        return exc.status
+
+
+@pytest.mark.parametrize("t", ["PQ1aB2d", "", "1733333333.1234567", "a.b-c_d~", "x" * bs.MAX_REPEAT_VALUE_BYTES])
+def test_a_repeat_of_a_head_but_for_its_t_value_parses_as_parse_request_head_parses_it(t):
+    repeated = bs.RepeatedHead.of(parse(head(POLL_GET[0].format(t="PQ1aB2c"), *POLL_GET[1:])), "t")
+    raw = head(POLL_GET[0].format(t=t), *POLL_GET[1:])
+    got = repeated.parse(raw)
+    assert got == parse(raw) and got.query["t"] == [t] and repeated.request is got
+    assert repeated.parse(head(POLL_GET[0].format(t="next"), *POLL_GET[1:])).query["t"] == ["next"]
+
+
+@pytest.mark.parametrize("line, headers", [
+    (POLL_GET[0].format(t="a%41"), POLL_GET[1:]),                # a value that decodes to other characters
+    (POLL_GET[0].format(t="a+b"), POLL_GET[1:]),
+    (POLL_GET[0].format(t="a&sid=x"), POLL_GET[1:]),             # another field
+    (POLL_GET[0].format(t="a\x01"), POLL_GET[1:]),               # 400
+    (POLL_GET[0].format(t="a b"), POLL_GET[1:]),                 # 400
+    (POLL_GET[0].format(t="x" * (bs.MAX_REPEAT_VALUE_BYTES + 1)), POLL_GET[1:]),
+    (POLL_GET[0].format(t="a").replace("AbC_-12", "AbC_-13"), POLL_GET[1:]),   # another session
+    (POLL_GET[0].format(t="a"), POLL_GET[1:-1] + ("Connection: close",)),      # other headers
+    (POLL_GET[0].format(t="a"), POLL_GET[1:] + ("Content-Length: 2",)),
+    (POLL_GET[0].format(t="a").replace("HTTP/1.1", "HTTP/1.0"), POLL_GET[1:]),
+    (POLL_GET[0].format(t="a").replace("GET", "POST"), POLL_GET[1:]),
+])
+def test_a_head_that_differs_beyond_the_t_value_is_no_repeat(line, headers):
+    repeated = bs.RepeatedHead.of(parse(head(POLL_GET[0].format(t="PQ1aB2c"), *POLL_GET[1:])), "t")
+    template = repeated.request
+    raw = head(line, *headers)
+    assert repeated.parse(raw) is None and repeated.request is template
+    assert repeated.parse(raw[:len(repeated.before) + 2]) is None          # (shorter than the template itself)
+    parsed = parse_or_status(raw)
+    assert parsed != parse(head(POLL_GET[0].format(t="PQ1aB2c"), *POLL_GET[1:]))
+
+
+def test_a_repeat_that_would_take_the_target_past_max_target_bytes_is_no_repeat():
+    pad = "p" * (bs.MAX_TARGET_BYTES - len("/x?t=ab&pad="))
+    first = parse(head(f"GET /x?t=ab&pad={pad} HTTP/1.1", "Host: t"))
+    assert len(first.target) == bs.MAX_TARGET_BYTES
+    repeated = bs.RepeatedHead.of(first, "t")
+    assert repeated.parse(head(f"GET /x?t=cd&pad={pad} HTTP/1.1", "Host: t")).query["t"] == ["cd"]
+    longer = head(f"GET /x?t=abc&pad={pad} HTTP/1.1", "Host: t")
+    assert parse_or_status(longer) == 414 and repeated.parse(longer) is None
+
+
+@pytest.mark.parametrize("target", ["/socket.io/?EIO=4&sid=a", "/x?t=1&t=2", "/x?%74=1&t=2", "/x?t", "/x?t=a%41",
+                                    "/x?t=a+b", "/x", "/x?tt=1"])
+def test_a_head_without_one_plain_t_value_has_no_repeats(target):
+    assert bs.RepeatedHead.of(parse(head(f"GET {target} HTTP/1.1", "Host: t")), "t") is None
+
+
 def test_a_query_over_max_query_fields_is_400():
     assert len(bs.parse_query("&".join(["a=1"] * bs.MAX_QUERY_FIELDS))["a"]) == bs.MAX_QUERY_FIELDS
     with pytest.raises(bs.HttpError, match="query parameters"):
@@ -6761,6 +6820,47 @@ def test_the_callback_path_keeps_a_request_for_reuse_only_when_it_parked_a_small
         eio.connections[sid].send("2probe")
         assert protocol.answer_head is not None and protocol.transport.written[-1].endswith(b"42probe")
     with_server(tmp_path, body)
+
+
+@pytest.mark.parametrize("ending", ["upgrade", "close"])
+def test_a_repeated_long_poll_is_served_from_its_bytes_and_its_session_still_checked(tmp_path, ending):
+    # A GET that repeats the one before on its connection but for its `t` is not parsed again
+    # (RepeatedHead); its session is: once it upgraded or closed, the repeat is refused as the
+    # request loop refuses it on a fresh connection, the same bytes but the date.
+    def polls(srv: LiveServer) -> tuple[int, int]:
+        return srv.call(lambda: (srv.app.http.polls_in_callback, srv.app.http.polls_repeated))
+    with LiveServer(tmp_path) as srv, contextlib.ExitStack() as stack:
+        sid, raw = srv.joined_polling()
+        before = polls(srv)
+        for t in ("PQ1", "PQ2", "PQ3"):
+            raw.send("GET", eio_path(sid) + f"&t={t}")
+            srv.wait_parked(sid)
+            sent = srv.send("btcusdt", f"28750.{t[-1]}", "1.500", "28750.20", "0.250")
+            assert_update_is(json.loads(raw.response()[2][2:])[1], sent)
+        assert polls(srv) == (before[0] + 3, before[1] + 2)   # the first parsed whole, two repeats
+        if ending == "upgrade":
+            ws = stack.enter_context(ws_connect(srv.port, f"EIO=4&transport=websocket&sid={sid}"))
+            ws.send("2probe")
+            assert ws.recv(timeout=2) == "3probe"
+            ws.send("5")
+            srv.call(apoll_until, lambda: srv.app.eio.connections[sid].transport == "websocket", 3.0, 0.002)
+            expected = b'{"code":3,"message":"Bad request"}'
+        else:
+            assert raw.request("POST", eio_path(sid) + "&t=PQ4", b"1")[2] == b"ok"   # the client closes
+            srv.wait_sessions(0)
+            expected = b'{"code":1,"message":"Session ID unknown"}'
+        counted = polls(srv)
+        raw.send("GET", eio_path(sid) + "&t=PQ5")
+        repeat_answer = raw.response_bytes()
+        assert repeat_answer.endswith(b"\r\n\r\n" + expected)
+        assert polls(srv) == (counted[0] + 1, counted[1] + 1)       # a repeat, refused
+        fresh = srv.raw()
+        fresh.send("GET", eio_path(sid) + "&t=PQ5")
+        undated = [re.sub(rb"\r\nDate: [^\r]*", b"", answer) for answer in (repeat_answer, fresh.response_bytes())]
+        assert undated[0] == undated[1]
+        if ending == "upgrade":
+            ws.send('42["ping"]')
+            assert ws.recv(timeout=2).startswith('42["pong",')     # the session lives on, on its WebSocket
 
 
 def test_a_plain_request_with_transport_websocket_on_a_websocket_session_is_refused(tmp_path):
