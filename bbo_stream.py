@@ -2463,13 +2463,13 @@ class RepeatedHead:
     """A parsed request head, and how to parse a repeat of it that differs only in the value of one
     query parameter: a long-polling client sends its GET again and again, the same bytes but for a
     new `t=` (engine.io clients' cache buster).  Such a repeat is told from its bytes alone, two
-    comparisons and one match, and its HttpRequest is what parse_request_head would return."""
-    request: HttpRequest       # the head recognised (the newest repeat once there are repeats)
+    comparisons and one match, and its HttpRequest is what parse_request_head would return.  It
+    keeps offsets into the newest head recognised, not copies of its parts: a connection holds
+    one head, as before."""
+    request: HttpRequest       # the newest head recognised (the first, until a repeat comes)
     name: str                  # the query parameter whose value may change
-    before: bytes              # the head's bytes before that value
-    after: bytes               # and after it
-    target_before: str         # the request target before the value, and after it
-    target_after: str
+    value_at: int              # where the value starts in every repeat's head
+    value_end: int             # where it ends in `request`'s
     max_value_bytes: int       # a longer value could take the target past MAX_TARGET_BYTES
 
     @classmethod
@@ -2489,24 +2489,28 @@ class RepeatedHead:
         if value_at < 0 or not _PLAIN_QUERY_VALUE_RE.fullmatch(target.encode("latin-1"), value_at, value_end):
             return None
         at = len(req.method) + 1  # the target's offset in the head (latin-1: a character per byte)
-        return cls(req, name, req.raw_head[:at + value_at], req.raw_head[at + value_end:], target[:value_at],
-                   target[value_end:], min(MAX_REPEAT_VALUE_BYTES, MAX_TARGET_BYTES - len(target) + value_end - value_at))
+        return cls(req, name, at + value_at, at + value_end,
+                   min(MAX_REPEAT_VALUE_BYTES, MAX_TARGET_BYTES - len(target) + value_end - value_at))
 
     def parse(self, raw_head: bytes) -> HttpRequest | None:
-        """``raw_head`` parsed, if it repeats this head but for the value (None otherwise), which
-        is then the newest repeat recognised."""
-        value_end = len(raw_head) - len(self.after)
-        value_at = len(self.before)
-        if (not value_at <= value_end <= value_at + self.max_value_bytes or not raw_head.startswith(self.before)
-                or not raw_head.endswith(self.after)
+        """``raw_head`` parsed, if it repeats the newest head recognised but for the value (None
+        otherwise); it is then the newest."""
+        last = self.request
+        last_head, value_at, last_end = last.raw_head, self.value_at, self.value_end
+        value_end = len(raw_head) - (len(last_head) - last_end)
+        if (not value_at <= value_end <= value_at + self.max_value_bytes
+                or not raw_head.startswith(last_head[:value_at])
+                or not raw_head.endswith(last_head[last_end:])
                 or not _PLAIN_QUERY_VALUE_RE.fullmatch(raw_head, value_at, value_end)):
             return None
         value = raw_head[value_at:value_end].decode("ascii")
-        last = self.request
         query = dict(last.query)
         query[self.name] = [value]
-        self.request = HttpRequest(last.method, self.target_before + value + self.target_after, last.path, query,
-                                   last.version, last.headers, raw_head, last.peer)
+        at = len(last.method) + 1
+        target = last.target
+        self.request = HttpRequest(last.method, target[:value_at - at] + value + target[last_end - at:], last.path,
+                                   query, last.version, last.headers, raw_head, last.peer)
+        self.value_end = value_end
         return self.request
 
 
@@ -8895,7 +8899,8 @@ class HttpServer:
         # (Both before parking: the answer may come at once.)  The request is kept for the next GET
         # to reuse, with `plain`, when it is a session's and small.
         protocol.parked = (req, answer)
-        kept = len(data) <= POLL_HEAD_KEPT_BYTES
+        # (A repeat is at most MAX_REPEAT_VALUE_BYTES longer than the GET kept that it repeats.)
+        kept = repeated or len(data) <= POLL_HEAD_KEPT_BYTES
         protocol.last_request = req if kept else None
         if repeated:
             refusal = self.app.eio.take_repeated_poll(req.query["sid"][-1], answer)

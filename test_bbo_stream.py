@@ -2149,7 +2149,7 @@ def test_a_head_that_differs_beyond_the_t_value_is_no_repeat(line, headers):
     template = repeated.request
     raw = head(line, *headers)
     assert repeated.parse(raw) is None and repeated.request is template
-    assert repeated.parse(raw[:len(repeated.before) + 2]) is None          # (shorter than the template itself)
+    assert repeated.parse(raw[:repeated.value_at + 2]) is None               # (shorter than the template itself)
     parsed = parse_or_status(raw)
     assert parsed != parse(head(POLL_GET[0].format(t="PQ1aB2c"), *POLL_GET[1:]))
 
