@@ -3,6 +3,7 @@
 
     python bench_bbo_stream.py data            # ingest, memory, queries, restart, loop stall
     python bench_bbo_stream.py data --quick    # smaller sizes, for a smoke run
+    python bench_bbo_stream.py poll-cycle      # µs per long-polling GET cycle, no sockets (a repeat vs parsed whole)
     python bench_bbo_stream.py fanout          # Socket.IO fan-out vs python-socketio and node socket.io (~15 min)
     python bench_bbo_stream.py fanout --quick  # small sizes, short runs (smoke run)
     python bench_bbo_stream.py fanout --connections 10000 --only held   # just the held-connections run
@@ -302,6 +303,68 @@ def bench_stall(rows: int, rate: int, seconds: float) -> None:
     worst, lag, segments = asyncio.run(_stall_run(rows, rate, seconds))
     print(f"persistence: longest event-loop stall {worst * 1000:.1f} ms (goal ≤ 50 ms) over {seconds:.0f} s of "
           f"{rate:,} updates/s into a {rows:,}-row cache, {segments} segment(s) compacted meanwhile")
+
+
+class _NoSocket:
+    """A transport that takes writes and sends nothing: the cycle below without the kernel's part."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+
+async def _poll_cycle_run(cycles: int) -> dict[str, float]:
+    tmp = Path(tempfile.mkdtemp(prefix="bbo-poll-cycle-"))
+    try:
+        cfg = bs.Config(symbol=("BTCUSDT",), use_ssl=False, cache_persist=False, cache_dir=str(tmp))
+        app = bs.App(cfg)
+        http = bs.HttpServer(app, None)
+        loop = asyncio.get_running_loop()
+        protocol = bs.HttpProtocol(asyncio.StreamReader(), loop, http, False)
+        protocol.transport, protocol.peer, protocol.host = _NoSocket(), "127.0.0.1:1", "127.0.0.1"
+        opened = app.eio.polling.open(bs.parse_request_head(b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\n"
+                                                            b"Host: 127.0.0.1\r\n\r\n", "127.0.0.1"))
+        sid = json.loads(opened.body[1:])["sid"]
+        conn = app.eio.connections[sid]
+        # socket.io-client's GET in node: a new t= each time, the same headers
+        heads = [(f"GET /socket.io/?EIO=4&transport=polling&t=P{i:07d}&sid={sid} HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+                  "Accept: */*\r\nUser-Agent: node\r\nConnection: keep-alive\r\n\r\n").encode() for i in range(cycles + 1)]
+        text = ('42["bbo_update",{"symbol":"BTCUSDT","bidPrice":"30000.01","bidQty":"1.5","askPrice":"30000.02",'
+                '"askQty":"2.5","timestamp":1733333333333,"serverTimestamp":1733333333334,"backendLatency":1,'
+                '"updateId":123456789,"transactionTime":1733333333333,"emitTimestamp":1733333333334}]')
+        batch = [bs.EioUpdate("BTCUSDT", text, bs.encode_ws_frame(text.encode()))]
+        assert http.offer_poll(protocol, heads[-1])
+        results = {}
+        for name, whole in (("repeat", False), ("parsed whole", True), ("repeat", False), ("parsed whole", True)):
+            started = time.perf_counter()
+            for head in heads[:cycles]:
+                conn.deliver(batch, batch[0].frame, 0.0)   # the hub's pass answers the parked GET
+                if whole:
+                    protocol.repeat = None                  # as before RepeatedHead: parse and verify
+                http.admission.light_left = bs.POLLS_IN_CALLBACK_PER_TURN   # (one turn per cycle)
+                if not http.offer_poll(protocol, head):
+                    raise RuntimeError("a GET was not taken by the callback path")
+            per_cycle_us = (time.perf_counter() - started) / cycles * 1e6
+            results[name] = min(results.get(name, math.inf), per_cycle_us)
+        return results
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_poll_cycle(quick: bool) -> None:
+    """One long-polling GET cycle on the callback path with no sockets: the fan-out's answer of a
+    parked GET, then the next GET parked (HttpServer.offer_poll); a repeat of the GET before but
+    for its t=, and the same GET parsed and verified whole."""
+    cycles = 20_000 if quick else 200_000
+    results = asyncio.run(_poll_cycle_run(cycles))
+    print(f"poll-cycle: {results['repeat']:.1f} µs per GET cycle as a repeat (RepeatedHead), "
+          f"{results['parsed whole']:.1f} µs parsed and verified whole ({results['repeat'] / results['parsed whole']:.2f}×); "
+          f"best of 2 × {cycles:,} cycles, answer + next GET, no sockets")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3335,7 +3398,8 @@ def bench_replay(quick: bool) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["data", "fanout", "dashboard", "faults", "hostile", "replay", "baseline-server"],
+    parser.add_argument("what", choices=["data", "poll-cycle", "fanout", "dashboard", "faults", "hostile", "replay",
+                                         "baseline-server"],
                         help="which benchmarks (baseline-server: the python-socketio relay fanout starts)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     fan = parser.add_argument_group("fanout")
@@ -3381,6 +3445,9 @@ def main() -> int:
         return bench_hostile(args.quick, [k for k in args.kinds.split(",") if k])
     if args.what == "replay":
         return bench_replay(args.quick)
+    if args.what == "poll-cycle":
+        bench_poll_cycle(args.quick)
+        return 0
     rows = 100_000 if args.quick else 1_000_000
     print(f"# bbo_stream {bs.__version__}, Python {sys.version.split()[0]}, numpy {np.__version__}, "
           f"{os.cpu_count()} CPUs")
