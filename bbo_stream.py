@@ -7913,9 +7913,8 @@ class EioServer:
         and the settings are fixed; the session is checked again, since it may have closed or
         upgraded to WebSocket meanwhile."""
         conn = self._live(sid)
-        refused = self._session_refusal(conn, "polling", EIO_PROTOCOL, False)
-        if refused is not None:
-            return refused
+        if conn is None or conn.transport != "polling":
+            return self._session_refusal(conn, "polling", EIO_PROTOCOL, False)
         return self.polling.park(conn, answer)
 
     @staticmethod
