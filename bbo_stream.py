@@ -2462,12 +2462,12 @@ MAX_REPEAT_VALUE_BYTES = 64  # engine.io clients' `t` is 7-13 characters, python
 class RepeatedHead:
     """A parsed request head, and how to parse a repeat of it that differs only in the value of one
     query parameter: a long-polling client sends its GET again and again, the same bytes but for a
-    new `t=` (engine.io clients' cache buster).  Such a repeat is told from its bytes alone, two
-    comparisons and one match, and its HttpRequest is what parse_request_head would return.  It
-    keeps offsets into the newest head recognised, not copies of its parts: a connection holds
-    one head, as before."""
+    new `t=` (engine.io clients' cache buster), or the very same bytes (the dashboard's own client).
+    Such a repeat is told from its bytes alone, two comparisons and one match, and its HttpRequest
+    is what parse_request_head would return.  It keeps offsets into the newest head recognised, not
+    copies of its parts: a connection holds one head, as before."""
     request: HttpRequest       # the newest head recognised (the first, until a repeat comes)
-    name: str                  # the query parameter whose value may change
+    name: str | None           # the query parameter whose value may change (None: none may)
     value_at: int              # where the value starts in every repeat's head
     value_end: int             # where it ends in `request`'s
     max_value_bytes: int       # a longer value could take the target past MAX_TARGET_BYTES
@@ -2475,10 +2475,13 @@ class RepeatedHead:
     @classmethod
     def of(cls, req: HttpRequest, name: str) -> "RepeatedHead | None":
         """None unless ``req``'s target has one ``name=`` parameter with a plain value (see
-        _PLAIN_QUERY_VALUE_RE) and no other spelling of ``name`` (percent-encoded, say)."""
+        _PLAIN_QUERY_VALUE_RE) and no other spelling of ``name`` (percent-encoded, say), or no
+        ``name`` at all (then only the same bytes repeat it)."""
+        if name not in req.query:
+            return cls(req, None, 0, 0, 0)
         target = req.target
         query_at = target.find("?") + 1
-        if not query_at or len(req.query.get(name, ())) != 1:
+        if len(req.query[name]) != 1:
             return None
         field_at, value_at = query_at, -1
         for field in target[query_at:].split("&"):
@@ -2496,6 +2499,8 @@ class RepeatedHead:
         """``raw_head`` parsed, if it repeats the newest head recognised but for the value (None
         otherwise); it is then the newest."""
         last = self.request
+        if self.name is None:
+            return last if raw_head == last.raw_head else None
         last_head, value_at, last_end = last.raw_head, self.value_at, self.value_end
         value_end = len(raw_head) - (len(last_head) - last_end)
         if (not value_at <= value_end <= value_at + self.max_value_bytes
@@ -8708,7 +8713,12 @@ class HttpServer:
 
     def metrics(self) -> list[MetricFamily]:
         return [MetricFamily("http_requests_total", "counter", "HTTP requests by route and status",
-                             [(f'{{route="{r}",status="{c}"}}', n) for (r, c), n in sorted(self.requests.items())])]
+                             [(f'{{route="{r}",status="{c}"}}', n) for (r, c), n in sorted(self.requests.items())]),
+                MetricFamily("http_long_polls_in_callback_total", "counter", "Long-poll GETs served in their "
+                             "connection's read callback, by how their head was read: parsed whole, or told from "
+                             "its bytes as a repeat of the GET before",
+                             [('{head="parsed"}', self.polls_in_callback - self.polls_repeated),
+                              ('{head="repeat"}', self.polls_repeated)])]
 
     def _count_outcome(self, req: HttpRequest, status: int) -> None:
         self.requests[(resolve_route(req.path).label, status)] += 1

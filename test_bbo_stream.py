@@ -2164,10 +2164,21 @@ def test_a_repeat_that_would_take_the_target_past_max_target_bytes_is_no_repeat(
     assert parse_or_status(longer) == 414 and repeated.parse(longer) is None
 
 
-@pytest.mark.parametrize("target", ["/socket.io/?EIO=4&sid=a", "/x?t=1&t=2", "/x?%74=1&t=2", "/x?t", "/x?t=a%41",
-                                    "/x?t=a+b", "/x", "/x?tt=1"])
-def test_a_head_without_one_plain_t_value_has_no_repeats(target):
+@pytest.mark.parametrize("target", ["/x?t=1&t=2", "/x?%74=1&t=2", "/x?t", "/x?t=a%41", "/x?t=a+b"])
+def test_a_head_with_t_but_not_one_plain_t_value_has_no_repeats(target):
     assert bs.RepeatedHead.of(parse(head(f"GET {target} HTTP/1.1", "Host: t")), "t") is None
+
+
+@pytest.mark.parametrize("target", ["/socket.io/?EIO=4&transport=polling&sid=a", "/x", "/x?tt=1"])
+def test_a_head_without_t_is_repeated_by_the_same_bytes_only(target):
+    # (the dashboard's own client repeats its GET byte for byte, with no cache buster)
+    first = parse(head(f"GET {target} HTTP/1.1", "Host: t"))
+    repeated = bs.RepeatedHead.of(first, "t")
+    again = head(f"GET {target} HTTP/1.1", "Host: t")
+    assert repeated.parse(again) == parse(again) and "t" not in repeated.parse(again).query
+    for other in (head(f"GET {target}&t=1 HTTP/1.1", "Host: t"), head(f"GET {target}a HTTP/1.1", "Host: t"),
+                  head(f"GET {target} HTTP/1.1", "Host: u")):
+        assert repeated.parse(other) is None
 
 
 def test_a_query_over_max_query_fields_is_400():
@@ -7485,6 +7496,25 @@ def test_clients_answer_the_servers_heartbeat_on_every_transport(tmp_path, kind,
         assert client.inbox.of("disconnect") == [] and srv.sessions() == 1
 
 
+@pytest.mark.parametrize("kind", ["python", "python-async"])
+def test_the_python_clients_long_polls_are_served_as_repeats(tmp_path, kind):
+    # Each sends its GET again with a new t= (a float's digits, from python-engineio) on a kept-alive
+    # connection: the server takes those as repeats (RepeatedHead), and the client gets every update
+    # in order.  (node's socket.io-client closes its connection after every request: its GETs are
+    # the request loop's, each on a new connection.)
+    repeats = 'bbo_http_long_polls_in_callback_total{head="repeat"}'
+    with LiveServer(tmp_path) as srv:
+        srv.send("btcusdt", "1.00", "1", "1.10", "1")
+        client = srv.keep(PyClient(srv.url, "polling") if kind == "python" else AsyncPyClient(srv.url, "polling"))
+        client.connect()
+        client.inbox.nth("welcome")
+        before = srv.metric(repeats)
+        for n in range(12):
+            sent = srv.send("btcusdt", f"1.{n + 1:02d}", "1", "1.10", "1")
+            assert_update_is(client.inbox.nth("bbo_update", n + 1), sent)   # (one GET answered per update)
+        assert srv.metric(repeats) - before >= 10, f"{kind}: {srv.metric(repeats) - before} of 12 GETs as repeats"
+
+
 @pytest.fixture(scope="module")
 def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     certs = tmp_path_factory.mktemp("certs")
@@ -10633,6 +10663,10 @@ def test_dashboard_falls_back_to_polling_when_websocket_is_blocked(dash_open: An
     pg.wait_js("(n) => bboDebug.state.stats.bboMessages >= n + 5", n)     # the keeper's stream keeps flowing
     assert pg.js("bboDebug.transport()") == "polling"
     assert pg.page.get_attribute("#feed-state", "data-state") == "live"
+    # The page repeats its GET byte for byte on a kept-alive connection: the server reads it as a repeat.
+    with urllib.request.urlopen(dash_server.url + "/metrics", timeout=5) as r:
+        repeats = re.search(r'^bbo_http_long_polls_in_callback_total\{head="repeat"\} (\d+)$', r.read().decode(), re.M)
+    assert repeats and int(repeats.group(1)) >= 5, repeats
 
 
 def test_dashboard_shows_a_silent_feed_as_stale_and_live_again(dash_open: Any) -> None:
