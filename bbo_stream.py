@@ -8704,6 +8704,7 @@ class HttpServer:
         self.refusals_delayed = 0                     # handshakes whose refusal from the request line was delayed
         self.polls_in_callback = 0                    # long-poll GETs served by HttpProtocol's callback path
         self.polls_repeated = 0                       # of those, repeats of the GET before but for `t` (RepeatedHead)
+        self._poll_body: tuple[str, bytes] = ("", b"")  # the last long-poll answer's text and its bytes
         self.sock: socket.socket | None = None
         self.port = 0
         self._accept_task: asyncio.Task | None = None
@@ -8944,7 +8945,11 @@ class HttpServer:
             head = (req.headers, keep_alive, before_date, between + b"\r\nContent-Length: ", b"\r\n" + after)
             # Kept with the request it was made for (a small head, see offer_poll), not for any other.
             protocol.answer_head = head if protocol.last_request is req else None
-        body = payload.encode()
+        # A pass hands every parked GET the same text: encoded once, for all of them.
+        encoded_text, body = self._poll_body
+        if payload is not encoded_text:
+            body = payload.encode()
+            self._poll_body = (payload, body)
         transport.write(b"".join((head[2], http_date_bytes(int(time.time())), head[3], b"%d" % len(body), head[4],
                                   body)))
         self._served(req, route, 200, started)
