@@ -253,6 +253,7 @@ SERVER_NAME = f"bbo-stream/{__version__}"
 # --- Engine.IO / Socket.IO and fan-out -------------------------------------------
 EIO_PATH = "/socket.io/"         # socket.io's default path; /socket.io (no slash) is taken too, /socket.iox is not
 EIO_PROTOCOL = "4"               # the only revision served; v3 clients get error 5, as from the reference
+EIO_CACHE_BUSTER = "t"           # engine.io clients' `timestampParam`: a new value in every polling request
 EIO_SID_BYTES = 15               # 15 random bytes -> 20 URL-safe characters, the length of engine.io's base64id
 EIO_UPGRADE_TIMEOUT_S = 10.0     # engine.io `upgradeTimeout`: a probe not finished by `5` in this time is dropped
 EIO_POLL_CLOSE_TIMEOUT_S = 30.0  # engine.io polling `closeTimeout`: a closing session waits this for the last GET
@@ -2479,10 +2480,10 @@ class RepeatedHead:
         ``name`` at all (then only the same bytes repeat it)."""
         if name not in req.query:
             return cls(req, None, 0, 0, 0)
-        target = req.target
-        query_at = target.find("?") + 1
         if len(req.query[name]) != 1:
             return None
+        target = req.target
+        query_at = target.find("?") + 1
         field_at, value_at = query_at, -1
         for field in target[query_at:].split("&"):
             if field.startswith(name + "="):
@@ -8646,7 +8647,8 @@ class HttpProtocol(asyncio.StreamReaderProtocol):
         self.plain = False
         # The answer's head for those headers (and keep-alive): the parts around its Date and length.
         self.answer_head: tuple[tuple[tuple[str, str], ...], bool, bytes, bytes, bytes] | None = None
-        # A GET parked through the whole path, to tell its repeats by (only `t` changes), and its route.
+        # A GET parked through the whole path, to tell its repeats by (only their `t` changes, if
+        # anything), and its route.
         self.repeat: RepeatedHead | None = None
         self.repeat_route: Route | None = None
         self.transport: asyncio.Transport | None = None
@@ -8917,7 +8919,7 @@ class HttpServer:
         else:
             refusal = self.app.eio.take_poll(req, answer)
             if refusal is None and kept:
-                protocol.repeat, protocol.repeat_route = RepeatedHead.of(req, "t"), route
+                protocol.repeat, protocol.repeat_route = RepeatedHead.of(req, EIO_CACHE_BUSTER), route
         if refusal is not None:
             protocol.parked = protocol.last_request = protocol.repeat = None
             protocol.transport.write(self._response_bytes(req, route, refusal, True, protocol.tls))
