@@ -7914,8 +7914,8 @@ class EioServer:
         return self.polling.park(self.connections[query["sid"]], answer)
 
     def take_repeated_poll(self, sid: str, answer: Callable[[str], None]) -> HttpResponse | None:
-        """take_poll for a GET that repeats, but for its cache buster `t`, one take_poll parked on
-        the same connection: what _verify decides from its bytes (transport, origin, EIO) held then,
+        """take_poll for a GET that repeats, but for its cache buster `t` if anything, one take_poll
+        parked on the same connection: what _verify decides from its bytes (transport, origin, EIO) held then,
         and the settings are fixed; the session is checked again, since it may have closed or
         upgraded to WebSocket meanwhile."""
         conn = self._live(sid)
@@ -8705,7 +8705,7 @@ class HttpServer:
         self.idle: set[asyncio.Task] = set()          # of those, the ones waiting for a next request
         self.refusals_delayed = 0                     # handshakes whose refusal from the request line was delayed
         self.polls_in_callback = 0                    # long-poll GETs served by HttpProtocol's callback path
-        self.polls_repeated = 0                       # of those, repeats of the GET before but for `t` (RepeatedHead)
+        self.polls_repeated = 0                       # of those, repeats of the GET before (RepeatedHead)
         self._poll_body: tuple[str, bytes] = ("", b"")  # the last long-poll answer's text and its bytes
         self.sock: socket.socket | None = None
         self.port = 0
@@ -8874,8 +8874,8 @@ class HttpServer:
         would, park it, and have its answer written by whatever makes it (the fan-out, a timer)
         through `_answer_poll`.  No task is woken and no timer set for it: this path, not the
         coroutine's, is what keeps 100 long-polling clients at 100 updates/s cheap.  A GET that
-        repeats the one before it on the connection but for its `t=` (RepeatedHead) is not parsed
-        or verified again: only its session is checked.  False for anything else, left to the
+        repeats the one before it on the connection but for its `t=`, or byte for byte
+        (RepeatedHead), is not parsed or verified again: only its session is checked.  False for anything else, left to the
         request loop, including what the loop must refuse."""
         if (len(data) > MAX_HEAD_BYTES or self.closing or protocol.transport is None
                 or protocol.transport.get_write_buffer_size()):  # (unsent bytes: the loop's drain() waits)
