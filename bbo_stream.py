@@ -7915,9 +7915,9 @@ class EioServer:
 
     def take_repeated_poll(self, sid: str, answer: Callable[[str], None]) -> HttpResponse | None:
         """take_poll for a GET that repeats, but for its cache buster `t` if anything, one take_poll
-        parked on the same connection: what _verify decides from its bytes (transport, origin, EIO) held then,
-        and the settings are fixed; the session is checked again, since it may have closed or
-        upgraded to WebSocket meanwhile."""
+        parked on the same connection: what _verify decides from its bytes (transport, origin,
+        EIO) held then, and the settings are fixed; the session is checked again, since it may
+        have closed or upgraded to WebSocket meanwhile."""
         conn = self._live(sid)
         if conn is None or conn.transport != "polling":
             return self._session_refusal(conn, "polling", EIO_PROTOCOL, False)
