@@ -2340,12 +2340,9 @@ class HttpStreamCut(BboStreamError):
     so that the client sees an incomplete body, never a short one that looks whole."""
 
 
-def parse_request_head(raw_head: bytes, peer: str = "", previous: HttpRequest | None = None) -> HttpRequest:
-    """Bytes up to and including CRLFCRLF → HttpRequest.
-
-    ``previous``, a request parsed before on the same connection: when this head's header block
-    is the same bytes, its headers are reused as they are, the same tuple (a long-polling client
-    repeats its headers; only its target changes).
+def parse_request_head(raw_head: bytes, peer: str = "") -> HttpRequest:
+    """Bytes up to and including CRLFCRLF → HttpRequest.  (A long-polling GET that repeats the one
+    before it is not parsed again: see RepeatedHead.)
 
     Raises:
         HttpError: 400 malformed line/header (a bare LF included), obs-fold, missing or
@@ -2354,16 +2351,8 @@ def parse_request_head(raw_head: bytes, peer: str = "", previous: HttpRequest | 
         505 a version other than HTTP/1.0 and 1.1.  (Which methods a path takes is the
         route's business: see check_method.)
     """
-    line_end = raw_head.find(b"\r\n")
-    reused: tuple[tuple[str, str], ...] | None = None
-    if previous is not None and line_end > 0 and raw_head.endswith(b"\r\n\r\n"):
-        previous_end = previous.raw_head.find(b"\r\n")
-        if raw_head[line_end:] == previous.raw_head[previous_end:]:
-            reused = previous.headers
-    # (latin-1 decodes every byte)
-    text = raw_head[:line_end].decode("latin-1") if reused is not None else raw_head.decode("latin-1")
-    lines = [text] if reused is not None else (
-        text[:-4].split("\r\n") if text.endswith("\r\n\r\n") else text.rstrip("\r\n").split("\r\n"))
+    text = raw_head.decode("latin-1")  # (latin-1 decodes every byte)
+    lines = text[:-4].split("\r\n") if text.endswith("\r\n\r\n") else text.rstrip("\r\n").split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not _TOKEN_RE.match(parts[0]) or not parts[1]:
         raise HttpError(400, "malformed request line")
@@ -2376,21 +2365,17 @@ def parse_request_head(raw_head: bytes, peer: str = "", previous: HttpRequest | 
         if re.fullmatch(r"HTTP/[0-9]\.[0-9]", version):
             raise HttpError(505, f"{version} is not supported; use HTTP/1.1")
         raise HttpError(400, "malformed request line")
-    if reused is not None:
-        headers = reused
+    if len(lines) - 1 > MAX_HEADERS:
+        raise HttpError(431, f"more than {MAX_HEADERS} header fields")
+    if _HEADER_BLOCK_RE.match(text, len(lines[0]) + 2, len(text) - 2):
+        fields = []
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            fields.append((name.lower(), value.strip(" \t")))
     else:
-        if len(lines) - 1 > MAX_HEADERS:
-            raise HttpError(431, f"more than {MAX_HEADERS} header fields")
-        if _HEADER_BLOCK_RE.match(text, len(lines[0]) + 2, len(text) - 2):
-            fields = []
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                fields.append((name.lower(), value.strip(" \t")))
-        else:
-            fields = _checked_header_fields(lines[1:])
-        headers = tuple(fields)
-    if version == "HTTP/1.1" and (reused is None or previous.version != version) and \
-            sum(1 for k, _ in headers if k == "host") != 1:
+        fields = _checked_header_fields(lines[1:])
+    headers = tuple(fields)
+    if version == "HTTP/1.1" and sum(1 for k, _ in headers if k == "host") != 1:
         raise HttpError(400, "HTTP/1.1 requests need exactly one Host header")
     if not target.startswith("/"):
         if target == "*" and method == "OPTIONS":
@@ -8641,16 +8626,12 @@ class HttpProtocol(asyncio.StreamReaderProtocol):
         # A GET served by the callback path and not yet answered: (request, its answer callback).
         self.parked: tuple[HttpRequest, Callable[[str], None]] | None = None
         self.served_at = 0.0          # loop time of the last GET served or answered here (it keeps the connection)
-        # The last GET served here, and whether its headers let a GET be served here (no body, no
-        # upgrade, kept alive): the next one with the same header bytes reuses both.
-        self.last_request: HttpRequest | None = None
-        self.plain = False
-        # The answer's head for those headers (and keep-alive): the parts around its Date and length.
-        self.answer_head: tuple[tuple[tuple[str, str], ...], bool, bytes, bytes, bytes] | None = None
-        # A GET parked through the whole path, to tell its repeats by (only their `t` changes, if
-        # anything), and its route.
+        # The last GET parked here, to tell its repeats by (only their `t` changes, if anything),
+        # and its route: kept while they come, if its head is small (POLL_HEAD_KEPT_BYTES).
         self.repeat: RepeatedHead | None = None
         self.repeat_route: Route | None = None
+        # The answer's head for its headers (and keep-alive): the parts around its Date and length.
+        self.answer_head: tuple[tuple[tuple[str, str], ...], bool, bytes, bytes, bytes] | None = None
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -8875,8 +8856,8 @@ class HttpServer:
         through `_answer_poll`.  No task is woken and no timer set for it: this path, not the
         coroutine's, is what keeps 100 long-polling clients at 100 updates/s cheap.  A GET that
         repeats the one before it on the connection but for its `t=`, or byte for byte
-        (RepeatedHead), is not parsed or verified again: only its session is checked.  False for anything else, left to the
-        request loop, including what the loop must refuse."""
+        (RepeatedHead), is not parsed or verified again: only its session is checked.  False for
+        anything else, left to the request loop, including what the loop must refuse."""
         if (len(data) > MAX_HEAD_BYTES or self.closing or protocol.transport is None
                 or protocol.transport.get_write_buffer_size()):  # (unsent bytes: the loop's drain() waits)
             return False
@@ -8893,35 +8874,27 @@ class HttpServer:
             self.polls_repeated += 1
         else:
             protocol.repeat = None
-            previous, protocol.last_request = protocol.last_request, None
             try:
-                req, route = self._prepare(data, protocol.peer, protocol.host, protocol.direct, previous)
+                req, route = self._prepare(data, protocol.peer, protocol.host, protocol.direct)
                 sids = req.query.get("sid")
-                if route.kind is not RouteKind.EIO or not sids or not sids[-1]:
+                # (A session's plain GET only: no upgrade, no body, kept alive.)
+                if (route.kind is not RouteKind.EIO or not sids or not sids[-1] or is_upgrade(req)
+                        or not wants_keep_alive(req) or body_length(req, 0)):
                     return False
-                if previous is None or req.headers is not previous.headers or req.version != previous.version:
-                    protocol.plain = not is_upgrade(req) and wants_keep_alive(req) and not body_length(req, 0)
             except HttpError:
-                return False
-            if not protocol.plain:
                 return False
         self.polls_in_callback += 1
         protocol.served_at = protocol.loop.time()
         answer: Callable[[str], None] = lambda payload: self._answer_poll(protocol, req, route, payload, started)
-        # (Both before parking: the answer may come at once.)  The request is kept for the next GET
-        # to reuse, with `plain`, when it is a session's and small.
-        protocol.parked = (req, answer)
-        # (A repeat is at most MAX_REPEAT_VALUE_BYTES longer than the GET kept that it repeats.)
-        kept = repeated or len(data) <= POLL_HEAD_KEPT_BYTES
-        protocol.last_request = req if kept else None
+        protocol.parked = (req, answer)  # (before parking: the answer may come at once)
         if repeated:
             refusal = self.app.eio.take_repeated_poll(req.query["sid"][-1], answer)
         else:
             refusal = self.app.eio.take_poll(req, answer)
-            if refusal is None and kept:
+            if refusal is None and len(data) <= POLL_HEAD_KEPT_BYTES:
                 protocol.repeat, protocol.repeat_route = RepeatedHead.of(req, EIO_CACHE_BUSTER), route
         if refusal is not None:
-            protocol.parked = protocol.last_request = protocol.repeat = None
+            protocol.parked = protocol.repeat = None
             protocol.transport.write(self._response_bytes(req, route, refusal, True, protocol.tls))
             self._served(req, route, refusal.status, started)
         return True
@@ -8945,8 +8918,9 @@ class HttpServer:
             before_date, _, rest = template.partition(b"\x00")
             between, _, after = rest.partition(b"\r\nContent-Length: 0\r\n")
             head = (req.headers, keep_alive, before_date, between + b"\r\nContent-Length: ", b"\r\n" + after)
-            # Kept with the request it was made for (a small head, see offer_poll), not for any other.
-            protocol.answer_head = head if protocol.last_request is req else None
+            # Kept beside the headers the connection keeps anyway (its repeats'), not for any others.
+            repeat = protocol.repeat
+            protocol.answer_head = head if repeat is not None and repeat.request.headers is req.headers else None
         # A pass hands every parked GET the same text: encoded once, for all of them.
         encoded_text, body = self._poll_body
         if payload is not encoded_text:
@@ -9108,15 +9082,13 @@ class HttpServer:
             log.debug("http %s: handshake refused from its request line → %d", peer, resp.status)
         return keep_alive
 
-    def _prepare(self, raw_head: bytes, peer: str, host: str, direct: bool,
-                 previous: HttpRequest | None = None) -> tuple[HttpRequest, Route]:
+    def _prepare(self, raw_head: bytes, peer: str, host: str, direct: bool) -> tuple[HttpRequest, Route]:
         """A request head from ``peer`` (address ``host``; ``direct``: not a trusted proxy) → the
-        request, with the client's address as its peer, and its route (``previous``: see
-        parse_request_head).  Raises HttpError."""
+        request, with the client's address as its peer, and its route.  Raises HttpError."""
         if direct:
-            req = parse_request_head(raw_head, host, previous)
+            req = parse_request_head(raw_head, host)
         else:
-            req = parse_request_head(raw_head, peer, previous)
+            req = parse_request_head(raw_head, peer)
             req = dataclasses.replace(req, peer=self.client_ip(req))  # the client, decided once
         route = resolve_route(req.path)
         check_method(req, route)

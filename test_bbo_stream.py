@@ -2078,24 +2078,6 @@ def test_parse_request_head_basic():
     assert parse(head("GET /static/%2e%2e/a%20b HTTP/1.1", "Host: t")).path == "/static/../a b"
 
 
-def test_a_head_repeating_the_header_bytes_of_the_previous_one_reuses_its_headers_and_checks_the_rest():
-    # A long-polling client repeats its headers on every GET; only its target changes (t=).
-    first = parse(head("GET /socket.io/?EIO=4&transport=polling&t=a HTTP/1.1", "Host: t", "Origin: http://t"))
-    again = bs.parse_request_head(head("GET /socket.io/?EIO=4&transport=polling&t=b HTTP/1.1", "Host: t",
-                                       "Origin: http://t"), "127.0.0.1:1", first)
-    assert again.headers is first.headers and again.query["t"] == ["b"] and again.target.endswith("t=b")
-    other = bs.parse_request_head(head("GET /?t=c HTTP/1.1", "Host: t", "Origin: http://u"), "", first)
-    assert other.headers is not first.headers and other.header("origin") == "http://u"
-    # What the reused headers cannot vouch for is checked as always: the request line, and the
-    # Host that HTTP/1.1 needs when the previous request was HTTP/1.0.
-    with pytest.raises(bs.HttpError) as bad:
-        bs.parse_request_head(head("GET /\x01 HTTP/1.1", "Host: t", "Origin: http://t"), "", first)
-    assert bad.value.status == 400
-    hostless = parse(head("GET / HTTP/1.0", "Accept: */*"))
-    with pytest.raises(bs.HttpError, match="exactly one Host"):
-        bs.parse_request_head(head("GET / HTTP/1.1", "Accept: */*"), "", hostless)
-
-
 @pytest.mark.parametrize("query", ["", "a=1", "a=1&a=2&b=", "a&b=&=c", "a=b=c&&x=1&", "&", "=x&", "=x&&", "a=1&=&",
                                    "a=%41&b=x+y",
                                    "a=%ff", "k=v&k", "sid=AbC_-12&transport=polling&EIO=4&t=PQ1aB2c"])
@@ -6821,13 +6803,13 @@ def test_the_callback_path_keeps_a_request_for_reuse_only_when_it_parked_a_small
         get = lambda sid, pad=0: (f"GET /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: t\r\n"
                                   f"X-Pad: {'x' * pad}\r\n\r\n").encode()
         assert http.offer_poll(protocol, get("nosuchsid", 8000))               # refused: 400, nothing kept
-        assert b'"Session ID unknown"' in protocol.transport.written[-1] and protocol.last_request is None
+        assert b'"Session ID unknown"' in protocol.transport.written[-1] and protocol.repeat is None
         assert http.offer_poll(protocol, get(sid, bs.POLL_HEAD_KEPT_BYTES))   # parked, but its head is large
-        assert protocol.parked is not None and protocol.last_request is None
+        assert protocol.parked is not None and protocol.repeat is None
         eio.connections[sid].send("2probe")                                  # answered
         assert protocol.parked is None and protocol.answer_head is None
         assert http.offer_poll(protocol, get(sid))                            # parked, small: kept for the next
-        assert protocol.last_request is not None
+        assert protocol.repeat is not None
         eio.connections[sid].send("2probe")
         assert protocol.answer_head is not None and protocol.transport.written[-1].endswith(b"42probe")
     with_server(tmp_path, body)
